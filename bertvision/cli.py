@@ -1,0 +1,161 @@
+"""The `bertvision` command: one command per core function, same names, same config fields.
+
+Usage errors and bad input end with one line on stderr (`error: ...`) and exit code 2; the
+command never imports Prefect except `run`, which starts the pipeline flow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from typing import Annotated
+
+import typer
+
+from bertvision import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Store all-layer hidden states once; train small adapters on them.",
+)
+
+# Options shared by several commands, defined once.
+TaskOpt = Annotated[
+    str,
+    typer.Option("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"),
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM",
+    ),
+]
+DataDirOpt = Annotated[
+    str | None, typer.Option("--data-dir", help="A glue_data folder; default: the Hugging Face hub")
+]
+MaxLenOpt = Annotated[int, typer.Option("--max-seq-length", help="Tokens per example, at most")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="cpu, cuda, cuda:1; default: cuda if available")
+]
+
+
+def _splits(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def user_errors(command):
+    """Known bad-input errors become one clear line and exit code 2, not a traceback."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        from bertvision.encoder import ModelError
+        from bertvision.glue import DataError
+        from bertvision.shards import ShardError
+
+        try:
+            return command(*args, **kwargs)
+        except (
+            DataError,
+            ModelError,
+            ShardError,
+            ValueError,
+            PermissionError,
+            FileNotFoundError,
+            IndexError,
+        ) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def extract(
+    task: TaskOpt,
+    out: Annotated[str, typer.Option("--out", help="Output URL: a path, memory://, az://")],
+    model: ModelOpt = "",
+    data_dir: DataDirOpt = None,
+    splits: Annotated[
+        str, typer.Option("--splits", help="Comma-separated: train,dev,test")
+    ] = "train,dev",
+    max_seq_length: MaxLenOpt = 128,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Examples per shard")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32")] = "float16",
+    device: DeviceOpt = "",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an extraction with other settings")
+    ] = False,
+) -> None:
+    """Store the hidden states of every layer for every example as Parquet shards.
+
+    Example: bertvision extract --task rte --data-dir glue_data --splits train,dev --out emb
+    """
+    from bertvision.extract import ExtractConfig, extract_hidden_states
+
+    cfg = ExtractConfig(
+        task=task,
+        out=out,
+        model=model,
+        data_dir=data_dir,
+        splits=_splits(splits),
+        max_seq_length=max_seq_length,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+    )
+    summary = extract_hidden_states(cfg)
+    for name in summary.committed:
+        typer.echo(
+            f"{name}: {len(summary.committed[name])} shards written, "
+            f"{len(summary.skipped[name])} already there, "
+            f"{len(summary.failed[name])} failed"
+        )
+        for index, error in summary.failed[name].items():
+            typer.echo(f"  shard {index} failed: {error}", err=True)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def status(
+    url: Annotated[str, typer.Argument(help="An extraction output URL")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Examples and shards (total, done, failed, missing) of each task/split under URL."""
+    from bertvision.shards import status as shard_status
+
+    result = shard_status(url)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    if not result:
+        typer.echo(f"no extractions under {url}")
+    for name, s in result.items():
+        typer.echo(
+            f"{name}: {s['examples']} examples, {s['shards']} shards: {s['done']} done, "
+            f"{s['failed']} failed, {s['missing']} missing"
+        )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="bertvision")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Extraction of the hidden states of ALL encoder layers for every example, into shards.
+
+    plans = prepare_extraction(cfg)          # validate everything, write one plan per split
+    for plan in plans:
+        for index in pending_shards(cfg, plan):
+            extract_shard(cfg, plan, index)  # one unit of work: resumable, retryable
+
+`extract_hidden_states(cfg)` does all of that. Inside a shard, examples are sorted by token
+length and batched so that padding stays small; each batch becomes one record batch of the
+shard, written as it comes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bertvision import encoder as enc
+from bertvision import glue, storage
+from bertvision.schema import ExtractionPlan, ShardRecord, shard_schema
+from bertvision.shards import (
+    ShardError,
+    ShardWriter,
+    clear_failure,
+    is_committed,
+    load_plan,
+    load_records,
+    record_failure,
+    split_url,
+    write_plan,
+)
+
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of `bertvision extract`; also the extract flow's parameters."""
+
+    task: str
+    out: str
+    model: str = ""  # hub name, local folder or fsspec URL; "" = the bundled all-MiniLM-L6-v2
+    data_dir: str | None = None  # a glue_data folder; None = the Hugging Face hub
+    splits: list[str] = field(default_factory=lambda: ["train", "dev"])
+    max_seq_length: int = 128
+    shard_size: int = 1000  # examples per shard
+    batch_size: int = 32
+    dtype: str = "float16"  # of the stored hidden states
+    device: str = ""  # "" = cuda if available, else cpu
+    overwrite: bool = False  # replace an extraction with other settings in the same folder
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dtype not in NUMPY_DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(NUMPY_DTYPES)}, got {self.dtype!r}")
+        self.model = self.model or enc.default_model()
+        self.device = self.device or enc.default_device()
+
+
+@dataclass
+class ExtractSummary:
+    out: str
+    committed: dict[str, list[int]]  # "task/split" -> shards written by this call
+    skipped: dict[str, list[int]]  # already committed before
+    failed: dict[str, dict[int, str]]  # shard -> error
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.failed.values())
+
+
+@lru_cache(maxsize=4)
+def _load_examples(task: str, split: str, data_dir: str | None) -> list[glue.Example]:
+    return glue.load_split(task, split, data_dir)
+
+
+def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
+    """Check task, data, model, length and output, then write one plan per split.
+
+    Every check runs before anything is written, so bad input leaves no trace.
+    """
+    task = glue.get_task(cfg.task)
+    splits = glue.expand_splits(task, cfg.splits)
+    data = {split: _load_examples(task.name, split, cfg.data_dir) for split in splits}
+    config = enc.check_encoder(cfg.model)
+    enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
+    storage.ensure_writable(cfg.out)
+    encoder = enc.load_encoder(cfg.model, cfg.device)
+    plans = [
+        ExtractionPlan(
+            task=task.name,
+            split=split,
+            model=cfg.model,
+            model_fingerprint=encoder.fingerprint,
+            data_fingerprint=glue.data_fingerprint(data[split]),
+            num_examples=len(data[split]),
+            shard_size=cfg.shard_size,
+            max_seq_length=cfg.max_seq_length,
+            dtype=cfg.dtype,
+            layers=encoder.layers,
+            hidden_size=encoder.hidden_size,
+            regression=task.regression,
+        )
+        for split in splits
+    ]
+    for plan in plans:
+        _check_no_other_extraction(cfg, plan)
+    for plan in plans:
+        folder = split_url(cfg.out, plan.task, plan.split)
+        existing = load_plan(folder)
+        if existing is not None and existing.key != plan.key:  # only with cfg.overwrite
+            fs, path = storage.url_to_fs(folder)
+            fs.rm(path, recursive=True)
+        if existing is None or existing.key != plan.key:
+            write_plan(folder, plan)
+    return plans
+
+
+def _check_no_other_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> None:
+    folder = split_url(cfg.out, plan.task, plan.split)
+    existing = load_plan(folder)
+    if existing is None or existing.key == plan.key or cfg.overwrite:
+        return
+    changed = [
+        k
+        for k in (
+            "model_fingerprint",
+            "data_fingerprint",
+            "shard_size",
+            "max_seq_length",
+            "dtype",
+            "format_version",
+        )
+        if getattr(existing, k) != getattr(plan, k)
+    ]
+    raise ShardError(
+        f"{folder} holds another extraction (different {', '.join(changed)}); "
+        "use another --out, or --overwrite to replace it"
+    )
+
+
+def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
+    """Shards of `plan` that are not committed (with a matching key and checksum)."""
+    folder = split_url(cfg.out, plan.task, plan.split)
+    records = load_records(folder, plan)
+    return [i for i in range(plan.num_shards) if not is_committed(folder, records.get(i))]
+
+
+def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
+    """Compute and commit shard `index` of `plan`; a committed one is returned as it is."""
+    folder = split_url(cfg.out, plan.task, plan.split)
+    record = load_records(folder, plan).get(index)
+    if is_committed(folder, record):
+        return record
+    try:
+        examples = _load_examples(plan.task, plan.split, cfg.data_dir)
+        if glue.data_fingerprint(examples) != plan.data_fingerprint:
+            raise ShardError(
+                f"the data of {plan.task}/{plan.split} changed since the plan was "
+                "written; rerun with --overwrite"
+            )
+        encoder = enc.load_encoder(cfg.model, cfg.device)
+        if encoder.fingerprint != plan.model_fingerprint:
+            raise ShardError(f"model {cfg.model} is not the one planned for {folder}")
+        start, stop = plan.shard_range(index)
+        with ShardWriter(folder, plan, index) as writer:
+            for batch in hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size):
+                writer.write(batch)
+            record = writer.commit()
+    except Exception as exc:
+        record_failure(folder, index, exc)
+        raise
+    clear_failure(folder, index)
+    return record
+
+
+def hidden_state_batches(
+    encoder: enc.Encoder, examples: list[glue.Example], plan: ExtractionPlan, batch_size: int
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of shard rows, batched by token length (shortest first)."""
+    tokenizer = encoder.tokenizer
+    texts = [ex.texts for ex in examples]
+    firsts = [t[0] for t in texts]
+    seconds = [t[1] for t in texts] if len(texts[0]) > 1 else None
+    tokens = tokenizer(firsts, seconds, truncation=True, max_length=plan.max_seq_length)
+    order = sorted(range(len(examples)), key=lambda i: (len(tokens["input_ids"][i]), i))
+    schema = shard_schema(regression=plan.regression, dtype=plan.dtype)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        features = tokenizer.pad(
+            [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
+        )
+        hidden, lengths = encode(encoder, features, NUMPY_DTYPES[plan.dtype])
+        offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden])]).astype(np.int32)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array([examples[i].example_id for i in rows], pa.int64()),
+                pa.array([examples[i].label for i in rows], schema.field("label").type),
+                pa.array(lengths, pa.int32()),
+                pa.ListArray.from_arrays(offsets, np.concatenate([h.ravel() for h in hidden])),
+            ],
+            schema=schema,
+        )
+
+
+def encode(
+    encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: type
+) -> tuple[list[np.ndarray], list[int]]:
+    """Hidden states (L, T, H) of each example's real tokens, and their lengths T."""
+    inputs = {k: v.to(encoder.device) for k, v in features.items()}
+    with torch.inference_mode(), enc.autocast(encoder.device):
+        output = encoder.model(**inputs, output_hidden_states=True)
+    hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
+    mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
+    torch_dtype = torch.float16 if dtype is np.float16 else torch.float32
+    hidden = hidden.to(torch_dtype).cpu().numpy()
+    mask = mask.cpu().numpy()
+    arrays = [np.ascontiguousarray(hidden[b][:, mask[b], :]) for b in range(hidden.shape[0])]
+    return arrays, [int(m.sum()) for m in mask]
+
+
+def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
+    """Extract every pending shard of every split; a failed shard does not stop the others."""
+    from tqdm.auto import tqdm
+
+    plans = prepare_extraction(cfg)
+    summary = ExtractSummary(cfg.out, {}, {}, {})
+    for plan in plans:
+        name = f"{plan.task}/{plan.split}"
+        pending = pending_shards(cfg, plan)
+        summary.skipped[name] = [i for i in range(plan.num_shards) if i not in pending]
+        summary.committed[name], summary.failed[name] = [], {}
+        bar = tqdm(total=plan.num_examples, desc=f"extract {name}", unit="ex", disable=not progress)
+        bar.update(
+            sum(stop - start for start, stop in map(plan.shard_range, summary.skipped[name]))
+        )
+        for index in pending:
+            started = time.perf_counter()
+            try:
+                record = extract_shard(cfg, plan, index)
+            except Exception as exc:  # recorded in the manifest; the other shards go on
+                summary.failed[name][index] = f"{type(exc).__name__}: {exc}"
+                continue
+            summary.committed[name].append(index)
+            bar.update(record.rows)
+            bar.set_postfix(shard=index, s=round(time.perf_counter() - started, 1))
+        bar.close()
+    return summary

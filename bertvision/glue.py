@@ -1,0 +1,268 @@
+"""The nine GLUE tasks: what each one reads, predicts and is scored by, and their loaders.
+
+Data come from a local `glue_data` directory (the standard TSV layout) or, when none is given,
+from the Hugging Face hub (`nyu-mll/glue`). Both give the same `Example`s: the row index within
+the split as `example_id`, one or two text segments, and the label (class index in the hub's
+label order, float score for STS-B, None for unlabelled test rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+from bertvision import storage
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: int
+    texts: tuple[str, ...]  # one segment, or a pair
+    label: int | float | None
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    dir_name: str  # folder in glue_data
+    text_columns: tuple[str, ...]  # TSV header names of the text segments
+    label_column: str
+    labels: tuple[str, ...] | None  # label strings in class-index order; None = regression
+    metrics: tuple[str, ...]  # the official metrics; the first is the one selection maximises
+    hub_config: str
+    hub_text_columns: tuple[str, ...]
+    dev_splits: tuple[str, ...] = ("dev",)
+    test_splits: tuple[str, ...] = ("test",)
+    # Columns of a header-less labelled file (CoLA): the header the file would have.
+    implicit_header: tuple[str, ...] | None = None
+
+    @property
+    def regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", *self.dev_splits, *self.test_splits)
+
+    def is_test(self, split: str) -> bool:
+        return split in self.test_splits
+
+
+_PAIR = ("sentence1", "sentence2")
+TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask(
+            "cola",
+            "CoLA",
+            ("sentence",),
+            "label",
+            ("0", "1"),
+            ("mcc", "accuracy"),
+            "cola",
+            ("sentence",),
+            implicit_header=("source", "label", "original_label", "sentence"),
+        ),
+        GlueTask(
+            "sst2",
+            "SST-2",
+            ("sentence",),
+            "label",
+            ("0", "1"),
+            ("accuracy",),
+            "sst2",
+            ("sentence",),
+        ),
+        GlueTask(
+            "mrpc",
+            "MRPC",
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("0", "1"),
+            ("f1", "accuracy"),
+            "mrpc",
+            _PAIR,
+        ),
+        GlueTask("stsb", "STS-B", _PAIR, "score", None, ("pearson", "spearman"), "stsb", _PAIR),
+        GlueTask(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            "is_duplicate",
+            ("0", "1"),
+            ("f1", "accuracy"),
+            "qqp",
+            ("question1", "question2"),
+        ),
+        GlueTask(
+            "mnli",
+            "MNLI",
+            _PAIR,
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "mnli",
+            ("premise", "hypothesis"),
+            dev_splits=("dev_matched", "dev_mismatched"),
+            test_splits=("test_matched", "test_mismatched"),
+        ),
+        GlueTask(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            "label",
+            ("entailment", "not_entailment"),
+            ("accuracy",),
+            "qnli",
+            ("question", "sentence"),
+        ),
+        GlueTask(
+            "rte",
+            "RTE",
+            _PAIR,
+            "label",
+            ("entailment", "not_entailment"),
+            ("accuracy",),
+            "rte",
+            _PAIR,
+        ),
+        GlueTask("wnli", "WNLI", _PAIR, "label", ("0", "1"), ("accuracy",), "wnli", _PAIR),
+    ]
+}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
+_HUB_SPLITS = {
+    "dev": "validation",
+    "dev_matched": "validation_matched",
+    "dev_mismatched": "validation_mismatched",
+}
+
+
+def get_task(name: str) -> GlueTask:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def expand_splits(task: GlueTask, splits: list[str]) -> list[str]:
+    """'dev' and 'test' stand for all of a task's dev/test splits (two each for MNLI)."""
+    out: list[str] = []
+    for split in splits:
+        names = {"dev": task.dev_splits, "test": task.test_splits}.get(split, (split,))
+        for name in names:
+            if name not in task.splits:
+                raise ValueError(
+                    f"unknown split {split!r} for {task.name}; "
+                    f"expected one of {', '.join(task.splits)}"
+                )
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def load_split(task: GlueTask | str, split: str, data_dir: str | None = None) -> list[Example]:
+    task = get_task(task) if isinstance(task, str) else task
+    names = expand_splits(task, [split])
+    if len(names) != 1:
+        raise ValueError(f"{task.name} has several {split} splits ({', '.join(names)}): name one")
+    split = names[0]
+    if data_dir is None:
+        return _load_hub(task, split)
+    return _load_tsv(task, split, storage.join(data_dir, task.dir_name, f"{split}.tsv"))
+
+
+def _load_tsv(task: GlueTask, split: str, url: str) -> list[Example]:
+    if not storage.exists(url):
+        raise DataError(f"missing data file {url} ({task.name} {split})")
+    rows = list(csv.reader(io.StringIO(_read_utf8(url)), delimiter="\t", quoting=csv.QUOTE_NONE))
+    labelled = not task.is_test(split)
+    if labelled and task.implicit_header is not None:
+        header, first_line = list(task.implicit_header), 1
+    elif rows:
+        header, rows, first_line = rows[0], rows[1:], 2
+    else:
+        raise DataError(f"malformed data file {url}: it is empty")
+    wanted = [*task.text_columns, *([task.label_column] if labelled else [])]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(
+            f"malformed data file {url}: missing column(s) {missing}; header has {header}"
+        )
+    text_idx = [header.index(c) for c in task.text_columns]
+    label_idx = header.index(task.label_column) if labelled else None
+    examples = []
+    for i, row in enumerate(rows):
+        line = first_line + i
+        if len(row) != len(header):
+            raise DataError(
+                f"malformed data file {url} line {line}: {len(row)} columns, expected {len(header)}"
+            )
+        label = _parse_label(task, row[label_idx], url, line) if label_idx is not None else None
+        examples.append(Example(i, tuple(row[j] for j in text_idx), label))
+    if not examples:
+        raise DataError(f"malformed data file {url}: no rows")
+    return examples
+
+
+def _read_utf8(url: str) -> str:
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read().decode("utf-8-sig")  # MRPC's header starts with a byte-order mark
+
+
+def _parse_label(task: GlueTask, raw: str, url: str, line: int) -> int | float:
+    if task.labels is None:
+        try:
+            score = float(raw)
+        except ValueError:
+            score = float("nan")
+        if not 0.0 <= score <= 5.0:
+            raise DataError(
+                f"malformed data file {url} line {line}: bad label {raw!r} "
+                "(expected a score in [0, 5])"
+            )
+        return score
+    if raw not in task.labels:
+        raise DataError(
+            f"malformed data file {url} line {line}: bad label {raw!r} "
+            f"(expected one of {list(task.labels)})"
+        )
+    return task.labels.index(raw)
+
+
+def _load_hub(task: GlueTask, split: str) -> list[Example]:
+    import datasets  # heavy; only real users without a data directory need it
+
+    hub_split = _HUB_SPLITS.get(split, split)
+    data = datasets.load_dataset("nyu-mll/glue", task.hub_config, split=hub_split)
+    examples = []
+    for i, row in enumerate(data):
+        label = row["label"]
+        if label is None or label == -1:
+            label = None
+        elif task.regression:
+            label = float(label)
+        examples.append(Example(i, tuple(row[c] for c in task.hub_text_columns), label))
+    return examples
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.example_id, ex.texts, ex.label]).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,214 @@
+"""The one definition of BERTVision's stored data: shard columns, shard metadata, manifest records.
+
+Every writer and reader imports this module; nobody builds a shard schema inline. The format is
+documented for other tools in docs/shard-format.md.
+
+Layout of one extraction of one task/split under an output URL:
+
+    OUT/<task>/<split>/shard-00000.parquet      committed shards (what pyarrow.dataset reads)
+    OUT/<task>/<split>/_manifest/plan.json      what this extraction is: key, settings, shard count
+    OUT/<task>/<split>/_manifest/shard-00000.json   commit record of one shard (written last)
+    OUT/<task>/<split>/_manifest/shard-00000.failed.json   last failure of a shard not yet done
+    OUT/<task>/<split>/_incomplete/...          shards being written (never read)
+
+pyarrow.dataset skips names starting with "_" or ".", so the manifest and the temporary files
+stay out of the dataset's way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+META_PREFIX = "bertvision."
+
+# Hidden-state element types a shard may hold; "float16" is the default.
+HIDDEN_TYPES: dict[str, pa.DataType] = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def label_type(regression: bool) -> pa.DataType:
+    """int64 class index for classification, float32 score for regression (STS-B)."""
+    return pa.float32() if regression else pa.int64()
+
+
+def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
+    if dtype not in HIDDEN_TYPES:
+        raise ValueError(f"unknown hidden dtype {dtype!r}; expected one of {sorted(HIDDEN_TYPES)}")
+    return pa.schema(
+        [
+            pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
+            pa.field("label", label_type(regression)),  # null for unlabelled test rows
+            pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
+            # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first)
+            pa.field("hidden", pa.list_(HIDDEN_TYPES[dtype]), nullable=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """Parquet key-value metadata carried by every shard (keys `bertvision.<field>`)."""
+
+    task: str
+    split: str
+    model: str  # the name or URL it was loaded from
+    model_fingerprint: str  # sha256 over the encoder's weights, see encoder.fingerprint
+    layers: int
+    hidden_size: int
+    max_seq_length: int
+    dtype: str
+    extraction_key: str
+    format_version: int = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> ShardMeta:
+        raw = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+        values = {}
+        for f in fields(cls):
+            key = f"{META_PREFIX}{f.name}"
+            if key not in raw:
+                raise ValueError(f"not a BERTVision shard: metadata key {key!r} is missing")
+            values[f.name] = int(raw[key]) if f.type == "int" else raw[key]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """What one extraction of one task/split is; stored as _manifest/plan.json.
+
+    `key` hashes everything that determines the shards' content. A plan with another key in the
+    same folder is a different extraction, and the two are never mixed.
+    """
+
+    task: str
+    split: str
+    model: str
+    model_fingerprint: str
+    data_fingerprint: str
+    num_examples: int
+    shard_size: int
+    max_seq_length: int
+    dtype: str
+    layers: int
+    hidden_size: int
+    regression: bool
+    format_version: int = FORMAT_VERSION
+    key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        object.__setattr__(self, "key", self.content_key())
+
+    def content_key(self) -> str:
+        content = {k: v for k, v in asdict(self).items() if k not in ("key", "model")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.num_examples // self.shard_size))
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """Example ids [start, stop) of shard `index`."""
+        if not 0 <= index < self.num_shards:
+            raise IndexError(
+                f"shard {index} out of range: {self.task}/{self.split} has {self.num_shards} shards"
+            )
+        start = index * self.shard_size
+        return start, min(start + self.shard_size, self.num_examples)
+
+    def shard_key(self, index: int) -> str:
+        start, stop = self.shard_range(index)
+        return f"{self.key}:{start}-{stop}"
+
+    def shard_meta(self) -> ShardMeta:
+        return ShardMeta(
+            task=self.task,
+            split=self.split,
+            model=self.model,
+            model_fingerprint=self.model_fingerprint,
+            layers=self.layers,
+            hidden_size=self.hidden_size,
+            max_seq_length=self.max_seq_length,
+            dtype=self.dtype,
+            extraction_key=self.key,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExtractionPlan:
+        data = json.loads(text)
+        stored_key = data.pop("key", "")
+        plan = cls(**data)
+        if stored_key and stored_key != plan.key:
+            raise ValueError(
+                f"plan.json is corrupt: stored key {stored_key} != computed {plan.key}"
+            )
+        return plan
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """Commit record of one shard, _manifest/shard-NNNNN.json. Its presence is the commit point."""
+
+    index: int
+    file: str  # file name relative to the split folder
+    start: int
+    stop: int
+    rows: int
+    bytes: int
+    sha256: str
+    key: str  # ExtractionPlan.shard_key(index)
+    seconds: float
+    worker: str
+    committed_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardRecord:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """Last failure of a shard not committed since: _manifest/shard-NNNNN.failed.json."""
+
+    index: int
+    error: str
+    worker: str
+    failed_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardFailure:
+        return cls(**json.loads(text))
+
+
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_record_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def shard_failure_name(index: int) -> str:
+    return f"shard-{index:05d}.failed.json"
+
+
+MANIFEST_DIR = "_manifest"
+INCOMPLETE_DIR = "_incomplete"
+PLAN_FILE = "plan.json"
