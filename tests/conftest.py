@@ -1,0 +1,47 @@
+"""Fixtures shared by the whole suite: the real GLUE data, a tiny random BERT, the real MiniLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+SQUAD_DIR = REPO.parent / "shared" / "data" / "squad"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> str:
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"real GLUE data not found at {GLUE_DIR}")
+    return str(GLUE_DIR)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """Folder of the bundled pretrained all-MiniLM-L6-v2 (6 layers, hidden 384)."""
+    from bertvision.encoder import default_model
+
+    return default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm) -> str:
+    """A tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer: fast and real."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return str(folder)
