@@ -52,18 +52,22 @@ def read_text(url: str) -> str:
         return f.read()
 
 
-def write_text_atomic(url: str, text: str) -> None:
+def write_bytes_atomic(url: str, data: bytes) -> None:
     fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, text.encode("utf-8"))
+        fs.pipe_file(path, data)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"))
 
 
 def read_json(url: str) -> Any:

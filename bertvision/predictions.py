@@ -1,0 +1,73 @@
+"""Predictions of a run (fine-tuning, adapter, ensemble), in two forms:
+
+    RUN/outputs/<split>.parquet      example_id int64, label, output list<float32>
+                                     (class probabilities, or [score] for regression)
+    RUN/<split>_predictions.tsv      GLUE submission format: `index<TAB>prediction`
+
+The parquet outputs are what ensembles average; the TSV files are what GLUE's server takes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bertvision import storage
+from bertvision.glue import GlueTask
+from bertvision.schema import label_type
+
+
+def point_predictions(task: GlueTask, outputs: np.ndarray) -> np.ndarray:
+    """Class indices (argmax of probabilities) or scores, from (N, C) outputs."""
+    return outputs[:, 0] if task.regression else outputs.argmax(-1)
+
+
+def submission_name(split: str) -> str:
+    return f"{split}_predictions.tsv"
+
+
+def write_predictions(run: str, task: GlueTask, split: str, example_ids: Sequence[int],
+                      labels: Sequence[int | float | None], outputs: np.ndarray) -> None:
+    outputs = np.asarray(outputs, dtype=np.float32)
+    ids = np.asarray(example_ids, dtype=np.int64)
+    if outputs.ndim != 2 or len(outputs) != len(ids):
+        raise ValueError(f"outputs of shape {outputs.shape} do not match {len(ids)} examples")
+    table = pa.table({
+        "example_id": pa.array(ids),
+        "label": pa.array(list(labels), label_type(task.regression)),
+        "output": pa.FixedSizeListArray.from_arrays(pa.array(outputs.ravel()),
+                                                    outputs.shape[1]).cast(pa.list_(pa.float32())),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
+    predicted = point_predictions(task, outputs)
+    lines = ["index\tprediction"]
+    for example_id, value in zip(ids, predicted, strict=True):
+        shown = f"{value:.3f}" if task.regression else task.labels[int(value)]
+        lines.append(f"{example_id}\t{shown}")
+    storage.write_text_atomic(storage.join(run, submission_name(split)), "\n".join(lines) + "\n")
+
+
+def read_outputs(run: str, split: str) -> tuple[np.ndarray, list, np.ndarray]:
+    """example_ids, labels and (N, C) outputs of one split of a run, sorted by example_id."""
+    fs, path = storage.url_to_fs(storage.join(run, "outputs", f"{split}.parquet"))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"run {run} has no outputs for {split}")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f).sort_by("example_id")
+    outputs = np.stack(table.column("output").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return table.column("example_id").to_numpy(), table.column("label").to_pylist(), outputs
+
+
+def read_submission(url: str, task: GlueTask) -> dict[int, int | float]:
+    """A GLUE submission file back as example_id -> class index (or score)."""
+    predictions = {}
+    for line in storage.read_text(url).splitlines()[1:]:
+        index, value = line.split("\t")
+        predictions[int(index)] = float(value) if task.regression else task.labels.index(value)
+    return predictions
