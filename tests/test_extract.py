@@ -1,0 +1,378 @@
+"""Extraction: the shard format, equality with a direct forward, resumability, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bertvision import glue, shards
+from bertvision.cli import app
+from bertvision.extract import (
+    ExtractConfig,
+    extract_hidden_states,
+    extract_shard,
+    prepare_extraction,
+)
+from bertvision.schema import ShardMeta
+
+
+def _config(out, model, glue_dir, **overrides) -> ExtractConfig:
+    settings = dict(
+        task="wnli",
+        out=str(out),
+        model=model,
+        data_dir=glue_dir,
+        splits=["dev"],
+        max_seq_length=64,
+        shard_size=20,
+        batch_size=8,
+        device="cpu",
+    )
+    return ExtractConfig(**(settings | overrides))
+
+
+def _all_rows(folder) -> pa.Table:
+    return ds.dataset(str(folder), format="parquet").to_table()
+
+
+def test_shards_follow_the_documented_format(tmp_path, tiny_model, glue_dir):
+    summary = extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    assert summary.ok and summary.committed == {"wnli/dev": [0, 1, 2, 3]}
+
+    table = _all_rows(tmp_path / "wnli" / "dev")
+    assert table.schema.field("example_id").type == "int64"
+    assert table.schema.field("label").type == "int64"
+    assert table.schema.field("length").type == "int32"
+    assert str(table.schema.field("hidden").type) == "list<element: halffloat>"
+    assert sorted(table.column("example_id").to_pylist()) == list(range(71))
+
+    meta = ShardMeta.from_metadata(
+        pq.read_schema(tmp_path / "wnli/dev/shard-00000.parquet").metadata
+    )
+    assert (meta.task, meta.split, meta.layers, meta.hidden_size) == ("wnli", "dev", 3, 32)
+    assert (meta.dtype, meta.max_seq_length, meta.model) == ("float16", 64, tiny_model)
+    assert len(meta.model_fingerprint) == 16
+
+    for row in table.to_pylist():
+        assert len(row["hidden"]) == 3 * row["length"] * 32
+
+
+def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
+    extract_hidden_states(
+        _config(tmp_path, tiny_model, glue_dir, splits=["train", "dev"]), progress=False
+    )
+    result = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["wnli/train"] | {"failed_shards": []} == status["wnli/train"]
+    assert (status["wnli/train"]["examples"], status["wnli/train"]["shards"]) == (635, 32)
+    assert status["wnli/dev"]["done"] == 4 and status["wnli/dev"]["missing"] == 0
+
+
+@pytest.mark.slow
+def test_every_layer_equals_a_direct_forward_of_minilm(tmp_path, minilm, glue_dir):
+    """Must show 2: RTE dev through the CLI, each decoded layer == AutoModel forward, to fp16."""
+    from transformers import AutoModel, AutoTokenizer
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--task",
+            "rte",
+            "--data-dir",
+            glue_dir,
+            "--splits",
+            "dev",
+            "--model",
+            minilm,
+            "--max-seq-length",
+            "128",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModel.from_pretrained(minilm).eval()
+    examples = glue.load_split("rte", "dev", glue_dir)
+    plan, urls = shards.committed_shards(str(tmp_path), "rte", "dev")
+    seen = set()
+    for url in urls:
+        meta, table = shards.read_shard(url)
+        for example_id, label, hidden in zip(
+            table.column("example_id").to_pylist(),
+            table.column("label").to_pylist(),
+            shards.hidden_arrays(table, meta),
+            strict=True,
+        ):
+            example = examples[example_id]
+            tokens = tokenizer(*example.texts, truncation=True, max_length=128, return_tensors="pt")
+            with torch.inference_mode():
+                direct = model(**tokens, output_hidden_states=True).hidden_states
+            expected = torch.stack(direct)[:, 0].numpy()  # (L, T, H)
+            assert hidden.shape == expected.shape == (7, tokens["input_ids"].shape[1], 384)
+            np.testing.assert_allclose(hidden.astype(np.float32), expected, rtol=2**-10, atol=1e-3)
+            assert label == example.label
+            seen.add(example_id)
+    assert seen == set(range(277))
+
+
+def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    (plan,) = prepare_extraction(cfg)
+    first = extract_shard(cfg, plan, 1)
+    before = (tmp_path / "wnli/dev/shard-00001.parquet").stat().st_mtime_ns
+
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.skipped == {"wnli/dev": [1]} and summary.committed == {"wnli/dev": [0, 2, 3]}
+    assert (tmp_path / "wnli/dev/shard-00001.parquet").stat().st_mtime_ns == before
+    assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
+
+
+def test_a_shard_whose_checksum_does_not_match_is_redone(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    path = tmp_path / "wnli/dev/shard-00002.parquet"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.committed == {"wnli/dev": [2]}
+    assert sorted(_all_rows(tmp_path / "wnli/dev").column("example_id").to_pylist()) == list(
+        range(71)
+    )
+
+
+def test_other_settings_never_mix_with_old_shards(tmp_path, tiny_model, glue_dir):
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--task",
+            "wnli",
+            "--data-dir",
+            glue_dir,
+            "--splits",
+            "dev",
+            "--model",
+            tiny_model,
+            "--max-seq-length",
+            "32",
+            "--shard-size",
+            "20",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "holds another extraction (different max_seq_length)" in result.output
+
+    replaced = extract_hidden_states(
+        _config(tmp_path, tiny_model, glue_dir, max_seq_length=32, overwrite=True), progress=False
+    )
+    assert replaced.committed == {"wnli/dev": [0, 1, 2, 3]}
+    plan, urls = shards.committed_shards(str(tmp_path), "wnli", "dev")
+    assert plan.max_seq_length == 32
+    assert {shards.read_shard(u)[0].max_seq_length for u in urls} == {32}
+
+
+def test_an_interrupted_write_leaves_no_shard(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    (plan,) = prepare_extraction(cfg)
+    folder = str(tmp_path / "wnli/dev")
+    with pytest.raises(RuntimeError), shards.ShardWriter(folder, plan, 0) as writer:
+        writer.write(next(_batches(cfg, plan)))
+        raise RuntimeError("worker lost")
+    assert not list((tmp_path / "wnli/dev").glob("*.parquet"))
+    assert not list((tmp_path / "wnli/dev/_incomplete").iterdir())
+    assert shards.split_status(folder)["done"] == 0
+
+
+def _batches(cfg, plan):
+    from bertvision.encoder import load_encoder
+    from bertvision.extract import hidden_state_batches
+
+    examples = glue.load_split(cfg.task, plan.split, cfg.data_dir)[:20]
+    return hidden_state_batches(load_encoder(cfg.model, cfg.device), examples, plan, 8)
+
+
+def test_a_failed_shard_is_recorded_and_the_others_go_on(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import bertvision.extract as extract
+
+    real = extract.hidden_state_batches
+
+    def failing_on_shard_2(encoder, examples, plan, batch_size):
+        if examples[0].example_id == 40:
+            raise RuntimeError("CUDA error: device lost")
+        return real(encoder, examples, plan, batch_size)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_2)
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    summary = extract_hidden_states(cfg, progress=False)
+    assert not summary.ok
+    assert summary.committed == {"wnli/dev": [0, 1, 3]}
+    assert "device lost" in summary.failed["wnli/dev"][2]
+    status = shards.split_status(str(tmp_path / "wnli/dev"))
+    assert (status["done"], status["failed"], status["missing"]) == (3, 1, 0)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", real)
+    assert extract_hidden_states(cfg, progress=False).committed == {"wnli/dev": [2]}
+    assert shards.split_status(str(tmp_path / "wnli/dev"))["failed"] == 0
+
+
+def test_kill_9_mid_extraction_then_rerun_gives_each_example_once(tmp_path, tiny_model, glue_dir):
+    """Must show 4: kill -9 during RTE train; the rerun keeps earlier shards untouched."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "bertvision.cli",
+        "extract",
+        "--task",
+        "rte",
+        "--data-dir",
+        glue_dir,
+        "--splits",
+        "train",
+        "--model",
+        tiny_model,
+        "--max-seq-length",
+        "128",
+        "--shard-size",
+        "50",
+        "--batch-size",
+        "10",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    manifest = out / "rte/train/_manifest"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(manifest.glob("shard-*.json"))) < 3:
+        assert process.poll() is None, "extraction ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    committed = {
+        p.name: (p.stat().st_mtime_ns, p.read_bytes())
+        for p in (out / "rte/train").glob("shard-*.parquet")
+    }
+    assert 3 <= len(committed) < 50
+
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    for name, (mtime, content) in committed.items():
+        path = out / "rte/train" / name
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, content)
+    ids = _all_rows(out / "rte/train").column("example_id").to_pylist()
+    assert sorted(ids) == list(range(2490))
+    assert shards.split_status(str(out / "rte/train"))["done"] == 50
+
+
+def test_memory_urls_work_end_to_end(tiny_model, glue_dir):
+    import fsspec
+
+    out = "memory://bv-test-extract"
+    extract_hidden_states(_config(out, tiny_model, glue_dir), progress=False)
+    fs = fsspec.filesystem("memory")
+    dataset = ds.dataset("/bv-test-extract/wnli/dev", format="parquet", filesystem=fs)
+    assert sorted(dataset.to_table().column("example_id").to_pylist()) == list(range(71))
+    fs.rm("/bv-test-extract", recursive=True)
+
+
+# Bad input: one clear line, non-zero exit, nothing written.
+
+
+def _gpt2_folder(tmp_path) -> str:
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
+    return str(folder)
+
+
+def _malformed_data(tmp_path, row: str) -> str:
+    folder = tmp_path / "data" / "RTE"
+    folder.mkdir(parents=True)
+    (folder / "dev.tsv").write_text(f"index\tsentence1\tsentence2\tlabel\n{row}\n")
+    return str(tmp_path / "data")
+
+
+BAD_INPUTS = {
+    "unknown task": (lambda tmp, model, data: (["--task", "nope"], "unknown task 'nope'")),
+    "missing data": (
+        lambda tmp, model, data: (["--data-dir", str(tmp / "empty")], "missing data file")
+    ),
+    "wrong columns": (
+        lambda tmp, model, data: (
+            ["--data-dir", _malformed_data(tmp, "0\tonly two")],
+            "line 2: 2 columns, expected 4",
+        )
+    ),
+    "bad label": (
+        lambda tmp, model, data: (
+            ["--data-dir", _malformed_data(tmp, "0\ta\tb\tperhaps")],
+            "bad label 'perhaps'",
+        )
+    ),
+    "too long": (lambda tmp, model, data: (["--max-seq-length", "4096"], "beyond model")),
+    "not an encoder": (
+        lambda tmp, model, data: (["--model", _gpt2_folder(tmp)], "is not an encoder")
+    ),
+    "not a model": (lambda tmp, model, data: (["--model", str(tmp)], "cannot be loaded")),
+    "unwritable output": (
+        lambda tmp, model, data: (["--out", str(tmp / "a-file" / "out")], "is not writable")
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_with_one_clear_line_and_writes_nothing(
+    case, tmp_path, tiny_model, glue_dir
+):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    overrides, message = BAD_INPUTS[case](tmp_path, tiny_model, glue_dir)
+    args = {
+        "--task": "rte",
+        "--data-dir": glue_dir,
+        "--splits": "dev",
+        "--model": tiny_model,
+        "--max-seq-length": "64",
+        "--out": str(out),
+        "--device": "cpu",
+    }
+    args |= dict(zip(overrides[::2], overrides[1::2], strict=True))
+    result = CliRunner().invoke(app, ["extract", *[x for kv in args.items() for x in kv]])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
+    assert not Path(tmp_path / "a-file" / "out").exists()
+    assert os.listdir(tmp_path / "empty") == []
