@@ -1,0 +1,184 @@
+"""Adapter models trained on stored all-layer embeddings, and the registry that names them.
+
+Every adapter is an `nn.Module` with one contract:
+
+    logits = adapter(hidden, mask)   # hidden (B, L, T, H) float, mask (B, T) bool -> (B, C)
+
+where L counts the embedding output plus every encoder layer, T is the padded token count, `mask`
+is True on real tokens, and C is the task's number of classes (1 for regression). Padded
+positions never affect the output.
+
+One module per method (`pooler.py`, `scalarmix.py`, `cls.py`), each holding its config dataclass,
+its `nn.Module` and one `register(name, ConfigClass, ModuleClass)` call. A config is saved as
+JSON next to the weights with its adapter name, so `load_adapter` always rebuilds the right class:
+
+    save_adapter(model, "RUN/adapter")      # adapter_config.json + adapter.safetensors
+    model = load_adapter("RUN/adapter")     # a PoolerConfig comes back as an AdapterPooler
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bertvision import storage
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+@dataclass
+class AdapterConfig:
+    """What every adapter needs: the shape of the embeddings and of the output.
+
+    The shape fields come from the embeddings (`layers`, `hidden_size`) and the task
+    (`num_labels`), so a saved config rebuilds a module that fits the saved weights.
+    """
+
+    layers: int  # L: the embedding output + every encoder layer
+    hidden_size: int  # H
+    num_labels: int  # classes; 1 = regression (one score)
+    dropout: float = 0.1  # before the output layer
+
+    adapter_name: ClassVar[str] = ""  # set by register()
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden_size", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter": self.adapter_name, **asdict(self)}
+
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_CONFIGS: dict[str, type[AdapterConfig]] = {}
+_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str, config_class: type[AdapterConfig], module_class: type[nn.Module]) -> None:
+    """Make adapter `name` known; the module class is built as `module_class(config)`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"bad adapter name {name!r}: use lower-case letters, digits and '_', "
+            "starting with a letter"
+        )
+    if name in _CONFIGS:
+        raise ValueError(f"adapter {name!r} is already registered")
+    if not (isinstance(config_class, type) and issubclass(config_class, AdapterConfig)):
+        raise TypeError(f"adapter {name!r}: config class must subclass AdapterConfig")
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"adapter {name!r}: module class must subclass torch.nn.Module")
+    if "adapter_name" in vars(config_class) and config_class.adapter_name:
+        raise ValueError(
+            f"adapter {name!r}: {config_class.__name__} is already registered "
+            f"as {config_class.adapter_name!r}"
+        )
+    config_class.adapter_name = name
+    _CONFIGS[name] = config_class
+    _MODULES[name] = module_class
+
+
+def adapter_names() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+def config_class(name: str) -> type[AdapterConfig]:
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown adapter {name!r}; expected one of {', '.join(adapter_names())}")
+    return _CONFIGS[name]
+
+
+def make_config(name: str, **values: Any) -> AdapterConfig:
+    """The config of adapter `name` from `values`; values it has no field for are left out, so
+    one set of training options (adapter_dim, dropout, ...) serves every adapter."""
+    cls = config_class(name)
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    data = dict(data)
+    name = data.pop("adapter", None)
+    if name is None:
+        raise ValueError("adapter config has no 'adapter' name")
+    return config_class(name)(**data)
+
+
+def build_adapter(config: AdapterConfig) -> nn.Module:
+    if not config.adapter_name or config.adapter_name not in _MODULES:
+        raise ValueError(f"{type(config).__name__} is not a registered adapter config")
+    return _MODULES[config.adapter_name](config)
+
+
+def save_adapter(model: nn.Module, url: str) -> None:
+    """Write `model.config` as JSON and the weights as safetensors under folder `url`."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fs, path = storage.url_to_fs(storage.join(url, WEIGHTS_FILE))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, save(state))
+    storage.write_text_atomic(
+        storage.join(url, CONFIG_FILE), json.dumps(model.config.to_dict(), indent=2) + "\n"
+    )
+
+
+def load_adapter(url: str, device: str = "cpu") -> nn.Module:
+    """The adapter saved under folder `url`, of the class its config names, in eval mode."""
+    from safetensors.torch import load
+
+    config_url = storage.join(url, CONFIG_FILE)
+    if not storage.exists(config_url):
+        raise FileNotFoundError(f"no adapter under {url} (missing {CONFIG_FILE})")
+    config = config_from_dict(storage.read_json(config_url))
+    model = build_adapter(config)
+    fs, path = storage.url_to_fs(storage.join(url, WEIGHTS_FILE))
+    model.load_state_dict(load(fs.cat_file(path)))
+    return model.to(device).eval()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the token axis of real tokens only: (..., T, H), mask (B, T) -> (..., H).
+
+    `values` is (B, T, H) or (B, L, T, H). Padded positions are replaced, not multiplied, by zero,
+    so even non-finite padding cannot reach the result.
+    """
+    while mask.dim() < values.dim() - 1:
+        mask = mask.unsqueeze(1)  # (B, 1, T) for (B, L, T, H)
+    keep = mask.unsqueeze(-1)  # (..., T, 1)
+    total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    count = keep.sum(dim=-2).clamp(min=1).to(values.dtype)  # (..., 1)
+    return total.sum(dim=-2) / count
+
+
+# Each method registers itself on import.
+from bertvision.adapters.cls import ClsConfig, ClsProbe  # noqa: E402
+from bertvision.adapters.pooler import AdapterPooler, PoolerConfig  # noqa: E402
+from bertvision.adapters.scalarmix import ScalarMix, ScalarMixConfig  # noqa: E402
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterPooler",
+    "ClsConfig",
+    "ClsProbe",
+    "PoolerConfig",
+    "ScalarMix",
+    "ScalarMixConfig",
+    "adapter_names",
+    "build_adapter",
+    "config_class",
+    "config_from_dict",
+    "load_adapter",
+    "make_config",
+    "masked_mean",
+    "register",
+    "save_adapter",
+]
