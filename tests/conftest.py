@@ -45,3 +45,24 @@ def tiny_model(tmp_path_factory, minilm) -> str:
     BertModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Prefect's test harness (a temporary API and database), started once per session.
+
+    Persisted results and cache records go to a temporary folder, so no cache entry outlives the
+    session. Yields that folder. Tests that need it skip when Prefect is not installed.
+    """
+    pytest.importorskip("prefect")
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with (
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}),
+            prefect_test_harness(server_startup_timeout=120),
+        ):
+            yield results

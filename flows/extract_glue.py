@@ -1,0 +1,138 @@
+"""Flows `extract-glue` (one extraction of GLUE tasks) and `extract-shards` (a group of its shards).
+
+    extract-glue:  plan each task  ->  pending shards  ->  extract them here, one task per shard
+                                                       or hand groups to N `extract-shards` runs
+                   ->  table of shards; Failed naming every shard that did not commit, and why
+
+A failing shard does not stop the others. A rerun (a retry of the flow run or a fresh run) does
+only the shards that storage does not hold committed.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, runtime
+from prefect.futures import wait
+
+from bertvision.extract import ExtractConfig
+from bertvision.schema import ExtractionPlan
+from flows.report import ExtractionProgress, artifact_key, failed_shards, publish_shard_table
+from tasks.extract import extract_shard, pending_shards, plan_extraction, read_plan, run_shard_group
+
+SHARD_DEPLOYMENT = "extract-shards/extract-shards"
+POLL_SECONDS = 10  # how often the coordinator recounts shards committed by child runs
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards did not commit; the message names each one and why."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+        super().__init__(f"{len(failures)} shard(s) failed: {listed}")
+        self.failures = failures
+
+
+def _run_name() -> str:
+    return "extract-" + "-".join(runtime.flow_run.parameters["tasks"])
+
+
+@flow(name="extract-glue", flow_run_name=_run_name, log_prints=True)
+def extract_glue(
+    tasks: list[str],
+    out: str,
+    splits: list[str] | None = None,
+    model: str = "",
+    data_dir: str | None = None,
+    max_seq_length: int = 128,
+    shard_size: int = 1000,
+    batch_size: int = 32,
+    device: str = "",
+    workers: int = 0,
+    shard_deployment: str = SHARD_DEPLOYMENT,
+) -> dict[str, int]:
+    """Store every layer's hidden states of each task's splits under `out`; returns shards per
+    task/split. `workers` > 0 spreads the pending shards over that many child runs of
+    `shard_deployment` (one per worker); 0 extracts them in this flow run."""
+    cfgs = [
+        ExtractConfig(
+            task=name,
+            out=out,
+            model=model,
+            data_dir=data_dir,
+            splits=splits or ["train", "dev"],
+            max_seq_length=max_seq_length,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            device=device,
+        )
+        for name in tasks
+    ]
+    work = [(cfg, plan) for cfg in cfgs for plan in plan_extraction(cfg)]  # validate, write plans
+    progress = ExtractionProgress(work, key=artifact_key("extract", *tasks, "progress"))
+    todo = [(cfg, plan, pending_shards(cfg, plan)) for cfg, plan in work]  # what storage lacks
+    run_errors = {}
+    if workers > 0:
+        run_errors = _extract_on_workers(todo, workers, shard_deployment, progress)  # child runs
+    else:
+        for cfg, plan, pending in todo:
+            _extract_here(cfg, plan, pending, progress)  # one task run per shard
+    for cfg in cfgs:
+        publish_shard_table(cfg, [plan for c, plan in work if c is cfg])
+    failures = {}
+    for cfg, plan in work:
+        failures |= failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
+    if failures:
+        raise ShardsFailed(failures)
+    return {f"{plan.task}/{plan.split}": plan.num_shards for _, plan in work}
+
+
+@flow(name="extract-shards", log_prints=True)
+def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[int]:
+    """Extract the given shards of one planned task/split; a worker's share of `extract-glue`.
+
+    Shards committed meanwhile (by an earlier try or another worker) are skipped."""
+    plan = read_plan(cfg, split)
+    _extract_here(cfg, plan, shards, progress=None)
+    failures = failed_shards(cfg, plan, sorted(set(shards) & set(pending_shards(cfg, plan))))
+    if failures:
+        raise ShardsFailed(failures)
+    return shards
+
+
+def _extract_here(
+    cfg: ExtractConfig,
+    plan: ExtractionPlan,
+    shards: list[int],
+    progress: ExtractionProgress | None,
+) -> None:
+    """One task run per shard, in order; a failed shard is recorded in storage and skipped."""
+    for index in shards:
+        state = extract_shard(cfg, plan, index, return_state=True)
+        if state.is_completed() and progress is not None:
+            progress.advance(state.result().rows)
+
+
+def _extract_on_workers(
+    todo: list[tuple[ExtractConfig, ExtractionPlan, list[int]]],
+    workers: int,
+    deployment: str,
+    progress: ExtractionProgress,
+) -> dict[str, str]:
+    """Spread each split's pending shards round-robin over `workers` child runs; wait for all.
+
+    Returns `task/split/shard` -> the error of its child run, for runs that failed."""
+    runs = {}
+    for cfg, plan, pending in todo:
+        for group in range(min(workers, len(pending))):
+            shards = pending[group::workers]
+            name = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+            parameters = {"cfg": cfg, "split": plan.split, "shards": shards}
+            future = run_shard_group.submit(deployment, parameters, name)
+            runs[future] = [f"{plan.task}/{plan.split}/{i}" for i in shards]
+    while wait(list(runs), timeout=POLL_SECONDS).not_done:
+        progress.refresh()
+    progress.refresh()
+    errors = {}
+    for future, names in runs.items():
+        if not future.state.is_completed():
+            errors |= dict.fromkeys(names, future.state.message or future.state.name)
+    return errors

@@ -1,0 +1,77 @@
+"""Extraction tasks: the plan is made once, then each shard is one task (or a child flow run).
+
+Committed shards in storage are the record: `extract_shard` returns a committed shard as it is,
+whatever Prefect's cache holds, and `pending_shards` lists only what storage lacks.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.tasks import exponential_backoff
+
+from bertvision import extract
+from bertvision.extract import ExtractConfig
+from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
+from bertvision.shards import ShardError, load_plan, manifest_url, split_url
+from tasks.policy import WhileStored, transient
+
+# Storage hiccups pass in seconds; a preempted GPU node takes minutes to come back.
+RETRY = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, 20 s, 40 s
+    retry_jitter_factor=0.5,
+    retry_condition_fn=transient,
+)
+
+
+def _shard_commit_record(inputs: dict) -> str:
+    cfg, plan = inputs["cfg"], inputs["plan"]
+    folder = split_url(cfg.out, plan.task, plan.split)
+    return manifest_url(folder, shard_record_name(inputs["index"]))
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=900, **RETRY)
+def plan_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
+    """Check task, data, model and output; write one plan per split (idempotent)."""
+    return extract.prepare_extraction(cfg)
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+def read_plan(cfg: ExtractConfig, split: str) -> ExtractionPlan:
+    """The plan a coordinating flow run wrote for `cfg.task`/`split`."""
+    folder = split_url(cfg.out, cfg.task, split)
+    plan = load_plan(folder)
+    if plan is None:
+        raise ShardError(f"{folder} holds no extraction plan; run extract-glue to make one")
+    return plan
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
+    """Shards of `plan` that storage does not hold committed."""
+    return extract.pending_shards(cfg, plan)
+
+
+@task(
+    task_run_name="{plan.task}-{plan.split}-shard-{index:04d}",
+    cache_policy=WhileStored(_shard_commit_record),
+    persist_result=True,
+    timeout_seconds=3600,
+    **RETRY,
+)
+def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
+    """Compute and commit one shard; a committed one is returned as it is."""
+    return extract.extract_shard(cfg, plan, index)
+
+
+@task(task_run_name="{flow_run_name}", cache_policy=NO_CACHE)
+def run_shard_group(deployment: str, parameters: dict, flow_run_name: str) -> str:
+    """Run a group of shards as a child flow run of the shard deployment; wait for it."""
+    flow_run = run_deployment(
+        deployment, parameters=parameters, flow_run_name=flow_run_name, timeout=None
+    )
+    if not flow_run.state.is_completed():
+        raise RuntimeError(f"{flow_run_name} ended {flow_run.state.name}: {flow_run.state.message}")
+    return str(flow_run.id)

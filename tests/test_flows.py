@@ -1,0 +1,150 @@
+"""Prefect tasks and flows: tasks through .fn(), flows under the session's test harness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+
+pytest.importorskip("prefect")
+
+from prefect import flow  # noqa: E402
+from prefect.artifacts import Artifact  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.states import Failed  # noqa: E402
+
+from bertvision import extract, shards  # noqa: E402
+from bertvision.extract import ExtractConfig  # noqa: E402
+from bertvision.glue import DataError  # noqa: E402
+from bertvision.shards import ShardError  # noqa: E402
+from flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
+from tasks import extract as extract_tasks  # noqa: E402
+from tasks.policy import transient  # noqa: E402
+
+SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, device="cpu")
+
+
+def _cfg(out, model, data_dir) -> ExtractConfig:
+    return ExtractConfig(task="wnli", out=str(out), model=model, data_dir=data_dir, **SMALL)
+
+
+def _task_run_names(flow_state) -> list[str]:
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return sorted(run.name for run in runs)
+
+
+def _example_ids(out, task, split) -> list[int]:
+    _, urls = shards.committed_shards(str(out), task, split)
+    return sorted(ds.dataset(urls, format="parquet").to_table().column("example_id").to_pylist())
+
+
+# Tasks, without the engine.
+
+
+def test_tasks_wrap_one_unit_of_core_work(tmp_path, tiny_model, glue_dir):
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    [plan] = extract_tasks.plan_extraction.fn(cfg)
+    assert extract_tasks.pending_shards.fn(cfg, plan) == [0, 1, 2, 3]
+
+    record = extract_tasks.extract_shard.fn(cfg, plan, 2)
+    assert (record.index, record.start, record.stop) == (2, 40, 60)
+    assert extract_tasks.pending_shards.fn(cfg, plan) == [0, 1, 3]
+    assert extract_tasks.extract_shard.fn(cfg, plan, 2) == record  # committed: returned as is
+    assert extract_tasks.read_plan.fn(cfg, "dev") == plan
+
+
+def test_reading_a_plan_that_was_never_made_names_the_folder(tmp_path, tiny_model, glue_dir):
+    with pytest.raises(ShardError, match=r"wnli/dev holds no extraction plan"):
+        extract_tasks.read_plan.fn(_cfg(tmp_path, tiny_model, glue_dir), "dev")
+
+
+def test_retries_are_for_transient_failures_only():
+    assert transient(None, None, Failed(data=ConnectionResetError("storage hiccup")))
+    assert transient(None, None, Failed(data=TimeoutError("slow blob")))
+    assert not transient(None, None, Failed(data=DataError("RTE/dev.tsv line 3: bad label")))
+    assert not transient(None, None, Failed(data=ShardError("another extraction")))
+
+
+def test_the_core_library_never_imports_prefect():
+    code = (
+        "import pkgutil, importlib, sys, bertvision\n"
+        "for m in pkgutil.walk_packages(bertvision.__path__, 'bertvision.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "assert 'prefect' not in sys.modules, sorted(n for n in sys.modules if 'prefect' in n)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# Flows, under the test harness.
+
+
+def test_extract_glue_commits_every_shard_with_named_runs_and_artifacts(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    state = extract_glue(
+        tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL,
+        return_state=True,
+    )  # fmt: skip
+    assert state.is_completed() and state.result() == {"wnli/dev": 4}
+    assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+    names = _task_run_names(state)
+    assert [n for n in names if "shard-" in n] == [f"wnli-dev-shard-{i:04d}" for i in range(4)]
+
+    table = Artifact.get("wnli-shards")
+    rows = json.loads(table.data)
+    assert table.type == "table" and [row["shard"] for row in rows] == [0, 1, 2, 3]
+    assert {"rows", "bytes", "seconds", "worker"} <= set(rows[0])
+    assert sum(row["rows"] for row in rows) == 71
+    progress = Artifact.get("extract-wnli-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+
+
+def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    real_batches = extract.hidden_state_batches
+
+    def failing_on_shard_1(encoder, examples, plan, batch_size):
+        if examples[0].example_id == 20:
+            raise DataError("injected: WNLI/dev.tsv line 22 is malformed")
+        return real_batches(encoder, examples, plan, batch_size)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_1)
+    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
+    with pytest.raises(ShardsFailed, match=r"1 shard\(s\) failed: wnli/dev/1: DataError: inj"):
+        extract_glue(**params)
+    status = shards.status(str(tmp_path))["wnli/dev"]
+    assert (status["done"], status["failed_shards"]) == (3, [1])  # the others went on
+
+    monkeypatch.setattr(extract, "hidden_state_batches", real_batches)
+    state = extract_glue(**params, return_state=True)
+    assert state.is_completed()
+    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
+    assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+
+
+def test_the_cache_serves_a_shard_only_while_storage_holds_it(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    @flow
+    def shard_zero(cfg: ExtractConfig) -> str:
+        [plan] = extract_tasks.plan_extraction(cfg)
+        return extract_tasks.extract_shard(cfg, plan, 0, return_state=True).name
+
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    # The first run stores the shard; from the second on, flow runs share a cache entry for it.
+    assert [shard_zero(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
+
+    shutil.rmtree(tmp_path / "wnli")  # storage lost: the cache must not claim the shard
+    assert shard_zero(cfg) == "Completed"
+    assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
