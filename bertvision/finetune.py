@@ -1,0 +1,211 @@
+"""Brief ("partial") fine-tuning of any Hugging Face encoder on a GLUE task.
+
+`epochs` may be a fraction: 0.2 trains on two tenths of an epoch's batches. AdamW with linear
+warm-up and decay, seeded, bf16 autocast on CUDA. The checkpoint at `out` loads with
+`from_pretrained` (and so with `bertvision extract --model out`); `out/metrics.json` holds the dev
+metrics, and the dev/test predictions are written like an adapter run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from bertvision import __version__, glue, storage
+from bertvision import encoder as enc
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of `bertvision finetune`; also the finetune flow's parameters."""
+
+    task: str
+    out: str
+    model: str = ""  # "" = the bundled all-MiniLM-L6-v2
+    data_dir: str | None = None
+    epochs: float = 1.0  # may be a fraction of an epoch
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_seq_length: int = 128
+    seed: int = 0
+    device: str = ""
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    max_train_examples: int | None = None  # first N training examples only, for quick runs
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
+        self.model = self.model or enc.default_model()
+        self.device = self.device or enc.default_device()
+
+
+def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Fine-tune, evaluate on dev, write the checkpoint and predictions; returns metrics.json."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bertvision.metrics import compute_metrics
+    from bertvision.predictions import point_predictions, write_predictions
+
+    task = glue.get_task(cfg.task)
+    train = glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]
+    evaluated = {
+        s: glue.load_split(task, s, cfg.data_dir) for s in (*task.dev_splits, *task.test_splits)
+    }
+    config = enc.check_encoder(cfg.model)
+    enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
+    storage.ensure_writable(cfg.out)
+
+    torch.manual_seed(cfg.seed)
+    path = enc.local_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.regression else "single_label_classification",
+    ).to(cfg.device)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    optimizer, scheduler = _optimizer(model, cfg, total_steps)
+
+    started = time.perf_counter()
+    model.train()
+    generator = np.random.default_rng(cfg.seed)
+    bar = tqdm(total=total_steps, desc=f"finetune {task.name}", disable=not progress)
+    seen = 0
+    for step, rows in enumerate(_batches(len(train), cfg.batch_size, generator)):
+        if step == total_steps:
+            break
+        batch = _tokenize(tokenizer, [train[i] for i in rows], cfg.max_seq_length, cfg.device)
+        labels = torch.tensor(
+            [train[i].label for i in rows],
+            dtype=torch.float32 if task.regression else torch.long,
+            device=cfg.device,
+        )
+        with enc.autocast(cfg.device):
+            loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += len(rows)
+        bar.update(1)
+        bar.set_postfix(loss=round(loss.item(), 4))
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    model.eval()
+    outputs = {s: _predict(model, tokenizer, ex, cfg) for s, ex in evaluated.items()}
+    metrics = {
+        split: compute_metrics(
+            task, point_predictions(task, outputs[split]), [ex.label for ex in evaluated[split]]
+        )
+        for split in task.dev_splits
+    }
+    result = {
+        **({"dev": metrics[task.dev_splits[0]]} | {s: metrics[s] for s in task.dev_splits[1:]}),
+        "train": {
+            "steps": total_steps,
+            "examples": seen,
+            "seconds": round(train_seconds, 2),
+            "examples_per_second": round(seen / train_seconds, 2),
+        },
+        "config": asdict(cfg),
+        "code_version": __version__,
+    }
+    _save_checkpoint(model, tokenizer, cfg.out)
+    for split, examples in evaluated.items():
+        write_predictions(
+            cfg.out,
+            task,
+            split,
+            [ex.example_id for ex in examples],
+            [ex.label for ex in examples],
+            outputs[split],
+        )
+    storage.write_json(storage.join(cfg.out, "metrics.json"), result)
+    return result
+
+
+def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": cfg.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(cfg.warmup_fraction * total_steps), total_steps
+    )
+    return optimizer, scheduler
+
+
+def _batches(n: int, batch_size: int, generator: np.random.Generator):
+    """Index batches over seeded shuffles of the data, epoch after epoch, forever."""
+    while True:
+        order = generator.permutation(n)
+        for begin in range(0, n, batch_size):
+            yield order[begin : begin + batch_size].tolist()
+
+
+def _tokenize(tokenizer, examples: list[glue.Example], max_length: int, device: str):
+    firsts = [ex.texts[0] for ex in examples]
+    seconds = [ex.texts[1] for ex in examples] if len(examples[0].texts) > 1 else None
+    batch = tokenizer(
+        firsts, seconds, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def _predict(model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig) -> np.ndarray:
+    """(N, num_labels) class probabilities, or (N, 1) scores for regression."""
+    outputs = []
+    for begin in range(0, len(examples), cfg.batch_size * 2):
+        batch = _tokenize(
+            tokenizer, examples[begin : begin + cfg.batch_size * 2], cfg.max_seq_length, cfg.device
+        )
+        with enc.autocast(cfg.device):
+            logits = model(**batch).logits.float()
+        outputs.append(logits if logits.shape[-1] == 1 else logits.softmax(-1))
+    return torch.cat(outputs).cpu().numpy()
+
+
+def _save_checkpoint(model, tokenizer, out: str) -> None:
+    """Write the checkpoint with config.json last: a half-written one never loads."""
+    fs, path = storage.url_to_fs(out)
+    config_path = f"{path.rstrip('/')}/config.json"
+    if fs.exists(config_path):
+        fs.rm_file(config_path)
+    with tempfile.TemporaryDirectory() as local:
+        model.save_pretrained(local)
+        tokenizer.save_pretrained(local)
+        names = sorted(os.listdir(local), key=lambda name: name == "config.json")
+        fs.makedirs(path, exist_ok=True)
+        for name in names:
+            fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
+
+
+def load_metrics(out: str) -> dict:
+    return json.loads(storage.read_text(storage.join(out, "metrics.json")))
