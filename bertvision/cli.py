@@ -76,6 +76,46 @@ def user_errors(command):
 
 @app.command()
 @user_errors
+def finetune(
+    task: TaskOpt,
+    out: Annotated[str, typer.Option("--out", help="Checkpoint URL (from_pretrained loads it)")],
+    model: ModelOpt = "",
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="May be a fraction: 0.2")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr")] = 5e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    max_seq_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "",
+    max_train_examples: Annotated[
+        int | None, typer.Option("--max-train-examples", help="First N only, for quick runs")
+    ] = None,
+) -> None:
+    """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
+
+    Example: bertvision finetune --task rte --data-dir glue_data --epochs 0.2 --out ckpt
+    """
+    from bertvision.finetune import FinetuneConfig, finetune_encoder
+
+    cfg = FinetuneConfig(
+        task=task,
+        out=out,
+        model=model,
+        data_dir=data_dir,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        seed=seed,
+        device=device,
+        max_train_examples=max_train_examples,
+    )
+    metrics = finetune_encoder(cfg)
+    typer.echo(json.dumps({"dev": metrics["dev"], "train": metrics["train"]}, sort_keys=True))
+
+
+@app.command()
+@user_errors
 def extract(
     task: TaskOpt,
     out: Annotated[str, typer.Option("--out", help="Output URL: a path, memory://, az://")],
