@@ -167,6 +167,64 @@ def extract(
 
 @app.command()
 @user_errors
+def train(
+    task: TaskOpt,
+    embeddings: Annotated[
+        str, typer.Option("--embeddings", help="Extraction output URL (bertvision extract --out)")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Run folder URL: a path, memory://, az://")],
+    adapter: Annotated[
+        str, typer.Option("--adapter", help="pooler, scalarmix or cls (the [CLS] linear probe)")
+    ] = "pooler",
+    adapter_dim: Annotated[
+        int, typer.Option("--adapter-dim", help="Width of the pooler's shared adapter")
+    ] = 64,
+    dropout: Annotated[float, typer.Option("--dropout")] = 0.1,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.01,
+    epochs: Annotated[int, typer.Option("--epochs")] = 20,
+    patience: Annotated[
+        int, typer.Option("--patience", help="Stop after N epochs without a better val metric")
+    ] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "",
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Slice of TRAIN held out for selection")
+    ] = 0.1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a finished run with other settings")
+    ] = False,
+) -> None:
+    """Train an adapter on stored embeddings; select on held-out TRAIN, report dev metrics.
+
+    Example: bertvision train --task rte --embeddings emb --out runs/rte-pooler --seed 1
+    """
+    from bertvision.train import TrainConfig, train_adapter
+
+    cfg = TrainConfig(
+        task=task,
+        embeddings=embeddings,
+        out=out,
+        adapter=adapter,
+        adapter_dim=adapter_dim,
+        dropout=dropout,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        val_fraction=val_fraction,
+        overwrite=overwrite,
+    )
+    metrics = train_adapter(cfg)
+    typer.echo(json.dumps(metrics, sort_keys=True))
+
+
+@app.command()
+@user_errors
 def status(
     url: Annotated[str, typer.Argument(help="An extraction output URL")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,

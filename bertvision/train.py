@@ -1,0 +1,634 @@
+"""Training adapter models on stored all-layer embeddings, with model selection on TRAIN only.
+
+    data = load_embeddings("rte", "emb")              # check and (if it fits) load once
+    metrics = train_adapter(TrainConfig(task="rte", embeddings="emb", out="run"), data=data)
+
+A seeded slice of the training split (`val_fraction`) is held out; early stopping and the choice
+of the epoch whose weights are kept use only that slice, never the dev set that is reported. Each
+epoch ends with a checkpoint in RUN/_checkpoint/, so an interrupted run resumes from its last
+finished epoch; a finished run is returned as stored.
+
+Outputs under RUN (any fsspec URL), written when training has finished, metrics.json last:
+
+    config.json                  this TrainConfig, the adapter config, the embeddings URL, the
+                                 encoder's name and fingerprint, extraction keys, code version
+    metrics.json                 {"val": {...}, "dev": {...}} (MNLI: "dev" is matched, plus
+                                 "dev_mismatched"), metric names as in bertvision.metrics
+    adapter/                     adapter_config.json + adapter.safetensors (adapters.load_adapter)
+    <split>_predictions.tsv      GLUE submission format, `index<TAB>prediction`, for every dev
+                                 and test split (test only when its embeddings were extracted)
+    outputs/<split>.parquet      example_id int64, label (int64, or float32 for regression; null
+                                 for test), output list<float32>: class probabilities, or [score]
+                                 for regression; one row per example, sorted by example_id.
+                                 Splits: every dev/test split by its GLUE name, and "val" (the
+                                 held-out slice of train). Ensembles average these outputs.
+    curve.json / curve.png       per epoch: train loss, val loss, val metrics, seconds
+
+The dev metrics are computed from the dev predictions as written to the TSV file, so they equal
+the metrics anyone recomputes from that file and the dev labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from bertvision import __version__, adapters, glue, storage
+from bertvision import encoder as enc
+from bertvision.metrics import compute_metrics
+from bertvision.schema import ExtractionPlan
+from bertvision.shards import ShardError, committed_shards, load_plan, read_shard, split_url
+
+CHECKPOINT = "_checkpoint/last.pt"
+VAL_SPLIT = "val"
+# Settings every split of one extraction must share.
+SHARED_SETTINGS = (
+    "model_fingerprint",
+    "layers",
+    "hidden_size",
+    "max_seq_length",
+    "dtype",
+    "format_version",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `bertvision train`; also a sweep trial's parameters, saved in config.json."""
+
+    task: str
+    embeddings: str  # extraction output URL holding <task>/train and the task's dev split(s)
+    out: str  # the run folder
+    adapter: str = "pooler"  # a registered adapter: pooler, scalarmix, cls
+    adapter_dim: int = 64  # pooler: width of the shared adapter (ignored by other adapters)
+    token_pool: str = "cls+mean"  # pooler: first token, masked mean, or both
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    epochs: int = 20
+    patience: int = 5  # stop after this many epochs without a better val metric; 0 = never
+    batch_size: int = 32
+    seed: int = 0  # initialisation, batch order, dropout and the held-out slice
+    device: str = ""  # "" = cuda if available, else cpu
+    val_fraction: float = 0.1  # slice of TRAIN held out for early stopping and selection
+    model_fingerprint: str = ""  # if set, refuse embeddings of any other encoder
+    max_resident_gb: float = 8.0  # hold a split in (device) memory up to this size, else stream
+    shuffle_shards: int = 4  # when streaming: shards whose examples are shuffled together
+    overwrite: bool = False  # replace a finished run with other settings in `out`
+
+    def __post_init__(self) -> None:
+        self.task = glue.get_task(self.task).name
+        adapters.config_class(self.adapter)  # raises for an unknown adapter
+        positive = {
+            "adapter_dim": self.adapter_dim,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "shuffle_shards": self.shuffle_shards,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_resident_gb < 0:
+            raise ValueError(f"max_resident_gb must be >= 0, got {self.max_resident_gb}")
+        self.device = self.device or enc.default_device()
+        self.adapter_config(layers=1, hidden_size=1)  # validates the adapter's own options now
+
+    def adapter_config(self, layers: int, hidden_size: int) -> adapters.AdapterConfig:
+        task = glue.get_task(self.task)
+        return adapters.make_config(
+            self.adapter,
+            layers=layers,
+            hidden_size=hidden_size,
+            num_labels=task.num_labels,
+            dropout=self.dropout,
+            adapter_dim=self.adapter_dim,
+            token_pool=self.token_pool,
+        )
+
+    def run_key(self, extraction_keys: dict[str, str]) -> str:
+        """Hashes what determines the run's results: a run folder never mixes two keys."""
+        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
+        content = {k: v for k, v in asdict(self).items() if k not in where}
+        content["extractions"] = extraction_keys
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings: checked, then held in memory or streamed shard by shard
+
+
+@dataclass
+class Packed:
+    """Hidden states of a set of examples, token-major: one row per token of every example."""
+
+    example_ids: np.ndarray  # (N,) int64
+    lengths: np.ndarray  # (N,) int64, tokens T of each example
+    starts: torch.Tensor  # (N,) int64: first row of each example in `tokens`
+    tokens: torch.Tensor  # (sum of T, L, H), the stored dtype
+
+    def batch(self, rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T)."""
+        width = int(self.lengths[rows].max())
+        index_rows = torch.from_numpy(rows).to(self.tokens.device)
+        lengths = torch.from_numpy(self.lengths[rows]).to(self.tokens.device)
+        positions = torch.arange(width, device=self.tokens.device)  # (T,)
+        mask = positions[None, :] < lengths[:, None]  # (B, T)
+        index = torch.where(mask, self.starts[index_rows][:, None] + positions[None, :], 0)
+        hidden = self.tokens[index].to(device=device, dtype=torch.float32)  # (B, T, L, H)
+        mask = mask.to(device)
+        hidden = hidden.masked_fill(~mask[:, :, None, None], 0.0)
+        return hidden.transpose(1, 2), mask  # (B, L, T, H), (B, T)
+
+
+@dataclass
+class SplitData:
+    """One split of one extraction: its plan, shards and labels; hidden states if resident."""
+
+    name: str
+    plan: ExtractionPlan
+    shard_urls: list[str]
+    shard_rows: list[int]  # examples in each shard, in shard order
+    example_ids: np.ndarray  # (N,) int64 in storage order (shard by shard)
+    labels: np.ndarray | None  # (N,) in storage order; None for unlabelled test splits
+    tokens: int  # stored tokens of all examples together
+    resident: Packed | None = None  # all hidden states, when they fit in memory
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    def packs(
+        self, device: str, rng: np.random.Generator | None = None, shuffle_shards: int = 1
+    ) -> Iterator[tuple[Packed, np.ndarray]]:
+        """(Packed, storage rows of its examples): the resident whole, or groups of shards read
+        one group at a time (in a random order when `rng` is given)."""
+        if self.resident is not None:
+            yield self.resident, np.arange(self.num_examples)
+            return
+        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        order = np.arange(len(self.shard_urls))
+        group = 1
+        if rng is not None:
+            order, group = rng.permutation(order), shuffle_shards
+        for begin in range(0, len(order), group):
+            shards = sorted(order[begin : begin + group])
+            packed = _read_packed([self.shard_urls[i] for i in shards], self.plan, device)
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in shards])
+            yield packed, rows
+
+
+@dataclass
+class EmbeddingData:
+    """The checked embeddings of one task: what `train_adapter` reads, shareable by many runs."""
+
+    task: glue.GlueTask
+    embeddings: str
+    device: str
+    splits: dict[str, SplitData] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> ExtractionPlan:
+        return self.splits["train"].plan
+
+    def extraction_keys(self) -> dict[str, str]:
+        return {name: split.plan.key for name, split in self.splits.items()}
+
+
+def load_embeddings(
+    task: str | glue.GlueTask,
+    embeddings: str,
+    splits: list[str] | None = None,
+    device: str = "",
+    max_resident_gb: float = 8.0,
+) -> EmbeddingData:
+    """Check the extraction of `task` under `embeddings` and hold each split that fits.
+
+    `splits` defaults to train, the task's dev split(s) and its test split(s) where extracted.
+    Every named split must be complete, of this task, and made with the same encoder and
+    settings as the others; otherwise a ShardError says what is wrong. A split whose hidden
+    states take at most `max_resident_gb` is loaded onto `device` once; a larger one is streamed
+    from its shards each epoch.
+    """
+    task = glue.get_task(task) if isinstance(task, str) else task
+    device = device or enc.default_device()
+    embeddings = embeddings.rstrip("/")
+    if not storage.exists(storage.join(embeddings, task.name)):
+        present = [name for name in storage.list_names(embeddings) if name in glue.TASKS]
+        held = f"; it holds embeddings of {', '.join(present)}" if present else ""
+        raise ShardError(f"no embeddings of {task.name} under {embeddings}{held}")
+    if splits is None:
+        optional = [s for s in task.test_splits if load_plan(split_url(embeddings, task.name, s))]
+        names = ["train", *task.dev_splits, *optional]
+    else:
+        names = glue.expand_splits(task, splits)
+    data = EmbeddingData(task, embeddings, device)
+    for name in names:
+        data.splits[name] = _check_split(task, embeddings, name)
+    _check_same_settings(data)
+    for split in data.splits.values():
+        if _hidden_bytes(split) <= max_resident_gb * 2**30:
+            split.resident = _read_packed(split.shard_urls, split.plan, device)
+    return data
+
+
+def _check_split(task: glue.GlueTask, embeddings: str, name: str) -> SplitData:
+    plan, urls = committed_shards(embeddings, task.name, name)
+    folder = split_url(embeddings, task.name, name)
+    if (plan.task, plan.split) != (task.name, name):
+        raise ShardError(f"{folder} holds embeddings of {plan.task}/{plan.split}, not {task.name}")
+    if plan.regression != task.regression:
+        raise ShardError(f"{folder}: labels are not those of {task.name}")
+    ids, labels, rows, tokens = [], [], [], 0
+    for url in urls:
+        meta, table = read_shard(url, columns=["example_id", "label", "length"])
+        if meta.extraction_key != plan.key or (meta.task, meta.split) != (task.name, name):
+            raise ShardError(
+                f"shard {url} belongs to another extraction ({meta.task}/{meta.split}, "
+                f"key {meta.extraction_key}, expected {plan.key}): shards with mixed settings"
+            )
+        ids.append(table.column("example_id").to_numpy())
+        labels.append(table.column("label").to_pylist())
+        rows.append(table.num_rows)
+        tokens += int(np.asarray(table.column("length").to_numpy(), dtype=np.int64).sum())
+    example_ids = np.concatenate(ids).astype(np.int64)
+    if len(example_ids) != plan.num_examples or len(np.unique(example_ids)) != len(example_ids):
+        raise ShardError(
+            f"{folder}: shards hold {len(example_ids)} rows ({len(np.unique(example_ids))} "
+            f"distinct examples), plan says {plan.num_examples}"
+        )
+    flat = [label for part in labels for label in part]
+    if task.is_test(name):
+        return SplitData(name, plan, urls, rows, example_ids, None, tokens)
+    if any(label is None for label in flat):
+        raise ShardError(f"{folder}: {name} examples without labels; train and dev need them")
+    label_array = np.asarray(flat, dtype=np.float32 if task.regression else np.int64)
+    return SplitData(name, plan, urls, rows, example_ids, label_array, tokens)
+
+
+def _check_same_settings(data: EmbeddingData) -> None:
+    first = next(iter(data.splits.values()))
+    for split in data.splits.values():
+        for setting in SHARED_SETTINGS:
+            ours, theirs = getattr(first.plan, setting), getattr(split.plan, setting)
+            if ours != theirs:
+                raise ShardError(
+                    f"embeddings of {data.task.name} under {data.embeddings} mix settings: "
+                    f"{first.name} has {setting} {ours}, {split.name} has {theirs}; "
+                    "extract all splits with the same encoder and settings"
+                )
+
+
+def _hidden_bytes(split: SplitData) -> int:
+    itemsize = np.dtype(split.plan.dtype).itemsize
+    return split.tokens * split.plan.layers * split.plan.hidden_size * itemsize
+
+
+def _read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
+    """The shards at `urls`, in order, as one Packed on `device`."""
+    tables = [read_shard(url)[1] for url in urls]
+    lengths = np.concatenate([t.column("length").to_numpy() for t in tables]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    dtype = getattr(torch, plan.dtype)
+    tokens = torch.empty((int(lengths.sum()), plan.layers, plan.hidden_size), dtype=dtype)
+    row = 0
+    for table in tables:
+        column = table.column("hidden").combine_chunks()
+        values = column.values.to_numpy(zero_copy_only=False)
+        offsets = column.offsets.to_numpy()
+        for i, length in enumerate(table.column("length").to_numpy()):
+            stored = values[offsets[i] : offsets[i + 1]].reshape(plan.layers, length, -1)
+            token_major = np.ascontiguousarray(stored.transpose(1, 0, 2))  # (T, L, H)
+            tokens[starts[row] : starts[row] + length] = torch.from_numpy(token_major)
+            row += 1
+    example_ids = np.concatenate([t.column("example_id").to_numpy() for t in tables])
+    starts_on_device = torch.from_numpy(starts).to(device)
+    return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def held_out_ids(train: SplitData, val_fraction: float, seed: int) -> np.ndarray:
+    """The example ids of the seeded held-out slice of TRAIN (at least one, never all)."""
+    count = min(train.num_examples - 1, max(1, round(val_fraction * train.num_examples)))
+    if count < 1:
+        raise ShardError("the train split needs at least 2 examples to hold one out")
+    ids = np.sort(train.example_ids)
+    return np.sort(np.random.default_rng(seed).permutation(ids)[:count])
+
+
+def epoch_batches(
+    split: SplitData,
+    keep: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    device: str,
+    shuffle_shards: int = 4,
+) -> Iterator[tuple[Packed, np.ndarray, np.ndarray]]:
+    """One epoch of shuffled batches over the storage rows where `keep` is True:
+    (Packed, its rows in the batch, their storage rows)."""
+    for packed, rows in split.packs(device, rng, shuffle_shards):
+        local = np.flatnonzero(keep[rows])
+        local = local[rng.permutation(len(local))]
+        for begin in range(0, len(local), batch_size):
+            chosen = local[begin : begin + batch_size]
+            yield packed, chosen, rows[chosen]
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, split: SplitData, keep: np.ndarray, batch_size: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Example ids (sorted) and (N, C) float32 logits of the storage rows where `keep` is True."""
+    ids, logits = [], []
+    for packed, rows in split.packs(device):
+        local = np.flatnonzero(keep[rows])
+        local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
+        for begin in range(0, len(local), batch_size):
+            chosen = local[begin : begin + batch_size]
+            hidden, mask = packed.batch(chosen, device)
+            logits.append(model(hidden, mask).float().cpu().numpy())
+            ids.append(packed.example_ids[chosen])
+    example_ids = np.concatenate(ids)
+    order = np.argsort(example_ids)
+    return example_ids[order], np.concatenate(logits)[order]
+
+
+def task_loss(task: glue.GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task.regression:
+        return nn.functional.mse_loss(logits[:, 0], labels.float())
+    return nn.functional.cross_entropy(logits, labels.long())
+
+
+def task_outputs(task: glue.GlueTask, logits: np.ndarray) -> np.ndarray:
+    """Class probabilities, or the score itself for regression: (N, C) float32."""
+    if task.regression:
+        return logits.astype(np.float32)
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy().astype(np.float32)
+
+
+def _labels_of(split: SplitData, example_ids: np.ndarray) -> np.ndarray:
+    order = np.argsort(split.example_ids)
+    return split.labels[order[np.searchsorted(split.example_ids[order], example_ids)]]
+
+
+def _evaluate(task, model, split, keep, batch_size, device) -> tuple[dict, float, np.ndarray]:
+    """Metrics, loss and logits of the kept rows of a labelled split."""
+    ids, logits = predict(model, split, keep, batch_size, device)
+    labels = _labels_of(split, ids)
+    loss = task_loss(task, torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    predicted = logits[:, 0] if task.regression else logits.argmax(-1)
+    return compute_metrics(task, predicted, labels), loss, logits
+
+
+def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over the kept rows; the mean training loss. Seeded by (seed, epoch), so an
+    epoch after a resume draws what it would have drawn without the interruption."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
+    model.train()
+    total, count = 0.0, 0
+    for packed, rows, storage_rows in epoch_batches(
+        split, keep, cfg.batch_size, rng, cfg.device, cfg.shuffle_shards
+    ):
+        hidden, mask = packed.batch(rows, cfg.device)
+        labels = torch.from_numpy(split.labels[storage_rows]).to(cfg.device)
+        loss = task_loss(task, model(hidden, mask), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        total += loss.item() * len(rows)
+        count += len(rows)
+    return total / count
+
+
+def train_adapter(
+    cfg: TrainConfig, data: EmbeddingData | None = None, progress: bool = True
+) -> dict:
+    """Train, select on the held-out slice of TRAIN, evaluate and write RUN; returns metrics.json.
+
+    Every check runs before anything is written: bad input leaves RUN as it was.
+    """
+    from tqdm.auto import tqdm
+
+    task = glue.get_task(cfg.task)
+    if data is None:
+        data = load_embeddings(
+            task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
+        )
+    _check_data(cfg, data)
+    train = data.splits["train"]
+    key = cfg.run_key(data.extraction_keys())
+    finished = _finished(cfg, key)
+    if finished is not None:
+        return finished
+    checkpoint = _load_checkpoint(cfg, key)
+    storage.ensure_writable(cfg.out)
+
+    val_ids = held_out_ids(train, cfg.val_fraction, cfg.seed)
+    is_val = np.isin(train.example_ids, val_ids)
+    torch.manual_seed(cfg.seed)
+    model = adapters.build_adapter(cfg.adapter_config(data.plan.layers, data.plan.hidden_size)).to(
+        cfg.device
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "curve": [], "best": None, "bad_epochs": 0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+
+    eval_batch = 2 * cfg.batch_size
+    bar = tqdm(
+        total=cfg.epochs,
+        initial=state["epoch"],
+        desc=f"train {task.name} {cfg.adapter}",
+        unit="epoch",
+        disable=not progress,
+    )
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            break  # stopped early before the interruption
+        started = time.perf_counter()
+        train_loss = _train_epoch(task, model, optimizer, train, ~is_val, cfg, epoch)
+        seconds = time.perf_counter() - started
+        model.eval()
+        val_metrics, val_loss, _ = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
+        state["curve"].append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val": val_metrics,
+                "seconds": round(seconds, 3),
+                "eval_seconds": round(time.perf_counter() - started - seconds, 3),
+            }
+        )
+        best = state["best"]
+        score = (val_metrics[task.primary_metric], -val_loss)  # ties: the lower loss
+        if best is None or score > (best["metric"], -best["loss"]):
+            state["best"] = {
+                "epoch": epoch,
+                "metric": score[0],
+                "loss": val_loss,
+                "weights": copy.deepcopy(model.state_dict()),
+            }
+            state["bad_epochs"] = 0
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        _save_checkpoint(cfg, key, model, optimizer, state)
+        bar.update(1)
+        bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[task.primary_metric], 4))
+    bar.close()
+
+    model.load_state_dict(state["best"]["weights"])
+    model.eval()
+    return _write_run(cfg, key, data, model, is_val, state)
+
+
+def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
+    task = glue.get_task(cfg.task)
+    if data.task.name != task.name:
+        raise ValueError(f"the embeddings given are of {data.task.name}, not {task.name}")
+    if data.embeddings != cfg.embeddings.rstrip("/"):
+        raise ValueError(f"the embeddings given come from {data.embeddings}, not {cfg.embeddings}")
+    missing = [s for s in ("train", *task.dev_splits) if s not in data.splits]
+    if missing:
+        raise ShardError(f"embeddings of {task.name} lack the {', '.join(missing)} split(s)")
+    fingerprint = data.plan.model_fingerprint
+    if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
+        raise ShardError(
+            f"embeddings under {data.embeddings} come from encoder {data.plan.model} "
+            f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
+        )
+
+
+def _finished(cfg: TrainConfig, key: str) -> dict | None:
+    """The metrics of a finished run with these settings; an error for one with others."""
+    metrics_url = storage.join(cfg.out, "metrics.json")
+    if not storage.exists(metrics_url):
+        return None
+    config_url = storage.join(cfg.out, "config.json")
+    stored = storage.read_json(config_url) if storage.exists(config_url) else {}
+    if stored.get("run_key") == key:
+        return storage.read_json(metrics_url)
+    if cfg.overwrite:
+        return None
+    raise ValueError(
+        f"{cfg.out} holds a finished run with other settings; "
+        "use another --out, or --overwrite to replace it"
+    )
+
+
+def _load_checkpoint(cfg: TrainConfig, key: str) -> dict | None:
+    url = storage.join(cfg.out, CHECKPOINT)
+    if not storage.exists(url):
+        return None
+    fs, path = storage.url_to_fs(url)
+    checkpoint = torch.load(io.BytesIO(fs.cat_file(path)), map_location=cfg.device)
+    if checkpoint["run_key"] == key:
+        return checkpoint
+    if cfg.overwrite:
+        return None
+    raise ValueError(
+        f"{cfg.out} holds an unfinished run with other settings; "
+        "use another --out, or --overwrite to replace it"
+    )
+
+
+def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "run_key": key,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": state,
+        },
+        buffer,
+    )
+    storage.write_bytes_atomic(storage.join(cfg.out, CHECKPOINT), buffer.getvalue())
+
+
+def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
+    """Evaluate the chosen weights and write every output, metrics.json last (the commit)."""
+    from bertvision.plots import plot_curve
+    from bertvision.predictions import read_submission, submission_name, write_predictions
+
+    task = data.task
+    train = data.splits["train"]
+    eval_batch = 2 * cfg.batch_size
+    fs, root = storage.url_to_fs(cfg.out)
+    if fs.exists(f"{root.rstrip('/')}/metrics.json"):  # replacing a finished run (overwrite)
+        fs.rm_file(f"{root.rstrip('/')}/metrics.json")
+
+    val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
+    val_ids = np.sort(train.example_ids[is_val])
+    val_labels = _labels_of(train, val_ids).tolist()
+    write_predictions(cfg.out, task, VAL_SPLIT, val_ids, val_labels, task_outputs(task, val_logits))
+    metrics = {"val": val_metrics}
+    for name, split in data.splits.items():
+        if name == "train":
+            continue
+        every = np.ones(split.num_examples, dtype=bool)
+        ids, logits = predict(model, split, every, eval_batch, cfg.device)
+        labels = [None] * len(ids) if split.labels is None else _labels_of(split, ids).tolist()
+        write_predictions(cfg.out, task, name, ids, labels, task_outputs(task, logits))
+        if name in task.dev_splits:
+            submitted = read_submission(storage.join(cfg.out, submission_name(name)), task)
+            report = "dev" if name == task.dev_splits[0] else name
+            metrics[report] = compute_metrics(task, [submitted[i] for i in ids], labels)
+
+    adapters.save_adapter(model, storage.join(cfg.out, "adapter"))
+    epochs = state["curve"]
+    train_seconds = sum(e["seconds"] for e in epochs)
+    seen = int((~is_val).sum()) * len(epochs)
+    curve = {
+        "primary_metric": task.primary_metric,
+        "best_epoch": state["best"]["epoch"],
+        "epochs_run": len(epochs),
+        "stopped_early": len(epochs) < cfg.epochs,
+        "train_examples": int((~is_val).sum()),
+        "val_examples": int(is_val.sum()),
+        "train_seconds": round(train_seconds, 3),
+        "train_examples_per_second": round(seen / max(train_seconds, 1e-9), 1),
+        "epochs": epochs,
+    }
+    storage.write_json(storage.join(cfg.out, "curve.json"), curve)
+    storage.write_bytes_atomic(storage.join(cfg.out, "curve.png"), plot_curve(curve, task.name))
+    storage.write_json(
+        storage.join(cfg.out, "config.json"),
+        {
+            "train": asdict(cfg),
+            "adapter": model.config.to_dict(),
+            "embeddings": data.embeddings,
+            "model": data.plan.model,
+            "model_fingerprint": data.plan.model_fingerprint,
+            "extraction_keys": data.extraction_keys(),
+            "run_key": key,
+            "code_version": __version__,
+        },
+    )
+    storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
+    fs.rm(f"{root.rstrip('/')}/{CHECKPOINT.split('/')[0]}", recursive=True)
+    return metrics
