@@ -126,7 +126,8 @@ def load_encoder(model: str, device: str) -> Encoder:
     check_encoder(model)
     path = local_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path).eval().to(device)
+    # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast.
+    encoder = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
     return Encoder(model, encoder, tokenizer, fingerprint(encoder), device)
 
 

@@ -73,6 +73,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
+        dtype=torch.float32,
         num_labels=task.num_labels,
         problem_type="regression" if task.regression else "single_label_classification",
     ).to(cfg.device)
