@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
-SQUAD_DIR = REPO.parent / "shared" / "data" / "squad"
+# The real data sit beside the checkout; a GPU machine gets a copy elsewhere, named by these
+# variables.
+GLUE_DIR = Path(os.environ.get("BERTVISION_TEST_GLUE_DIR", REPO.parent / "shared/data/glue"))
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def minilm() -> str:
     """Folder of the bundled pretrained all-MiniLM-L6-v2 (6 layers, hidden 384)."""
     from bertvision.encoder import default_model
 
-    return default_model()
+    return os.environ.get("BERTVISION_TEST_MODEL") or default_model()
 
 
 @pytest.fixture(scope="session")
