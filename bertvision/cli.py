@@ -56,6 +56,7 @@ def user_errors(command):
         from bertvision.encoder import ModelError
         from bertvision.glue import DataError
         from bertvision.shards import ShardError
+        from bertvision.storage import StorageUnavailable
 
         try:
             return command(*args, **kwargs)
@@ -67,6 +68,7 @@ def user_errors(command):
             PermissionError,
             FileNotFoundError,
             IndexError,
+            StorageUnavailable,
         ) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

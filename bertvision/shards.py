@@ -2,7 +2,9 @@
 
 A shard is written under _incomplete/, moved to its final name when complete, and committed by
 writing its record to _manifest/ last. Readers trust only shards with a record, so a crash at
-any point leaves either a committed shard or nothing that counts.
+any point leaves either a committed shard or nothing that counts. On blob storage the shard is
+instead uploaded straight to its final name, where it appears only once complete (see
+storage.StagedWrite); the record stays the commit point.
 """
 
 from __future__ import annotations
@@ -95,19 +97,18 @@ class ShardWriter:
         self.schema = shard_schema(regression=plan.regression, dtype=plan.dtype).with_metadata(
             plan.shard_meta().to_metadata()
         )
-        self.fs, self._root = storage.url_to_fs(folder)
-        self._tmp_path = (
-            f"{self._root}/{INCOMPLETE_DIR}/{shard_file_name(index)}.{uuid.uuid4().hex}"
-        )
         self._started = 0.0
         self._rows = 0
         self._committed = False
 
     def __enter__(self) -> ShardWriter:
         self._started = time.perf_counter()
-        self.fs.makedirs(f"{self._root}/{INCOMPLETE_DIR}", exist_ok=True)
-        self._sink = self.fs.open(self._tmp_path, "wb")
-        self._file = _HashingFile(self._sink)
+        name = shard_file_name(self.index)
+        self._staged = storage.StagedWrite(
+            storage.join(self.folder, name),
+            storage.join(self.folder, INCOMPLETE_DIR, f"{name}.{uuid.uuid4().hex}"),
+        )
+        self._file = _HashingFile(self._staged.file)
         self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
         return self
 
@@ -120,9 +121,8 @@ class ShardWriter:
         start, stop = self.plan.shard_range(self.index)
         if self._rows != stop - start:
             raise ShardError(f"shard {self.index} got {self._rows} rows, expected {stop - start}")
-        self._close()
-        final = f"{self._root}/{shard_file_name(self.index)}"
-        self.fs.mv(self._tmp_path, final)
+        self._writer.close()
+        self._staged.commit(sha256=self._file.digest.hexdigest())
         record = ShardRecord(
             index=self.index,
             file=shard_file_name(self.index),
@@ -142,18 +142,13 @@ class ShardWriter:
         self._committed = True
         return record
 
-    def _close(self) -> None:
-        self._writer.close()
-        self._sink.close()
-
     def __exit__(self, *exc_info) -> None:
         if self._committed:
             return
         try:
-            self._close()
+            self._writer.close()
         finally:
-            if self.fs.exists(self._tmp_path):
-                self.fs.rm_file(self._tmp_path)
+            self._staged.discard()
 
 
 def manifest_url(folder: str, name: str) -> str:

@@ -1,0 +1,246 @@
+"""Azure Blob Storage (az://, abfs://, abfss://) through adlfs, set up from the environment only.
+
+Credentials come from the environment, first match wins (never from parameters or configs, so
+they never reach a flow run's parameters, a log line or a stored file):
+
+    AZURE_STORAGE_CONNECTION_STRING                       an account key or SAS in one string
+    AZURE_STORAGE_ACCOUNT_NAME + AZURE_STORAGE_ACCOUNT_KEY  shared key
+    AZURE_STORAGE_ACCOUNT_NAME + AZURE_STORAGE_SAS_TOKEN    shared access signature
+    AZURE_STORAGE_ACCOUNT_NAME alone                      DefaultAzureCredential: managed identity
+                                                          on Azure workers, workload identity,
+                                                          AZURE_CLIENT_ID/SECRET/TENANT_ID, az login
+
+`BlobFileSystem` is adlfs's filesystem with three changes: every request is retried with
+exponential back-off on transient failures (timeouts, 5xx, connection errors) by the Azure SDK's
+own retry policy, so one policy covers writes, reads and listings alike; permanent failures
+(authentication, a missing container) are not retried and `describe_error` turns them into one
+line; and containers are never created implicitly (a mistyped container name is an error, not a
+new container). Whole files go up with `upload_file`: blocks uploaded concurrently, visible only
+once the block list is committed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from adlfs import AzureBlobFileSystem
+
+from bertvision.storage import StorageError, StorageUnavailable
+
+PROTOCOLS = ("az", "abfs", "abfss")
+
+# Transfer and retry settings; each can be overridden by the environment variable named after it.
+RETRIES = int(os.environ.get("BERTVISION_AZURE_RETRIES", "5"))  # waits ~3, 5, 9, 17, 33 s
+CONCURRENCY = int(os.environ.get("BERTVISION_AZURE_CONCURRENCY", "8"))  # blocks in flight
+BLOCK_MB = int(os.environ.get("BERTVISION_AZURE_BLOCK_MB", "8"))  # size of one uploaded block
+
+CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
+ACCOUNT_NAME = "AZURE_STORAGE_ACCOUNT_NAME"
+ACCOUNT_KEY = "AZURE_STORAGE_ACCOUNT_KEY"
+SAS_TOKEN = "AZURE_STORAGE_SAS_TOKEN"
+
+
+def credential_source() -> str:
+    """Which of the environment's credentials `azure_storage_options` uses (for messages)."""
+    if os.environ.get(CONNECTION_STRING):
+        return CONNECTION_STRING
+    if not os.environ.get(ACCOUNT_NAME):
+        raise StorageError(
+            f"no Azure credentials: set {CONNECTION_STRING}, or {ACCOUNT_NAME} with "
+            f"{ACCOUNT_KEY}, {SAS_TOKEN} or a managed identity (see README, Azure Blob Storage)"
+        )
+    if os.environ.get(ACCOUNT_KEY):
+        return ACCOUNT_KEY
+    if os.environ.get(SAS_TOKEN):
+        return SAS_TOKEN
+    return "DefaultAzureCredential"
+
+
+def azure_storage_options() -> dict[str, Any]:
+    """adlfs options from the environment: credentials and transfer settings.
+
+    Also usable without BERTVision: `adlfs.AzureBlobFileSystem(**azure_storage_options())`.
+    Listings are not cached, since other workers add shards while this process runs.
+    """
+    source = credential_source()
+    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": CONCURRENCY}
+    if source == CONNECTION_STRING:
+        options["connection_string"] = os.environ[CONNECTION_STRING]
+    elif source == ACCOUNT_KEY:
+        options.update(account_name=os.environ[ACCOUNT_NAME], account_key=os.environ[ACCOUNT_KEY])
+    elif source == SAS_TOKEN:
+        options.update(account_name=os.environ[ACCOUNT_NAME], sas_token=os.environ[SAS_TOKEN])
+    else:
+        options.update(account_name=os.environ[ACCOUNT_NAME], anon=False)
+    return options
+
+
+def filesystem() -> BlobFileSystem:
+    """The BlobFileSystem for the environment's credentials (fsspec reuses the instance)."""
+    return BlobFileSystem(**azure_storage_options())
+
+
+def retry_policy(retries: int = RETRIES):
+    """Exponential back-off for transient failures; the Azure SDK never retries 4xx answers
+    such as 403 (authentication) or 404 (missing container), so those fail at once."""
+    from azure.storage.blob.aio import ExponentialRetry
+
+    return ExponentialRetry(
+        initial_backoff=1,
+        increment_base=2,
+        retry_total=retries,
+        # The SDK caps connection errors and read errors at 3 retries each unless told otherwise.
+        retry_connect=retries,
+        retry_read=retries,
+        retry_status=retries,
+        random_jitter_range=1,
+    )
+
+
+class BlobFileSystem(AzureBlobFileSystem):
+    """adlfs with BERTVision's retries and block sizes, and without implicit container creation."""
+
+    def __init__(self, *args, retries: int = RETRIES, block_mb: int = BLOCK_MB, **kwargs) -> None:
+        self.retries = retries  # read by do_connect, which adlfs calls from __init__
+        self.block_size = block_mb << 20
+        self._containers_seen: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def do_connect(self) -> None:
+        from azure.storage.blob.aio import BlobServiceClient
+
+        options = dict(
+            retry_policy=retry_policy(self.retries),
+            max_block_size=self.block_size,
+            # Larger files go up as concurrent blocks; smaller ones in a single request.
+            max_single_put_size=self.block_size,
+            min_large_block_upload_threshold=self.block_size + 1,
+            user_agent="bertvision",
+        )
+        if self.connection_string:
+            self.service_client = BlobServiceClient.from_connection_string(
+                self.connection_string, **options
+            )
+            return
+        host = getattr(self, "account_host", None) or f"{self.account_name}.blob.core.windows.net"
+        url = f"https://{host}"
+        credential = self.credential or self.account_key
+        if credential is None and self.sas_token:
+            url += "?" + self.sas_token.lstrip("?")
+        self.service_client = BlobServiceClient(account_url=url, credential=credential, **options)
+
+    async def _mkdir(self, path, create_parents=True, delimiter="/", **kwargs) -> None:
+        """Blob storage has no folders; only check that the container exists."""
+        container = self.split_path(path)[0]
+        if not container or container in self._containers_seen:
+            return
+        async with self.service_client.get_container_client(container) as client:
+            await client.get_container_properties()  # a missing container: ContainerNotFound
+        self._containers_seen.add(container)
+
+    async def _makedirs(self, path, exist_ok=False) -> None:
+        await self._mkdir(path)
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        from fsspec.asyn import sync
+
+        sync(self.loop, self._makedirs, path, exist_ok)
+
+    async def _upload_file(self, local_path: str, path: str, metadata: dict[str, str]) -> None:
+        container, blob, _ = self.split_path(path)
+        async with self.service_client.get_blob_client(container, blob) as client:
+            with open(local_path, "rb") as f:
+                await client.upload_blob(
+                    f,
+                    overwrite=True,
+                    metadata={"is_directory": "false", **metadata},
+                    max_concurrency=self.max_concurrency or 1,
+                )
+        self.invalidate_cache(self._parent(path))
+
+    def upload_file(self, local_path: str, path: str, metadata: dict[str, str] | None = None):
+        """Upload a local file to `path` as concurrent blocks; the blob appears only when all of
+        it is there (its block list is committed last), so no reader sees part of it."""
+        from fsspec.asyn import sync
+
+        sync(self.loop, self._upload_file, local_path, path, metadata or {})
+
+
+def describe_error(exc: BaseException, url: str) -> StorageError | StorageUnavailable | None:
+    """A one-line error for an Azure failure at `url`, or None if `exc` is not one.
+
+    Permanent failures become StorageError (a ValueError: retrying cannot help); transient ones
+    that outlasted the retries become StorageUnavailable (a ConnectionError: a later try may work).
+    """
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    cause = _azure_cause(exc)
+    if cause is None:
+        return None
+    account = _account_name()
+    container = url.split("://", 1)[-1].split("/", 1)[0]
+    code = getattr(cause, "error_code", None) or ""
+    code = str(getattr(code, "value", code))  # the SDK gives an enum member where it knows it
+    status = getattr(cause, "status_code", None)
+    if isinstance(cause, ResourceNotFoundError) and code == "ContainerNotFound":
+        return StorageError(
+            f"{url}: container '{container}' does not exist in account '{account}'; create it first"
+        )
+    if isinstance(cause, ClientAuthenticationError) and status is None:
+        return StorageError(
+            f"{url}: no Azure credential for account '{account}': {_first_line(cause)}"
+        )
+    if status in (401, 403):
+        return StorageError(
+            f"{url}: authentication failed for account '{account}' ({code or status}); "
+            f"check {_source_for_message()}"
+        )
+    if isinstance(cause, ServiceRequestError | ServiceResponseError):
+        return StorageUnavailable(
+            f"{url}: Azure Blob Storage unreachable after {RETRIES} retries: {_first_line(cause)}"
+        )
+    if isinstance(cause, HttpResponseError) and status is not None and status >= 500:
+        return StorageUnavailable(
+            f"{url}: Azure Blob Storage failed after {RETRIES} retries: {status} {code}"
+        )
+    if isinstance(cause, HttpResponseError):
+        return StorageError(f"{url}: {status} {code}: {_first_line(cause)}")
+    return None
+
+
+def _azure_cause(exc: BaseException | None):
+    """The Azure SDK error behind `exc` (adlfs wraps some in RuntimeError or ValueError)."""
+    from azure.core.exceptions import AzureError
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, AzureError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _account_name() -> str:
+    if connection_string := os.environ.get(CONNECTION_STRING):
+        parts = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)
+        return parts.get("AccountName", "?")
+    return os.environ.get(ACCOUNT_NAME, "?")
+
+
+def _source_for_message() -> str:
+    try:
+        return credential_source()
+    except StorageError:
+        return "the AZURE_STORAGE_* environment variables"
