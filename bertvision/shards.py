@@ -37,6 +37,17 @@ from bertvision.schema import (
     shard_schema,
 )
 
+# Hidden states are near-random float16: a dictionary or statistics over them cost write time
+# and buy nothing, while splitting the bytes of each value into streams lets zstd save ~10%.
+# Measured on 200 MiniLM-sized rows: 0.8 s and 60 MB to write, against 3.8 s and 67 MB with
+# pyarrow's defaults and zstd.
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    use_dictionary=False,
+    write_statistics=["example_id", "length"],
+    use_byte_stream_split=["hidden.list.element"],
+)
+
 
 class ShardError(ValueError):
     """Stored shards are missing, incomplete or inconsistent with what was asked."""
@@ -109,7 +120,7 @@ class ShardWriter:
             storage.join(self.folder, INCOMPLETE_DIR, f"{name}.{uuid.uuid4().hex}"),
         )
         self._file = _HashingFile(self._staged.file)
-        self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
         return self
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
