@@ -248,6 +248,62 @@ def status(
 
 
 @app.command()
+@user_errors
+def run(
+    task: Annotated[
+        str, typer.Option("--task", help="GLUE task(s), comma-separated: rte or rte,mrpc")
+    ],
+    data_dir: DataDirOpt = None,
+    out: Annotated[str, typer.Option("--out", help="Output URL of every stage")] = "runs/pipeline",
+    model: ModelOpt = "",
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Of fine-tuning; a fraction is quick on a CPU")
+    ] = 0.2,
+    max_seq_length: MaxLenOpt = 128,
+    splits: Annotated[
+        str, typer.Option("--splits", help="Extracted: train,dev (add test for GLUE submissions)")
+    ] = "train,dev",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Examples per shard")] = 500,
+    adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
+    adapter_epochs: Annotated[int, typer.Option("--adapter-epochs")] = 5,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "",
+) -> None:
+    """Run the whole pipeline in this process and print the dev metrics of each stage.
+
+    Fine-tune -> extract -> train, as the `pipeline` Prefect flow on Prefect's ephemeral API (or
+    the server at PREFECT_API_URL, if set); a rerun redoes only what OUT lacks.
+
+    Example: bertvision run --task rte --data-dir glue_data --out runs/rte
+    """
+    from flows.extract_glue import ShardsFailed
+    from flows.pipeline import pipeline
+
+    try:
+        results = pipeline(
+            tasks=_splits(task),
+            out=out,
+            data_dir=data_dir,
+            model=model,
+            finetune_epochs=epochs,
+            max_seq_length=max_seq_length,
+            splits=_splits(splits),
+            shard_size=shard_size,
+            adapter=adapter,
+            adapter_epochs=adapter_epochs,
+            seed=seed,
+            device=device,
+        )
+    except ShardsFailed as exc:
+        typer.echo(f"error: {exc}; rerun to extract only those", err=True)
+        raise typer.Exit(1) from None
+    for name, stages in results.items():
+        for stage, metrics in stages.items():
+            values = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+            typer.echo(f"{name} {stage} dev: {values}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

@@ -103,6 +103,16 @@ def failed_shards(
     return reasons
 
 
+def evaluation(metrics: dict) -> dict[str, dict[str, float]]:
+    """The evaluation splits of a metrics.json ("val", "dev", MNLI's second dev split)."""
+    return {
+        split: values
+        for split, values in metrics.items()
+        if (split == "val" or split.startswith("dev") or split == "ensemble")
+        and isinstance(values, dict)
+    }
+
+
 def metrics_markdown(title: str, metrics: dict[str, dict]) -> str:
     """A markdown table: one row per run and split, one column per metric."""
     names = sorted({m for run in metrics.values() for split in run.values() for m in split})
@@ -110,9 +120,13 @@ def metrics_markdown(title: str, metrics: dict[str, dict]) -> str:
     lines.append("|" + " --- |" * (len(names) + 2))
     for run, splits in metrics.items():
         for split, values in splits.items():
-            cells = [f"{values[m]:.4f}" if m in values else "" for m in names]
+            cells = [_cell(values.get(m)) for m in names]
             lines.append(f"| {run} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else ""
 
 
 def publish_metrics(title: str, metrics: dict[str, dict], key: str) -> None:

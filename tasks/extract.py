@@ -9,21 +9,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
-from prefect.tasks import exponential_backoff
 
 from bertvision import extract
 from bertvision.extract import ExtractConfig
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
 from bertvision.shards import ShardError, load_plan, manifest_url, split_url
-from tasks.policy import WhileStored, transient
-
-# Storage hiccups pass in seconds; a preempted GPU node takes minutes to come back.
-RETRY = dict(
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, 20 s, 40 s
-    retry_jitter_factor=0.5,
-    retry_condition_fn=transient,
-)
+from tasks.policy import RETRY, WhileStored
 
 
 def _shard_commit_record(inputs: dict) -> str:

@@ -11,24 +11,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
 from bertvision import storage
 
+# Failures that may pass on the next try: storage or network unreachable (StorageUnavailable is a
+# ConnectionError), a call that timed out, a GPU shared with another process running out of
+# memory. Bad input (DataError, ModelError, ShardError, ValueError) and bugs fail the same way
+# every time, so retrying them only delays the report.
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError, torch.OutOfMemoryError)
 
-def transient(task, task_run, state) -> bool:
-    """Retry condition: retry infrastructure and I/O failures, never bad input.
+# Storage hiccups pass in seconds; a node coming back takes a minute.
+RETRY = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, 20 s, 40 s
+    retry_jitter_factor=0.5,
+    retry_condition_fn=lambda task, task_run, state: transient(state),
+)
 
-    Bad input (DataError, ModelError, ShardError and other ValueErrors) fails the same way on
-    every try, so retrying it only delays the report.
-    """
+
+def transient(state) -> bool:
+    """Whether a failed state's exception is worth another try."""
     try:
         state.result()
-    except (ValueError, TypeError, LookupError):
-        return False
-    except Exception:
+    except TRANSIENT_ERRORS:
         return True
+    except Exception:
+        return False
     return False
 
 

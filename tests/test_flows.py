@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pyarrow.dataset as ds
 import pytest
+import torch
 
 pytest.importorskip("prefect")
 
@@ -17,8 +19,10 @@ from prefect.artifacts import Artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.states import Failed  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from bertvision import extract, shards  # noqa: E402
+from bertvision.cli import app  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
@@ -68,10 +72,12 @@ def test_reading_a_plan_that_was_never_made_names_the_folder(tmp_path, tiny_mode
 
 
 def test_retries_are_for_transient_failures_only():
-    assert transient(None, None, Failed(data=ConnectionResetError("storage hiccup")))
-    assert transient(None, None, Failed(data=TimeoutError("slow blob")))
-    assert not transient(None, None, Failed(data=DataError("RTE/dev.tsv line 3: bad label")))
-    assert not transient(None, None, Failed(data=ShardError("another extraction")))
+    assert transient(Failed(data=ConnectionResetError("storage unreachable")))  # StorageUnavailable
+    assert transient(Failed(data=TimeoutError("slow blob")))
+    assert transient(Failed(data=torch.OutOfMemoryError("CUDA out of memory")))
+    assert not transient(Failed(data=DataError("RTE/dev.tsv line 3: bad label")))
+    assert not transient(Failed(data=ShardError("another extraction")))
+    assert not transient(Failed(data=RuntimeError("shape mismatch")))  # a bug: fails every time
 
 
 def test_the_core_library_never_imports_prefect():
@@ -148,3 +154,24 @@ def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     shutil.rmtree(tmp_path / "wnli")  # storage lost: the cache must not claim the shard
     assert shard_zero(cfg) == "Completed"
     assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
+
+
+def test_run_command_goes_through_the_pipeline_and_a_rerun_redoes_nothing(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    out = tmp_path / "run"
+    args = ["run", "--task", "wnli", "--data-dir", glue_dir, "--out", str(out)]
+    args += ["--model", tiny_model, "--epochs", "0.1", "--max-seq-length", "64"]
+    args += ["--shard-size", "300", "--adapter-epochs", "2", "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert re.search(r"^wnli finetune dev: accuracy 0\.\d{4}$", first.stdout, re.M)
+    assert re.search(r"^wnli pooler dev: accuracy 0\.\d{4}$", first.stdout, re.M)
+    assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
+    assert "| wnli pooler | dev |" in Artifact.get("pipeline-wnli-metrics").data
+
+    stored = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout
+    assert {p: p.stat().st_mtime_ns for p in stored} == stored  # nothing rewritten

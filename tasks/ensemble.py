@@ -1,0 +1,26 @@
+"""The ensemble task: average the best trials of a sweep (and optionally the fine-tuned model)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from bertvision import ensemble as core
+from bertvision import storage
+from bertvision.ensemble import EnsembleConfig
+from tasks.policy import RETRY, WhileStored
+
+
+def _metrics_file(inputs: dict) -> str:
+    return storage.join(inputs["cfg"].out, "metrics.json")
+
+
+@task(
+    task_run_name="{cfg.task}-ensemble-top-{cfg.top_k}",
+    cache_policy=WhileStored(_metrics_file),
+    persist_result=True,
+    timeout_seconds=3600,
+    **RETRY,
+)
+def ensemble(cfg: EnsembleConfig) -> dict:
+    """Average the members' outputs; write predictions and metrics.json."""
+    return core.build_ensemble(cfg)
