@@ -227,6 +227,121 @@ def train(
 
 @app.command()
 @user_errors
+def sweep(
+    task: TaskOpt,
+    embeddings: Annotated[
+        str, typer.Option("--embeddings", help="Extraction output URL (bertvision extract --out)")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Sweep folder URL; a rerun resumes it")],
+    trials: Annotated[int, typer.Option("--trials", help="Finished trials wanted in all")] = 20,
+    parallel: Annotated[
+        int, typer.Option("--parallel", help="Trials at once (TPE suggests K at a time)")
+    ] = 1,
+    adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
+    space: Annotated[
+        str | None,
+        typer.Option("--space", help="JSON or YAML file of search-space entries to override"),
+    ] = None,
+    startup_trials: Annotated[
+        int, typer.Option("--startup-trials", help="Random trials before TPE takes over")
+    ] = 5,
+    seed: SeedOpt = 0,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Slice of TRAIN held out: the objective")
+    ] = 0.1,
+    device: DeviceOpt = "",
+) -> None:
+    """Tune an adapter with hyperopt's TPE on held-out TRAIN; dev is only reported. Resumable.
+
+    Example: bertvision sweep --task rte --embeddings emb --out sweeps/rte --trials 20
+    """
+    from bertvision.sweep import SweepConfig, load_space, run_sweep
+
+    cfg = SweepConfig(
+        task=task,
+        embeddings=embeddings,
+        out=out,
+        trials=trials,
+        parallel=parallel,
+        adapter=adapter,
+        space=load_space(space) if space else {},
+        startup_trials=startup_trials,
+        seed=seed,
+        val_fraction=val_fraction,
+        device=device,
+    )
+    summary = run_sweep(cfg)
+    typer.echo(
+        f"{summary.done_before + summary.ran} of {summary.trials} trials finished "
+        f"({summary.ran} now, {summary.done_before} before, {summary.failed} failed); "
+        f"every trial: {out.rstrip('/')}/trials.jsonl"
+    )
+    if summary.best is not None:
+        best = summary.best
+        typer.echo(
+            f"best trial {best.trial}: val {json.dumps(best.val)} dev {json.dumps(best.dev)} "
+            f"params {json.dumps(best.params)}"
+        )
+
+
+@app.command()
+@user_errors
+def ensemble(
+    task: TaskOpt,
+    runs: Annotated[str, typer.Option("--runs", help="A sweep folder (bertvision sweep --out)")],
+    out: Annotated[str, typer.Option("--out", help="Ensemble folder URL")],
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Members: the K best trials by validation metric")
+    ] = 5,
+    with_finetuned: Annotated[
+        str | None,
+        typer.Option("--with-finetuned", help="A fine-tuning run whose outputs join the average"),
+    ] = None,
+) -> None:
+    """Average the outputs of a sweep's best trials; write GLUE submissions and dev metrics.
+
+    Example: bertvision ensemble --task rte --runs sweeps/rte --top-k 5 --out ens/rte
+    """
+    from bertvision.ensemble import EnsembleConfig, build_ensemble
+
+    cfg = EnsembleConfig(
+        task=task, runs=runs, out=out, top_k=top_k, with_finetuned=with_finetuned
+    )
+    result = build_ensemble(cfg)
+    for member in result["members"]:
+        name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
+        typer.echo(f"{name}: val {json.dumps(member['val'])} dev {json.dumps(member['dev'])}")
+    typer.echo(f"ensemble: dev {json.dumps(result['ensemble'])}")
+
+
+@app.command()
+@user_errors
+def report(
+    url: Annotated[str, typer.Argument(help="Results URL holding runs, sweeps and ensembles")],
+    out: Annotated[
+        str, typer.Option("--out", help="Where report.md and report.png go; default: URL")
+    ] = "",
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            help='JSON {"source": ..., "dev": {task: {metric: value}}} of published numbers',
+        ),
+    ] = None,
+) -> None:
+    """Markdown table and PNG plot of each task's dev metric per run kind.
+
+    Example: bertvision report runs/ --out reports/
+    """
+    from bertvision.report import ReportConfig, write_report
+
+    result = write_report(ReportConfig(results=url, out=out, reference=reference))
+    typer.echo(result["text"])
+    typer.echo(f"wrote {result['markdown']} and {result['plot']}")
+
+
+@app.command()
+@user_errors
 def status(
     url: Annotated[str, typer.Argument(help="An extraction output URL")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,

@@ -1,0 +1,496 @@
+"""Hyperparameter sweeps of an adapter with hyperopt's TPE, resumable from storage.
+
+Layout of one sweep under its URL (any fsspec URL):
+
+    SWEEP/sweep.json               what this sweep is: settings, resolved search space, key
+    SWEEP/trials/0003/             trial 3's run folder (what `train_adapter` writes)
+    SWEEP/trials/0003/trial.json   trial 3's record, written last: the trial's commit point
+    SWEEP/trials.jsonl             every finished trial, one JSON object a line, sorted
+
+The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect tasks:
+
+    prepare_sweep(cfg)                               # validate; write or check sweep.json
+    while batch := suggest_trials(cfg, cfg.parallel):   # TPE's next K points
+        for spec in batch:                           # in parallel
+            run_trial(cfg, spec)                     # train; commit trial.json
+        record_trials(cfg)                           # rewrite trials.jsonl
+
+Honest selection: TPE minimises minus the primary metric on the validation slice held out from
+TRAIN; the dev metrics are recorded for the report and never read by TPE or by the ensemble.
+
+Resuming: storage is the record. A trial with a trial.json is finished and never run again; each
+suggestion is made from the finished trials (hyperopt's history is rebuilt from their records),
+so a sweep killed at any point continues at its first unfinished trial and TPE still learns from
+everything done before. A batch of K suggestions comes from the same history (K draws of TPE's
+candidates, seeded per trial), which is what lets K trials run at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache, partial
+from typing import Any
+
+import numpy as np
+
+from bertvision import __version__, storage
+from bertvision.glue import get_task
+
+SWEEP_FILE = "sweep.json"
+TRIALS_FILE = "trials.jsonl"
+TRIALS_DIR = "trials"
+TRIAL_RECORD = "trial.json"
+
+# Search spaces: parameter name -> a constant, or {kind: arguments}. Names are TrainConfig fields.
+#   {"loguniform": [low, high]}   log-uniform between low and high
+#   {"uniform": [low, high]}
+#   {"quniform": [low, high, q]}  uniform rounded to a multiple of q (an int when all are ints)
+#   {"randint": [low, high]}      an integer in [low, high)
+#   {"choice": [a, b, ...]}
+DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "randint", "choice")
+
+COMMON_SPACE: dict[str, Any] = {  # what every adapter is trained with
+    "lr": {"loguniform": [1e-4, 1e-2]},
+    "weight_decay": {"loguniform": [1e-6, 1e-1]},
+    "dropout": {"uniform": [0.0, 0.5]},
+    "batch_size": {"choice": [16, 32, 64]},
+    "epochs": {"choice": [5, 10, 20]},  # at most: training stops early on a flat val metric
+    "seed": {"randint": [0, 10_000]},
+}
+ADAPTER_SPACES: dict[str, dict[str, Any]] = {  # what only some adapters have
+    "pooler": {"adapter_dim": {"choice": [8, 16, 32, 64]}},
+}
+
+
+def default_space(adapter: str) -> dict[str, Any]:
+    """The search space of a registered adapter: the common part plus its own entries."""
+    from bertvision.adapters import config_class
+
+    config_class(adapter)  # raises for an unknown adapter
+    return {**COMMON_SPACE, **ADAPTER_SPACES.get(adapter, {})}
+
+
+@dataclass
+class SweepConfig:
+    """Settings of `bertvision sweep`; also the sweep flow's parameters, saved in sweep.json."""
+
+    task: str
+    embeddings: str  # extraction output URL holding <task>/train and <task>/dev
+    out: str  # the sweep folder
+    trials: int = 20  # finished trials wanted in all (a rerun with more continues the sweep)
+    parallel: int = 1  # trials run at once; TPE suggests this many from the same history
+    adapter: str = "pooler"
+    space: dict[str, Any] = field(default_factory=dict)  # overrides of the adapter's space
+    # Random trials before TPE models the results; hyperopt's default (20) exceeds most sweeps.
+    startup_trials: int = 5
+    seed: int = 0  # of hyperopt's draws; trial n draws from (seed, n)
+    val_fraction: float = 0.1  # slice of TRAIN held out for the objective
+    device: str = ""  # "" = cuda if available, else cpu
+
+    def __post_init__(self) -> None:
+        self.task = get_task(self.task).name
+        if self.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {self.trials}")
+        if self.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, got {self.parallel}")
+        if self.startup_trials < 1:
+            raise ValueError(f"startup_trials must be >= 1, got {self.startup_trials}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        check_space(self.resolved_space())
+
+    def resolved_space(self) -> dict[str, Any]:
+        """The adapter's default space with this sweep's overrides applied."""
+        return {**default_space(self.adapter), **self.space}
+
+    def key(self) -> str:
+        """Hashes what determines the trials; a sweep folder never mixes two keys."""
+        content = {
+            "task": self.task,
+            "adapter": self.adapter,
+            "space": self.resolved_space(),
+            "startup_trials": self.startup_trials,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One suggested point: the trial's number, its parameters and hyperopt's raw values."""
+
+    trial: int
+    params: dict[str, Any]
+    hyperopt_vals: dict[str, float | int]  # choice index, not the option: what TPE models
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished trial, SWEEP/trials/NNNN/trial.json and one line of SWEEP/trials.jsonl."""
+
+    trial: int
+    params: dict[str, Any]
+    val: dict[str, float]  # metrics on the validation slice of TRAIN: the objective
+    dev: dict[str, Any]  # dev metrics, reported only
+    status: str  # "ok", or "fail" when the trial gave no finite objective
+    run: str  # the trial's run folder, relative to the sweep
+    seconds: float
+    hyperopt_vals: dict[str, float | int]
+    finished_at: str
+    error: str = ""
+
+    def objective(self, metric: str) -> float:
+        """What TPE minimises: minus the validation metric (inf for a failed trial)."""
+        return -self.val[metric] if self.status == "ok" else math.inf
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialRecord:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class SweepSummary:
+    out: str
+    trials: int  # finished trials wanted
+    done_before: int  # finished before this call
+    ran: int  # finished by this call
+    failed: int  # trials with status "fail", of all finished
+    best: TrialRecord | None  # by validation metric
+
+
+# -- search spaces -------------------------------------------------------------------------------
+
+
+def load_space(url: str) -> dict[str, Any]:
+    """A search-space override file: JSON, or YAML when the name ends in .yaml/.yml."""
+    if not storage.exists(url):
+        raise FileNotFoundError(f"search space file {url} does not exist")
+    text = storage.read_text(url)
+    if url.endswith((".yaml", ".yml")):
+        import yaml  # only space files written in YAML need it
+
+        space = yaml.safe_load(text)
+    else:
+        try:
+            space = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"search space file {url} is not valid JSON: {exc}") from None
+    if not isinstance(space, dict):
+        raise ValueError(f"search space file {url} must hold a mapping of parameter -> spec")
+    return space
+
+
+def check_space(space: dict[str, Any]) -> None:
+    """Each entry is a constant or one distribution with well-formed arguments."""
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            continue
+        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ValueError(
+                f"search space entry {name}: {spec!r} must be a constant or one of "
+                f"{{{', '.join(DISTRIBUTIONS)}: [...]}}"
+            )
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"search space entry {name}: {kind} needs a list, got {args!r}")
+        if kind == "choice":
+            continue
+        wanted = 3 if kind == "quniform" else 2
+        if len(args) != wanted or not all(isinstance(a, int | float) for a in args):
+            raise ValueError(f"search space entry {name}: {kind} needs {wanted} numbers")
+        if not args[0] < args[1]:
+            raise ValueError(f"search space entry {name}: {kind} needs low < high, got {args}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"search space entry {name}: loguniform needs low > 0, got {args}")
+
+
+def hyperopt_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The searched (non-constant) entries as hyperopt expressions, labelled by name."""
+    from hyperopt import hp
+
+    expressions = {}
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            continue
+        kind, args = next(iter(spec.items()))
+        if kind == "loguniform":
+            expressions[name] = hp.loguniform(name, math.log(args[0]), math.log(args[1]))
+        elif kind == "uniform":
+            expressions[name] = hp.uniform(name, args[0], args[1])
+        elif kind == "quniform":
+            expressions[name] = hp.quniform(name, *args)
+        elif kind == "randint":
+            expressions[name] = hp.randint(name, args[0], args[1])
+        else:
+            expressions[name] = hp.choice(name, args)
+    return expressions
+
+
+def decode(space: dict[str, Any], vals: dict[str, float | int]) -> dict[str, Any]:
+    """Trial parameters from hyperopt's raw values (choice index -> option), constants added."""
+    params = {}
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            params[name] = spec
+            continue
+        kind, args = next(iter(spec.items()))
+        raw = vals[name]
+        if kind == "choice":
+            params[name] = args[int(raw)]
+        elif kind == "randint" or (kind == "quniform" and all(isinstance(a, int) for a in args)):
+            params[name] = int(round(raw))
+        else:
+            params[name] = float(raw)
+    return params
+
+
+# -- the sweep, step by step ---------------------------------------------------------------------
+
+
+def trial_url(out: str, trial: int) -> str:
+    return storage.join(out, TRIALS_DIR, f"{trial:04d}")
+
+
+def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Check the embeddings and the sweep folder; write sweep.json on first use.
+
+    A folder holding a sweep with other settings (another task, adapter, space or seed) is an
+    error: resuming it would mix two searches.
+    """
+    from bertvision.shards import committed_shards
+
+    for split in ("train", *get_task(cfg.task).dev_splits):
+        committed_shards(cfg.embeddings, cfg.task, split)  # raises if missing or incomplete
+    url = storage.join(cfg.out, SWEEP_FILE)
+    if storage.exists(url):
+        stored = storage.read_json(url)
+        if stored["key"] != cfg.key():
+            raise ValueError(
+                f"{cfg.out} holds another sweep (task {stored['config']['task']}, adapter "
+                f"{stored['config']['adapter']}, other space or seed); use another --out"
+            )
+        return stored
+    storage.ensure_writable(cfg.out)
+    plan = {
+        "key": cfg.key(),
+        "config": asdict(cfg),
+        "space": cfg.resolved_space(),
+        "metric": get_task(cfg.task).primary_metric,
+        "code_version": __version__,
+        "created_at": _now(),
+    }
+    storage.write_json(url, plan)
+    return plan
+
+
+def load_trials(out: str) -> list[TrialRecord]:
+    """The committed trials of a sweep (their trial.json records), in trial order."""
+    fs, path = storage.url_to_fs(out)
+    found = fs.glob(f"{path.rstrip('/')}/{TRIALS_DIR}/*/{TRIAL_RECORD}")
+    records = []
+    for record_path in found:
+        with fs.open(record_path, "r", encoding="utf-8") as f:
+            records.append(TrialRecord.from_json(f.read()))
+    return sorted(records, key=lambda r: r.trial)
+
+
+def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
+    """TPE's next `count` points (fewer near the end), for the lowest unfinished trial numbers.
+
+    Every suggestion comes from the finished trials only, and trial n always draws from the
+    random stream (cfg.seed, n): the same history gives the same suggestion.
+    """
+    from hyperopt import STATUS_FAIL, STATUS_OK, Domain, Trials, tpe
+    from hyperopt.base import JOB_STATE_DONE
+
+    records = load_trials(cfg.out)
+    finished = {r.trial for r in records}
+    pending = [n for n in range(cfg.trials) if n not in finished][:count]
+    if not pending:
+        return []
+    space = cfg.resolved_space()
+    searched = hyperopt_space(space)
+    if not searched:  # everything fixed: every trial is the same point
+        return [TrialSpec(n, decode(space, {}), {}) for n in pending]
+
+    # TPE only reads the space; trials are evaluated outside hyperopt.
+    domain = Domain(lambda params: None, searched)
+    metric = get_task(cfg.task).primary_metric
+    history = Trials()
+    docs = []
+    for record in records:
+        result = (
+            {"status": STATUS_OK, "loss": record.objective(metric)}
+            if record.status == "ok"
+            else {"status": STATUS_FAIL}
+        )
+        misc = {
+            "tid": record.trial,
+            "cmd": domain.cmd,
+            "workdir": domain.workdir,
+            "idxs": {name: [record.trial] for name in searched},
+            "vals": {name: [record.hyperopt_vals[name]] for name in searched},
+        }
+        doc = history.new_trial_docs([record.trial], [None], [result], [misc])[0]
+        doc["state"] = JOB_STATE_DONE
+        docs.append(doc)
+    history.insert_trial_docs(docs)
+    history.refresh()
+
+    specs = []
+    for n in pending:
+        seed = int(np.random.SeedSequence([cfg.seed, n]).generate_state(1)[0])
+        (doc,) = tpe.suggest(
+            [n], domain, history, seed, n_startup_jobs=cfg.startup_trials, verbose=False
+        )
+        vals = {name: _plain(values[0]) for name, values in doc["misc"]["vals"].items()}
+        specs.append(TrialSpec(n, decode(space, vals), vals))
+    return specs
+
+
+def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecord:
+    """Train one trial's adapter into SWEEP/trials/NNNN and commit its record (written last).
+
+    A finished trial is returned as recorded, never run again. Leftovers of an interrupted one
+    are removed first: the trial may now have other parameters than when it was killed.
+    `data` is a `train.load_embeddings` result to share; by default each process loads the
+    embeddings once and every trial it runs shares that copy.
+    """
+    from bertvision.train import train_adapter
+
+    folder = trial_url(cfg.out, spec.trial)
+    record_url = storage.join(folder, TRIAL_RECORD)
+    if storage.exists(record_url):
+        return TrialRecord.from_json(storage.read_text(record_url))
+    fs, path = storage.url_to_fs(folder)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+    started = time.perf_counter()
+    metrics = train_adapter(
+        trial_train_config(cfg, spec),
+        data=data if data is not None else shared_embeddings(cfg),
+        progress=False,
+    )
+    metric = get_task(cfg.task).primary_metric
+    objective = metrics["val"].get(metric)
+    ok = objective is not None and math.isfinite(objective)
+    record = TrialRecord(
+        trial=spec.trial,
+        params=spec.params,
+        val=metrics["val"],
+        dev=metrics["dev"],
+        status="ok" if ok else "fail",
+        run=f"{TRIALS_DIR}/{spec.trial:04d}",
+        seconds=round(time.perf_counter() - started, 2),
+        hyperopt_vals=spec.hyperopt_vals,
+        finished_at=_now(),
+        error="" if ok else f"validation {metric} is {objective}",
+    )
+    storage.write_text_atomic(record_url, record.to_json())
+    return record
+
+
+def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
+    """The TrainConfig of one trial: the sweep's settings plus the trial's parameters."""
+    from bertvision.train import TrainConfig
+
+    return TrainConfig(
+        task=cfg.task,
+        embeddings=cfg.embeddings,
+        out=trial_url(cfg.out, spec.trial),
+        adapter=cfg.adapter,
+        device=cfg.device,
+        val_fraction=cfg.val_fraction,
+        **spec.params,
+    )
+
+
+@lru_cache(maxsize=1)
+def _embeddings(task: str, embeddings: str, device: str) -> Any:
+    from bertvision.train import load_embeddings
+
+    return load_embeddings(task, embeddings, device=device)
+
+
+def shared_embeddings(cfg: SweepConfig) -> Any:
+    """The sweep's embeddings, loaded once per process and shared by its trials."""
+    return _embeddings(cfg.task, cfg.embeddings, cfg.device)
+
+
+def record_trials(cfg: SweepConfig) -> list[TrialRecord]:
+    """Rewrite SWEEP/trials.jsonl from the committed trial records (atomically: no half line)."""
+    records = load_trials(cfg.out)
+    lines = "".join(record.to_json() + "\n" for record in records)
+    storage.write_text_atomic(storage.join(cfg.out, TRIALS_FILE), lines)
+    return records
+
+
+def best_trials(records: list[TrialRecord], metric: str, k: int) -> list[TrialRecord]:
+    """The k best finished trials by validation metric (ties: the earlier trial)."""
+    ok = [r for r in records if r.status == "ok"]
+    return sorted(ok, key=lambda r: (-r.val[metric], r.trial))[:k]
+
+
+def summarize(cfg: SweepConfig, done_before: int) -> SweepSummary:
+    records = record_trials(cfg)
+    best = best_trials(records, get_task(cfg.task).primary_metric, 1)
+    return SweepSummary(
+        out=cfg.out,
+        trials=cfg.trials,
+        done_before=done_before,
+        ran=len(records) - done_before,
+        failed=sum(r.status != "ok" for r in records),
+        best=best[0] if best else None,
+    )
+
+
+def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> SweepSummary:
+    """Run (or resume) a sweep to cfg.trials finished trials, cfg.parallel at a time.
+
+    Parallel trials run on threads of this process and share one loaded copy of the embeddings
+    (`data`, loaded here when not given).
+    """
+    from tqdm.auto import tqdm
+
+    prepare_sweep(cfg)
+    done_before = len(record_trials(cfg))
+    bar = tqdm(
+        total=cfg.trials,
+        initial=min(done_before, cfg.trials),
+        desc=f"sweep {cfg.task}",
+        disable=not progress,
+    )
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+        while batch := suggest_trials(cfg, cfg.parallel):
+            data = data if data is not None else shared_embeddings(cfg)
+            for record in pool.map(partial(run_trial, cfg, data=data), batch):
+                bar.update(1)
+                bar.set_postfix(trial=record.trial, val=_primary(cfg, record))
+            record_trials(cfg)
+    bar.close()
+    return summarize(cfg, done_before)
+
+
+def _primary(cfg: SweepConfig, record: TrialRecord) -> float | None:
+    value = record.val.get(get_task(cfg.task).primary_metric)
+    return None if value is None else round(value, 4)
+
+
+def _plain(value: Any) -> float | int:
+    """numpy scalars -> JSON-able Python numbers."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

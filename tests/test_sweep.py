@@ -1,0 +1,352 @@
+"""Sweeps: search spaces, TPE suggestions from stored trials, resume after an interruption or a
+kill -9, parallel batches, and selection that never reads a dev label."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bertvision import glue, storage
+from bertvision import sweep as sweeping
+from bertvision.ensemble import EnsembleConfig, build_ensemble
+from bertvision.metrics import compute_metrics
+from bertvision.predictions import read_outputs, read_submission
+from bertvision.schema import ExtractionPlan, shard_schema
+from bertvision.shards import ShardWriter, split_url, write_plan
+from bertvision.sweep import SweepConfig, TrialRecord, load_trials, run_sweep, suggest_trials
+
+LAYERS, HIDDEN = 3, 8
+# Small and quick: one or two epochs on ~100 examples; lr wide enough for trials to differ.
+QUICK_SPACE = {
+    "lr": {"loguniform": [1e-3, 3e-2]},
+    "adapter_dim": {"choice": [2, 4]},
+    "batch_size": {"choice": [16, 32]},
+    "epochs": {"choice": [1, 2]},
+}
+
+
+def write_split(out: str, split: str, n: int, seed: int, labels: np.ndarray | None = None) -> None:
+    """Synthetic RTE embeddings of `split` via the real ShardWriter: layer 1 carries the label.
+    `labels` replaces the stored labels while the hidden states stay those of the truth."""
+    task = glue.get_task("rte")
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    stored = None if task.is_test(split) else (truth if labels is None else labels)
+    lengths = rng.integers(2, 9, n)
+    hidden = []
+    for i in range(n):
+        h = rng.normal(size=(LAYERS, lengths[i], HIDDEN)).astype(np.float16)
+        h[1, :, truth[i]] += np.float16(0.7)  # a weak signal: trials reach different metrics
+        hidden.append(h.ravel())
+    plan = ExtractionPlan(
+        task="rte",
+        split=split,
+        model="synthetic",
+        model_fingerprint="f" * 16,
+        data_fingerprint=f"synthetic-{split}-{seed}",
+        num_examples=n,
+        shard_size=40,
+        max_seq_length=8,
+        dtype="float16",
+        layers=LAYERS,
+        hidden_size=HIDDEN,
+        regression=False,
+    )
+    folder = split_url(out, "rte", split)
+    write_plan(folder, plan)
+    label_type = shard_schema(regression=False).field("label").type
+    for index in range(plan.num_shards):
+        rows = range(*plan.shard_range(index))
+        table = pa.table(
+            {
+                "example_id": pa.array(list(rows), pa.int64()),
+                "label": pa.array(
+                    [None if stored is None else int(stored[i]) for i in rows], label_type
+                ),
+                "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
+                "hidden": pa.array([hidden[i] for i in rows], pa.list_(pa.float16())),
+            }
+        )
+        with ShardWriter(folder, plan, index) as writer:
+            writer.write(table)
+            writer.commit()
+
+
+def synthetic_embeddings(out: str, dev_labels: np.ndarray | None = None) -> str:
+    write_split(out, "train", 120, seed=1)
+    write_split(out, "dev", 40, seed=2, labels=dev_labels)
+    write_split(out, "test", 24, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory) -> str:
+    return synthetic_embeddings(str(tmp_path_factory.mktemp("emb")))
+
+
+def quick(embeddings: str, out: str | Path, **overrides) -> SweepConfig:
+    settings = {
+        "trials": 6,
+        "startup_trials": 3,
+        "space": QUICK_SPACE,
+        "device": "cpu",
+        **overrides,
+    }
+    return SweepConfig(task="rte", embeddings=embeddings, out=str(out), **settings)
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Search spaces and suggestions (no training)
+
+
+def test_space_file_overrides_the_adapters_default_space(tmp_path):
+    yaml_file = tmp_path / "space.yaml"
+    yaml_file.write_text("epochs: 3\nlr:\n  loguniform: [0.001, 0.01]\n")
+    json_file = tmp_path / "space.json"
+    json_file.write_text(json.dumps({"dropout": {"uniform": [0.0, 0.2]}}))
+
+    space = SweepConfig(
+        task="rte", embeddings="e", out="o", space=sweeping.load_space(str(yaml_file))
+    ).resolved_space()
+    assert space["epochs"] == 3 and space["lr"] == {"loguniform": [0.001, 0.01]}
+    assert space["adapter_dim"] == sweeping.ADAPTER_SPACES["pooler"]["adapter_dim"]
+    assert sweeping.load_space(str(json_file)) == {"dropout": {"uniform": [0.0, 0.2]}}
+    assert (
+        "adapter_dim"
+        not in SweepConfig(task="rte", embeddings="e", out="o", adapter="cls").resolved_space()
+    )
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"lr": {"lognormal": [0, 1]}}, "must be a constant or one of"),
+        ({"lr": {"loguniform": [0.0, 1e-2]}}, "low > 0"),
+        ({"dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
+        ({"epochs": {"quniform": [1, 5]}}, "needs 3 numbers"),
+        ({"batch_size": {"choice": []}}, "needs a list"),
+    ],
+)
+def test_bad_space_entries_are_refused(entry, message):
+    with pytest.raises(ValueError, match=message):
+        SweepConfig(task="rte", embeddings="e", out="o", space=entry)
+
+
+def test_decoding_turns_hyperopt_values_into_parameters():
+    space = {
+        "batch_size": {"choice": [16, 32]},
+        "epochs": {"quniform": [1, 9, 2]},
+        "seed": {"randint": [0, 10]},
+        "lr": {"loguniform": [1e-4, 1e-2]},
+        "dropout": 0.1,
+    }
+    vals = {"batch_size": 1, "epochs": 5.0, "seed": 7, "lr": 0.001}
+    assert sweeping.decode(space, vals) == {
+        "batch_size": 32,
+        "epochs": 5,
+        "seed": 7,
+        "lr": 0.001,
+        "dropout": 0.1,
+    }
+
+
+def fake_finish(cfg: SweepConfig, specs: list[sweeping.TrialSpec]) -> None:
+    """Commit trial records as if trained: the objective peaks at lr = 1e-3."""
+    for spec in specs:
+        accuracy = 1.0 - abs(math.log10(spec.params["lr"]) + 3.0)
+        record = TrialRecord(
+            trial=spec.trial,
+            params=spec.params,
+            val={"accuracy": accuracy},
+            dev={"accuracy": 0.5},
+            status="ok",
+            run=f"trials/{spec.trial:04d}",
+            seconds=0.0,
+            hyperopt_vals=spec.hyperopt_vals,
+            finished_at="now",
+        )
+        url = storage.join(sweeping.trial_url(cfg.out, spec.trial), sweeping.TRIAL_RECORD)
+        storage.write_text_atomic(url, record.to_json())
+
+
+def test_suggestions_come_from_finished_trials_only_and_are_reproducible():
+    cfg = SweepConfig(task="rte", embeddings="e", out="memory://sweep-suggest", trials=9)
+    first = suggest_trials(cfg, 3)
+    assert [s.trial for s in first] == [0, 1, 2]
+    assert suggest_trials(cfg, 3) == first  # same history, same draws
+    assert len({s.params["lr"] for s in first}) == 3  # one batch: three different points
+
+    fake_finish(cfg, first[:2])  # trial 2 was interrupted: it is suggested again
+    assert [s.trial for s in suggest_trials(cfg, 3)] == [2, 3, 4]
+    fake_finish(cfg, suggest_trials(cfg, 7))
+    assert len(load_trials(cfg.out)) == 9
+    assert suggest_trials(cfg, 3) == []  # finished: nothing left to suggest
+
+    for spec in first:
+        assert 1e-4 <= spec.params["lr"] <= 1e-2
+        assert spec.params["adapter_dim"] in (8, 16, 32, 64)
+        assert isinstance(spec.params["seed"], int)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps that train
+
+
+def test_sweep_trains_every_trial_and_lists_it(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(quick(embeddings, out, parallel=2), progress=False)
+
+    assert (summary.done_before, summary.ran, summary.failed) == (0, 6, 0)
+    listed = lines(out)
+    assert [t["trial"] for t in listed] == list(range(6))
+    for trial in listed:
+        assert {"trial", "params", "val", "dev"} <= set(trial)
+        assert set(trial["val"]) == set(trial["dev"]) == {"accuracy"}
+        assert trial["params"]["adapter_dim"] in (2, 4) and trial["params"]["epochs"] in (1, 2)
+        run = out / "trials" / f"{trial['trial']:04d}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["val"] == trial["val"] and metrics["dev"] == trial["dev"]
+        assert json.loads((run / "config.json").read_text())["train"]["lr"] == trial["params"]["lr"]
+    assert summary.best.val["accuracy"] == max(t["val"]["accuracy"] for t in listed)
+    plan = json.loads((out / "sweep.json").read_text())
+    assert plan["metric"] == "accuracy" and plan["space"]["epochs"] == {"choice": [1, 2]}
+
+
+def test_resume_runs_only_the_remaining_trials_and_matches_an_uninterrupted_sweep(
+    embeddings, tmp_path, monkeypatch
+):
+    from bertvision import train
+
+    trained = []
+    original = train.train_adapter
+
+    def counting(cfg, data=None, progress=True):
+        trained.append(cfg.out)
+        return original(cfg, data=data, progress=progress)
+
+    monkeypatch.setattr(train, "train_adapter", counting)
+    resumed = tmp_path / "resumed"
+    run_sweep(quick(embeddings, resumed, trials=3), progress=False)
+    before = lines(resumed)
+    assert len(trained) == 3
+
+    summary = run_sweep(quick(embeddings, resumed, trials=6), progress=False)
+    assert (summary.done_before, summary.ran) == (3, 3)
+    assert [Path(url).name for url in trained[3:]] == ["0003", "0004", "0005"]
+    assert lines(resumed)[:3] == before  # finished trials are kept as they were
+
+    assert run_sweep(quick(embeddings, resumed, trials=6), progress=False).ran == 0
+    assert len(trained) == 6  # a finished sweep is not rerun
+
+    straight = tmp_path / "straight"
+    run_sweep(quick(embeddings, straight, trials=6), progress=False)
+    strip = lambda ts: [(t["trial"], t["params"], t["val"], t["dev"]) for t in ts]  # noqa: E731
+    assert strip(lines(resumed)) == strip(lines(straight))
+
+
+def test_a_folder_holding_another_sweep_is_refused(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(quick(embeddings, out, trials=1), progress=False)
+    with pytest.raises(ValueError, match="holds another sweep"):
+        run_sweep(quick(embeddings, out, trials=2, adapter="cls"), progress=False)
+    with pytest.raises(ValueError, match="holds another sweep"):
+        run_sweep(quick(embeddings, out, trials=2, seed=1), progress=False)
+    assert len(lines(out)) == 1
+
+
+def test_missing_embeddings_fail_before_anything_is_written(tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match="run extract first"):
+        run_sweep(quick(str(tmp_path / "nowhere"), out), progress=False)
+    assert not out.exists()
+
+
+def test_kill_9_mid_sweep_then_rerun_runs_only_the_rest(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({**QUICK_SPACE, "epochs": 3}))
+    command = [
+        sys.executable, "-m", "bertvision.cli", "sweep", "--task", "rte",
+        "--embeddings", embeddings, "--out", str(out), "--trials", "8",
+        "--space", str(space), "--startup-trials", "3", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    record = out / "trials" / "0002" / "trial.json"
+    deadline = time.monotonic() + 240
+    while not record.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = {r.trial: r for r in load_trials(str(out))}
+    assert 3 <= len(killed) < 8, "the sweep must be killed part-way"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({8 - len(killed)} now, {len(killed)} before, 0 failed)" in rerun.stdout
+    after = {r.trial: r for r in load_trials(str(out))}
+    assert sorted(after) == list(range(8))
+    assert all(after[n] == killed[n] for n in killed)  # never rerun: same record, same time
+    assert [t["trial"] for t in lines(out)] == list(range(8))
+    leftovers = [p for p in (out / "trials").iterdir() if not (p / "trial.json").exists()]
+    assert leftovers == []
+
+
+def test_selection_never_reads_dev_labels(tmp_path):
+    """Flip every dev label: the same trials, parameters and val metrics, the same ensemble
+    members; only the dev metrics change."""
+    flipped = 1 - np.random.default_rng(2).integers(0, 2, 40)  # the truth of write_split(seed=2)
+    honest = synthetic_embeddings(str(tmp_path / "emb-honest"))
+    lying = synthetic_embeddings(str(tmp_path / "emb-flipped"), dev_labels=flipped)
+    results = {}
+    for name, emb in (("honest", honest), ("flipped", lying)):
+        out = tmp_path / f"sweep-{name}"
+        run_sweep(quick(emb, out), progress=False)
+        ens = build_ensemble(EnsembleConfig("rte", str(out), str(tmp_path / f"ens-{name}"), 3))
+        results[name] = (lines(out), ens)
+
+    (honest_trials, honest_ens), (flipped_trials, flipped_ens) = (
+        results["honest"],
+        results["flipped"],
+    )
+    assert [(t["params"], t["val"]) for t in honest_trials] == [
+        (t["params"], t["val"]) for t in flipped_trials
+    ]
+    assert [m["trial"] for m in honest_ens["members"]] == [
+        m["trial"] for m in flipped_ens["members"]
+    ]
+    for a, b in zip(honest_trials, flipped_trials, strict=True):  # dev really was different
+        assert a["dev"]["accuracy"] == pytest.approx(1.0 - b["dev"]["accuracy"])
+    assert honest_ens["ensemble"]["accuracy"] == pytest.approx(
+        1.0 - flipped_ens["ensemble"]["accuracy"]
+    )
+
+
+def test_ensemble_of_a_sweep_is_recomputable_from_its_prediction_files(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(quick(embeddings, out, trials=4), progress=False)
+    ens = tmp_path / "ens"
+    result = build_ensemble(EnsembleConfig("rte", str(out), str(ens), top_k=3))
+
+    ids, labels, _ = read_outputs(str(ens), "dev")
+    submitted = read_submission(str(ens / "dev_predictions.tsv"), glue.get_task("rte"))
+    assert sorted(submitted) == ids.tolist()
+    recomputed = compute_metrics("rte", [submitted[i] for i in ids], labels)
+    assert recomputed == result["ensemble"]
+    test_rows = (ens / "test_predictions.tsv").read_text().splitlines()
+    assert test_rows[0] == "index\tprediction" and len(test_rows) == 1 + 24
