@@ -304,9 +304,7 @@ def ensemble(
     """
     from bertvision.ensemble import EnsembleConfig, build_ensemble
 
-    cfg = EnsembleConfig(
-        task=task, runs=runs, out=out, top_k=top_k, with_finetuned=with_finetuned
-    )
+    cfg = EnsembleConfig(task=task, runs=runs, out=out, top_k=top_k, with_finetuned=with_finetuned)
     result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
