@@ -1,11 +1,11 @@
 """Azurite, Microsoft's Azure Storage emulator, for the Azure tests: started here, never mocked.
 
-    from azurite import Azurite, azurite, azure_env   # fixtures: import them into a test module
+    service = Azurite(tmp_path / "azurite").start()    # 127.0.0.1, a free port, data in tmp_path
+    use_only(service, monkeypatch)                     # AZURE_STORAGE_CONNECTION_STRING -> it
+    service.stop(); service.start()                    # an outage: same port, same data
 
-`azurite` is one blob service for the session on 127.0.0.1 (a free port, a temporary location);
-`azure_env` points AZURE_STORAGE_CONNECTION_STRING at it for one test. `Azurite` can also be
-used on its own: stop() and start() again keep the port and the stored data, like an outage.
-Tests skip, saying why, when the azurite binary is not installed (scripts/setup installs it).
+Starting skips the test, saying why, when the azurite binary is not installed (scripts/setup
+installs it with npm).
 """
 
 from __future__ import annotations
@@ -103,20 +103,11 @@ class Azurite:
         return name
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory) -> Azurite:
-    """Azurite for the whole session, started on first use."""
-    service = Azurite(tmp_path_factory.mktemp("azurite")).start()
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-def azure_env(azurite, monkeypatch) -> dict[str, str]:
-    """The environment a worker has: AZURE_STORAGE_CONNECTION_STRING for the session's Azurite
-    and no other AZURE_STORAGE_* credentials. Returns the whole environment, for subprocesses."""
+def use_only(service: Azurite, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Give this process the environment a worker has: AZURE_STORAGE_CONNECTION_STRING for
+    `service` and no other AZURE_STORAGE_* credentials. Returns it whole, for subprocesses."""
     for name in list(os.environ):
         if name.startswith("AZURE_STORAGE_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", service.connection_string())
     return dict(os.environ)

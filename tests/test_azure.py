@@ -1,0 +1,339 @@
+"""Azure Blob Storage (az://) against Azurite, the real emulator started by the tests (no mocks).
+
+What it shows: extraction writes to az:// and pyarrow.dataset reads the shards back through
+adlfs; a shard is visible only complete; an outage is ridden out inside the storage layer and a
+restart mid-extraction still yields every example exactly once; bad credentials and missing
+containers end in one line without retries; Prefect's results persist to Azure so a second run
+is served from the cache, and no secret reaches the Prefect API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import adlfs
+import pyarrow.dataset as ds
+import pytest
+from azurite import REPO, Azurite, use_only
+from typer.testing import CliRunner
+
+from bertvision import azure, shards, storage
+from bertvision.cli import app
+from bertvision.storage import StagedWrite, StorageError
+
+pytestmark = pytest.mark.azure
+
+HTTP_LOG = "azure.core.pipeline.policies.http_logging_policy"  # one record per request sent
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory) -> Azurite:
+    """One Azurite for the session; each test makes its own container."""
+    service = Azurite(tmp_path_factory.mktemp("azurite")).start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def azure_env(azurite, monkeypatch) -> dict[str, str]:
+    return use_only(azurite, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def rte_slice(tmp_path_factory, glue_dir) -> str:
+    """A glue_data folder with the first 120 train and 16 dev examples of the real RTE."""
+    folder = tmp_path_factory.mktemp("glue-slice")
+    (folder / "RTE").mkdir()
+    for split, rows in (("train", 120), ("dev", 16)):
+        lines = (Path(glue_dir) / "RTE" / f"{split}.tsv").read_text().splitlines(keepends=True)
+        (folder / "RTE" / f"{split}.tsv").write_text("".join(lines[: rows + 1]))
+    return str(folder)
+
+
+def _adlfs(azurite: Azurite) -> adlfs.AzureBlobFileSystem:
+    """Plain adlfs, as any reader outside BERTVision would use it."""
+    return adlfs.AzureBlobFileSystem(
+        connection_string=azurite.connection_string(), skip_instance_cache=True
+    )
+
+
+def _extract_args(out: str, model: str, data_dir: str, *extra: str) -> list[str]:
+    return [
+        "extract",
+        "--task",
+        "rte",
+        "--out",
+        out,
+        "--model",
+        model,
+        "--data-dir",
+        data_dir,
+        "--max-seq-length",
+        "64",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+# Credentials: from the environment only.
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {
+                "AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=k",
+                "AZURE_STORAGE_ACCOUNT_NAME": "b",
+            },
+            {"connection_string": "AccountName=a;AccountKey=k"},
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "k"},
+            {"account_name": "acct", "account_key": "k"},
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=x"},
+            {"account_name": "acct", "sas_token": "sv=1&sig=x"},
+        ),
+        ({"AZURE_STORAGE_ACCOUNT_NAME": "acct"}, {"account_name": "acct", "anon": False}),
+    ],
+    ids=["connection-string-first", "account-key", "sas-token", "managed-identity"],
+)
+def test_credentials_come_from_the_environment_first_match_wins(monkeypatch, env, expected):
+    for name in list(os.environ):
+        if name.startswith("AZURE_STORAGE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    options = azure.azure_storage_options()
+    assert {k: options[k] for k in expected} == expected
+    assert options["use_listings_cache"] is False  # other workers add shards meanwhile
+
+
+def test_no_credentials_at_all_is_a_clear_error(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("AZURE_STORAGE_"):
+            monkeypatch.delenv(name)
+    with pytest.raises(StorageError, match="no Azure credentials: set AZURE_STORAGE_CONNECTION"):
+        storage.exists("az://container/x")
+
+
+# The commit protocol on blob storage.
+
+
+def test_a_staged_file_appears_only_complete_and_a_discarded_one_never(azure_env, azurite):
+    container = azurite.create_container()
+    reader = _adlfs(azurite)
+    url = f"az://{container}/split/shard-00000.parquet"
+    staged = StagedWrite(url, f"az://{container}/split/_incomplete/shard-00000.parquet.x")
+    payload = os.urandom(3 << 20)
+    for start in range(0, len(payload), 1 << 20):
+        staged.file.write(payload[start : start + (1 << 20)])
+    assert not reader.exists(f"{container}/split/shard-00000.parquet")
+    assert reader.find(container) == []  # nothing listed, not even under _incomplete/
+    staged.commit(sha256="abc")
+    assert reader.cat_file(f"{container}/split/shard-00000.parquet") == payload
+    assert reader.info(f"{container}/split/shard-00000.parquet")["metadata"]["sha256"] == "abc"
+
+    dropped = StagedWrite(f"az://{container}/split/shard-00001.parquet", f"az://{container}/tmp")
+    dropped.file.write(b"partial")
+    dropped.discard()
+    assert reader.find(container) == [f"{container}/split/shard-00000.parquet"]
+
+
+def test_extract_to_azure_then_pyarrow_dataset_reads_shards_through_adlfs(
+    azure_env, azurite, tiny_model, rte_slice
+):
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    result = CliRunner().invoke(
+        app,
+        _extract_args(out, tiny_model, rte_slice, "--splits", "train,dev", "--shard-size", "32"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "rte/train: 4 shards written" in result.output
+
+    reader = _adlfs(azurite)
+    train = ds.dataset(f"{container}/emb/rte/train", filesystem=reader, format="parquet")
+    assert len(train.files) == 4  # the manifest under _manifest/ is not part of the dataset
+    ids = [i for b in train.to_batches(columns=["example_id"]) for i in b.column(0).to_pylist()]
+    assert sorted(ids) == list(range(120))
+    plan, urls = shards.committed_shards(out, "rte", "dev")
+    assert plan.num_examples == 16 and len(urls) == 1
+    assert not reader.exists(f"{container}/emb/rte/train/_incomplete")
+    # The checksum travels with the blob, so checking a committed shard needs no download.
+    records = shards.load_records(f"{out}/rte/train", plan=shards.load_plan(f"{out}/rte/train"))
+    first = reader.info(f"{container}/emb/rte/train/{records[0].file}")
+    assert first["metadata"]["sha256"] == records[0].sha256
+
+    status = CliRunner().invoke(app, ["status", out])
+    assert "rte/train: 120 examples, 4 shards: 4 done, 0 failed, 0 missing" in status.output
+
+
+# Failures: transient ones are retried inside the storage layer, permanent ones are not.
+
+
+def test_an_outage_is_ridden_out_inside_the_storage_layer(tmp_path, monkeypatch):
+    service = Azurite(tmp_path / "azurite").start()
+    try:
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", service.connection_string())
+        container = service.create_container()
+        storage.write_json(f"az://{container}/before.json", {"n": 1})
+        service.stop()
+        restart = threading.Timer(2.0, service.start)
+        restart.start()
+        storage.write_json(f"az://{container}/during.json", {"n": 2})  # waits, retries, succeeds
+        restart.join()
+        assert storage.read_json(f"az://{container}/during.json") == {"n": 2}
+        assert storage.list_names(f"az://{container}") == ["before.json", "during.json"]
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("fault", ["missing-container", "wrong-key"])
+def test_permanent_failures_exit_with_one_line_and_no_retries(
+    fault, azure_env, azurite, tiny_model, rte_slice, monkeypatch, caplog
+):
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    if fault == "missing-container":
+        out = "az://nope/emb"
+    else:
+        wrong_key = "A" * 86 + "=="
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(wrong_key))
+    caplog.set_level(logging.INFO, logger=HTTP_LOG)
+    result = CliRunner().invoke(app, _extract_args(out, tiny_model, rte_slice, "--splits", "dev"))
+
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    expected = {
+        "missing-container": "error: az://nope/emb: container 'nope' does not exist",
+        "wrong-key": f"error: {out}: authentication failed for account 'devstoreaccount1'",
+    }[fault]
+    assert result.stderr.startswith(expected)
+    requests = [r for r in caplog.records if r.name == HTTP_LOG and "Request URL" in r.message]
+    assert 1 <= len(requests) <= 3  # a retried request alone would be 1 + 5
+    assert not _adlfs(azurite).find(container)  # nothing written
+
+
+def test_azurite_stopped_mid_extraction_every_example_once_no_partial_shard(
+    tmp_path, tiny_model, rte_slice
+):
+    """Azurite goes down mid-run and comes back with its data; the run (or a rerun) completes
+    and no listing, at any moment, shows a shard that is not complete."""
+    service = Azurite(tmp_path / "azurite").start()
+    container = service.create_container()
+    seen = _ShardListingWatcher(service, f"{container}/emb/rte/train")
+    try:
+        out = f"az://{container}/emb"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AZURE_STORAGE_")},
+            "AZURE_STORAGE_CONNECTION_STRING": service.connection_string(),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "bertvision.cli",
+            *_extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "6"),
+        ]
+        run = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        seen.start()
+        seen.wait_for_records(3, process=run)
+        service.stop()
+        stopped_while_running = run.poll() is None
+        time.sleep(2)
+        service.start()
+        output, _ = run.communicate(timeout=300)
+        if run.returncode != 0:  # some shard gave up during the outage: a rerun does the rest
+            rerun = subprocess.run(
+                command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+            )
+            assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+
+        assert stopped_while_running, output.decode()
+        reader = _adlfs(service)
+        plan = shards.ExtractionPlan.from_json(
+            reader.cat_file(f"{container}/emb/rte/train/_manifest/plan.json").decode()
+        )
+        records = {
+            r.file: r
+            for r in (
+                shards.ShardRecord.from_json(reader.cat_file(p).decode())
+                for p in reader.glob(f"{container}/emb/rte/train/_manifest/shard-*.json")
+                if ".failed" not in p
+            )
+        }
+        assert len(records) == plan.num_shards == 20
+        ids = ds.dataset(
+            [f"{container}/emb/rte/train/{name}" for name in sorted(records)],
+            filesystem=reader,
+            format="parquet",
+        ).to_table(columns=["example_id"])
+        assert sorted(ids.column(0).to_pylist()) == list(range(120))
+        # Every shard ever listed had its complete, committed size; nothing under _incomplete/.
+        assert seen.listed, "the watcher saw no listing"
+        for name, size in seen.listed:
+            assert not name.startswith("_incomplete"), name
+            assert name.endswith(".parquet") and size == records[name].bytes, (name, size)
+    finally:
+        seen.stop()
+        service.stop()
+
+
+class _ShardListingWatcher(threading.Thread):
+    """Lists a split folder over and over (as a reader on another host would) and keeps every
+    (shard name, size) it ever sees outside _manifest/."""
+
+    def __init__(self, service: Azurite, folder: str) -> None:
+        super().__init__(daemon=True)
+        from azure.storage.blob import BlobServiceClient
+
+        self.client = BlobServiceClient.from_connection_string(
+            service.connection_string(), retry_total=0
+        )
+        self.container, self.prefix = folder.split("/", 1)
+        self.listed: set[tuple[str, int]] = set()
+        self.records = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        container = self.client.get_container_client(self.container)
+        while not self._done.is_set():
+            try:
+                blobs = list(container.list_blobs(name_starts_with=self.prefix + "/"))
+            except Exception:  # Azurite is down for a moment: that is the test
+                time.sleep(0.05)
+                continue
+            for blob in blobs:
+                name = blob.name[len(self.prefix) + 1 :]
+                if name.startswith("_manifest/"):
+                    continue
+                self.listed.add((name, blob.size))
+            self.records = sum(
+                1
+                for b in blobs
+                if b.name.endswith(".json") and "shard-" in b.name and ".failed" not in b.name
+            )
+            time.sleep(0.02)
+
+    def wait_for_records(self, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.records < count and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join()
