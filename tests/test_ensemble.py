@@ -1,0 +1,163 @@
+"""Ensembles: members chosen by validation metric only, outputs averaged exactly, GLUE files
+whose metrics can be recomputed, the fine-tuned model as an extra member, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bertvision import glue, storage
+from bertvision.cli import app
+from bertvision.ensemble import EnsembleConfig, build_ensemble
+from bertvision.metrics import compute_metrics
+from bertvision.predictions import read_outputs, read_submission, write_predictions
+from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD, TrialRecord
+
+DEV, TEST = 30, 12
+
+
+def probabilities(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
+    logits = rng.normal(size=(n, classes))
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def fake_sweep(
+    root: Path, task: str, vals: list[float], devs: list[float] | None = None, seed: int = 0
+) -> tuple[str, dict[int, dict[str, np.ndarray]]]:
+    """A sweep folder as run_sweep leaves it, without training: sweep.json, then per trial its
+    outputs/<split>.parquet and trial.json (val metric `vals[n]`, dev metric `devs[n]`)."""
+    spec = glue.get_task(task)
+    rng = np.random.default_rng(seed)
+    dev_labels = rng.uniform(0, 5, DEV) if spec.regression else rng.integers(0, 2, DEV)
+    storage.write_json(str(root / SWEEP_FILE), {"config": {"task": spec.name, "adapter": "pooler"}})
+    outputs = {}
+    for n, val in enumerate(vals):
+        run = root / "trials" / f"{n:04d}"
+        width = 1 if spec.regression else spec.num_labels
+        dev_out = rng.uniform(0, 5, (DEV, 1)) if spec.regression else probabilities(rng, DEV, width)
+        test_out = (
+            rng.uniform(0, 5, (TEST, 1)) if spec.regression else probabilities(rng, TEST, width)
+        )
+        write_predictions(str(run), spec, "dev", range(DEV), dev_labels.tolist(), dev_out)
+        write_predictions(str(run), spec, "test", range(TEST), [None] * TEST, test_out)
+        outputs[n] = {"dev": dev_out.astype(np.float32), "test": test_out.astype(np.float32)}
+        dev_metric = devs[n] if devs else 0.5
+        record = TrialRecord(
+            trial=n,
+            params={"lr": 10.0 ** -(n + 1)},
+            val={spec.primary_metric: val},
+            dev={spec.primary_metric: dev_metric},
+            status="ok",
+            run=f"trials/{n:04d}",
+            seconds=1.0,
+            hyperopt_vals={"lr": 10.0 ** -(n + 1)},
+            finished_at="now",
+        )
+        (run / TRIAL_RECORD).write_text(record.to_json())
+    return str(root), outputs
+
+
+def recomputed_dev_metrics(ens: Path, task: str) -> dict[str, float]:
+    """What anyone gets from the submission file and the dev labels."""
+    ids, labels, _ = read_outputs(str(ens), "dev")
+    submitted = read_submission(str(ens / "dev_predictions.tsv"), glue.get_task(task))
+    assert sorted(submitted) == ids.tolist()
+    return compute_metrics(task, [submitted[i] for i in ids], labels)
+
+
+def test_members_are_the_best_by_val_and_their_outputs_are_averaged(tmp_path):
+    # dev ranks the trials the opposite way: the ensemble must not care
+    runs, outputs = fake_sweep(
+        tmp_path / "sweep", "rte", vals=[0.6, 0.9, 0.7, 0.8, 0.5], devs=[0.9, 0.1, 0.3, 0.2, 0.8]
+    )
+    ens = tmp_path / "ens"
+    result = build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=3))
+
+    assert [m["trial"] for m in result["members"]] == [1, 3, 2]
+    assert [m["dev"] for m in result["members"]] == [{"accuracy": d} for d in (0.1, 0.2, 0.3)]
+    for split in ("dev", "test"):
+        _, _, averaged = read_outputs(str(ens), split)
+        expected = np.mean([outputs[n][split] for n in (1, 3, 2)], axis=0)
+        np.testing.assert_allclose(averaged, expected, rtol=1e-6)
+    assert recomputed_dev_metrics(ens, "rte") == result["ensemble"]
+    stored = json.loads((ens / "metrics.json").read_text())
+    assert stored["ensemble"] == result["ensemble"] and len(stored["members"]) == 3
+    assert (ens / "test_predictions.tsv").read_text().splitlines()[1].split("\t")[1] in (
+        "entailment",
+        "not_entailment",
+    )
+
+
+def test_regression_scores_are_averaged_and_recomputable(tmp_path):
+    runs, outputs = fake_sweep(tmp_path / "sweep", "stsb", vals=[0.2, 0.4, 0.3])
+    ens = tmp_path / "ens"
+    result = build_ensemble(EnsembleConfig("stsb", runs, str(ens), top_k=2))
+
+    _, _, averaged = read_outputs(str(ens), "dev")
+    np.testing.assert_allclose(averaged, (outputs[1]["dev"] + outputs[2]["dev"]) / 2, rtol=1e-6)
+    recomputed = recomputed_dev_metrics(ens, "stsb")  # the file holds scores to 3 decimals
+    for name in ("pearson", "spearman"):
+        assert recomputed[name] == pytest.approx(result["ensemble"][name], abs=1e-3)
+
+
+def test_the_fine_tuned_model_joins_as_one_more_member(tmp_path):
+    runs, outputs = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    finetuned = tmp_path / "finetune"
+    rng = np.random.default_rng(5)
+    own = probabilities(rng, DEV, 2)
+    _, labels, _ = read_outputs(runs + "/trials/0000", "dev")
+    write_predictions(str(finetuned), glue.get_task("rte"), "dev", range(DEV), labels, own)
+    write_predictions(
+        str(finetuned), glue.get_task("rte"), "test", range(TEST), [None] * TEST, own[:TEST]
+    )
+    storage.write_json(str(finetuned / "metrics.json"), {"dev": {"accuracy": 0.55}})
+
+    ens = tmp_path / "ens"
+    cfg = EnsembleConfig("rte", runs, str(ens), top_k=1, with_finetuned=str(finetuned))
+    result = build_ensemble(cfg)
+    assert [m["trial"] for m in result["members"]] == [1, None]
+    assert result["members"][1]["dev"] == {"accuracy": 0.55}
+    _, _, averaged = read_outputs(str(ens), "dev")
+    np.testing.assert_allclose(averaged, (outputs[1]["dev"] + own) / 2, rtol=1e-6)
+    assert recomputed_dev_metrics(ens, "rte") == result["ensemble"]
+
+
+def test_bad_input_is_refused_and_writes_nothing(tmp_path):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    ens = tmp_path / "ens"
+    with pytest.raises(ValueError, match="fewer than --top-k 3"):
+        build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=3))
+    with pytest.raises(ValueError, match="is a sweep of rte, not of mrpc"):
+        build_ensemble(EnsembleConfig("mrpc", runs, str(ens)))
+    with pytest.raises(FileNotFoundError, match="holds no sweep"):
+        build_ensemble(EnsembleConfig("rte", str(tmp_path / "nowhere"), str(ens)))
+    with pytest.raises(ValueError, match="--top-k must be >= 1"):
+        EnsembleConfig("rte", runs, str(ens), top_k=0)
+    assert not ens.exists()
+
+    other = tmp_path / "sweep" / "trials" / "0000"  # a member made from other embeddings
+    spec = glue.get_task("rte")
+    write_predictions(
+        str(other), spec, "dev", range(DEV + 1), [0] * (DEV + 1), np.ones((DEV + 1, 2))
+    )
+    with pytest.raises(ValueError, match="must share their embeddings"):
+        build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=2))
+    assert not (ens / "metrics.json").exists()
+
+
+def test_ensemble_command(tmp_path):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9, 0.7])
+    ens = tmp_path / "ens"
+    result = CliRunner().invoke(
+        app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "2", "--out", str(ens)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "trial 1: val" in result.output and "ensemble: dev" in result.output
+    bad = CliRunner().invoke(
+        app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "9", "--out", str(ens)]
+    )
+    assert bad.exit_code == 2 and "error: " in bad.output and "fewer than --top-k 9" in bad.output
