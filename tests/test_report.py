@@ -1,0 +1,115 @@
+"""The results report: runs found by what they hold, best trials chosen by val, seeds summarised,
+a markdown table and a PNG, published numbers only when given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bertvision import storage
+from bertvision.cli import app
+from bertvision.report import ReportConfig, find_results, write_report
+from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD, TrialRecord
+
+
+def finetune_run(folder: Path, task: str, dev: dict) -> None:
+    storage.write_json(
+        str(folder / "metrics.json"),
+        {"dev": dev, "train": {"steps": 10}, "config": {"task": task, "epochs": 1.0}},
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))  # the checkpoint's
+
+
+def adapter_run(folder: Path, task: str, adapter: str, dev: dict) -> None:
+    storage.write_json(str(folder / "metrics.json"), {"val": dev, "dev": dev})
+    storage.write_json(
+        str(folder / "config.json"), {"train": {"task": task, "adapter": adapter}, "adapter": {}}
+    )
+
+
+def sweep(folder: Path, task: str, metric: str, trials: list[tuple[float, float]]) -> None:
+    """A sweep whose trial n has (val, dev) = trials[n]; its trial runs hold metrics.json too."""
+    storage.write_json(str(folder / SWEEP_FILE), {"config": {"task": task, "adapter": "pooler"}})
+    for n, (val, dev) in enumerate(trials):
+        run = folder / "trials" / f"{n:04d}"
+        adapter_run(run, task, "pooler", {metric: dev})
+        record = TrialRecord(
+            n, {}, {metric: val}, {metric: dev}, "ok", f"trials/{n:04d}", 1.0, {}, "now"
+        )
+        (run / TRIAL_RECORD).write_text(record.to_json())
+
+
+def ensemble(folder: Path, task: str, metric: str, value: float) -> None:
+    storage.write_json(
+        str(folder / "metrics.json"),
+        {"members": [], "ensemble": {metric: value}, "config": {"task": task}},
+    )
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    finetune_run(root / "rte" / "finetune", "rte", {"accuracy": 0.60})
+    for seed, value in enumerate([0.62, 0.64, 0.66]):
+        adapter_run(root / "rte" / f"pooler-{seed}", "rte", "pooler", {"accuracy": value})
+    adapter_run(root / "rte" / "cls", "rte", "cls", {"accuracy": 0.55})
+    # the best trial by val (trial 1) is not the best on dev (trial 2)
+    sweep(root / "rte" / "sweep", "rte", "accuracy", [(0.5, 0.58), (0.8, 0.63), (0.7, 0.70)])
+    ensemble(root / "rte" / "ensemble", "rte", "accuracy", 0.67)
+    finetune_run(root / "stsb" / "finetune", "stsb", {"pearson": 0.80, "spearman": 0.79})
+    adapter_run(root / "stsb" / "pooler", "stsb", "pooler", {"pearson": 0.82, "spearman": 0.8})
+    return root
+
+
+def test_runs_are_found_by_what_they_hold(results):
+    found = {(r.task, r.column): r.value for r in find_results(str(results))}
+    assert found[("rte", "fine-tuning")] == 0.60
+    assert found[("rte", "adapter: cls")] == 0.55
+    assert found[("rte", "best trial (pooler)")] == 0.63  # chosen by val, not by dev
+    assert found[("rte", "ensemble")] == 0.67
+    assert found[("stsb", "adapter: pooler")] == 0.82
+    columns = [r.column for r in find_results(str(results)) if r.task == "rte"]
+    assert columns.count("adapter: pooler") == 3  # seeds; the sweep's trial runs are not counted
+
+
+def test_report_writes_a_table_and_a_plot(results):
+    report = write_report(ReportConfig(results=str(results)))
+    text = (results / "report.md").read_text()
+    assert text == report["text"]
+    header = next(line for line in text.splitlines() if line.startswith("| task"))
+    assert header == (
+        "| task | metric | fine-tuning | adapter: cls | adapter: pooler | best trial (pooler) "
+        "| ensemble |"
+    )
+    rte = next(line for line in text.splitlines() if line.startswith("| rte"))
+    assert rte == ("| rte | accuracy | 0.6000 | 0.5500 | 0.6400 ± 0.0200 (n=3) | 0.6300 | 0.6700 |")
+    stsb = next(line for line in text.splitlines() if line.startswith("| stsb"))
+    assert stsb == "| stsb | pearson | 0.8000 | – | 0.8200 | – | – |"
+    assert "No published reference numbers" in text and "![dev metrics](report.png)" in text
+    assert (results / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_published_numbers_appear_only_from_a_given_file(results, tmp_path):
+    reference = tmp_path / "published.json"
+    reference.write_text(
+        json.dumps({"source": "a paper, table 2", "dev": {"rte": {"accuracy": 0.7}}})
+    )
+    out = tmp_path / "report"
+    write_report(ReportConfig(results=str(results), out=str(out), reference=str(reference)))
+    text = (out / "report.md").read_text()
+    assert text.splitlines()[4].endswith("| ensemble | reference |")
+    assert "| 0.7000 |" in next(line for line in text.splitlines() if line.startswith("| rte"))
+    assert "Reference column: a paper, table 2." in text
+    assert not (results / "report.md").exists()
+
+
+def test_report_command_and_an_empty_folder(results, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(results)])
+    assert result.exit_code == 0, result.output
+    assert "| rte | accuracy |" in result.output and "report.png" in result.output
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
+    assert empty.exit_code == 2 and "no runs, sweeps or ensembles" in empty.output
