@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, storage
-from bertvision.glue import get_task
+from bertvision.glue import TASKS, get_task
 
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
@@ -145,6 +145,7 @@ class TrialRecord:
     hyperopt_vals: dict[str, float | int]
     finished_at: str
     error: str = ""
+    worker: str = ""  # host:pid of the process that ran it
 
     def objective(self, metric: str) -> float:
         """What TPE minimises: minus the validation metric (inf for a failed trial)."""
@@ -166,6 +167,18 @@ class SweepSummary:
     ran: int  # finished by this call
     failed: int  # trials with status "fail", of all finished
     best: TrialRecord | None  # by validation metric
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {
+            "sweep": self.out,
+            "finished": self.done_before + self.ran,
+            "ran": self.ran,
+            "failed": self.failed,
+            "best": None
+            if best is None
+            else {"trial": best.trial, "params": best.params, "val": best.val, "dev": best.dev},
+        }
 
 
 # -- search spaces -------------------------------------------------------------------------------
@@ -293,6 +306,23 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     return plan
 
 
+def tasks_with_embeddings(embeddings: str) -> list[str]:
+    """The tasks whose train and dev embeddings under `embeddings` are complete."""
+    from bertvision.shards import ShardError, committed_shards
+
+    present = []
+    for name in storage.list_names(embeddings):
+        if name not in TASKS:
+            continue
+        try:
+            for split in ("train", *TASKS[name].dev_splits):
+                committed_shards(embeddings, name, split)
+        except ShardError:
+            continue  # not extracted yet, or still being extracted
+        present.append(name)
+    return present
+
+
 def load_trials(out: str) -> list[TrialRecord]:
     """The committed trials of a sweep (their trial.json records), in trial order."""
     fs, path = storage.url_to_fs(out)
@@ -366,6 +396,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
     `data` is a `train.load_embeddings` result to share; by default each process loads the
     embeddings once and every trial it runs shares that copy.
     """
+    from bertvision.shards import worker_name
     from bertvision.train import train_adapter
 
     folder = trial_url(cfg.out, spec.trial)
@@ -396,6 +427,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         hyperopt_vals=spec.hyperopt_vals,
         finished_at=_now(),
         error="" if ok else f"validation {metric} is {objective}",
+        worker=worker_name(),
     )
     storage.write_text_atomic(record_url, record.to_json())
     return record

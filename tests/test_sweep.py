@@ -275,6 +275,14 @@ def test_missing_embeddings_fail_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_only_tasks_with_complete_train_and_dev_embeddings_are_swept(embeddings, tmp_path):
+    assert sweeping.tasks_with_embeddings(embeddings) == ["rte"]
+    partial = str(tmp_path / "partial")
+    write_split(partial, "train", 20, seed=1)  # dev not extracted (yet)
+    assert sweeping.tasks_with_embeddings(partial) == []
+    assert sweeping.tasks_with_embeddings(str(tmp_path / "nowhere")) == []
+
+
 def test_kill_9_mid_sweep_then_rerun_runs_only_the_rest(embeddings, tmp_path):
     out = tmp_path / "sweep"
     space = tmp_path / "space.json"
@@ -350,3 +358,33 @@ def test_ensemble_of_a_sweep_is_recomputable_from_its_prediction_files(embedding
     assert recomputed == result["ensemble"]
     test_rows = (ens / "test_predictions.tsv").read_text().splitlines()
     assert test_rows[0] == "index\tprediction" and len(test_rows) == 1 + 24
+
+
+# ----------------------------------------------------------------------------------------------
+# The Prefect flows
+
+
+def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
+    prefect_harness, embeddings, tmp_path
+):
+    from flows.ensemble import ensemble
+    from flows.sweep import sweep
+
+    out = tmp_path / "runs"
+    settings = dict(embeddings=embeddings, out=str(out), trials=4, parallel=2, space=QUICK_SPACE)
+    result = sweep(**settings, startup_trials=2, device="cpu")
+
+    assert list(result) == ["rte"]  # found by its embeddings
+    assert (result["rte"]["finished"], result["rte"]["ran"]) == (4, 4)
+    records = load_trials(str(out / "rte" / "sweep"))
+    workers = {r.worker for r in records}
+    assert len(workers) == 2, workers  # two pool processes, neither of them this one
+    assert not any(w.endswith(f":{os.getpid()}") for w in workers)
+    best = max(records, key=lambda r: (r.val["accuracy"], -r.trial))
+    assert result["rte"]["best"]["trial"] == best.trial
+
+    assert sweep(**settings, startup_trials=2, device="cpu")["rte"]["ran"] == 0  # finished
+
+    ensembled = ensemble(tasks=["rte"], out=str(out), top_k=3)["rte"]
+    assert len(ensembled["members"]) == 3
+    assert (out / "rte" / "ensemble" / "dev_predictions.tsv").exists()
