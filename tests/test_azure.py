@@ -47,10 +47,10 @@ def azure_env(azurite, monkeypatch) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rte_slice(tmp_path_factory, glue_dir) -> str:
-    """A glue_data folder with the first 120 train and 16 dev examples of the real RTE."""
+    """A glue_data folder with the first 120 train, 16 dev and 16 test examples of the real RTE."""
     folder = tmp_path_factory.mktemp("glue-slice")
     (folder / "RTE").mkdir()
-    for split, rows in (("train", 120), ("dev", 16)):
+    for split, rows in (("train", 120), ("dev", 16), ("test", 16)):
         lines = (Path(glue_dir) / "RTE" / f"{split}.tsv").read_text().splitlines(keepends=True)
         (folder / "RTE" / f"{split}.tsv").write_text("".join(lines[: rows + 1]))
     return str(folder)
@@ -151,33 +151,51 @@ def test_a_staged_file_appears_only_complete_and_a_discarded_one_never(azure_env
     assert reader.find(container) == [f"{container}/split/shard-00000.parquet"]
 
 
-def test_extract_to_azure_then_pyarrow_dataset_reads_shards_through_adlfs(
-    azure_env, azurite, tiny_model, rte_slice
+def test_the_pipeline_runs_end_to_end_on_azure_and_pyarrow_reads_the_shards(
+    azure_env, azurite, tiny_model, rte_slice, tmp_path
 ):
+    """fine-tune -> extract (from the checkpoint on Azure) -> train -> sweep -> ensemble, every
+    input and output an az:// URL; then pyarrow.dataset reads the shards through plain adlfs."""
     container = azurite.create_container()
-    out = f"az://{container}/emb"
-    result = CliRunner().invoke(
-        app,
-        _extract_args(out, tiny_model, rte_slice, "--splits", "train,dev", "--shard-size", "32"),
-    )
-    assert result.exit_code == 0, result.output
-    assert "rte/train: 4 shards written" in result.output
+    az = f"az://{container}"
+    space = tmp_path / "space.json"
+    space.write_text('{"epochs": 2, "adapter_dim": {"choice": [2, 4]}, "batch_size": 16}')
+    data, cpu = ["--data-dir", rte_slice, "--max-seq-length", "64"], ["--device", "cpu"]
+    steps = [
+        ["finetune", "--task", "rte", "--out", f"{az}/ckpt", "--model", tiny_model, *data,
+         "--epochs", "0.5", *cpu],
+        ["extract", "--task", "rte", "--out", f"{az}/emb", "--model", f"{az}/ckpt", *data,
+         "--shard-size", "32", *cpu],
+        ["train", "--task", "rte", "--embeddings", f"{az}/emb", "--out", f"{az}/runs/pooler",
+         "--epochs", "2", "--adapter-dim", "4", *cpu],
+        ["sweep", "--task", "rte", "--embeddings", f"{az}/emb", "--out", f"{az}/sweeps/rte",
+         "--trials", "2", "--space", str(space), *cpu],
+        ["ensemble", "--task", "rte", "--runs", f"{az}/sweeps/rte", "--out", f"{az}/ens/rte",
+         "--top-k", "2", "--with-finetuned", f"{az}/ckpt"],
+    ]  # fmt: skip
+    for args in steps:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"{args[0]}: {result.output}"
 
     reader = _adlfs(azurite)
     train = ds.dataset(f"{container}/emb/rte/train", filesystem=reader, format="parquet")
     assert len(train.files) == 4  # the manifest under _manifest/ is not part of the dataset
     ids = [i for b in train.to_batches(columns=["example_id"]) for i in b.column(0).to_pylist()]
     assert sorted(ids) == list(range(120))
-    plan, urls = shards.committed_shards(out, "rte", "dev")
-    assert plan.num_examples == 16 and len(urls) == 1
     assert not reader.exists(f"{container}/emb/rte/train/_incomplete")
     # The checksum travels with the blob, so checking a committed shard needs no download.
-    records = shards.load_records(f"{out}/rte/train", plan=shards.load_plan(f"{out}/rte/train"))
-    first = reader.info(f"{container}/emb/rte/train/{records[0].file}")
-    assert first["metadata"]["sha256"] == records[0].sha256
+    plan = shards.load_plan(f"{az}/emb/rte/train")
+    record = shards.load_records(f"{az}/emb/rte/train", plan)[0]
+    blob = reader.info(f"{container}/emb/rte/train/{record.file}")
+    assert blob["metadata"]["sha256"] == record.sha256 and blob["size"] == record.bytes
 
-    status = CliRunner().invoke(app, ["status", out])
+    status = CliRunner().invoke(app, ["status", f"{az}/emb"])
     assert "rte/train: 120 examples, 4 shards: 4 done, 0 failed, 0 missing" in status.output
+    for run in ("runs/pooler", "sweeps/rte/trials/0001"):
+        assert "accuracy" in storage.read_json(f"{az}/{run}/metrics.json")["dev"]
+    ensemble = storage.read_json(f"{az}/ens/rte/metrics.json")
+    assert "accuracy" in ensemble["ensemble"]
+    assert len(ensemble["members"]) == 3  # two trials and the fine-tuned encoder
 
 
 # Failures: transient ones are retried inside the storage layer, permanent ones are not.
