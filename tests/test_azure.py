@@ -355,3 +355,100 @@ class _ShardListingWatcher(threading.Thread):
         self._done.set()
         if self.is_alive():
             self.join()
+
+
+# Prefect: results on Azure, so a run on any worker finds what another one cached; no secrets.
+
+
+@pytest.fixture(scope="module")
+def prefect_runs_on_azure(prefect_harness, azurite, tiny_model, rte_slice):
+    """The train-adapter flow run three times with Prefect's results on Azurite (a
+    RemoteFileSystem block over adlfs, stored without credentials), and once failing."""
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
+
+    from bertvision.extract import ExtractConfig, extract_hidden_states
+    from flows.train_adapter import train_adapter
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_only(azurite, monkeypatch)
+        container = azurite.create_container()
+        block = f"bertvision-results-{container}"
+        RemoteFileSystem(basepath=f"az://{container}/prefect-results").save(block)
+        embeddings = f"az://{container}/emb"
+        extract_hidden_states(
+            ExtractConfig(
+                task="rte",
+                out=embeddings,
+                model=tiny_model,
+                data_dir=rte_slice,
+                max_seq_length=64,
+                shard_size=64,
+                device="cpu",
+            ),
+            progress=False,
+        )
+        params = dict(task="rte", embeddings=embeddings, epochs=2, adapter_dim=4, device="cpu")
+        out = f"az://{container}/runs/pooler"
+        with temporary_settings(
+            {PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"remote-file-system/{block}"}
+        ):
+            runs = [train_adapter(**params, out=out, return_state=True) for _ in range(3)]
+            failed = train_adapter(
+                **{**params, "embeddings": "az://nope/emb"}, out=out, return_state=True
+            )
+        APILogWorker.drain_all(timeout=30)  # the logs reach the API before we read them
+        yield {"container": container, "block": block, "runs": runs, "failed": failed}
+
+
+def _task_states(flow_state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])
+            )
+        )
+    return [run.state.name for run in runs]
+
+
+def test_prefect_results_on_azure_serve_a_later_run_from_the_cache(prefect_runs_on_azure, azurite):
+    """The train task's cache key hashes its inputs, its code and the run's metrics.json, so
+    the first run (nothing stored yet) trains, the second finds the run in storage and records
+    the key with its result on Azure, and the third is served from there without running."""
+    first, second, third = prefect_runs_on_azure["runs"]
+    assert all(run.is_completed() for run in (first, second, third))
+    assert [_task_states(run) for run in (first, second, third)] == [
+        ["Completed"],
+        ["Completed"],
+        ["Cached"],  # read from Azure, where a worker on any other host would look too
+    ]
+    assert third.result() == first.result()
+    container = prefect_runs_on_azure["container"]
+    assert _adlfs(azurite).find(f"{container}/prefect-results")  # the result records
+
+
+def test_no_storage_secret_reaches_the_prefect_api(prefect_runs_on_azure, azurite):
+    from azurite import KEY
+    from prefect.client.orchestration import get_client
+
+    failed = prefect_runs_on_azure["failed"]
+    assert failed.is_failed()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+        answers = [
+            *client.read_flow_runs(),  # parameters, state messages
+            *client.read_task_runs(),
+            *logs,
+            *client.read_artifacts(),
+            *client.read_block_documents(include_secrets=True),
+        ]
+    assert any(log.flow_run_id == failed.state_details.flow_run_id for log in logs)
+    text = "\n".join(answer.model_dump_json() for answer in answers)
+    assert "az://nope/emb" in text and "train-rte-pooler" in text  # the runs are in there
+    assert prefect_runs_on_azure["block"] in text
+    for secret in (KEY, azurite.connection_string(), "AccountKey="):
+        assert secret not in text
