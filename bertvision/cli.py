@@ -378,14 +378,19 @@ def run(
     ] = "train,dev",
     shard_size: Annotated[int, typer.Option("--shard-size", help="Examples per shard")] = 500,
     adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
-    adapter_epochs: Annotated[int, typer.Option("--adapter-epochs")] = 5,
+    adapter_epochs: Annotated[
+        int, typer.Option("--adapter-epochs", help="Of the adapter and of each sweep trial")
+    ] = 5,
+    trials: Annotated[int, typer.Option("--trials", help="Hyperopt trials of the sweep")] = 4,
+    top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 3,
     seed: SeedOpt = 0,
     device: DeviceOpt = "",
 ) -> None:
     """Run the whole pipeline in this process and print the dev metrics of each stage.
 
-    Fine-tune -> extract -> train, as the `pipeline` Prefect flow on Prefect's ephemeral API (or
-    the server at PREFECT_API_URL, if set); a rerun redoes only what OUT lacks.
+    Fine-tune -> extract -> train -> sweep -> ensemble, as the `pipeline` Prefect flow on
+    Prefect's ephemeral API (or the server at PREFECT_API_URL, if set); a rerun redoes only what
+    OUT lacks.
 
     Example: bertvision run --task rte --data-dir glue_data --out runs/rte
     """
@@ -404,6 +409,9 @@ def run(
             shard_size=shard_size,
             adapter=adapter,
             adapter_epochs=adapter_epochs,
+            trials=trials,
+            sweep_space={"epochs": adapter_epochs},
+            top_k=top_k,
             seed=seed,
             device=device,
         )

@@ -13,12 +13,16 @@ A rerun redoes only what storage lacks.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, runtime
 
 from bertvision import storage
+from flows.ensemble import ensemble
 from flows.extract_glue import extract_glue
 from flows.finetune import finetune
 from flows.report import artifact_key, publish_metrics
+from flows.sweep import sweep
 from flows.train_adapter import train_adapter
 
 
@@ -39,6 +43,10 @@ def pipeline(
     shard_size: int = 1000,
     adapter: str = "pooler",
     adapter_epochs: int = 20,
+    trials: int = 20,
+    parallel: int = 2,
+    sweep_space: dict[str, Any] | None = None,
+    top_k: int = 5,
     seed: int = 0,
     device: str = "",
     workers: int = 0,
@@ -46,7 +54,8 @@ def pipeline(
     """The whole pipeline for each of `tasks`; returns each task's dev metrics per stage.
 
     `splits` to extract default to train, dev and test (test gives GLUE submission files);
-    `workers` > 0 spreads extraction over that many runs of the shard deployment."""
+    `workers` > 0 spreads extraction over that many runs of the shard deployment;
+    `sweep_space` overrides entries of the adapter's search space (e.g. {"epochs": 5})."""
     embeddings = storage.join(out, "embeddings")
     results = {}
     for name in tasks:
@@ -68,7 +77,18 @@ def pipeline(
             task=name, embeddings=embeddings, out=storage.join(out, name, adapter),
             adapter=adapter, epochs=adapter_epochs, seed=seed, device=device,
         )  # fmt: skip
-        results[name] = {"finetune": tuned["dev"], adapter: trained["dev"]}
+        # hyperopt trials of the adapter, then the average of the best with the fine-tuned model
+        swept = sweep(
+            embeddings=embeddings, out=out, tasks=[name], trials=trials, parallel=parallel,
+            adapter=adapter, space=sweep_space, seed=seed, device=device,
+        )[name]  # fmt: skip
+        combined = ensemble(tasks=[name], out=out, top_k=top_k, with_finetuned=True)[name]
+        results[name] = {
+            "finetune": tuned["dev"],
+            adapter: trained["dev"],
+            "best trial": swept["best"]["dev"],
+            "ensemble": combined["ensemble"],
+        }
     rows = {
         f"{name} {stage}": {"dev": dev} for name in results for stage, dev in results[name].items()
     }

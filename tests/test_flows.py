@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pyarrow.dataset as ds
 import pytest
@@ -21,13 +22,16 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 from prefect.states import Failed  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from bertvision import extract, shards  # noqa: E402
+from bertvision import __version__, extract, shards  # noqa: E402
+from bertvision import finetune as finetune_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
+from bertvision.finetune import FinetuneConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
 from flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
 from tasks import extract as extract_tasks  # noqa: E402
+from tasks import finetune as finetune_tasks  # noqa: E402
 from tasks.policy import transient  # noqa: E402
 
 SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, device="cpu")
@@ -156,22 +160,33 @@ def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
 
 
-def test_run_command_goes_through_the_pipeline_and_a_rerun_redoes_nothing(
+def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
     out = tmp_path / "run"
     args = ["run", "--task", "wnli", "--data-dir", glue_dir, "--out", str(out)]
     args += ["--model", tiny_model, "--epochs", "0.1", "--max-seq-length", "64"]
-    args += ["--shard-size", "300", "--adapter-epochs", "2", "--device", "cpu"]
-    first = CliRunner().invoke(app, args)
-    assert first.exit_code == 0, first.output
-    assert re.search(r"^wnli finetune dev: accuracy 0\.\d{4}$", first.stdout, re.M)
-    assert re.search(r"^wnli pooler dev: accuracy 0\.\d{4}$", first.stdout, re.M)
+    args += ["--shard-size", "300", "--adapter-epochs", "2", "--trials", "1", "--top-k", "1"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for stage in ("finetune", "pooler", "best trial", "ensemble"):
+        assert re.search(rf"^wnli {stage} dev: accuracy [01]\.\d{{4}}$", result.stdout, re.M)
+    assert (out / "wnli" / "finetune" / "config.json").is_file()
     assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
-    assert "| wnli pooler | dev |" in Artifact.get("pipeline-wnli-metrics").data
+    assert json.loads((out / "wnli" / "ensemble" / "metrics.json").read_text())["members"]
+    assert "| wnli ensemble | dev |" in Artifact.get("pipeline-wnli-metrics").data
 
-    stored = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0, again.output
-    assert again.stdout == first.stdout
-    assert {p: p.stat().st_mtime_ns for p in stored} == stored  # nothing rewritten
+
+def test_a_finished_fine_tuning_is_returned_without_training_again(tmp_path, monkeypatch):
+    def must_not_train(cfg, progress=True):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(finetune_core, "finetune_encoder", must_not_train)
+    cfg = FinetuneConfig(task="rte", out=str(tmp_path), model="any-encoder", device="cpu")
+    stored = {"dev": {"accuracy": 0.61}, "config": asdict(cfg), "code_version": __version__}
+    (tmp_path / "metrics.json").write_text(json.dumps(stored))
+    assert finetune_tasks.finetune.fn(cfg) == stored
+
+    other = FinetuneConfig(task="rte", out=str(tmp_path), model="any-encoder", device="cpu", lr=1)
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: trains
+        finetune_tasks.finetune.fn(other)
