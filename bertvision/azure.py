@@ -28,8 +28,6 @@ from adlfs import AzureBlobFileSystem
 
 from bertvision.storage import StorageError, StorageUnavailable
 
-PROTOCOLS = ("az", "abfs", "abfss")
-
 # Transfer and retry settings; each can be overridden by the environment variable named after it.
 RETRIES = int(os.environ.get("BERTVISION_AZURE_RETRIES", "5"))  # waits ~3, 5, 9, 17, 33 s
 CONCURRENCY = int(os.environ.get("BERTVISION_AZURE_CONCURRENCY", "8"))  # blocks in flight
@@ -81,7 +79,7 @@ def filesystem() -> BlobFileSystem:
     return BlobFileSystem(**azure_storage_options())
 
 
-def retry_policy(retries: int = RETRIES):
+def retry_policy(retries: int):
     """Exponential back-off for transient failures; the Azure SDK never retries 4xx answers
     such as 403 (authentication) or 404 (missing container), so those fail at once."""
     from azure.storage.blob.aio import ExponentialRetry
@@ -101,9 +99,12 @@ def retry_policy(retries: int = RETRIES):
 class BlobFileSystem(AzureBlobFileSystem):
     """adlfs with BERTVision's retries and block sizes, and without implicit container creation."""
 
-    def __init__(self, *args, retries: int = RETRIES, block_mb: int = BLOCK_MB, **kwargs) -> None:
-        self.retries = retries  # read by do_connect, which adlfs calls from __init__
-        self.block_size = block_mb << 20
+    def __init__(
+        self, *args, retries: int | None = None, block_mb: int | None = None, **kwargs
+    ) -> None:
+        # Read by do_connect, which adlfs calls from __init__; None: the module's settings.
+        self.retries = RETRIES if retries is None else retries
+        self.block_size = (BLOCK_MB if block_mb is None else block_mb) << 20
         self._containers_seen: set[str] = set()
         super().__init__(*args, **kwargs)
 
@@ -197,10 +198,15 @@ def describe_error(exc: BaseException, url: str) -> StorageError | StorageUnavai
         return StorageError(
             f"{url}: no Azure credential for account '{account}': {_first_line(cause)}"
         )
-    if status in (401, 403):
+    if status == 401 or code in ("AuthenticationFailed", "AuthorizationFailure"):
         return StorageError(
             f"{url}: authentication failed for account '{account}' ({code or status}); "
             f"check {_source_for_message()}"
+        )
+    if status == 403:
+        return StorageError(
+            f"{url}: access denied in account '{account}' ({code}); the credential from "
+            f"{_source_for_message()} lacks a permission (e.g. Storage Blob Data Contributor)"
         )
     if isinstance(cause, ServiceRequestError | ServiceResponseError):
         return StorageUnavailable(

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from bertvision import azure, shards, storage
 from bertvision.cli import app
-from bertvision.storage import StagedWrite, StorageError
+from bertvision.storage import StagedWrite, StorageError, StorageUnavailable
 
 pytestmark = pytest.mark.azure
 
@@ -216,6 +216,16 @@ def test_an_outage_is_ridden_out_inside_the_storage_layer(tmp_path, monkeypatch)
         assert storage.list_names(f"az://{container}") == ["before.json", "during.json"]
     finally:
         service.stop()
+
+
+def test_storage_unreachable_through_all_retries_is_one_line(monkeypatch, tmp_path):
+    nobody = Azurite(tmp_path / "never-started")  # a free port where nothing listens
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", nobody.connection_string())
+    monkeypatch.setattr(azure, "RETRIES", 1)  # as BERTVISION_AZURE_RETRIES=1 would
+    with pytest.raises(StorageUnavailable) as failure:
+        storage.write_json("az://emb/x.json", {})
+    assert str(failure.value).startswith("az://emb/x.json: Azure Blob Storage unreachable after 1")
+    assert "\n" not in str(failure.value)
 
 
 @pytest.mark.parametrize("fault", ["missing-container", "wrong-key"])
