@@ -615,7 +615,10 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
         "epochs": epochs,
     }
     storage.write_json(storage.join(cfg.out, "curve.json"), curve)
-    storage.write_bytes_atomic(storage.join(cfg.out, "curve.png"), plot_curve(curve, task.name))
+    storage.write_bytes_atomic(
+        storage.join(cfg.out, "curve.png"),
+        plot_curve(curve, f"{task.name} {cfg.adapter} seed {cfg.seed}"),
+    )
     storage.write_json(
         storage.join(cfg.out, "config.json"),
         {

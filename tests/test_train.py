@@ -506,3 +506,39 @@ def test_cli_reports_bad_embeddings_in_one_line(tmp_path, rte_embeddings):
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: no embeddings of cola under")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment script, at the smallest scale
+
+
+def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(
+    tmp_path, glue_dir, tiny_model
+):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "experiment.py"
+    out = tmp_path / "exp"
+    argv = ["--data-dir", glue_dir, "--model", tiny_model, "--tasks", "rte", "--seeds", "1"]
+    argv += ["--out", str(out), "--max-train-examples", "20", "--adapter-epochs", "1"]
+    argv += ["--device", "cpu"]
+    run = (
+        "import runpy, sys; "
+        f"sys.argv = {[str(script), *argv]!r}; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__'); "
+        "assert 'prefect' not in sys.modules, 'the experiment imported prefect'"
+    )
+    subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    results = read_json(out / "results.json")
+
+    methods = [row["method"] for row in results["summary"]]
+    assert methods == ["finetune-1", "finetune-3", "pooler", "scalarmix", "cls", "extract"]
+    for row in results["summary"][:5]:
+        assert set(row["dev"]) == {"accuracy"} and 0.0 <= row["dev"]["accuracy"]["mean"] <= 1.0
+        assert row["pipeline_s"]["mean"] >= row["stage_s"]["mean"] > 0
+    assert "| pooler | " in (out / "results.md").read_text()
+    assert not (out / "runs" / "rte" / "seed-0" / "embeddings").exists()
+
+    subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
