@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, on a machine with a CUDA torch, transformers and pyarrow but without
+# this package installed (run from the repository root):
+#
+#   bash scripts/gpu_check.sh RESULTS_DIR MODEL GLUE_DIR [EXPERIMENT_SECONDS]
+#
+# 1. tests/test_cuda.py: bf16 extraction on CUDA vs the float32 forward; fine-tuning on CUDA
+# 2. scripts/bench_extract.py: forward-only vs full-extraction throughput on RTE train
+# 3. scripts/experiment.py on RTE, then MRPC, 5 seeds each (each stopped after EXPERIMENT_SECONDS)
+set -uo pipefail
+results=${1:?results folder}; model=${2:?encoder folder}; glue=${3:?glue_data folder}
+budget=${4:-240}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$results"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/log.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
+  transformers.__version__)" | tee -a "$results/log.txt"
+
+BERTVISION_TEST_MODEL=$model BERTVISION_TEST_GLUE_DIR=$glue \
+  python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 \
+  | tee -a "$results/log.txt"
+
+python3 scripts/bench_extract.py --model "$model" --data-dir "$glue" --task rte --split train \
+  --device cuda --batch-size 64 2>&1 | grep -v "^Loading" | tee -a "$results/log.txt"
+
+# One task after the other, each within its share of the budget: a task that finishes has its
+# table even if the next one is stopped; the per-stage records of both come back as archives.
+for task in rte mrpc; do
+  timeout "$budget" python3 scripts/experiment.py --data-dir "$glue" --model "$model" \
+    --device cuda --tasks "$task" --seeds 5 --out "/tmp/experiment-$task" 2>&1 \
+    | grep -vE "it/s|s/it|^Loading" | tail -n 30 | tee -a "$results/log.txt"
+  cp "/tmp/experiment-$task/results.json" "$results/results-$task.json" 2>/dev/null
+  tar -czf "$results/records-$task.tgz" -C "/tmp/experiment-$task" records 2>/dev/null
+done
