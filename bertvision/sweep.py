@@ -109,8 +109,9 @@ class SweepConfig:
         """The adapter's default space with this sweep's overrides applied."""
         return {**default_space(self.adapter), **self.space}
 
-    def key(self) -> str:
-        """Hashes what determines the trials; a sweep folder never mixes two keys."""
+    def key(self, extraction_keys: dict[str, str]) -> str:
+        """Hashes what determines the trials, the embeddings' extraction keys included: a sweep
+        folder never mixes two searches, nor trials on two extractions."""
         content = {
             "task": self.task,
             "adapter": self.adapter,
@@ -118,6 +119,7 @@ class SweepConfig:
             "startup_trials": self.startup_trials,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
+            "extractions": extraction_keys,
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -277,28 +279,36 @@ def trial_url(out: str, trial: int) -> str:
 def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Check the embeddings and the sweep folder; write sweep.json on first use.
 
-    A folder holding a sweep with other settings (another task, adapter, space or seed) is an
-    error: resuming it would mix two searches.
+    A folder holding a sweep with other settings (another task, adapter, space or seed) or on
+    other embeddings is an error: resuming it would mix two searches.
     """
     from bertvision.shards import committed_shards
 
-    for split in ("train", *get_task(cfg.task).dev_splits):
-        committed_shards(cfg.embeddings, cfg.task, split)  # raises if missing or incomplete
+    plans = {
+        split: committed_shards(cfg.embeddings, cfg.task, split)[0]  # raises if incomplete
+        for split in ("train", *get_task(cfg.task).dev_splits)
+    }
+    extraction_keys = {split: plan.key for split, plan in plans.items()}
+    key = cfg.key(extraction_keys)
     url = storage.join(cfg.out, SWEEP_FILE)
     if storage.exists(url):
         stored = storage.read_json(url)
-        if stored["key"] != cfg.key():
+        if stored["key"] != key:
             raise ValueError(
                 f"{cfg.out} holds another sweep (task {stored['config']['task']}, adapter "
-                f"{stored['config']['adapter']}, other space or seed); use another --out"
+                f"{stored['config']['adapter']}; other space, seed or embeddings); "
+                "use another --out"
             )
         return stored
     storage.ensure_writable(cfg.out)
     plan = {
-        "key": cfg.key(),
+        "key": key,
         "config": asdict(cfg),
         "space": cfg.resolved_space(),
         "metric": get_task(cfg.task).primary_metric,
+        "model": plans["train"].model,
+        "model_fingerprint": plans["train"].model_fingerprint,
+        "extraction_keys": extraction_keys,
         "code_version": __version__,
         "created_at": _now(),
     }

@@ -3,6 +3,7 @@ kill -9, parallel batches, and selection that never reads a dev label."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,7 @@ def write_split(out: str, split: str, n: int, seed: int, labels: np.ndarray | No
         split=split,
         model="synthetic",
         model_fingerprint="f" * 16,
-        data_fingerprint=f"synthetic-{split}-{seed}",
+        data_fingerprint=hashlib.sha256(repr((split, seed, stored)).encode()).hexdigest()[:16],
         num_examples=n,
         shard_size=40,
         max_seq_length=8,
@@ -265,6 +266,9 @@ def test_a_folder_holding_another_sweep_is_refused(embeddings, tmp_path):
         run_sweep(quick(embeddings, out, trials=2, adapter="cls"), progress=False)
     with pytest.raises(ValueError, match="holds another sweep"):
         run_sweep(quick(embeddings, out, trials=2, seed=1), progress=False)
+    relabelled = synthetic_embeddings(str(tmp_path / "emb2"), dev_labels=np.zeros(40, int))
+    with pytest.raises(ValueError, match="holds another sweep"):
+        run_sweep(quick(relabelled, out, trials=2), progress=False)
     assert len(lines(out)) == 1
 
 
