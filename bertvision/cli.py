@@ -92,6 +92,10 @@ def finetune(
     max_train_examples: Annotated[
         int | None, typer.Option("--max-train-examples", help="First N only, for quick runs")
     ] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Held-out slice of TRAIN, left out here too")
+    ] = 0.1,
+    val_seed: Annotated[int, typer.Option("--val-seed", help="Which held-out slice")] = 0,
 ) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
 
@@ -111,9 +115,12 @@ def finetune(
         seed=seed,
         device=device,
         max_train_examples=max_train_examples,
+        val_fraction=val_fraction,
+        val_seed=val_seed,
     )
     metrics = finetune_encoder(cfg)
-    typer.echo(json.dumps({"dev": metrics["dev"], "train": metrics["train"]}, sort_keys=True))
+    shown = {k: metrics[k] for k in ("val", "dev", "train")}
+    typer.echo(json.dumps(shown, sort_keys=True))
 
 
 @app.command()
@@ -194,6 +201,9 @@ def train(
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Slice of TRAIN held out for selection")
     ] = 0.1,
+    val_seed: Annotated[
+        int, typer.Option("--val-seed", help="Which held-out slice (as fine-tuning's)")
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a finished run with other settings")
     ] = False,
@@ -219,6 +229,7 @@ def train(
         seed=seed,
         device=device,
         val_fraction=val_fraction,
+        val_seed=val_seed,
         overwrite=overwrite,
     )
     metrics = train_adapter(cfg)

@@ -2,8 +2,9 @@
 
 `epochs` may be a fraction: 0.2 trains on two tenths of an epoch's batches. AdamW with linear
 warm-up and decay, seeded, bf16 autocast on CUDA. The checkpoint at `out` loads with
-`from_pretrained` (and so with `bertvision extract --model out`); `out/metrics.json` holds the dev
-metrics, and the dev/test predictions are written like an adapter run's.
+`from_pretrained` (and so with `bertvision extract --model out`); `out/metrics.json` holds the val
+and dev metrics, and the val/dev/test predictions are written like an adapter run's. The held-out
+slice of TRAIN that adapters select on (`val_fraction`, `val_seed`) is left out of training.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     max_train_examples: int | None = None  # first N training examples only, for quick runs
+    # The held-out slice of TRAIN (glue.held_out_ids) is left out of fine-tuning, so adapters
+    # trained on this encoder's embeddings are selected on examples the encoder never saw.
+    val_fraction: float = 0.1
+    val_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         self.model = self.model or enc.default_model()
@@ -60,8 +67,14 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     from bertvision.predictions import point_predictions, write_predictions
 
     task = glue.get_task(cfg.task)
-    train = glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]
-    evaluated = {
+    examples = glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]
+    val_ids = set(
+        glue.held_out_ids(
+            [ex.example_id for ex in examples], cfg.val_fraction, cfg.val_seed
+        ).tolist()
+    )
+    train = [ex for ex in examples if ex.example_id not in val_ids]
+    evaluated = {"val": [ex for ex in examples if ex.example_id in val_ids]} | {
         s: glue.load_split(task, s, cfg.data_dir) for s in (*task.dev_splits, *task.test_splits)
     }
     config = enc.check_encoder(cfg.model)
@@ -114,10 +127,12 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
         split: compute_metrics(
             task, point_predictions(task, outputs[split]), [ex.label for ex in evaluated[split]]
         )
-        for split in task.dev_splits
+        for split in ("val", *task.dev_splits)
     }
     result = {
-        **({"dev": metrics[task.dev_splits[0]]} | {s: metrics[s] for s in task.dev_splits[1:]}),
+        "val": metrics["val"],
+        "dev": metrics[task.dev_splits[0]],
+        **{split: metrics[split] for split in task.dev_splits[1:]},
         "train": {
             "steps": total_steps,
             "examples": seen,

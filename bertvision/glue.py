@@ -14,6 +14,8 @@ import io
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from bertvision import storage
 
 
@@ -266,3 +268,16 @@ def data_fingerprint(examples: list[Example]) -> str:
     for ex in examples:
         digest.update(json.dumps([ex.example_id, ex.texts, ex.label]).encode())
     return digest.hexdigest()[:16]
+
+
+def held_out_ids(example_ids: np.ndarray | list[int], fraction: float, seed: int = 0) -> np.ndarray:
+    """The seeded slice of TRAIN held out for early stopping and model selection (sorted ids).
+
+    Fine-tuning leaves out the same slice as adapter training, so the encoder whose embeddings
+    an adapter learns from has never trained on the examples that select that adapter.
+    """
+    ids = np.sort(np.asarray(example_ids, dtype=np.int64))
+    count = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    if count < 1:
+        raise ValueError("the train split needs at least 2 examples to hold one out")
+    return np.sort(np.random.default_rng(seed).permutation(ids)[:count])

@@ -3,8 +3,9 @@
     data = load_embeddings("rte", "emb")              # check and (if it fits) load once
     metrics = train_adapter(TrainConfig(task="rte", embeddings="emb", out="run"), data=data)
 
-A seeded slice of the training split (`val_fraction`) is held out; early stopping and the choice
-of the epoch whose weights are kept use only that slice, never the dev set that is reported. Each
+A seeded slice of the training split (`val_fraction`, `val_seed`; the slice that fine-tuning left
+out too) is held out; early stopping and the choice of the epoch whose weights are kept use only
+that slice, never the dev set that is reported. Each
 epoch ends with a checkpoint in RUN/_checkpoint/, so an interrupted run resumes from its last
 finished epoch; a finished run is returned as stored.
 
@@ -77,9 +78,10 @@ class TrainConfig:
     epochs: int = 20
     patience: int = 5  # stop after this many epochs without a better val metric; 0 = never
     batch_size: int = 32
-    seed: int = 0  # initialisation, batch order, dropout and the held-out slice
+    seed: int = 0  # initialisation, batch order and dropout
     device: str = ""  # "" = cuda if available, else cpu
     val_fraction: float = 0.1  # slice of TRAIN held out for early stopping and selection
+    val_seed: int = 0  # which slice; fine-tuning with the same value leaves it out too
     model_fingerprint: str = ""  # if set, refuse embeddings of any other encoder
     max_resident_gb: float = 8.0  # hold a split in (device) memory up to this size, else stream
     shuffle_shards: int = 4  # when streaming: shards whose examples are shuffled together
@@ -326,13 +328,11 @@ def _read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
 # Training
 
 
-def held_out_ids(train: SplitData, val_fraction: float, seed: int) -> np.ndarray:
-    """The example ids of the seeded held-out slice of TRAIN (at least one, never all)."""
-    count = min(train.num_examples - 1, max(1, round(val_fraction * train.num_examples)))
-    if count < 1:
+def held_out_ids(train: SplitData, val_fraction: float, val_seed: int) -> np.ndarray:
+    """The example ids of the held-out slice of TRAIN: the same slice fine-tuning left out."""
+    if train.num_examples < 2:
         raise ShardError("the train split needs at least 2 examples to hold one out")
-    ids = np.sort(train.example_ids)
-    return np.sort(np.random.default_rng(seed).permutation(ids)[:count])
+    return glue.held_out_ids(train.example_ids, val_fraction, val_seed)
 
 
 def epoch_batches(
@@ -444,7 +444,7 @@ def train_adapter(
     checkpoint = _load_checkpoint(cfg, key)
     storage.ensure_writable(cfg.out)
 
-    val_ids = held_out_ids(train, cfg.val_fraction, cfg.seed)
+    val_ids = held_out_ids(train, cfg.val_fraction, cfg.val_seed)
     is_val = np.isin(train.example_ids, val_ids)
     torch.manual_seed(cfg.seed)
     model = adapters.build_adapter(cfg.adapter_config(data.plan.layers, data.plan.hidden_size)).to(

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from bertvision import shards
 from bertvision.cli import app
 from bertvision.finetune import FinetuneConfig
-from bertvision.glue import get_task
+from bertvision.glue import get_task, held_out_ids
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission
 
@@ -42,8 +42,12 @@ def test_fraction_of_an_epoch_writes_a_checkpoint_that_extract_accepts(
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((checkpoint / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == 16  # ceil(2490 / 32) = 78 steps per epoch; 0.2 -> 16
-    assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
+    # 2490 - 249 held out = 2241 examples: ceil(2241 / 32) = 71 steps an epoch; 0.2 -> 14
+    assert metrics["train"]["steps"] == 14
+    assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0 and 0.0 <= metrics["val"]["accuracy"] <= 1.0
+
+    val_ids = read_outputs(str(checkpoint), "val")[0]
+    assert list(val_ids) == list(held_out_ids(range(2490), 0.1, seed=0))
 
     ids, labels, outputs = read_outputs(str(checkpoint), "dev")
     assert list(ids) == list(range(277)) and outputs.shape == (277, 2)

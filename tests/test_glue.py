@@ -93,3 +93,10 @@ def test_data_fingerprint_changes_with_content(glue_dir):
     changed = [glue.Example(dev[0].example_id, dev[0].texts, 1 - dev[0].label), *dev[1:]]
     assert glue.data_fingerprint(dev) == glue.data_fingerprint(list(dev))
     assert glue.data_fingerprint(dev) != glue.data_fingerprint(changed)
+
+
+def test_the_held_out_slice_is_seeded_and_a_tenth():
+    ids = glue.held_out_ids(range(2490), 0.1, seed=0)
+    assert len(ids) == 249 and list(ids) == sorted(set(ids.tolist()))
+    assert list(ids) == list(glue.held_out_ids(list(reversed(range(2490))), 0.1, seed=0))
+    assert list(ids) != list(glue.held_out_ids(range(2490), 0.1, seed=1))

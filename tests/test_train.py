@@ -386,7 +386,7 @@ def test_streamed_splits_see_every_training_example_once_per_epoch(rte_embedding
     data = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0)
     train = data.splits["train"]
     assert train.resident is None and len(train.shard_urls) == 5
-    keep = ~np.isin(train.example_ids, training.held_out_ids(train, 0.1, seed=0))
+    keep = ~np.isin(train.example_ids, training.held_out_ids(train, 0.1, val_seed=0))
     seen = []
     for packed, rows, storage_rows in training.epoch_batches(
         train, keep, 8, np.random.default_rng(0), "cpu", shuffle_shards=2
