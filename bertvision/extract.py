@@ -30,6 +30,7 @@ from bertvision.shards import (
     clear_failure,
     is_committed,
     load_plan,
+    load_record,
     load_records,
     record_failure,
     split_url,
@@ -158,7 +159,7 @@ def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
 def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
     """Compute and commit shard `index` of `plan`; a committed one is returned as it is."""
     folder = split_url(cfg.out, plan.task, plan.split)
-    record = load_records(folder, plan).get(index)
+    record = load_record(folder, plan, index)
     if is_committed(folder, record):
         return record
     try:

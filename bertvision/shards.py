@@ -186,6 +186,15 @@ def load_records(folder: str, plan: ExtractionPlan) -> dict[int, ShardRecord]:
     return records
 
 
+def load_record(folder: str, plan: ExtractionPlan, index: int) -> ShardRecord | None:
+    """The commit record of shard `index`, if there is one of `plan`: a single read."""
+    url = manifest_url(folder, shard_record_name(index))
+    if not storage.exists(url):
+        return None
+    record = ShardRecord.from_json(storage.read_text(url))
+    return record if record.key == plan.shard_key(index) else None
+
+
 def load_failures(folder: str) -> dict[int, ShardFailure]:
     failures = {}
     for name in storage.list_names(storage.join(folder, MANIFEST_DIR)):
