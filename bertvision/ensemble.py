@@ -3,7 +3,9 @@
     ENS/outputs/<split>.parquet    the averaged outputs (what another ensemble could average)
     ENS/<split>_predictions.tsv    GLUE submission files (dev and test splits)
     ENS/metrics.json               members (trial, val and dev metrics) and the ensemble's dev
-                                   metrics, written last: its presence means the ensemble is whole
+                                   metrics, scored from the dev submission file as written (so
+                                   anyone recomputes them from it and the dev labels); written
+                                   last: its presence means the ensemble is whole
 
 Members are the K best finished trials by VALIDATION metric (the held-out slice of TRAIN), so
 choosing them never reads a dev label; dev only scores the result. A fine-tuned encoder's run
@@ -18,9 +20,14 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, storage
-from bertvision.glue import GlueTask, get_task
+from bertvision.glue import get_task
 from bertvision.metrics import compute_metrics
-from bertvision.predictions import point_predictions, read_outputs, write_predictions
+from bertvision.predictions import (
+    read_outputs,
+    read_submission,
+    submission_name,
+    write_predictions,
+)
 from bertvision.sweep import SWEEP_FILE, best_trials, load_trials
 
 
@@ -70,9 +77,7 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     return members
 
 
-def average_outputs(
-    task: GlueTask, members: list[Member], split: str
-) -> tuple[np.ndarray, list, np.ndarray]:
+def average_outputs(members: list[Member], split: str) -> tuple[np.ndarray, list, np.ndarray]:
     """example_ids, labels and the members' mean (N, C) outputs for one split."""
     ids, labels, total = None, None, None
     for member in members:
@@ -103,10 +108,11 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
             if split in task.dev_splits:
                 raise FileNotFoundError(f"a member of the ensemble has no {split} outputs")
             continue  # test embeddings were not extracted: no test submission
-        ids, labels, outputs = average_outputs(task, members, split)
+        ids, labels, outputs = average_outputs(members, split)
         write_predictions(cfg.out, task, split, ids, labels, outputs)
-        if split in task.dev_splits:
-            scores[split] = compute_metrics(task, point_predictions(task, outputs), labels)
+        if split in task.dev_splits:  # scored from the file as written: anyone gets the same
+            submitted = read_submission(storage.join(cfg.out, submission_name(split)), task)
+            scores[split] = compute_metrics(task, [submitted[i] for i in ids], labels)
     result = {
         "members": [{"trial": m.trial, "run": m.run, "val": m.val, "dev": m.dev} for m in members],
         "ensemble": scores[task.dev_splits[0]],

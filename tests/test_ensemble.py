@@ -99,9 +99,7 @@ def test_regression_scores_are_averaged_and_recomputable(tmp_path):
 
     _, _, averaged = read_outputs(str(ens), "dev")
     np.testing.assert_allclose(averaged, (outputs[1]["dev"] + outputs[2]["dev"]) / 2, rtol=1e-6)
-    recomputed = recomputed_dev_metrics(ens, "stsb")  # the file holds scores to 3 decimals
-    for name in ("pearson", "spearman"):
-        assert recomputed[name] == pytest.approx(result["ensemble"][name], abs=1e-3)
+    assert recomputed_dev_metrics(ens, "stsb") == result["ensemble"]
 
 
 def test_the_fine_tuned_model_joins_as_one_more_member(tmp_path):
