@@ -32,7 +32,7 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any
@@ -205,8 +205,21 @@ def load_space(url: str) -> dict[str, Any]:
     return space
 
 
+# TrainConfig fields a trial takes from the sweep itself, never from the space.
+SWEEP_OWNED = ("task", "embeddings", "out", "adapter", "device", "val_fraction", "overwrite")
+
+
 def check_space(space: dict[str, Any]) -> None:
-    """Each entry is a constant or one distribution with well-formed arguments."""
+    """Each entry names a training option and is a constant or one well-formed distribution."""
+    from bertvision.train import TrainConfig
+
+    options = sorted({f.name for f in fields(TrainConfig)} - set(SWEEP_OWNED))
+    unknown = sorted(set(space) - set(options))
+    if unknown:
+        raise ValueError(
+            f"search space entries {unknown} are not training options; "
+            f"expected some of {', '.join(options)}"
+        )
     for name, spec in space.items():
         if not isinstance(spec, dict):
             continue
@@ -222,7 +235,10 @@ def check_space(space: dict[str, Any]) -> None:
             continue
         wanted = 3 if kind == "quniform" else 2
         if len(args) != wanted or not all(isinstance(a, int | float) for a in args):
-            raise ValueError(f"search space entry {name}: {kind} needs {wanted} numbers")
+            raise ValueError(
+                f"search space entry {name}: {kind} needs {wanted} numbers, got {args!r}"
+                " (YAML reads 1e-4 as text: write 1.0e-4 or 0.0001)"
+            )
         if not args[0] < args[1]:
             raise ValueError(f"search space entry {name}: {kind} needs low < high, got {args}")
         if kind == "loguniform" and args[0] <= 0:

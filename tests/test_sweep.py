@@ -136,6 +136,8 @@ def test_space_file_overrides_the_adapters_default_space(tmp_path):
     "entry, message",
     [
         ({"lr": {"lognormal": [0, 1]}}, "must be a constant or one of"),
+        ({"learning_rate": 0.1}, "not training options"),
+        ({"out": "elsewhere"}, "not training options"),
         ({"lr": {"loguniform": [0.0, 1e-2]}}, "low > 0"),
         ({"dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
         ({"epochs": {"quniform": [1, 5]}}, "needs 3 numbers"),
