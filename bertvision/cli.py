@@ -260,6 +260,9 @@ def sweep(
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Slice of TRAIN held out: the objective")
     ] = 0.1,
+    val_seed: Annotated[
+        int, typer.Option("--val-seed", help="Which slice; the same for every trial")
+    ] = 0,
     device: DeviceOpt = "",
 ) -> None:
     """Tune an adapter with hyperopt's TPE on held-out TRAIN; dev is only reported. Resumable.
@@ -279,6 +282,7 @@ def sweep(
         startup_trials=startup_trials,
         seed=seed,
         val_fraction=val_fraction,
+        val_seed=val_seed,
         device=device,
     )
     summary = run_sweep(cfg)

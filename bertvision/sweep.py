@@ -16,7 +16,8 @@ The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect ta
         record_trials(cfg)                           # rewrite trials.jsonl
 
 Honest selection: TPE minimises minus the primary metric on the validation slice held out from
-TRAIN; the dev metrics are recorded for the report and never read by TPE or by the ensemble.
+TRAIN (one slice for every trial, `val_seed`); the dev metrics are recorded for the report and
+never read by TPE or by the ensemble.
 
 Resuming: storage is the record. A trial with a trial.json is finished and never run again; each
 suggestion is made from the finished trials (hyperopt's history is rebuilt from their records),
@@ -91,6 +92,7 @@ class SweepConfig:
     startup_trials: int = 5
     seed: int = 0  # of hyperopt's draws; trial n draws from (seed, n)
     val_fraction: float = 0.1  # slice of TRAIN held out for the objective
+    val_seed: int = 0  # which slice: the same for every trial (and for fine-tuning with it)
     device: str = ""  # "" = cuda if available, else cpu
 
     def __post_init__(self) -> None:
@@ -119,6 +121,7 @@ class SweepConfig:
             "startup_trials": self.startup_trials,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
+            "val_seed": self.val_seed,
             "extractions": extraction_keys,
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -206,7 +209,16 @@ def load_space(url: str) -> dict[str, Any]:
 
 
 # TrainConfig fields a trial takes from the sweep itself, never from the space.
-SWEEP_OWNED = ("task", "embeddings", "out", "adapter", "device", "val_fraction", "overwrite")
+SWEEP_OWNED = (
+    "task",
+    "embeddings",
+    "out",
+    "adapter",
+    "device",
+    "val_fraction",
+    "val_seed",
+    "overwrite",
+)
 
 
 def check_space(space: dict[str, Any]) -> None:
@@ -470,6 +482,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
         adapter=cfg.adapter,
         device=cfg.device,
         val_fraction=cfg.val_fraction,
+        val_seed=cfg.val_seed,
         **spec.params,
     )
 

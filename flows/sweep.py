@@ -50,6 +50,7 @@ def sweep(
     startup_trials: int = 5,
     seed: int = 0,
     val_fraction: float = 0.1,
+    val_seed: int = 0,
     device: str = "",
 ) -> dict[str, dict]:
     """Sweep `adapter` for `tasks` (default: every task with complete train and dev embeddings
@@ -59,7 +60,8 @@ def sweep(
         cfg = SweepConfig(
             task=name, embeddings=embeddings, out=storage.join(out, name, "sweep"),
             trials=trials, parallel=parallel, adapter=adapter, space=space or {},
-            startup_trials=startup_trials, seed=seed, val_fraction=val_fraction, device=device,
+            startup_trials=startup_trials, seed=seed, val_fraction=val_fraction,
+            val_seed=val_seed, device=device,
         )  # fmt: skip
         prepare_sweep(cfg)  # check the embeddings, write or check sweep.json
         done_before = len(record_trials(cfg))  # trials finished by earlier runs

@@ -223,7 +223,9 @@ def test_sweep_trains_every_trial_and_lists_it(embeddings, tmp_path):
         run = out / "trials" / f"{trial['trial']:04d}"
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["val"] == trial["val"] and metrics["dev"] == trial["dev"]
-        assert json.loads((run / "config.json").read_text())["train"]["lr"] == trial["params"]["lr"]
+        trained = json.loads((run / "config.json").read_text())["train"]
+        assert trained["lr"] == trial["params"]["lr"] and trained["seed"] == trial["params"]["seed"]
+        assert trained["val_seed"] == 0  # one held-out slice for every trial
     assert summary.best.val["accuracy"] == max(t["val"]["accuracy"] for t in listed)
     plan = json.loads((out / "sweep.json").read_text())
     assert plan["metric"] == "accuracy" and plan["space"]["epochs"] == {"choice": [1, 2]}
