@@ -395,9 +395,9 @@ def run(
     adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
     adapter_epochs: Annotated[
         int, typer.Option("--adapter-epochs", help="Of the adapter and of each sweep trial")
-    ] = 5,
-    trials: Annotated[int, typer.Option("--trials", help="Hyperopt trials of the sweep")] = 4,
-    top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 3,
+    ] = 3,
+    trials: Annotated[int, typer.Option("--trials", help="Hyperopt trials of the sweep")] = 2,
+    top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 2,
     seed: SeedOpt = 0,
     device: DeviceOpt = "",
 ) -> None:
@@ -409,27 +409,43 @@ def run(
 
     Example: bertvision run --task rte --data-dir glue_data --out runs/rte
     """
+    import os
+    from contextlib import nullcontext
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline anyway
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
     from flows.extract_glue import ShardsFailed
     from flows.pipeline import pipeline
 
+    api = nullcontext()
+    if not get_current_settings().api.url:
+        # One ephemeral API for this process and the sweep's worker processes, which would each
+        # start a throwaway one otherwise. A fresh one migrates its database first: on a busy
+        # machine that outlasts Prefect's 20 s default.
+        server = SubprocessASGIServer()
+        server.start(timeout=180)
+        api = temporary_settings({PREFECT_API_URL: server.api_url})
     try:
-        results = pipeline(
-            tasks=_splits(task),
-            out=out,
-            data_dir=data_dir,
-            model=model,
-            finetune_epochs=epochs,
-            max_seq_length=max_seq_length,
-            splits=_splits(splits),
-            shard_size=shard_size,
-            adapter=adapter,
-            adapter_epochs=adapter_epochs,
-            trials=trials,
-            sweep_space={"epochs": adapter_epochs},
-            top_k=top_k,
-            seed=seed,
-            device=device,
-        )
+        with api:
+            results = pipeline(
+                tasks=_splits(task),
+                out=out,
+                data_dir=data_dir,
+                model=model,
+                finetune_epochs=epochs,
+                max_seq_length=max_seq_length,
+                splits=_splits(splits),
+                shard_size=shard_size,
+                adapter=adapter,
+                adapter_epochs=adapter_epochs,
+                trials=trials,
+                sweep_space={"epochs": adapter_epochs},
+                top_k=top_k,
+                seed=seed,
+                device=device,
+            )
     except ShardsFailed as exc:
         typer.echo(f"error: {exc}; rerun to extract only those", err=True)
         raise typer.Exit(1) from None

@@ -45,7 +45,9 @@ def extract_glue(
     max_seq_length: int = 128,
     shard_size: int = 1000,
     batch_size: int = 32,
+    dtype: str = "float16",
     device: str = "",
+    overwrite: bool = False,
     workers: int = 0,
     shard_deployment: str = SHARD_DEPLOYMENT,
 ) -> dict[str, int]:
@@ -62,7 +64,9 @@ def extract_glue(
             max_seq_length=max_seq_length,
             shard_size=shard_size,
             batch_size=batch_size,
+            dtype=dtype,
             device=device,
+            overwrite=overwrite,
         )
         for name in tasks
     ]
@@ -74,7 +78,7 @@ def extract_glue(
         run_errors = _extract_on_workers(todo, workers, shard_deployment, progress)  # child runs
     else:
         for cfg, plan, pending in todo:
-            _extract_here(cfg, plan, pending, progress)  # one task run per shard
+            run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
     for cfg in cfgs:
         publish_shard_table(cfg, [plan for c, plan in work if c is cfg])
     failures = {}
@@ -91,8 +95,9 @@ def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[in
 
     Shards committed meanwhile (by an earlier try or another worker) are skipped."""
     plan = read_plan(cfg, split)
-    _extract_here(cfg, plan, shards, progress=None)
-    failures = failed_shards(cfg, plan, sorted(set(shards) & set(pending_shards(cfg, plan))))
+    run_errors = _extract_here(cfg, plan, shards, progress=None)
+    pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
+    failures = failed_shards(cfg, plan, pending, run_errors)
     if failures:
         raise ShardsFailed(failures)
     return shards
@@ -103,12 +108,18 @@ def _extract_here(
     plan: ExtractionPlan,
     shards: list[int],
     progress: ExtractionProgress | None,
-) -> None:
-    """One task run per shard, in order; a failed shard is recorded in storage and skipped."""
+) -> dict[str, str]:
+    """One task run per shard, in order; a failed shard does not stop the others.
+
+    Returns `task/split/shard` -> the final state's message, for shards whose task run failed."""
+    errors = {}
     for index in shards:
         state = extract_shard(cfg, plan, index, return_state=True)
-        if state.is_completed() and progress is not None:
+        if not state.is_completed():
+            errors[f"{plan.task}/{plan.split}/{index}"] = state.message or state.name
+        elif progress is not None:
             progress.advance(state.result().rows)
+    return errors
 
 
 def _extract_on_workers(

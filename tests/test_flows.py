@@ -175,6 +175,8 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
     assert json.loads((out / "wnli" / "ensemble" / "metrics.json").read_text())["members"]
     assert "| wnli ensemble | dev |" in Artifact.get("pipeline-wnli-metrics").data
+    assert "| finetune | dev |" in Artifact.get("wnli-finetune-metrics").data
+    assert "| pooler | val |" in Artifact.get("wnli-pooler-metrics").data
 
 
 def test_a_finished_fine_tuning_is_returned_without_training_again(tmp_path, monkeypatch):
