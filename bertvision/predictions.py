@@ -30,18 +30,27 @@ def submission_name(split: str) -> str:
     return f"{split}_predictions.tsv"
 
 
-def write_predictions(run: str, task: GlueTask, split: str, example_ids: Sequence[int],
-                      labels: Sequence[int | float | None], outputs: np.ndarray) -> None:
+def write_predictions(
+    run: str,
+    task: GlueTask,
+    split: str,
+    example_ids: Sequence[int],
+    labels: Sequence[int | float | None],
+    outputs: np.ndarray,
+) -> None:
     outputs = np.asarray(outputs, dtype=np.float32)
     ids = np.asarray(example_ids, dtype=np.int64)
     if outputs.ndim != 2 or len(outputs) != len(ids):
         raise ValueError(f"outputs of shape {outputs.shape} do not match {len(ids)} examples")
-    table = pa.table({
-        "example_id": pa.array(ids),
-        "label": pa.array(list(labels), label_type(task.regression)),
-        "output": pa.FixedSizeListArray.from_arrays(pa.array(outputs.ravel()),
-                                                    outputs.shape[1]).cast(pa.list_(pa.float32())),
-    })
+    table = pa.table(
+        {
+            "example_id": pa.array(ids),
+            "label": pa.array(list(labels), label_type(task.regression)),
+            "output": pa.FixedSizeListArray.from_arrays(
+                pa.array(outputs.ravel()), outputs.shape[1]
+            ).cast(pa.list_(pa.float32())),
+        }
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
