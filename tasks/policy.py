@@ -49,7 +49,9 @@ class WhileStored(CachePolicy):
 
     `commit_file(inputs)` names the file a run writes last (a shard's commit record, a run's
     metrics.json). Missing file: no key, so the task runs. Present: the key also hashes the file,
-    so output rewritten since the cache entry was made is not served from the cache.
+    so output rewritten since the cache entry was made is not served from the cache. The call
+    that first writes an output therefore stores no cache entry; the next one (which the core
+    answers from storage) does, and later ones are cache hits.
     """
 
     def __init__(
