@@ -96,6 +96,9 @@ def finetune(
         float, typer.Option("--val-fraction", help="Held-out slice of TRAIN, left out here too")
     ] = 0.1,
     val_seed: Annotated[int, typer.Option("--val-seed", help="Which held-out slice")] = 0,
+    predict_test: Annotated[
+        bool, typer.Option("--predict-test/--no-predict-test", help="Write test predictions")
+    ] = True,
 ) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
 
@@ -117,6 +120,7 @@ def finetune(
         max_train_examples=max_train_examples,
         val_fraction=val_fraction,
         val_seed=val_seed,
+        predict_test=predict_test,
     )
     metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}

@@ -44,6 +44,7 @@ class FinetuneConfig:
     # trained on this encoder's embeddings are selected on examples the encoder never saw.
     val_fraction: float = 0.1
     val_seed: int = 0
+    predict_test: bool = True  # write test_predictions.tsv (unlabelled: costs time, scores nothing)
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -75,7 +76,8 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     )
     train = [ex for ex in examples if ex.example_id not in val_ids]
     evaluated = {"val": [ex for ex in examples if ex.example_id in val_ids]} | {
-        s: glue.load_split(task, s, cfg.data_dir) for s in (*task.dev_splits, *task.test_splits)
+        s: glue.load_split(task, s, cfg.data_dir)
+        for s in (*task.dev_splits, *(task.test_splits if cfg.predict_test else ()))
     }
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)

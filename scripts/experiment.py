@@ -117,6 +117,7 @@ def run_seed(args: argparse.Namespace, task: str, seed: int, data_dir: str | Non
             max_seq_length=args.max_seq_length,
             seed=seed,
             device=args.device,
+            predict_test=False,  # unscored, and the adapters here predict no test split either
         )
         metrics = finetune_encoder(cfg)
         return {

@@ -53,6 +53,7 @@ def test_fraction_of_an_epoch_writes_a_checkpoint_that_extract_accepts(
     assert list(ids) == list(range(277)) and outputs.shape == (277, 2)
     predicted = read_submission(str(checkpoint / "dev_predictions.tsv"), get_task("rte"))
     assert compute_metrics("rte", [predicted[i] for i in ids], labels) == metrics["dev"]
+    assert len(read_submission(str(checkpoint / "test_predictions.tsv"), get_task("rte"))) == 3000
 
     result = CliRunner().invoke(
         app,
@@ -79,7 +80,9 @@ def test_fraction_of_an_epoch_writes_a_checkpoint_that_extract_accepts(
     assert plan.model == str(checkpoint) and plan.num_examples == 277
 
 
-def test_regression_task_trains_with_mse(tmp_path, tiny_model, glue_dir):
+def test_regression_task_trains_with_mse_and_can_skip_test_predictions(
+    tmp_path, tiny_model, glue_dir
+):
     from bertvision.finetune import finetune_encoder
 
     cfg = FinetuneConfig(
@@ -90,10 +93,12 @@ def test_regression_task_trains_with_mse(tmp_path, tiny_model, glue_dir):
         epochs=0.05,
         device="cpu",
         max_train_examples=64,
+        predict_test=False,
     )
     metrics = finetune_encoder(cfg, progress=False)
     assert set(metrics["dev"]) == {"pearson", "spearman"}
     assert read_outputs(str(tmp_path), "dev")[2].shape == (1500, 1)
+    assert not (tmp_path / "test_predictions.tsv").exists()
 
 
 @pytest.mark.parametrize("epochs", ["0", "-1"])
