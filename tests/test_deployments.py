@@ -91,6 +91,8 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_server):
         "    print(json.dumps({f'{flows[d.flow_id]}/{d.name}': {\n"
         "        'pool': d.work_pool_name, 'path': d.path, 'pull': d.pull_steps,\n"
         "        'crons': [s.schedule.cron for s in d.schedules if hasattr(s.schedule, 'cron')],\n"
+        "        'limit': d.global_concurrency_limit and d.global_concurrency_limit.limit,\n"
+        "        'collisions': getattr(d.concurrency_options, 'collision_strategy', None),\n"
         "    } for d in c.read_deployments()}))\n"
     )
     deployed = json.loads(subprocess.run(
@@ -98,6 +100,10 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_server):
     ).stdout)  # fmt: skip
     assert set(deployed) == DEPLOYMENTS
     assert deployed["sweep/sweep"]["crons"] == ["0 2 * * *"]
+    assert (deployed["sweep/sweep"]["limit"], deployed["sweep/sweep"]["collisions"]) == (
+        1,
+        "ENQUEUE",
+    )
     assert deployed["extract-shards/extract-shards"]["pool"] == "bertvision-shards"
     for name, d in deployed.items():
         assert d["pull"] == [{"flows.steps.work_in_checkout": {}}], name  # no absolute path
