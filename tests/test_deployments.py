@@ -91,7 +91,7 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_server):
         "    print(json.dumps({f'{flows[d.flow_id]}/{d.name}': {\n"
         "        'pool': d.work_pool_name, 'path': d.path, 'pull': d.pull_steps,\n"
         "        'crons': [s.schedule.cron for s in d.schedules if hasattr(s.schedule, 'cron')],\n"
-        "        'limit': d.global_concurrency_limit and d.global_concurrency_limit.limit,\n"
+        "        'limit': getattr(d.global_concurrency_limit, 'limit', None),\n"
         "        'collisions': getattr(d.concurrency_options, 'collision_strategy', None),\n"
         "    } for d in c.read_deployments()}))\n"
     )
