@@ -8,6 +8,7 @@ encoder-decoder counts as an encoder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import nullcontext
@@ -106,7 +107,7 @@ class Encoder:
     name: str
     model: torch.nn.Module
     tokenizer: object
-    fingerprint: str
+    fingerprint: str  # of the weights and the tokenizer, see `fingerprint`
     device: str
 
     @property
@@ -121,21 +122,81 @@ class Encoder:
 @lru_cache(maxsize=2)
 def load_encoder(model: str, device: str) -> Encoder:
     """The base encoder (no task head) in eval mode; cached so per-shard tasks load it once."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     check_encoder(model)
     path = local_model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast.
     encoder = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
-    return Encoder(model, encoder, tokenizer, fingerprint(encoder), device)
+    return Encoder(model, encoder, tokenizer, fingerprint(encoder, tokenizer), device)
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the names and bytes of the weights: the same weights, the same fingerprint,
-    wherever they were loaded from."""
+def load_tokenizer(path: str):
+    """The tokenizer at local folder or hub name `path`, padding on the right.
+
+    Absolute position embeddings (BERT's) count from the first position, pads included: with
+    left padding an example's states would depend on how long its batch-mates are. Right padding
+    leaves every real token where it is alone, so results never depend on the batch.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# Tokenizer init arguments that say where it was loaded from, not what it does.
+_PROVENANCE_KWARGS = {
+    "name_or_path",
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "_commit_hash",
+    "revision",
+    "token",
+    "trust_remote_code",
+    "padding_side",  # load_tokenizer forces "right"; the live value is hashed instead
+}
+
+
+def tokenizer_settings(tokenizer) -> dict:
+    """What decides the token ids a tokenizer gives: its class, vocabulary, pipeline (normaliser,
+    pre-tokeniser, model, post-processor, added tokens) and settings (lower-casing, special
+    tokens, truncation side, ...), without where it was loaded from.
+
+    The backend's truncation and padding are left out: the wrapper sets them on every call from
+    the call's arguments and its own settings, which are included.
+    """
+    settings = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "init": {
+            k: v
+            for k, v in tokenizer.init_kwargs.items()
+            if k not in _PROVENANCE_KWARGS and not k.endswith("_file")
+        },
+        "truncation_side": tokenizer.truncation_side,
+        "padding_side": tokenizer.padding_side,
+        "model_max_length": tokenizer.model_max_length,
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        settings["backend"] = {
+            k: v for k, v in pipeline.items() if k not in ("truncation", "padding")
+        }
+    return settings
+
+
+def fingerprint(model: torch.nn.Module, tokenizer) -> str:
+    """sha256 over the names and bytes of the weights and over `tokenizer_settings`: what
+    decides the hidden states of a text. The same weights and tokenizer, the same fingerprint,
+    wherever they were loaded from; a tokenizer that gives other token ids, another one."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    settings = json.dumps(tokenizer_settings(tokenizer), sort_keys=True, default=str)
+    digest.update(settings.encode())
     return digest.hexdigest()[:16]

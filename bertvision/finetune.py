@@ -62,7 +62,7 @@ class FinetuneConfig:
 def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Fine-tune, evaluate on dev, write the checkpoint and predictions; returns metrics.json."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from bertvision.metrics import compute_metrics
     from bertvision.predictions import point_predictions, write_predictions
@@ -85,7 +85,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     torch.manual_seed(cfg.seed)
     path = enc.local_model_path(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = enc.load_tokenizer(path)  # right padding: no batch-mate shifts a position
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
         dtype=torch.float32,

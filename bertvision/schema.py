@@ -56,7 +56,7 @@ class ShardMeta:
     task: str
     split: str
     model: str  # the name or URL it was loaded from
-    model_fingerprint: str  # sha256 over the encoder's weights, see encoder.fingerprint
+    model_fingerprint: str  # over the encoder's weights and tokenizer, see encoder.fingerprint
     layers: int
     hidden_size: int
     max_seq_length: int

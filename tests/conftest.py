@@ -68,3 +68,17 @@ def prefect_harness(tmp_path_factory):
             prefect_test_harness(server_startup_timeout=120),
         ):
             yield results
+
+
+def tokenizer_variant(model: str, folder: Path, **settings) -> str:
+    """A copy of `model` in `folder` (weights linked) whose tokenizer_config.json has `settings`
+    changed, e.g. padding_side="left" or do_lower_case=False."""
+    import json
+
+    folder.mkdir(parents=True)
+    for source in Path(model).iterdir():
+        if source.name != "tokenizer_config.json":
+            (folder / source.name).symlink_to(source.resolve())
+    config = json.loads((Path(model) / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | settings))
+    return str(folder)

@@ -16,6 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tokenizer_variant
 from typer.testing import CliRunner
 
 from bertvision import glue, shards
@@ -132,6 +133,84 @@ def test_every_layer_equals_a_direct_forward_of_minilm(tmp_path, minilm, glue_di
             assert label == example.label
             seen.add(example_id)
     assert seen == set(range(277))
+
+
+def _states_by_id(out, task="wnli", split="dev") -> dict[int, np.ndarray]:
+    _, urls = shards.committed_shards(str(out), task, split)
+    states = {}
+    for url in urls:
+        meta, table = shards.read_shard(url)
+        ids = table.column("example_id").to_pylist()
+        states |= dict(zip(ids, shards.hidden_arrays(table, meta), strict=True))
+    return states
+
+
+def _assert_same_states(ours: dict[int, np.ndarray], theirs: dict[int, np.ndarray]) -> None:
+    assert ours.keys() == theirs.keys()
+    for example_id, hidden in ours.items():
+        assert hidden.shape == theirs[example_id].shape, example_id
+        np.testing.assert_allclose(
+            hidden.astype(np.float32), theirs[example_id], rtol=2**-10, atol=1e-3
+        )
+
+
+def test_left_padding_tokenizer_stores_what_any_batch_size_stores(tmp_path, tiny_model, glue_dir):
+    """A tokenizer configured to pad on the left gets the same states at batch size 1 and 8,
+    the same as the original's, under the same key: batch-mates never shift positions."""
+    left = tokenizer_variant(tiny_model, tmp_path / "left", padding_side="left")
+    keys, states = {}, {}
+    for name, model, batch_size in [("one", left, 1), ("eight", left, 8), ("right", tiny_model, 8)]:
+        cfg = _config(tmp_path / name, model, glue_dir, batch_size=batch_size)
+        assert extract_hidden_states(cfg, progress=False).ok
+        keys[name] = shards.load_plan(str(tmp_path / name / "wnli/dev")).key
+        states[name] = _states_by_id(tmp_path / name)
+    assert keys["one"] == keys["eight"] == keys["right"]
+    _assert_same_states(states["eight"], states["one"])
+    _assert_same_states(states["right"], states["one"])
+
+
+@pytest.mark.slow
+def test_minilm_with_left_padding_stores_the_same_states_at_any_batch_size(
+    tmp_path, minilm, glue_dir
+):
+    """The issue's case: MiniLM padding on the left, the first 20 RTE dev rows, batch 1 vs 8."""
+    from bertvision.encoder import load_encoder
+    from bertvision.extract import hidden_state_batches
+
+    left = tokenizer_variant(minilm, tmp_path / "left", padding_side="left")
+    cfg = _config(tmp_path / "out", left, glue_dir, task="rte", max_seq_length=128)
+    (plan,) = prepare_extraction(cfg)
+    examples = glue.load_split("rte", "dev", glue_dir)[:20]
+    encoder = load_encoder(left, "cpu")
+    states = {}
+    for batch_size in (1, 8):
+        table = pa.Table.from_batches(hidden_state_batches(encoder, examples, plan, batch_size))
+        ids = table.column("example_id").to_pylist()
+        states[batch_size] = dict(zip(ids, shards.hidden_arrays(table, plan), strict=True))
+    _assert_same_states(states[8], states[1])
+
+
+@pytest.mark.parametrize(
+    "settings", [{"do_lower_case": False}, {"truncation_side": "left"}], ids=str
+)
+def test_a_tokenizer_with_other_settings_is_another_extraction(
+    tmp_path, tiny_model, glue_dir, settings
+):
+    """Same weights, a tokenizer giving other token ids: another fingerprint and key, refused in
+    the first one's folder."""
+    variant = tokenizer_variant(tiny_model, tmp_path / "variant", **settings)
+    (plan,) = prepare_extraction(_config(tmp_path / "out", tiny_model, glue_dir))
+    (other,) = prepare_extraction(_config(tmp_path / "other", variant, glue_dir))
+    assert other.model_fingerprint != plan.model_fingerprint and other.key != plan.key
+    with pytest.raises(shards.ShardError, match="different model_fingerprint"):
+        prepare_extraction(_config(tmp_path / "out", variant, glue_dir))
+
+
+def test_the_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(tmp_path, tiny_model):
+    from bertvision.encoder import load_encoder
+
+    copy = tokenizer_variant(tiny_model, tmp_path / "copy")
+    assert load_encoder(copy, "cpu").fingerprint == load_encoder(tiny_model, "cpu").fingerprint
 
 
 def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, glue_dir):

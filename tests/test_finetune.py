@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
+from conftest import tokenizer_variant
 from typer.testing import CliRunner
 
 from bertvision import shards
@@ -108,3 +111,52 @@ def test_epochs_must_be_positive(tmp_path, epochs):
     )
     assert result.exit_code == 2 and "--epochs must be > 0" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_left_padding_tokenizer_trains_and_predicts_as_the_original(
+    tmp_path, tiny_model, glue_dir
+):
+    """Training batches and predictions never depend on how long the batch-mates are: a copy
+    whose tokenizer pads on the left fine-tunes to the same predictions as the original."""
+    from bertvision.finetune import finetune_encoder
+
+    left = tokenizer_variant(tiny_model, tmp_path / "left", padding_side="left")
+    outputs = {}
+    for name, model in [("left", left), ("right", tiny_model)]:
+        cfg = FinetuneConfig(
+            task="wnli",
+            out=str(tmp_path / name / "ckpt"),
+            model=model,
+            data_dir=glue_dir,
+            epochs=1,
+            batch_size=8,
+            device="cpu",
+            max_train_examples=48,
+            predict_test=False,
+        )
+        finetune_encoder(cfg, progress=False)
+        outputs[name] = read_outputs(cfg.out, "dev")[2]
+    np.testing.assert_allclose(outputs["left"], outputs["right"], atol=1e-5)
+
+
+def test_predictions_do_not_depend_on_the_batch_size(tmp_path, tiny_model, glue_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from bertvision.encoder import load_tokenizer
+    from bertvision.finetune import _predict
+    from bertvision.glue import load_split
+
+    left = tokenizer_variant(tiny_model, tmp_path / "left", padding_side="left")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(left, num_labels=2).eval()
+    examples = load_split("wnli", "dev", glue_dir)[:20]
+    outputs = [
+        _predict(
+            model,
+            load_tokenizer(left),
+            examples,
+            FinetuneConfig(task="wnli", out="", model=left, batch_size=size, device="cpu"),
+        )
+        for size in (1, 4)
+    ]
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
