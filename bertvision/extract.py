@@ -207,13 +207,14 @@ def hidden_state_batches(
             [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
         )
         hidden, lengths = encode(encoder, features, NUMPY_DTYPES[plan.dtype])
-        offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden])]).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden], dtype=np.int64)])
+        values = pa.array(np.concatenate([h.ravel() for h in hidden]))  # one flat buffer
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array([examples[i].example_id for i in rows], pa.int64()),
                 pa.array([examples[i].label for i in rows], schema.field("label").type),
                 pa.array(lengths, pa.int32()),
-                pa.ListArray.from_arrays(offsets, np.concatenate([h.ravel() for h in hidden])),
+                pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values),
             ],
             schema=schema,
         )

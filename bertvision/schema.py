@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+# 2: `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
+# 1: `hidden` was list (int32 offsets); still read.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 META_PREFIX = "bertvision."
 
 # Hidden-state element types a shard may hold; "float16" is the default.
@@ -43,8 +46,9 @@ def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
             pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
             pa.field("label", label_type(regression)),  # null for unlabelled test rows
             pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
-            # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first)
-            pa.field("hidden", pa.list_(HIDDEN_TYPES[dtype]), nullable=False),
+            # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
+            # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
+            pa.field("hidden", pa.large_list(HIDDEN_TYPES[dtype]), nullable=False),
         ]
     )
 
@@ -139,6 +143,7 @@ class ExtractionPlan:
             max_seq_length=self.max_seq_length,
             dtype=self.dtype,
             extraction_key=self.key,
+            format_version=self.format_version,
         )
 
     def to_json(self) -> str:

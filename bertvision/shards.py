@@ -27,6 +27,7 @@ from bertvision.schema import (
     INCOMPLETE_DIR,
     MANIFEST_DIR,
     PLAN_FILE,
+    READABLE_FORMATS,
     ExtractionPlan,
     ShardFailure,
     ShardMeta,
@@ -284,7 +285,27 @@ def read_shard(url: str, columns: list[str] | None = None) -> tuple[ShardMeta, p
     fs, path = storage.url_to_fs(url)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=columns)
-    return ShardMeta.from_metadata(table.schema.metadata), table
+    return _readable(url, ShardMeta.from_metadata(table.schema.metadata)), table
+
+
+def iter_row_groups(url: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The shard at `url` one row group (one batch of the extraction) at a time, in row order:
+    memory holds one row group, not the shard."""
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        file = pq.ParquetFile(f)
+        _readable(url, ShardMeta.from_metadata(file.schema_arrow.metadata))
+        for index in range(file.num_row_groups):
+            yield file.read_row_group(index, columns=columns)
+
+
+def _readable(url: str, meta: ShardMeta) -> ShardMeta:
+    if meta.format_version not in READABLE_FORMATS:
+        raise ShardError(
+            f"shard {url} has format_version {meta.format_version}; this version of BERTVision "
+            f"reads {', '.join(map(str, READABLE_FORMATS))}"
+        )
+    return meta
 
 
 def iter_split(
@@ -297,12 +318,17 @@ def iter_split(
 
 
 def hidden_arrays(table: pa.Table, meta: ShardMeta | ExtractionPlan) -> list[np.ndarray]:
-    """Each row's hidden states as an array of shape (L, T, H), without copying."""
-    column = table.column("hidden").combine_chunks()
-    values = column.values.to_numpy(zero_copy_only=False)
-    offsets = column.offsets.to_numpy()
+    """Each row's hidden states as an array of shape (L, T, H), without copying.
+
+    Reads format 2 (`large_list`, int64 offsets) and format 1 (`list`, int32 offsets) chunk by
+    chunk, so no chunk's offsets ever have to hold a whole shard's values.
+    """
     lengths = table.column("length").to_numpy()
-    return [
-        values[offsets[i] : offsets[i + 1]].reshape(meta.layers, int(lengths[i]), meta.hidden_size)
-        for i in range(table.num_rows)
-    ]
+    arrays = []
+    for chunk in table.column("hidden").chunks:
+        values = chunk.values.to_numpy(zero_copy_only=False)  # zero-copy: no nulls
+        offsets = chunk.offsets.to_numpy().astype(np.int64)  # into `values`, also when sliced
+        for i in range(len(chunk)):
+            shape = (meta.layers, int(lengths[len(arrays)]), meta.hidden_size)
+            arrays.append(values[offsets[i] : offsets[i + 1]].reshape(shape))
+    return arrays

@@ -47,7 +47,15 @@ from bertvision import __version__, adapters, glue, storage
 from bertvision import encoder as enc
 from bertvision.metrics import compute_metrics
 from bertvision.schema import ExtractionPlan
-from bertvision.shards import ShardError, committed_shards, load_plan, read_shard, split_url
+from bertvision.shards import (
+    ShardError,
+    committed_shards,
+    hidden_arrays,
+    iter_row_groups,
+    load_plan,
+    read_shard,
+    split_url,
+)
 
 CHECKPOINT = "_checkpoint/last.pt"
 VAL_SPLIT = "val"
@@ -303,23 +311,25 @@ def _hidden_bytes(split: SplitData) -> int:
 
 
 def _read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
-    """The shards at `urls`, in order, as one Packed on `device`."""
-    tables = [read_shard(url)[1] for url in urls]
-    lengths = np.concatenate([t.column("length").to_numpy() for t in tables]).astype(np.int64)
+    """The shards at `urls`, in order, as one Packed on `device`.
+
+    Hidden states are copied into place one row group at a time: besides the result, memory
+    holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays).
+    """
+    heads = [read_shard(url, columns=["example_id", "length"])[1] for url in urls]
+    lengths = np.concatenate([t.column("length").to_numpy() for t in heads]).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     dtype = getattr(torch, plan.dtype)
     tokens = torch.empty((int(lengths.sum()), plan.layers, plan.hidden_size), dtype=dtype)
+    host = tokens.numpy()  # the same memory
     row = 0
-    for table in tables:
-        column = table.column("hidden").combine_chunks()
-        values = column.values.to_numpy(zero_copy_only=False)
-        offsets = column.offsets.to_numpy()
-        for i, length in enumerate(table.column("length").to_numpy()):
-            stored = values[offsets[i] : offsets[i + 1]].reshape(plan.layers, length, -1)
-            token_major = np.ascontiguousarray(stored.transpose(1, 0, 2))  # (T, L, H)
-            tokens[starts[row] : starts[row] + length] = torch.from_numpy(token_major)
-            row += 1
-    example_ids = np.concatenate([t.column("example_id").to_numpy() for t in tables])
+    for url in urls:
+        for group in iter_row_groups(url, columns=["length", "hidden"]):
+            for stored in hidden_arrays(group, plan):  # (L, T, H)
+                length = stored.shape[1]
+                np.copyto(host[starts[row] : starts[row] + length], stored.transpose(1, 0, 2))
+                row += 1
+    example_ids = np.concatenate([t.column("example_id").to_numpy() for t in heads])
     starts_on_device = torch.from_numpy(starts).to(device)
     return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
 

@@ -57,7 +57,7 @@ def test_shards_follow_the_documented_format(tmp_path, tiny_model, glue_dir):
     assert table.schema.field("example_id").type == "int64"
     assert table.schema.field("label").type == "int64"
     assert table.schema.field("length").type == "int32"
-    assert str(table.schema.field("hidden").type) == "list<element: halffloat>"
+    assert str(table.schema.field("hidden").type) == "large_list<element: halffloat>"
     assert sorted(table.column("example_id").to_pylist()) == list(range(71))
 
     meta = ShardMeta.from_metadata(
