@@ -146,19 +146,147 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, 
     assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
 
 
-def test_a_shard_whose_checksum_does_not_match_is_redone(tmp_path, tiny_model, glue_dir):
-    cfg = _config(tmp_path, tiny_model, glue_dir)
-    extract_hidden_states(cfg, progress=False)
-    path = tmp_path / "wnli/dev/shard-00002.parquet"
+def _flip(path: Path, at: int, count: int = 16) -> None:
+    """Invert `count` bytes of the file at offset `at` (negative: from the end); same size."""
     data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF  # same size, different content
+    at = at % len(data)
+    data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
     path.write_bytes(bytes(data))
 
+
+@pytest.mark.parametrize(
+    ("at", "columns"),
+    [
+        (0.5, None),  # inside the hidden states
+        (-40, None),  # the footer: schema, metadata, page offsets; no page checksum covers it
+        (100, ["example_id", "label", "length"]),  # the first pages, as train's checks read them
+    ],
+    ids=["data-page", "footer", "partial-read"],
+)
+def test_flipped_bytes_in_a_committed_shard_are_refused_on_read_and_redone_by_a_rerun(
+    tmp_path, tiny_model, glue_dir, at, columns
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    folder = tmp_path / "wnli/dev"
+    path = folder / "shard-00002.parquet"
+    _flip(path, int(at * path.stat().st_size) if isinstance(at, float) else at)
+    assert shards.split_status(str(folder))["done"] == 4  # deciding reads no shard
+
+    with pytest.raises(shards.ShardError, match=f"shard {path} is corrupt.*rerun extract"):
+        shards.read_shard(str(path), columns)
+    status = shards.split_status(str(folder))
+    assert (status["done"], status["failed_shards"]) == (3, [2])
+    assert "corrupt" in shards.load_failures(str(folder))[2].error
+
     summary = extract_hidden_states(cfg, progress=False)
-    assert summary.committed == {"wnli/dev": [2]}
-    assert sorted(_all_rows(tmp_path / "wnli/dev").column("example_id").to_pylist()) == list(
-        range(71)
+    assert summary.ok and summary.committed == {"wnli/dev": [2]}
+    _, table = shards.read_shard(str(path))
+    assert sorted(table.column("example_id").to_pylist()) == list(range(40, 60))
+    assert shards.split_status(str(folder))["failed"] == 0
+
+
+def test_page_checksums_are_written_and_old_shards_without_them_still_read(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    path = tmp_path / "wnli/dev/shard-00001.parquet"
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        _flip(path, path.stat().st_size // 2)  # the data, not the footer: only CRC sees it
+        pq.read_table(path, page_checksum_verification=True)
+
+    old = {k: v for k, v in shards.PARQUET_OPTIONS.items() if k != "write_page_checksum"}
+    monkeypatch.setattr(shards, "PARQUET_OPTIONS", old)
+    summary = extract_hidden_states(_config(tmp_path / "old", tiny_model, glue_dir), progress=False)
+    assert summary.ok
+    _, urls = shards.committed_shards(str(tmp_path / "old"), "wnli", "dev")
+    rows = sum(shards.read_shard(u)[1].num_rows for u in urls)
+    ids = shards.split_dataset(str(tmp_path / "old"), "wnli", "dev").to_table()["example_id"]
+    assert rows == len(ids) == 71
+
+
+def test_deciding_what_is_pending_reads_no_shard(tmp_path, tiny_model, glue_dir, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from bertvision.extract import pending_shards
+
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    for path in (tmp_path / "wnli/dev").glob("shard-*.parquet"):
+        path.write_bytes(bytes(path.stat().st_size))  # unreadable, same size
+    opened = []
+    real_open = LocalFileSystem._open
+    monkeypatch.setattr(
+        LocalFileSystem,
+        "_open",
+        lambda fs, path, *a, **kw: opened.append(path) or real_open(fs, path, *a, **kw),
     )
+    (plan,) = prepare_extraction(cfg)
+    assert pending_shards(cfg, plan) == []
+    assert shards.split_status(str(tmp_path / "wnli/dev"))["done"] == 4
+    assert len(shards.committed_shards(str(tmp_path), "wnli", "dev")[1]) == 4
+    assert extract_hidden_states(cfg, progress=False).skipped == {"wnli/dev": [0, 1, 2, 3]}
+    assert opened and not [p for p in opened if p.endswith(".parquet")]  # records only
+
+
+def test_the_documented_reader_sees_exactly_the_committed_shards(tmp_path, tiny_model, glue_dir):
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    folder = tmp_path / "wnli/dev"
+    (folder / "shard-00000 (copy).parquet").write_bytes(
+        (folder / "shard-00000.parquet").read_bytes()
+    )
+    pq.write_table(pa.table({"example_id": pa.array([999], pa.int64())}), folder / "extra.parquet")
+    assert ds.dataset(str(folder), format="parquet").count_rows() > 71  # what the folder holds
+
+    dataset = shards.split_dataset(str(tmp_path), "wnli", "dev")
+    assert sorted(dataset.to_table().column("example_id").to_pylist()) == list(range(71))
+    status = shards.split_status(str(folder))
+    assert status["strays"] == ["extra.parquet", "shard-00000 (copy).parquet"]
+    result = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "2 stray files, not read: extra.parquet, shard-00000 (copy).parquet" in result.output
+
+    # A shard renamed into place before its record was written (a writer killed in between).
+    (folder / "_manifest/shard-00003.json").unlink()
+    with pytest.raises(shards.ShardError, match="1 of 4 shards not committed; rerun extract"):
+        shards.split_dataset(str(tmp_path), "wnli", "dev")
+    with pytest.raises(shards.ShardError, match="shard-00003.parquet is not a committed shard"):
+        shards.read_shard(str(folder / "shard-00003.parquet"))
+    status = shards.split_status(str(folder))
+    assert (status["done"], status["missing"]) == (3, 1)
+    assert "shard-00003.parquet" in status["strays"]
+
+
+def test_the_plain_pyarrow_recipe_of_the_docs_reads_the_committed_shards(
+    tmp_path, tiny_model, glue_dir
+):
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    (tmp_path / "wnli/dev/stray.parquet").write_bytes(
+        (tmp_path / "wnli/dev/shard-00001.parquet").read_bytes()
+    )
+    docs = (Path(__file__).resolve().parents[1] / "docs/shard-format.md").read_text()
+    recipe = docs.split("```python\n")[2].split("```")[0]  # "With pyarrow alone"
+    namespace = {}
+    exec(recipe.replace('"OUT/rte/dev"', repr(str(tmp_path / "wnli/dev"))), namespace)
+    ids = namespace["dataset"].to_table().column("example_id").to_pylist()
+    assert sorted(ids) == list(range(71))
+
+
+def test_a_garbled_commit_record_counts_as_not_done_and_a_rerun_redoes_it(
+    tmp_path, tiny_model, glue_dir
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    record = tmp_path / "wnli/dev/_manifest/shard-00001.json"
+    record.write_text(record.read_text()[:40])  # a torn write
+
+    status = shards.split_status(str(tmp_path / "wnli/dev"))
+    assert (status["done"], status["missing"]) == (3, 1)
+    assert "_manifest/shard-00001.json" in status["strays"]
+    assert CliRunner().invoke(app, ["status", str(tmp_path)]).exit_code == 0
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.ok and summary.committed == {"wnli/dev": [1]}
+    assert shards.split_status(str(tmp_path / "wnli/dev"))["strays"] == []
 
 
 def test_other_settings_never_mix_with_old_shards(tmp_path, tiny_model, glue_dir):
