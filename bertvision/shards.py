@@ -122,7 +122,11 @@ class ShardWriter:
             storage.join(self.folder, INCOMPLETE_DIR, storage.staging_name(name)),
         )
         self._file = _HashingFile(self._staged.file)
-        self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
+        try:  # the writer writes Parquet's magic bytes at once: it may find the disk full
+            self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
+        except BaseException:
+            self._staged.discard()
+            raise
         return self
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:

@@ -504,3 +504,149 @@ def test_bad_input_exits_with_one_clear_line_and_writes_nothing(
     assert not out.exists() or not any(out.iterdir())
     assert not Path(tmp_path / "a-file" / "out").exists()
     assert os.listdir(tmp_path / "empty") == []
+
+
+# Nothing lost, nothing reported done that is not stored.
+
+
+def test_storage_losing_committed_files_fails_the_extraction_naming_them(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import bertvision.extract as extract
+
+    real = extract.extract_shard
+    folder = tmp_path / "wnli/dev"
+
+    def losing_after_the_last(cfg, plan, index):
+        record = real(cfg, plan, index)
+        if index == 3:  # storage drops earlier writes (a prefix deleted, a crashed server)
+            (folder / "shard-00000.parquet").unlink()
+            (folder / "_manifest/plan.json").unlink()
+            (folder / "_manifest/shard-00002.json").unlink()
+        return record
+
+    monkeypatch.setattr(extract, "extract_shard", losing_after_the_last)
+    args = ["extract", "--task", "wnli", "--data-dir", glue_dir, "--splits", "dev", "--model"]
+    args += [tiny_model, "--max-seq-length", "64", "--shard-size", "20", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    for lost in (
+        f"{folder}/_manifest/plan.json (missing)",
+        f"{folder}/shard-00000.parquet (missing)",
+        f"{folder}/_manifest/shard-00002.json (commit record missing)",
+    ):
+        assert f"not stored at the end: {lost}" in result.output
+
+    monkeypatch.setattr(extract, "extract_shard", real)
+    summary = extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    assert summary.ok and summary.committed == {"wnli/dev": [0, 2]}
+    assert sorted(_all_rows(folder).column("example_id").to_pylist()) == list(range(71))
+
+
+@pytest.mark.parametrize("room", [0, 3000], ids=["at-once", "mid-shard"])
+def test_no_space_stops_the_extraction_at_the_first_shard_with_one_error(
+    tmp_path, tiny_model, glue_dir, monkeypatch, room
+):
+    import errno
+
+    import bertvision.extract as extract
+
+    attempted = []
+    real_shard = extract.extract_shard
+    monkeypatch.setattr(
+        extract,
+        "extract_shard",
+        lambda cfg, plan, index: attempted.append(index) or real_shard(cfg, plan, index),
+    )
+
+    real_write = shards._HashingFile.write
+
+    def full_disk(self, data):  # `room` bytes fit
+        if self.size + memoryview(data).nbytes > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards._HashingFile, "write", full_disk)  # under pyarrow's writer
+    args = ["extract", "--task", "wnli", "--data-dir", glue_dir, "--splits", "train,dev"]
+    args += ["--model", tiny_model, "--max-seq-length", "64", "--shard-size", "20"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and "%|" not in ln]  # no bars
+    assert len(lines) == 1 and lines[0].startswith("error: no space left writing shard 0 of wnli/")
+    assert "free space, then rerun extract" in lines[0]
+    assert attempted == [0]  # no further shard, no further split
+    for split in ("train", "dev"):
+        assert not list((tmp_path / "wnli" / split).glob("*.parquet"))
+        assert not list((tmp_path / "wnli" / split).rglob("*~*"))  # no staging file left
+
+
+def test_staging_files_of_killed_writers_are_removed_by_a_rerun_and_live_ones_kept(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import socket
+    import tempfile
+
+    from bertvision import storage
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    cfg = _config(tmp_path / "out", tiny_model, glue_dir)
+    prepare_extraction(cfg)
+    folder = tmp_path / "out/wnli/dev"
+    (folder / "_incomplete").mkdir()
+    files = {
+        "dead": folder / f"_incomplete/shard-00001.parquet~{host}~{dead.pid}~a1",
+        "dead tmp": folder / f"_manifest/shard-00001.json~{host}~{dead.pid}~a2.tmp",
+        "dead spool": spool / f"{storage.SPOOL_PREFIX}~{host}~{dead.pid}~a3xyz",
+        "live": folder / f"_incomplete/shard-00002.parquet~{host}~{os.getpid()}~b1",
+        "live spool": spool / f"{storage.SPOOL_PREFIX}~{host}~{os.getpid()}~b2xyz",
+        "other host, old": folder / "_incomplete/shard-00003.parquet~elsewhere~1~c1",
+        "other host, recent": folder / "_manifest/shard-00003.json~elsewhere~1~c2.tmp",
+        "not ours": spool / "someone-elses.staged",
+    }
+    for path in files.values():
+        path.write_bytes(b"x" * 100)
+    day_ago = time.time() - storage.STALE_AFTER_SECONDS - 60
+    os.utime(files["other host, old"], (day_ago, day_ago))
+    os.utime(files["not ours"], (day_ago, day_ago))
+    assert len(shards.split_status(str(folder))["leftovers"]) == 5
+
+    prepare_extraction(cfg)  # what every extraction starts with
+    kept = {name for name, path in files.items() if path.exists()}
+    assert kept == {"live", "live spool", "other host, recent", "not ours"}
+    assert sorted(shards.split_status(str(folder))["leftovers"]) == [
+        f"_incomplete/{files['live'].name}",
+        f"_manifest/{files['other host, recent'].name}",
+    ]
+
+
+def test_a_failed_write_leaves_no_staging_file(tmp_path, monkeypatch):
+    import errno
+
+    from bertvision import storage
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_text_atomic(str(tmp_path / "record.json"), "{}")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+    staged = storage.StagedWrite(str(tmp_path / "a.parquet"), str(tmp_path / "_incomplete/a~x"))
+    staged.file.write(b"partial")
+    monkeypatch.setattr(staged.fs, "mv", full)
+    with pytest.raises(OSError, match="No space"):
+        staged.commit()
+    assert not (tmp_path / "a.parquet").exists() and os.listdir(tmp_path / "_incomplete") == []
+
+    staged = storage.StagedWrite(str(tmp_path / "b.parquet"), str(tmp_path / "_incomplete/b~x"))
+    monkeypatch.setattr(staged.file, "close", full)  # flushing the last bytes fails
+    with pytest.raises(OSError, match="No space"):
+        staged.discard()
+    assert os.listdir(tmp_path / "_incomplete") == []
