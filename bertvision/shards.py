@@ -199,6 +199,7 @@ def _record_of_plan(name: str, record: ShardRecord | None, plan: ExtractionPlan)
         record is not None
         and 0 <= record.index < plan.num_shards
         and name == shard_record_name(record.index)
+        and record.file == shard_file_name(record.index)
         and record.key == plan.shard_key(record.index)
     )
 
@@ -311,8 +312,9 @@ def remove_stale_leftovers(folder: str) -> list[str]:
     removed = []
     for sub in (INCOMPLETE_DIR, MANIFEST_DIR):
         url = storage.join(folder, sub)
-        fs, path = storage.url_to_fs(url)
-        names = storage.remove_stale(fs, path, lambda name, sub=sub: _is_leftover(sub, name))
+        with storage.translate_errors(url):
+            fs, path = storage.url_to_fs(url)
+            names = storage.remove_stale(fs, path, lambda name, sub=sub: _is_leftover(sub, name))
         removed += [storage.join(url, name) for name in names]
     return removed
 
@@ -441,7 +443,7 @@ def read_shard(url: str, columns: list[str] | None = None) -> tuple[ShardMeta, p
         consistent = table.num_rows == record.rows and record.key.startswith(
             f"{meta.extraction_key}:"
         )
-    except (storage.StorageError, storage.StorageUnavailable, ConnectionError, TimeoutError):
+    except (storage.StorageError, ConnectionError, TimeoutError):  # storage, not the shard
         raise
     except (OSError, ValueError) as exc:  # pyarrow: a failed page checksum, an unreadable footer
         consistent, error = False, exc
