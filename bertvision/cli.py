@@ -56,7 +56,7 @@ def user_errors(command):
         from bertvision.encoder import ModelError
         from bertvision.glue import DataError
         from bertvision.shards import ShardError
-        from bertvision.storage import StorageUnavailable
+        from bertvision.storage import OutOfSpace, StorageUnavailable
 
         try:
             return command(*args, **kwargs)
@@ -69,6 +69,7 @@ def user_errors(command):
             FileNotFoundError,
             IndexError,
             StorageUnavailable,
+            OutOfSpace,
         ) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -174,6 +175,8 @@ def extract(
         )
         for index, error in summary.failed[name].items():
             typer.echo(f"  shard {index} failed: {error}", err=True)
+        for lost in summary.missing.get(name, []):
+            typer.echo(f"  not stored at the end: {lost}", err=True)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -377,6 +380,13 @@ def status(
             f"{name}: {s['examples']} examples, {s['shards']} shards: {s['done']} done, "
             f"{s['failed']} failed, {s['missing']} missing"
         )
+        if s["strays"]:
+            typer.echo(f"  {len(s['strays'])} stray files, not read: {', '.join(s['strays'])}")
+        if s["leftovers"]:
+            typer.echo(
+                f"  {len(s['leftovers'])} staging files (a running or killed writer's; the next "
+                f"extract removes stale ones): {', '.join(s['leftovers'])}"
+            )
 
 
 @app.command()

@@ -28,11 +28,13 @@ from bertvision.shards import (
     ShardError,
     ShardWriter,
     clear_failure,
+    committed_records,
     is_committed,
     load_plan,
     load_record,
-    load_records,
+    missing_from_storage,
     record_failure,
+    remove_stale_leftovers,
     split_url,
     write_plan,
 )
@@ -73,10 +75,12 @@ class ExtractSummary:
     committed: dict[str, list[int]]  # "task/split" -> shards written by this call
     skipped: dict[str, list[int]]  # already committed before
     failed: dict[str, dict[int, str]]  # shard -> error
+    # "task/split" -> what a final listing lacks of what counted as committed ("URL (why)")
+    missing: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not any(self.failed.values())
+        return not any(self.failed.values()) and not any(self.missing.values())
 
 
 @lru_cache(maxsize=4)
@@ -129,6 +133,8 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             fs.rm(path, recursive=True)
         if existing is None or existing.key != plan.key:
             write_plan(folder, plan)
+        remove_stale_leftovers(folder)  # of killed writers; a live writer's stay
+    storage.remove_stale_spool()
     return plans
 
 
@@ -156,10 +162,12 @@ def _check_no_other_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> None
 
 
 def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
-    """Shards of `plan` that are not committed (with a matching key and checksum)."""
+    """Shards of `plan` without a readable commit record of the plan and a file of the recorded
+    size. Reads no shard: corruption is caught where shards are read (`shards.read_shard`), which
+    takes the record away, so the shard is pending again."""
     folder = split_url(cfg.out, plan.task, plan.split)
-    records = load_records(folder, plan)
-    return [i for i in range(plan.num_shards) if not is_committed(folder, records.get(i))]
+    records = committed_records(folder, plan)
+    return [i for i in range(plan.num_shards) if i not in records]
 
 
 def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
@@ -184,7 +192,10 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
                 writer.write(batch)
             record = writer.commit()
     except Exception as exc:
-        record_failure(folder, index, exc)
+        try:
+            record_failure(folder, index, exc)
+        except Exception as unrecorded:  # a full disk, say: the shard's own error matters more
+            exc.add_note(f"(the failure could not be recorded: {unrecorded})")
         raise
     clear_failure(folder, index)
     return record
@@ -237,7 +248,10 @@ def encode(
 
 
 def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
-    """Extract every pending shard of every split; a failed shard does not stop the others."""
+    """Extract every pending shard of every split; a failed shard does not stop the others, but
+    no space left stops everything at once (OutOfSpace). Ends with a listing of each split: what
+    counted as committed but is not stored (lost writes) is in `missing`, and the summary not ok.
+    """
     from tqdm.auto import tqdm
 
     plans = prepare_extraction(cfg)
@@ -256,10 +270,26 @@ def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractS
             try:
                 record = extract_shard(cfg, plan, index)
             except Exception as exc:  # recorded in the manifest; the other shards go on
+                if storage.out_of_space(exc):
+                    bar.close()
+                    raise no_space_error(cfg, plan, index, exc) from exc
                 summary.failed[name][index] = f"{type(exc).__name__}: {exc}"
                 continue
             summary.committed[name].append(index)
             bar.update(record.rows)
             bar.set_postfix(shard=index, s=round(time.perf_counter() - started, 1))
         bar.close()
+        done = [i for i in range(plan.num_shards) if i not in summary.failed[name]]
+        folder = split_url(cfg.out, plan.task, plan.split)
+        summary.missing[name] = missing_from_storage(folder, plan, done)
     return summary
+
+
+def no_space_error(
+    cfg: ExtractConfig, plan: ExtractionPlan, index: int, exc: BaseException
+) -> storage.OutOfSpace:
+    """The one error that stops an extraction whose storage is full."""
+    return storage.OutOfSpace(
+        f"no space left writing shard {index} of {plan.task}/{plan.split} to {cfg.out} "
+        f"({exc}); extraction stopped, committed shards are kept: free space, then rerun extract"
+    )

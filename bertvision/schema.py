@@ -5,14 +5,14 @@ documented for other tools in docs/shard-format.md.
 
 Layout of one extraction of one task/split under an output URL:
 
-    OUT/<task>/<split>/shard-00000.parquet      committed shards (what pyarrow.dataset reads)
+    OUT/<task>/<split>/shard-00000.parquet      committed shards (shards.split_dataset reads them)
     OUT/<task>/<split>/_manifest/plan.json      what this extraction is: key, settings, shard count
     OUT/<task>/<split>/_manifest/shard-00000.json   commit record of one shard (written last)
     OUT/<task>/<split>/_manifest/shard-00000.failed.json   last failure of a shard not yet done
     OUT/<task>/<split>/_incomplete/...          shards being written (never read)
 
-pyarrow.dataset skips names starting with "_" or ".", so the manifest and the temporary files
-stay out of the dataset's way.
+Readers build the dataset from the commit records (shards.split_dataset), never from the folder's
+listing alone, which may hold stray files or a shard renamed into place before its record.
 """
 
 from __future__ import annotations

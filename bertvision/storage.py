@@ -13,13 +13,16 @@ failures outlasted the retries that bertvision.azure does inside every request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -34,6 +37,104 @@ class StorageError(ValueError):
 
 class StorageUnavailable(ConnectionError):
     """Storage stayed unreachable (or kept failing) through all retries; a later try may work."""
+
+
+class OutOfSpace(OSError):
+    """Storage (or the local spool of blob uploads) is full: every further write would fail too."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# errno values that mean "no room to write": full disk, exceeded quota, file too large.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_space(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, reports no space."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# Staging files (shards under _incomplete/, `.tmp` records, blob-upload spool files) name their
+# writer: `<name>~<host>~<pid>~<random>`, so that a cleanup can tell a live writer's file from one
+# a killed process left. A file of another host's writer counts as stale only after this long
+# (that writer cannot be asked whether it still runs); a shard task times out after an hour.
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+def staging_name(name: str) -> str:
+    """`name~<host>~<pid>~<random>`: a unique staging name that names this process as writer."""
+    return f"{name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:12]}"
+
+
+def _writer_alive(name: str) -> bool | None:
+    """Whether the writer named in a staging file's base name still runs; None when that cannot
+    be told here (a name without a writer, or one on another host)."""
+    parts = name.split("~")
+    if len(parts) < 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return None
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def is_stale(name: str, modified: float | None) -> bool:
+    """Whether a staging file named `name` (base name), last modified at `modified` (epoch
+    seconds, None if unknown), was left by a writer that is gone. A live writer's file never is."""
+    alive = _writer_alive(name)
+    if alive is not None:
+        return not alive
+    return modified is not None and time.time() - modified > STALE_AFTER_SECONDS
+
+
+def remove_stale(
+    fs: fsspec.AbstractFileSystem, folder: str, select: Callable[[str], bool] = lambda name: True
+) -> list[str]:
+    """Remove the stale staging files directly under `folder` (see `is_stale`) whose base name
+    `select` accepts. Returns the base names removed."""
+    removed = []
+    if not fs.exists(folder):
+        return removed
+    for info in fs.ls(folder, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info["type"] == "file" and select(name) and is_stale(name, _modified(fs, info["name"])):
+            with contextlib.suppress(FileNotFoundError):  # its writer's own cleanup came first
+                fs.rm_file(info["name"])
+            removed.append(name)
+    return removed
+
+
+def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float | None:
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, FileNotFoundError):
+        return None
+
+
+SPOOL_PREFIX = "bertvision-spool"  # blob uploads spool to tempfile.gettempdir()/SPOOL_PREFIX~...
+TMP_SUFFIX = ".tmp"  # of a small file being written on a local disk, beside its final name
+
+
+def remove_stale_spool() -> list[str]:
+    """Remove the blob-upload spool files of writers on this machine that are gone."""
+    return remove_stale(
+        fsspec.filesystem("file"),
+        tempfile.gettempdir(),
+        lambda name: name.startswith(f"{SPOOL_PREFIX}~"),
+    )
 
 
 def is_azure_url(url: str) -> bool:
@@ -117,15 +218,21 @@ def read_text(url: str) -> str:
 
 @_translated
 def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write `data` to `url` whole or not at all; a failed write leaves no temporary file."""
     fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent and not is_blob(fs):  # blob storage has no folders to make
         fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        tmp = f"{staging_name(path)}{TMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 
@@ -143,12 +250,7 @@ def write_json(url: str, data: Any) -> None:
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, block_size: int = 8 << 20) -> str:
-    """The file's sha256; on blob storage the one `StagedWrite` stored with it, if any, so that
-    checking a committed shard costs one request instead of a download."""
-    if is_blob(fs):
-        stored = (fs.info(path).get("metadata") or {}).get("sha256")
-        if stored:
-            return stored
+    """The sha256 of the file's bytes as read now (a download on blob storage)."""
     digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
         while chunk := f.read(block_size):
@@ -177,7 +279,7 @@ class StagedWrite:
             self.fs, self.path = url_to_fs(url)
             if is_blob(self.fs):
                 self.fs.makedirs(self.path, exist_ok=True)  # fail now if the container is missing
-                handle, self._staging = tempfile.mkstemp(prefix="bertvision-", suffix=".staged")
+                handle, self._staging = tempfile.mkstemp(prefix=staging_name(SPOOL_PREFIX))
                 self.file = os.fdopen(handle, "wb")
             else:
                 self._staging = url_to_fs(staging_url)[1]
@@ -185,18 +287,28 @@ class StagedWrite:
                 self.file = self.fs.open(self._staging, "wb")
 
     def commit(self, sha256: str | None = None) -> None:
-        """Publish the file at `url`; `sha256` (of its bytes) is kept with it on blob storage."""
-        self.file.close()
-        with translate_errors(self.url):
-            if is_blob(self.fs):
-                self.fs.upload_file(self._staging, self.path, {"sha256": sha256} if sha256 else {})
-                os.remove(self._staging)
-            else:
-                self.fs.mv(self._staging, self.path)
+        """Publish the file at `url`; `sha256` (of its bytes) is kept with it on blob storage.
+
+        Whether it succeeds or fails, no staging or spool file is left behind."""
+        try:
+            self.file.close()
+            with translate_errors(self.url):
+                if is_blob(self.fs):
+                    metadata = {"sha256": sha256} if sha256 else {}
+                    self.fs.upload_file(self._staging, self.path, metadata)
+                else:
+                    self.fs.mv(self._staging, self.path)
+        finally:
+            self._remove_staging()
 
     def discard(self) -> None:
-        """Forget the file; nothing appears at `url`."""
-        self.file.close()
+        """Forget the file; nothing appears at `url` and no staging or spool file is left."""
+        try:
+            self.file.close()  # may fail to flush (a full disk): the file goes all the same
+        finally:
+            self._remove_staging()
+
+    def _remove_staging(self) -> None:
         if is_blob(self.fs):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._staging)
@@ -232,3 +344,13 @@ def list_names(url: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+@_translated
+def list_entries(url: str) -> dict[str, dict]:
+    """The entries directly under `url` by base name, with fsspec's details (`type`, `size`);
+    empty if `url` does not exist. One listing request on blob storage."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        return {}
+    return {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(path, detail=True)}

@@ -2,10 +2,12 @@
 
     extract-glue:  plan each task  ->  pending shards  ->  extract them here, one task per shard
                                                        or hand groups to N `extract-shards` runs
-                   ->  table of shards; Failed naming every shard that did not commit, and why
+                   ->  table of shards; a final listing of storage; Failed naming every shard
+                       that did not commit, and why, and whatever committed but is not stored
 
-A failing shard does not stop the others. A rerun (a retry of the flow run or a fresh run) does
-only the shards that storage does not hold committed.
+A failing shard does not stop the others; no space left on storage stops the run at once
+(OutOfSpace). A rerun (a retry of the flow run or a fresh run) does only the shards that storage
+does not hold committed.
 """
 
 from __future__ import annotations
@@ -13,22 +15,37 @@ from __future__ import annotations
 from prefect import flow, runtime
 from prefect.futures import wait
 
-from bertvision.extract import ExtractConfig
+from bertvision import storage
+from bertvision.extract import ExtractConfig, no_space_error
 from bertvision.schema import ExtractionPlan
 from flows.report import ExtractionProgress, artifact_key, failed_shards, publish_shard_table
-from tasks.extract import extract_shard, pending_shards, plan_extraction, read_plan, run_shard_group
+from tasks.extract import (
+    extract_shard,
+    missing_from_storage,
+    pending_shards,
+    plan_extraction,
+    read_plan,
+    run_shard_group,
+)
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 POLL_SECONDS = 10  # how often the coordinator recounts shards committed by child runs
 
 
 class ShardsFailed(RuntimeError):
-    """Some shards did not commit; the message names each one and why."""
+    """Some shards did not commit, or storage lost what was committed; the message names each
+    shard and why, and each file missing at the end."""
 
-    def __init__(self, failures: dict[str, str]) -> None:
-        listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
-        super().__init__(f"{len(failures)} shard(s) failed: {listed}")
+    def __init__(self, failures: dict[str, str], missing: list[str] | None = None) -> None:
+        parts = []
+        if failures:
+            listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+            parts.append(f"{len(failures)} shard(s) failed: {listed}")
+        if missing:
+            parts.append(f"not stored at the end: {'; '.join(missing)}")
+        super().__init__(". ".join(parts))
         self.failures = failures
+        self.missing = missing or []
 
 
 def _run_name() -> str:
@@ -81,11 +98,14 @@ def extract_glue(
             run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
     for cfg in cfgs:
         publish_shard_table(cfg, [plan for c, plan in work if c is cfg])
-    failures = {}
+    failures, missing = {}, []
     for cfg, plan in work:
-        failures |= failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
-    if failures:
-        raise ShardsFailed(failures)
+        failed = failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
+        done = [i for i in range(plan.num_shards) if f"{plan.task}/{plan.split}/{i}" not in failed]
+        failures |= failed
+        missing += missing_from_storage(cfg, plan, done)  # a final listing: lost writes show
+    if failures or missing:
+        raise ShardsFailed(failures, missing)
     return {f"{plan.task}/{plan.split}": plan.num_shards for _, plan in work}
 
 
@@ -98,8 +118,10 @@ def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[in
     run_errors = _extract_here(cfg, plan, shards, progress=None)
     pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
     failures = failed_shards(cfg, plan, pending, run_errors)
-    if failures:
-        raise ShardsFailed(failures)
+    done = [i for i in shards if f"{plan.task}/{plan.split}/{i}" not in failures]
+    missing = missing_from_storage(cfg, plan, done)  # a final listing: lost writes show
+    if failures or missing:
+        raise ShardsFailed(failures, missing)
     return shards
 
 
@@ -109,13 +131,17 @@ def _extract_here(
     shards: list[int],
     progress: ExtractionProgress | None,
 ) -> dict[str, str]:
-    """One task run per shard, in order; a failed shard does not stop the others.
+    """One task run per shard, in order; a failed shard does not stop the others, but no space
+    left on storage stops this at once (OutOfSpace): every later shard would fail the same way.
 
     Returns `task/split/shard` -> the final state's message, for shards whose task run failed."""
     errors = {}
     for index in shards:
         state = extract_shard(cfg, plan, index, return_state=True)
         if not state.is_completed():
+            exc = state.result(raise_on_failure=False)
+            if isinstance(exc, BaseException) and storage.out_of_space(exc):
+                raise no_space_error(cfg, plan, index, exc) from exc
             errors[f"{plan.task}/{plan.split}/{index}"] = state.message or state.name
         elif progress is not None:
             progress.advance(state.result().rows)

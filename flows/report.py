@@ -90,16 +90,19 @@ def failed_shards(
     pending: list[int],
     run_errors: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """`task/split/shard` -> why, for shards still pending after a run: the failure recorded in
-    the manifest, else the error of the run that had the shard."""
+    """`task/split/shard` -> why, for shards still pending after a run that failed: the failure
+    recorded in the manifest, else the error of the run that had the shard. A pending shard with
+    neither was reported committed: the final listing (`missing_from_storage`) names what
+    storage lost of it."""
     failures = load_failures(split_url(cfg.out, plan.task, plan.split))
+    run_errors = run_errors or {}
     reasons = {}
     for i in pending:
         name = f"{plan.task}/{plan.split}/{i}"
         if i in failures:
             reasons[name] = failures[i].error
-        else:
-            reasons[name] = (run_errors or {}).get(name, "not extracted (its run ended early)")
+        elif name in run_errors:
+            reasons[name] = run_errors[name]
     return reasons
 
 

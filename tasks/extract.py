@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
-from bertvision import extract
+from bertvision import extract, shards, storage
 from bertvision.extract import ExtractConfig
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
 from bertvision.shards import ShardError, load_plan, manifest_url, split_url
@@ -31,11 +31,13 @@ def plan_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
 
 @task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
 def read_plan(cfg: ExtractConfig, split: str) -> ExtractionPlan:
-    """The plan a coordinating flow run wrote for `cfg.task`/`split`."""
+    """The plan a coordinating flow run wrote for `cfg.task`/`split`. A worker's share of shards
+    starts here, so this also removes the upload spool files of killed writers on this machine."""
     folder = split_url(cfg.out, cfg.task, split)
     plan = load_plan(folder)
     if plan is None:
         raise ShardError(f"{folder} holds no extraction plan; run extract-glue to make one")
+    storage.remove_stale_spool()
     return plan
 
 
@@ -43,6 +45,12 @@ def read_plan(cfg: ExtractConfig, split: str) -> ExtractionPlan:
 def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
     """Shards of `plan` that storage does not hold committed."""
     return extract.pending_shards(cfg, plan)
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+def missing_from_storage(cfg: ExtractConfig, plan: ExtractionPlan, indices: list[int]) -> list[str]:
+    """What a final listing lacks of the plan and of shards `indices` ("URL (why)" each)."""
+    return shards.missing_from_storage(split_url(cfg.out, plan.task, plan.split), plan, indices)
 
 
 @task(

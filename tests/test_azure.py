@@ -151,6 +151,55 @@ def test_a_staged_file_appears_only_complete_and_a_discarded_one_never(azure_env
     assert reader.find(container) == [f"{container}/split/shard-00000.parquet"]
 
 
+def test_a_failed_upload_leaves_no_spool_file(azure_env, azurite):
+    from azure.storage.blob import BlobServiceClient
+
+    container = azurite.create_container()
+    staged = StagedWrite(f"az://{container}/split/shard-00000.parquet", f"az://{container}/x")
+    staged.file.write(b"a shard")
+    spool = Path(staged._staging)
+    assert spool.exists() and spool.name.startswith(f"{storage.SPOOL_PREFIX}~")
+    with BlobServiceClient.from_connection_string(azurite.connection_string()) as client:
+        client.delete_container(container)  # the upload cannot succeed now
+    with pytest.raises(StorageError, match="does not exist"):
+        staged.commit(sha256="abc")
+    assert not spool.exists()
+
+
+def test_committed_blobs_deleted_behind_the_extraction_fail_it_naming_them(
+    azure_env, azurite, tiny_model, rte_slice, monkeypatch
+):
+    """Storage loses committed blobs before the end (in real life a deleted prefix; Azurite
+    killed hard loses recent writes): the extraction must not report success."""
+    import bertvision.extract as extract
+
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    reader = _adlfs(azurite)
+    real = extract.extract_shard
+
+    def losing_after_the_last(cfg, plan, index):
+        record = real(cfg, plan, index)
+        if index == plan.num_shards - 1:
+            reader.rm_file(f"{container}/emb/rte/train/shard-00001.parquet")
+            reader.rm_file(f"{container}/emb/rte/train/_manifest/plan.json")
+        return record
+
+    monkeypatch.setattr(extract, "extract_shard", losing_after_the_last)
+    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert f"not stored at the end: {out}/rte/train/_manifest/plan.json (missing)" in result.output
+    assert f"not stored at the end: {out}/rte/train/shard-00001.parquet (missing)" in result.output
+
+    monkeypatch.setattr(extract, "extract_shard", real)
+    rerun = CliRunner().invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "rte/train: 1 shards written, 3 already there, 0 failed" in rerun.output
+    ids = shards.split_dataset(out, "rte", "train").to_table(columns=["example_id"])
+    assert sorted(ids.column(0).to_pylist()) == list(range(120))
+
+
 def test_the_pipeline_runs_end_to_end_on_azure_and_pyarrow_reads_the_shards(
     azure_env, azurite, tiny_model, rte_slice, tmp_path
 ):
@@ -183,7 +232,7 @@ def test_the_pipeline_runs_end_to_end_on_azure_and_pyarrow_reads_the_shards(
     ids = [i for b in train.to_batches(columns=["example_id"]) for i in b.column(0).to_pylist()]
     assert sorted(ids) == list(range(120))
     assert not reader.exists(f"{container}/emb/rte/train/_incomplete")
-    # The checksum travels with the blob, so checking a committed shard needs no download.
+    # The checksum travels with the blob: any download can be checked against it.
     plan = shards.load_plan(f"{az}/emb/rte/train")
     record = shards.load_records(f"{az}/emb/rte/train", plan)[0]
     blob = reader.info(f"{container}/emb/rte/train/{record.file}")

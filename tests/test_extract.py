@@ -225,19 +225,147 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, 
     assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
 
 
-def test_a_shard_whose_checksum_does_not_match_is_redone(tmp_path, tiny_model, glue_dir):
-    cfg = _config(tmp_path, tiny_model, glue_dir)
-    extract_hidden_states(cfg, progress=False)
-    path = tmp_path / "wnli/dev/shard-00002.parquet"
+def _flip(path: Path, at: int, count: int = 16) -> None:
+    """Invert `count` bytes of the file at offset `at` (negative: from the end); same size."""
     data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF  # same size, different content
+    at = at % len(data)
+    data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
     path.write_bytes(bytes(data))
 
+
+@pytest.mark.parametrize(
+    ("at", "columns"),
+    [
+        (0.5, None),  # inside the hidden states
+        (-40, None),  # the footer: schema, metadata, page offsets; no page checksum covers it
+        (100, ["example_id", "label", "length"]),  # the first pages, as train's checks read them
+    ],
+    ids=["data-page", "footer", "partial-read"],
+)
+def test_flipped_bytes_in_a_committed_shard_are_refused_on_read_and_redone_by_a_rerun(
+    tmp_path, tiny_model, glue_dir, at, columns
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    folder = tmp_path / "wnli/dev"
+    path = folder / "shard-00002.parquet"
+    _flip(path, int(at * path.stat().st_size) if isinstance(at, float) else at)
+    assert shards.split_status(str(folder))["done"] == 4  # deciding reads no shard
+
+    with pytest.raises(shards.ShardError, match=f"shard {path} is corrupt.*rerun extract"):
+        shards.read_shard(str(path), columns)
+    status = shards.split_status(str(folder))
+    assert (status["done"], status["failed_shards"]) == (3, [2])
+    assert "corrupt" in shards.load_failures(str(folder))[2].error
+
     summary = extract_hidden_states(cfg, progress=False)
-    assert summary.committed == {"wnli/dev": [2]}
-    assert sorted(_all_rows(tmp_path / "wnli/dev").column("example_id").to_pylist()) == list(
-        range(71)
+    assert summary.ok and summary.committed == {"wnli/dev": [2]}
+    _, table = shards.read_shard(str(path))
+    assert sorted(table.column("example_id").to_pylist()) == list(range(40, 60))
+    assert shards.split_status(str(folder))["failed"] == 0
+
+
+def test_page_checksums_are_written_and_old_shards_without_them_still_read(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    path = tmp_path / "wnli/dev/shard-00001.parquet"
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        _flip(path, path.stat().st_size // 2)  # the data, not the footer: only CRC sees it
+        pq.read_table(path, page_checksum_verification=True)
+
+    old = {k: v for k, v in shards.PARQUET_OPTIONS.items() if k != "write_page_checksum"}
+    monkeypatch.setattr(shards, "PARQUET_OPTIONS", old)
+    summary = extract_hidden_states(_config(tmp_path / "old", tiny_model, glue_dir), progress=False)
+    assert summary.ok
+    _, urls = shards.committed_shards(str(tmp_path / "old"), "wnli", "dev")
+    rows = sum(shards.read_shard(u)[1].num_rows for u in urls)
+    ids = shards.split_dataset(str(tmp_path / "old"), "wnli", "dev").to_table()["example_id"]
+    assert rows == len(ids) == 71
+
+
+def test_deciding_what_is_pending_reads_no_shard(tmp_path, tiny_model, glue_dir, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from bertvision.extract import pending_shards
+
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    for path in (tmp_path / "wnli/dev").glob("shard-*.parquet"):
+        path.write_bytes(bytes(path.stat().st_size))  # unreadable, same size
+    opened = []
+    real_open = LocalFileSystem._open
+    monkeypatch.setattr(
+        LocalFileSystem,
+        "_open",
+        lambda fs, path, *a, **kw: opened.append(path) or real_open(fs, path, *a, **kw),
     )
+    (plan,) = prepare_extraction(cfg)
+    assert pending_shards(cfg, plan) == []
+    assert shards.split_status(str(tmp_path / "wnli/dev"))["done"] == 4
+    assert len(shards.committed_shards(str(tmp_path), "wnli", "dev")[1]) == 4
+    assert extract_hidden_states(cfg, progress=False).skipped == {"wnli/dev": [0, 1, 2, 3]}
+    assert opened and not [p for p in opened if p.endswith(".parquet")]  # records only
+
+
+def test_the_documented_reader_sees_exactly_the_committed_shards(tmp_path, tiny_model, glue_dir):
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    folder = tmp_path / "wnli/dev"
+    (folder / "shard-00000 (copy).parquet").write_bytes(
+        (folder / "shard-00000.parquet").read_bytes()
+    )
+    pq.write_table(pa.table({"example_id": pa.array([999], pa.int64())}), folder / "extra.parquet")
+    assert ds.dataset(str(folder), format="parquet").count_rows() > 71  # what the folder holds
+
+    dataset = shards.split_dataset(str(tmp_path), "wnli", "dev")
+    assert sorted(dataset.to_table().column("example_id").to_pylist()) == list(range(71))
+    status = shards.split_status(str(folder))
+    assert status["strays"] == ["extra.parquet", "shard-00000 (copy).parquet"]
+    result = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "2 stray files, not read: extra.parquet, shard-00000 (copy).parquet" in result.output
+
+    # A shard renamed into place before its record was written (a writer killed in between).
+    (folder / "_manifest/shard-00003.json").unlink()
+    with pytest.raises(shards.ShardError, match="1 of 4 shards not committed; rerun extract"):
+        shards.split_dataset(str(tmp_path), "wnli", "dev")
+    with pytest.raises(shards.ShardError, match="shard-00003.parquet is not a committed shard"):
+        shards.read_shard(str(folder / "shard-00003.parquet"))
+    status = shards.split_status(str(folder))
+    assert (status["done"], status["missing"]) == (3, 1)
+    assert "shard-00003.parquet" in status["strays"]
+
+
+def test_the_plain_pyarrow_recipe_of_the_docs_reads_the_committed_shards(
+    tmp_path, tiny_model, glue_dir
+):
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    (tmp_path / "wnli/dev/stray.parquet").write_bytes(
+        (tmp_path / "wnli/dev/shard-00001.parquet").read_bytes()
+    )
+    docs = (Path(__file__).resolve().parents[1] / "docs/shard-format.md").read_text()
+    recipe = docs.split("```python\n")[2].split("```")[0]  # "With pyarrow alone"
+    namespace = {}
+    exec(recipe.replace('"OUT/rte/dev"', repr(str(tmp_path / "wnli/dev"))), namespace)
+    ids = namespace["dataset"].to_table().column("example_id").to_pylist()
+    assert sorted(ids) == list(range(71))
+
+
+def test_a_garbled_commit_record_counts_as_not_done_and_a_rerun_redoes_it(
+    tmp_path, tiny_model, glue_dir
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    extract_hidden_states(cfg, progress=False)
+    record = tmp_path / "wnli/dev/_manifest/shard-00001.json"
+    record.write_text(record.read_text()[:40])  # a torn write
+
+    status = shards.split_status(str(tmp_path / "wnli/dev"))
+    assert (status["done"], status["missing"]) == (3, 1)
+    assert "_manifest/shard-00001.json" in status["strays"]
+    assert CliRunner().invoke(app, ["status", str(tmp_path)]).exit_code == 0
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.ok and summary.committed == {"wnli/dev": [1]}
+    assert shards.split_status(str(tmp_path / "wnli/dev"))["strays"] == []
 
 
 def test_other_settings_never_mix_with_old_shards(tmp_path, tiny_model, glue_dir):
@@ -455,3 +583,149 @@ def test_bad_input_exits_with_one_clear_line_and_writes_nothing(
     assert not out.exists() or not any(out.iterdir())
     assert not Path(tmp_path / "a-file" / "out").exists()
     assert os.listdir(tmp_path / "empty") == []
+
+
+# Nothing lost, nothing reported done that is not stored.
+
+
+def test_storage_losing_committed_files_fails_the_extraction_naming_them(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import bertvision.extract as extract
+
+    real = extract.extract_shard
+    folder = tmp_path / "wnli/dev"
+
+    def losing_after_the_last(cfg, plan, index):
+        record = real(cfg, plan, index)
+        if index == 3:  # storage drops earlier writes (a prefix deleted, a crashed server)
+            (folder / "shard-00000.parquet").unlink()
+            (folder / "_manifest/plan.json").unlink()
+            (folder / "_manifest/shard-00002.json").unlink()
+        return record
+
+    monkeypatch.setattr(extract, "extract_shard", losing_after_the_last)
+    args = ["extract", "--task", "wnli", "--data-dir", glue_dir, "--splits", "dev", "--model"]
+    args += [tiny_model, "--max-seq-length", "64", "--shard-size", "20", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    for lost in (
+        f"{folder}/_manifest/plan.json (missing)",
+        f"{folder}/shard-00000.parquet (missing)",
+        f"{folder}/_manifest/shard-00002.json (commit record missing)",
+    ):
+        assert f"not stored at the end: {lost}" in result.output
+
+    monkeypatch.setattr(extract, "extract_shard", real)
+    summary = extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    assert summary.ok and summary.committed == {"wnli/dev": [0, 2]}
+    assert sorted(_all_rows(folder).column("example_id").to_pylist()) == list(range(71))
+
+
+@pytest.mark.parametrize("room", [0, 3000], ids=["at-once", "mid-shard"])
+def test_no_space_stops_the_extraction_at_the_first_shard_with_one_error(
+    tmp_path, tiny_model, glue_dir, monkeypatch, room
+):
+    import errno
+
+    import bertvision.extract as extract
+
+    attempted = []
+    real_shard = extract.extract_shard
+    monkeypatch.setattr(
+        extract,
+        "extract_shard",
+        lambda cfg, plan, index: attempted.append(index) or real_shard(cfg, plan, index),
+    )
+
+    real_write = shards._HashingFile.write
+
+    def full_disk(self, data):  # `room` bytes fit
+        if self.size + memoryview(data).nbytes > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards._HashingFile, "write", full_disk)  # under pyarrow's writer
+    args = ["extract", "--task", "wnli", "--data-dir", glue_dir, "--splits", "train,dev"]
+    args += ["--model", tiny_model, "--max-seq-length", "64", "--shard-size", "20"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and "%|" not in ln]  # no bars
+    assert len(lines) == 1 and lines[0].startswith("error: no space left writing shard 0 of wnli/")
+    assert "free space, then rerun extract" in lines[0]
+    assert attempted == [0]  # no further shard, no further split
+    for split in ("train", "dev"):
+        assert not list((tmp_path / "wnli" / split).glob("*.parquet"))
+        assert not list((tmp_path / "wnli" / split).rglob("*~*"))  # no staging file left
+
+
+def test_staging_files_of_killed_writers_are_removed_by_a_rerun_and_live_ones_kept(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import socket
+    import tempfile
+
+    from bertvision import storage
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    cfg = _config(tmp_path / "out", tiny_model, glue_dir)
+    prepare_extraction(cfg)
+    folder = tmp_path / "out/wnli/dev"
+    (folder / "_incomplete").mkdir()
+    files = {
+        "dead": folder / f"_incomplete/shard-00001.parquet~{host}~{dead.pid}~a1",
+        "dead tmp": folder / f"_manifest/shard-00001.json~{host}~{dead.pid}~a2.tmp",
+        "dead spool": spool / f"{storage.SPOOL_PREFIX}~{host}~{dead.pid}~a3xyz",
+        "live": folder / f"_incomplete/shard-00002.parquet~{host}~{os.getpid()}~b1",
+        "live spool": spool / f"{storage.SPOOL_PREFIX}~{host}~{os.getpid()}~b2xyz",
+        "other host, old": folder / "_incomplete/shard-00003.parquet~elsewhere~1~c1",
+        "other host, recent": folder / "_manifest/shard-00003.json~elsewhere~1~c2.tmp",
+        "not ours": spool / "someone-elses.staged",
+    }
+    for path in files.values():
+        path.write_bytes(b"x" * 100)
+    day_ago = time.time() - storage.STALE_AFTER_SECONDS - 60
+    os.utime(files["other host, old"], (day_ago, day_ago))
+    os.utime(files["not ours"], (day_ago, day_ago))
+    assert len(shards.split_status(str(folder))["leftovers"]) == 5
+
+    prepare_extraction(cfg)  # what every extraction starts with
+    kept = {name for name, path in files.items() if path.exists()}
+    assert kept == {"live", "live spool", "other host, recent", "not ours"}
+    assert sorted(shards.split_status(str(folder))["leftovers"]) == [
+        f"_incomplete/{files['live'].name}",
+        f"_manifest/{files['other host, recent'].name}",
+    ]
+
+
+def test_a_failed_write_leaves_no_staging_file(tmp_path, monkeypatch):
+    import errno
+
+    from bertvision import storage
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_text_atomic(str(tmp_path / "record.json"), "{}")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+    staged = storage.StagedWrite(str(tmp_path / "a.parquet"), str(tmp_path / "_incomplete/a~x"))
+    staged.file.write(b"partial")
+    monkeypatch.setattr(staged.fs, "mv", full)
+    with pytest.raises(OSError, match="No space"):
+        staged.commit()
+    assert not (tmp_path / "a.parquet").exists() and os.listdir(tmp_path / "_incomplete") == []
+
+    staged = storage.StagedWrite(str(tmp_path / "b.parquet"), str(tmp_path / "_incomplete/b~x"))
+    monkeypatch.setattr(staged.file, "close", full)  # flushing the last bytes fails
+    with pytest.raises(OSError, match="No space"):
+        staged.discard()
+    assert os.listdir(tmp_path / "_incomplete") == []

@@ -143,6 +143,57 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
 
 
+def test_storage_losing_committed_files_fails_the_run_naming_them(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    real_shard = extract.extract_shard
+    folder = tmp_path / "wnli/dev"
+
+    def losing_after_the_last(cfg, plan, index):
+        record = real_shard(cfg, plan, index)
+        if index == 3:  # storage drops earlier writes (a prefix deleted, a crashed server)
+            (folder / "shard-00001.parquet").unlink()
+            (folder / "_manifest/plan.json").unlink()
+        return record
+
+    monkeypatch.setattr(extract, "extract_shard", losing_after_the_last)
+    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
+    with pytest.raises(ShardsFailed) as failed:
+        extract_glue(**params)
+    assert failed.value.failures == {}
+    assert failed.value.missing == [
+        f"{folder}/_manifest/plan.json (missing)",
+        f"{folder}/shard-00001.parquet (missing)",
+    ]
+    assert "not stored at the end" in str(failed.value)
+
+    monkeypatch.setattr(extract, "extract_shard", real_shard)
+    state = extract_glue(**params, return_state=True)
+    assert state.is_completed()
+    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
+    assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+
+
+def test_no_space_stops_the_flow_at_the_first_shard(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import errno
+
+    from bertvision.storage import OutOfSpace
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards._HashingFile, "write", full_disk)
+    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
+    state = extract_glue(**params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(OutOfSpace, match="no space left writing shard 0 of wnli/dev"):
+        state.result()
+    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0000"]
+    assert not list((tmp_path / "wnli/dev").rglob("*~*"))  # no staging file left
+
+
 def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):

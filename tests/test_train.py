@@ -4,6 +4,7 @@ padding invariance, resume, shared and streamed embeddings, bad input."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -492,10 +493,48 @@ def test_a_shard_of_another_extraction_inside_a_split_is_refused(tmp_path, rte_e
     shutil.copy(source, Path(ours) / "shard-00001.parquet")
     record_url = manifest_url(ours, shard_record_name(1))
     record = ShardRecord.from_json(storage.read_text(record_url))
-    storage.write_text_atomic(
-        record_url, dataclasses.replace(record, bytes=source.stat().st_size).to_json()
+    content = source.read_bytes()
+    committed = dataclasses.replace(
+        record, bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
     )
+    storage.write_text_atomic(record_url, committed.to_json())
     refuse(tmp_path, rte_embeddings, "belongs to another extraction .*: shards with mixed settings")
+
+
+@pytest.mark.parametrize("resident_gb", [4.0, 0.0], ids=["resident", "streamed"])
+def test_flipped_bytes_in_a_shard_stop_training_naming_it_and_extract_redoes_it(
+    tmp_path, rte_extracted, tiny_model, resident_gb
+):
+    from bertvision.extract import ExtractConfig, extract_hidden_states
+
+    original, data_dir = rte_extracted
+    embeddings = tmp_path / "emb"
+    shutil.copytree(original, embeddings)
+    shard = embeddings / "rte/train/shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    shard.write_bytes(bytes(data))
+
+    refuse(
+        tmp_path,
+        str(embeddings),
+        f"shard {shard} is corrupt.*rerun extract",
+        max_resident_gb=resident_gb,
+    )
+    cfg = ExtractConfig(
+        task="rte",
+        out=str(embeddings),
+        model=tiny_model,
+        data_dir=data_dir,
+        splits=["train", "dev", "test"],
+        shard_size=16,
+        max_seq_length=64,
+        device="cpu",
+    )
+    assert extract_hidden_states(cfg, progress=False).committed["rte/train"] == [1]
+    assert shard.read_bytes() == (Path(original) / "rte/train/shard-00001.parquet").read_bytes()
+    assert "accuracy" in train_adapter(config(tmp_path, str(embeddings)), progress=False)["dev"]
 
 
 def test_embeddings_of_another_encoder_than_asked_are_refused(tmp_path, rte_embeddings):
