@@ -6,7 +6,9 @@ command never imports Prefect except `run`, which starts the pipeline flow.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from functools import wraps
 from typing import Annotated
@@ -49,32 +51,40 @@ def _splits(value: str) -> list[str]:
 
 
 def user_errors(command):
-    """Known bad-input errors become one clear line and exit code 2, not a traceback."""
+    """Bad input becomes one line, `error: ...`, and exit code 2, not a traceback.
+
+    Bad input is what the core raises for it: ValueError (DataError, ModelError, ShardError,
+    StorageError, FileFormatError and the config classes' checks, each naming the file or
+    option) and OSError (a path that is missing, unreadable, a file where a folder should be, a
+    full disk, storage that stayed unreachable). Anything else is a bug and keeps its traceback.
+    """
 
     @wraps(command)
     def wrapper(*args, **kwargs):
-        from bertvision.encoder import ModelError
-        from bertvision.glue import DataError
-        from bertvision.shards import ShardError
-        from bertvision.storage import OutOfSpace, StorageUnavailable
-
         try:
             return command(*args, **kwargs)
-        except (
-            DataError,
-            ModelError,
-            ShardError,
-            ValueError,
-            PermissionError,
-            FileNotFoundError,
-            IndexError,
-            StorageUnavailable,
-            OutOfSpace,
-        ) as exc:
-            typer.echo(f"error: {exc}", err=True)
+        except (ValueError, OSError, IndexError) as exc:
+            typer.echo(f"error: {_describe(exc, kwargs.get('out') or kwargs.get('url'))}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _describe(exc: BaseException, out: str | None) -> str:
+    """One line for `exc`; a raw OS error names its path (or the output it was writing)."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror and text.startswith("[Errno"):
+        paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+        where = " -> ".join(map(str, paths)) if paths else f"writing under {out or 'the output'}"
+        text = f"{where}: {exc.strerror}"
+        if out and exc.errno in (errno.ENOENT, errno.EEXIST) and _inside(paths, out):
+            text += f"; is another process writing to {out} at the same time?"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(exc)
+
+
+def _inside(paths: list, folder: str) -> bool:
+    root = os.path.abspath(folder)
+    return any(os.path.abspath(str(p)).startswith(root + os.sep) for p in paths)
 
 
 @app.command()

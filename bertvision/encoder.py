@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,16 +53,41 @@ def local_model_path(model: str) -> str:
     URLs (az://, memory://) copied once into a local cache folder."""
     if "://" not in model or model.startswith("file://"):
         return model.removeprefix("file://")
-    fs, path = storage.url_to_fs(model)
-    if not fs.exists(path):
-        raise ModelError(f"model {model} does not exist")
     cache = os.path.join(
         tempfile.gettempdir(), "bertvision-models", hashlib.sha256(model.encode()).hexdigest()[:16]
     )
-    if not os.path.exists(os.path.join(cache, ".complete")):
+    if os.path.exists(os.path.join(cache, ".complete")):
+        return cache
+    with storage.translate_errors(model):  # a wrong key, a missing container: one line
+        fs, path = storage.url_to_fs(model)
+        if storage.is_blob(fs):
+            fs.makedirs(path, exist_ok=True)  # only checks that the container exists
+        if not fs.exists(path):
+            raise ModelError(f"model {model} does not exist")
         fs.get(path.rstrip("/") + "/", cache + "/", recursive=True)
-        open(os.path.join(cache, ".complete"), "w").close()
+    open(os.path.join(cache, ".complete"), "w").close()
     return cache
+
+
+@contextmanager
+def loading(model: str, what: str = "") -> Iterator[None]:
+    """Turn transformers' failure to load `model` (its config, weights or tokenizer) into a
+    one-line ModelError naming the model and, for hub names, the remedy."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ModelError | storage.StorageError | storage.StorageUnavailable):
+            raise
+        text = str(exc).strip()
+        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+        remedy = ""
+        if "://" not in model and not os.path.exists(model):
+            remedy = (
+                "; not a local folder, and a hub name needs the hub or a cached copy: "
+                "pass --model a local folder or a checkpoint URL"
+            )
+        part = f"'s {what}" if what else ""
+        raise ModelError(f"model {model}{part} cannot be loaded: {reason}{remedy}") from exc
 
 
 def check_encoder(model: str):
@@ -69,11 +95,8 @@ def check_encoder(model: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    try:
+    with loading(model):
         config = AutoConfig.from_pretrained(local_model_path(model))
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model {model} cannot be loaded: {first_line}") from exc
     if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(
         config, "is_encoder_decoder", False
     ):
@@ -125,23 +148,34 @@ def load_encoder(model: str, device: str) -> Encoder:
     from transformers import AutoModel
 
     check_encoder(model)
-    path = local_model_path(model)
-    tokenizer = load_tokenizer(path)
-    # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast.
-    encoder = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
+    tokenizer = load_tokenizer(model)
+    with loading(model, "weights"):
+        # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast.
+        encoder = AutoModel.from_pretrained(local_model_path(model), dtype=torch.float32)
+    encoder = encoder.eval().to(device)
     return Encoder(model, encoder, tokenizer, fingerprint(encoder, tokenizer), device)
 
 
-def load_tokenizer(path: str):
-    """The tokenizer at local folder or hub name `path`, padding on the right.
+def load_tokenizer(model: str):
+    """The tokenizer of `model` (hub name, local folder or fsspec URL), padding on the right.
 
     Absolute position embeddings (BERT's) count from the first position, pads included: with
     left padding an example's states would depend on how long its batch-mates are. Right padding
     leaves every real token where it is alone, so results never depend on the batch.
+    Errors: ModelError if a local folder holds no tokenizer (transformers would otherwise build
+    one whose vocabulary is only the special tokens).
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = local_model_path(model)
+    with loading(model, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    files = sorted(set(getattr(tokenizer, "vocab_files_names", {}).values()))
+    if os.path.isdir(path) and files and not any(os.path.exists(f"{path}/{f}") for f in files):
+        raise ModelError(
+            f"model {model} has no tokenizer (none of {', '.join(files)}); "
+            "save the tokenizer with the checkpoint"
+        )
     tokenizer.padding_side = "right"
     return tokenizer
 

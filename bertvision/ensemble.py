@@ -28,7 +28,7 @@ from bertvision.predictions import (
     submission_name,
     write_predictions,
 )
-from bertvision.sweep import SWEEP_FILE, best_trials, load_trials
+from bertvision.sweep import SWEEP_FILE, best_trials, load_sweep, load_trials
 
 
 @dataclass
@@ -61,7 +61,7 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     sweep_url = storage.join(cfg.runs, SWEEP_FILE)
     if not storage.exists(sweep_url):
         raise FileNotFoundError(f"{cfg.runs} holds no sweep (no {SWEEP_FILE}); run sweep first")
-    swept = storage.read_json(sweep_url)["config"]["task"]
+    swept = load_sweep(cfg.runs)["config"]["task"]
     if swept != task.name:
         raise ValueError(f"{cfg.runs} is a sweep of {swept}, not of {task.name}")
     records = load_trials(cfg.runs)
@@ -72,7 +72,12 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
         )
     members = [Member(storage.join(cfg.runs, r.run), r.trial, r.val, r.dev) for r in best]
     if cfg.with_finetuned:
-        metrics = storage.read_json(storage.join(cfg.with_finetuned, "metrics.json"))
+        metrics_url = storage.join(cfg.with_finetuned, "metrics.json")
+        if not storage.exists(metrics_url):
+            raise FileNotFoundError(
+                f"--with-finetuned {cfg.with_finetuned} holds no finished run (no metrics.json)"
+            )
+        metrics = storage.read_json(metrics_url, keys=("dev",))
         members.append(Member(cfg.with_finetuned, None, metrics.get("val", {}), metrics["dev"]))
     return members
 
@@ -98,17 +103,21 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     """Average the members' outputs on every dev and test split; write predictions and metrics."""
     task = get_task(cfg.task)
     members = choose_members(cfg)
+    averaged = {}  # every member read and checked before anything is written
+    for split in (*task.dev_splits, *task.test_splits):
+        lacking = [m.run for m in members if not _has_outputs(m.run, split)]
+        if lacking and split in task.dev_splits:
+            raise FileNotFoundError(
+                f"{lacking[0]} has no {split} outputs (outputs/{split}.parquet)"
+            )
+        if not lacking:  # else test embeddings were not extracted: no test submission
+            averaged[split] = average_outputs(members, split)
     storage.ensure_writable(cfg.out)
     fs, metrics_path = storage.url_to_fs(storage.join(cfg.out, "metrics.json"))
     if fs.exists(metrics_path):  # an older ensemble here stops counting while files change
         fs.rm_file(metrics_path)
     scores = {}
-    for split in (*task.dev_splits, *task.test_splits):
-        if not all(_has_outputs(m.run, split) for m in members):
-            if split in task.dev_splits:
-                raise FileNotFoundError(f"a member of the ensemble has no {split} outputs")
-            continue  # test embeddings were not extracted: no test submission
-        ids, labels, outputs = average_outputs(members, split)
+    for split, (ids, labels, outputs) in averaged.items():
         write_predictions(cfg.out, task, split, ids, labels, outputs)
         if split in task.dev_splits:  # scored from the file as written: anyone gets the same
             submitted = read_submission(storage.join(cfg.out, submission_name(split)), task)

@@ -9,7 +9,6 @@ slice of TRAIN that adapters select on (`val_fraction`, `val_seed`) is left out 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -84,14 +83,15 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     storage.ensure_writable(cfg.out)
 
     torch.manual_seed(cfg.seed)
-    path = enc.local_model_path(cfg.model)
-    tokenizer = enc.load_tokenizer(path)  # right padding: no batch-mate shifts a position
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        dtype=torch.float32,
-        num_labels=task.num_labels,
-        problem_type="regression" if task.regression else "single_label_classification",
-    ).to(cfg.device)
+    tokenizer = enc.load_tokenizer(cfg.model)  # right padding: no batch-mate shifts a position
+    with enc.loading(cfg.model, "weights"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            enc.local_model_path(cfg.model),
+            dtype=torch.float32,
+            num_labels=task.num_labels,
+            problem_type="regression" if task.regression else "single_label_classification",
+        )
+    model = model.to(cfg.device)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     optimizer, scheduler = _optimizer(model, cfg, total_steps)
@@ -226,4 +226,4 @@ def _save_checkpoint(model, tokenizer, out: str) -> None:
 
 
 def load_metrics(out: str) -> dict:
-    return json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    return storage.read_json(storage.join(out, "metrics.json"))

@@ -191,7 +191,7 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | None = None) ->
 def _load_tsv(task: GlueTask, split: str, url: str) -> list[Example]:
     if not storage.exists(url):
         raise DataError(f"missing data file {url} ({task.name} {split})")
-    rows = list(csv.reader(io.StringIO(_read_utf8(url)), delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_rows(url)
     labelled = not task.is_test(split)
     if labelled and task.implicit_header is not None:
         header, first_line = list(task.implicit_header), 1
@@ -221,10 +221,31 @@ def _load_tsv(task: GlueTask, split: str, url: str) -> list[Example]:
     return examples
 
 
-def _read_utf8(url: str) -> str:
-    fs, path = storage.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read().decode("utf-8-sig")  # MRPC's header starts with a byte-order mark
+def _read_rows(url: str) -> list[list[str]]:
+    """The tab-separated rows of a UTF-8 file, trailing blank lines dropped; DataError naming the
+    file and line for bytes that are not UTF-8 or a carriage return inside a field."""
+    data = storage.read_bytes(url)
+    try:
+        text = data.decode("utf-8-sig")  # MRPC's header starts with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1  # exc.object: the bytes after the BOM
+        raise DataError(
+            f"malformed data file {url} line {line}: not UTF-8 text "
+            f"(byte {exc.object[exc.start]:#04x})"
+        ) from None
+    reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        reason = (
+            "a carriage return inside a field, or CR-only line endings (lines must end in \\n)"
+            if "new-line" in str(exc)
+            else str(exc)
+        )
+        raise DataError(f"malformed data file {url} line {reader.line_num}: {reason}") from None
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
 
 
 def _parse_label(task: GlueTask, raw: str, url: str, line: int) -> int | float:
@@ -251,7 +272,14 @@ def _load_hub(task: GlueTask, split: str) -> list[Example]:
     import datasets  # heavy; only real users without a data directory need it
 
     hub_split = _HUB_SPLITS.get(split, split)
-    data = datasets.load_dataset("nyu-mll/glue", task.hub_config, split=hub_split)
+    try:
+        data = datasets.load_dataset("nyu-mll/glue", task.hub_config, split=hub_split)
+    except OSError as exc:  # ConnectionError offline; FileNotFoundError when not cached
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load GLUE {task.name} {split} from the Hugging Face hub ({reason}); "
+            "pass --data-dir with a glue_data folder"
+        ) from exc
     examples = []
     for i, row in enumerate(data):
         label = row["label"]

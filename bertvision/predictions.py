@@ -64,11 +64,17 @@ def write_predictions(
 
 def read_outputs(run: str, split: str) -> tuple[np.ndarray, list, np.ndarray]:
     """example_ids, labels and (N, C) outputs of one split of a run, sorted by example_id."""
-    fs, path = storage.url_to_fs(storage.join(run, "outputs", f"{split}.parquet"))
+    url = storage.join(run, "outputs", f"{split}.parquet")
+    fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"run {run} has no outputs for {split}")
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f).sort_by("example_id")
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["example_id", "label", "output"])
+    except pa.ArrowException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise storage.FileFormatError(f"outputs file {url}: {reason}") from None
+    table = table.sort_by("example_id")
     outputs = np.stack(table.column("output").to_numpy(zero_copy_only=False)).astype(np.float32)
     return table.column("example_id").to_numpy(), table.column("label").to_pylist(), outputs
 

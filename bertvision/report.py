@@ -26,7 +26,7 @@ from typing import Any
 
 from bertvision import storage
 from bertvision.glue import TASKS, get_task
-from bertvision.sweep import SWEEP_FILE, TRIALS_DIR, best_trials, load_trials
+from bertvision.sweep import SWEEP_FILE, TRIALS_DIR, best_trials, load_sweep, load_trials
 
 FINETUNED = "fine-tuning"
 ENSEMBLE = "ensemble"
@@ -79,7 +79,7 @@ def _url(results: str, root: str, path: str) -> str:
 
 
 def _sweep_result(sweep: str) -> list[Result]:
-    plan = storage.read_json(storage.join(sweep, SWEEP_FILE))
+    plan = load_sweep(sweep)
     task = get_task(plan["config"]["task"])
     best = best_trials(load_trials(sweep), task.primary_metric, 1)
     if not best:
@@ -90,22 +90,27 @@ def _sweep_result(sweep: str) -> list[Result]:
 
 def _run_result(folder: str) -> Result | None:
     """An ensemble, a fine-tuned encoder or an adapter run, told apart by what they write."""
-    metrics = storage.read_json(storage.join(folder, "metrics.json"))
+    url = storage.join(folder, "metrics.json")
+    metrics = storage.read_json(url, keys=())
     config = metrics.get("config")  # ensembles and fine-tuning keep theirs in metrics.json
-    if "members" in metrics:
+    try:
+        if "members" in metrics:
+            task = get_task(config["task"])
+            return Result(task.name, ENSEMBLE, metrics["ensemble"][task.primary_metric], folder)
+        if isinstance(config, dict) and "task" in config:
+            column = FINETUNED
+        else:
+            config = _adapter_run_config(folder)
+            if config is None:
+                return None
+            column = f"adapter: {config['adapter']}"
         task = get_task(config["task"])
-        return Result(task.name, ENSEMBLE, metrics["ensemble"][task.primary_metric], folder)
-    if isinstance(config, dict) and "task" in config:
-        column = FINETUNED
-    else:
-        config = _adapter_run_config(folder)
-        if config is None:
+        dev = metrics.get("dev", {})
+        if task.primary_metric not in dev:
             return None
-        column = f"adapter: {config['adapter']}"
-    task = get_task(config["task"])
-    if task.primary_metric not in metrics.get("dev", {}):
-        return None
-    return Result(task.name, column, metrics["dev"][task.primary_metric], folder)
+        return Result(task.name, column, float(dev[task.primary_metric]), folder)
+    except (KeyError, TypeError, ValueError) as exc:  # a metrics.json of something else
+        raise storage.FileFormatError(f"{url} is not a run's metrics: {exc!r}") from None
 
 
 def _adapter_run_config(folder: str) -> dict[str, Any] | None:
@@ -113,7 +118,7 @@ def _adapter_run_config(folder: str) -> dict[str, Any] | None:
     url = storage.join(folder, "config.json")
     if not storage.exists(url):
         return None
-    train = storage.read_json(url).get("train")
+    train = storage.read_json(url, keys=()).get("train")
     return train if isinstance(train, dict) and {"task", "adapter"} <= set(train) else None
 
 
@@ -208,9 +213,14 @@ def render_plot(table: dict[str, dict[str, list[float]]], columns: list[str]) ->
 
 def write_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write report.md and report.png under cfg.out; returns their URLs and the table."""
-    reference = storage.read_json(cfg.reference) if cfg.reference else None
-    if reference is not None and not {"source", "dev"} <= set(reference):
-        raise ValueError(f"reference file {cfg.reference} needs keys 'source' and 'dev'")
+    reference = storage.read_json(cfg.reference, keys=("source", "dev")) if cfg.reference else None
+    if reference is not None and not (
+        isinstance(reference["dev"], dict)
+        and all(isinstance(metrics, dict) for metrics in reference["dev"].values())
+    ):
+        raise storage.FileFormatError(
+            f"reference file {cfg.reference}: 'dev' must map each task to {{metric: value}}"
+        )
     table = summarize(find_results(cfg.results))
     if not table:
         raise FileNotFoundError(

@@ -151,7 +151,7 @@ class ExtractionPlan:
 
     @classmethod
     def from_json(cls, text: str) -> ExtractionPlan:
-        data = json.loads(text)
+        data = _json_object(text)
         stored_key = data.pop("key", "")
         plan = cls(**data)
         if stored_key and stored_key != plan.key:
@@ -182,7 +182,7 @@ class ShardRecord:
 
     @classmethod
     def from_json(cls, text: str) -> ShardRecord:
-        return cls(**json.loads(text))
+        return cls(**_json_object(text))
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,16 @@ class ShardFailure:
 
     @classmethod
     def from_json(cls, text: str) -> ShardFailure:
-        return cls(**json.loads(text))
+        return cls(**_json_object(text))
+
+
+def _json_object(text: str) -> dict:
+    """A record's fields; ValueError if `text` is not a JSON object (TypeError follows from the
+    constructor for missing or unknown fields)."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def shard_file_name(index: int) -> str:

@@ -137,6 +137,11 @@ def remove_stale_spool() -> list[str]:
     )
 
 
+class FileFormatError(ValueError):
+    """A stored file is garbled (not UTF-8, not JSON, not the record expected); the message is
+    one line naming the file."""
+
+
 def is_azure_url(url: str) -> bool:
     return url.split("://", 1)[0] in AZURE_PROTOCOLS if "://" in url else False
 
@@ -210,10 +215,25 @@ def exists(url: str) -> bool:
 
 
 @_translated
-def read_text(url: str) -> str:
+def read_bytes(url: str) -> bytes:
+    """The whole file; a FileNotFoundError naming `url` if there is none."""
     fs, path = url_to_fs(url)
-    with fs.open(path, "r", encoding="utf-8") as f:
-        return f.read()
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def read_text(url: str) -> str:
+    """The file as UTF-8 text; a FileFormatError naming `url` (and the line) if it is not."""
+    data = read_bytes(url)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise FileFormatError(
+            f"{url} line {line}: not UTF-8 text (byte {data[exc.start]:#04x})"
+        ) from None
 
 
 @_translated
@@ -241,8 +261,25 @@ def write_text_atomic(url: str, text: str) -> None:
     write_bytes_atomic(url, text.encode("utf-8"))
 
 
-def read_json(url: str) -> Any:
-    return json.loads(read_text(url))
+def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
+    """The JSON value stored at `url`; with `keys`, an object that has at least those keys.
+
+    Raises FileFormatError naming `url` when the file is not UTF-8, not JSON or lacks a key, and
+    FileNotFoundError naming it when it does not exist.
+    """
+    try:
+        value = json.loads(read_text(url))
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(
+            f"{url} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if keys is not None:
+        if not isinstance(value, dict):
+            raise FileFormatError(f"{url} holds a JSON {type(value).__name__}, not an object")
+        missing = [k for k in keys if k not in value]
+        if missing:
+            raise FileFormatError(f"{url} lacks the key(s) {', '.join(missing)}")
+    return value
 
 
 def write_json(url: str, data: Any) -> None:
@@ -324,13 +361,19 @@ def ensure_writable(url: str) -> None:
     try:
         with translate_errors(url):
             fs, path = url_to_fs(url)
-            existed = fs.exists(path)
-            probe = f"{path.rstrip('/')}/.bertvision-write-probe-{uuid.uuid4().hex}"
+            path = path.rstrip("/")
+            made = []  # local folders this probe creates, innermost first
+            if is_local(fs):
+                folder = path
+                while folder and not fs.exists(folder):
+                    made.append(folder)
+                    folder = folder.rsplit("/", 1)[0]
+            probe = f"{path}/.bertvision-write-probe-{uuid.uuid4().hex}"
             fs.makedirs(path, exist_ok=True)
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
-            if not existed and is_local(fs):
-                fs.rmdir(path)
+            for folder in made:
+                fs.rmdir(folder)
     except (StorageError, StorageUnavailable):
         raise
     except Exception as exc:  # any other failure here means "cannot write there"

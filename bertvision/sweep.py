@@ -197,7 +197,11 @@ def load_space(url: str) -> dict[str, Any]:
     if url.endswith((".yaml", ".yml")):
         import yaml  # only space files written in YAML need it
 
-        space = yaml.safe_load(text)
+        try:
+            space = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"search space file {url} is not valid YAML: {reason}") from None
     else:
         try:
             space = json.loads(text)
@@ -320,8 +324,8 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     key = cfg.key(extraction_keys)
     url = storage.join(cfg.out, SWEEP_FILE)
     if storage.exists(url):
-        stored = storage.read_json(url)
-        if stored["key"] != key:
+        stored = load_sweep(cfg.out)
+        if stored.get("key") != key:
             raise ValueError(
                 f"{cfg.out} holds another sweep (task {stored['config']['task']}, adapter "
                 f"{stored['config']['adapter']}; other space, seed or embeddings); "
@@ -342,6 +346,25 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     }
     storage.write_json(url, plan)
     return plan
+
+
+def load_sweep(out: str) -> dict[str, Any]:
+    """The sweep.json of the sweep folder `out`; FileFormatError naming it if garbled."""
+    url = storage.join(out, SWEEP_FILE)
+    stored = storage.read_json(url, keys=("config",))
+    config = stored["config"]
+    if not isinstance(config, dict) or not {"task", "adapter"} <= set(config):
+        raise storage.FileFormatError(f"{url}: 'config' lacks the task or the adapter")
+    return stored
+
+
+def read_trial(url: str) -> TrialRecord:
+    """The trial record at `url`; FileFormatError naming it if it is not one."""
+    data = storage.read_json(url, keys=())
+    try:
+        return TrialRecord(**data)
+    except TypeError as exc:  # missing or unknown fields
+        raise storage.FileFormatError(f"{url} is not a trial record: {exc}") from None
 
 
 def tasks_with_embeddings(embeddings: str) -> list[str]:
@@ -365,10 +388,10 @@ def load_trials(out: str) -> list[TrialRecord]:
     """The committed trials of a sweep (their trial.json records), in trial order."""
     fs, path = storage.url_to_fs(out)
     found = fs.glob(f"{path.rstrip('/')}/{TRIALS_DIR}/*/{TRIAL_RECORD}")
-    records = []
-    for record_path in found:
-        with fs.open(record_path, "r", encoding="utf-8") as f:
-            records.append(TrialRecord.from_json(f.read()))
+    records = [
+        read_trial(storage.join(out, TRIALS_DIR, p.rstrip("/").split("/")[-2], TRIAL_RECORD))
+        for p in found
+    ]
     return sorted(records, key=lambda r: r.trial)
 
 
@@ -440,7 +463,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
     folder = trial_url(cfg.out, spec.trial)
     record_url = storage.join(folder, TRIAL_RECORD)
     if storage.exists(record_url):
-        return TrialRecord.from_json(storage.read_text(record_url))
+        return read_trial(record_url)
     fs, path = storage.url_to_fs(folder)
     if fs.exists(path):
         fs.rm(path, recursive=True)

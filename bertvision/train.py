@@ -35,6 +35,7 @@ import copy
 import hashlib
 import io
 import json
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -539,9 +540,9 @@ def _finished(cfg: TrainConfig, key: str) -> dict | None:
     if not storage.exists(metrics_url):
         return None
     config_url = storage.join(cfg.out, "config.json")
-    stored = storage.read_json(config_url) if storage.exists(config_url) else {}
+    stored = storage.read_json(config_url, keys=()) if storage.exists(config_url) else {}
     if stored.get("run_key") == key:
-        return storage.read_json(metrics_url)
+        return storage.read_json(metrics_url, keys=("val", "dev"))
     if cfg.overwrite:
         return None
     raise ValueError(
@@ -554,9 +555,15 @@ def _load_checkpoint(cfg: TrainConfig, key: str) -> dict | None:
     url = storage.join(cfg.out, CHECKPOINT)
     if not storage.exists(url):
         return None
-    fs, path = storage.url_to_fs(url)
-    checkpoint = torch.load(io.BytesIO(fs.cat_file(path)), map_location=cfg.device)
-    if checkpoint["run_key"] == key:
+    try:
+        checkpoint = torch.load(io.BytesIO(storage.read_bytes(url)), map_location=cfg.device)
+        run_key = checkpoint["run_key"]
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as exc:
+        raise storage.FileFormatError(
+            f"{url} is not a training checkpoint ({type(exc).__name__}); "
+            "delete it to start the run afresh"
+        ) from None
+    if run_key == key:
         return checkpoint
     if cfg.overwrite:
         return None

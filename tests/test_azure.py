@@ -303,6 +303,31 @@ def test_permanent_failures_exit_with_one_line_and_no_retries(
     assert not _adlfs(azurite).find(container)  # nothing written
 
 
+@pytest.mark.parametrize("fault", ["missing-container", "wrong-key"])
+def test_a_model_url_that_cannot_be_read_is_one_line_and_nothing_is_written(
+    fault, azure_env, azurite, tiny_model, rte_slice, monkeypatch, tmp_path
+):
+    container = azurite.create_container()
+    _adlfs(azurite).put(tiny_model, f"{container}/model", recursive=True)
+    model = f"az://{container}/model"
+    if fault == "missing-container":
+        model = "az://nope/model"
+    else:
+        wrong_key = "A" * 86 + "=="
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(wrong_key))
+    out = tmp_path / "emb"
+    result = CliRunner().invoke(app, _extract_args(str(out), model, rte_slice, "--splits", "dev"))
+
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    expected = {
+        "missing-container": "error: az://nope/model: container 'nope' does not exist",
+        "wrong-key": f"error: {model}: authentication failed for account 'devstoreaccount1'",
+    }[fault]
+    assert result.stderr.startswith(expected), result.stderr
+    assert not out.exists()
+
+
 def test_azurite_stopped_mid_extraction_every_example_once_no_partial_shard(
     tmp_path, tiny_model, rte_slice
 ):

@@ -138,7 +138,10 @@ def load_adapter(url: str, device: str = "cpu") -> nn.Module:
     config_url = storage.join(url, CONFIG_FILE)
     if not storage.exists(config_url):
         raise FileNotFoundError(f"no adapter under {url} (missing {CONFIG_FILE})")
-    config = config_from_dict(storage.read_json(config_url))
+    try:
+        config = config_from_dict(storage.read_json(config_url, keys=("adapter",)))
+    except TypeError as exc:  # unknown or missing fields
+        raise storage.FileFormatError(f"{config_url} is not an adapter config: {exc}") from None
     model = build_adapter(config)
     fs, path = storage.url_to_fs(storage.join(url, WEIGHTS_FILE))
     model.load_state_dict(load(fs.cat_file(path)))

@@ -1,0 +1,354 @@
+"""Bad input through the `bertvision` command, one case per kind of file or option a user hands
+it: exit code 2, one `error: ...` line on stderr naming the file or option, no traceback, and
+nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+from test_ensemble import fake_sweep
+from test_train import synthetic
+from typer.testing import CliRunner
+
+from bertvision import glue, storage
+from bertvision.cli import app
+from bertvision.schema import (
+    MANIFEST_DIR,
+    PLAN_FILE,
+    ShardFailure,
+    ShardRecord,
+    shard_failure_name,
+    shard_record_name,
+)
+from bertvision.shards import ManifestError, read_manifest
+from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+RTE_ROW = "{i}\tA man walks.\tSomeone walks.\tentailment\n"
+
+
+def assert_one_error(result, *named: str) -> str:
+    """The CLI exited 2 with one `error:` line that names each of `named`; returns the line."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exc_info  # no traceback
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for name in named:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def file_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def rte_dir(root: Path, dev: bytes | str) -> Path:
+    """A glue_data folder whose RTE dev split holds `dev`."""
+    (root / "glue" / "RTE").mkdir(parents=True)
+    path = root / "glue" / "RTE" / "dev.tsv"
+    path.write_bytes(dev.encode() if isinstance(dev, str) else dev)
+    return root / "glue"
+
+
+def extract(tmp_path: Path, data_dir: Path | None, model: str, *extra: str):
+    args = ["extract", "--task", "rte", "--splits", "dev", "--model", model]
+    args += ["--max-seq-length", "32", "--device", "cpu", "--out", str(tmp_path / "out")]
+    if data_dir is not None:
+        args += ["--data-dir", str(data_dir)]
+    return CliRunner().invoke(app, [*args, *extra])
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The Hugging Face hub is unreachable (as on a machine without network)."""
+    import datasets.config
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+# -- GLUE data files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, where, message",
+    [
+        (
+            RTE_HEADER + "0\tA man\rwalks.\tSomeone walks.\tentailment\n",
+            "line 2",
+            "carriage return",
+        ),
+        ((RTE_HEADER + RTE_ROW.format(i=0)).replace("\n", "\r"), "line 1", "CR-only"),
+        (
+            (RTE_HEADER + RTE_ROW.format(i=0)).encode() + b"1\tA caf\xe9\tx\tentailment\n",
+            "line 3",
+            "not UTF-8",
+        ),
+        (RTE_HEADER + RTE_ROW.format(i=0) + "\n" + RTE_ROW.format(i=1), "line 3", "0 columns"),
+    ],
+    ids=["cr-in-field", "cr-only-endings", "not-utf8", "blank-line-inside"],
+)
+def test_malformed_tsv_names_file_and_line(tmp_path, tiny_model, content, where, message):
+    data_dir = rte_dir(tmp_path, content)
+    line = assert_one_error(extract(tmp_path, data_dir, tiny_model), "RTE/dev.tsv", where, message)
+    assert line.startswith("error: malformed data file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_a_trailing_blank_line_is_tolerated(tmp_path, ending):
+    rows = RTE_HEADER + RTE_ROW.format(i=0) + RTE_ROW.format(i=1)
+    data_dir = rte_dir(tmp_path, (rows + "\n").replace("\n", ending))
+    examples = glue.load_split("rte", "dev", str(data_dir))
+    assert [(ex.example_id, ex.texts, ex.label) for ex in examples] == [
+        (i, ("A man walks.", "Someone walks."), 0) for i in (0, 1)
+    ]
+
+
+def test_no_data_dir_while_the_hub_is_unreachable_says_pass_data_dir(tmp_path, tiny_model, offline):
+    assert_one_error(extract(tmp_path, None, tiny_model), "rte dev", "pass --data-dir")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_data_file_is_named(tmp_path, tiny_model):
+    data_dir = rte_dir(tmp_path, RTE_HEADER + RTE_ROW.format(i=0))
+    (data_dir / "RTE" / "dev.tsv").chmod(0)
+    assert_one_error(extract(tmp_path, data_dir, tiny_model), "dev.tsv", "Permission denied")
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def model_copy(tmp_path: Path, source: str, without: tuple[str, ...] = (), **replace: str) -> str:
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(*without))
+    for name, text in replace.items():
+        (folder / name.replace("_", ".")).write_text(text)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "without, replace, message",
+    [
+        (("model.safetensors",), {}, "'s weights cannot be loaded: Error no file named"),
+        (("vocab.txt", "tokenizer*"), {}, "has no tokenizer"),
+        ((), {"config_json": '{"model_type": "bert", '}, "cannot be loaded"),
+        (("config.json",), {}, "cannot be loaded"),
+    ],
+    ids=["no-weights", "no-tokenizer", "garbled-config", "no-config"],
+)
+def test_a_broken_model_folder_is_named_by_extract_and_finetune(
+    tmp_path, tiny_model, glue_dir, without, replace, message
+):
+    model = model_copy(tmp_path, tiny_model, without, **replace)
+    assert_one_error(extract(tmp_path, glue_dir, model), f"model {model}", message)
+    assert not (tmp_path / "out").exists()
+
+    ckpt = tmp_path / "ckpt" / "run"
+    args = ["finetune", "--task", "wnli", "--data-dir", glue_dir, "--model", model]
+    args += ["--max-seq-length", "32", "--device", "cpu", "--out", str(ckpt)]
+    assert_one_error(CliRunner().invoke(app, args), f"model {model}", message)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_hub_name_while_the_hub_is_unreachable_names_the_model_and_the_remedy(
+    tmp_path, glue_dir, offline
+):
+    result = extract(tmp_path, glue_dir, "someone/no-such-model")
+    assert_one_error(result, "model someone/no-such-model", "pass --model a local folder")
+    assert not (tmp_path / "out").exists()
+
+
+# -- extraction manifests ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def extracted(tmp_path, tiny_model, glue_dir) -> Path:
+    """WNLI dev (71 examples) extracted with the tiny BERT into tmp_path/emb."""
+    args = ["extract", "--task", "wnli", "--splits", "dev", "--data-dir", glue_dir]
+    args += ["--model", tiny_model, "--max-seq-length", "32", "--shard-size", "40"]
+    args += ["--device", "cpu", "--out", str(tmp_path / "emb")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "emb"
+
+
+def test_a_garbled_plan_is_named_by_extract_and_status(extracted, tiny_model, glue_dir):
+    plan = extracted / "wnli" / "dev" / MANIFEST_DIR / PLAN_FILE
+    plan.write_text(plan.read_text()[:40])
+    before = file_tree(extracted)
+    args = ["extract", "--task", "wnli", "--splits", "dev", "--data-dir", glue_dir]
+    args += ["--model", tiny_model, "--max-seq-length", "32", "--shard-size", "40"]
+    args += ["--device", "cpu", "--out", str(extracted)]
+    for result in (
+        CliRunner().invoke(app, args),
+        CliRunner().invoke(app, ["status", str(extracted)]),
+    ):
+        line = assert_one_error(result, plan, "not a valid extraction plan")
+        assert "Unterminated string" in line
+    assert file_tree(extracted) == before
+
+
+@pytest.mark.parametrize(
+    "record, name", [(ShardRecord, shard_record_name(0)), (ShardFailure, shard_failure_name(0))]
+)
+@pytest.mark.parametrize("garbled", ['{"index": 0, "file": "sh', "[]", '{"index": 0}', b"\xff"])
+def test_a_garbled_shard_record_raises_one_catchable_error_naming_it(
+    tmp_path, record, name, garbled
+):
+    path = tmp_path / MANIFEST_DIR / name
+    path.parent.mkdir()
+    path.write_bytes(garbled.encode() if isinstance(garbled, str) else garbled)
+    with pytest.raises(ManifestError) as failure:
+        read_manifest(str(path), record)
+    assert str(failure.value).startswith(f"{path} is not a valid ")
+    assert "\n" not in str(failure.value)
+
+
+# -- run folders, sweeps, ensembles, reports ---------------------------------------------------
+
+
+def train_args(embeddings: str, out: Path) -> list[str]:
+    return ["train", "--task", "rte", "--embeddings", embeddings, "--out", str(out)]
+
+
+@pytest.mark.parametrize("name", ["config.json", "_checkpoint/last.pt"])
+def test_a_garbled_run_file_is_named_by_train(tmp_path, name):
+    embeddings = synthetic(str(tmp_path / "emb"), n_train=20, n_dev=8)
+    run = tmp_path / "run"
+    (run / "_checkpoint").mkdir(parents=True)
+    if name == "config.json":  # a finished run's; a checkpoint belongs to an unfinished one
+        (run / "metrics.json").write_text('{"val": {}, "dev": {}}')
+    (run / name).write_text('{"run_key": "0123')
+    before = file_tree(run)
+    assert_one_error(CliRunner().invoke(app, train_args(embeddings, run)), run / name)
+    assert file_tree(run) == before
+
+
+def test_a_garbled_sweep_record_is_named_by_sweep(tmp_path):
+    embeddings = synthetic(str(tmp_path / "emb"), n_train=20, n_dev=8)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / SWEEP_FILE).write_text('{"key": "abc", "config": {"task": "rte"}}')
+    args = ["sweep", "--task", "rte", "--embeddings", embeddings, "--out", str(out)]
+    assert_one_error(CliRunner().invoke(app, args), out / SWEEP_FILE, "task or the adapter")
+    assert file_tree(out) == {SWEEP_FILE: b'{"key": "abc", "config": {"task": "rte"}}'}
+
+
+@pytest.mark.parametrize(
+    "space, name, message",
+    [
+        ('{"lr": {"uniform": [0.1, ', "space.json", "not valid JSON"),
+        ("lr: {uniform: [0.1, 0.2\n", "space.yaml", "not valid YAML"),
+    ],
+)
+def test_a_garbled_space_file_is_named(tmp_path, space, name, message):
+    (tmp_path / name).write_text(space)
+    args = ["sweep", "--task", "rte", "--embeddings", str(tmp_path / "emb")]
+    args += ["--out", str(tmp_path / "sweep"), "--space", str(tmp_path / name)]
+    assert_one_error(CliRunner().invoke(app, args), tmp_path / name, message)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_folder_given_as_space_file_is_named(tmp_path):
+    (tmp_path / "space.json").mkdir()
+    args = ["sweep", "--task", "rte", "--embeddings", str(tmp_path / "emb")]
+    args += ["--out", str(tmp_path / "sweep"), "--space", str(tmp_path / "space.json")]
+    assert_one_error(CliRunner().invoke(app, args), tmp_path / "space.json", "Is a directory")
+    assert not (tmp_path / "sweep").exists()
+
+
+def ensemble_args(runs: str, out: Path, *extra: str) -> list[str]:
+    return ["ensemble", "--task", "rte", "--runs", runs, "--out", str(out), "--top-k", "2", *extra]
+
+
+def test_a_garbled_trial_record_is_named_by_ensemble(tmp_path):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.7, 0.8])
+    record = tmp_path / "sweep" / "trials" / "0001" / TRIAL_RECORD
+    record.write_text(record.read_text()[:30])
+    result = CliRunner().invoke(app, ensemble_args(runs, tmp_path / "ens"))
+    assert_one_error(result, record, "not valid JSON")
+    assert not (tmp_path / "ens").exists()
+
+
+def test_a_garbled_outputs_file_is_named_and_an_older_ensemble_kept(tmp_path):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.7, 0.8])
+    ens = tmp_path / "ens"
+    assert CliRunner().invoke(app, ensemble_args(runs, ens)).exit_code == 0
+    before = file_tree(ens)
+    outputs = tmp_path / "sweep" / "trials" / "0001" / "outputs" / "test.parquet"
+    outputs.write_bytes(outputs.read_bytes()[:100])
+    assert_one_error(CliRunner().invoke(app, ensemble_args(runs, ens)), outputs)
+    assert file_tree(ens) == before
+
+
+@pytest.mark.parametrize("metrics", [None, '{"val": {"accuracy": 0.5}, "dev": {"acc', "{}"])
+def test_a_bad_with_finetuned_folder_is_named(tmp_path, metrics):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.7, 0.8])
+    finetuned = tmp_path / "ckpt"
+    finetuned.mkdir()
+    if metrics is not None:
+        (finetuned / "metrics.json").write_text(metrics)
+    result = CliRunner().invoke(
+        app, ensemble_args(runs, tmp_path / "ens", "--with-finetuned", str(finetuned))
+    )
+    assert_one_error(result, finetuned)
+    assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize(
+    "reference", ['{"source": "paper", "dev": {"rte": ', '{"dev": {}}', '{"source": "x", "dev": 1}']
+)
+def test_a_bad_reference_file_is_named_by_report(tmp_path, reference):
+    fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
+    (tmp_path / "reference.json").write_text(reference)
+    args = ["report", str(tmp_path / "runs"), "--reference", str(tmp_path / "reference.json")]
+    assert_one_error(CliRunner().invoke(app, args), tmp_path / "reference.json")
+    assert not (tmp_path / "runs" / "report.md").exists()
+
+
+@pytest.mark.parametrize("metrics", ['{"dev": {"accuracy": 0.', '{"members": [], "config": 3}'])
+def test_a_garbled_run_is_named_by_report(tmp_path, metrics):
+    fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
+    (tmp_path / "runs" / "other").mkdir()
+    (tmp_path / "runs" / "other" / "metrics.json").write_text(metrics)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs")])
+    assert_one_error(result, tmp_path / "runs" / "other" / "metrics.json")
+    assert not (tmp_path / "runs" / "report.md").exists()
+
+
+# -- the operating system ----------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_output(tmp_path, monkeypatch):
+    fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
+
+    def onto_full_disk(url: str, data: bytes) -> None:
+        with open("/dev/full", "wb") as f:  # every write fails with ENOSPC
+            f.write(data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", onto_full_disk)
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    line = assert_one_error(result, f"writing under {out}", "No space left on device")
+    assert "Errno" not in line
+
+
+def test_a_file_vanishing_under_the_output_names_it_and_the_likely_cause(tmp_path, monkeypatch):
+    """What a second process working in the same folder does: a temporary file disappears."""
+    fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
+    out = tmp_path / "reports"
+
+    def replace_vanished(url: str, data: bytes) -> None:
+        os.replace(f"{url}.tmp", url)  # the .tmp was removed by someone else
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", replace_vanished)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    line = assert_one_error(result, out / "report.png.tmp", "No such file or directory")
+    assert line.endswith(f"is another process writing to {out} at the same time?")
