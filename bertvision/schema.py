@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
+from bertvision.finite import strict_json
+
 FORMAT_VERSION = 1
 META_PREFIX = "bertvision."
 
@@ -142,7 +144,7 @@ class ExtractionPlan:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ExtractionPlan:
@@ -173,7 +175,7 @@ class ShardRecord:
     committed_at: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardRecord:
@@ -190,7 +192,7 @@ class ShardFailure:
     failed_at: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardFailure:
