@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, storage
+from bertvision.finite import check_options
 from bertvision.glue import get_task
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import (
@@ -43,6 +44,7 @@ class EnsembleConfig:
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task).name
+        check_options(self, flags=True)
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
 

@@ -23,6 +23,7 @@ import torch
 
 from bertvision import encoder as enc
 from bertvision import glue, storage
+from bertvision.finite import NonFiniteError, check_options
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_schema
 from bertvision.shards import (
     ShardError,
@@ -59,6 +60,7 @@ class ExtractConfig:
     overwrite: bool = False  # replace an extraction with other settings in the same folder
 
     def __post_init__(self) -> None:
+        check_options(self, flags=True)
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size < 1:
@@ -234,17 +236,47 @@ def hidden_state_batches(
 def encode(
     encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: type
 ) -> tuple[list[np.ndarray], list[int]]:
-    """Hidden states (L, T, H) of each example's real tokens, and their lengths T."""
+    """Hidden states (L, T, H) of each example's real tokens, and their lengths T.
+
+    Raises NonFiniteError when a real token's hidden state is NaN or infinite once stored as
+    `dtype` (see `check_storable`).
+    """
     inputs = {k: v.to(encoder.device) for k, v in features.items()}
     with torch.inference_mode(), enc.autocast(encoder.device):
         output = encoder.model(**inputs, output_hidden_states=True)
     hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
     mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
     torch_dtype = torch.float16 if dtype is np.float16 else torch.float32
-    hidden = hidden.to(torch_dtype).cpu().numpy()
+    stored = hidden.to(torch_dtype)
+    check_storable(hidden, stored, mask)
+    hidden = stored.cpu().numpy()
     mask = mask.cpu().numpy()
     arrays = [np.ascontiguousarray(hidden[b][:, mask[b], :]) for b in range(hidden.shape[0])]
     return arrays, [int(m.sum()) for m in mask]
+
+
+def check_storable(hidden: torch.Tensor, stored: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise NonFiniteError naming the layers, the dtype and the remedy if a real token's hidden
+    state is NaN or infinite as `stored`: the encoder's own values (hidden, (B, L, T, H)) were
+    not finite, or they overflow the stored dtype (float16 holds magnitudes up to 65504)."""
+    real = mask[:, None, :, None]  # (B, 1, T, 1); padded positions are never stored
+    bad = (~torch.isfinite(stored) & real).any(dim=(0, 2, 3))  # (L,)
+    if not bad.any():
+        return
+    layers = torch.nonzero(bad).flatten().tolist()
+    broken = (~torch.isfinite(hidden) & real).any(dim=(0, 2, 3))
+    if broken.any():
+        raise NonFiniteError(
+            f"the encoder's hidden states of layer(s) {torch.nonzero(broken).flatten().tolist()} "
+            "(0 = embeddings) are NaN or infinite: the model itself is broken; no --dtype helps"
+        )
+    name = str(stored.dtype).removeprefix("torch.")
+    largest = float(hidden.float().abs().masked_fill(~real, 0.0).amax())
+    raise NonFiniteError(
+        f"hidden states of layer(s) {layers} (0 = embeddings) reach {largest:.4g}, beyond "
+        f"{name}'s range (at most {torch.finfo(stored.dtype).max:g}); extract with --dtype "
+        "float32 (and --overwrite where a float16 extraction was planned)"
+    )
 
 
 def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bertvision import __version__, glue, storage
+from bertvision import __version__, glue, rng, storage
 from bertvision import encoder as enc
+from bertvision.finite import NonFiniteError, check_options
 
 
 @dataclass
@@ -46,6 +47,7 @@ class FinetuneConfig:
     predict_test: bool = True  # write test_predictions.tsv (unlabelled: costs time, scores nothing)
 
     def __post_init__(self) -> None:
+        check_options(self, flags=True)
         if not self.epochs > 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.batch_size < 1:
@@ -59,7 +61,18 @@ class FinetuneConfig:
 
 
 def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Fine-tune, evaluate on dev, write the checkpoint and predictions; returns metrics.json."""
+    """Fine-tune, evaluate on dev, write the checkpoint and predictions; returns metrics.json.
+
+    The model's dropout draws from torch's global generator, so the whole run holds it seeded
+    (`rng.seeded`): fine-tunings on threads of one process take turns and each gives what its
+    seed gives. A loss or output that is NaN or infinite stops the run (NonFiniteError) before
+    anything is written.
+    """
+    with rng.seeded(cfg.seed, cfg.device):
+        return _finetune(cfg, progress)
+
+
+def _finetune(cfg: FinetuneConfig, progress: bool) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification
 
@@ -82,7 +95,6 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
     storage.ensure_writable(cfg.out)
 
-    torch.manual_seed(cfg.seed)
     tokenizer = enc.load_tokenizer(cfg.model)  # right padding: no batch-mate shifts a position
     with enc.loading(cfg.model, "weights"):
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -112,6 +124,12 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
         )
         with enc.autocast(cfg.device):
             loss = model(**batch, labels=labels).loss
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"fine-tuning diverged at step {step}: the loss is {value}; "
+                f"try a lower --lr (now {cfg.lr})"
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -119,7 +137,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seen += len(rows)
         bar.update(1)
-        bar.set_postfix(loss=round(loss.item(), 4))
+        bar.set_postfix(loss=round(value, 4))
     bar.close()
     train_seconds = time.perf_counter() - started
 
@@ -207,7 +225,10 @@ def _predict(model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig
         with enc.autocast(cfg.device):
             logits = model(**batch).logits.float()
         outputs.append(logits if logits.shape[-1] == 1 else logits.softmax(-1))
-    return torch.cat(outputs).cpu().numpy()
+    result = torch.cat(outputs).cpu().numpy()
+    if not np.isfinite(result).all():
+        raise NonFiniteError("the fine-tuned model's outputs are NaN or infinite; try a lower --lr")
+    return result
 
 
 def _save_checkpoint(model, tokenizer, out: str) -> None:

@@ -77,11 +77,23 @@ METRICS = {
 def compute_metrics(
     task: GlueTask | str, predictions: np.ndarray | list, labels: np.ndarray | list
 ) -> dict[str, float]:
-    """The task's official metrics, in the task's order (the first is the primary one)."""
+    """The task's official metrics, in the task's order (the first is the primary one).
+
+    Raises ValueError for predictions and labels of different lengths, none at all, or any that
+    is NaN or infinite (a diverged model's): no metric is made up for them.
+    """
     task = get_task(task) if isinstance(task, str) else task
     dtype = np.float64 if task.regression else np.int64
-    predictions = np.asarray(predictions, dtype=dtype).reshape(-1)
-    labels = np.asarray(labels, dtype=dtype).reshape(-1)
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    for name, values in (("predictions", predictions), ("labels", labels)):
+        bad = int(np.sum(~np.isfinite(values)))
+        if bad:
+            raise ValueError(
+                f"{task.name}: {bad} of {values.size} {name} are NaN or infinite; "
+                "no metric can be computed from them"
+            )
+    predictions, labels = predictions.astype(dtype), labels.astype(dtype)
     if predictions.shape != labels.shape:
         raise ValueError(
             f"{task.name}: {predictions.size} predictions for {labels.size} labels; "
@@ -89,4 +101,8 @@ def compute_metrics(
         )
     if predictions.size == 0:
         raise ValueError(f"{task.name}: no predictions to score")
-    return {name: METRICS[name](predictions, labels) for name in task.metrics}
+    scores = {name: METRICS[name](predictions, labels) for name in task.metrics}
+    for name, value in scores.items():
+        if not np.isfinite(value):  # e.g. a correlation of values too large to square
+            raise ValueError(f"{task.name}: {name} of these predictions is {value}, not a number")
+    return scores

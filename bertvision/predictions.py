@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertvision import storage
+from bertvision.finite import NonFiniteError
 from bertvision.glue import GlueTask
 from bertvision.schema import label_type
 
@@ -38,10 +39,20 @@ def write_predictions(
     labels: Sequence[int | float | None],
     outputs: np.ndarray,
 ) -> None:
+    """Write RUN/outputs/<split>.parquet and the submission file of (N, C) `outputs`.
+
+    Raises ValueError, writing nothing, when the outputs do not match the examples or any is NaN
+    or infinite (or beyond float32).
+    """
     outputs = np.asarray(outputs, dtype=np.float32)
     ids = np.asarray(example_ids, dtype=np.int64)
     if outputs.ndim != 2 or len(outputs) != len(ids):
         raise ValueError(f"outputs of shape {outputs.shape} do not match {len(ids)} examples")
+    bad = int(np.sum(~np.isfinite(outputs).all(axis=1)))
+    if bad:
+        raise NonFiniteError(
+            f"{run}: {bad} of {len(ids)} {split} outputs are NaN or infinite; nothing written"
+        )
     table = pa.table(
         {
             "example_id": pa.array(ids),

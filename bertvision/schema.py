@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
+from bertvision.finite import strict_json
+
 # 2: `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
 # 1: `hidden` was list (int32 offsets); still read.
 FORMAT_VERSION = 2
@@ -147,7 +149,7 @@ class ExtractionPlan:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ExtractionPlan:
@@ -178,7 +180,7 @@ class ShardRecord:
     committed_at: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardRecord:
@@ -195,7 +197,7 @@ class ShardFailure:
     failed_at: str
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardFailure:

@@ -28,6 +28,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from bertvision.finite import strict_json
+
 AZURE_PROTOCOLS = ("az", "abfs", "abfss")
 
 
@@ -283,7 +285,8 @@ def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
 
 
 def write_json(url: str, data: Any) -> None:
-    write_text_atomic(url, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write `data` as strict JSON: a NaN or infinity in it is a ValueError, nothing written."""
+    write_text_atomic(url, strict_json(data, url, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, block_size: int = 8 << 20) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, storage
+from bertvision.finite import NonFiniteError, check_options, is_non_finite, strict_json
 from bertvision.glue import TASKS, get_task
 
 SWEEP_FILE = "sweep.json"
@@ -97,6 +98,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task).name
+        check_options(self, flags=True)
         if self.trials < 1:
             raise ValueError(f"--trials must be >= 1, got {self.trials}")
         if self.parallel < 1:
@@ -142,9 +144,9 @@ class TrialRecord:
 
     trial: int
     params: dict[str, Any]
-    val: dict[str, float]  # metrics on the validation slice of TRAIN: the objective
+    val: dict[str, float | None]  # metrics on the validation slice of TRAIN: the objective
     dev: dict[str, Any]  # dev metrics, reported only
-    status: str  # "ok", or "fail" when the trial gave no finite objective
+    status: str  # "ok", or "fail" when the trial gave no finite objective (val metric null)
     run: str  # the trial's run folder, relative to the sweep
     seconds: float
     hyperopt_vals: dict[str, float | int]
@@ -157,7 +159,7 @@ class TrialRecord:
         return -self.val[metric] if self.status == "ok" else math.inf
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return strict_json(asdict(self), f"trial {self.trial}")
 
     @classmethod
     def from_json(cls, text: str) -> TrialRecord:
@@ -238,6 +240,8 @@ def check_space(space: dict[str, Any]) -> None:
         )
     for name, spec in space.items():
         if not isinstance(spec, dict):
+            if is_non_finite(spec):
+                raise ValueError(f"search space entry {name}: {spec} is not a finite number")
             continue
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ValueError(
@@ -247,6 +251,8 @@ def check_space(space: dict[str, Any]) -> None:
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
             raise ValueError(f"search space entry {name}: {kind} needs a list, got {args!r}")
+        if any(is_non_finite(a) for a in args):
+            raise ValueError(f"search space entry {name}: {kind} needs finite numbers, got {args}")
         if kind == "choice":
             continue
         wanted = 3 if kind == "quniform" else 2
@@ -469,12 +475,16 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         fs.rm(path, recursive=True)
 
     started = time.perf_counter()
-    metrics = train_adapter(
-        trial_train_config(cfg, spec),
-        data=data if data is not None else shared_embeddings(cfg),
-        progress=False,
-    )
     metric = get_task(cfg.task).primary_metric
+    diverged = ""
+    try:
+        metrics = train_adapter(
+            trial_train_config(cfg, spec),
+            data=data if data is not None else shared_embeddings(cfg),
+            progress=False,
+        )
+    except NonFiniteError as exc:  # a diverged trial is a result of the search, not a crash
+        metrics, diverged = {"val": {metric: None}, "dev": {}}, str(exc)
     objective = metrics["val"].get(metric)
     ok = objective is not None and math.isfinite(objective)
     record = TrialRecord(
@@ -487,7 +497,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         seconds=round(time.perf_counter() - started, 2),
         hyperopt_vals=spec.hyperopt_vals,
         finished_at=_now(),
-        error="" if ok else f"validation {metric} is {objective}",
+        error="" if ok else diverged or f"validation {metric} is {objective}",
         worker=worker_name(),
     )
     storage.write_text_atomic(record_url, record.to_json())

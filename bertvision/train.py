@@ -35,6 +35,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import pickle
 import time
 from collections.abc import Iterator
@@ -44,8 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertvision import __version__, adapters, glue, storage
+from bertvision import __version__, adapters, glue, rng, storage
 from bertvision import encoder as enc
+from bertvision.finite import NonFiniteError, check_options
 from bertvision.metrics import compute_metrics
 from bertvision.schema import ExtractionPlan
 from bertvision.shards import (
@@ -99,6 +101,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.task = glue.get_task(self.task).name
         adapters.config_class(self.adapter)  # raises for an unknown adapter
+        check_options(self)
         positive = {
             "adapter_dim": self.adapter_dim,
             "epochs": self.epochs,
@@ -290,6 +293,8 @@ def _check_split(task: glue.GlueTask, embeddings: str, name: str) -> SplitData:
     if any(label is None for label in flat):
         raise ShardError(f"{folder}: {name} examples without labels; train and dev need them")
     label_array = np.asarray(flat, dtype=np.float32 if task.regression else np.int64)
+    if not np.isfinite(label_array).all():
+        raise ShardError(f"{folder}: {name} labels are NaN or infinite; re-extract from sound data")
     return SplitData(name, plan, urls, rows, example_ids, label_array, tokens)
 
 
@@ -327,12 +332,23 @@ def _read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
     for url in urls:
         for group in iter_row_groups(url, columns=["length", "hidden"]):
             for stored in hidden_arrays(group, plan):  # (L, T, H)
+                if not np.isfinite(stored).all():
+                    raise _non_finite_hidden(url, stored, plan)
                 length = stored.shape[1]
                 np.copyto(host[starts[row] : starts[row] + length], stored.transpose(1, 0, 2))
                 row += 1
     example_ids = np.concatenate([t.column("example_id").to_numpy() for t in heads])
     starts_on_device = torch.from_numpy(starts).to(device)
     return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
+
+
+def _non_finite_hidden(url: str, stored: np.ndarray, plan: ExtractionPlan) -> ShardError:
+    """The error for an example's stored states `stored` (L, T, H) holding NaN or infinity."""
+    layers = np.flatnonzero(~np.isfinite(stored).all(axis=(1, 2))).tolist()
+    return ShardError(
+        f"shard {url} holds NaN or infinite hidden states in layer(s) {layers} (0 = embeddings); "
+        f"re-extract with --dtype float32 --overwrite (it holds {plan.dtype})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +395,11 @@ def predict(
             logits.append(model(hidden, mask).float().cpu().numpy())
             ids.append(packed.example_ids[chosen])
     example_ids = np.concatenate(ids)
+    if not all(np.isfinite(part).all() for part in logits):
+        raise NonFiniteError(
+            f"the adapter's outputs on {split.name} are NaN or infinite: training diverged; "
+            "try a lower lr"
+        )
     order = np.argsort(example_ids)
     return example_ids[order], np.concatenate(logits)[order]
 
@@ -413,21 +434,28 @@ def _evaluate(task, model, split, keep, batch_size, device) -> tuple[dict, float
 def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: int) -> float:
     """One pass over the kept rows; the mean training loss. Seeded by (seed, epoch), so an
     epoch after a resume draws what it would have drawn without the interruption."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
+    order = np.random.default_rng([cfg.seed, epoch])
+    dropout = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + epoch)
+    adapters.use_generator(model, dropout)  # never torch's global generator: see bertvision.rng
     model.train()
     total, count = 0.0, 0
     for packed, rows, storage_rows in epoch_batches(
-        split, keep, cfg.batch_size, rng, cfg.device, cfg.shuffle_shards
+        split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards
     ):
         hidden, mask = packed.batch(rows, cfg.device)
         labels = torch.from_numpy(split.labels[storage_rows]).to(cfg.device)
         loss = task_loss(task, model(hidden, mask), labels)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"training diverged in epoch {epoch}: the loss is {value}; "
+                f"try a lower lr (now {cfg.lr})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        total += loss.item() * len(rows)
+        total += value * len(rows)
         count += len(rows)
     return total / count
 
@@ -457,10 +485,9 @@ def train_adapter(
 
     val_ids = held_out_ids(train, cfg.val_fraction, cfg.val_seed)
     is_val = np.isin(train.example_ids, val_ids)
-    torch.manual_seed(cfg.seed)
-    model = adapters.build_adapter(cfg.adapter_config(data.plan.layers, data.plan.hidden_size)).to(
-        cfg.device
-    )
+    with rng.seeded(cfg.seed):
+        model = adapters.build_adapter(cfg.adapter_config(data.plan.layers, data.plan.hidden_size))
+    model = model.to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "curve": [], "best": None, "bad_epochs": 0}
     if checkpoint is not None:
@@ -595,20 +622,23 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
     task = data.task
     train = data.splits["train"]
     eval_batch = 2 * cfg.batch_size
+    # Every prediction before any write: outputs that are not finite stop the run here.
+    val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
+    predicted = {
+        name: predict(model, split, np.ones(split.num_examples, dtype=bool), eval_batch, cfg.device)
+        for name, split in data.splits.items()
+        if name != "train"
+    }
     fs, root = storage.url_to_fs(cfg.out)
     if fs.exists(f"{root.rstrip('/')}/metrics.json"):  # replacing a finished run (overwrite)
         fs.rm_file(f"{root.rstrip('/')}/metrics.json")
 
-    val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
     val_ids = np.sort(train.example_ids[is_val])
     val_labels = _labels_of(train, val_ids).tolist()
     write_predictions(cfg.out, task, VAL_SPLIT, val_ids, val_labels, task_outputs(task, val_logits))
     metrics = {"val": val_metrics}
-    for name, split in data.splits.items():
-        if name == "train":
-            continue
-        every = np.ones(split.num_examples, dtype=bool)
-        ids, logits = predict(model, split, every, eval_batch, cfg.device)
+    for name, (ids, logits) in predicted.items():
+        split = data.splits[name]
         labels = [None] * len(ids) if split.labels is None else _labels_of(split, ids).tolist()
         write_predictions(cfg.out, task, name, ids, labels, task_outputs(task, logits))
         if name in task.dev_splits:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summarise(records),
         "records": records,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return results

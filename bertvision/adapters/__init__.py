@@ -6,7 +6,8 @@ Every adapter is an `nn.Module` with one contract:
 
 where L counts the embedding output plus every encoder layer, T is the padded token count, `mask`
 is True on real tokens, and C is the task's number of classes (1 for regression). Padded
-positions never affect the output.
+positions never affect the output. Dropout layers are `adapters.Dropout`, so that training can
+give each run its own random generator (`use_generator`).
 
 One module per method (`pooler.py`, `scalarmix.py`, `cls.py`), each holding its config dataclass,
 its `nn.Module` and one `register(name, ConfigClass, ModuleClass)` call. A config is saved as
@@ -18,7 +19,6 @@ JSON next to the weights with its adapter name, so `load_adapter` always rebuild
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bertvision import storage
+from bertvision.finite import check_options, strict_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -48,6 +49,7 @@ class AdapterConfig:
     adapter_name: ClassVar[str] = ""  # set by register()
 
     def __post_init__(self) -> None:
+        check_options(self)
         for name in ("layers", "hidden_size", "num_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -127,7 +129,8 @@ def save_adapter(model: nn.Module, url: str) -> None:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, save(state))
     storage.write_text_atomic(
-        storage.join(url, CONFIG_FILE), json.dumps(model.config.to_dict(), indent=2) + "\n"
+        storage.join(url, CONFIG_FILE),
+        strict_json(model.config.to_dict(), f"{url}/{CONFIG_FILE}", indent=2) + "\n",
     )
 
 
@@ -146,6 +149,28 @@ def load_adapter(url: str, device: str = "cpu") -> nn.Module:
     fs, path = storage.url_to_fs(storage.join(url, WEIGHTS_FILE))
     model.load_state_dict(load(fs.cat_file(path)))
     return model.to(device).eval()
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` that draws its masks from `generator` when one is set (`use_generator`), not
+    from torch's global generator: runs on threads of one process then draw independently, each
+    what its own seed gives. Every adapter uses this class for its dropout."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or self.generator is None:
+            return super().forward(input)
+        keep = torch.empty_like(input).bernoulli_(1.0 - self.p, generator=self.generator)
+        return input * keep / (1.0 - self.p)
+
+
+def use_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Make every `Dropout` of `model` draw from `generator` (on the model's device); None =
+    torch's global generator."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.generator = generator
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -172,6 +197,7 @@ __all__ = [
     "AdapterPooler",
     "ClsConfig",
     "ClsProbe",
+    "Dropout",
     "PoolerConfig",
     "ScalarMix",
     "ScalarMixConfig",
@@ -184,4 +210,5 @@ __all__ = [
     "masked_mean",
     "register",
     "save_adapter",
+    "use_generator",
 ]

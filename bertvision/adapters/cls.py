@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertvision.adapters import AdapterConfig, register
+from bertvision.adapters import AdapterConfig, Dropout, register
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ClsProbe(nn.Module):
     def __init__(self, config: ClsConfig) -> None:
         super().__init__()
         self.config = config
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertvision.adapters import AdapterConfig, masked_mean, register
+from bertvision.adapters import AdapterConfig, Dropout, masked_mean, register
 
 TOKEN_POOLS = ("cls+mean", "mean", "cls")
 
@@ -50,7 +50,7 @@ class AdapterPooler(nn.Module):
         nn.init.normal_(self.up.weight, std=config.init_scale)
         nn.init.zeros_(self.up.bias)
         self.layer_logits = nn.Parameter(torch.zeros(config.layers))  # softmax -> layer weights
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         pooled = 2 * hidden if config.token_pool == "cls+mean" else hidden
         self.head = nn.Linear(pooled, config.num_labels)
 

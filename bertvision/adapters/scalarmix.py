@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertvision.adapters import AdapterConfig, masked_mean, register
+from bertvision.adapters import AdapterConfig, Dropout, masked_mean, register
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ScalarMix(nn.Module):
         self.config = config
         self.layer_logits = nn.Parameter(torch.zeros(config.layers))  # w: equal weights at start
         self.scale = nn.Parameter(torch.ones(()))  # gamma
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
 
     def layer_weights(self) -> torch.Tensor:

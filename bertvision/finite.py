@@ -1,0 +1,65 @@
+"""Non-finite numbers (NaN, +-inf) never pass silently: options, results and JSON files.
+
+    check_options(cfg, flags=True)      # ValueError: "--lr must be a finite number, got inf"
+    text = strict_json(data, indent=2)  # ValueError naming where a NaN sits, never a bare NaN
+
+`NonFiniteError` is what a computation that produced NaN or infinity raises (a training run
+that diverged, hidden states that overflow the stored dtype); callers that can carry on without
+the result (a sweep trial) catch it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from numbers import Real
+from typing import Any
+
+
+class NonFiniteError(ValueError):
+    """A computation produced NaN or infinity: training diverged, or values overflowed."""
+
+
+def is_non_finite(value: Any) -> bool:
+    """True for a real number (not a bool) that is NaN or infinite."""
+    return isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value)
+
+
+def check_options(cfg: Any, flags: bool = False) -> None:
+    """Raise ValueError naming the first numeric field of dataclass `cfg` that is NaN or +-inf.
+
+    `flags` names the option as the command line spells it (`--max-resident-gb`), else as the
+    field (`max_resident_gb`).
+    """
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if is_non_finite(value):
+            name = "--" + field.name.replace("_", "-") if flags else field.name
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def non_finite_path(data: Any, path: str = "") -> tuple[str, Any] | None:
+    """Where the first NaN or infinity sits in nested dicts and lists: (path, value), or None."""
+    if is_non_finite(data):
+        return path or "the value", data
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list | tuple):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = non_finite_path(value, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def strict_json(data: Any, what: str = "JSON", **kwargs: Any) -> str:
+    """`json.dumps(data, **kwargs)` that never writes the non-standard tokens NaN or Infinity,
+    which strict parsers reject: a non-finite number is a ValueError naming `what` and where."""
+    found = non_finite_path(data)
+    if found is not None:
+        raise ValueError(f"{what}: {found[0]} is {found[1]}; JSON holds only finite numbers")
+    return json.dumps(data, allow_nan=False, **kwargs)

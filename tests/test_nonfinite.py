@@ -1,0 +1,351 @@
+"""No NaN or infinity passes silently: options, extraction, training, fine-tuning, metrics,
+outputs, sweeps; and every JSON file the pipeline writes parses with a strict parser."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_train import HIDDEN, config, synthetic, write_split
+from typer.testing import CliRunner
+
+from bertvision import adapters, shards, storage
+from bertvision import sweep as sweeping
+from bertvision.cli import app
+from bertvision.ensemble import EnsembleConfig, build_ensemble
+from bertvision.extract import ExtractConfig, check_storable, extract_hidden_states
+from bertvision.finetune import FinetuneConfig, finetune_encoder
+from bertvision.finite import NonFiniteError
+from bertvision.glue import get_task
+from bertvision.metrics import compute_metrics
+from bertvision.predictions import write_predictions
+from bertvision.report import ReportConfig, write_report
+from bertvision.schema import ShardRecord
+from bertvision.shards import ShardError, ShardWriter, load_plan, split_url
+from bertvision.sweep import SweepConfig, TrialRecord, TrialSpec, run_sweep
+from bertvision.train import TrainConfig, load_embeddings, train_adapter
+
+INF, NAN = float("inf"), float("nan")
+
+
+def refuse_constant(token: str) -> None:
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def strict_load(text: str):
+    """json.loads that rejects NaN, Infinity and -Infinity, as strict parsers do."""
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: every numeric option of every config
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ExtractConfig(task="rte", out="o", shard_size=INF), "--shard-size"),
+        (lambda: ExtractConfig(task="rte", out="o", batch_size=NAN), "--batch-size"),
+        (lambda: FinetuneConfig(task="rte", out="o", epochs=INF), "--epochs"),
+        (lambda: FinetuneConfig(task="rte", out="o", lr=NAN), "--lr"),
+        (lambda: FinetuneConfig(task="rte", out="o", weight_decay=-INF), "--weight-decay"),
+        (lambda: TrainConfig(task="rte", embeddings="e", out="o", lr=INF), "lr"),
+        (lambda: TrainConfig(task="rte", embeddings="e", out="o", dropout=NAN), "dropout"),
+        (lambda: TrainConfig(task="rte", embeddings="e", out="o", max_resident_gb=INF), "max_res"),
+        (lambda: SweepConfig(task="rte", embeddings="e", out="o", val_fraction=NAN), "--val-frac"),
+        (lambda: EnsembleConfig(task="rte", runs="r", out="o", top_k=INF), "--top-k"),
+        (lambda: adapters.make_config("pooler", layers=2, hidden_size=4, num_labels=2,
+                                      init_scale=NAN), "init_scale"),
+    ],
+)  # fmt: skip
+def test_non_finite_options_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=f"^{message}.* must be a finite number, got"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"lr": {"loguniform": [1e-4, INF]}},
+        {"dropout": {"uniform": [NAN, 0.5]}},
+        {"epochs": {"quniform": [1, INF, 1]}},
+        {"batch_size": {"choice": [16, INF]}},
+        {"dropout": NAN},
+    ],
+)
+def test_non_finite_search_space_entries_are_refused(entry):
+    name = next(iter(entry))
+    with pytest.raises(ValueError, match=f"search space entry {name}: .*finite number"):
+        SweepConfig(task="rte", embeddings="e", out="o", space=entry)
+
+
+def test_cli_refuses_lr_inf_and_epochs_inf_in_one_line(tmp_path, rte_embeddings_path):
+    result = run_cli(
+        "train", "--task", "rte", "--embeddings", rte_embeddings_path,
+        "--out", str(tmp_path / "run"), "--lr", "inf",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output == "error: lr must be a finite number, got inf\n"
+    result = run_cli("finetune", "--task", "rte", "--out", str(tmp_path / "ft"), "--epochs", "inf")
+    assert result.exit_code == 2  # used to die with OverflowError
+    assert result.output == "error: --epochs must be a finite number, got inf\n"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.fixture
+def rte_embeddings_path(tmp_path) -> str:
+    return synthetic(str(tmp_path / "emb"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction: values the stored dtype cannot hold
+
+
+@pytest.fixture(scope="module")
+def overflowing_model(tmp_path_factory, tiny_model) -> str:
+    """The tiny BERT with its last LayerNorm weight 1e5: last-layer states ~1e5 > 65504."""
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.encoder.layer[-1].output.LayerNorm.weight.fill_(1e5)
+    folder = tmp_path_factory.mktemp("overflowing-bert")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return str(folder)
+
+
+def test_extraction_refuses_states_beyond_float16_and_commits_nothing(
+    tmp_path, overflowing_model, glue_dir
+):
+    out = tmp_path / "emb"
+    args = ["extract", "--task", "wnli", "--data-dir", glue_dir, "--model", overflowing_model]
+    args += ["--splits", "dev", "--shard-size", "40", "--out", str(out), "--device", "cpu"]
+    result = run_cli(*args)
+    assert result.exit_code == 1
+    assert "0 shards written" in result.output and "2 failed" in result.output
+    assert "layer(s) [2] (0 = embeddings)" in result.output
+    assert "beyond float16's range" in result.output and "--dtype float32" in result.output
+    folder = out / "wnli" / "dev"
+    assert not list(folder.glob("*.parquet")) and not list(folder.rglob("*.parquet"))
+    status = shards.split_status(str(folder))
+    assert (status["done"], status["failed"]) == (0, 2)
+
+    result = run_cli(*args, "--dtype", "float32", "--overwrite")  # the remedy named
+    assert result.exit_code == 0, result.output
+    hidden = pq.read_table(folder / "shard-00000.parquet").column("hidden").combine_chunks()
+    values = hidden.values.to_numpy()
+    assert np.isfinite(values).all() and np.abs(values).max() > 65504
+
+
+def test_hidden_states_the_encoder_made_non_finite_are_refused_for_any_dtype():
+    hidden = torch.zeros(1, 3, 2, 4)
+    hidden[0, 1, 0, 0] = float("nan")
+    mask = torch.tensor([[True, True]])
+    with pytest.raises(NonFiniteError, match=r"layer\(s\) \[1\] .* model itself is broken"):
+        check_storable(hidden, hidden.clone(), mask)
+    hidden[0, 1, 0, 0] = 0.0
+    hidden[0, 2, 1, 0] = float("inf")  # only on padding: never stored, so no error
+    check_storable(hidden, hidden.clone(), torch.tensor([[True, False]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter training
+
+
+def test_training_that_diverges_stops_with_a_clear_error_and_reports_nothing(
+    tmp_path, rte_embeddings_path
+):
+    cfg = config(tmp_path, rte_embeddings_path, lr=1e30)
+    with pytest.raises(NonFiniteError, match="training diverged in epoch 1: the loss is nan"):
+        train_adapter(cfg, progress=False)
+    run = tmp_path / "run"
+    assert not (run / "metrics.json").exists() and not (run / "outputs").exists()
+
+    result = run_cli(
+        "train", "--task", "rte", "--embeddings", rte_embeddings_path,
+        "--out", str(tmp_path / "cli"), "--lr", "1e30", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].endswith(  # after the progress bar's first line
+        "error: training diverged in epoch 1: the loss is nan; try a lower lr (now 1e+30)"
+    )
+    assert not (tmp_path / "cli" / "metrics.json").exists()
+
+
+def test_outputs_that_are_not_finite_stop_the_run_before_anything_is_written(
+    tmp_path, rte_embeddings_path, monkeypatch
+):
+    """A model that diverges on the last step: every loss finite, the chosen outputs NaN."""
+    real = adapters.build_adapter
+
+    def nan_on_dev(config):
+        model = real(config)
+        forward = model.forward
+
+        def diverged_on_dev(hidden, mask):  # dev: 30 examples, val: 8
+            logits = forward(hidden, mask)
+            return logits * float("nan") if len(hidden) == 30 and not model.training else logits
+
+        model.forward = diverged_on_dev
+        return model
+
+    monkeypatch.setattr(adapters, "build_adapter", nan_on_dev)
+    cfg = config(tmp_path, rte_embeddings_path, batch_size=16)  # eval batches of 32
+    with pytest.raises(NonFiniteError, match="outputs on dev are NaN or infinite"):
+        train_adapter(cfg, progress=False)
+    assert not (tmp_path / "run" / "outputs").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_non_finite_hidden_states_in_a_shard_are_refused(tmp_path, rte_embeddings_path):
+    folder = split_url(rte_embeddings_path, "rte", "train")
+    plan = load_plan(folder)
+    table = pq.read_table(Path(folder) / "shard-00001.parquet")
+    hidden = [np.asarray(h, dtype=np.float16) for h in table.column("hidden").to_pylist()]
+    tokens = table.column("length")[3].as_py()
+    hidden[3][tokens * HIDDEN + 5] = np.float16("inf")  # (L, T, H) flattened: layer 1
+    table = table.set_column(3, "hidden", pa.array(hidden, pa.list_(pa.float16())))
+    with ShardWriter(folder, plan, 1) as writer:
+        writer.write(table)
+        writer.commit()
+    with pytest.raises(ShardError, match=r"shard-00001.parquet holds NaN or infinite .*\[1\]"):
+        load_embeddings("rte", rte_embeddings_path, device="cpu")
+    with pytest.raises(ShardError, match="--dtype float32"):
+        train_adapter(config(tmp_path, rte_embeddings_path), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_regression_labels_in_shards_are_refused(tmp_path):
+    out = str(tmp_path / "emb")
+    labels = np.linspace(0, 5, 40).astype(np.float32)
+    labels[7] = np.nan
+    write_split(out, "stsb", "train", 40, labels=labels)
+    write_split(out, "stsb", "dev", 20, seed=2)
+    with pytest.raises(ShardError, match="train labels are NaN or infinite"):
+        load_embeddings("stsb", out, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning, metrics, outputs
+
+
+def test_fine_tuning_that_diverges_stops_and_writes_nothing(tmp_path, tiny_model, glue_dir):
+    cfg = FinetuneConfig(
+        task="wnli", out=str(tmp_path / "ft"), model=tiny_model, data_dir=glue_dir, lr=1e30,
+        batch_size=8, max_train_examples=40, max_seq_length=32, device="cpu", predict_test=False,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match="fine-tuning diverged at step 1: the loss is nan"):
+        finetune_encoder(cfg, progress=False)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_compute_metrics_refuses_non_finite_predictions_and_labels():
+    with pytest.raises(ValueError, match="stsb: 3 of 3 predictions are NaN or infinite"):
+        compute_metrics("stsb", [NAN] * 3, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="rte: 1 of 2 predictions are NaN"):
+        compute_metrics("rte", np.array([0.0, NAN]), [0, 1])
+    with pytest.raises(ValueError, match="stsb: 1 of 3 labels are NaN or infinite"):
+        compute_metrics("stsb", [1.0, 2.0, 3.0], [1.0, INF, 3.0])
+    with pytest.raises(ValueError, match="pearson of these predictions is nan, not a number"):
+        compute_metrics("stsb", [1.7e308, 1.7e308, -1.7e308], [1.0, 2.0, 3.0])
+
+
+def test_write_predictions_refuses_non_finite_outputs_and_writes_nothing(tmp_path):
+    task = get_task("rte")
+    outputs = np.array([[0.5, 0.5], [NAN, NAN]], dtype=np.float32)
+    with pytest.raises(NonFiniteError, match="1 of 2 dev outputs are NaN or infinite"):
+        write_predictions(str(tmp_path / "run"), task, "dev", [0, 1], [0, 1], outputs)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON writers
+
+
+def test_json_writers_refuse_non_finite_values_and_write_nothing(tmp_path):
+    url = str(tmp_path / "metrics.json")
+    with pytest.raises(ValueError, match=r"metrics.json: \['dev'\]\['pearson'\] is nan"):
+        storage.write_json(url, {"dev": {"pearson": NAN}})
+    assert not Path(url).exists()
+    record = ShardRecord(0, "f", 0, 1, 1, 1, "s", "k", INF, "w", "t")
+    with pytest.raises(ValueError, match=r"ShardRecord: \['seconds'\] is inf"):
+        record.to_json()
+    trial = TrialRecord(3, {"lr": NAN}, {}, {}, "ok", "trials/0003", 1.0, {}, "now")
+    with pytest.raises(ValueError, match=r"trial 3: \['params'\]\['lr'\] is nan"):
+        trial.to_json()
+
+
+QUICK = {"adapter_dim": 2, "batch_size": 32, "epochs": 1, "seed": 0, "lr": 1e-2}
+
+
+def test_a_diverged_sweep_trial_is_recorded_as_failed_and_the_sweep_goes_on(
+    tmp_path, rte_embeddings_path
+):
+    cfg = SweepConfig(
+        task="rte", embeddings=rte_embeddings_path, out=str(tmp_path / "sweep"), trials=2,
+        device="cpu", space={**QUICK, "lr": {"choice": [1e-2, 1e30]}}, startup_trials=2,
+    )  # fmt: skip
+    sweeping.prepare_sweep(cfg)
+    diverged = sweeping.run_trial(cfg, TrialSpec(0, {**QUICK, "lr": 1e30}, {"lr": 1}))
+    assert diverged.status == "fail" and diverged.val == {"accuracy": None}
+    assert "training diverged" in diverged.error
+    assert sweeping.run_trial(cfg, TrialSpec(1, QUICK, {"lr": 0})).status == "ok"
+    summary = run_sweep(cfg, progress=False)  # both finished: nothing crashes, nothing reruns
+    assert (summary.ran, summary.failed, summary.best.trial) == (0, 1, 1)
+    lines = (tmp_path / "sweep" / "trials.jsonl").read_text().splitlines()
+    assert [strict_load(line)["val"]["accuracy"] is None for line in lines] == [True, False]
+
+    everything_diverges = SweepConfig(
+        task="rte", embeddings=rte_embeddings_path, out=str(tmp_path / "bad"), trials=2,
+        device="cpu", space={**QUICK, "lr": 1e30}, parallel=2,
+    )  # fmt: skip
+    summary = run_sweep(everything_diverges, progress=False)
+    assert (summary.ran, summary.failed, summary.best) == (2, 2, None)
+
+
+def test_every_json_file_the_pipeline_writes_parses_strictly(tmp_path, tiny_model, glue_dir):
+    extract_hidden_states(
+        ExtractConfig(task="wnli", out=str(tmp_path / "wnli-emb"), model=tiny_model,
+                      data_dir=glue_dir, splits=["dev"], shard_size=40, device="cpu"),
+        progress=False,
+    )  # fmt: skip
+    finetune_encoder(
+        FinetuneConfig(task="wnli", out=str(tmp_path / "runs" / "ft"), model=tiny_model,
+                       data_dir=glue_dir, batch_size=8, max_train_examples=24,
+                       max_seq_length=32, device="cpu", predict_test=False),
+        progress=False,
+    )  # fmt: skip
+    embeddings = synthetic(str(tmp_path / "emb"))
+    train_adapter(config(tmp_path, embeddings, run="runs/pooler"), progress=False)
+    sweep = SweepConfig(
+        task="rte", embeddings=embeddings, out=str(tmp_path / "runs" / "sweep"), trials=2,
+        device="cpu", space=QUICK, parallel=2,
+    )  # fmt: skip
+    run_sweep(sweep, progress=False)
+    sweeping.run_trial(sweep, TrialSpec(2, {**QUICK, "lr": 1e30}, {}))  # a diverged trial: val null
+    sweeping.record_trials(sweep)
+    build_ensemble(EnsembleConfig(task="rte", runs=sweep.out, out=str(tmp_path / "runs" / "ens"),
+                                  top_k=2))  # fmt: skip
+    write_report(ReportConfig(results=str(tmp_path / "runs")))
+
+    written = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert len(written) > 30
+    for path in written:
+        text = path.read_text()
+        for document in text.splitlines() if path.suffix == ".jsonl" else [text]:
+            strict_load(document)  # raises on a bare NaN or Infinity
+    nulls = [json.loads(line) for line in (tmp_path / "runs/sweep/trials.jsonl").open()]
+    assert [t["status"] for t in nulls] == ["ok", "ok", "fail"] and math.isfinite(
+        nulls[0]["val"]["accuracy"]
+    )
