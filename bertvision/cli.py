@@ -42,6 +42,10 @@ SeedOpt = Annotated[int, typer.Option("--seed")]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="cpu, cuda, cuda:1; default: cuda if available")
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace a finished result with other settings or inputs"),
+]
 
 
 def _splits(value: str) -> list[str]:
@@ -55,6 +59,7 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         from bertvision.encoder import ModelError
         from bertvision.glue import DataError
+        from bertvision.runs import FolderBusy
         from bertvision.shards import ShardError
         from bertvision.storage import StorageUnavailable
 
@@ -69,6 +74,7 @@ def user_errors(command):
             FileNotFoundError,
             IndexError,
             StorageUnavailable,
+            FolderBusy,
         ) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -99,6 +105,7 @@ def finetune(
     predict_test: Annotated[
         bool, typer.Option("--predict-test/--no-predict-test", help="Write test predictions")
     ] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
 
@@ -121,6 +128,7 @@ def finetune(
         val_fraction=val_fraction,
         val_seed=val_seed,
         predict_test=predict_test,
+        overwrite=overwrite,
     )
     metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}
@@ -268,6 +276,7 @@ def sweep(
         int, typer.Option("--val-seed", help="Which slice; the same for every trial")
     ] = 0,
     device: DeviceOpt = "",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Tune an adapter with hyperopt's TPE on held-out TRAIN; dev is only reported. Resumable.
 
@@ -288,6 +297,7 @@ def sweep(
         val_fraction=val_fraction,
         val_seed=val_seed,
         device=device,
+        overwrite=overwrite,
     )
     summary = run_sweep(cfg)
     typer.echo(
@@ -316,6 +326,7 @@ def ensemble(
         str | None,
         typer.Option("--with-finetuned", help="A fine-tuning run whose outputs join the average"),
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Average the outputs of a sweep's best trials; write GLUE submissions and dev metrics.
 
@@ -323,7 +334,14 @@ def ensemble(
     """
     from bertvision.ensemble import EnsembleConfig, build_ensemble
 
-    cfg = EnsembleConfig(task=task, runs=runs, out=out, top_k=top_k, with_finetuned=with_finetuned)
+    cfg = EnsembleConfig(
+        task=task,
+        runs=runs,
+        out=out,
+        top_k=top_k,
+        with_finetuned=with_finetuned,
+        overwrite=overwrite,
+    )
     result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
@@ -404,6 +422,7 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 2,
     seed: SeedOpt = 0,
     device: DeviceOpt = "",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole pipeline in this process and print the dev metrics of each stage.
 
@@ -449,6 +468,7 @@ def run(
                 top_k=top_k,
                 seed=seed,
                 device=device,
+                overwrite=overwrite,
             )
     except ShardsFailed as exc:
         typer.echo(f"error: {exc}; rerun to extract only those", err=True)

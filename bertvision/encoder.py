@@ -54,8 +54,10 @@ def local_model_path(model: str) -> str:
     fs, path = storage.url_to_fs(model)
     if not fs.exists(path):
         raise ModelError(f"model {model} does not exist")
+    # Keyed on the files' version too: a checkpoint replaced at the same URL is fetched again.
+    name = f"{model}\n{model_version(model)}"
     cache = os.path.join(
-        tempfile.gettempdir(), "bertvision-models", hashlib.sha256(model.encode()).hexdigest()[:16]
+        tempfile.gettempdir(), "bertvision-models", hashlib.sha256(name.encode()).hexdigest()[:16]
     )
     if not os.path.exists(os.path.join(cache, ".complete")):
         fs.get(path.rstrip("/") + "/", cache + "/", recursive=True)
@@ -118,9 +120,30 @@ class Encoder:
         return self.model.config.hidden_size
 
 
-@lru_cache(maxsize=2)
+def model_version(model: str) -> str:
+    """A hash of the listing of the files at `model` (names, sizes, modification times or
+    etags), which changes when they are rewritten; "" for a hub name (its revision is the hub's).
+    Cheap: one listing, no file read."""
+    if "://" not in model and not os.path.isdir(model):
+        return ""
+    fs, path = storage.url_to_fs(model.removeprefix("file://"))
+    listing = fs.find(path, detail=True) if fs.isdir(path) else {}
+    changed = ("mtime", "etag", "last_modified", "created", "LastModified")
+    rows = sorted(
+        (name, info.get("size"), *(str(info.get(k)) for k in changed))
+        for name, info in listing.items()
+    )
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
 def load_encoder(model: str, device: str) -> Encoder:
-    """The base encoder (no task head) in eval mode; cached so per-shard tasks load it once."""
+    """The base encoder (no task head) in eval mode; cached so per-shard tasks load it once,
+    and loaded again when the files at `model` changed since (see `model_version`)."""
+    return _load_encoder(model, device, model_version(model))
+
+
+@lru_cache(maxsize=2)
+def _load_encoder(model: str, device: str, version: str) -> Encoder:
     from transformers import AutoModel, AutoTokenizer
 
     check_encoder(model)
