@@ -44,6 +44,10 @@ SeedOpt = Annotated[int, typer.Option("--seed")]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="cpu, cuda, cuda:1; default: cuda if available")
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace a finished result with other settings or inputs"),
+]
 
 
 def _splits(value: str) -> list[str]:
@@ -56,14 +60,16 @@ def user_errors(command):
     Bad input is what the core raises for it: ValueError (DataError, ModelError, ShardError,
     StorageError, FileFormatError and the config classes' checks, each naming the file or
     option) and OSError (a path that is missing, unreadable, a file where a folder should be, a
-    full disk, storage that stayed unreachable). Anything else is a bug and keeps its traceback.
+    full disk, storage that stayed unreachable), and FolderBusy (another process writes the same
+    folder). Anything else is a bug and keeps its traceback.
     """
+    from bertvision.runs import FolderBusy
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, OSError, IndexError) as exc:
+        except (ValueError, OSError, IndexError, FolderBusy) as exc:
             typer.echo(f"error: {_describe(exc, kwargs.get('out') or kwargs.get('url'))}", err=True)
             raise typer.Exit(2) from None
 
@@ -110,6 +116,7 @@ def finetune(
     predict_test: Annotated[
         bool, typer.Option("--predict-test/--no-predict-test", help="Write test predictions")
     ] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
 
@@ -132,6 +139,7 @@ def finetune(
         val_fraction=val_fraction,
         val_seed=val_seed,
         predict_test=predict_test,
+        overwrite=overwrite,
     )
     metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}
@@ -281,6 +289,7 @@ def sweep(
         int, typer.Option("--val-seed", help="Which slice; the same for every trial")
     ] = 0,
     device: DeviceOpt = "",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Tune an adapter with hyperopt's TPE on held-out TRAIN; dev is only reported. Resumable.
 
@@ -301,6 +310,7 @@ def sweep(
         val_fraction=val_fraction,
         val_seed=val_seed,
         device=device,
+        overwrite=overwrite,
     )
     summary = run_sweep(cfg)
     typer.echo(
@@ -329,6 +339,7 @@ def ensemble(
         str | None,
         typer.Option("--with-finetuned", help="A fine-tuning run whose outputs join the average"),
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Average the outputs of a sweep's best trials; write GLUE submissions and dev metrics.
 
@@ -336,7 +347,14 @@ def ensemble(
     """
     from bertvision.ensemble import EnsembleConfig, build_ensemble
 
-    cfg = EnsembleConfig(task=task, runs=runs, out=out, top_k=top_k, with_finetuned=with_finetuned)
+    cfg = EnsembleConfig(
+        task=task,
+        runs=runs,
+        out=out,
+        top_k=top_k,
+        with_finetuned=with_finetuned,
+        overwrite=overwrite,
+    )
     result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
@@ -424,6 +442,7 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 2,
     seed: SeedOpt = 0,
     device: DeviceOpt = "",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the whole pipeline in this process and print the dev metrics of each stage.
 
@@ -469,6 +488,7 @@ def run(
                 top_k=top_k,
                 seed=seed,
                 device=device,
+                overwrite=overwrite,
             )
     except ShardsFailed as exc:
         typer.echo(f"error: {exc}; rerun to extract only those", err=True)

@@ -53,8 +53,11 @@ def local_model_path(model: str) -> str:
     URLs (az://, memory://) copied once into a local cache folder."""
     if "://" not in model or model.startswith("file://"):
         return model.removeprefix("file://")
+    with storage.translate_errors(model):  # a wrong key, a missing container: one line
+        # Keyed on the files' version too: a checkpoint replaced at the same URL is fetched again.
+        name = f"{model}\n{model_version(model)}"
     cache = os.path.join(
-        tempfile.gettempdir(), "bertvision-models", hashlib.sha256(model.encode()).hexdigest()[:16]
+        tempfile.gettempdir(), "bertvision-models", hashlib.sha256(name.encode()).hexdigest()[:16]
     )
     if os.path.exists(os.path.join(cache, ".complete")):
         return cache
@@ -142,9 +145,32 @@ class Encoder:
         return self.model.config.hidden_size
 
 
-@lru_cache(maxsize=2)
+def model_version(model: str) -> str:
+    """A hash of the listing of the files at `model` (names, sizes, modification times or
+    etags), which changes when they are rewritten; "" for a hub name (its revision is the hub's).
+    Cheap: one listing, no file read."""
+    if "://" not in model and not os.path.isdir(model):
+        return ""
+    fs, path = storage.url_to_fs(model.removeprefix("file://"))
+    listing = fs.find(path, detail=True) if fs.isdir(path) else {}
+    changed = ("mtime", "etag", "last_modified", "created", "LastModified")
+    rows = sorted(
+        (name, info.get("size"), *(str(info.get(k)) for k in changed))
+        for name, info in listing.items()
+    )
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
 def load_encoder(model: str, device: str) -> Encoder:
-    """The base encoder (no task head) in eval mode; cached so per-shard tasks load it once."""
+    """The base encoder (no task head) in eval mode; cached so per-shard tasks load it once,
+    and loaded again when the files at `model` changed since (see `model_version`)."""
+    with storage.translate_errors(model):
+        version = model_version(model)
+    return _load_encoder(model, device, version)
+
+
+@lru_cache(maxsize=2)
+def _load_encoder(model: str, device: str, version: str) -> Encoder:
     from transformers import AutoModel
 
     check_encoder(model)

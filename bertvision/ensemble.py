@@ -4,8 +4,11 @@
     ENS/<split>_predictions.tsv    GLUE submission files (dev and test splits)
     ENS/metrics.json               members (trial, val and dev metrics) and the ensemble's dev
                                    metrics, scored from the dev submission file as written (so
-                                   anyone recomputes them from it and the dev labels); written
-                                   last: its presence means the ensemble is whole
+                                   anyone recomputes them from it and the dev labels)
+    ENS/_commit.json               the commit record (bertvision.runs), written last: the
+                                   ensemble is whole; its key hashes the settings and the
+                                   members' records, so an ensemble of other members (a sweep
+                                   with other trials since) is refused unless `overwrite`
 
 Members are the K best finished trials by VALIDATION metric (the held-out slice of TRAIN), so
 choosing them never reads a dev label; dev only scores the result. A fine-tuned encoder's run
@@ -14,12 +17,14 @@ choosing them never reads a dev label; dev only scores the result. A fine-tuned 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from bertvision import __version__, storage
+from bertvision import __version__, runs, storage
 from bertvision.finite import check_options
 from bertvision.glue import get_task
 from bertvision.metrics import compute_metrics
@@ -29,7 +34,14 @@ from bertvision.predictions import (
     submission_name,
     write_predictions,
 )
-from bertvision.sweep import SWEEP_FILE, best_trials, load_sweep, load_trials
+from bertvision.sweep import (
+    SWEEP_FILE,
+    TRIAL_RECORD,
+    TRIALS_DIR,
+    best_trials,
+    load_sweep,
+    load_trials,
+)
 
 
 @dataclass
@@ -41,6 +53,7 @@ class EnsembleConfig:
     out: str
     top_k: int = 5
     with_finetuned: str | None = None  # a fine-tuning run whose outputs join the average
+    overwrite: bool = False  # replace a finished ensemble of other settings or members in `out`
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task).name
@@ -84,6 +97,24 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     return members
 
 
+def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str:
+    """What determines the ensemble: its settings and its members by content (each member's
+    record: trial.json, or the fine-tuned run's metrics.json, and its run's commit key). A sweep
+    that has other best trials since, or trials redone, gives another key."""
+    members = members if members is not None else choose_members(cfg)
+    identities = []
+    for member in members:
+        record = (
+            storage.join(cfg.runs, TRIALS_DIR, f"{member.trial:04d}", TRIAL_RECORD)
+            if member.trial is not None
+            else storage.join(member.run, "metrics.json")
+        )
+        commit = runs.commit_record(member.run) or {}
+        identities.append([member.run, storage.read_text(record), commit.get("key")])
+    content = {"task": cfg.task, "top_k": cfg.top_k, "members": identities}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def average_outputs(members: list[Member], split: str) -> tuple[np.ndarray, list, np.ndarray]:
     """example_ids, labels and the members' mean (N, C) outputs for one split."""
     ids, labels, total = None, None, None
@@ -102,27 +133,47 @@ def average_outputs(members: list[Member], split: str) -> tuple[np.ndarray, list
 
 
 def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
-    """Average the members' outputs on every dev and test split; write predictions and metrics."""
-    task = get_task(cfg.task)
+    """Average the members' outputs on every dev and test split; write predictions and metrics.
+
+    An ensemble finished at `cfg.out` with the same content key is returned as stored; one with
+    another key is refused unless `cfg.overwrite`. Written staged and committed whole."""
     members = choose_members(cfg)
-    averaged = {}  # every member read and checked before anything is written
+    key = content_key(cfg, members)
+    finished = _finished(cfg, key)
+    if finished is not None:
+        return finished
+    storage.ensure_writable(cfg.out)
+    with runs.lease(cfg.out):  # one writer per ensemble folder
+        if (finished := _finished(cfg, key)) is not None:
+            return finished
+        with runs.StagedRun(cfg.out) as staged:
+            return _build(cfg, members, key, staged)
+
+
+def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
+    if runs.finished(cfg.out, key, cfg.overwrite, "ensemble") is None:
+        return None
+    return storage.read_json(storage.join(cfg.out, "metrics.json"))
+
+
+def _build(
+    cfg: EnsembleConfig, members: list[Member], key: str, staged: runs.StagedRun
+) -> dict[str, Any]:
+    task = get_task(cfg.task)
+    out = staged.url
+    scores = {}
     for split in (*task.dev_splits, *task.test_splits):
         lacking = [m.run for m in members if not _has_outputs(m.run, split)]
         if lacking and split in task.dev_splits:
             raise FileNotFoundError(
                 f"{lacking[0]} has no {split} outputs (outputs/{split}.parquet)"
             )
-        if not lacking:  # else test embeddings were not extracted: no test submission
-            averaged[split] = average_outputs(members, split)
-    storage.ensure_writable(cfg.out)
-    fs, metrics_path = storage.url_to_fs(storage.join(cfg.out, "metrics.json"))
-    if fs.exists(metrics_path):  # an older ensemble here stops counting while files change
-        fs.rm_file(metrics_path)
-    scores = {}
-    for split, (ids, labels, outputs) in averaged.items():
-        write_predictions(cfg.out, task, split, ids, labels, outputs)
+        if lacking:
+            continue  # test embeddings were not extracted: no test submission
+        ids, labels, outputs = average_outputs(members, split)
+        write_predictions(out, task, split, ids, labels, outputs)
         if split in task.dev_splits:  # scored from the file as written: anyone gets the same
-            submitted = read_submission(storage.join(cfg.out, submission_name(split)), task)
+            submitted = read_submission(storage.join(out, submission_name(split)), task)
             scores[split] = compute_metrics(task, [submitted[i] for i in ids], labels)
     result = {
         "members": [{"trial": m.trial, "run": m.run, "val": m.val, "dev": m.dev} for m in members],
@@ -132,7 +183,8 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "code_version": __version__,
     }
-    storage.write_json(storage.join(cfg.out, "metrics.json"), result)
+    storage.write_json(storage.join(out, "metrics.json"), result)
+    staged.commit(key, last=("metrics.json",))
     return result
 
 

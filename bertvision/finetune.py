@@ -5,10 +5,18 @@ warm-up and decay, seeded, bf16 autocast on CUDA. The checkpoint at `out` loads 
 `from_pretrained` (and so with `bertvision extract --model out`); `out/metrics.json` holds the val
 and dev metrics, and the val/dev/test predictions are written like an adapter run's. The held-out
 slice of TRAIN that adapters select on (`val_fraction`, `val_seed`) is left out of training.
+
+The run is committed whole (bertvision.runs: staged, moved into place, the checkpoint's
+config.json, metrics.json and then the commit record last), keyed on `content_key`: the settings,
+the encoder's fingerprint (its weights, wherever they come from) and the data's fingerprints. A
+finished run with that key is returned as stored; one with another key is refused unless
+`overwrite`, which replaces it whole.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -18,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bertvision import __version__, glue, rng, storage
+from bertvision import __version__, glue, rng, runs, storage
 from bertvision import encoder as enc
 from bertvision.finite import NonFiniteError, check_options
 
@@ -45,6 +53,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     val_seed: int = 0
     predict_test: bool = True  # write test_predictions.tsv (unlabelled: costs time, scores nothing)
+    overwrite: bool = False  # replace a finished run with other settings or inputs in `out`
 
     def __post_init__(self) -> None:
         check_options(self, flags=True)
@@ -60,27 +69,72 @@ class FinetuneConfig:
         self.device = self.device or enc.default_device()
 
 
+def _load_data(cfg: FinetuneConfig) -> dict[str, list[glue.Example]]:
+    """The examples fine-tuning reads: "train" (the first `max_train_examples`), the dev splits
+    and, with `predict_test`, the test splits."""
+    task = glue.get_task(cfg.task)
+    return {"train": glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]} | {
+        s: glue.load_split(task, s, cfg.data_dir)
+        for s in (*task.dev_splits, *(task.test_splits if cfg.predict_test else ()))
+    }
+
+
+def content_key(cfg: FinetuneConfig, data: dict[str, list[glue.Example]] | None = None) -> str:
+    """What determines the run: the settings, the encoder's weights and the data, by content.
+
+    The model and data are named by URL in `cfg`; the key uses their fingerprints instead, so a
+    checkpoint or data file replaced at the same URL gives another key. `data` is `_load_data`'s
+    result when already loaded."""
+    data = data if data is not None else _load_data(cfg)
+    where = ("out", "model", "data_dir", "device", "overwrite")
+    content = {k: v for k, v in asdict(cfg).items() if k not in where}
+    content["model_fingerprint"] = enc.load_encoder(cfg.model, "cpu").fingerprint
+    content["data"] = {split: glue.data_fingerprint(examples) for split, examples in data.items()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_run(cfg: FinetuneConfig, key: str) -> dict | None:
+    """metrics.json of the run committed at `cfg.out` with `key`, else None; a ValueError for a
+    run with another key unless `cfg.overwrite`."""
+    if runs.finished(cfg.out, key, cfg.overwrite, "fine-tuning") is None:
+        return None
+    return load_metrics(cfg.out)
+
+
 def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Fine-tune, evaluate on dev, write the checkpoint and predictions; returns metrics.json.
 
-    The model's dropout draws from torch's global generator, so the whole run holds it seeded
+    A run finished at `cfg.out` with the same content key is returned as stored, without
+    training. While it trains, `cfg.out` is leased (runs.Lease): a second writer gets FolderBusy.
+    The model's dropout draws from torch's global generator, so the training holds it seeded
     (`rng.seeded`): fine-tunings on threads of one process take turns and each gives what its
     seed gives. A loss or output that is NaN or infinite stops the run (NonFiniteError) before
     anything is written.
     """
-    with rng.seeded(cfg.seed, cfg.device):
-        return _finetune(cfg, progress)
+    task = glue.get_task(cfg.task)
+    data = _load_data(cfg)
+    config = enc.check_encoder(cfg.model)
+    enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
+    key = content_key(cfg, data)
+    finished = finished_run(cfg, key)
+    if finished is not None:
+        return finished
+    storage.ensure_writable(cfg.out)
+    with runs.lease(cfg.out):  # one writer per checkpoint folder
+        if (finished := finished_run(cfg, key)) is not None:
+            return finished
+        with rng.seeded(cfg.seed, cfg.device):
+            return _finetune(cfg, task, data, key, progress)
 
 
-def _finetune(cfg: FinetuneConfig, progress: bool) -> dict:
+def _finetune(cfg: FinetuneConfig, task: glue.GlueTask, data: dict, key: str, progress: bool):
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification
 
     from bertvision.metrics import compute_metrics
-    from bertvision.predictions import point_predictions, write_predictions
+    from bertvision.predictions import point_predictions
 
-    task = glue.get_task(cfg.task)
-    examples = glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]
+    examples = data["train"]
     val_ids = set(
         glue.held_out_ids(
             [ex.example_id for ex in examples], cfg.val_fraction, cfg.val_seed
@@ -88,12 +142,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> dict:
     )
     train = [ex for ex in examples if ex.example_id not in val_ids]
     evaluated = {"val": [ex for ex in examples if ex.example_id in val_ids]} | {
-        s: glue.load_split(task, s, cfg.data_dir)
-        for s in (*task.dev_splits, *(task.test_splits if cfg.predict_test else ()))
+        s: ex for s, ex in data.items() if s != "train"
     }
-    config = enc.check_encoder(cfg.model)
-    enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
-    storage.ensure_writable(cfg.out)
 
     tokenizer = enc.load_tokenizer(cfg.model)  # right padding: no batch-mate shifts a position
     with enc.loading(cfg.model, "weights"):
@@ -160,20 +210,30 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> dict:
             "examples_per_second": round(seen / train_seconds, 2),
         },
         "config": asdict(cfg),
+        "key": key,
         "code_version": __version__,
     }
-    _save_checkpoint(model, tokenizer, cfg.out)
+    with runs.StagedRun(cfg.out) as staged:
+        _write_run(task, model, tokenizer, evaluated, outputs, result, key, staged)
+    return result
+
+
+def _write_run(task, model, tokenizer, evaluated, outputs, result, key, staged) -> None:
+    """The checkpoint, predictions and metrics.json into `staged`, then committed whole."""
+    from bertvision.predictions import write_predictions
+
+    _save_checkpoint(model, tokenizer, staged.url)
     for split, examples in evaluated.items():
         write_predictions(
-            cfg.out,
+            staged.url,
             task,
             split,
             [ex.example_id for ex in examples],
             [ex.label for ex in examples],
             outputs[split],
         )
-    storage.write_json(storage.join(cfg.out, "metrics.json"), result)
-    return result
+    storage.write_json(storage.join(staged.url, "metrics.json"), result)
+    staged.commit(key, last=("config.json", "metrics.json"))
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):
@@ -232,17 +292,13 @@ def _predict(model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig
 
 
 def _save_checkpoint(model, tokenizer, out: str) -> None:
-    """Write the checkpoint with config.json last: a half-written one never loads."""
+    """Write the checkpoint (from_pretrained files) into the staging folder `out`."""
     fs, path = storage.url_to_fs(out)
-    config_path = f"{path.rstrip('/')}/config.json"
-    if fs.exists(config_path):
-        fs.rm_file(config_path)
     with tempfile.TemporaryDirectory() as local:
         model.save_pretrained(local)
         tokenizer.save_pretrained(local)
-        names = sorted(os.listdir(local), key=lambda name: name == "config.json")
         fs.makedirs(path, exist_ok=True)
-        for name in names:
+        for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
 
 

@@ -65,7 +65,7 @@ def find_results(results: str) -> list[Result]:
         found.extend(_sweep_result(_url(results, root, sweep)))
     for path in sorted(p for p in files if p.endswith("/metrics.json")):
         folder = path.rsplit("/", 1)[0]
-        if any(folder.startswith(f"{s}/{TRIALS_DIR}/") for s in sweeps):
+        if "/_staging/" in folder or any(folder.startswith(f"{s}/{TRIALS_DIR}/") for s in sweeps):
             continue
         result = _run_result(_url(results, root, folder))
         if result is not None:

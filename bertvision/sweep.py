@@ -19,7 +19,11 @@ Honest selection: TPE minimises minus the primary metric on the validation slice
 TRAIN (one slice for every trial, `val_seed`); the dev metrics are recorded for the report and
 never read by TPE or by the ensemble.
 
-Resuming: storage is the record. A trial with a trial.json is finished and never run again; each
+One writer: `run_sweep` (and the sweep flow) hold the sweep folder's lease (bertvision.runs)
+while they run trials, so a second sweep on the same folder stops at once with FolderBusy.
+
+Resuming: storage is the record. A trial with a trial.json of this sweep's key (the content
+identity of its settings and embeddings) is finished and never run again; each
 suggestion is made from the finished trials (hyperopt's history is rebuilt from their records),
 so a sweep killed at any point continues at its first unfinished trial and TPE still learns from
 everything done before. A batch of K suggestions comes from the same history (K draws of TPE's
@@ -40,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bertvision import __version__, storage
+from bertvision import __version__, runs, storage
 from bertvision.finite import NonFiniteError, check_options, is_non_finite, strict_json
 from bertvision.glue import TASKS, get_task
 
@@ -95,6 +99,7 @@ class SweepConfig:
     val_fraction: float = 0.1  # slice of TRAIN held out for the objective
     val_seed: int = 0  # which slice: the same for every trial (and for fine-tuning with it)
     device: str = ""  # "" = cuda if available, else cpu
+    overwrite: bool = False  # replace a sweep of other settings or embeddings in `out`
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task).name
@@ -153,6 +158,7 @@ class TrialRecord:
     finished_at: str
     error: str = ""
     worker: str = ""  # host:pid of the process that ran it
+    key: str = ""  # the sweep's key (SweepConfig.key) when the trial ran
 
     def objective(self, metric: str) -> float:
         """What TPE minimises: minus the validation metric (inf for a failed trial)."""
@@ -314,11 +320,26 @@ def trial_url(out: str, trial: int) -> str:
     return storage.join(out, TRIALS_DIR, f"{trial:04d}")
 
 
+def content_key(cfg: SweepConfig) -> str:
+    """`cfg.key` of the embeddings stored now, from their plans alone (a few small reads): the
+    content identity of every trial's inputs. A ShardError when a split has no plan."""
+    from bertvision.shards import ShardError, load_plan, split_url
+
+    keys = {}
+    for split in ("train", *get_task(cfg.task).dev_splits):
+        plan = load_plan(split_url(cfg.embeddings, cfg.task, split))
+        if plan is None:
+            raise ShardError(f"no {cfg.task}/{split} embeddings under {cfg.embeddings}")
+        keys[split] = plan.key
+    return cfg.key(keys)
+
+
 def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Check the embeddings and the sweep folder; write sweep.json on first use.
 
     A folder holding a sweep with other settings (another task, adapter, space or seed) or on
-    other embeddings is an error: resuming it would mix two searches.
+    other embeddings is an error: resuming it would mix two searches. With `cfg.overwrite` that
+    sweep (its trials and records) is removed and this one starts in its place.
     """
     from bertvision.shards import committed_shards
 
@@ -331,13 +352,18 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     url = storage.join(cfg.out, SWEEP_FILE)
     if storage.exists(url):
         stored = load_sweep(cfg.out)
-        if stored.get("key") != key:
+        if stored.get("key") == key:
+            return stored
+        if not cfg.overwrite:
             raise ValueError(
                 f"{cfg.out} holds another sweep (task {stored['config']['task']}, adapter "
                 f"{stored['config']['adapter']}; other space, seed or embeddings); "
-                "use another --out"
+                "use another --out, or --overwrite to replace it"
             )
-        return stored
+        fs, path = storage.url_to_fs(cfg.out)
+        for name in (SWEEP_FILE, TRIALS_FILE, TRIALS_DIR):  # sweep.json first: no sweep here
+            if fs.exists(f"{path.rstrip('/')}/{name}"):
+                fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
     storage.ensure_writable(cfg.out)
     plan = {
         "key": key,
@@ -458,8 +484,11 @@ def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
 def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecord:
     """Train one trial's adapter into SWEEP/trials/NNNN and commit its record (written last).
 
-    A finished trial is returned as recorded, never run again. Leftovers of an interrupted one
-    are removed first: the trial may now have other parameters than when it was killed.
+    A trial finished with this sweep's key (`content_key`: the settings and the embeddings by
+    content) is returned as recorded, never run again; one of another key is an error unless
+    `cfg.overwrite`, when it is run again. The run folder is the trial's own (training replaces
+    what an interrupted try left with other parameters), and the record is removed before it
+    changes, so a record always describes the run committed beside it.
     `data` is a `train.load_embeddings` result to share; by default each process loads the
     embeddings once and every trial it runs shares that copy.
     """
@@ -468,11 +497,18 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
 
     folder = trial_url(cfg.out, spec.trial)
     record_url = storage.join(folder, TRIAL_RECORD)
+    key = content_key(cfg)
     if storage.exists(record_url):
-        return read_trial(record_url)
-    fs, path = storage.url_to_fs(folder)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+        record = read_trial(record_url)
+        if record.key == key:
+            return record
+        if not cfg.overwrite:
+            raise ValueError(
+                f"trial {spec.trial} in {cfg.out} ran on other settings or embeddings; "
+                "use another --out, or --overwrite to replace the sweep"
+            )
+        fs, path = storage.url_to_fs(record_url)
+        fs.rm_file(path)
 
     started = time.perf_counter()
     metric = get_task(cfg.task).primary_metric
@@ -499,6 +535,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         finished_at=_now(),
         error="" if ok else diverged or f"validation {metric} is {objective}",
         worker=worker_name(),
+        key=key,
     )
     storage.write_text_atomic(record_url, record.to_json())
     return record
@@ -516,6 +553,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
         device=cfg.device,
         val_fraction=cfg.val_fraction,
         val_seed=cfg.val_seed,
+        overwrite=True,  # the trial's folder is the sweep's: what is left there is replaced
         **spec.params,
     )
 
@@ -565,9 +603,14 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
     Parallel trials run on threads of this process and share one loaded copy of the embeddings
     (`data`, loaded here when not given).
     """
+    with runs.lease(cfg.out):  # one sweep at a time in a folder
+        prepare_sweep(cfg)
+        return _run_sweep(cfg, data, progress)
+
+
+def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
     from tqdm.auto import tqdm
 
-    prepare_sweep(cfg)
     done_before = len(record_trials(cfg))
     bar = tqdm(
         total=cfg.trials,

@@ -9,7 +9,9 @@ that slice, never the dev set that is reported. Each
 epoch ends with a checkpoint in RUN/_checkpoint/, so an interrupted run resumes from its last
 finished epoch; a finished run is returned as stored.
 
-Outputs under RUN (any fsspec URL), written when training has finished, metrics.json last:
+Outputs under RUN (any fsspec URL), written when training has finished and committed whole
+(bertvision.runs: staged, then moved into place, metrics.json, then the commit record
+_commit.json last, keyed on `run_key`, which hashes the settings and the extraction keys):
 
     config.json                  this TrainConfig, the adapter config, the embeddings URL, the
                                  encoder's name and fingerprint, extraction keys, code version
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertvision import __version__, adapters, glue, rng, storage
+from bertvision import __version__, adapters, glue, rng, runs, storage
 from bertvision import encoder as enc
 from bertvision.finite import NonFiniteError, check_options
 from bertvision.metrics import compute_metrics
@@ -223,6 +225,20 @@ class EmbeddingData:
 
     def extraction_keys(self) -> dict[str, str]:
         return {name: split.plan.key for name, split in self.splits.items()}
+
+
+def content_key(cfg: TrainConfig) -> str:
+    """`cfg.run_key` of the embeddings stored now, from their plans alone (a few small reads):
+    what `train_adapter` would key the run on, without reading a shard. Embeddings replaced by
+    another extraction change it; missing ones leave their split out (training then refuses)."""
+    task = glue.get_task(cfg.task)
+    embeddings = cfg.embeddings.rstrip("/")
+    keys = {}
+    for name in ("train", *task.dev_splits, *task.test_splits):
+        plan = load_plan(split_url(embeddings, task.name, name))
+        if plan is not None:
+            keys[name] = plan.key
+    return cfg.run_key(keys)
 
 
 def load_embeddings(
@@ -465,24 +481,31 @@ def train_adapter(
 ) -> dict:
     """Train, select on the held-out slice of TRAIN, evaluate and write RUN; returns metrics.json.
 
-    Every check runs before anything is written: bad input leaves RUN as it was.
+    Every check runs before anything is written: bad input leaves RUN as it was. While it
+    trains, RUN is leased (runs.Lease): a second writer gets FolderBusy.
     """
-    from tqdm.auto import tqdm
-
     task = glue.get_task(cfg.task)
     if data is None:
         data = load_embeddings(
             task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
         )
     _check_data(cfg, data)
-    train = data.splits["train"]
     key = cfg.run_key(data.extraction_keys())
     finished = _finished(cfg, key)
     if finished is not None:
         return finished
     checkpoint = _load_checkpoint(cfg, key)
     storage.ensure_writable(cfg.out)
+    with runs.lease(cfg.out):  # one writer per run folder
+        return _finished(cfg, key) or _fit(cfg, key, data, checkpoint, progress)
 
+
+def _fit(cfg: TrainConfig, key: str, data: EmbeddingData, checkpoint, progress: bool) -> dict:
+    """Train from `checkpoint` (or from scratch), then write and commit RUN."""
+    from tqdm.auto import tqdm
+
+    task = data.task
+    train = data.splits["train"]
     val_ids = held_out_ids(train, cfg.val_fraction, cfg.val_seed)
     is_val = np.isin(train.example_ids, val_ids)
     with rng.seeded(cfg.seed):
@@ -541,7 +564,8 @@ def train_adapter(
 
     model.load_state_dict(state["best"]["weights"])
     model.eval()
-    return _write_run(cfg, key, data, model, is_val, state)
+    with runs.StagedRun(cfg.out) as staged:
+        return _write_run(cfg, key, data, model, is_val, state, staged)
 
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
@@ -562,20 +586,11 @@ def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
 
 
 def _finished(cfg: TrainConfig, key: str) -> dict | None:
-    """The metrics of a finished run with these settings; an error for one with others."""
-    metrics_url = storage.join(cfg.out, "metrics.json")
-    if not storage.exists(metrics_url):
+    """The metrics of a run committed with this key; an error for one with another key
+    (other settings or other embeddings) unless `cfg.overwrite`."""
+    if runs.finished(cfg.out, key, cfg.overwrite) is None:
         return None
-    config_url = storage.join(cfg.out, "config.json")
-    stored = storage.read_json(config_url, keys=()) if storage.exists(config_url) else {}
-    if stored.get("run_key") == key:
-        return storage.read_json(metrics_url, keys=("val", "dev"))
-    if cfg.overwrite:
-        return None
-    raise ValueError(
-        f"{cfg.out} holds a finished run with other settings; "
-        "use another --out, or --overwrite to replace it"
-    )
+    return storage.read_json(storage.join(cfg.out, "metrics.json"), keys=("val", "dev"))
 
 
 def _load_checkpoint(cfg: TrainConfig, key: str) -> dict | None:
@@ -614,14 +629,15 @@ def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) 
     storage.write_bytes_atomic(storage.join(cfg.out, CHECKPOINT), buffer.getvalue())
 
 
-def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
-    """Evaluate the chosen weights and write every output, metrics.json last (the commit)."""
+def _write_run(cfg, key, data: EmbeddingData, model, is_val, state, staged: runs.StagedRun) -> dict:
+    """Evaluate the chosen weights, write every output staged and commit them whole."""
     from bertvision.plots import plot_curve
     from bertvision.predictions import read_submission, submission_name, write_predictions
 
     task = data.task
     train = data.splits["train"]
     eval_batch = 2 * cfg.batch_size
+    out = staged.url
     # Every prediction before any write: outputs that are not finite stop the run here.
     val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
     predicted = {
@@ -629,24 +645,21 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
         for name, split in data.splits.items()
         if name != "train"
     }
-    fs, root = storage.url_to_fs(cfg.out)
-    if fs.exists(f"{root.rstrip('/')}/metrics.json"):  # replacing a finished run (overwrite)
-        fs.rm_file(f"{root.rstrip('/')}/metrics.json")
 
     val_ids = np.sort(train.example_ids[is_val])
     val_labels = _labels_of(train, val_ids).tolist()
-    write_predictions(cfg.out, task, VAL_SPLIT, val_ids, val_labels, task_outputs(task, val_logits))
+    write_predictions(out, task, VAL_SPLIT, val_ids, val_labels, task_outputs(task, val_logits))
     metrics = {"val": val_metrics}
     for name, (ids, logits) in predicted.items():
         split = data.splits[name]
         labels = [None] * len(ids) if split.labels is None else _labels_of(split, ids).tolist()
-        write_predictions(cfg.out, task, name, ids, labels, task_outputs(task, logits))
+        write_predictions(out, task, name, ids, labels, task_outputs(task, logits))
         if name in task.dev_splits:
-            submitted = read_submission(storage.join(cfg.out, submission_name(name)), task)
+            submitted = read_submission(storage.join(out, submission_name(name)), task)
             report = "dev" if name == task.dev_splits[0] else name
             metrics[report] = compute_metrics(task, [submitted[i] for i in ids], labels)
 
-    adapters.save_adapter(model, storage.join(cfg.out, "adapter"))
+    adapters.save_adapter(model, storage.join(out, "adapter"))
     epochs = state["curve"]
     train_seconds = sum(e["seconds"] for e in epochs)
     seen = int((~is_val).sum()) * len(epochs)
@@ -661,13 +674,13 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
         "train_examples_per_second": round(seen / max(train_seconds, 1e-9), 1),
         "epochs": epochs,
     }
-    storage.write_json(storage.join(cfg.out, "curve.json"), curve)
+    storage.write_json(storage.join(out, "curve.json"), curve)
     storage.write_bytes_atomic(
-        storage.join(cfg.out, "curve.png"),
+        storage.join(out, "curve.png"),
         plot_curve(curve, f"{task.name} {cfg.adapter} seed {cfg.seed}"),
     )
     storage.write_json(
-        storage.join(cfg.out, "config.json"),
+        storage.join(out, "config.json"),
         {
             "train": asdict(cfg),
             "adapter": model.config.to_dict(),
@@ -679,6 +692,8 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state) -> dict:
             "code_version": __version__,
         },
     )
-    storage.write_json(storage.join(cfg.out, "metrics.json"), metrics)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    staged.commit(key, last=("config.json", "metrics.json"))
+    fs, root = storage.url_to_fs(cfg.out)
     fs.rm(f"{root.rstrip('/')}/{CHECKPOINT.split('/')[0]}", recursive=True)
     return metrics

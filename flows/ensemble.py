@@ -16,16 +16,22 @@ from tasks.ensemble import ensemble as ensemble_task
 
 @flow(name="ensemble", log_prints=True)
 def ensemble(
-    tasks: list[str], out: str, top_k: int = 5, with_finetuned: bool = False
+    tasks: list[str],
+    out: str,
+    top_k: int = 5,
+    with_finetuned: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, dict]:
     """Ensemble the `top_k` best trials (by validation metric) of each task's sweep; returns
-    each task's metrics.json (members and the ensemble's dev metrics)."""
+    each task's metrics.json (members and the ensemble's dev metrics). An ensemble finished with
+    other settings or members is refused unless `overwrite`."""
     results = {}
     for name in tasks:
         cfg = EnsembleConfig(
             task=name, runs=storage.join(out, name, "sweep"),
             out=storage.join(out, name, "ensemble"), top_k=top_k,
             with_finetuned=storage.join(out, name, "finetune") if with_finetuned else None,
+            overwrite=overwrite,
         )  # fmt: skip
         results[name] = ensemble_task(cfg)  # average the members' outputs
         print(f"{name}: ensemble of {len(results[name]['members'])}: {results[name]['ensemble']}")

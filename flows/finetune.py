@@ -22,9 +22,11 @@ def finetune(
     seed: int = 0,
     device: str = "",
     max_train_examples: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune `model` on `task` for `epochs` (may be a fraction); the checkpoint goes to `out`.
 
+    A run finished in `out` with other settings, model or data is refused unless `overwrite`.
     Returns metrics.json of the run."""
     cfg = FinetuneConfig(
         task=task,
@@ -38,6 +40,7 @@ def finetune(
         seed=seed,
         device=device,
         max_train_examples=max_train_examples,
+        overwrite=overwrite,
     )
     metrics = finetune_task(cfg)  # partial fine-tune of the encoder
     publish_metrics(

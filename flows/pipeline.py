@@ -8,7 +8,8 @@ Every stage is a child flow run (each visible in the UI on its own) writing unde
     out/<task>/sweep         hyperopt trials over the adapter
     out/<task>/ensemble      the average of the best trials and the fine-tuned model
 
-A rerun redoes only what storage lacks.
+A rerun redoes only what storage lacks. A stage whose finished result in `out` was made with
+other settings or inputs is refused unless `overwrite`, which every stage is given.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def pipeline(
     seed: int = 0,
     device: str = "",
     workers: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, dict]:
     """The whole pipeline for each of `tasks`; returns each task's dev metrics per stage.
 
@@ -64,25 +66,27 @@ def pipeline(
         tuned = finetune(
             task=name, out=checkpoint, model=model, data_dir=data_dir, epochs=finetune_epochs,
             max_seq_length=max_seq_length, seed=seed, device=device,
-            max_train_examples=max_train_examples,
+            max_train_examples=max_train_examples, overwrite=overwrite,
         )  # fmt: skip
         # all-layer hidden states of every split -> Parquet shards
         extract_glue(
             tasks=[name], out=embeddings, model=checkpoint, data_dir=data_dir,
             splits=splits or ["train", "dev", "test"], max_seq_length=max_seq_length,
-            shard_size=shard_size, device=device, workers=workers,
+            shard_size=shard_size, device=device, workers=workers, overwrite=overwrite,
         )  # fmt: skip
         # one adapter trained on the stored embeddings
         trained = train_adapter(
             task=name, embeddings=embeddings, out=storage.join(out, name, adapter),
-            adapter=adapter, epochs=adapter_epochs, seed=seed, device=device,
+            adapter=adapter, epochs=adapter_epochs, seed=seed, device=device, overwrite=overwrite,
         )  # fmt: skip
         # hyperopt trials of the adapter, then the average of the best with the fine-tuned model
         swept = sweep(
             embeddings=embeddings, out=out, tasks=[name], trials=trials, parallel=parallel,
-            adapter=adapter, space=sweep_space, seed=seed, device=device,
+            adapter=adapter, space=sweep_space, seed=seed, device=device, overwrite=overwrite,
         )[name]  # fmt: skip
-        combined = ensemble(tasks=[name], out=out, top_k=top_k, with_finetuned=True)[name]
+        combined = ensemble(
+            tasks=[name], out=out, top_k=top_k, with_finetuned=True, overwrite=overwrite
+        )[name]
         results[name] = {
             "finetune": tuned["dev"],
             adapter: trained["dev"],

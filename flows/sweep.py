@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from bertvision import storage
+from bertvision import runs, storage
 from bertvision.sweep import SweepConfig
 from flows.report import artifact_key, publish_metrics
 from tasks.sweep import (
@@ -52,23 +52,27 @@ def sweep(
     val_fraction: float = 0.1,
     val_seed: int = 0,
     device: str = "",
+    overwrite: bool = False,
 ) -> dict[str, dict]:
     """Sweep `adapter` for `tasks` (default: every task with complete train and dev embeddings
-    under `embeddings`); returns each task's best trial by validation metric."""
+    under `embeddings`); returns each task's best trial by validation metric. A sweep folder
+    holding another sweep is refused unless `overwrite`; one another run is sweeping into is
+    refused (FolderBusy)."""
     results = {}
     for name in tasks or tasks_with_embeddings(embeddings):  # the tasks to sweep
         cfg = SweepConfig(
             task=name, embeddings=embeddings, out=storage.join(out, name, "sweep"),
             trials=trials, parallel=parallel, adapter=adapter, space=space or {},
             startup_trials=startup_trials, seed=seed, val_fraction=val_fraction,
-            val_seed=val_seed, device=device,
+            val_seed=val_seed, device=device, overwrite=overwrite,
         )  # fmt: skip
-        prepare_sweep(cfg)  # check the embeddings, write or check sweep.json
-        done_before = len(record_trials(cfg))  # trials finished by earlier runs
-        while batch := suggest_trials(cfg, parallel):  # TPE's next K points
-            run_trial.map(unmapped(cfg), batch).result()  # K trials at once on the pool
-            record_trials(cfg)  # trials.jsonl from the committed records
-        results[name] = summarize(cfg, done_before).to_dict()  # the best trial by val
+        with runs.lease(cfg.out):  # no other sweep writes into this folder meanwhile
+            prepare_sweep(cfg)  # check the embeddings, write or check sweep.json
+            done_before = len(record_trials(cfg))  # trials finished by earlier runs
+            while batch := suggest_trials(cfg, parallel):  # TPE's next K points
+                run_trial.map(unmapped(cfg), batch).result()  # K trials at once on the pool
+                record_trials(cfg)  # trials.jsonl from the committed records
+            results[name] = summarize(cfg, done_before).to_dict()  # the best trial by val
         print(f"{name}: {results[name]}")
     publish_best(results, adapter)
     return results

@@ -25,8 +25,12 @@ def train_adapter(
     seed: int = 0,
     device: str = "",
     val_fraction: float = 0.1,
+    overwrite: bool = False,
 ) -> dict:
     """Train `adapter` on the embeddings of `task` under `embeddings`; the run goes to `out`.
+
+    A run finished in `out` with other settings or on other embeddings is refused unless
+    `overwrite`.
 
     Returns metrics.json of the run ({"val": ..., "dev": ...})."""
     cfg = TrainConfig(
@@ -44,6 +48,7 @@ def train_adapter(
         seed=seed,
         device=device,
         val_fraction=val_fraction,
+        overwrite=overwrite,
     )
     metrics = train_task(cfg)  # one adapter on the stored embeddings
     publish_metrics(

@@ -5,18 +5,18 @@ from __future__ import annotations
 from prefect import task
 
 from bertvision import ensemble as core
-from bertvision import storage
+from bertvision import runs, storage
 from bertvision.ensemble import EnsembleConfig
 from tasks.policy import RETRY, WhileStored
 
 
-def _metrics_file(inputs: dict) -> str:
-    return storage.join(inputs["cfg"].out, "metrics.json")
+def _commit_record(inputs: dict) -> str:
+    return storage.join(inputs["cfg"].out, runs.COMMIT_RECORD)
 
 
 @task(
     task_run_name="{cfg.task}-ensemble-top-{cfg.top_k}",
-    cache_policy=WhileStored(_metrics_file),
+    cache_policy=WhileStored(_commit_record, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=3600,
     **RETRY,

@@ -17,6 +17,8 @@ from bertvision.shards import ShardError, load_plan, manifest_url, split_url
 from tasks.policy import RETRY, WhileStored
 
 
+# No content key for shards: the plan given holds the extraction key, which hashes the model's
+# weights and the data (plan_extraction makes it afresh each run).
 def _shard_commit_record(inputs: dict) -> str:
     cfg, plan = inputs["cfg"], inputs["plan"]
     folder = split_url(cfg.out, plan.task, plan.split)

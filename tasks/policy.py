@@ -1,9 +1,11 @@
 """Retry and cache policy shared by the tasks: retry what may pass next time, cache what is stored.
 
 Prefect's default cache key includes the flow run id, so nothing is reused across runs. Our
-tasks key on their inputs and source code instead (`INPUTS + TASK_SOURCE`), and only while the
-task's output is still in storage: a cache entry never claims work that storage no longer holds.
-Storage stays the record; the cache only saves the call.
+tasks key on their inputs and source code instead (`INPUTS + TASK_SOURCE`), on the content of
+what their inputs name by URL (the model's weights, the embeddings, the sweep's trials), and only
+while the task's output is still in storage: a cache entry never claims work that storage no
+longer holds, nor a result made from other content at the same URLs. Storage stays the record;
+the cache only saves the call.
 """
 
 from __future__ import annotations
@@ -45,19 +47,30 @@ def transient(state) -> bool:
 
 
 class WhileStored(CachePolicy):
-    """`INPUTS + TASK_SOURCE`, plus the content of the output's commit file, while it exists.
+    """`INPUTS + TASK_SOURCE`, plus the content of the output's commit file while it exists,
+    plus the content key of the inputs.
 
-    `commit_file(inputs)` names the file a run writes last (a shard's commit record, a run's
-    metrics.json). Missing file: no key, so the task runs. Present: the key also hashes the file,
-    so output rewritten since the cache entry was made is not served from the cache. The call
-    that first writes an output therefore stores no cache entry; the next one (which the core
-    answers from storage) does, and later ones are cache hits.
+    `commit_file(inputs)` names the file a run writes last (a shard's or a run's commit record, a
+    trial's trial.json). Missing file: no key, so the task runs. Present: the key also hashes the
+    file, so output rewritten since the cache entry was made is not served from the cache. The
+    call that first writes an output therefore stores no cache entry; the next one (which the
+    core answers from storage) does, and later ones are cache hits.
+
+    `content_key(inputs)` is the stage's own content identity of its inputs as stored now (the
+    core's key of a run, e.g. `train.content_key`): the inputs name embeddings or a model by URL,
+    and the same URL may hold other content since. Other content, another cache key: the task
+    runs, and the core refuses (other inputs need overwrite) or redoes the work. None where the
+    inputs already carry their content (an extraction plan holds its key).
     """
 
     def __init__(
-        self, commit_file: Callable[[dict[str, Any]], str], base: CachePolicy | None = None
+        self,
+        commit_file: Callable[[dict[str, Any]], str],
+        content_key: Callable[[dict[str, Any]], str] | None = None,
+        base: CachePolicy | None = None,
     ) -> None:
         self.commit_file = commit_file
+        self.content_key = content_key
         self.base = base or INPUTS + TASK_SOURCE
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
@@ -65,4 +78,7 @@ class WhileStored(CachePolicy):
         if not storage.exists(url):
             return None
         key = self.base.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        return None if key is None else hash_objects(key, storage.read_text(url))
+        if key is None:
+            return None
+        content = self.content_key(inputs) if self.content_key is not None else None
+        return hash_objects(key, storage.read_text(url), content)

@@ -36,7 +36,7 @@ def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
 
 @task(
     task_run_name="{cfg.task}-{cfg.adapter}-trial-{spec.trial:04d}",
-    cache_policy=WhileStored(_trial_record),
+    cache_policy=WhileStored(_trial_record, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from prefect import task
 
-from bertvision import storage
+from bertvision import runs, storage
 from bertvision import train as core
 from bertvision.train import TrainConfig
 from tasks.policy import RETRY, WhileStored
 
 
-def _metrics_file(inputs: dict) -> str:
-    return storage.join(inputs["cfg"].out, "metrics.json")
+def _commit_record(inputs: dict) -> str:
+    return storage.join(inputs["cfg"].out, runs.COMMIT_RECORD)
 
 
 @task(
     task_run_name="{cfg.task}-train-{cfg.adapter}",
-    cache_policy=WhileStored(_metrics_file),
+    cache_policy=WhileStored(_commit_record, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,

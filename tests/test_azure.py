@@ -200,6 +200,25 @@ def test_committed_blobs_deleted_behind_the_extraction_fail_it_naming_them(
     assert sorted(ids.column(0).to_pylist()) == list(range(120))
 
 
+def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure_env, azurite):
+    """The lease is a conditional create (If-None-Match: *) on blob storage: of two writers one
+    gets it. A run folder committed there replaces the old one whole."""
+    from bertvision import runs
+
+    out = f"az://{azurite.create_container()}/sweep"
+    with runs.lease(out), pytest.raises(runs.FolderBusy, match="is being written by"):
+        runs.Lease(out).acquire()
+    with runs.lease(out):  # released
+        pass
+    for key, files in (("k0", {"a": "0", "old": "0"}), ("k1", {"a": "1"})):
+        with runs.StagedRun(out) as staged:
+            for name, text in files.items():
+                storage.write_text_atomic(storage.join(staged.url, name), text)
+            staged.commit(key)
+    assert storage.list_names(out) == ["_commit.json", "a"]
+    assert storage.read_text(f"{out}/a") == "1" and runs.commit_record(out)["key"] == "k1"
+
+
 def test_the_pipeline_runs_end_to_end_on_azure_and_pyarrow_reads_the_shards(
     azure_env, azurite, tiny_model, rte_slice, tmp_path
 ):

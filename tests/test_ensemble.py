@@ -159,3 +159,46 @@ def test_ensemble_command(tmp_path):
         app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "9", "--out", str(ens)]
     )
     assert bad.exit_code == 2 and "error: " in bad.output and "fewer than --top-k 9" in bad.output
+
+
+def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path, monkeypatch):
+    """Its members changed (the sweep found a better trial): refused without overwrite; a kill
+    while writing the new one leaves the old one whole and finished; overwrite replaces it."""
+    from bertvision import ensemble as ensembling
+    from bertvision import predictions
+
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    ens = tmp_path / "ens"
+    cfg = EnsembleConfig("rte", runs, str(ens), top_k=1)
+    first = build_ensemble(cfg)
+    before = {p: p.read_bytes() for p in ens.rglob("*") if p.is_file()}
+    monkeypatch.setattr(ensembling, "_build", lambda *a: pytest.fail("built again"))
+    assert build_ensemble(cfg) == first  # same members: returned as stored
+
+    better = json.loads((tmp_path / "sweep/trials/0000" / TRIAL_RECORD).read_text())
+    better["val"] = {"accuracy": 0.95}  # trial 0 redone: now the best
+    (tmp_path / "sweep/trials/0000" / TRIAL_RECORD).write_text(json.dumps(better))
+    with pytest.raises(ValueError, match="holds a finished ensemble with other settings"):
+        build_ensemble(cfg)
+    monkeypatch.undo()
+
+    real_write = predictions.write_predictions
+    calls = []
+
+    def killed_on_test(*args, **kwargs):
+        calls.append(args[2])
+        if args[2] == "test":
+            raise KeyboardInterrupt  # dev written (staged), test not
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ensembling, "write_predictions", killed_on_test)
+    again = EnsembleConfig("rte", runs, str(ens), top_k=1, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        build_ensemble(again)
+    assert calls == ["dev", "test"]
+    assert {p: p.read_bytes() for p in ens.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+
+    replaced = build_ensemble(again)
+    assert [m["trial"] for m in replaced["members"]] == [0]
+    assert build_ensemble(cfg) == replaced  # finished now, with these members

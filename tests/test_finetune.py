@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from bertvision import shards
 from bertvision.cli import app
-from bertvision.finetune import FinetuneConfig
+from bertvision.finetune import FinetuneConfig, load_metrics
 from bertvision.glue import get_task, held_out_ids
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission
@@ -160,3 +161,82 @@ def test_predictions_do_not_depend_on_the_batch_size(tmp_path, tiny_model, glue_
         for size in (1, 4)
     ]
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+
+
+def quick(tmp_path, model, glue_dir, **settings) -> FinetuneConfig:
+    """RTE, 64 training examples, one epoch (4 steps), no test predictions: seconds on a CPU."""
+    base = dict(epochs=1.0, batch_size=16, max_train_examples=64, predict_test=False)
+    return FinetuneConfig(
+        task="rte", out=str(tmp_path / "ckpt"), model=model, data_dir=glue_dir, device="cpu",
+        **{**base, **settings},
+    )  # fmt: skip
+
+
+def files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_is_returned_other_settings_are_refused_and_a_kill_keeps_it(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    """finetune --seed 1 over a finished seed-0 run: refused without --overwrite; killed just
+    after writing its weights, the seed-0 run is still there whole and still finished."""
+    from bertvision import finetune as core
+    from bertvision import predictions
+
+    seed0 = quick(tmp_path, tiny_model, glue_dir)
+    metrics = core.finetune_encoder(seed0, progress=False)
+    stored = files(tmp_path / "ckpt")
+    real_finetune = core._finetune
+    monkeypatch.setattr(core, "_finetune", lambda *a: pytest.fail("trained again"))
+    assert core.finetune_encoder(seed0, progress=False) == metrics  # resumes like train/extract
+
+    seed1 = quick(tmp_path, tiny_model, glue_dir, seed=1)
+    with pytest.raises(ValueError, match="holds a finished fine-tuning with other settings"):
+        core.finetune_encoder(seed1, progress=False)
+    assert files(tmp_path / "ckpt") == stored
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after model.safetensors went into the staged checkpoint
+
+    monkeypatch.setattr(core, "_finetune", real_finetune)
+    monkeypatch.setattr(predictions, "write_predictions", killed)
+    overwrite1 = quick(tmp_path, tiny_model, glue_dir, seed=1, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        core.finetune_encoder(overwrite1, progress=False)
+    assert files(tmp_path / "ckpt") == stored
+    monkeypatch.undo()
+    monkeypatch.setattr(core, "_finetune", lambda *a: pytest.fail("trained again"))
+    assert core.finetune_encoder(seed0, progress=False) == metrics  # still the finished run
+
+    monkeypatch.setattr(core, "_finetune", real_finetune)
+    replaced = core.finetune_encoder(overwrite1, progress=False)
+    assert replaced["config"]["seed"] == 1 and load_metrics(str(tmp_path / "ckpt")) == replaced
+    after = files(tmp_path / "ckpt")
+    assert after["model.safetensors"] != stored["model.safetensors"]
+    assert set(after) == set(stored)  # the same files, all of the new run
+
+
+def test_a_model_replaced_at_the_same_path_is_another_input(tmp_path, tiny_model, glue_dir):
+    """Identity by content: the finished run was made from other weights than the folder holds
+    now, so it is not returned as done (refused; --overwrite redoes it)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from bertvision.finetune import content_key, finetune_encoder
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_model, encoder)
+    cfg = quick(tmp_path, str(encoder), glue_dir)
+    finetune_encoder(cfg, progress=False)
+    key = content_key(cfg)
+
+    torch.manual_seed(1)
+    other = BertConfig.from_pretrained(encoder)
+    BertModel(other).save_pretrained(encoder)  # another encoder, same path
+    assert content_key(cfg) != key
+    with pytest.raises(ValueError, match="holds a finished fine-tuning with other settings"):
+        finetune_encoder(cfg, progress=False)
+    redone = finetune_encoder(dataclasses.replace(cfg, overwrite=True), progress=False)
+    assert redone["key"] == content_key(cfg)

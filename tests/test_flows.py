@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pyarrow.dataset as ds
 import pytest
@@ -22,16 +22,16 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 from prefect.states import Failed  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from bertvision import __version__, extract, shards  # noqa: E402
-from bertvision import finetune as finetune_core  # noqa: E402
+from bertvision import extract, shards  # noqa: E402
+from bertvision import train as train_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
-from bertvision.finetune import FinetuneConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
+from bertvision.train import TrainConfig  # noqa: E402
 from flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
 from tasks import extract as extract_tasks  # noqa: E402
-from tasks import finetune as finetune_tasks  # noqa: E402
+from tasks import train as train_tasks  # noqa: E402
 from tasks.policy import transient  # noqa: E402
 
 SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, device="cpu")
@@ -230,16 +230,40 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     assert "| pooler | val |" in Artifact.get("wnli-pooler-metrics").data
 
 
-def test_a_finished_fine_tuning_is_returned_without_training_again(tmp_path, monkeypatch):
-    def must_not_train(cfg, progress=True):
-        raise AssertionError("trained again")
+def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    """Identity by content: the embeddings under the same URL re-extracted with another encoder
+    make the cached result stale; the task runs and the core refuses (other inputs)."""
+    from transformers import BertConfig, BertModel
 
-    monkeypatch.setattr(finetune_core, "finetune_encoder", must_not_train)
-    cfg = FinetuneConfig(task="rte", out=str(tmp_path), model="any-encoder", device="cpu")
-    stored = {"dev": {"accuracy": 0.61}, "config": asdict(cfg), "code_version": __version__}
-    (tmp_path / "metrics.json").write_text(json.dumps(stored))
-    assert finetune_tasks.finetune.fn(cfg) == stored
+    emb = str(tmp_path / "emb")
+    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
+                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
+    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
 
-    other = FinetuneConfig(task="rte", out=str(tmp_path), model="any-encoder", device="cpu", lr=1)
-    with pytest.raises(AssertionError, match="trained again"):  # other settings: trains
-        finetune_tasks.finetune.fn(other)
+    @flow
+    def train_once(cfg: TrainConfig) -> str:
+        return train_tasks.train_adapter(cfg, return_state=True).name
+
+    cfg = TrainConfig(task="wnli", embeddings=emb, out=str(tmp_path / "run"), epochs=1,
+                      adapter_dim=4, device="cpu")  # fmt: skip
+    assert [train_once(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
+
+    other = tmp_path / "other-encoder"
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(tiny_model)).save_pretrained(other)
+    shutil.copy(f"{tiny_model}/tokenizer.json", other)
+    shutil.copy(f"{tiny_model}/tokenizer_config.json", other)
+    extract.extract_hidden_states(
+        ExtractConfig(model=str(other), overwrite=True, **settings), progress=False
+    )
+    assert train_once(cfg) == "Failed"  # refused: "holds a finished run with other ..."
+    with pytest.raises(ValueError, match="holds a finished run with other settings or inputs"):
+        train_core.train_adapter(cfg, progress=False)
+
+    assert train_once(dataclasses.replace(cfg, overwrite=True)) == "Completed"
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    plan, _ = shards.committed_shards(emb, "wnli", "train")
+    assert stored["extraction_keys"]["train"] == plan.key
+    assert stored["model_fingerprint"] == plan.model_fingerprint

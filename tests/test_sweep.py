@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -396,3 +397,51 @@ def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     ensembled = ensemble(tasks=["rte"], out=str(out), top_k=3)["rte"]
     assert len(ensembled["members"]) == 3
     assert (out / "rte" / "ensemble" / "dev_predictions.tsv").exists()
+
+
+def test_two_sweeps_on_one_folder_at_once_exclude_each_other(embeddings, tmp_path, monkeypatch):
+    """The second stops at once with a clear error; the first finishes, and every trial's
+    record agrees with its own run folder."""
+    from bertvision import train
+    from bertvision.runs import FolderBusy
+
+    out = tmp_path / "sweep"
+    started, go_on = threading.Event(), threading.Event()
+    original = train.train_adapter
+
+    def held(cfg, data=None, progress=True):
+        started.set()
+        go_on.wait(timeout=120)
+        return original(cfg, data=data, progress=progress)
+
+    monkeypatch.setattr(train, "train_adapter", held)
+    first = {}
+    thread = threading.Thread(
+        target=lambda: first.update(summary=run_sweep(quick(embeddings, out, trials=2, parallel=2),
+                                                      progress=False))
+    )  # fmt: skip
+    thread.start()
+    assert started.wait(timeout=120)
+    with pytest.raises(FolderBusy, match=r"sweep is being written by .*; wait for it to finish"):
+        run_sweep(quick(embeddings, out, trials=2, parallel=2), progress=False)
+    go_on.set()
+    thread.join()
+    assert first["summary"].ran == 2
+    for record in load_trials(str(out)):
+        metrics = json.loads((out / record.run / "metrics.json").read_text())
+        assert (metrics["val"], metrics["dev"]) == (record.val, record.dev)
+
+
+def test_a_trial_of_other_embeddings_is_refused_unless_overwrite(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    cfg = quick(embeddings, out, trials=1)
+    run_sweep(cfg, progress=False)
+    [spec] = [sweeping.TrialSpec(r.trial, r.params, r.hyperopt_vals) for r in load_trials(str(out))]
+    other = synthetic_embeddings(str(tmp_path / "emb2"), dev_labels=np.zeros(40, int))
+    moved = quick(other, out, trials=1)
+    with pytest.raises(ValueError, match="trial 0 in .* ran on other settings or embeddings"):
+        sweeping.run_trial(moved, spec)
+    redone = sweeping.run_trial(quick(other, out, trials=1, overwrite=True), spec)
+    assert redone.key == sweeping.content_key(moved) != sweeping.content_key(cfg)
+    metrics = json.loads((out / redone.run / "metrics.json").read_text())
+    assert (metrics["val"], metrics["dev"]) == (redone.val, redone.dev)

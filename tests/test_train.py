@@ -378,6 +378,43 @@ def test_a_finished_run_is_returned_as_stored_and_never_mixed(
     assert after == before
 
 
+def test_a_kill_while_replacing_a_finished_run_leaves_it_whole_and_finished(
+    tmp_path, rte_embeddings, monkeypatch
+):
+    """Killed after the new run's predictions are written (adapter weights next): the old run's
+    files are all still there, unmixed, and it is still returned as finished."""
+    cfg = config(tmp_path, rte_embeddings)
+    metrics = train_adapter(cfg, progress=False)
+    run = tmp_path / "run"
+
+    def run_files() -> dict:
+        return {
+            str(p.relative_to(run)): p.read_bytes()
+            for p in run.rglob("*")
+            if p.is_file() and not str(p.relative_to(run)).startswith("_checkpoint")
+        }
+
+    before = run_files()
+    other = dataclasses.replace(cfg, lr=0.5, overwrite=True)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapters, "save_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(other, progress=False)
+    assert run_files() == before
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "_train_epoch", lambda *a: pytest.fail("trained again"))
+    assert train_adapter(cfg, progress=False) == metrics
+    monkeypatch.undo()
+
+    replaced = train_adapter(other, progress=False)
+    assert read_json(run / "config.json")["train"]["lr"] == 0.5
+    assert read_json(run / "metrics.json") == replaced
+    assert set(run_files()) == set(before)
+
+
 def test_early_stopping_keeps_the_best_val_epoch(tmp_path, rte_embeddings):
     cfg = config(tmp_path, rte_embeddings, adapter="scalarmix", epochs=30, patience=2, lr=0.1)
     train_adapter(cfg, progress=False)

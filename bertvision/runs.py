@@ -1,0 +1,229 @@
+"""Run folders committed whole, and one writer per folder.
+
+Fine-tuning runs, adapter runs (sweep trials too) and ensembles are folders of several files.
+Each is written like a shard: staged elsewhere, then published, with a commit record written last:
+
+    with StagedRun(out) as run:          # files go to OUT/_staging/<id>/
+        write_everything(run.url)        # any writer that takes a folder URL
+        run.commit(key, last=("config.json", "metrics.json"))
+
+    OUT/_commit.json    {"key": ..., "files": [...], "worker": ..., "committed_at": ...}
+
+`key` is the content identity of the run's inputs and settings (what `finished` compares). The
+commit record is the commit point: until `commit` starts, the old run stays whole and finished;
+from its first step the old run no longer counts as finished, its files are removed, the new ones
+moved in (the names in `last` last), and the record written last. A kill at any point leaves
+either the old finished run or no finished run at all, never files of two runs counted as one;
+the next commit also removes what an interrupted one left (their names are kept in
+OUT/_publishing.json meanwhile).
+
+`Lease` keeps a second process from writing into a folder another one is writing into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from bertvision import storage
+from bertvision.shards import now, worker_name
+
+COMMIT_RECORD = "_commit.json"
+PUBLISHING = "_publishing.json"
+STAGING = "_staging"
+LEASE = "_lease.json"
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lease; the message names the folder and the holder."""
+
+
+def commit_record(out: str) -> dict[str, Any] | None:
+    """OUT/_commit.json, or None when no run is committed at `out`."""
+    url = storage.join(out, COMMIT_RECORD)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str, Any] | None:
+    """The commit record of a run finished at `out` with content key `key`, else None.
+
+    A finished run with another key is an error (ValueError naming `out`) unless `overwrite`,
+    when it is None too: the caller redoes the run, and its commit replaces the old one.
+    """
+    record = commit_record(out)
+    if record is None:
+        return None
+    if record["key"] == key:
+        return record
+    if overwrite:
+        return None
+    raise ValueError(
+        f"{out} holds a finished {what} with other settings or inputs; "
+        "use another --out, or --overwrite to replace it"
+    )
+
+
+class StagedRun:
+    """A run folder that appears at `out` whole, on `commit()`, or not at all (see the module)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out.rstrip("/")
+        self.url = storage.join(self.out, STAGING, uuid.uuid4().hex)
+
+    def __enter__(self) -> StagedRun:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """An error before `commit` leaves the run at `out` as it was, and nothing staged."""
+        fs, staged = storage.url_to_fs(self.url)
+        if kind is not None and fs.exists(staged):
+            fs.rm(staged, recursive=True)
+            parent = staged.rsplit("/", 1)[0]
+            if storage.is_local(fs) and not fs.ls(parent):
+                fs.rmdir(parent)
+
+    def commit(self, key: str, last: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Replace the run at `out` by the staged files; returns the commit record written."""
+        fs, staged = storage.url_to_fs(self.url)
+        _, root = storage.url_to_fs(self.out)
+        root = root.rstrip("/")
+        files = sorted(p[len(staged) + 1 :] for p in fs.find(staged))
+        files.sort(key=lambda name: last.index(name) + 1 if name in last else 0)
+        old = set((commit_record(self.out) or {}).get("files", []))
+        publishing = storage.join(self.out, PUBLISHING)
+        if storage.exists(publishing):  # an interrupted commit: its files are leftovers too
+            old |= set(storage.read_json(publishing)["files"])
+        storage.write_json(publishing, {"files": sorted(old | set(files))})
+        _remove(fs, f"{root}/{COMMIT_RECORD}")  # from here on, no run is finished at `out`
+        for name in sorted((old - set(files)) | set(last)):  # `last` first out, last in
+            _remove(fs, f"{root}/{name}")
+        for name in files:
+            target = f"{root}/{name}"
+            _remove(fs, target)
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(f"{staged}/{name}", target)
+        record = {"key": key, "files": files, "worker": worker_name(), "committed_at": now()}
+        storage.write_json(storage.join(self.out, COMMIT_RECORD), record)
+        _remove(fs, f"{root}/{PUBLISHING}")
+        _remove(fs, f"{root}/{STAGING}")  # with what killed writers staged before (leased)
+        return record
+
+
+def _remove(fs, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=fs.isdir(path))
+
+
+class Lease:
+    """Exclusive, expiring hold of a folder: OUT/_lease.json, created only if absent.
+
+    Local disks create it with O_EXCL, Azure with `If-None-Match: *` (adlfs mode "xb"), so of two
+    processes starting at once exactly one gets it. The holder renews it every `ttl_s / 3`
+    seconds from a background thread; a lease whose holder died is taken over once it expired
+    (at once when the holder was a process on this host that no longer runs).
+    """
+
+    def __init__(self, out: str, ttl_s: float = 600.0) -> None:
+        self.out = out
+        self.url = storage.join(out, LEASE)
+        self.ttl_s = ttl_s
+        self.owner = f"{worker_name()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._made_folder = False  # a local folder made for the lease, removed if left empty
+
+    def acquire(self) -> None:
+        """Take the lease, or raise FolderBusy naming its holder."""
+        if not self._create():
+            held = self._read()
+            if held is not None and not _expired(held):
+                raise FolderBusy(
+                    f"{self.out} is being written by {held['owner']} (lease until "
+                    f"{datetime.fromtimestamp(held['expires'], UTC).isoformat(timespec='seconds')}"
+                    "); wait for it to finish, or use another --out"
+                )
+            fs, path = storage.url_to_fs(self.url)
+            _remove(fs, path)  # its holder is gone
+            if not self._create():
+                raise FolderBusy(f"{self.out} was just taken by another process; use another --out")
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        held = self._read()
+        fs, path = storage.url_to_fs(self.url)
+        if held is not None and held["owner"] == self.owner:
+            _remove(fs, path)
+        folder = path.rsplit("/", 1)[0]
+        if self._made_folder and storage.is_local(fs) and not fs.ls(folder):
+            fs.rmdir(folder)  # bad input found under the lease leaves no trace
+
+    def _record(self) -> bytes:
+        expires = time.time() + self.ttl_s
+        return json.dumps({"owner": self.owner, "pid": os.getpid(), "expires": expires}).encode()
+
+    def _create(self) -> bool:
+        fs, path = storage.url_to_fs(self.url)
+        folder = path.rsplit("/", 1)[0]
+        if not storage.is_blob(fs) and not fs.exists(folder):
+            fs.makedirs(folder, exist_ok=True)
+            self._made_folder = True
+        try:
+            with storage.translate_errors(self.url), fs.open(path, "xb") as f:
+                f.write(self._record())
+        except FileExistsError:
+            return False
+        except Exception as exc:  # Azure: the conditional create failed (ResourceExistsError)
+            if storage.is_blob(fs) and fs.exists(path):
+                return False
+            raise exc
+        return True
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_text(self.url))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None  # gone meanwhile, or being written
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            held = self._read()
+            if held is None or held["owner"] != self.owner:
+                return  # taken over: the holder seemed dead; nothing to renew
+            storage.write_bytes_atomic(self.url, self._record())
+
+
+def _expired(held: dict[str, Any]) -> bool:
+    if held["expires"] < time.time():
+        return True
+    host = held["owner"].split(":", 1)[0]
+    if host == socket.gethostname() and held.get("pid") != os.getpid():
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True  # a process of this host that no longer runs
+        except PermissionError:
+            return False
+    return False
+
+
+@contextmanager
+def lease(out: str, ttl_s: float = 600.0) -> Iterator[Lease]:
+    """`with lease(out):` writes into `out` as its only writer, or raises FolderBusy."""
+    held = Lease(out, ttl_s)
+    held.acquire()
+    try:
+        yield held
+    finally:
+        held.release()

@@ -1,0 +1,141 @@
+"""Run folders committed whole (staged, commit record last) and one writer per folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bertvision import runs, storage
+from bertvision.runs import FolderBusy, Lease, StagedRun
+
+
+def write_run(out, files: dict[str, str], key: str) -> None:
+    with StagedRun(str(out)) as staged:
+        for name, text in files.items():
+            storage.write_text_atomic(storage.join(staged.url, name), text)
+        staged.commit(key, last=("metrics.json",))
+
+
+def run_files(out) -> dict[str, str]:
+    return {
+        str(p.relative_to(out)): p.read_text()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.name.startswith("_")
+    }
+
+
+def test_a_commit_replaces_the_old_run_whole(tmp_path):
+    out = tmp_path / "run"
+    write_run(out, {"a.bin": "old a", "test.tsv": "old test", "metrics.json": "old"}, "k0")
+    assert runs.finished(str(out), "k0", overwrite=False)["files"] == [
+        "a.bin",
+        "test.tsv",
+        "metrics.json",
+    ]
+    with pytest.raises(ValueError, match="holds a finished run with other settings or inputs"):
+        runs.finished(str(out), "k1", overwrite=False)
+    assert runs.finished(str(out), "k1", overwrite=True) is None
+
+    write_run(out, {"a.bin": "new a", "metrics.json": "new"}, "k1")
+    assert run_files(out) == {"a.bin": "new a", "metrics.json": "new"}  # no old test.tsv
+    assert runs.finished(str(out), "k1", overwrite=False)["key"] == "k1"
+    assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "a.bin", "metrics.json"]
+
+
+def test_a_failure_before_the_commit_leaves_the_old_run_finished(tmp_path):
+    out = tmp_path / "run"
+    write_run(out, {"weights.bin": "seed 0", "metrics.json": "seed 0"}, "seed0")
+    with pytest.raises(RuntimeError, match="killed"), StagedRun(str(out)) as staged:
+        storage.write_text_atomic(storage.join(staged.url, "weights.bin"), "seed 1")
+        raise RuntimeError("killed after the weights were written")
+    assert run_files(out) == {"weights.bin": "seed 0", "metrics.json": "seed 0"}
+    assert runs.finished(str(out), "seed0", overwrite=False)["key"] == "seed0"
+    assert not (out / "_staging").exists()
+
+
+def test_a_kill_mid_commit_leaves_no_finished_run_and_the_next_commit_cleans_up(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    write_run(out, {"weights.bin": "seed 0", "old.tsv": "seed 0", "metrics.json": "0"}, "seed0")
+    real_mv = type(storage.url_to_fs(str(out))[0]).mv
+    moved = []
+
+    def dying_mv(fs, source, target, **kwargs):
+        if moved:
+            raise KeyboardInterrupt  # killed after the first file went in
+        moved.append(target)
+        return real_mv(fs, source, target, **kwargs)
+
+    monkeypatch.setattr(type(storage.url_to_fs(str(out))[0]), "mv", dying_mv)
+    with pytest.raises(KeyboardInterrupt):
+        write_run(out, {"weights.bin": "seed 1", "new.tsv": "seed 1", "metrics.json": "1"}, "s1")
+    monkeypatch.undo()
+    assert runs.commit_record(str(out)) is None  # neither run counts as finished
+    assert runs.finished(str(out), "seed0", overwrite=False) is None
+    assert "metrics.json" not in run_files(out)
+
+    write_run(out, {"weights.bin": "seed 2", "metrics.json": "2"}, "seed2")
+    assert run_files(out) == {"weights.bin": "seed 2", "metrics.json": "2"}  # nothing left over
+
+
+def test_a_second_writer_is_excluded_while_the_first_holds_the_lease(tmp_path):
+    out = str(tmp_path / "sweep")
+    with runs.lease(out):
+        with pytest.raises(FolderBusy, match=r"sweep is being written by .*; wait for it"):
+            Lease(out).acquire()
+        threads_busy = []
+        thread = threading.Thread(
+            target=lambda: threads_busy.append(_busy(out)),
+        )
+        thread.start()
+        thread.join()
+        assert threads_busy == [True]
+    with runs.lease(out):  # released: the next writer gets it
+        pass
+    assert not (tmp_path / "sweep").exists()  # a lease leaves no trace in a folder it made
+
+
+def _busy(out: str) -> bool:
+    try:
+        Lease(out).acquire()
+    except FolderBusy:
+        return True
+    return False
+
+
+def test_a_lease_of_a_dead_or_expired_holder_is_taken_over(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    owner = f"{runs.worker_name().split(':')[0]}:{dead.stdout.strip()}:x"
+    lease = {"owner": owner, "pid": int(dead.stdout), "expires": time.time() + 600}
+    (out / runs.LEASE).write_text(json.dumps(lease))
+    with runs.lease(str(out)) as held:  # its holder no longer runs on this host
+        assert json.loads((out / runs.LEASE).read_text())["owner"] == held.owner
+
+    other_host = {"owner": "elsewhere:1:x", "pid": 1, "expires": time.time() - 1}
+    (out / runs.LEASE).write_text(json.dumps(other_host))
+    with runs.lease(str(out)):  # expired
+        pass
+    other_host["expires"] = time.time() + 600
+    (out / runs.LEASE).write_text(json.dumps(other_host))
+    with pytest.raises(FolderBusy, match="elsewhere:1:x"):
+        Lease(str(out)).acquire()
+
+
+def test_a_held_lease_is_renewed(tmp_path):
+    out = str(tmp_path / "run")
+    with runs.lease(out, ttl_s=0.3) as held:
+        first = json.loads((tmp_path / "run" / runs.LEASE).read_text())["expires"]
+        deadline = time.monotonic() + 10
+        while json.loads((tmp_path / "run" / runs.LEASE).read_text())["expires"] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+        assert json.loads((tmp_path / "run" / runs.LEASE).read_text())["owner"] == held.owner
