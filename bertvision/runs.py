@@ -49,7 +49,7 @@ class FolderBusy(RuntimeError):
 def commit_record(out: str) -> dict[str, Any] | None:
     """OUT/_commit.json, or None when no run is committed at `out`."""
     url = storage.join(out, COMMIT_RECORD)
-    return storage.read_json(url) if storage.exists(url) else None
+    return storage.read_json(url, keys=("key",)) if storage.exists(url) else None
 
 
 def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str, Any] | None:

@@ -375,8 +375,11 @@ def ensure_writable(url: str) -> None:
             fs.makedirs(path, exist_ok=True)
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
-            for folder in made:
+        for folder in made:
+            try:
                 fs.rmdir(folder)
+            except OSError:  # another writer put something there meanwhile: it stays
+                break
     except (StorageError, StorageUnavailable):
         raise
     except Exception as exc:  # any other failure here means "cannot write there"

@@ -353,6 +353,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     if storage.exists(url):
         stored = load_sweep(cfg.out)
         if stored.get("key") == key:
+            _make_trials_folder(cfg)
             return stored
         if not cfg.overwrite:
             raise ValueError(
@@ -377,7 +378,15 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "created_at": _now(),
     }
     storage.write_json(url, plan)
+    _make_trials_folder(cfg)
     return plan
+
+
+def _make_trials_folder(cfg: SweepConfig) -> None:
+    """SWEEP/trials/, made once here: trials running at once each make only their own folder
+    (a trial's write check removes the folders it made, which must not be a shared one)."""
+    fs, path = storage.url_to_fs(storage.join(cfg.out, TRIALS_DIR))
+    fs.makedirs(path, exist_ok=True)
 
 
 def load_sweep(out: str) -> dict[str, Any]:

@@ -218,13 +218,12 @@ def train_args(embeddings: str, out: Path) -> list[str]:
     return ["train", "--task", "rte", "--embeddings", embeddings, "--out", str(out)]
 
 
-@pytest.mark.parametrize("name", ["config.json", "_checkpoint/last.pt"])
+@pytest.mark.parametrize("name", ["_commit.json", "_checkpoint/last.pt"])
 def test_a_garbled_run_file_is_named_by_train(tmp_path, name):
+    """The commit record of a finished run, or the checkpoint of an unfinished one."""
     embeddings = synthetic(str(tmp_path / "emb"), n_train=20, n_dev=8)
     run = tmp_path / "run"
     (run / "_checkpoint").mkdir(parents=True)
-    if name == "config.json":  # a finished run's; a checkpoint belongs to an unfinished one
-        (run / "metrics.json").write_text('{"val": {}, "dev": {}}')
     (run / name).write_text('{"run_key": "0123')
     before = file_tree(run)
     assert_one_error(CliRunner().invoke(app, train_args(embeddings, run)), run / name)
@@ -284,7 +283,8 @@ def test_a_garbled_outputs_file_is_named_and_an_older_ensemble_kept(tmp_path):
     before = file_tree(ens)
     outputs = tmp_path / "sweep" / "trials" / "0001" / "outputs" / "test.parquet"
     outputs.write_bytes(outputs.read_bytes()[:100])
-    assert_one_error(CliRunner().invoke(app, ensemble_args(runs, ens)), outputs)
+    rebuild = ensemble_args(runs, ens, "--top-k", "3", "--overwrite")  # another ensemble
+    assert_one_error(CliRunner().invoke(app, rebuild), outputs)
     assert file_tree(ens) == before
 
 
