@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml scripts/setup
 	bash scripts/setup
 	touch $@
 
+# A quick CPU run: a fifth of an epoch of fine-tuning, 3-epoch adapters, 2 sweep trials.
 run: setup
-	$(VENV)/bin/bertvision run --task $(TASK) --data-dir $(DATA_DIR)
+	$(VENV)/bin/bertvision run --tasks $(TASK) --data-dir $(DATA_DIR) \
+		--finetune-epochs 0.2 --extract-shard-size 500 --train-epochs 3 \
+		--sweep-trials 2 --sweep-space '{"epochs": 3}' --ensemble-top-k 2
 
 test: setup
 	bash scripts/test

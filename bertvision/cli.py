@@ -1,21 +1,39 @@
-"""The `bertvision` command: one command per core function, same names, same config fields.
+"""The `bertvision` command: one command per core function, its options generated from the
+stage's config dataclass (bertvision.config), so a field added there is an option here.
 
-Usage errors and bad input end with one line on stderr (`error: ...`) and exit code 2; the
-command never imports Prefect except `run`, which starts the pipeline flow.
+    bertvision train --task rte --embeddings emb --out runs/rte-pooler --lr 3e-4
+
+Usage errors and bad input end with one line on stderr (`error: ...`) naming the option or file,
+and exit code 2. The core command imports no Prefect; commands of other installed parts (the
+orchestration's `run`) join through the `bertvision.commands` entry point group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import json
 import os
 import sys
+import typing
+from collections.abc import Callable, Iterator
 from functools import wraps
-from typing import Annotated
+from importlib.metadata import entry_points
+from typing import Annotated, Any
 
 import typer
 
 from bertvision import __version__
+from bertvision.config import (
+    ConfigError,
+    EnsembleConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    ReportConfig,
+    SweepConfig,
+    TrainConfig,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -24,44 +42,139 @@ app = typer.Typer(
     help="Store all-layer hidden states once; train small adapters on them.",
 )
 
-# Options shared by several commands, defined once.
-TaskOpt = Annotated[
-    str,
-    typer.Option("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"),
-]
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        help="Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM",
-    ),
-]
-DataDirOpt = Annotated[
-    str | None, typer.Option("--data-dir", help="A glue_data folder; default: the Hugging Face hub")
-]
-MaxLenOpt = Annotated[int, typer.Option("--max-seq-length", help="Tokens per example, at most")]
-SeedOpt = Annotated[int, typer.Option("--seed")]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="cpu, cuda, cuda:1; default: cuda if available")
-]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option("--overwrite", help="Replace a finished result with other settings or inputs"),
-]
+
+# -- options from config fields ----------------------------------------------------------------
 
 
-def _splits(value: str) -> list[str]:
-    return [s.strip() for s in value.split(",") if s.strip()]
+def flag(field: str) -> str:
+    """The option of a config field: `lr` -> `--lr`, `finetune.max_seq_length` ->
+    `--finetune-max-seq-length`."""
+    return "--" + field.replace(".", "-").replace("_", "-")
+
+
+def _param(field: str) -> str:
+    return field.replace(".", "__")
+
+
+def option_fields(config_class: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
+    """(dotted name, Field, type, default) of every option of `config_class`, nested configs
+    flattened. A nested config's fields that its parent sets itself (fields of the same name, and
+    the parent's LINKED names) are not options."""
+    hints = typing.get_type_hints(config_class)
+    own = {f.name for f in dataclasses.fields(config_class)}
+    linked = set(getattr(config_class, "LINKED", ()))
+    for f in dataclasses.fields(config_class):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            template = f.default_factory()
+            for name, sub, sub_kind, default in option_fields(kind, f"{prefix}{f.name}."):
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf not in own and leaf not in linked:
+                    yield name, sub, sub_kind, getattr(template, leaf, default)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        yield f"{prefix}{f.name}", f, kind, default
+
+
+def _parameter(name: str, f: Any, kind: Any, default: Any) -> inspect.Parameter:
+    help_text = f.metadata.get("help", "")
+    as_text = f.metadata.get("parse") is not None or typing.get_origin(kind) in (list, dict)
+    if as_text:
+        if isinstance(default, list):
+            default, help_text = ",".join(map(str, default)), f"{help_text} (comma-separated)"
+        elif isinstance(default, dict):
+            default = None
+        kind = str | None
+    if f.metadata.get("required"):
+        default = ...
+    decls = [f"{flag(name)}/--no-{flag(name)[2:]}"] if kind is bool else [flag(name)]
+    shown = default not in ("", None, ...)
+    if f.metadata.get("argument"):
+        info = typer.Argument(help=help_text, show_default=shown)
+    else:
+        info = typer.Option(*decls, help=help_text, show_default=shown)
+    return inspect.Parameter(
+        _param(name),
+        inspect.Parameter.KEYWORD_ONLY,
+        default=inspect.Parameter.empty if default is ... else default,
+        annotation=Annotated[kind, info],
+    )
+
+
+def _value(f: Any, kind: Any, text: Any) -> Any:
+    """The command line's value of field `f` as the config takes it."""
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return f.default_factory() if text is None else parse(text)
+    if typing.get_origin(kind) is list:
+        return [part.strip() for part in (text or "").split(",") if part.strip()]
+    return text
+
+
+def build_config(config_class: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """The config from the command's option values (by parameter name); nested configs start
+    from their default (the parent's template) with the options given applied."""
+    hints = typing.get_type_hints(config_class)
+    kwargs = {}
+    for f in dataclasses.fields(config_class):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            template = f.default_factory()
+            given = (
+                build_config(type(template), values, f"{name}.").__dict__
+                if any(key.startswith(_param(f"{name}.")) for key in values)
+                else {}
+            )
+            kwargs[f.name] = dataclasses.replace(
+                template, **{k: v for k, v in given.items() if _param(f"{name}.{k}") in values}
+            )
+        elif _param(name) in values:
+            kwargs[f.name] = _value(f, hints[f.name], values[_param(name)])
+    try:
+        return config_class(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc.field}", exc.message) from None
+
+
+def config_command(
+    config_class: type, name: str | None = None, on: typer.Typer | None = None
+) -> Callable:
+    """Register `body(cfg)` as command `name` of `on` (default: `app`) with one option per field
+    of `config_class`."""
+
+    def register(body: Callable[[Any], None]) -> Callable[[Any], None]:
+        params = [_parameter(*option) for option in option_fields(config_class)]
+        params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # required first
+
+        def command(**values: Any) -> None:
+            body(build_config(config_class, values))
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = body.__doc__
+        command.__name__ = body.__name__
+        (on or app).command(name or body.__name__.replace("_", "-"))(user_errors(command))
+        return body
+
+    return register
+
+
+# -- errors ------------------------------------------------------------------------------------
 
 
 def user_errors(command):
     """Bad input becomes one line, `error: ...`, and exit code 2, not a traceback.
 
-    Bad input is what the core raises for it: ValueError (DataError, ModelError, ShardError,
-    StorageError, FileFormatError and the config classes' checks, each naming the file or
-    option) and OSError (a path that is missing, unreadable, a file where a folder should be, a
-    full disk, storage that stayed unreachable), and FolderBusy (another process writes the same
-    folder). Anything else is a bug and keeps its traceback.
+    Bad input is what the core raises for it: ValueError (ConfigError naming the option,
+    DataError, ModelError, ShardError, StorageError, FileFormatError, each naming the file) and
+    OSError (a path that is missing, unreadable, a file where a folder should be, a full disk,
+    storage that stayed unreachable), and FolderBusy (another process writes the same folder).
+    Anything else is a bug and keeps its traceback.
     """
     from bertvision.runs import FolderBusy
 
@@ -69,6 +182,9 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except ConfigError as exc:
+            typer.echo(f"error: {flag(exc.field)} {exc.message}", err=True)
+            raise typer.Exit(2) from None
         except (ValueError, OSError, IndexError, FolderBusy) as exc:
             typer.echo(f"error: {_describe(exc, kwargs.get('out') or kwargs.get('url'))}", err=True)
             raise typer.Exit(2) from None
@@ -93,97 +209,32 @@ def _inside(paths: list, folder: str) -> bool:
     return any(os.path.abspath(str(p)).startswith(root + os.sep) for p in paths)
 
 
-@app.command()
-@user_errors
-def finetune(
-    task: TaskOpt,
-    out: Annotated[str, typer.Option("--out", help="Checkpoint URL (from_pretrained loads it)")],
-    model: ModelOpt = "",
-    data_dir: DataDirOpt = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="May be a fraction: 0.2")] = 1.0,
-    lr: Annotated[float, typer.Option("--lr")] = 5e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    max_seq_length: MaxLenOpt = 128,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "",
-    max_train_examples: Annotated[
-        int | None, typer.Option("--max-train-examples", help="First N only, for quick runs")
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Held-out slice of TRAIN, left out here too")
-    ] = 0.1,
-    val_seed: Annotated[int, typer.Option("--val-seed", help="Which held-out slice")] = 0,
-    predict_test: Annotated[
-        bool, typer.Option("--predict-test/--no-predict-test", help="Write test predictions")
-    ] = True,
-    overwrite: OverwriteOpt = False,
-) -> None:
+# -- the commands ------------------------------------------------------------------------------
+
+
+@config_command(FinetuneConfig)
+def finetune(cfg: FinetuneConfig) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
+
+    A finished run with the same settings and inputs is returned as stored.
 
     Example: bertvision finetune --task rte --data-dir glue_data --epochs 0.2 --out ckpt
     """
-    from bertvision.finetune import FinetuneConfig, finetune_encoder
+    from bertvision.finetune import finetune_encoder
 
-    cfg = FinetuneConfig(
-        task=task,
-        out=out,
-        model=model,
-        data_dir=data_dir,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        seed=seed,
-        device=device,
-        max_train_examples=max_train_examples,
-        val_fraction=val_fraction,
-        val_seed=val_seed,
-        predict_test=predict_test,
-        overwrite=overwrite,
-    )
     metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}
     typer.echo(json.dumps(shown, sort_keys=True))
 
 
-@app.command()
-@user_errors
-def extract(
-    task: TaskOpt,
-    out: Annotated[str, typer.Option("--out", help="Output URL: a path, memory://, az://")],
-    model: ModelOpt = "",
-    data_dir: DataDirOpt = None,
-    splits: Annotated[
-        str, typer.Option("--splits", help="Comma-separated: train,dev,test")
-    ] = "train,dev",
-    max_seq_length: MaxLenOpt = 128,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Examples per shard")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32")] = "float16",
-    device: DeviceOpt = "",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an extraction with other settings")
-    ] = False,
-) -> None:
+@config_command(ExtractConfig)
+def extract(cfg: ExtractConfig) -> None:
     """Store the hidden states of every layer for every example as Parquet shards.
 
     Example: bertvision extract --task rte --data-dir glue_data --splits train,dev --out emb
     """
-    from bertvision.extract import ExtractConfig, extract_hidden_states
+    from bertvision.extract import extract_hidden_states
 
-    cfg = ExtractConfig(
-        task=task,
-        out=out,
-        model=model,
-        data_dir=data_dir,
-        splits=_splits(splits),
-        max_seq_length=max_seq_length,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-        overwrite=overwrite,
-    )
     summary = extract_hidden_states(cfg)
     for name in summary.committed:
         typer.echo(
@@ -199,120 +250,27 @@ def extract(
         raise typer.Exit(1)
 
 
-@app.command()
-@user_errors
-def train(
-    task: TaskOpt,
-    embeddings: Annotated[
-        str, typer.Option("--embeddings", help="Extraction output URL (bertvision extract --out)")
-    ],
-    out: Annotated[str, typer.Option("--out", help="Run folder URL: a path, memory://, az://")],
-    adapter: Annotated[
-        str, typer.Option("--adapter", help="pooler, scalarmix or cls (the [CLS] linear probe)")
-    ] = "pooler",
-    adapter_dim: Annotated[
-        int, typer.Option("--adapter-dim", help="Width of the pooler's shared adapter")
-    ] = 64,
-    dropout: Annotated[float, typer.Option("--dropout")] = 0.1,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.01,
-    epochs: Annotated[int, typer.Option("--epochs")] = 20,
-    patience: Annotated[
-        int, typer.Option("--patience", help="Stop after N epochs without a better val metric")
-    ] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "",
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Slice of TRAIN held out for selection")
-    ] = 0.1,
-    val_seed: Annotated[
-        int, typer.Option("--val-seed", help="Which held-out slice (as fine-tuning's)")
-    ] = 0,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a finished run with other settings")
-    ] = False,
-) -> None:
+@config_command(TrainConfig)
+def train(cfg: TrainConfig) -> None:
     """Train an adapter on stored embeddings; select on held-out TRAIN, report dev metrics.
 
     Example: bertvision train --task rte --embeddings emb --out runs/rte-pooler --seed 1
     """
-    from bertvision.train import TrainConfig, train_adapter
+    from bertvision.train import train_adapter
 
-    cfg = TrainConfig(
-        task=task,
-        embeddings=embeddings,
-        out=out,
-        adapter=adapter,
-        adapter_dim=adapter_dim,
-        dropout=dropout,
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        patience=patience,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        val_fraction=val_fraction,
-        val_seed=val_seed,
-        overwrite=overwrite,
-    )
-    metrics = train_adapter(cfg)
-    typer.echo(json.dumps(metrics, sort_keys=True))
+    typer.echo(json.dumps(train_adapter(cfg), sort_keys=True))
 
 
-@app.command()
-@user_errors
-def sweep(
-    task: TaskOpt,
-    embeddings: Annotated[
-        str, typer.Option("--embeddings", help="Extraction output URL (bertvision extract --out)")
-    ],
-    out: Annotated[str, typer.Option("--out", help="Sweep folder URL; a rerun resumes it")],
-    trials: Annotated[int, typer.Option("--trials", help="Finished trials wanted in all")] = 20,
-    parallel: Annotated[
-        int, typer.Option("--parallel", help="Trials at once (TPE suggests K at a time)")
-    ] = 1,
-    adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
-    space: Annotated[
-        str | None,
-        typer.Option("--space", help="JSON or YAML file of search-space entries to override"),
-    ] = None,
-    startup_trials: Annotated[
-        int, typer.Option("--startup-trials", help="Random trials before TPE takes over")
-    ] = 5,
-    seed: SeedOpt = 0,
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Slice of TRAIN held out: the objective")
-    ] = 0.1,
-    val_seed: Annotated[
-        int, typer.Option("--val-seed", help="Which slice; the same for every trial")
-    ] = 0,
-    device: DeviceOpt = "",
-    overwrite: OverwriteOpt = False,
-) -> None:
+@config_command(SweepConfig)
+def sweep(cfg: SweepConfig) -> None:
     """Tune an adapter with hyperopt's TPE on held-out TRAIN; dev is only reported. Resumable.
 
     Example: bertvision sweep --task rte --embeddings emb --out sweeps/rte --trials 20
     """
-    from bertvision.sweep import SweepConfig, load_space, run_sweep
+    from bertvision.sweep import run_sweep
 
-    cfg = SweepConfig(
-        task=task,
-        embeddings=embeddings,
-        out=out,
-        trials=trials,
-        parallel=parallel,
-        adapter=adapter,
-        space=load_space(space) if space else {},
-        startup_trials=startup_trials,
-        seed=seed,
-        val_fraction=val_fraction,
-        val_seed=val_seed,
-        device=device,
-        overwrite=overwrite,
-    )
     summary = run_sweep(cfg)
+    out = cfg.out
     typer.echo(
         f"{summary.done_before + summary.ran} of {summary.trials} trials finished "
         f"({summary.ran} now, {summary.done_before} before, {summary.failed} failed); "
@@ -326,35 +284,14 @@ def sweep(
         )
 
 
-@app.command()
-@user_errors
-def ensemble(
-    task: TaskOpt,
-    runs: Annotated[str, typer.Option("--runs", help="A sweep folder (bertvision sweep --out)")],
-    out: Annotated[str, typer.Option("--out", help="Ensemble folder URL")],
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="Members: the K best trials by validation metric")
-    ] = 5,
-    with_finetuned: Annotated[
-        str | None,
-        typer.Option("--with-finetuned", help="A fine-tuning run whose outputs join the average"),
-    ] = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
+@config_command(EnsembleConfig)
+def ensemble(cfg: EnsembleConfig) -> None:
     """Average the outputs of a sweep's best trials; write GLUE submissions and dev metrics.
 
     Example: bertvision ensemble --task rte --runs sweeps/rte --top-k 5 --out ens/rte
     """
-    from bertvision.ensemble import EnsembleConfig, build_ensemble
+    from bertvision.ensemble import build_ensemble
 
-    cfg = EnsembleConfig(
-        task=task,
-        runs=runs,
-        out=out,
-        top_k=top_k,
-        with_finetuned=with_finetuned,
-        overwrite=overwrite,
-    )
     result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
@@ -362,28 +299,15 @@ def ensemble(
     typer.echo(f"ensemble: dev {json.dumps(result['ensemble'])}")
 
 
-@app.command()
-@user_errors
-def report(
-    url: Annotated[str, typer.Argument(help="Results URL holding runs, sweeps and ensembles")],
-    out: Annotated[
-        str, typer.Option("--out", help="Where report.md and report.png go; default: URL")
-    ] = "",
-    reference: Annotated[
-        str | None,
-        typer.Option(
-            "--reference",
-            help='JSON {"source": ..., "dev": {task: {metric: value}}} of published numbers',
-        ),
-    ] = None,
-) -> None:
+@config_command(ReportConfig)
+def report(cfg: ReportConfig) -> None:
     """Markdown table and PNG plot of each task's dev metric per run kind.
 
     Example: bertvision report runs/ --out reports/
     """
-    from bertvision.report import ReportConfig, write_report
+    from bertvision.report import write_report
 
-    result = write_report(ReportConfig(results=url, out=out, reference=reference))
+    result = write_report(cfg)
     typer.echo(result["text"])
     typer.echo(f"wrote {result['markdown']} and {result['plot']}")
 
@@ -418,91 +342,19 @@ def status(
 
 
 @app.command()
-@user_errors
-def run(
-    task: Annotated[
-        str, typer.Option("--task", help="GLUE task(s), comma-separated: rte or rte,mrpc")
-    ],
-    data_dir: DataDirOpt = None,
-    out: Annotated[str, typer.Option("--out", help="Output URL of every stage")] = "runs/pipeline",
-    model: ModelOpt = "",
-    epochs: Annotated[
-        float, typer.Option("--epochs", help="Of fine-tuning; a fraction is quick on a CPU")
-    ] = 0.2,
-    max_seq_length: MaxLenOpt = 128,
-    splits: Annotated[
-        str, typer.Option("--splits", help="Extracted: train,dev (add test for GLUE submissions)")
-    ] = "train,dev",
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Examples per shard")] = 500,
-    adapter: Annotated[str, typer.Option("--adapter", help="pooler, scalarmix or cls")] = "pooler",
-    adapter_epochs: Annotated[
-        int, typer.Option("--adapter-epochs", help="Of the adapter and of each sweep trial")
-    ] = 3,
-    trials: Annotated[int, typer.Option("--trials", help="Hyperopt trials of the sweep")] = 2,
-    top_k: Annotated[int, typer.Option("--top-k", help="Best trials in the ensemble")] = 2,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "",
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Run the whole pipeline in this process and print the dev metrics of each stage.
-
-    Fine-tune -> extract -> train -> sweep -> ensemble, as the `pipeline` Prefect flow on
-    Prefect's ephemeral API (or the server at PREFECT_API_URL, if set); a rerun redoes only what
-    OUT lacks.
-
-    Example: bertvision run --task rte --data-dir glue_data --out runs/rte
-    """
-    import os
-    from contextlib import nullcontext
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline anyway
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    from flows.extract_glue import ShardsFailed
-    from flows.pipeline import pipeline
-
-    api = nullcontext()
-    if not get_current_settings().api.url:
-        # One ephemeral API for this process and the sweep's worker processes, which would each
-        # start a throwaway one otherwise. A fresh one migrates its database first: on a busy
-        # machine that outlasts Prefect's 20 s default.
-        server = SubprocessASGIServer()
-        server.start(timeout=180)
-        api = temporary_settings({PREFECT_API_URL: server.api_url})
-    try:
-        with api:
-            results = pipeline(
-                tasks=_splits(task),
-                out=out,
-                data_dir=data_dir,
-                model=model,
-                finetune_epochs=epochs,
-                max_seq_length=max_seq_length,
-                splits=_splits(splits),
-                shard_size=shard_size,
-                adapter=adapter,
-                adapter_epochs=adapter_epochs,
-                trials=trials,
-                sweep_space={"epochs": adapter_epochs},
-                top_k=top_k,
-                seed=seed,
-                device=device,
-                overwrite=overwrite,
-            )
-    except ShardsFailed as exc:
-        typer.echo(f"error: {exc}; rerun to extract only those", err=True)
-        raise typer.Exit(1) from None
-    for name, stages in results.items():
-        for stage, metrics in stages.items():
-            values = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-            typer.echo(f"{name} {stage} dev: {values}")
-
-
-@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+def _add_installed_commands() -> None:
+    """Commands of other installed parts: entry points `bertvision.commands`, each a function
+    that adds its commands to `app` (the orchestration adds `run`)."""
+    for entry in entry_points(group="bertvision.commands"):
+        entry.load()(app)
+
+
+_add_installed_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -117,12 +117,16 @@ def max_positions(config) -> int:
 
 
 def check_max_seq_length(model: str, config, max_seq_length: int) -> None:
+    """ConfigError naming `max_seq_length` if `model` (its `config`) cannot take it."""
+    from bertvision.config import ConfigError
+
     if max_seq_length < 8:
-        raise ModelError(f"--max-seq-length {max_seq_length} is too short (at least 8)")
+        raise ConfigError("max_seq_length", f"{max_seq_length} is too short (at least 8)")
     limit = max_positions(config)
     if max_seq_length > limit:
-        raise ModelError(
-            f"--max-seq-length {max_seq_length} is beyond model {model}'s maximum of {limit} tokens"
+        raise ConfigError(
+            "max_seq_length",
+            f"{max_seq_length} is beyond model {model}'s maximum of {limit} tokens",
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, runs, storage
-from bertvision.finite import check_options
+from bertvision.config import ConfigError, EnsembleConfig, require
 from bertvision.glue import get_task
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import (
@@ -42,24 +42,6 @@ from bertvision.sweep import (
     load_sweep,
     load_trials,
 )
-
-
-@dataclass
-class EnsembleConfig:
-    """Settings of `bertvision ensemble`; also the ensemble flow's parameters."""
-
-    task: str
-    runs: str  # a sweep folder (bertvision sweep --out)
-    out: str
-    top_k: int = 5
-    with_finetuned: str | None = None  # a fine-tuning run whose outputs join the average
-    overwrite: bool = False  # replace a finished ensemble of other settings or members in `out`
-
-    def __post_init__(self) -> None:
-        self.task = get_task(self.task).name
-        check_options(self, flags=True)
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -82,15 +64,15 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     records = load_trials(cfg.runs)
     best = best_trials(records, task.primary_metric, cfg.top_k)
     if len(best) < cfg.top_k:
-        raise ValueError(
-            f"{cfg.runs} has {len(best)} finished trials, fewer than --top-k {cfg.top_k}"
+        raise ConfigError(
+            "top_k", f"{cfg.top_k} is more than the {len(best)} finished trials of {cfg.runs}"
         )
     members = [Member(storage.join(cfg.runs, r.run), r.trial, r.val, r.dev) for r in best]
     if cfg.with_finetuned:
         metrics_url = storage.join(cfg.with_finetuned, "metrics.json")
         if not storage.exists(metrics_url):
-            raise FileNotFoundError(
-                f"--with-finetuned {cfg.with_finetuned} holds no finished run (no metrics.json)"
+            raise ConfigError(
+                "with_finetuned", f"{cfg.with_finetuned} holds no finished run (no metrics.json)"
             )
         metrics = storage.read_json(metrics_url, keys=("dev",))
         members.append(Member(cfg.with_finetuned, None, metrics.get("val", {}), metrics["dev"]))
@@ -137,6 +119,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
 
     An ensemble finished at `cfg.out` with the same content key is returned as stored; one with
     another key is refused unless `cfg.overwrite`. Written staged and committed whole."""
+    require(cfg)
     members = choose_members(cfg)
     key = content_key(cfg, members)
     finished = _finished(cfg, key)

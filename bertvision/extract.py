@@ -23,7 +23,8 @@ import torch
 
 from bertvision import encoder as enc
 from bertvision import glue, storage
-from bertvision.finite import NonFiniteError, check_options
+from bertvision.config import ExtractConfig, require
+from bertvision.finite import NonFiniteError
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_schema
 from bertvision.shards import (
     ShardError,
@@ -41,34 +42,6 @@ from bertvision.shards import (
 )
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass
-class ExtractConfig:
-    """Settings of `bertvision extract`; also the extract flow's parameters."""
-
-    task: str
-    out: str
-    model: str = ""  # hub name, local folder or fsspec URL; "" = the bundled all-MiniLM-L6-v2
-    data_dir: str | None = None  # a glue_data folder; None = the Hugging Face hub
-    splits: list[str] = field(default_factory=lambda: ["train", "dev"])
-    max_seq_length: int = 128
-    shard_size: int = 1000  # examples per shard
-    batch_size: int = 32
-    dtype: str = "float16"  # of the stored hidden states
-    device: str = ""  # "" = cuda if available, else cpu
-    overwrite: bool = False  # replace an extraction with other settings in the same folder
-
-    def __post_init__(self) -> None:
-        check_options(self, flags=True)
-        if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.dtype not in NUMPY_DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(NUMPY_DTYPES)}, got {self.dtype!r}")
-        self.model = self.model or enc.default_model()
-        self.device = self.device or enc.default_device()
 
 
 @dataclass
@@ -101,6 +74,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
 
     Every check runs before anything is written, so bad input leaves no trace.
     """
+    require(cfg)
     task = glue.get_task(cfg.task)
     splits = glue.expand_splits(task, cfg.splits)
     data = {split: _load_examples(task.name, split, cfg.data_dir) for split in splits}

@@ -21,52 +21,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from bertvision import __version__, glue, rng, runs, storage
 from bertvision import encoder as enc
-from bertvision.finite import NonFiniteError, check_options
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of `bertvision finetune`; also the finetune flow's parameters."""
-
-    task: str
-    out: str
-    model: str = ""  # "" = the bundled all-MiniLM-L6-v2
-    data_dir: str | None = None
-    epochs: float = 1.0  # may be a fraction of an epoch
-    lr: float = 5e-5
-    batch_size: int = 32
-    max_seq_length: int = 128
-    seed: int = 0
-    device: str = ""
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    max_train_examples: int | None = None  # first N training examples only, for quick runs
-    # The held-out slice of TRAIN (glue.held_out_ids) is left out of fine-tuning, so adapters
-    # trained on this encoder's embeddings are selected on examples the encoder never saw.
-    val_fraction: float = 0.1
-    val_seed: int = 0
-    predict_test: bool = True  # write test_predictions.tsv (unlabelled: costs time, scores nothing)
-    overwrite: bool = False  # replace a finished run with other settings or inputs in `out`
-
-    def __post_init__(self) -> None:
-        check_options(self, flags=True)
-        if not self.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
-        self.model = self.model or enc.default_model()
-        self.device = self.device or enc.default_device()
+from bertvision.config import FinetuneConfig, require
+from bertvision.finite import NonFiniteError
 
 
 def _load_data(cfg: FinetuneConfig) -> dict[str, list[glue.Example]]:
@@ -111,6 +74,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     seed gives. A loss or output that is NaN or infinite stops the run (NonFiniteError) before
     anything is written.
     """
+    require(cfg)
     task = glue.get_task(cfg.task)
     data = _load_data(cfg)
     config = enc.check_encoder(cfg.model)

@@ -1,6 +1,6 @@
-"""Non-finite numbers (NaN, +-inf) never pass silently: options, results and JSON files.
+"""Non-finite numbers (NaN, +-inf) never pass silently: results and JSON files (options: see
+bertvision.config.check_finite).
 
-    check_options(cfg, flags=True)      # ValueError: "--lr must be a finite number, got inf"
     text = strict_json(data, indent=2)  # ValueError naming where a NaN sits, never a bare NaN
 
 `NonFiniteError` is what a computation that produced NaN or infinity raises (a training run
@@ -10,7 +10,6 @@ the result (a sweep trial) catch it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from numbers import Real
@@ -24,19 +23,6 @@ class NonFiniteError(ValueError):
 def is_non_finite(value: Any) -> bool:
     """True for a real number (not a bool) that is NaN or infinite."""
     return isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value)
-
-
-def check_options(cfg: Any, flags: bool = False) -> None:
-    """Raise ValueError naming the first numeric field of dataclass `cfg` that is NaN or +-inf.
-
-    `flags` names the option as the command line spells it (`--max-resident-gb`), else as the
-    field (`max_resident_gb`).
-    """
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if is_non_finite(value):
-            name = "--" + field.name.replace("_", "-") if flags else field.name
-            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def non_finite_path(data: Any, path: str = "") -> tuple[str, Any] | None:

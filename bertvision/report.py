@@ -25,24 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bertvision import storage
+from bertvision.config import ReportConfig, require
 from bertvision.glue import TASKS, get_task
 from bertvision.sweep import SWEEP_FILE, TRIALS_DIR, best_trials, load_sweep, load_trials
 
 FINETUNED = "fine-tuning"
 ENSEMBLE = "ensemble"
 REFERENCE = "reference"
-
-
-@dataclass
-class ReportConfig:
-    """Settings of `bertvision report`."""
-
-    results: str  # URL under which runs, sweeps and ensembles are found
-    out: str = ""  # where report.md and report.png go; "" = the results URL
-    reference: str | None = None  # JSON file of published dev metrics to show beside ours
-
-    def __post_init__(self) -> None:
-        self.out = self.out or self.results
 
 
 @dataclass(frozen=True)
@@ -213,6 +202,7 @@ def render_plot(table: dict[str, dict[str, list[float]]], columns: list[str]) ->
 
 def write_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write report.md and report.png under cfg.out; returns their URLs and the table."""
+    require(cfg)
     reference = storage.read_json(cfg.reference, keys=("source", "dev")) if cfg.reference else None
     if reference is not None and not (
         isinstance(reference["dev"], dict)

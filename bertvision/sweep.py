@@ -32,12 +32,11 @@ candidates, seeded per trial), which is what lets K trials run at once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any
@@ -45,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from bertvision import __version__, runs, storage
-from bertvision.finite import NonFiniteError, check_options, is_non_finite, strict_json
+from bertvision.config import SweepConfig, require
+from bertvision.finite import NonFiniteError, is_non_finite, strict_json
 from bertvision.glue import TASKS, get_task
 
 SWEEP_FILE = "sweep.json"
@@ -80,58 +80,6 @@ def default_space(adapter: str) -> dict[str, Any]:
 
     config_class(adapter)  # raises for an unknown adapter
     return {**COMMON_SPACE, **ADAPTER_SPACES.get(adapter, {})}
-
-
-@dataclass
-class SweepConfig:
-    """Settings of `bertvision sweep`; also the sweep flow's parameters, saved in sweep.json."""
-
-    task: str
-    embeddings: str  # extraction output URL holding <task>/train and <task>/dev
-    out: str  # the sweep folder
-    trials: int = 20  # finished trials wanted in all (a rerun with more continues the sweep)
-    parallel: int = 1  # trials run at once; TPE suggests this many from the same history
-    adapter: str = "pooler"
-    space: dict[str, Any] = field(default_factory=dict)  # overrides of the adapter's space
-    # Random trials before TPE models the results; hyperopt's default (20) exceeds most sweeps.
-    startup_trials: int = 5
-    seed: int = 0  # of hyperopt's draws; trial n draws from (seed, n)
-    val_fraction: float = 0.1  # slice of TRAIN held out for the objective
-    val_seed: int = 0  # which slice: the same for every trial (and for fine-tuning with it)
-    device: str = ""  # "" = cuda if available, else cpu
-    overwrite: bool = False  # replace a sweep of other settings or embeddings in `out`
-
-    def __post_init__(self) -> None:
-        self.task = get_task(self.task).name
-        check_options(self, flags=True)
-        if self.trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {self.trials}")
-        if self.parallel < 1:
-            raise ValueError(f"--parallel must be >= 1, got {self.parallel}")
-        if self.startup_trials < 1:
-            raise ValueError(f"startup_trials must be >= 1, got {self.startup_trials}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        check_space(self.resolved_space())
-
-    def resolved_space(self) -> dict[str, Any]:
-        """The adapter's default space with this sweep's overrides applied."""
-        return {**default_space(self.adapter), **self.space}
-
-    def key(self, extraction_keys: dict[str, str]) -> str:
-        """Hashes what determines the trials, the embeddings' extraction keys included: a sweep
-        folder never mixes two searches, nor trials on two extractions."""
-        content = {
-            "task": self.task,
-            "adapter": self.adapter,
-            "space": self.resolved_space(),
-            "startup_trials": self.startup_trials,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "val_seed": self.val_seed,
-            "extractions": extraction_keys,
-        }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -341,6 +289,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     other embeddings is an error: resuming it would mix two searches. With `cfg.overwrite` that
     sweep (its trials and records) is removed and this one starts in its place.
     """
+    require(cfg)
     from bertvision.shards import committed_shards
 
     plans = {
@@ -612,6 +561,7 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
     Parallel trials run on threads of this process and share one loaded copy of the embeddings
     (`data`, loaded here when not given).
     """
+    require(cfg)
     with runs.lease(cfg.out):  # one sweep at a time in a folder
         prepare_sweep(cfg)
         return _run_sweep(cfg, data, progress)

@@ -34,9 +34,7 @@ the metrics anyone recomputes from that file and the dev labels.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
-import json
 import math
 import pickle
 import time
@@ -49,7 +47,8 @@ from torch import nn
 
 from bertvision import __version__, adapters, glue, rng, runs, storage
 from bertvision import encoder as enc
-from bertvision.finite import NonFiniteError, check_options
+from bertvision.config import TrainConfig, require
+from bertvision.finite import NonFiniteError
 from bertvision.metrics import compute_metrics
 from bertvision.schema import ExtractionPlan
 from bertvision.shards import (
@@ -73,77 +72,6 @@ SHARED_SETTINGS = (
     "dtype",
     "format_version",
 )
-
-
-@dataclass
-class TrainConfig:
-    """Settings of `bertvision train`; also a sweep trial's parameters, saved in config.json."""
-
-    task: str
-    embeddings: str  # extraction output URL holding <task>/train and the task's dev split(s)
-    out: str  # the run folder
-    adapter: str = "pooler"  # a registered adapter: pooler, scalarmix, cls
-    adapter_dim: int = 64  # pooler: width of the shared adapter (ignored by other adapters)
-    token_pool: str = "cls+mean"  # pooler: first token, masked mean, or both
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    epochs: int = 20
-    patience: int = 5  # stop after this many epochs without a better val metric; 0 = never
-    batch_size: int = 32
-    seed: int = 0  # initialisation, batch order and dropout
-    device: str = ""  # "" = cuda if available, else cpu
-    val_fraction: float = 0.1  # slice of TRAIN held out for early stopping and selection
-    val_seed: int = 0  # which slice; fine-tuning with the same value leaves it out too
-    model_fingerprint: str = ""  # if set, refuse embeddings of any other encoder
-    max_resident_gb: float = 8.0  # hold a split in (device) memory up to this size, else stream
-    shuffle_shards: int = 4  # when streaming: shards whose examples are shuffled together
-    overwrite: bool = False  # replace a finished run with other settings in `out`
-
-    def __post_init__(self) -> None:
-        self.task = glue.get_task(self.task).name
-        adapters.config_class(self.adapter)  # raises for an unknown adapter
-        check_options(self)
-        positive = {
-            "adapter_dim": self.adapter_dim,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "shuffle_shards": self.shuffle_shards,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0, got {self.patience}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.max_resident_gb < 0:
-            raise ValueError(f"max_resident_gb must be >= 0, got {self.max_resident_gb}")
-        self.device = self.device or enc.default_device()
-        self.adapter_config(layers=1, hidden_size=1)  # validates the adapter's own options now
-
-    def adapter_config(self, layers: int, hidden_size: int) -> adapters.AdapterConfig:
-        task = glue.get_task(self.task)
-        return adapters.make_config(
-            self.adapter,
-            layers=layers,
-            hidden_size=hidden_size,
-            num_labels=task.num_labels,
-            dropout=self.dropout,
-            adapter_dim=self.adapter_dim,
-            token_pool=self.token_pool,
-        )
-
-    def run_key(self, extraction_keys: dict[str, str]) -> str:
-        """Hashes what determines the run's results: a run folder never mixes two keys."""
-        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
-        content = {k: v for k, v in asdict(self).items() if k not in where}
-        content["extractions"] = extraction_keys
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,6 +412,7 @@ def train_adapter(
     Every check runs before anything is written: bad input leaves RUN as it was. While it
     trains, RUN is leased (runs.Lease): a second writer gets FolderBusy.
     """
+    require(cfg)
     task = glue.get_task(cfg.task)
     if data is None:
         data = load_embeddings(

@@ -1,4 +1,4 @@
-"""Flows `extract-glue` (one extraction of GLUE tasks) and `extract-shards` (a group of its shards).
+"""Flows `extract-glue` (one extraction of a GLUE task) and `extract-shards` (some of its shards).
 
     extract-glue:  plan each task  ->  pending shards  ->  extract them here, one task per shard
                                                        or hand groups to N `extract-shards` runs
@@ -12,14 +12,13 @@ does not hold committed.
 
 from __future__ import annotations
 
-from prefect import flow, runtime
-from prefect.futures import wait
-
-from bertvision import storage
-from bertvision.extract import ExtractConfig, no_space_error
-from bertvision.schema import ExtractionPlan
-from flows.report import ExtractionProgress, artifact_key, failed_shards, publish_shard_table
-from tasks.extract import (
+from bertvision_tasks.artifacts import (
+    ExtractionProgress,
+    artifact_key,
+    failed_shards,
+    publish_shard_table,
+)
+from bertvision_tasks.extract import (
     extract_shard,
     missing_from_storage,
     pending_shards,
@@ -27,6 +26,13 @@ from tasks.extract import (
     read_plan,
     run_shard_group,
 )
+from prefect import flow
+from prefect.futures import wait
+
+from bertvision import storage
+from bertvision.config import ExtractConfig
+from bertvision.extract import no_space_error
+from bertvision.schema import ExtractionPlan
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 POLL_SECONDS = 10  # how often the coordinator recounts shards committed by child runs
@@ -48,65 +54,33 @@ class ShardsFailed(RuntimeError):
         self.missing = missing or []
 
 
-def _run_name() -> str:
-    return "extract-" + "-".join(runtime.flow_run.parameters["tasks"])
-
-
-@flow(name="extract-glue", flow_run_name=_run_name, log_prints=True)
+@flow(name="extract-glue", flow_run_name="extract-{cfg.task}", log_prints=True)
 def extract_glue(
-    tasks: list[str],
-    out: str,
-    splits: list[str] | None = None,
-    model: str = "",
-    data_dir: str | None = None,
-    max_seq_length: int = 128,
-    shard_size: int = 1000,
-    batch_size: int = 32,
-    dtype: str = "float16",
-    device: str = "",
-    overwrite: bool = False,
-    workers: int = 0,
-    shard_deployment: str = SHARD_DEPLOYMENT,
+    cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
 ) -> dict[str, int]:
-    """Store every layer's hidden states of each task's splits under `out`; returns shards per
-    task/split. `workers` > 0 spreads the pending shards over that many child runs of
+    """Store every layer's hidden states of `cfg.task`'s splits under `cfg.out`; returns shards
+    per task/split. `workers` > 0 spreads the pending shards over that many child runs of
     `shard_deployment` (one per worker); 0 extracts them in this flow run."""
-    cfgs = [
-        ExtractConfig(
-            task=name,
-            out=out,
-            model=model,
-            data_dir=data_dir,
-            splits=splits or ["train", "dev"],
-            max_seq_length=max_seq_length,
-            shard_size=shard_size,
-            batch_size=batch_size,
-            dtype=dtype,
-            device=device,
-            overwrite=overwrite,
-        )
-        for name in tasks
-    ]
-    work = [(cfg, plan) for cfg in cfgs for plan in plan_extraction(cfg)]  # validate, write plans
-    progress = ExtractionProgress(work, key=artifact_key("extract", *tasks, "progress"))
-    todo = [(cfg, plan, pending_shards(cfg, plan)) for cfg, plan in work]  # what storage lacks
+    plans = plan_extraction(cfg)  # validate, write one plan per split
+    work = [(cfg, plan) for plan in plans]
+    progress = ExtractionProgress(work, key=artifact_key("extract", cfg.task, "progress"))
+    todo = [(cfg, plan, pending_shards(cfg, plan)) for plan in plans]  # what storage lacks
     run_errors = {}
     if workers > 0:
         run_errors = _extract_on_workers(todo, workers, shard_deployment, progress)  # child runs
     else:
-        for cfg, plan, pending in todo:
+        for _, plan, pending in todo:
             run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
-    for cfg in cfgs:
-        publish_shard_table(cfg, [plan for c, plan in work if c is cfg])
+    publish_shard_table(cfg, plans)
     failures, missing = {}, []
-    for cfg, plan in work:
+    for plan in plans:
         failed = failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
         done = [i for i in range(plan.num_shards) if f"{plan.task}/{plan.split}/{i}" not in failed]
         failures |= failed
         missing += missing_from_storage(cfg, plan, done)  # a final listing: lost writes show
     if failures or missing:
         raise ShardsFailed(failures, missing)
-    return {f"{plan.task}/{plan.split}": plan.num_shards for _, plan in work}
+    return {f"{plan.task}/{plan.split}": plan.num_shards for plan in plans}
 
 
 @flow(name="extract-shards", log_prints=True)

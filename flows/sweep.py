@@ -1,30 +1,31 @@
-"""Flow `sweep`: hyperopt TPE over an adapter for each task whose embeddings are present.
+"""Flow `sweep`: hyperopt TPE over an adapter, for one task or each task whose embeddings are
+present (the nightly deployment).
 
-Each task's sweep goes to out/<task>/sweep (the pipeline's layout). Trials run `parallel` at a
-time as task runs on a pool of two worker processes; each worker loads the embeddings once and
-shares them between the trials it runs. TPE suggests a batch from the trials finished so far,
-so it keeps learning while trials run in parallel. A rerun (or the next scheduled run) resumes
-each sweep at its first unfinished trial and leaves a finished sweep as it is.
+Trials run `cfg.parallel` at a time as task runs on a pool of two worker processes; each worker
+loads the embeddings once and shares them between the trials it runs. TPE suggests a batch from
+the trials finished so far, so it keeps learning while trials run in parallel. A rerun (or the
+next scheduled run) resumes each sweep at its first unfinished trial and leaves a finished sweep
+as it is.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
-from prefect import flow, unmapped
-from prefect.task_runners import ProcessPoolTaskRunner
-
-from bertvision import runs, storage
-from bertvision.sweep import SweepConfig
-from flows.report import artifact_key, publish_metrics
-from tasks.sweep import (
+from bertvision_tasks.artifacts import artifact_key, publish_metrics
+from bertvision_tasks.sweep import (
+    extracted_tasks,
     prepare_sweep,
     record_trials,
     run_trial,
     suggest_trials,
     summarize,
-    tasks_with_embeddings,
 )
+from prefect import flow, unmapped
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from bertvision import runs, storage
+from bertvision.config import SweepConfig
 
 
 def publish_best(results: dict[str, dict], adapter: str) -> None:
@@ -38,41 +39,32 @@ def publish_best(results: dict[str, dict], adapter: str) -> None:
     publish_metrics(title, rows, key=artifact_key("sweep", adapter, "best"))
 
 
-@flow(name="sweep", task_runner=ProcessPoolTaskRunner(max_workers=2), log_prints=True)
-def sweep(
-    embeddings: str,
-    out: str,
-    tasks: list[str] | None = None,
-    trials: int = 20,
-    parallel: int = 2,
-    adapter: str = "pooler",
-    space: dict[str, Any] | None = None,
-    startup_trials: int = 5,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    val_seed: int = 0,
-    device: str = "",
-    overwrite: bool = False,
-) -> dict[str, dict]:
-    """Sweep `adapter` for `tasks` (default: every task with complete train and dev embeddings
-    under `embeddings`); returns each task's best trial by validation metric. A sweep folder
-    holding another sweep is refused unless `overwrite`; one another run is sweeping into is
-    refused (FolderBusy)."""
+@flow(
+    name="sweep",
+    flow_run_name="sweep-{cfg.task}",
+    task_runner=ProcessPoolTaskRunner(max_workers=2),
+    log_prints=True,
+)
+def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
+    """Sweep `cfg.adapter` for `cfg.task` into `cfg.out`; returns the best trial by validation
+    metric, keyed by task. With `all_tasks`, every task with complete train and dev embeddings
+    under `cfg.embeddings` is swept, each into `cfg.out/<task>/sweep` (the pipeline's layout).
+    A sweep folder holding another sweep is refused unless `cfg.overwrite`; one another run is
+    sweeping into is refused (FolderBusy)."""
+    if all_tasks:
+        names = extracted_tasks(cfg.embeddings)  # the tasks to sweep
+        cfgs = [replace(cfg, task=name, out=storage.join(cfg.out, name, "sweep")) for name in names]
+    else:
+        cfgs = [cfg]
     results = {}
-    for name in tasks or tasks_with_embeddings(embeddings):  # the tasks to sweep
-        cfg = SweepConfig(
-            task=name, embeddings=embeddings, out=storage.join(out, name, "sweep"),
-            trials=trials, parallel=parallel, adapter=adapter, space=space or {},
-            startup_trials=startup_trials, seed=seed, val_fraction=val_fraction,
-            val_seed=val_seed, device=device, overwrite=overwrite,
-        )  # fmt: skip
-        with runs.lease(cfg.out):  # no other sweep writes into this folder meanwhile
-            prepare_sweep(cfg)  # check the embeddings, write or check sweep.json
-            done_before = len(record_trials(cfg))  # trials finished by earlier runs
-            while batch := suggest_trials(cfg, parallel):  # TPE's next K points
-                run_trial.map(unmapped(cfg), batch).result()  # K trials at once on the pool
-                record_trials(cfg)  # trials.jsonl from the committed records
-            results[name] = summarize(cfg, done_before).to_dict()  # the best trial by val
-        print(f"{name}: {results[name]}")
-    publish_best(results, adapter)
+    for one in cfgs:
+        with runs.lease(one.out):  # no other sweep writes into this folder meanwhile
+            prepare_sweep(one)  # check the embeddings, write or check sweep.json
+            done_before = len(record_trials(one))  # trials finished by earlier runs
+            while batch := suggest_trials(one, one.parallel):  # TPE's next K points
+                run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
+                record_trials(one)  # trials.jsonl from the committed records
+            results[one.task] = summarize(one, done_before).to_dict()  # the best trial by val
+        print(f"{one.task}: {results[one.task]}")
+    publish_best(results, cfg.adapter)
     return results

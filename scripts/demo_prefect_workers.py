@@ -127,15 +127,15 @@ class Demo:
     # -- the three checks -------------------------------------------------------------------
 
     def _params(self, out: Path, **extra) -> list[str]:
-        params = {
-            "tasks": [self.args.task],
+        cfg = {
+            "task": self.args.task,
             "splits": [self.args.split],
             "data_dir": self.args.data_dir,
             "model": self.args.model,
             "out": str(out),
             "shard_size": self.args.shard_size,
-            **extra,
         }
+        params = {"cfg": cfg, **extra}
         return [item for k, v in params.items() for item in ("-p", f"{k}={json.dumps(v)}")]
 
     def one_worker_runs_a_deployment(self) -> None:

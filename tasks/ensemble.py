@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 
 from bertvision import ensemble as core
 from bertvision import runs, storage
-from bertvision.ensemble import EnsembleConfig
-from tasks.policy import RETRY, WhileStored
+from bertvision.config import EnsembleConfig
 
 
 def _commit_record(inputs: dict) -> str:

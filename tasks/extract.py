@@ -6,15 +6,15 @@ whatever Prefect's cache holds, and `pending_shards` lists only what storage lac
 
 from __future__ import annotations
 
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from bertvision import extract, shards, storage
-from bertvision.extract import ExtractConfig
+from bertvision.config import ExtractConfig
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
 from bertvision.shards import ShardError, load_plan, manifest_url, split_url
-from tasks.policy import RETRY, WhileStored
 
 
 # No content key for shards: the plan given holds the extraction key, which hashes the model's

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 
 from bertvision import finetune as core
 from bertvision import runs, storage
-from bertvision.finetune import FinetuneConfig
-from tasks.policy import RETRY, WhileStored
+from bertvision.config import FinetuneConfig
 
 
 def _commit_record(inputs: dict) -> str:

@@ -3,13 +3,14 @@ trial's trial.json makes `run_trial` return it unrun, whatever Prefect's cache h
 
 from __future__ import annotations
 
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from bertvision import storage
 from bertvision import sweep as core
-from bertvision.sweep import SweepConfig, SweepSummary, TrialRecord, TrialSpec
-from tasks.policy import RETRY, WhileStored
+from bertvision.config import SweepConfig
+from bertvision.sweep import SweepSummary, TrialRecord, TrialSpec
 
 
 def _trial_record(inputs: dict) -> str:
@@ -17,8 +18,8 @@ def _trial_record(inputs: dict) -> str:
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
-def tasks_with_embeddings(embeddings: str) -> list[str]:
-    """The tasks whose train and dev embeddings are complete."""
+def extracted_tasks(embeddings: str) -> list[str]:
+    """The GLUE tasks whose train and dev embeddings under `embeddings` are complete."""
     return core.tasks_with_embeddings(embeddings)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 
 from bertvision import runs, storage
 from bertvision import train as core
-from bertvision.train import TrainConfig
-from tasks.policy import RETRY, WhileStored
+from bertvision.config import TrainConfig
 
 
 def _commit_record(inputs: dict) -> str:

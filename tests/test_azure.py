@@ -9,6 +9,7 @@ is served from the cache, and no secret reaches the Prefect API.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -467,12 +468,13 @@ class _ShardListingWatcher(threading.Thread):
 def prefect_runs_on_azure(prefect_harness, azurite, tiny_model, rte_slice):
     """The train-adapter flow run three times with Prefect's results on Azurite (a
     RemoteFileSystem block over adlfs, stored without credentials), and once failing."""
+    from bertvision_flows.train_adapter import train_adapter
     from prefect.filesystems import RemoteFileSystem
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 
-    from bertvision.extract import ExtractConfig, extract_hidden_states
-    from flows.train_adapter import train_adapter
+    from bertvision.config import ExtractConfig, TrainConfig
+    from bertvision.extract import extract_hidden_states
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_only(azurite, monkeypatch)
@@ -492,14 +494,20 @@ def prefect_runs_on_azure(prefect_harness, azurite, tiny_model, rte_slice):
             ),
             progress=False,
         )
-        params = dict(task="rte", embeddings=embeddings, epochs=2, adapter_dim=4, device="cpu")
-        out = f"az://{container}/runs/pooler"
+        cfg = TrainConfig(
+            task="rte",
+            embeddings=embeddings,
+            out=f"az://{container}/runs/pooler",
+            epochs=2,
+            adapter_dim=4,
+            device="cpu",
+        )
         with temporary_settings(
             {PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"remote-file-system/{block}"}
         ):
-            runs = [train_adapter(**params, out=out, return_state=True) for _ in range(3)]
+            runs = [train_adapter(cfg, return_state=True) for _ in range(3)]
             failed = train_adapter(
-                **{**params, "embeddings": "az://nope/emb"}, out=out, return_state=True
+                dataclasses.replace(cfg, embeddings="az://nope/emb"), return_state=True
             )
         APILogWorker.drain_all(timeout=30)  # the logs reach the API before we read them
         yield {"container": container, "block": block, "runs": runs, "failed": failed}

@@ -106,7 +106,8 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_server):
     )
     assert deployed["extract-shards/extract-shards"]["pool"] == "bertvision-shards"
     for name, d in deployed.items():
-        assert d["pull"] == [{"flows.steps.work_in_checkout": {}}], name  # no absolute path
+        pull_step = {"bertvision_tasks.deployment.work_in_checkout": {}}
+        assert d["pull"] == [pull_step], name  # no absolute path
         assert d["path"] is None, name
         if name not in ("sweep/sweep", "extract-shards/extract-shards"):
             assert d["pool"] == "bertvision" and d["crons"] == [], name

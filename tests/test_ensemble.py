@@ -75,7 +75,7 @@ def test_members_are_the_best_by_val_and_their_outputs_are_averaged(tmp_path):
         tmp_path / "sweep", "rte", vals=[0.6, 0.9, 0.7, 0.8, 0.5], devs=[0.9, 0.1, 0.3, 0.2, 0.8]
     )
     ens = tmp_path / "ens"
-    result = build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=3))
+    result = build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=3))
 
     assert [m["trial"] for m in result["members"]] == [1, 3, 2]
     assert [m["dev"] for m in result["members"]] == [{"accuracy": d} for d in (0.1, 0.2, 0.3)]
@@ -95,7 +95,7 @@ def test_members_are_the_best_by_val_and_their_outputs_are_averaged(tmp_path):
 def test_regression_scores_are_averaged_and_recomputable(tmp_path):
     runs, outputs = fake_sweep(tmp_path / "sweep", "stsb", vals=[0.2, 0.4, 0.3])
     ens = tmp_path / "ens"
-    result = build_ensemble(EnsembleConfig("stsb", runs, str(ens), top_k=2))
+    result = build_ensemble(EnsembleConfig(task="stsb", runs=runs, out=str(ens), top_k=2))
 
     _, _, averaged = read_outputs(str(ens), "dev")
     np.testing.assert_allclose(averaged, (outputs[1]["dev"] + outputs[2]["dev"]) / 2, rtol=1e-6)
@@ -115,7 +115,9 @@ def test_the_fine_tuned_model_joins_as_one_more_member(tmp_path):
     storage.write_json(str(finetuned / "metrics.json"), {"dev": {"accuracy": 0.55}})
 
     ens = tmp_path / "ens"
-    cfg = EnsembleConfig("rte", runs, str(ens), top_k=1, with_finetuned=str(finetuned))
+    cfg = EnsembleConfig(
+        task="rte", runs=runs, out=str(ens), top_k=1, with_finetuned=str(finetuned)
+    )
     result = build_ensemble(cfg)
     assert [m["trial"] for m in result["members"]] == [1, None]
     assert result["members"][1]["dev"] == {"accuracy": 0.55}
@@ -127,14 +129,14 @@ def test_the_fine_tuned_model_joins_as_one_more_member(tmp_path):
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
     runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
     ens = tmp_path / "ens"
-    with pytest.raises(ValueError, match="fewer than --top-k 3"):
-        build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=3))
+    with pytest.raises(ValueError, match="top_k 3 is more than the 2 finished trials"):
+        build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=3))
     with pytest.raises(ValueError, match="is a sweep of rte, not of mrpc"):
-        build_ensemble(EnsembleConfig("mrpc", runs, str(ens)))
+        build_ensemble(EnsembleConfig(task="mrpc", runs=runs, out=str(ens)))
     with pytest.raises(FileNotFoundError, match="holds no sweep"):
-        build_ensemble(EnsembleConfig("rte", str(tmp_path / "nowhere"), str(ens)))
-    with pytest.raises(ValueError, match="--top-k must be >= 1"):
-        EnsembleConfig("rte", runs, str(ens), top_k=0)
+        build_ensemble(EnsembleConfig(task="rte", runs=str(tmp_path / "nowhere"), out=str(ens)))
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=0)
     assert not ens.exists()
 
     other = tmp_path / "sweep" / "trials" / "0000"  # a member made from other embeddings
@@ -143,7 +145,7 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path):
         str(other), spec, "dev", range(DEV + 1), [0] * (DEV + 1), np.ones((DEV + 1, 2))
     )
     with pytest.raises(ValueError, match="must share their embeddings"):
-        build_ensemble(EnsembleConfig("rte", runs, str(ens), top_k=2))
+        build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2))
     assert not (ens / "metrics.json").exists()
 
 
@@ -158,7 +160,7 @@ def test_ensemble_command(tmp_path):
     bad = CliRunner().invoke(
         app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "9", "--out", str(ens)]
     )
-    assert bad.exit_code == 2 and "error: " in bad.output and "fewer than --top-k 9" in bad.output
+    assert bad.exit_code == 2 and "error: --top-k 9 is more than the" in bad.output
 
 
 def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path, monkeypatch):
@@ -169,7 +171,7 @@ def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path
 
     runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
     ens = tmp_path / "ens"
-    cfg = EnsembleConfig("rte", runs, str(ens), top_k=1)
+    cfg = EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=1)
     first = build_ensemble(cfg)
     before = {p: p.read_bytes() for p in ens.rglob("*") if p.is_file()}
     monkeypatch.setattr(ensembling, "_build", lambda *a: pytest.fail("built again"))
@@ -192,7 +194,7 @@ def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(ensembling, "write_predictions", killed_on_test)
-    again = EnsembleConfig("rte", runs, str(ens), top_k=1, overwrite=True)
+    again = EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=1, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         build_ensemble(again)
     assert calls == ["dev", "test"]

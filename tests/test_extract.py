@@ -531,7 +531,9 @@ def _malformed_data(tmp_path, row: str) -> str:
 
 
 BAD_INPUTS = {
-    "unknown task": (lambda tmp, model, data: (["--task", "nope"], "unknown task 'nope'")),
+    "unknown task": (
+        lambda tmp, model, data: (["--task", "nope"], "--task 'nope' is unknown; expected one of")
+    ),
     "missing data": (
         lambda tmp, model, data: (["--data-dir", str(tmp / "empty")], "missing data file")
     ),

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pyarrow.dataset as ds
 import pytest
@@ -15,6 +13,10 @@ import torch
 
 pytest.importorskip("prefect")
 
+from bertvision_flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
+from bertvision_tasks import extract as extract_tasks  # noqa: E402
+from bertvision_tasks import train as train_tasks  # noqa: E402
+from bertvision_tasks.policy import transient  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
@@ -29,10 +31,6 @@ from bertvision.extract import ExtractConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
 from bertvision.train import TrainConfig  # noqa: E402
-from flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
-from tasks import extract as extract_tasks  # noqa: E402
-from tasks import train as train_tasks  # noqa: E402
-from tasks.policy import transient  # noqa: E402
 
 SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, device="cpu")
 
@@ -84,27 +82,13 @@ def test_retries_are_for_transient_failures_only():
     assert not transient(Failed(data=RuntimeError("shape mismatch")))  # a bug: fails every time
 
 
-def test_the_core_library_never_imports_prefect():
-    code = (
-        "import pkgutil, importlib, sys, bertvision\n"
-        "for m in pkgutil.walk_packages(bertvision.__path__, 'bertvision.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "assert 'prefect' not in sys.modules, sorted(n for n in sys.modules if 'prefect' in n)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
 # Flows, under the test harness.
 
 
 def test_extract_glue_commits_every_shard_with_named_runs_and_artifacts(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
-    state = extract_glue(
-        tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL,
-        return_state=True,
-    )  # fmt: skip
+    state = extract_glue(_cfg(tmp_path, tiny_model, glue_dir), return_state=True)
     assert state.is_completed() and state.result() == {"wnli/dev": 4}
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
     names = _task_run_names(state)
@@ -130,14 +114,14 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
         return real_batches(encoder, examples, plan, batch_size)
 
     monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_1)
-    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
     with pytest.raises(ShardsFailed, match=r"1 shard\(s\) failed: wnli/dev/1: DataError: inj"):
-        extract_glue(**params)
+        extract_glue(cfg)
     status = shards.status(str(tmp_path))["wnli/dev"]
     assert (status["done"], status["failed_shards"]) == (3, [1])  # the others went on
 
     monkeypatch.setattr(extract, "hidden_state_batches", real_batches)
-    state = extract_glue(**params, return_state=True)
+    state = extract_glue(cfg, return_state=True)
     assert state.is_completed()
     assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
@@ -157,9 +141,9 @@ def test_storage_losing_committed_files_fails_the_run_naming_them(
         return record
 
     monkeypatch.setattr(extract, "extract_shard", losing_after_the_last)
-    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
     with pytest.raises(ShardsFailed) as failed:
-        extract_glue(**params)
+        extract_glue(cfg)
     assert failed.value.failures == {}
     assert failed.value.missing == [
         f"{folder}/_manifest/plan.json (missing)",
@@ -168,7 +152,7 @@ def test_storage_losing_committed_files_fails_the_run_naming_them(
     assert "not stored at the end" in str(failed.value)
 
     monkeypatch.setattr(extract, "extract_shard", real_shard)
-    state = extract_glue(**params, return_state=True)
+    state = extract_glue(cfg, return_state=True)
     assert state.is_completed()
     assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
@@ -185,8 +169,8 @@ def test_no_space_stops_the_flow_at_the_first_shard(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shards._HashingFile, "write", full_disk)
-    params = dict(tasks=["wnli"], out=str(tmp_path), model=tiny_model, data_dir=glue_dir, **SMALL)
-    state = extract_glue(**params, return_state=True)
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    state = extract_glue(cfg, return_state=True)
     assert state.is_failed()
     with pytest.raises(OutOfSpace, match="no space left writing shard 0 of wnli/dev"):
         state.result()
@@ -215,10 +199,13 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
     out = tmp_path / "run"
-    args = ["run", "--task", "wnli", "--data-dir", glue_dir, "--out", str(out)]
-    args += ["--model", tiny_model, "--epochs", "0.1", "--max-seq-length", "64"]
-    args += ["--shard-size", "300", "--adapter-epochs", "2", "--trials", "1", "--top-k", "1"]
-    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    space = tmp_path / "space.json"
+    space.write_text('{"epochs": 2}')
+    args = ["run", "--tasks", "wnli", "--data-dir", glue_dir, "--out", str(out)]
+    args += ["--model", tiny_model, "--finetune-epochs", "0.1", "--finetune-max-seq-length", "64"]
+    args += ["--extract-max-seq-length", "64", "--extract-shard-size", "300"]
+    args += ["--train-epochs", "2", "--sweep-trials", "1", "--sweep-space", str(space)]
+    result = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     for stage in ("finetune", "pooler", "best trial", "ensemble"):
         assert re.search(rf"^wnli {stage} dev: accuracy [01]\.\d{{4}}$", result.stdout, re.M)

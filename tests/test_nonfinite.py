@@ -54,21 +54,21 @@ def run_cli(*args: str):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: ExtractConfig(task="rte", out="o", shard_size=INF), "--shard-size"),
-        (lambda: ExtractConfig(task="rte", out="o", batch_size=NAN), "--batch-size"),
-        (lambda: FinetuneConfig(task="rte", out="o", epochs=INF), "--epochs"),
-        (lambda: FinetuneConfig(task="rte", out="o", lr=NAN), "--lr"),
-        (lambda: FinetuneConfig(task="rte", out="o", weight_decay=-INF), "--weight-decay"),
+        (lambda: ExtractConfig(task="rte", out="o", shard_size=INF), "shard_size"),
+        (lambda: ExtractConfig(task="rte", out="o", batch_size=NAN), "batch_size"),
+        (lambda: FinetuneConfig(task="rte", out="o", epochs=INF), "epochs"),
+        (lambda: FinetuneConfig(task="rte", out="o", lr=NAN), "lr"),
+        (lambda: FinetuneConfig(task="rte", out="o", weight_decay=-INF), "weight_decay"),
         (lambda: TrainConfig(task="rte", embeddings="e", out="o", lr=INF), "lr"),
         (lambda: TrainConfig(task="rte", embeddings="e", out="o", dropout=NAN), "dropout"),
         (lambda: TrainConfig(task="rte", embeddings="e", out="o", max_resident_gb=INF), "max_res"),
-        (lambda: SweepConfig(task="rte", embeddings="e", out="o", val_fraction=NAN), "--val-frac"),
-        (lambda: EnsembleConfig(task="rte", runs="r", out="o", top_k=INF), "--top-k"),
+        (lambda: SweepConfig(task="rte", embeddings="e", out="o", val_fraction=NAN), "val_frac"),
+        (lambda: EnsembleConfig(task="rte", runs="r", out="o", top_k=INF), "top_k"),
         (lambda: adapters.make_config("pooler", layers=2, hidden_size=4, num_labels=2,
                                       init_scale=NAN), "init_scale"),
     ],
 )  # fmt: skip
-def test_non_finite_options_are_refused_by_name(make, message):
+def test_non_finite_options_are_refused_by_field_name(make, message):
     with pytest.raises(ValueError, match=f"^{message}.* must be a finite number, got"):
         make()
 
@@ -95,7 +95,7 @@ def test_cli_refuses_lr_inf_and_epochs_inf_in_one_line(tmp_path, rte_embeddings_
         "--out", str(tmp_path / "run"), "--lr", "inf",
     )  # fmt: skip
     assert result.exit_code == 2
-    assert result.output == "error: lr must be a finite number, got inf\n"
+    assert result.output == "error: --lr must be a finite number, got inf\n"
     result = run_cli("finetune", "--task", "rte", "--out", str(tmp_path / "ft"), "--epochs", "inf")
     assert result.exit_code == 2  # used to die with OverflowError
     assert result.output == "error: --epochs must be a finite number, got inf\n"

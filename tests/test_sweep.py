@@ -3,6 +3,7 @@ kill -9, parallel batches, and selection that never reads a dev label."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -334,7 +335,9 @@ def test_selection_never_reads_dev_labels(tmp_path):
     for name, emb in (("honest", honest), ("flipped", lying)):
         out = tmp_path / f"sweep-{name}"
         run_sweep(quick(emb, out), progress=False)
-        ens = build_ensemble(EnsembleConfig("rte", str(out), str(tmp_path / f"ens-{name}"), 3))
+        ens = build_ensemble(
+            EnsembleConfig(task="rte", runs=str(out), out=str(tmp_path / f"ens-{name}"), top_k=3)
+        )
         results[name] = (lines(out), ens)
 
     (honest_trials, honest_ens), (flipped_trials, flipped_ens) = (
@@ -358,7 +361,7 @@ def test_ensemble_of_a_sweep_is_recomputable_from_its_prediction_files(embedding
     out = tmp_path / "sweep"
     run_sweep(quick(embeddings, out, trials=4), progress=False)
     ens = tmp_path / "ens"
-    result = build_ensemble(EnsembleConfig("rte", str(out), str(ens), top_k=3))
+    result = build_ensemble(EnsembleConfig(task="rte", runs=str(out), out=str(ens), top_k=3))
 
     ids, labels, _ = read_outputs(str(ens), "dev")
     submitted = read_submission(str(ens / "dev_predictions.tsv"), glue.get_task("rte"))
@@ -376,12 +379,15 @@ def test_ensemble_of_a_sweep_is_recomputable_from_its_prediction_files(embedding
 def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     prefect_harness, embeddings, tmp_path
 ):
-    from flows.ensemble import ensemble
-    from flows.sweep import sweep
+    from bertvision_flows.ensemble import ensemble
+    from bertvision_flows.sweep import sweep
+
+    from bertvision.config import EnsembleConfig
 
     out = tmp_path / "runs"
     settings = dict(embeddings=embeddings, out=str(out), trials=4, parallel=2, space=QUICK_SPACE)
-    result = sweep(**settings, startup_trials=2, device="cpu")
+    cfg = SweepConfig(**settings, startup_trials=2, device="cpu")
+    result = sweep(cfg, all_tasks=True)
 
     assert list(result) == ["rte"]  # found by its embeddings
     assert (result["rte"]["finished"], result["rte"]["ran"]) == (4, 4)
@@ -392,9 +398,12 @@ def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     best = max(records, key=lambda r: (r.val["accuracy"], -r.trial))
     assert result["rte"]["best"]["trial"] == best.trial
 
-    assert sweep(**settings, startup_trials=2, device="cpu")["rte"]["ran"] == 0  # finished
+    one = SweepConfig(**(settings | {"out": str(out / "rte" / "sweep")}), task="rte", device="cpu")
+    assert sweep(dataclasses.replace(one, startup_trials=2))["rte"]["ran"] == 0  # finished
 
-    ensembled = ensemble(tasks=["rte"], out=str(out), top_k=3)["rte"]
+    ensembled = ensemble(
+        EnsembleConfig(task="rte", runs=one.out, out=str(out / "rte" / "ensemble"), top_k=3)
+    )
     assert len(ensembled["members"]) == 3
     assert (out / "rte" / "ensemble" / "dev_predictions.tsv").exists()
 

@@ -581,7 +581,7 @@ def test_embeddings_of_another_encoder_than_asked_are_refused(tmp_path, rte_embe
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, rte_embeddings):
     with pytest.raises(ValueError, match="^adapter_dim must be >= 1, got 0$"):
         config(tmp_path, rte_embeddings, adapter_dim=0)
-    with pytest.raises(ValueError, match="unknown adapter 'lstm'"):
+    with pytest.raises(ValueError, match="adapter 'lstm' is unknown"):
         config(tmp_path, rte_embeddings, adapter="lstm")
     with pytest.raises(ValueError, match="val_fraction must be in"):
         config(tmp_path, rte_embeddings, val_fraction=1.0)
@@ -591,7 +591,7 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, rte_embeddings)
         + ["--adapter-dim", "0"],
     )
     assert result.exit_code == 2
-    assert "error: adapter_dim must be >= 1, got 0" in result.output
+    assert "error: --adapter-dim must be >= 1, got 0" in result.output
     assert not (tmp_path / "run").exists()
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from bertvision import storage
-from bertvision.finite import check_options, strict_json
+from bertvision.config import check_finite
+from bertvision.finite import strict_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -49,7 +50,7 @@ class AdapterConfig:
     adapter_name: ClassVar[str] = ""  # set by register()
 
     def __post_init__(self) -> None:
-        check_options(self)
+        check_finite(self)
         for name in ("layers", "hidden_size", "num_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from bertvision.extract import ExtractConfig
+from bertvision.config import ExtractConfig
 from bertvision.schema import ExtractionPlan
 from bertvision.shards import load_failures, load_records, split_status, split_url
 

@@ -1,0 +1,476 @@
+"""Every stage's settings, declared once: one dataclass per stage, each field with its help text.
+
+    cfg = TrainConfig(task="rte", embeddings="emb", out="runs/rte-pooler", lr=3e-4)
+
+The same class is the `bertvision` command's options (generated from the fields by
+`bertvision.cli`), the Prefect flow's parameter (and so the deployment's parameter schema), the
+core function's argument and the JSON saved beside its outputs: a field added here appears in
+all of them without being typed again. `PipelineConfig` is built from the stage configs.
+
+Fields shared by several stages are declared once, in the small base classes below (`Task`,
+`Output`, `Source`, `Device`, `Seeded`, `HeldOut`, ...), and inherited. Every field is
+keyword-only.
+
+Validation raises `ConfigError(field, message)`: the command line names the flag
+(`--lr must be > 0, got 0.0`), anything else the field (`lr must be > 0, got 0.0`). The fields
+marked required (`task`, `out`, the inputs) may stay empty in a template (a stage of
+`PipelineConfig`, a flow's defaults): `require(cfg)` checks them where the stage starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from bertvision.finite import is_non_finite
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; `field` is its name in the config (dotted when nested)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    required: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    argument: bool = False,
+) -> Any:
+    """A config field with its help text.
+
+    `required`: the stage cannot run while it is empty (the command line demands it).
+    `parse`: turns the command line's text into the value (a search-space file into a dict).
+    `argument`: on the command line, a positional argument instead of an option.
+    """
+    metadata = {"help": help, "required": required, "parse": parse, "argument": argument}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def require(cfg: Any) -> None:
+    """ConfigError naming the first required field of `cfg` that is empty."""
+    for f in fields(cfg):
+        if f.metadata.get("required") and not getattr(cfg, f.name):
+            raise ConfigError(f.name, "is required")
+
+
+def check_finite(cfg: Any) -> None:
+    """ConfigError naming the first numeric field of dataclass `cfg` that is NaN or infinite."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_non_finite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+
+
+def check_at_least(cfg: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value >= minimum:
+            raise ConfigError(name, f"must be >= {minimum}, got {value}")
+
+
+def check_fraction(cfg: Any, name: str, *, zero_allowed: bool = False) -> None:
+    """0 < value < 1 (0 <= value < 1 when `zero_allowed`)."""
+    value = getattr(cfg, name)
+    if not ((value >= 0 if zero_allowed else value > 0) and value < 1):
+        interval = "[0, 1)" if zero_allowed else "(0, 1)"
+        raise ConfigError(name, f"must be in {interval}, got {value}")
+
+
+def content_key(content: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over `content` as sorted JSON: the content keys of runs."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _task_name(cfg: Any) -> None:
+    """Normalise cfg.task (aliases such as sst-2) when it is set; ConfigError if unknown."""
+    from bertvision.glue import TASKS, get_task
+
+    if cfg.task:
+        try:
+            cfg.task = get_task(cfg.task).name
+        except ValueError:
+            known = ", ".join(TASKS)
+            raise ConfigError("task", f"{cfg.task!r} is unknown; expected one of {known}") from None
+
+
+def _resolve_model_and_device(cfg: Any) -> None:
+    from bertvision import encoder as enc
+
+    if hasattr(cfg, "model"):
+        cfg.model = cfg.model or enc.default_model()
+    cfg.device = cfg.device or enc.default_device()
+
+
+# -- fields shared by several stages -----------------------------------------------------------
+
+TASKS_HELP = "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"
+
+
+@dataclass(kw_only=True)
+class Task:
+    task: str = setting("", TASKS_HELP, required=True)
+
+    def __post_init__(self) -> None:
+        _task_name(self)
+
+
+@dataclass(kw_only=True)
+class Output:
+    """Where a result goes, and whether it may replace one made otherwise."""
+
+    out: str = setting("", "Output URL: a path, memory://, az://", required=True)
+    overwrite: bool = setting(
+        False, "Replace a finished result made with other settings or inputs in OUT"
+    )
+
+
+@dataclass(kw_only=True)
+class Stage(Output, Task):
+    """What every stage has: its task, its output and whether it may replace one."""
+
+
+@dataclass(kw_only=True)
+class FromEmbeddings:
+    embeddings: str = setting(
+        "", "Extraction output URL (bertvision extract --out) holding the task", required=True
+    )
+
+
+@dataclass(kw_only=True)
+class Source:
+    """Where the encoder and the data come from."""
+
+    model: str = setting(
+        "", "Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM"
+    )
+    data_dir: str | None = setting(None, "A glue_data folder; default: the Hugging Face hub")
+
+
+@dataclass(kw_only=True)
+class Device:
+    device: str = setting("", "cpu, cuda, cuda:1; default: cuda if available")
+
+
+@dataclass(kw_only=True)
+class Seeded:
+    seed: int = setting(0, "Seed of every random draw of the stage")
+
+
+@dataclass(kw_only=True)
+class HeldOut:
+    """The held-out slice of TRAIN: fine-tuning leaves it out, adapters are selected on it."""
+
+    val_fraction: float = setting(0.1, "Slice of TRAIN held out for early stopping and selection")
+    val_seed: int = setting(0, "Which slice; the same value leaves out the same examples")
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(Stage, Source, Device, Seeded, HeldOut):
+    """Settings of `bertvision finetune`: a brief fine-tuning of the encoder on one task."""
+
+    epochs: float = setting(1.0, "Of fine-tuning; may be a fraction: 0.2")
+    lr: float = setting(5e-5, "Peak learning rate of AdamW (linear warm-up and decay)")
+    batch_size: int = setting(32, "Examples per step")
+    max_seq_length: int = setting(128, "Tokens per example, at most")
+    warmup_fraction: float = setting(0.1, "Fraction of the steps spent warming up")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorms)")
+    max_train_examples: int | None = setting(None, "First N training examples only, for quick runs")
+    predict_test: bool = setting(
+        True, "Write test predictions (unlabelled: costs time, scores nothing)"
+    )
+
+    def __post_init__(self) -> None:
+        _task_name(self)
+        check_finite(self)
+        if not self.epochs > 0:
+            raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
+        check_at_least(self, 1, "batch_size", "max_train_examples")
+        check_fraction(self, "val_fraction")
+        check_fraction(self, "warmup_fraction", zero_allowed=True)
+        _resolve_model_and_device(self)
+
+
+DTYPES_HELP = "Of the stored hidden states: float16 or float32"
+
+
+@dataclass(kw_only=True)
+class ExtractConfig(Stage, Source, Device):
+    """Settings of `bertvision extract`: all layers' hidden states of every example, as shards."""
+
+    splits: list[str] = setting(
+        default_factory=lambda: ["train", "dev"], help="Splits to extract: train,dev,test"
+    )
+    max_seq_length: int = setting(128, "Tokens per example, at most")
+    shard_size: int = setting(1000, "Examples per shard")
+    batch_size: int = setting(32, "Examples per forward pass")
+    dtype: str = setting("float16", DTYPES_HELP)
+
+    def __post_init__(self) -> None:
+        from bertvision.schema import HIDDEN_TYPES
+
+        _task_name(self)
+        check_finite(self)
+        check_at_least(self, 1, "shard_size", "batch_size")
+        if self.dtype not in HIDDEN_TYPES:
+            raise ConfigError("dtype", f"must be one of {sorted(HIDDEN_TYPES)}, got {self.dtype!r}")
+        _resolve_model_and_device(self)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
+    """Settings of `bertvision train`: one adapter on stored embeddings (a sweep trial too)."""
+
+    adapter: str = setting("pooler", "pooler, scalarmix or cls (the [CLS] linear probe)")
+    adapter_dim: int = setting(64, "Width of the pooler's shared adapter")
+    token_pool: str = setting("cls+mean", "Pooler: first token (cls), masked mean, or cls+mean")
+    dropout: float = setting(0.1, "Before the output layer")
+    lr: float = setting(1e-3, "Learning rate of AdamW")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    epochs: int = setting(20, "At most; training stops early on a flat val metric")
+    patience: int = setting(5, "Stop after N epochs without a better val metric; 0 = never")
+    batch_size: int = setting(32, "Examples per step")
+    model_fingerprint: str = setting("", "If set, refuse embeddings of any other encoder")
+    max_resident_gb: float = setting(
+        8.0, "Hold a split in (device) memory up to this size, else stream it from its shards"
+    )
+    shuffle_shards: int = setting(4, "When streaming: shards whose examples are shuffled together")
+
+    def __post_init__(self) -> None:
+        from bertvision import adapters
+
+        _task_name(self)
+        check_finite(self)
+        if self.adapter not in adapters.adapter_names():
+            known = ", ".join(adapters.adapter_names())
+            raise ConfigError("adapter", f"{self.adapter!r} is unknown; expected one of {known}")
+        check_at_least(self, 1, "adapter_dim", "epochs", "batch_size", "shuffle_shards")
+        check_at_least(self, 0, "patience", "max_resident_gb")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        check_at_least(self, 0, "weight_decay")
+        check_fraction(self, "val_fraction")
+        _resolve_model_and_device(self)
+        self.adapter_config(layers=1, hidden_size=1)  # validates the adapter's own options now
+
+    def adapter_config(self, layers: int, hidden_size: int):
+        """The adapter's config for embeddings of `layers` x `hidden_size` (adapters registry)."""
+        from bertvision import adapters
+        from bertvision.glue import get_task
+
+        try:
+            return adapters.make_config(
+                self.adapter,
+                layers=layers,
+                hidden_size=hidden_size,
+                num_labels=get_task(self.task).num_labels if self.task else 1,
+                dropout=self.dropout,
+                adapter_dim=self.adapter_dim,
+                token_pool=self.token_pool,
+            )
+        except ConfigError:
+            raise
+        except ValueError as exc:  # the adapter's own check, naming its field
+            name = str(exc).split(" ", 1)[0]
+            raise ConfigError(name, str(exc).removeprefix(f"{name} ")) from None
+
+    def run_key(self, extraction_keys: dict[str, str]) -> str:
+        """Hashes what determines the run's results: a run folder never mixes two keys."""
+        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
+        content = {k: v for k, v in asdict(self).items() if k not in where}
+        content["extractions"] = extraction_keys
+        return content_key(content)
+
+
+def _load_space(text: str) -> dict[str, Any]:
+    """Search-space entries from the command line: inline JSON (`{"epochs": 3}`) or a file."""
+    from bertvision.sweep import load_space
+
+    if text.lstrip().startswith("{"):
+        try:
+            space = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("space", f"is not valid JSON: {exc}") from None
+        if not isinstance(space, dict):
+            raise ConfigError("space", "must be a mapping of parameter -> spec")
+        return space
+    return load_space(text)
+
+
+@dataclass(kw_only=True)
+class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
+    """Settings of `bertvision sweep`: hyperopt's TPE over an adapter, selected on held-out
+    TRAIN. `seed` seeds hyperopt's draws (trial n draws from (seed, n))."""
+
+    trials: int = setting(20, "Finished trials wanted in all (a rerun with more continues)")
+    parallel: int = setting(1, "Trials at once; TPE suggests this many from the same history")
+    adapter: str = setting("pooler", "pooler, scalarmix or cls")
+    space: dict[str, Any] = setting(
+        default_factory=dict,
+        help="Search-space entries overriding the adapter's (on the command line: inline JSON "
+        "such as '{\"epochs\": 3}', or a JSON or YAML file)",
+        parse=_load_space,
+    )
+    startup_trials: int = setting(
+        5, "Random trials before TPE models the results (hyperopt's default of 20 exceeds most)"
+    )
+
+    def __post_init__(self) -> None:
+        from bertvision.sweep import check_space
+
+        _task_name(self)
+        check_finite(self)
+        check_at_least(self, 1, "trials", "parallel", "startup_trials")
+        check_fraction(self, "val_fraction")
+        try:
+            check_space(self.resolved_space())
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError("space", str(exc)) from None
+
+    def resolved_space(self) -> dict[str, Any]:
+        """The adapter's default space with this sweep's overrides applied."""
+        from bertvision.sweep import default_space
+
+        return {**default_space(self.adapter), **self.space}
+
+    def key(self, extraction_keys: dict[str, str]) -> str:
+        """Hashes what determines the trials, the embeddings' extraction keys included: a sweep
+        folder never mixes two searches, nor trials on two extractions."""
+        content = {
+            "task": self.task,
+            "adapter": self.adapter,
+            "space": self.resolved_space(),
+            "startup_trials": self.startup_trials,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "val_seed": self.val_seed,
+            "extractions": extraction_keys,
+        }
+        return content_key(content)
+
+
+@dataclass(kw_only=True)
+class EnsembleConfig(Stage):
+    """Settings of `bertvision ensemble`: the average of a sweep's best trials."""
+
+    runs: str = setting("", "A sweep folder (bertvision sweep --out)", required=True)
+    top_k: int = setting(5, "Members: the K best trials by validation metric")
+    with_finetuned: str | None = setting(
+        None, "A fine-tuning run whose outputs join the average as one more member"
+    )
+
+    def __post_init__(self) -> None:
+        _task_name(self)
+        check_finite(self)
+        check_at_least(self, 1, "top_k")
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """Settings of `bertvision report`."""
+
+    results: str = setting(
+        "", "Results URL holding runs, sweeps and ensembles", required=True, argument=True
+    )
+    out: str = setting("", "Where report.md and report.png go; default: the results URL")
+    reference: str | None = setting(
+        None, 'JSON {"source": ..., "dev": {task: {metric: value}}} of published numbers'
+    )
+
+    def __post_init__(self) -> None:
+        self.out = self.out or self.results
+
+
+@dataclass(kw_only=True)
+class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
+    """Settings of the whole pipeline (`bertvision run`, the `pipeline` flow), per task:
+
+        OUT/<task>/finetune      fine-tuned encoder checkpoint and its dev metrics
+        OUT/embeddings/<task>/   all-layer hidden states of its splits, as Parquet shards
+        OUT/<task>/<adapter>     one adapter trained on them
+        OUT/<task>/sweep         hyperopt trials over the adapter
+        OUT/<task>/ensemble      the average of the best trials and the fine-tuned model
+
+    Each stage's own settings come from its config here; the pipeline sets what links the
+    stages (task, inputs, outputs) and what they share (its own fields: model, data_dir, seed,
+    device, val_fraction, val_seed, overwrite).
+    """
+
+    LINKED: ClassVar[tuple[str, ...]] = ("task", "out", "embeddings", "runs", "with_finetuned")
+
+    tasks: list[str] = setting(default_factory=lambda: ["rte"], help="GLUE tasks, e.g. rte,mrpc")
+    out: str = setting("runs/pipeline", "Output URL of every stage")
+    workers: int = setting(
+        0, "Extraction: spread the shards over N runs of the extract-shards deployment; 0: here"
+    )
+    finetune: FinetuneConfig = setting(default_factory=FinetuneConfig, help="Fine-tuning")
+    extract: ExtractConfig = setting(default_factory=ExtractConfig, help="Extraction")
+    train: TrainConfig = setting(default_factory=TrainConfig, help="The single adapter")
+    sweep: SweepConfig = setting(default_factory=SweepConfig, help="The sweep")
+    ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, help="The ensemble")
+
+    def __post_init__(self) -> None:
+
+        if not self.tasks:
+            raise ConfigError("tasks", "must name at least one task")
+        try:
+            self.tasks = [Task(task=name).task for name in self.tasks]
+        except ConfigError as exc:
+            raise ConfigError("tasks", exc.message) from None
+        check_finite(self)
+        check_at_least(self, 0, "workers")
+        check_fraction(self, "val_fraction")
+        _resolve_model_and_device(self)
+
+    def stages(self, task: str) -> dict[str, Any]:
+        """The five stage configs of `task`, linked: {"finetune": FinetuneConfig, ...}."""
+        from bertvision.storage import join
+
+        finetune = self._stage(self.finetune, task, out=join(self.out, task, "finetune"))
+        embeddings = join(self.out, "embeddings")
+        extract = self._stage(self.extract, task, out=embeddings, model=finetune.out)
+        train = self._stage(
+            self.train, task, embeddings=embeddings, out=join(self.out, task, self.train.adapter)
+        )
+        sweep = self._stage(
+            self.sweep, task, embeddings=embeddings, out=join(self.out, task, "sweep")
+        )
+        ensemble = self._stage(
+            self.ensemble,
+            task,
+            runs=sweep.out,
+            out=join(self.out, task, "ensemble"),
+            with_finetuned=finetune.out,
+        )
+        return {
+            "finetune": finetune,
+            "extract": extract,
+            "train": train,
+            "sweep": sweep,
+            "ensemble": ensemble,
+        }
+
+    def _stage(self, template: Any, task: str, **links: Any) -> Any:
+        """`template` with the task, the links and the fields it shares with the pipeline."""
+        own = {f.name for f in fields(self)} - set(PIPELINE_STAGES)
+        shared = {f.name: getattr(self, f.name) for f in fields(template) if f.name in own}
+        return replace(template, **(shared | {"task": task} | links))
+
+
+PIPELINE_STAGES = ("finetune", "extract", "train", "sweep", "ensemble")
