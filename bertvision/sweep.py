@@ -498,7 +498,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
     `cfg.overwrite`, when it is run again. The run folder is the trial's own (training replaces
     what an interrupted try left with other parameters), and the record is removed before it
     changes, so a record always describes the run committed beside it.
-    `data` is a `train.load_embeddings` result to share; by default each process loads the
+    `data` is an `embeddings.load_embeddings` result to share; by default each process loads the
     embeddings once and every trial it runs shares that copy.
     """
     from bertvision.shards import worker_name
@@ -569,7 +569,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
 
 @lru_cache(maxsize=1)
 def _embeddings(task: str, embeddings: str, device: str) -> Any:
-    from bertvision.train import load_embeddings
+    from bertvision.embeddings import load_embeddings
 
     return load_embeddings(task, embeddings, device=device)
 
