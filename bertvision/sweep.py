@@ -408,8 +408,9 @@ def read_trial(url: str) -> TrialRecord:
         raise storage.FileFormatError(f"{url} is not a trial record: {exc}") from None
 
 
-def tasks_with_embeddings(embeddings: str) -> list[str]:
-    """The tasks whose train and dev embeddings under `embeddings` are complete."""
+def extracted_glue_tasks(embeddings: str) -> list[str]:
+    """The names of the GLUE tasks whose train and dev embeddings under `embeddings` are
+    complete, sorted."""
     from bertvision.shards import ShardError, committed_shards
 
     present = []
