@@ -221,13 +221,14 @@ class ExtractConfig(Stage, Source, Device):
     dtype: str = setting("float16", DTYPES_HELP)
 
     def __post_init__(self) -> None:
-        from bertvision.schema import HIDDEN_TYPES
+        from bertvision.schema import HIDDEN_DTYPES
 
         _task_name(self)
         check_finite(self)
         check_at_least(self, 1, "shard_size", "batch_size")
-        if self.dtype not in HIDDEN_TYPES:
-            raise ConfigError("dtype", f"must be one of {sorted(HIDDEN_TYPES)}, got {self.dtype!r}")
+        if self.dtype not in HIDDEN_DTYPES:
+            known = sorted(HIDDEN_DTYPES)
+            raise ConfigError("dtype", f"must be one of {known}, got {self.dtype!r}")
         _resolve_model_and_device(self)
 
 

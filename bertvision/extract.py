@@ -25,7 +25,7 @@ from bertvision import encoder as enc
 from bertvision import glue, storage
 from bertvision.config import ExtractConfig, require
 from bertvision.finite import NonFiniteError
-from bertvision.schema import ExtractionPlan, ShardRecord, shard_schema
+from bertvision.schema import ExtractionPlan, HiddenDtype, ShardRecord, hidden_dtype, shard_schema
 from bertvision.shards import (
     ShardError,
     ShardWriter,
@@ -40,8 +40,6 @@ from bertvision.shards import (
     split_url,
     write_plan,
 )
-
-NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
@@ -188,12 +186,13 @@ def hidden_state_batches(
     tokens = tokenizer(firsts, seconds, truncation=True, max_length=plan.max_seq_length)
     order = sorted(range(len(examples)), key=lambda i: (len(tokens["input_ids"][i]), i))
     schema = shard_schema(regression=plan.regression, dtype=plan.dtype)
+    dtype = hidden_dtype(plan.dtype)
     for begin in range(0, len(order), batch_size):
         rows = order[begin : begin + batch_size]
         features = tokenizer.pad(
             [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
         )
-        hidden, lengths = encode(encoder, features, NUMPY_DTYPES[plan.dtype])
+        hidden, lengths = encode(encoder, features, dtype)
         offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden], dtype=np.int64)])
         values = pa.array(np.concatenate([h.ravel() for h in hidden]))  # one flat buffer
         yield pa.RecordBatch.from_arrays(
@@ -208,7 +207,7 @@ def hidden_state_batches(
 
 
 def encode(
-    encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: type
+    encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: HiddenDtype
 ) -> tuple[list[np.ndarray], list[int]]:
     """Hidden states (L, T, H) of each example's real tokens, and their lengths T.
 
@@ -220,8 +219,7 @@ def encode(
         output = encoder.model(**inputs, output_hidden_states=True)
     hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
     mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
-    torch_dtype = torch.float16 if dtype is np.float16 else torch.float32
-    stored = hidden.to(torch_dtype)
+    stored = hidden.to(dtype.torch())
     check_storable(hidden, stored, mask)
     hidden = stored.cpu().numpy()
     mask = mask.cpu().numpy()

@@ -21,6 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import pyarrow as pa
 
 from bertvision.finite import strict_json
@@ -31,8 +32,46 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 META_PREFIX = "bertvision."
 
+
+@dataclass(frozen=True)
+class HiddenDtype:
+    """An element type the hidden states may be stored as, in every library that handles them.
+
+    `name` is what plans, shard metadata and `--dtype` say; the one table is HIDDEN_DTYPES.
+    """
+
+    name: str
+    arrow: pa.DataType  # of the `hidden` column's values
+    numpy: np.dtype  # of the decoded arrays (shards.hidden_arrays)
+    torch_name: str  # torch.<torch_name>, the dtype the encoder's states are cast to and held as
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored value."""
+        return self.numpy.itemsize
+
+    def torch(self):
+        """The torch dtype (torch is imported here only: reading shards does not need it)."""
+        import torch
+
+        return getattr(torch, self.torch_name)
+
+
 # Hidden-state element types a shard may hold; "float16" is the default.
-HIDDEN_TYPES: dict[str, pa.DataType] = {"float16": pa.float16(), "float32": pa.float32()}
+HIDDEN_DTYPES: dict[str, HiddenDtype] = {
+    dtype.name: dtype
+    for dtype in (
+        HiddenDtype("float16", pa.float16(), np.dtype(np.float16), "float16"),
+        HiddenDtype("float32", pa.float32(), np.dtype(np.float32), "float32"),
+    )
+}
+
+
+def hidden_dtype(name: str) -> HiddenDtype:
+    """The stored dtype called `name`; ValueError naming the known ones otherwise."""
+    if name not in HIDDEN_DTYPES:
+        raise ValueError(f"unknown hidden dtype {name!r}; expected one of {sorted(HIDDEN_DTYPES)}")
+    return HIDDEN_DTYPES[name]
 
 
 def label_type(regression: bool) -> pa.DataType:
@@ -41,8 +80,7 @@ def label_type(regression: bool) -> pa.DataType:
 
 
 def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
-    if dtype not in HIDDEN_TYPES:
-        raise ValueError(f"unknown hidden dtype {dtype!r}; expected one of {sorted(HIDDEN_TYPES)}")
+    values = hidden_dtype(dtype).arrow
     return pa.schema(
         [
             pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
@@ -50,7 +88,7 @@ def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
             pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
             # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
             # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
-            pa.field("hidden", pa.large_list(HIDDEN_TYPES[dtype]), nullable=False),
+            pa.field("hidden", pa.large_list(values), nullable=False),
         ]
     )
 

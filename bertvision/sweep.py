@@ -357,8 +357,9 @@ def read_trial(url: str) -> TrialRecord:
         raise storage.FileFormatError(f"{url} is not a trial record: {exc}") from None
 
 
-def tasks_with_embeddings(embeddings: str) -> list[str]:
-    """The tasks whose train and dev embeddings under `embeddings` are complete."""
+def extracted_glue_tasks(embeddings: str) -> list[str]:
+    """The names of the GLUE tasks whose train and dev embeddings under `embeddings` are
+    complete, sorted."""
     from bertvision.shards import ShardError, committed_shards
 
     present = []
@@ -447,7 +448,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
     `cfg.overwrite`, when it is run again. The run folder is the trial's own (training replaces
     what an interrupted try left with other parameters), and the record is removed before it
     changes, so a record always describes the run committed beside it.
-    `data` is a `train.load_embeddings` result to share; by default each process loads the
+    `data` is an `embeddings.load_embeddings` result to share; by default each process loads the
     embeddings once and every trial it runs shares that copy.
     """
     from bertvision.shards import worker_name
@@ -518,7 +519,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
 
 @lru_cache(maxsize=1)
 def _embeddings(task: str, embeddings: str, device: str) -> Any:
-    from bertvision.train import load_embeddings
+    from bertvision.embeddings import load_embeddings
 
     return load_embeddings(task, embeddings, device=device)
 

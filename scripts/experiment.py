@@ -42,9 +42,10 @@ from pathlib import Path
 
 from bertvision import __version__, glue, storage
 from bertvision import encoder as enc
+from bertvision.embeddings import load_embeddings
 from bertvision.extract import ExtractConfig, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
-from bertvision.train import TrainConfig, load_embeddings, train_adapter
+from bertvision.train import TrainConfig, train_adapter
 
 ADAPTERS = ("pooler", "scalarmix", "cls")
 METHODS = ("finetune-1", "finetune-3", *ADAPTERS)

@@ -20,7 +20,7 @@ def _trial_record(inputs: dict) -> str:
 @task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
 def extracted_tasks(embeddings: str) -> list[str]:
     """The GLUE tasks whose train and dev embeddings under `embeddings` are complete."""
-    return core.tasks_with_embeddings(embeddings)
+    return core.extracted_glue_tasks(embeddings)
 
 
 @task(task_run_name="{cfg.task}-sweep-plan", cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)

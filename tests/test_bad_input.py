@@ -10,8 +10,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from test_embeddings import synthetic
 from test_ensemble import fake_sweep
-from test_train import synthetic
 from typer.testing import CliRunner
 
 from bertvision import glue, storage

@@ -12,12 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train import HIDDEN, config, synthetic, write_split
+from test_embeddings import synthetic, write_split
+from test_train import config
 from typer.testing import CliRunner
 
 from bertvision import adapters, shards, storage
 from bertvision import sweep as sweeping
 from bertvision.cli import app
+from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import EnsembleConfig, build_ensemble
 from bertvision.extract import ExtractConfig, check_storable, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
@@ -29,7 +31,7 @@ from bertvision.report import ReportConfig, write_report
 from bertvision.schema import ShardRecord
 from bertvision.shards import ShardError, ShardWriter, load_plan, split_url
 from bertvision.sweep import SweepConfig, TrialRecord, TrialSpec, run_sweep
-from bertvision.train import TrainConfig, load_embeddings, train_adapter
+from bertvision.train import TrainConfig, train_adapter
 
 INF, NAN = float("inf"), float("nan")
 
@@ -143,9 +145,10 @@ def test_extraction_refuses_states_beyond_float16_and_commits_nothing(
 
     result = run_cli(*args, "--dtype", "float32", "--overwrite")  # the remedy named
     assert result.exit_code == 0, result.output
-    hidden = pq.read_table(folder / "shard-00000.parquet").column("hidden").combine_chunks()
-    values = hidden.values.to_numpy()
-    assert np.isfinite(values).all() and np.abs(values).max() > 65504
+    table = pq.read_table(folder / "shard-00000.parquet")
+    states = shards.hidden_arrays(table, load_plan(str(folder)))  # (L, T, H) each
+    assert all(np.isfinite(h).all() for h in states)
+    assert max(np.abs(h).max() for h in states) > 65504
 
 
 def test_hidden_states_the_encoder_made_non_finite_are_refused_for_any_dtype():
@@ -212,10 +215,11 @@ def test_non_finite_hidden_states_in_a_shard_are_refused(tmp_path, rte_embedding
     folder = split_url(rte_embeddings_path, "rte", "train")
     plan = load_plan(folder)
     table = pq.read_table(Path(folder) / "shard-00001.parquet")
-    hidden = [np.asarray(h, dtype=np.float16) for h in table.column("hidden").to_pylist()]
-    tokens = table.column("length")[3].as_py()
-    hidden[3][tokens * HIDDEN + 5] = np.float16("inf")  # (L, T, H) flattened: layer 1
-    table = table.set_column(3, "hidden", pa.array(hidden, pa.list_(pa.float16())))
+    hidden = [h.copy() for h in shards.hidden_arrays(table, plan)]  # (L, T, H) each
+    hidden[3][1, 0, 5] = np.float16("inf")  # layer 1
+    table = table.set_column(
+        3, "hidden", pa.array([h.ravel() for h in hidden], pa.list_(pa.float16()))
+    )
     with ShardWriter(folder, plan, 1) as writer:
         writer.write(table)
         writer.commit()

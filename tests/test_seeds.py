@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import config, synthetic
+from test_embeddings import synthetic
+from test_train import config
 
 from bertvision import sweep as sweeping
+from bertvision.embeddings import load_embeddings
 from bertvision.finetune import FinetuneConfig, finetune_encoder
 from bertvision.sweep import SweepConfig, load_trials, run_sweep
-from bertvision.train import load_embeddings, train_adapter
+from bertvision.train import train_adapter
 
 WEIGHTS = "adapter/adapter.safetensors"
 # Dropout high enough that a shared generator would change the weights; trial points random

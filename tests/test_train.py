@@ -14,116 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_embeddings import HIDDEN, LAYERS, synthetic, write_split
 from typer.testing import CliRunner
 
 from bertvision import adapters, glue, storage
 from bertvision import train as training
 from bertvision.cli import app
+from bertvision.embeddings import load_embeddings
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_submission
-from bertvision.schema import (
-    FORMAT_VERSION,
-    ExtractionPlan,
-    ShardRecord,
-    shard_record_name,
-    shard_schema,
-)
-from bertvision.shards import (
-    ShardError,
-    ShardWriter,
-    committed_shards,
-    hidden_arrays,
-    manifest_url,
-    read_shard,
-    split_url,
-    write_plan,
-)
-from bertvision.train import TrainConfig, load_embeddings, train_adapter
-
-LAYERS, HIDDEN = 3, 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic embeddings: written with the real ShardWriter; layer 2 carries the label.
-
-
-def write_split(
-    out: str,
-    task: str,
-    split: str,
-    n: int,
-    *,
-    seed: int = 0,
-    shard_size: int = 16,
-    fingerprint: str = "a" * 16,
-    hidden_size: int = HIDDEN,
-    labels: np.ndarray | None = None,
-    format_version: int = FORMAT_VERSION,
-) -> ExtractionPlan:
-    spec = glue.get_task(task)
-    rng = np.random.default_rng(seed)
-    truth = rng.uniform(0, 5, n) if spec.regression else rng.integers(0, spec.num_labels, n)
-    if spec.is_test(split):
-        labels = None
-    elif labels is None:
-        labels = truth  # the hidden states carry the truth; `labels` overrides what is stored
-    lengths = rng.integers(2, 13, n)
-    hidden = []
-    for i in range(n):
-        h = rng.normal(size=(LAYERS, lengths[i], hidden_size)).astype(np.float16)
-        if spec.regression:
-            h[2, :, 0] += np.float16(truth[i] - 2.5)
-        else:
-            h[2, :, int(truth[i])] += np.float16(2.0)
-        hidden.append(h)
-    plan = ExtractionPlan(
-        task=spec.name,
-        split=split,
-        model="synthetic",
-        model_fingerprint=fingerprint,
-        data_fingerprint=f"data-{seed}",
-        num_examples=n,
-        shard_size=shard_size,
-        max_seq_length=16,
-        dtype="float16",
-        layers=LAYERS,
-        hidden_size=hidden_size,
-        regression=spec.regression,
-        format_version=format_version,
-    )
-    folder = split_url(out, spec.name, split)
-    write_plan(folder, plan)
-    schema = shard_schema(regression=spec.regression)
-    for index in range(plan.num_shards):
-        start, stop = plan.shard_range(index)
-        rows = range(start, stop)
-        table = pa.table(
-            {
-                "example_id": pa.array(list(rows), pa.int64()),
-                "label": pa.array(
-                    [None if labels is None else labels[i].item() for i in rows],
-                    schema.field("label").type,
-                ),
-                "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
-                "hidden": pa.array([hidden[i].ravel() for i in rows], pa.list_(pa.float16())),
-            }
-        )
-        writer = ShardWriter(folder, plan, index)
-        if format_version == 1:  # as written before format 2: int32 offsets
-            field = pa.field("hidden", pa.list_(pa.float16()), nullable=False)
-            writer.schema = writer.schema.set(writer.schema.get_field_index("hidden"), field)
-        with writer:
-            writer.write(table)
-            writer.commit()
-    return plan
-
-
-def synthetic(out: str, task: str = "rte", n_train: int = 80, n_dev: int = 30, **kw) -> str:
-    spec = glue.get_task(task)
-    write_split(out, task, "train", n_train, seed=1, **kw)
-    for k, split in enumerate(spec.dev_splits):
-        write_split(out, task, split, n_dev, seed=2 + k, **kw)
-    return out
+from bertvision.schema import ShardRecord, shard_record_name
+from bertvision.shards import ShardError, manifest_url, split_url
+from bertvision.train import TrainConfig, train_adapter
 
 
 def config(tmp_path: Path, embeddings: str, run: str = "run", **overrides) -> TrainConfig:
@@ -441,21 +343,6 @@ def test_shared_embeddings_give_the_same_run_as_loading_them(tmp_path, rte_embed
         train_adapter(config(tmp_path, rte_embeddings, task="mrpc"), data=data, progress=False)
 
 
-def test_streamed_splits_see_every_training_example_once_per_epoch(rte_embeddings):
-    data = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0)
-    train = data.splits["train"]
-    assert train.resident is None and len(train.shard_urls) == 5
-    keep = ~np.isin(train.example_ids, training.held_out_ids(train, 0.1, val_seed=0))
-    seen = []
-    for packed, rows, storage_rows in training.epoch_batches(
-        train, keep, 8, np.random.default_rng(0), "cpu", shuffle_shards=2
-    ):
-        assert len(rows) <= 8
-        np.testing.assert_array_equal(packed.example_ids[rows], train.example_ids[storage_rows])
-        seen.extend(packed.example_ids[rows].tolist())
-    assert sorted(seen) == sorted(train.example_ids[keep].tolist())
-
-
 def test_streamed_and_resident_splits_give_the_same_predictions(rte_embeddings):
     resident = load_embeddings("rte", rte_embeddings, device="cpu").splits["dev"]
     streamed = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0).splits["dev"]
@@ -641,108 +528,11 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
 
 
-# ----------------------------------------------------------------------------------------------
-# Shard formats: int64 offsets (format 2); shards of format 1 still read
-
-
-@pytest.mark.slow  # writes and reads 2**31 values: about half a minute
-def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path):
-    """bert-large-sized rows (25 x 1024 values a token) past 2**31 values in one shard, written
-    by the real ShardWriter one row group per batch as extraction does, read by the training
-    reader. Zeros cost no memory until read; markers sit at each row's ends and past 2**31."""
-    layers, hidden_size, length, rows_per_group, groups = 25, 1024, 328, 4, 64
-    per_row = layers * length * hidden_size
-    num_rows = rows_per_group * groups
-    assert num_rows * per_row > 2**31
-    plan = ExtractionPlan(
-        task="rte",
-        split="dev",
-        model="synthetic",
-        model_fingerprint="a" * 16,
-        data_fingerprint="large",
-        num_examples=num_rows,
-        shard_size=num_rows,
-        max_seq_length=512,
-        dtype="float16",
-        layers=layers,
-        hidden_size=hidden_size,
-        regression=False,
-    )
-    folder = split_url(str(tmp_path), "rte", "dev")
-    write_plan(folder, plan)
-    far_row, far_index = divmod(2**31 + 7, per_row)  # a value beyond any int32 offset
-    with ShardWriter(folder, plan, 0) as writer:
-        for group in range(groups):
-            rows = range(group * rows_per_group, (group + 1) * rows_per_group)
-            values = np.zeros(rows_per_group * per_row, np.float16)
-            for k, row in enumerate(rows):
-                values[k * per_row] = row + 1  # layer 0, token 0, unit 0
-                values[(k + 1) * per_row - 1] = -(row + 1)  # last layer, token and unit
-                if row == far_row:
-                    values[k * per_row + far_index] = 0.5
-            offsets = pa.array(np.arange(rows_per_group + 1, dtype=np.int64) * per_row)
-            hidden = pa.LargeListArray.from_arrays(offsets, pa.array(values))
-            writer.write(
-                pa.table(
-                    {
-                        "example_id": pa.array(rows, pa.int64()),
-                        "label": pa.array([0] * rows_per_group, pa.int64()),
-                        "length": pa.array([length] * rows_per_group, pa.int32()),
-                        "hidden": hidden,
-                    }
-                )
-            )
-            del values, hidden
-        writer.commit()
-
-    _, urls = committed_shards(str(tmp_path), "rte", "dev")
-    packed = training._read_packed(urls, plan, "cpu")
-    assert packed.tokens.shape == (num_rows * length, layers, hidden_size)
-    assert packed.example_ids.tolist() == list(range(num_rows))
-    assert packed.starts.tolist() == [row * length for row in range(num_rows)]
-    tokens = packed.tokens
-    for row in (0, 1, far_row, num_rows - 1):
-        start = row * length
-        assert tokens[start, 0, 0].item() == row + 1
-        assert tokens[start + length - 1, layers - 1, hidden_size - 1].item() == -(row + 1)
-        assert tokens[start + 1, 0, 0].item() == 0 and tokens[start, 1, 0].item() == 0
-    layer, rest = divmod(far_index, length * hidden_size)
-    token, unit = divmod(rest, hidden_size)
-    assert tokens[far_row * length + token, layer, unit].item() == 0.5
-
-
-def test_a_format_1_shard_still_reads(tmp_path):
-    """Shards written before format 2 (`hidden` list<float16>, int32 offsets) read as before:
-    the same hidden states as format 2, by the shard reader and the training reader."""
-    old, new = str(tmp_path / "old"), str(tmp_path / "new")
-    for out, version in [(old, 1), (new, 2)]:
-        write_split(out, "rte", "train", 40, format_version=version)
-        write_split(out, "rte", "dev", 20, seed=2, format_version=version)
-    _, urls = committed_shards(old, "rte", "train")
-    meta, table = read_shard(urls[0])
-    assert meta.format_version == 1 and table.schema.field("hidden").type == pa.list_(pa.float16())
-
-    data = {out: load_embeddings("rte", out, device="cpu") for out in (old, new)}
-    for name in ("train", "dev"):
-        ours, theirs = data[old].splits[name].resident, data[new].splits[name].resident
-        assert torch.equal(ours.tokens, theirs.tokens)
-        assert ours.example_ids.tolist() == theirs.example_ids.tolist()
-        old_urls = committed_shards(old, "rte", name)[1]
-        new_urls = committed_shards(new, "rte", name)[1]
-        for old_url, new_url in zip(old_urls, new_urls, strict=True):
-            (old_meta, old_table), (new_meta, new_table) = read_shard(old_url), read_shard(new_url)
-            stored, expected = (
-                hidden_arrays(old_table, old_meta),
-                hidden_arrays(new_table, new_meta),
-            )
-            for a, b in zip(stored, expected, strict=True):
-                np.testing.assert_array_equal(a, b)
-    cfg = TrainConfig(task="rte", embeddings=old, out=str(tmp_path / "run"), epochs=1)
+def test_training_reads_format_1_embeddings(tmp_path):
+    """Shards written before format 2 (`hidden` list<float16>, int32 offsets): see
+    test_embeddings for the states they read as."""
+    embeddings = str(tmp_path / "emb")
+    write_split(embeddings, "rte", "train", 40, format_version=1)
+    write_split(embeddings, "rte", "dev", 20, seed=2, format_version=1)
+    cfg = TrainConfig(task="rte", embeddings=embeddings, out=str(tmp_path / "run"), epochs=1)
     assert set(train_adapter(cfg, progress=False)) == {"val", "dev"}
-
-
-def test_a_shard_of_an_unknown_format_is_refused(tmp_path):
-    write_split(str(tmp_path), "rte", "train", 40, format_version=3)
-    write_split(str(tmp_path), "rte", "dev", 20, format_version=3)
-    with pytest.raises(ShardError, match="format_version 3; this version of BERTVision reads 1, 2"):
-        load_embeddings("rte", str(tmp_path), device="cpu")

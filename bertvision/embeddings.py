@@ -1,0 +1,290 @@
+"""The embeddings reader: a task's stored hidden states, checked, then held or streamed in batches.
+
+    data = load_embeddings("rte", "emb")  # check every split; hold those that fit in memory
+    train = data.splits["train"]
+    keep = np.ones(train.num_examples, dtype=bool)  # which examples, in storage order
+    shuffle = np.random.default_rng(0)
+    for packed, rows, storage_rows in epoch_batches(train, keep, 32, shuffle, "cuda"):
+        hidden, mask = packed.batch(rows, "cuda")  # (B, L, T, H) float32, (B, T) bool
+        labels = train.labels[storage_rows]  # (B,)
+
+What it reads: the committed shards of an extraction (docs/shard-format.md; bertvision.schema),
+`<embeddings>/<task>/<split>/shard-NNNNN.parquet` listed by their commit records, never by the
+folder's listing. Each row holds one example's states of the embedding output and every encoder
+layer for its real tokens: (L, T, H) flattened, L = encoder layers + 1, T its token count,
+H the hidden size, stored as float16 or float32 (the plan's `dtype`). Decoding is
+`shards.hidden_arrays`, format 1 and 2 alike.
+
+Checks, before any state is held: every split asked for is complete, of this task, labelled
+(train and dev; test splits may be unlabelled) with finite labels, holds exactly the plan's
+examples, and shares the encoder and settings of the others (SHARED_SETTINGS). Every state read
+is checked finite. Each failed check raises ShardError naming the split or shard; a shard that
+differs from what was committed is marked for re-extraction (shards.read_shard) and raises
+ShardError too; storage failures raise storage's errors (StorageError, StorageUnavailable).
+
+Memory: a split whose states take at most `max_resident_gb` (tokens x L x H x bytes of its
+dtype) is read once and held on the device as a `Packed`, in the stored dtype, one row per
+token: (sum of T, L, H). A larger split is streamed: each pass reads a group of shards into a
+`Packed`, uses it, and drops it. Reading holds, besides its result, one row group (one encoder
+batch) of one shard. Batches are padded to their longest example and cast to float32 only on
+the way to the model, so at most one batch is held as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bertvision import encoder as enc
+from bertvision import glue, storage
+from bertvision.schema import ExtractionPlan, hidden_dtype
+from bertvision.shards import (
+    ShardError,
+    committed_shards,
+    hidden_arrays,
+    iter_row_groups,
+    load_plan,
+    read_shard,
+    split_url,
+)
+
+# Settings every split of one extraction must share.
+SHARED_SETTINGS = (
+    "model_fingerprint",
+    "layers",
+    "hidden_size",
+    "max_seq_length",
+    "dtype",
+    "format_version",
+)
+
+
+@dataclass
+class Packed:
+    """Hidden states of a set of examples, token-major: one row per token of every example."""
+
+    example_ids: np.ndarray  # (N,) int64
+    lengths: np.ndarray  # (N,) int64, tokens T of each example
+    starts: torch.Tensor  # (N,) int64: first row of each example in `tokens`
+    tokens: torch.Tensor  # (sum of T, L, H), the stored dtype
+
+    def batch(self, rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T)."""
+        width = int(self.lengths[rows].max())
+        index_rows = torch.from_numpy(rows).to(self.tokens.device)
+        lengths = torch.from_numpy(self.lengths[rows]).to(self.tokens.device)
+        positions = torch.arange(width, device=self.tokens.device)  # (T,)
+        mask = positions[None, :] < lengths[:, None]  # (B, T)
+        index = torch.where(mask, self.starts[index_rows][:, None] + positions[None, :], 0)
+        hidden = self.tokens[index].to(device=device, dtype=torch.float32)  # (B, T, L, H)
+        mask = mask.to(device)
+        hidden = hidden.masked_fill(~mask[:, :, None, None], 0.0)
+        return hidden.transpose(1, 2), mask  # (B, L, T, H), (B, T)
+
+
+@dataclass
+class SplitData:
+    """One split of one extraction: its plan, shards and labels; hidden states if resident."""
+
+    name: str
+    plan: ExtractionPlan
+    shard_urls: list[str]
+    shard_rows: list[int]  # examples in each shard, in shard order
+    example_ids: np.ndarray  # (N,) int64 in storage order (shard by shard)
+    labels: np.ndarray | None  # (N,) in storage order; None for unlabelled test splits
+    num_tokens: int  # stored tokens of all examples together, the sum of their T
+    resident: Packed | None = None  # all hidden states, when they fit in memory
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    def held_out_ids(self, val_fraction: float, val_seed: int) -> np.ndarray:
+        """The example ids (sorted) of the held-out slice of this TRAIN split: the slice
+        fine-tuning left out (glue.held_out_ids). ShardError if it has fewer than 2 examples."""
+        if self.num_examples < 2:
+            raise ShardError("the train split needs at least 2 examples to hold one out")
+        return glue.held_out_ids(self.example_ids, val_fraction, val_seed)
+
+    def packs(
+        self, device: str, rng: np.random.Generator | None = None, shuffle_shards: int = 1
+    ) -> Iterator[tuple[Packed, np.ndarray]]:
+        """(Packed, storage rows of its examples): the resident whole, or groups of shards read
+        one group at a time (in a random order when `rng` is given)."""
+        if self.resident is not None:
+            yield self.resident, np.arange(self.num_examples)
+            return
+        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        order = np.arange(len(self.shard_urls))
+        group = 1
+        if rng is not None:
+            order, group = rng.permutation(order), shuffle_shards
+        for begin in range(0, len(order), group):
+            shards = sorted(order[begin : begin + group])
+            packed = read_packed([self.shard_urls[i] for i in shards], self.plan, device)
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in shards])
+            yield packed, rows
+
+
+@dataclass
+class EmbeddingData:
+    """The checked embeddings of one task: what `train_adapter` reads, shareable by many runs."""
+
+    task: glue.GlueTask
+    embeddings: str
+    device: str
+    splits: dict[str, SplitData] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> ExtractionPlan:
+        return self.splits["train"].plan
+
+    def extraction_keys(self) -> dict[str, str]:
+        return {name: split.plan.key for name, split in self.splits.items()}
+
+
+def load_embeddings(
+    task: str | glue.GlueTask,
+    embeddings: str,
+    splits: list[str] | None = None,
+    device: str = "",
+    max_resident_gb: float = 8.0,
+) -> EmbeddingData:
+    """Check the extraction of `task` under `embeddings` and hold each split that fits.
+
+    `splits` defaults to train, the task's dev split(s) and its test split(s) where extracted.
+    Every named split must be complete, of this task, and made with the same encoder and
+    settings as the others; otherwise a ShardError says what is wrong. A split whose hidden
+    states take at most `max_resident_gb` is loaded onto `device` once; a larger one is streamed
+    from its shards each epoch.
+    """
+    task = glue.get_task(task) if isinstance(task, str) else task
+    device = device or enc.default_device()
+    embeddings = embeddings.rstrip("/")
+    if not storage.exists(storage.join(embeddings, task.name)):
+        present = [name for name in storage.list_names(embeddings) if name in glue.TASKS]
+        held = f"; it holds embeddings of {', '.join(present)}" if present else ""
+        raise ShardError(f"no embeddings of {task.name} under {embeddings}{held}")
+    if splits is None:
+        optional = [s for s in task.test_splits if load_plan(split_url(embeddings, task.name, s))]
+        names = ["train", *task.dev_splits, *optional]
+    else:
+        names = glue.expand_splits(task, splits)
+    data = EmbeddingData(task, embeddings, device)
+    for name in names:
+        data.splits[name] = _check_split(task, embeddings, name)
+    _check_same_settings(data)
+    for split in data.splits.values():
+        if _hidden_bytes(split) <= max_resident_gb * 2**30:
+            split.resident = read_packed(split.shard_urls, split.plan, device)
+    return data
+
+
+def _check_split(task: glue.GlueTask, embeddings: str, name: str) -> SplitData:
+    plan, urls = committed_shards(embeddings, task.name, name)
+    folder = split_url(embeddings, task.name, name)
+    if (plan.task, plan.split) != (task.name, name):
+        raise ShardError(f"{folder} holds embeddings of {plan.task}/{plan.split}, not {task.name}")
+    if plan.regression != task.regression:
+        raise ShardError(f"{folder}: labels are not those of {task.name}")
+    ids, labels, rows, num_tokens = [], [], [], 0
+    for url in urls:
+        meta, table = read_shard(url, columns=["example_id", "label", "length"])
+        if meta.extraction_key != plan.key or (meta.task, meta.split) != (task.name, name):
+            raise ShardError(
+                f"shard {url} belongs to another extraction ({meta.task}/{meta.split}, "
+                f"key {meta.extraction_key}, expected {plan.key}): shards with mixed settings"
+            )
+        ids.append(table.column("example_id").to_numpy())
+        labels.append(table.column("label").to_pylist())
+        rows.append(table.num_rows)
+        num_tokens += int(np.asarray(table.column("length").to_numpy(), dtype=np.int64).sum())
+    example_ids = np.concatenate(ids).astype(np.int64)
+    if len(example_ids) != plan.num_examples or len(np.unique(example_ids)) != len(example_ids):
+        raise ShardError(
+            f"{folder}: shards hold {len(example_ids)} rows ({len(np.unique(example_ids))} "
+            f"distinct examples), plan says {plan.num_examples}"
+        )
+    flat = [label for part in labels for label in part]
+    if task.is_test(name):
+        return SplitData(name, plan, urls, rows, example_ids, None, num_tokens)
+    if any(label is None for label in flat):
+        raise ShardError(f"{folder}: {name} examples without labels; train and dev need them")
+    label_array = np.asarray(flat, dtype=np.float32 if task.regression else np.int64)
+    if not np.isfinite(label_array).all():
+        raise ShardError(f"{folder}: {name} labels are NaN or infinite; re-extract from sound data")
+    return SplitData(name, plan, urls, rows, example_ids, label_array, num_tokens)
+
+
+def _check_same_settings(data: EmbeddingData) -> None:
+    first = next(iter(data.splits.values()))
+    for split in data.splits.values():
+        for setting in SHARED_SETTINGS:
+            ours, theirs = getattr(first.plan, setting), getattr(split.plan, setting)
+            if ours != theirs:
+                raise ShardError(
+                    f"embeddings of {data.task.name} under {data.embeddings} mix settings: "
+                    f"{first.name} has {setting} {ours}, {split.name} has {theirs}; "
+                    "extract all splits with the same encoder and settings"
+                )
+
+
+def _hidden_bytes(split: SplitData) -> int:
+    itemsize = hidden_dtype(split.plan.dtype).itemsize
+    return split.num_tokens * split.plan.layers * split.plan.hidden_size * itemsize
+
+
+def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
+    """The shards at `urls`, in order, as one Packed on `device`.
+
+    Hidden states are copied into place one row group at a time: besides the result, memory
+    holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays).
+    """
+    heads = [read_shard(url, columns=["example_id", "length"])[1] for url in urls]
+    lengths = np.concatenate([t.column("length").to_numpy() for t in heads]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    dtype = hidden_dtype(plan.dtype).torch()
+    tokens = torch.empty((int(lengths.sum()), plan.layers, plan.hidden_size), dtype=dtype)
+    host = tokens.numpy()  # the same memory
+    row = 0
+    for url in urls:
+        for group in iter_row_groups(url, columns=["length", "hidden"]):
+            for stored in hidden_arrays(group, plan):  # (L, T, H)
+                if not np.isfinite(stored).all():
+                    raise _non_finite_hidden(url, stored, plan)
+                length = stored.shape[1]
+                np.copyto(host[starts[row] : starts[row] + length], stored.transpose(1, 0, 2))
+                row += 1
+    example_ids = np.concatenate([t.column("example_id").to_numpy() for t in heads])
+    starts_on_device = torch.from_numpy(starts).to(device)
+    return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
+
+
+def _non_finite_hidden(url: str, stored: np.ndarray, plan: ExtractionPlan) -> ShardError:
+    """The error for an example's stored states `stored` (L, T, H) holding NaN or infinity."""
+    layers = np.flatnonzero(~np.isfinite(stored).all(axis=(1, 2))).tolist()
+    return ShardError(
+        f"shard {url} holds NaN or infinite hidden states in layer(s) {layers} (0 = embeddings); "
+        f"re-extract with --dtype float32 --overwrite (it holds {plan.dtype})"
+    )
+
+
+def epoch_batches(
+    split: SplitData,
+    keep: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    device: str,
+    shuffle_shards: int = 4,
+) -> Iterator[tuple[Packed, np.ndarray, np.ndarray]]:
+    """One epoch of shuffled batches over the storage rows where `keep` is True:
+    (Packed, its rows in the batch, their storage rows)."""
+    for packed, rows in split.packs(device, rng, shuffle_shards):
+        local = np.flatnonzero(keep[rows])
+        local = local[rng.permutation(len(local))]
+        for begin in range(0, len(local), batch_size):
+            chosen = local[begin : begin + batch_size]
+            yield packed, chosen, rows[chosen]
