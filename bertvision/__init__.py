@@ -4,4 +4,22 @@ The core library: plain functions and small classes, no orchestration import. Pr
 `tasks/` and `flows/` only.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata
+from pathlib import Path
+
+
+def _version() -> str:
+    """The installed package's version; from pyproject.toml beside a source tree not installed."""
+    try:
+        return metadata.version("bertvision")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
+
+
+__version__ = _version()

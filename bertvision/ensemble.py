@@ -5,7 +5,9 @@
     ENS/metrics.json               members (trial, val and dev metrics) and the ensemble's dev
                                    metrics, scored from the dev submission file as written (so
                                    anyone recomputes them from it and the dev labels)
-    ENS/_commit.json               the commit record (bertvision.runs), written last: the
+    ENS/_commit.json               the run record (bertvision.records, kind "ensemble",
+                                   inputs: the sweep and each member run with its key), the
+                                   commit record (bertvision.runs) written last: the
                                    ensemble is whole; its key hashes the settings and the
                                    members' records, so an ensemble of other members (a sweep
                                    with other trials since) is refused unless `overwrite`
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bertvision import __version__, runs, storage
+from bertvision import __version__, records, runs, storage
 from bertvision.config import ConfigError, EnsembleConfig, require
 from bertvision.glue import get_task
 from bertvision.metrics import compute_metrics
@@ -120,6 +122,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     An ensemble finished at `cfg.out` with the same content key is returned as stored; one with
     another key is refused unless `cfg.overwrite`. Written staged and committed whole."""
     require(cfg)
+    stopwatch = records.Stopwatch()
     members = choose_members(cfg)
     key = content_key(cfg, members)
     finished = _finished(cfg, key)
@@ -130,7 +133,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         if (finished := _finished(cfg, key)) is not None:
             return finished
         with runs.StagedRun(cfg.out) as staged:
-            return _build(cfg, members, key, staged)
+            return _build(cfg, members, key, staged, stopwatch)
 
 
 def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
@@ -139,8 +142,23 @@ def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
     return storage.read_json(storage.join(cfg.out, "metrics.json"))
 
 
+def run_inputs(cfg: EnsembleConfig, members: list[Member]) -> dict[str, dict[str, str]]:
+    """The ensemble's inputs (records.RunRecord.inputs): "sweep" (its URL and key) and each
+    member run, "trial-NNNN" or "finetuned", with the key of its commit record."""
+    inputs = {"sweep": records.input_of(cfg.runs, load_sweep(cfg.runs).get("key", ""))}
+    for member in members:
+        name = "finetuned" if member.trial is None else f"trial-{member.trial:04d}"
+        commit = runs.commit_record(member.run) or {}
+        inputs[name] = records.input_of(member.run, commit.get("key", ""))
+    return inputs
+
+
 def _build(
-    cfg: EnsembleConfig, members: list[Member], key: str, staged: runs.StagedRun
+    cfg: EnsembleConfig,
+    members: list[Member],
+    key: str,
+    staged: runs.StagedRun,
+    stopwatch: records.Stopwatch,
 ) -> dict[str, Any]:
     task = get_task(cfg.task)
     out = staged.url
@@ -167,7 +185,10 @@ def _build(
         "code_version": __version__,
     }
     storage.write_json(storage.join(out, "metrics.json"), result)
-    staged.commit(key, last=("metrics.json",))
+    record = records.RunRecord(
+        "ensemble", key, asdict(cfg), run_inputs(cfg, members), stopwatch.timings()
+    )
+    staged.commit(record, last=("metrics.json",))
     return result
 
 

@@ -4,6 +4,7 @@
     for plan in plans:
         for index in pending_shards(cfg, plan):
             extract_shard(cfg, plan, index)  # one unit of work: resumable, retryable
+        finish_split(cfg, plan, done)        # final listing; complete: the run record
 
 `extract_hidden_states(cfg)` does all of that. Inside a shard, examples are sorted by token
 length and batched so that padding stays small; each batch becomes one record batch of the
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 import numpy as np
@@ -22,10 +24,17 @@ import pyarrow as pa
 import torch
 
 from bertvision import encoder as enc
-from bertvision import glue, storage
+from bertvision import glue, records, storage
 from bertvision.config import ExtractConfig, require
 from bertvision.finite import NonFiniteError
-from bertvision.schema import ExtractionPlan, HiddenDtype, ShardRecord, hidden_dtype, shard_schema
+from bertvision.schema import (
+    RUN_FILE,
+    ExtractionPlan,
+    HiddenDtype,
+    ShardRecord,
+    hidden_dtype,
+    shard_schema,
+)
 from bertvision.shards import (
     ShardError,
     ShardWriter,
@@ -34,10 +43,12 @@ from bertvision.shards import (
     is_committed,
     load_plan,
     load_record,
+    manifest_url,
     missing_from_storage,
     record_failure,
     remove_stale_leftovers,
     split_url,
+    worker_name,
     write_plan,
 )
 
@@ -80,6 +91,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
     storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
+    code = records.code_info()
     plans = [
         ExtractionPlan(
             task=task.name,
@@ -94,6 +106,8 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             layers=encoder.layers,
             hidden_size=encoder.hidden_size,
             regression=task.regression,
+            code_version=code["version"],
+            git_commit=code["git_commit"],
         )
         for split in splits
     ]
@@ -284,9 +298,69 @@ def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractS
             bar.set_postfix(shard=index, s=round(time.perf_counter() - started, 1))
         bar.close()
         done = [i for i in range(plan.num_shards) if i not in summary.failed[name]]
-        folder = split_url(cfg.out, plan.task, plan.split)
-        summary.missing[name] = missing_from_storage(folder, plan, done)
+        summary.missing[name] = finish_split(cfg, plan, done)
     return summary
+
+
+def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> list[str]:
+    """The final listing of one task/split: what storage lacks of its plan and of the shards
+    `done` ("URL (why)" each, as shards.missing_from_storage). When that is nothing and `done`
+    is every shard, the extraction is complete: its run record _manifest/run.json is written
+    (once per extraction key; see `record_extraction`)."""
+    folder = split_url(cfg.out, plan.task, plan.split)
+    missing = missing_from_storage(folder, plan, done)
+    if not missing and set(done) >= set(range(plan.num_shards)):
+        record_extraction(cfg, plan)
+    return missing
+
+
+def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRecord:
+    """Write the run record of the complete extraction `plan` (every shard committed), unless
+    one of its key is there; returns the record stored.
+
+    Inputs: "model" (its URL and fingerprint) and "data/<split>" (the data folder and the data
+    fingerprint). Timings: from the first shard's start to the last shard's commit, with
+    `shard_seconds` (all shards' seconds together). A ShardError when a shard is not committed.
+    """
+    folder = split_url(cfg.out, plan.task, plan.split)
+    url = manifest_url(folder, RUN_FILE)
+    stored = records.read_record(url)
+    if stored is not None and stored.key == plan.key:
+        return stored
+    shard_records = committed_records(folder, plan)
+    if len(shard_records) < plan.num_shards:
+        raise ShardError(
+            f"{folder}: {plan.num_shards - len(shard_records)} of {plan.num_shards} shards are "
+            "not committed; the extraction is not complete"
+        )
+    starts = [
+        datetime.fromisoformat(r.committed_at) - timedelta(seconds=r.seconds)
+        for r in shard_records.values()
+    ]
+    started = min(starts).isoformat(timespec="seconds")
+    finished = max(r.committed_at for r in shard_records.values())
+    record = records.RunRecord(
+        kind="extract",
+        key=plan.key,
+        settings=asdict(cfg),
+        inputs={
+            "model": records.input_of(cfg.model, plan.model_fingerprint),
+            f"data/{plan.split}": records.input_of(
+                cfg.data_dir or glue.HUB_URL, plan.data_fingerprint
+            ),
+        },
+        timings=records.make_timings(
+            started,
+            finished,
+            (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds(),
+            shard_seconds=sum(r.seconds for r in shard_records.values()),
+        ),
+        files=[shard_records[i].file for i in range(plan.num_shards)],
+        worker=worker_name(),
+        committed_at=records.now(),
+    )
+    records.write_record(url, record)
+    return record
 
 
 def no_space_error(

@@ -10,7 +10,8 @@ The run is committed whole (bertvision.runs: staged, moved into place, the check
 config.json, metrics.json and then the commit record last), keyed on `content_key`: the settings,
 the encoder's fingerprint (its weights, wherever they come from) and the data's fingerprints. A
 finished run with that key is returned as stored; one with another key is refused unless
-`overwrite`, which replaces it whole.
+`overwrite`, which replaces it whole. The commit record is the run's record (bertvision.records,
+kind "finetune"), naming its inputs: the model (URL and fingerprint) and each split of the data.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from bertvision import __version__, glue, rng, runs, storage
+from bertvision import __version__, glue, records, rng, runs, storage
 from bertvision import encoder as enc
 from bertvision.config import FinetuneConfig, require
 from bertvision.finite import NonFiniteError
@@ -42,17 +43,39 @@ def _load_data(cfg: FinetuneConfig) -> dict[str, list[glue.Example]]:
     }
 
 
+def run_inputs(
+    cfg: FinetuneConfig, data: dict[str, list[glue.Example]] | None = None
+) -> dict[str, dict[str, str]]:
+    """The run's inputs (records.RunRecord.inputs): "model" (its URL and fingerprint) and
+    "data/<split>" for each split read (the data folder and glue.data_fingerprint). `data` is
+    `_load_data`'s result when already loaded."""
+    data = data if data is not None else _load_data(cfg)
+    model = records.input_of(cfg.model, enc.load_encoder(cfg.model, "cpu").fingerprint)
+    where = cfg.data_dir or glue.HUB_URL
+    return {"model": model} | {
+        f"data/{split}": records.input_of(where, glue.data_fingerprint(examples))
+        for split, examples in data.items()
+    }
+
+
 def content_key(cfg: FinetuneConfig, data: dict[str, list[glue.Example]] | None = None) -> str:
     """What determines the run: the settings, the encoder's weights and the data, by content.
 
     The model and data are named by URL in `cfg`; the key uses their fingerprints instead, so a
     checkpoint or data file replaced at the same URL gives another key. `data` is `_load_data`'s
     result when already loaded."""
-    data = data if data is not None else _load_data(cfg)
+    return _key(cfg, run_inputs(cfg, data))
+
+
+def _key(cfg: FinetuneConfig, inputs: dict[str, dict[str, str]]) -> str:
     where = ("out", "model", "data_dir", "device", "overwrite")
     content = {k: v for k, v in asdict(cfg).items() if k not in where}
-    content["model_fingerprint"] = enc.load_encoder(cfg.model, "cpu").fingerprint
-    content["data"] = {split: glue.data_fingerprint(examples) for split, examples in data.items()}
+    content["model_fingerprint"] = inputs["model"]["key"]
+    content["data"] = {
+        name.removeprefix("data/"): read["key"]
+        for name, read in inputs.items()
+        if name.startswith("data/")
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -75,11 +98,13 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     anything is written.
     """
     require(cfg)
+    stopwatch = records.Stopwatch()
     task = glue.get_task(cfg.task)
     data = _load_data(cfg)
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
-    key = content_key(cfg, data)
+    inputs = run_inputs(cfg, data)
+    key = _key(cfg, inputs)
     finished = finished_run(cfg, key)
     if finished is not None:
         return finished
@@ -88,10 +113,18 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
         if (finished := finished_run(cfg, key)) is not None:
             return finished
         with rng.seeded(cfg.seed, cfg.device):
-            return _finetune(cfg, task, data, key, progress)
+            return _finetune(cfg, task, data, inputs, key, progress, stopwatch)
 
 
-def _finetune(cfg: FinetuneConfig, task: glue.GlueTask, data: dict, key: str, progress: bool):
+def _finetune(
+    cfg: FinetuneConfig,
+    task: glue.GlueTask,
+    data: dict,
+    inputs: dict[str, dict[str, str]],
+    key: str,
+    progress: bool,
+    stopwatch: records.Stopwatch,
+):
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification
 
@@ -177,12 +210,14 @@ def _finetune(cfg: FinetuneConfig, task: glue.GlueTask, data: dict, key: str, pr
         "key": key,
         "code_version": __version__,
     }
+    timings = stopwatch.timings(train_seconds=train_seconds)
+    run = records.RunRecord("finetune", key, asdict(cfg), inputs, timings)
     with runs.StagedRun(cfg.out) as staged:
-        _write_run(task, model, tokenizer, evaluated, outputs, result, key, staged)
+        _write_run(task, model, tokenizer, evaluated, outputs, result, run, staged)
     return result
 
 
-def _write_run(task, model, tokenizer, evaluated, outputs, result, key, staged) -> None:
+def _write_run(task, model, tokenizer, evaluated, outputs, result, run, staged) -> None:
     """The checkpoint, predictions and metrics.json into `staged`, then committed whole."""
     from bertvision.predictions import write_predictions
 
@@ -197,7 +232,7 @@ def _write_run(task, model, tokenizer, evaluated, outputs, result, key, staged) 
             outputs[split],
         )
     storage.write_json(storage.join(staged.url, "metrics.json"), result)
-    staged.commit(key, last=("config.json", "metrics.json"))
+    staged.commit(run, last=("config.json", "metrics.json"))
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):

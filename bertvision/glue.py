@@ -18,6 +18,9 @@ import numpy as np
 
 from bertvision import storage
 
+# Where the data come from when no data_dir is given, as run records name it (records.input_of).
+HUB_URL = "hf://datasets/nyu-mll/glue"
+
 
 class DataError(ValueError):
     """A data file is missing or malformed; the message names the file and the line."""

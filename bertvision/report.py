@@ -3,17 +3,22 @@ each sweep and the ensemble, as a markdown table and a PNG bar chart.
 
     write_report(ReportConfig(results="runs/"))   # runs/report.md, runs/report.png
 
-Runs are found by what they hold, wherever they sit under the results URL:
+Runs are found by their run records (bertvision.records), wherever they sit under the results
+URL: the record's `kind` says what a folder holds, its `settings` the task (and the adapter), and
+metrics.json the dev metrics:
 
-    metrics.json with "members"                    an ensemble
-    metrics.json with a "config" naming the task   a fine-tuned encoder
-    metrics.json + config.json with "train"        an adapter run (column "adapter: <name>")
-    sweep.json                                     a sweep: its best trial BY VALIDATION metric
+    finetune      a fine-tuned encoder                column "fine-tuning"
+    train         an adapter run                      column "adapter: <name>"
+    sweep         a sweep: its best trial BY VALIDATION metric, column "best trial (<adapter>)"
+    ensemble      an ensemble                         column "ensemble"
+    trial         a sweep's trial: counts only through its sweep
 
-Runs inside a sweep's trials/ folder count only through their sweep. Several runs of one kind for
-one task (seeds) are shown as mean ± standard deviation (n). Published numbers of other work are
-shown only when given (`reference`: a JSON file {"source": "...", "dev": {task: {metric: value}}});
-the report does not carry any of its own.
+Runs written before run records are told apart by what they hold (metrics.json with "members":
+an ensemble; with a "config" naming the task: a fine-tuned encoder; config.json with "train": an
+adapter run; sweep.json: a sweep; a run inside a sweep's trials/ folder: a trial). Several runs
+of one kind for one task (seeds) are shown as mean ± standard deviation (n). Published numbers of
+other work are shown only when given (`reference`: a JSON file {"source": "...", "dev": {task:
+{metric: value}}}); the report does not carry any of its own.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from bertvision import storage
+from bertvision import records, storage
 from bertvision.config import ReportConfig, require
 from bertvision.glue import TASKS, get_task
+from bertvision.runs import COMMIT_RECORD
 from bertvision.sweep import SWEEP_FILE, TRIALS_DIR, best_trials, load_sweep, load_trials
 
 FINETUNED = "fine-tuning"
 ENSEMBLE = "ensemble"
 REFERENCE = "reference"
+METRICS = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -48,17 +55,21 @@ def find_results(results: str) -> list[Result]:
     if not fs.exists(root):
         raise FileNotFoundError(f"results folder {results} does not exist")
     files = fs.find(root)
-    sweeps = sorted(p.rsplit("/", 1)[0] for p in files if p.endswith(f"/{SWEEP_FILE}"))
+    folders = sorted(
+        {
+            folder
+            for folder, name in (p.rsplit("/", 1) for p in files)
+            if name in (COMMIT_RECORD, METRICS, SWEEP_FILE) and "/_staging/" not in f"{folder}/"
+        }
+    )
+    sweeps = [p.rsplit("/", 1)[0] for p in files if p.endswith(f"/{SWEEP_FILE}")]
     found = []
-    for sweep in sweeps:
-        found.extend(_sweep_result(_url(results, root, sweep)))
-    for path in sorted(p for p in files if p.endswith("/metrics.json")):
-        folder = path.rsplit("/", 1)[0]
-        if "/_staging/" in folder or any(folder.startswith(f"{s}/{TRIALS_DIR}/") for s in sweeps):
-            continue
-        result = _run_result(_url(results, root, folder))
-        if result is not None:
-            found.append(result)
+    for folder in folders:
+        url = _url(results, root, folder)
+        in_sweep = any(folder.startswith(f"{s}/{TRIALS_DIR}/") for s in sweeps)
+        run = _kind_and_settings(url, in_sweep)
+        if run is not None:
+            found.extend(_results(url, *run))
     return found
 
 
@@ -67,39 +78,59 @@ def _url(results: str, root: str, path: str) -> str:
     return storage.join(results, path[len(root.rstrip("/")) :])
 
 
-def _sweep_result(sweep: str) -> list[Result]:
-    plan = load_sweep(sweep)
-    task = get_task(plan["config"]["task"])
+def _kind_and_settings(folder: str, in_sweep: bool) -> tuple[str, dict[str, Any]] | None:
+    """The run at `folder`: its kind and settings, from its run record, or for a run written
+    before run records from what it holds (`in_sweep`: it sits in a sweep's trials/ folder).
+    None for a folder that holds no run."""
+    record = records.read_record(storage.join(folder, COMMIT_RECORD))
+    if record is not None:
+        return record.kind, record.settings
+    if storage.exists(storage.join(folder, SWEEP_FILE)):
+        return "sweep", load_sweep(folder)["config"]
+    if in_sweep:
+        return "trial", {}
+    url = storage.join(folder, METRICS)
+    if not storage.exists(url):
+        return None
+    metrics = storage.read_json(url, keys=())
+    config = metrics.get("config")  # ensembles and fine-tuning keep theirs in metrics.json
+    if "members" in metrics:
+        return "ensemble", config
+    if isinstance(config, dict) and "task" in config:
+        return "finetune", config
+    train = _adapter_run_config(folder)
+    return None if train is None else ("train", train)
+
+
+def _results(folder: str, kind: str, settings: Any) -> list[Result]:
+    """The result of the run at `folder` (none for trials, extractions, runs without a dev
+    metric); FileFormatError naming metrics.json when it is not the run's metrics."""
+    if kind == "sweep":
+        return _sweep_result(folder, settings)
+    if kind not in ("finetune", "train", "ensemble"):
+        return []
+    url = storage.join(folder, METRICS)
+    metrics = storage.read_json(url, keys=())
+    try:
+        task = get_task(settings["task"])
+        if kind == "ensemble":
+            return [Result(task.name, ENSEMBLE, metrics["ensemble"][task.primary_metric], folder)]
+        column = FINETUNED if kind == "finetune" else f"adapter: {settings['adapter']}"
+        dev = metrics.get("dev", {})
+        if task.primary_metric not in dev:
+            return []
+        return [Result(task.name, column, float(dev[task.primary_metric]), folder)]
+    except (KeyError, TypeError, ValueError) as exc:  # a metrics.json of something else
+        raise storage.FileFormatError(f"{url} is not a run's metrics: {exc!r}") from None
+
+
+def _sweep_result(sweep: str, settings: dict[str, Any]) -> list[Result]:
+    task = get_task(settings["task"])
     best = best_trials(load_trials(sweep), task.primary_metric, 1)
     if not best:
         return []
-    column = f"best trial ({plan['config']['adapter']})"
+    column = f"best trial ({settings['adapter']})"
     return [Result(task.name, column, best[0].dev[task.primary_metric], sweep)]
-
-
-def _run_result(folder: str) -> Result | None:
-    """An ensemble, a fine-tuned encoder or an adapter run, told apart by what they write."""
-    url = storage.join(folder, "metrics.json")
-    metrics = storage.read_json(url, keys=())
-    config = metrics.get("config")  # ensembles and fine-tuning keep theirs in metrics.json
-    try:
-        if "members" in metrics:
-            task = get_task(config["task"])
-            return Result(task.name, ENSEMBLE, metrics["ensemble"][task.primary_metric], folder)
-        if isinstance(config, dict) and "task" in config:
-            column = FINETUNED
-        else:
-            config = _adapter_run_config(folder)
-            if config is None:
-                return None
-            column = f"adapter: {config['adapter']}"
-        task = get_task(config["task"])
-        dev = metrics.get("dev", {})
-        if task.primary_metric not in dev:
-            return None
-        return Result(task.name, column, float(dev[task.primary_metric]), folder)
-    except (KeyError, TypeError, ValueError) as exc:  # a metrics.json of something else
-        raise storage.FileFormatError(f"{url} is not a run's metrics: {exc!r}") from None
 
 
 def _adapter_run_config(folder: str) -> dict[str, Any] | None:

@@ -5,17 +5,20 @@ Each is written like a shard: staged elsewhere, then published, with a commit re
 
     with StagedRun(out) as run:          # files go to OUT/_staging/<id>/
         write_everything(run.url)        # any writer that takes a folder URL
-        run.commit(key, last=("config.json", "metrics.json"))
+        run.commit(RunRecord(kind, key, settings, inputs, timings),
+                   last=("config.json", "metrics.json"))
 
-    OUT/_commit.json    {"key": ..., "files": [...], "worker": ..., "committed_at": ...}
+    OUT/_commit.json    the run record (bertvision.records): kind, key, settings, inputs, code,
+                        timings, and the "files" committed, "worker", "committed_at"
 
-`key` is the content identity of the run's inputs and settings (what `finished` compares). The
-commit record is the commit point: until `commit` starts, the old run stays whole and finished;
-from its first step the old run no longer counts as finished, its files are removed, the new ones
-moved in (the names in `last` last), and the record written last. A kill at any point leaves
-either the old finished run or no finished run at all, never files of two runs counted as one;
-the next commit also removes what an interrupted one left (their names are kept in
-OUT/_publishing.json meanwhile).
+`key` is the content identity of the run's inputs and settings (what `finished` compares; a
+commit record written before run records holds only it, the files, worker and time, and still
+counts). The commit record is the commit point: until `commit` starts, the old run stays whole
+and finished; from its first step the old run no longer counts as finished, its files are
+removed, the new ones moved in (the names in `last` last), and the record written last. A kill
+at any point leaves either the old finished run or no finished run at all, never files of two
+runs counted as one; the next commit also removes what an interrupted one left (their names are
+kept in OUT/_publishing.json meanwhile).
 
 `Lease` keeps a second process from writing into a folder another one is writing into.
 """
@@ -30,11 +33,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from bertvision import storage
-from bertvision.shards import now, worker_name
+from bertvision import records, storage
+from bertvision.records import RunRecord, now
+from bertvision.shards import worker_name
 
 COMMIT_RECORD = "_commit.json"
 PUBLISHING = "_publishing.json"
@@ -90,8 +95,9 @@ class StagedRun:
             if storage.is_local(fs) and not fs.ls(parent):
                 fs.rmdir(parent)
 
-    def commit(self, key: str, last: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Replace the run at `out` by the staged files; returns the commit record written."""
+    def commit(self, record: RunRecord, last: tuple[str, ...] = ()) -> RunRecord:
+        """Replace the run at `out` by the staged files; returns `record` as written, with the
+        files committed, the worker and the time."""
         fs, staged = storage.url_to_fs(self.url)
         _, root = storage.url_to_fs(self.out)
         root = root.rstrip("/")
@@ -110,8 +116,8 @@ class StagedRun:
             _remove(fs, target)
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             fs.mv(f"{staged}/{name}", target)
-        record = {"key": key, "files": files, "worker": worker_name(), "committed_at": now()}
-        storage.write_json(storage.join(self.out, COMMIT_RECORD), record)
+        record = replace(record, files=files, worker=worker_name(), committed_at=now())
+        records.write_record(storage.join(self.out, COMMIT_RECORD), record)
         _remove(fs, f"{root}/{PUBLISHING}")
         _remove(fs, f"{root}/{STAGING}")  # with what killed writers staged before (leased)
         return record

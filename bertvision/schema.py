@@ -9,6 +9,8 @@ Layout of one extraction of one task/split under an output URL:
     OUT/<task>/<split>/_manifest/plan.json      what this extraction is: key, settings, shard count
     OUT/<task>/<split>/_manifest/shard-00000.json   commit record of one shard (written last)
     OUT/<task>/<split>/_manifest/shard-00000.failed.json   last failure of a shard not yet done
+    OUT/<task>/<split>/_manifest/run.json       the run record (bertvision.records) of the whole
+                                                extraction, once complete and verified
     OUT/<task>/<split>/_incomplete/...          shards being written (never read)
 
 Readers build the dataset from the commit records (shards.split_dataset), never from the folder's
@@ -25,12 +27,15 @@ import numpy as np
 import pyarrow as pa
 
 from bertvision.finite import strict_json
+from bertvision.records import code_info
 
 # 2: `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
 # 1: `hidden` was list (int32 offsets); still read.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 META_PREFIX = "bertvision."
+# Who wrote a shard or a plan: recorded beside the content, never hashed into a key.
+CODE_FIELDS = ("code_version", "git_commit")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class ShardMeta:
     dtype: str
     extraction_key: str
     format_version: int = FORMAT_VERSION
+    # The code that wrote the shard (records.code_info); "" in shards written before they were
+    # recorded. Never part of the extraction key.
+    code_version: str = ""
+    git_commit: str = ""
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in asdict(self).items()}
@@ -118,6 +127,8 @@ class ShardMeta:
         for f in fields(cls):
             key = f"{META_PREFIX}{f.name}"
             if key not in raw:
+                if f.name in CODE_FIELDS:  # an older shard: read as written
+                    continue
                 raise ValueError(f"not a BERTVision shard: metadata key {key!r} is missing")
             values[f.name] = int(raw[key]) if f.type == "int" else raw[key]
         return cls(**values)
@@ -145,6 +156,10 @@ class ExtractionPlan:
     regression: bool
     format_version: int = FORMAT_VERSION
     key: str = field(default="", compare=False)
+    # The code that planned the extraction; "" in plans written before it was recorded. Not
+    # content: another commit's plan of the same content has the same key, and resumes it.
+    code_version: str = field(default="", compare=False)
+    git_commit: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -152,7 +167,8 @@ class ExtractionPlan:
         object.__setattr__(self, "key", self.content_key())
 
     def content_key(self) -> str:
-        content = {k: v for k, v in asdict(self).items() if k not in ("key", "model")}
+        where = ("key", "model", *CODE_FIELDS)  # a path is not content, nor is the code
+        content = {k: v for k, v in asdict(self).items() if k not in where}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -173,6 +189,8 @@ class ExtractionPlan:
         return f"{self.key}:{start}-{stop}"
 
     def shard_meta(self) -> ShardMeta:
+        """The metadata of a shard of this plan written now, by this process's code."""
+        code = code_info()
         return ShardMeta(
             task=self.task,
             split=self.split,
@@ -184,6 +202,8 @@ class ExtractionPlan:
             dtype=self.dtype,
             extraction_key=self.key,
             format_version=self.format_version,
+            code_version=code["version"],
+            git_commit=code["git_commit"],
         )
 
     def to_json(self) -> str:
@@ -266,3 +286,4 @@ def shard_failure_name(index: int) -> str:
 MANIFEST_DIR = "_manifest"
 INCOMPLETE_DIR = "_incomplete"
 PLAN_FILE = "plan.json"
+RUN_FILE = "run.json"

@@ -15,7 +15,6 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import numpy as np
@@ -24,6 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bertvision import storage
+from bertvision.records import now
 from bertvision.schema import (
     INCOMPLETE_DIR,
     MANIFEST_DIR,
@@ -86,10 +86,6 @@ def split_url(out: str, task: str, split: str) -> str:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class _HashingFile(io.RawIOBase):

@@ -6,6 +6,9 @@ Layout of one sweep under its URL (any fsspec URL):
     SWEEP/trials/0003/             trial 3's run folder (what `train_adapter` writes)
     SWEEP/trials/0003/trial.json   trial 3's record, written last: the trial's commit point
     SWEEP/trials.jsonl             every finished trial, one JSON object a line, sorted
+    SWEEP/_commit.json             the sweep's run record (bertvision.records), kind "sweep",
+                                   rewritten with trials.jsonl; each trial's run folder has its
+                                   own, kind "trial", naming the sweep among its inputs
 
 The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect tasks:
 
@@ -43,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from bertvision import __version__, runs, storage
+from bertvision import __version__, records, runs, storage
 from bertvision.config import SweepConfig, require
 from bertvision.finite import NonFiniteError, is_non_finite, strict_json
 from bertvision.glue import TASKS, get_task
@@ -311,7 +314,8 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 "use another --out, or --overwrite to replace it"
             )
         fs, path = storage.url_to_fs(cfg.out)
-        for name in (SWEEP_FILE, TRIALS_FILE, TRIALS_DIR):  # sweep.json first: no sweep here
+        # The record and sweep.json first: no sweep here.
+        for name in (runs.COMMIT_RECORD, SWEEP_FILE, TRIALS_FILE, TRIALS_DIR):
             if fs.exists(f"{path.rstrip('/')}/{name}"):
                 fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
     storage.ensure_writable(cfg.out)
@@ -477,6 +481,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
             trial_train_config(cfg, spec),
             data=data if data is not None else shared_embeddings(cfg),
             progress=False,
+            trial_of=records.input_of(cfg.out, key),
         )
     except NonFiniteError as exc:  # a diverged trial is a result of the search, not a crash
         metrics, diverged = {"val": {metric: None}, "dev": {}}, str(exc)
@@ -530,11 +535,43 @@ def shared_embeddings(cfg: SweepConfig) -> Any:
 
 
 def record_trials(cfg: SweepConfig) -> list[TrialRecord]:
-    """Rewrite SWEEP/trials.jsonl from the committed trial records (atomically: no half line)."""
-    records = load_trials(cfg.out)
-    lines = "".join(record.to_json() + "\n" for record in records)
+    """Rewrite SWEEP/trials.jsonl from the committed trial records (atomically: no half line),
+    then the sweep's run record SWEEP/_commit.json (see `sweep_record`)."""
+    trials = load_trials(cfg.out)
+    lines = "".join(record.to_json() + "\n" for record in trials)
     storage.write_text_atomic(storage.join(cfg.out, TRIALS_FILE), lines)
-    return records
+    records.write_record(storage.join(cfg.out, runs.COMMIT_RECORD), sweep_record(cfg, trials))
+    return trials
+
+
+def sweep_record(cfg: SweepConfig, trials: list[TrialRecord]) -> records.RunRecord:
+    """The run record of the sweep as its finished `trials` leave it: inputs "embeddings/<split>"
+    (the extraction keys of sweep.json), timings from sweep.json's creation to the last trial
+    finished, with `trial_seconds` (all trials' seconds together)."""
+    from bertvision.shards import split_url, worker_name
+
+    plan = load_sweep(cfg.out)
+    inputs = {
+        f"embeddings/{split}": records.input_of(split_url(cfg.embeddings, cfg.task, split), key)
+        for split, key in plan["extraction_keys"].items()
+    }
+    finished_at = max((t.finished_at for t in trials), default=plan["created_at"])
+    seconds = datetime.fromisoformat(finished_at) - datetime.fromisoformat(plan["created_at"])
+    return records.RunRecord(
+        kind="sweep",
+        key=plan["key"],
+        settings=asdict(cfg),
+        inputs=inputs,
+        timings=records.make_timings(
+            plan["created_at"],
+            finished_at,
+            seconds.total_seconds(),
+            trial_seconds=sum(t.seconds for t in trials),
+        ),
+        files=[SWEEP_FILE, TRIALS_FILE],
+        worker=worker_name(),
+        committed_at=records.now(),
+    )
 
 
 def best_trials(records: list[TrialRecord], metric: str, k: int) -> list[TrialRecord]:

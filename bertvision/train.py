@@ -11,7 +11,8 @@ finished epoch; a finished run is returned as stored.
 
 Outputs under RUN (any fsspec URL), written when training has finished and committed whole
 (bertvision.runs: staged, then moved into place, metrics.json, then the commit record
-_commit.json last, keyed on `run_key`, which hashes the settings and the extraction keys):
+_commit.json last, keyed on `run_key`, which hashes the settings and the extraction keys; it is
+the run record of bertvision.records, kind "train", or "trial" for a sweep's trial):
 
     config.json                  this TrainConfig, the adapter config, the embeddings URL, the
                                  encoder's name and fingerprint, extraction keys, code version
@@ -38,13 +39,15 @@ import io
 import math
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from bertvision import __version__, adapters, glue, rng, runs, storage
+from bertvision import __version__, adapters, glue, records, rng, runs, storage
 from bertvision.config import TrainConfig, require
 from bertvision.embeddings import EmbeddingData, SplitData, epoch_batches, load_embeddings
 from bertvision.finite import NonFiniteError
@@ -152,14 +155,20 @@ def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: i
 
 
 def train_adapter(
-    cfg: TrainConfig, data: EmbeddingData | None = None, progress: bool = True
+    cfg: TrainConfig,
+    data: EmbeddingData | None = None,
+    progress: bool = True,
+    trial_of: dict[str, str] | None = None,
 ) -> dict:
     """Train, select on the held-out slice of TRAIN, evaluate and write RUN; returns metrics.json.
 
     Every check runs before anything is written: bad input leaves RUN as it was. While it
-    trains, RUN is leased (runs.Lease): a second writer gets FolderBusy.
+    trains, RUN is leased (runs.Lease): a second writer gets FolderBusy. `trial_of` is the sweep
+    (records.input_of its URL and key) whose trial this run is: its run record then has kind
+    "trial" and the sweep among its inputs.
     """
     require(cfg)
+    stopwatch = records.Stopwatch()
     task = glue.get_task(cfg.task)
     if data is None:
         data = load_embeddings(
@@ -172,12 +181,34 @@ def train_adapter(
         return finished
     checkpoint = _load_checkpoint(cfg, key)
     storage.ensure_writable(cfg.out)
+    inputs = run_inputs(data) | ({"sweep": trial_of} if trial_of else {})
+    record = partial(records.RunRecord, "trial" if trial_of else "train", key, asdict(cfg), inputs)
     with runs.lease(cfg.out):  # one writer per run folder
-        return _finished(cfg, key) or _fit(cfg, key, data, checkpoint, progress)
+        return _finished(cfg, key) or _fit(cfg, key, data, checkpoint, progress, stopwatch, record)
 
 
-def _fit(cfg: TrainConfig, key: str, data: EmbeddingData, checkpoint, progress: bool) -> dict:
-    """Train from `checkpoint` (or from scratch), then write and commit RUN."""
+def run_inputs(data: EmbeddingData) -> dict[str, dict[str, str]]:
+    """The run's inputs (records.RunRecord.inputs): "embeddings/<split>" for each split read,
+    its folder and extraction key."""
+    return {
+        f"embeddings/{name}": records.input_of(
+            split_url(data.embeddings, data.task.name, name), split.plan.key
+        )
+        for name, split in data.splits.items()
+    }
+
+
+def _fit(
+    cfg: TrainConfig,
+    key: str,
+    data: EmbeddingData,
+    checkpoint,
+    progress: bool,
+    stopwatch: records.Stopwatch,
+    record: Callable[[dict], records.RunRecord],
+) -> dict:
+    """Train from `checkpoint` (or from scratch), then write and commit RUN; `record` makes its
+    run record from the timings."""
     from tqdm.auto import tqdm
 
     task = data.task
@@ -240,8 +271,10 @@ def _fit(cfg: TrainConfig, key: str, data: EmbeddingData, checkpoint, progress: 
 
     model.load_state_dict(state["best"]["weights"])
     model.eval()
+    train_seconds = sum(e["seconds"] for e in state["curve"])
+    run = record(stopwatch.timings(train_seconds=train_seconds))
     with runs.StagedRun(cfg.out) as staged:
-        return _write_run(cfg, key, data, model, is_val, state, staged)
+        return _write_run(cfg, run, data, model, is_val, state, staged)
 
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
@@ -305,7 +338,9 @@ def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) 
     storage.write_bytes_atomic(storage.join(cfg.out, CHECKPOINT), buffer.getvalue())
 
 
-def _write_run(cfg, key, data: EmbeddingData, model, is_val, state, staged: runs.StagedRun) -> dict:
+def _write_run(
+    cfg, run: records.RunRecord, data: EmbeddingData, model, is_val, state, staged: runs.StagedRun
+) -> dict:
     """Evaluate the chosen weights, write every output staged and commit them whole."""
     from bertvision.plots import plot_curve
     from bertvision.predictions import read_submission, submission_name, write_predictions
@@ -364,12 +399,12 @@ def _write_run(cfg, key, data: EmbeddingData, model, is_val, state, staged: runs
             "model": data.plan.model,
             "model_fingerprint": data.plan.model_fingerprint,
             "extraction_keys": data.extraction_keys(),
-            "run_key": key,
+            "run_key": run.key,
             "code_version": __version__,
         },
     )
     storage.write_json(storage.join(out, "metrics.json"), metrics)
-    staged.commit(key, last=("config.json", "metrics.json"))
+    staged.commit(run, last=("config.json", "metrics.json"))
     fs, root = storage.url_to_fs(cfg.out)
     fs.rm(f"{root.rstrip('/')}/{CHECKPOINT.split('/')[0]}", recursive=True)
     return metrics

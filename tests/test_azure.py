@@ -205,6 +205,7 @@ def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure
     """The lease is a conditional create (If-None-Match: *) on blob storage: of two writers one
     gets it. A run folder committed there replaces the old one whole."""
     from bertvision import runs
+    from bertvision.records import RunRecord
 
     out = f"az://{azurite.create_container()}/sweep"
     with runs.lease(out), pytest.raises(runs.FolderBusy, match="is being written by"):
@@ -215,7 +216,7 @@ def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure
         with runs.StagedRun(out) as staged:
             for name, text in files.items():
                 storage.write_text_atomic(storage.join(staged.url, name), text)
-            staged.commit(key)
+            staged.commit(RunRecord("train", key, {}, {}, {}))
     assert storage.list_names(out) == ["_commit.json", "a"]
     assert storage.read_text(f"{out}/a") == "1" and runs.commit_record(out)["key"] == "k1"
 

@@ -11,60 +11,87 @@ from typer.testing import CliRunner
 
 from bertvision import storage
 from bertvision.cli import app
+from bertvision.records import RunRecord
 from bertvision.report import ReportConfig, find_results, write_report
 from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD, TrialRecord
 
 
-def finetune_run(folder: Path, task: str, dev: dict) -> None:
-    storage.write_json(
-        str(folder / "metrics.json"),
-        {"dev": dev, "train": {"steps": 10}, "config": {"task": task, "epochs": 1.0}},
-    )
+def run_record(folder: Path, kind: str, settings: dict) -> None:
+    """The run record every stage writes (its commit record): what the report reads first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "_commit.json").write_text(RunRecord(kind, "k", settings, {}, {}).to_json())
+
+
+def finetune_run(folder: Path, task: str, dev: dict, recorded: bool) -> None:
+    if recorded:
+        storage.write_json(str(folder / "metrics.json"), {"dev": dev, "train": {"steps": 10}})
+        run_record(folder, "finetune", {"task": task, "epochs": 1.0})
+    else:  # an older run: told apart by the "config" in its metrics.json
+        storage.write_json(
+            str(folder / "metrics.json"),
+            {"dev": dev, "train": {"steps": 10}, "config": {"task": task, "epochs": 1.0}},
+        )
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))  # the checkpoint's
 
 
-def adapter_run(folder: Path, task: str, adapter: str, dev: dict) -> None:
+def adapter_run(
+    folder: Path, task: str, adapter: str, dev: dict, recorded: bool, kind: str = "train"
+) -> None:
     storage.write_json(str(folder / "metrics.json"), {"val": dev, "dev": dev})
-    storage.write_json(
-        str(folder / "config.json"), {"train": {"task": task, "adapter": adapter}, "adapter": {}}
-    )
+    if recorded:
+        run_record(folder, kind, {"task": task, "adapter": adapter})
+    else:  # an older run: told apart by its config.json
+        storage.write_json(
+            str(folder / "config.json"),
+            {"train": {"task": task, "adapter": adapter}, "adapter": {}},
+        )
 
 
-def sweep(folder: Path, task: str, metric: str, trials: list[tuple[float, float]]) -> None:
+def sweep(
+    folder: Path, task: str, metric: str, trials: list[tuple[float, float]], recorded: bool
+) -> None:
     """A sweep whose trial n has (val, dev) = trials[n]; its trial runs hold metrics.json too."""
     storage.write_json(str(folder / SWEEP_FILE), {"config": {"task": task, "adapter": "pooler"}})
+    if recorded:
+        run_record(folder, "sweep", {"task": task, "adapter": "pooler"})
     for n, (val, dev) in enumerate(trials):
         run = folder / "trials" / f"{n:04d}"
-        adapter_run(run, task, "pooler", {metric: dev})
+        adapter_run(run, task, "pooler", {metric: dev}, recorded, kind="trial")
         record = TrialRecord(
             n, {}, {metric: val}, {metric: dev}, "ok", f"trials/{n:04d}", 1.0, {}, "now"
         )
         (run / TRIAL_RECORD).write_text(record.to_json())
 
 
-def ensemble(folder: Path, task: str, metric: str, value: float) -> None:
-    storage.write_json(
-        str(folder / "metrics.json"),
-        {"members": [], "ensemble": {metric: value}, "config": {"task": task}},
-    )
+def ensemble(folder: Path, task: str, metric: str, value: float, recorded: bool) -> None:
+    metrics = {"members": [], "ensemble": {metric: value}}
+    if recorded:
+        storage.write_json(str(folder / "metrics.json"), metrics)
+        run_record(folder, "ensemble", {"task": task})
+    else:  # an older ensemble: told apart by "members" and the "config" in its metrics.json
+        storage.write_json(str(folder / "metrics.json"), metrics | {"config": {"task": task}})
 
 
-@pytest.fixture
-def results(tmp_path) -> Path:
+@pytest.fixture(params=["recorded", "older"])
+def results(tmp_path, request) -> Path:
+    """Runs with run records, or older runs without them: the report finds both alike."""
+    recorded = request.param == "recorded"
     root = tmp_path / "runs"
-    finetune_run(root / "rte" / "finetune", "rte", {"accuracy": 0.60})
+    finetune_run(root / "rte" / "finetune", "rte", {"accuracy": 0.60}, recorded)
     for seed, value in enumerate([0.62, 0.64, 0.66]):
-        adapter_run(root / "rte" / f"pooler-{seed}", "rte", "pooler", {"accuracy": value})
-    adapter_run(root / "rte" / "cls", "rte", "cls", {"accuracy": 0.55})
+        adapter_run(root / "rte" / f"pooler-{seed}", "rte", "pooler", {"accuracy": value}, recorded)
+    adapter_run(root / "rte" / "cls", "rte", "cls", {"accuracy": 0.55}, recorded)
     # the best trial by val (trial 1) is not the best on dev (trial 2)
-    sweep(root / "rte" / "sweep", "rte", "accuracy", [(0.5, 0.58), (0.8, 0.63), (0.7, 0.70)])
-    ensemble(root / "rte" / "ensemble", "rte", "accuracy", 0.67)
-    finetune_run(root / "stsb" / "finetune", "stsb", {"pearson": 0.80, "spearman": 0.79})
-    adapter_run(root / "stsb" / "pooler", "stsb", "pooler", {"pearson": 0.82, "spearman": 0.8})
+    trials = [(0.5, 0.58), (0.8, 0.63), (0.7, 0.70)]
+    sweep(root / "rte" / "sweep", "rte", "accuracy", trials, recorded)
+    ensemble(root / "rte" / "ensemble", "rte", "accuracy", 0.67, recorded)
+    finetune_run(root / "stsb" / "finetune", "stsb", {"pearson": 0.80, "spearman": 0.79}, recorded)
+    stsb = {"pearson": 0.82, "spearman": 0.8}
+    adapter_run(root / "stsb" / "pooler", "stsb", "pooler", stsb, recorded)
     return root
 
 
-def test_runs_are_found_by_what_they_hold(results):
+def test_runs_are_found_by_their_records_or_older_ones_by_what_they_hold(results):
     found = {(r.task, r.column): r.value for r in find_results(str(results))}
     assert found[("rte", "fine-tuning")] == 0.60
     assert found[("rte", "adapter: cls")] == 0.55
@@ -73,6 +100,16 @@ def test_runs_are_found_by_what_they_hold(results):
     assert found[("stsb", "adapter: pooler")] == 0.82
     columns = [r.column for r in find_results(str(results)) if r.task == "rte"]
     assert columns.count("adapter: pooler") == 3  # seeds; the sweep's trial runs are not counted
+
+
+def test_the_record_says_what_a_run_is(tmp_path):
+    """A trial counts only through its sweep, wherever it sits; a record's kind and settings
+    decide, whatever else the folder holds."""
+    adapter_run(tmp_path / "moved-trial", "rte", "pooler", {"accuracy": 0.9}, True, kind="trial")
+    adapter_run(tmp_path / "probe", "rte", "cls", {"accuracy": 0.5}, True)
+    storage.write_json(str(tmp_path / "probe" / "config.json"), {"train": {"task": "cola"}})
+    found = find_results(str(tmp_path))
+    assert [(r.task, r.column, r.value) for r in found] == [("rte", "adapter: cls", 0.5)]
 
 
 def test_report_writes_a_table_and_a_plot(results):

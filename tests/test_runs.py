@@ -11,6 +11,7 @@ import time
 import pytest
 
 from bertvision import runs, storage
+from bertvision.records import RunRecord
 from bertvision.runs import FolderBusy, Lease, StagedRun
 
 
@@ -18,7 +19,7 @@ def write_run(out, files: dict[str, str], key: str) -> None:
     with StagedRun(str(out)) as staged:
         for name, text in files.items():
             storage.write_text_atomic(storage.join(staged.url, name), text)
-        staged.commit(key, last=("metrics.json",))
+        staged.commit(RunRecord("train", key, {}, {}, {}), last=("metrics.json",))
 
 
 def run_files(out) -> dict[str, str]:

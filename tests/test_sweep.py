@@ -241,9 +241,9 @@ def test_resume_runs_only_the_remaining_trials_and_matches_an_uninterrupted_swee
     trained = []
     original = train.train_adapter
 
-    def counting(cfg, data=None, progress=True):
+    def counting(cfg, **options):
         trained.append(cfg.out)
-        return original(cfg, data=data, progress=progress)
+        return original(cfg, **options)
 
     monkeypatch.setattr(train, "train_adapter", counting)
     resumed = tmp_path / "resumed"
@@ -418,10 +418,10 @@ def test_two_sweeps_on_one_folder_at_once_exclude_each_other(embeddings, tmp_pat
     started, go_on = threading.Event(), threading.Event()
     original = train.train_adapter
 
-    def held(cfg, data=None, progress=True):
+    def held(cfg, **options):
         started.set()
         go_on.wait(timeout=120)
-        return original(cfg, data=data, progress=progress)
+        return original(cfg, **options)
 
     monkeypatch.setattr(train, "train_adapter", held)
     first = {}
