@@ -20,6 +20,7 @@ from bertvision_tasks.artifacts import (
 )
 from bertvision_tasks.extract import (
     extract_shard,
+    finish_split,
     missing_from_storage,
     pending_shards,
     plan_extraction,
@@ -77,7 +78,7 @@ def extract_glue(
         failed = failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
         done = [i for i in range(plan.num_shards) if f"{plan.task}/{plan.split}/{i}" not in failed]
         failures |= failed
-        missing += missing_from_storage(cfg, plan, done)  # a final listing: lost writes show
+        missing += finish_split(cfg, plan, done)  # a final listing: lost writes show
     if failures or missing:
         raise ShardsFailed(failures, missing)
     return {f"{plan.task}/{plan.split}": plan.num_shards for plan in plans}

@@ -55,6 +55,12 @@ def missing_from_storage(cfg: ExtractConfig, plan: ExtractionPlan, indices: list
     return shards.missing_from_storage(split_url(cfg.out, plan.task, plan.split), plan, indices)
 
 
+@task(task_run_name="{plan.task}-{plan.split}-finish", cache_policy=NO_CACHE, **RETRY)
+def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> list[str]:
+    """The final listing of one split; its run record when the extraction is complete."""
+    return extract.finish_split(cfg, plan, done)
+
+
 @task(
     task_run_name="{plan.task}-{plan.split}-shard-{index:04d}",
     cache_policy=WhileStored(_shard_commit_record),
