@@ -125,15 +125,12 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     stopwatch = records.Stopwatch()
     members = choose_members(cfg)
     key = content_key(cfg, members)
-    finished = _finished(cfg, key)
-    if finished is not None:
-        return finished
-    storage.ensure_writable(cfg.out)
-    with runs.lease(cfg.out):  # one writer per ensemble folder
-        if (finished := _finished(cfg, key)) is not None:
-            return finished
+
+    def build() -> dict[str, Any]:
         with runs.StagedRun(cfg.out) as staged:
             return _build(cfg, members, key, staged, stopwatch)
+
+    return runs.once(cfg.out, lambda: _finished(cfg, key), build)
 
 
 def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:

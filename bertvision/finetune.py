@@ -105,15 +105,12 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
     inputs = run_inputs(cfg, data)
     key = _key(cfg, inputs)
-    finished = finished_run(cfg, key)
-    if finished is not None:
-        return finished
-    storage.ensure_writable(cfg.out)
-    with runs.lease(cfg.out):  # one writer per checkpoint folder
-        if (finished := finished_run(cfg, key)) is not None:
-            return finished
+
+    def fine_tune() -> dict:
         with rng.seeded(cfg.seed, cfg.device):
             return _finetune(cfg, task, data, inputs, key, progress, stopwatch)
+
+    return runs.once(cfg.out, lambda: finished_run(cfg, key), fine_tune)
 
 
 def _finetune(

@@ -31,15 +31,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from bertvision import records, storage
 from bertvision.records import RunRecord, now
 from bertvision.shards import worker_name
+
+T = TypeVar("T")
 
 COMMIT_RECORD = "_commit.json"
 PUBLISHING = "_publishing.json"
@@ -233,3 +235,19 @@ def lease(out: str, ttl_s: float = 600.0) -> Iterator[Lease]:
         yield held
     finally:
         held.release()
+
+
+def once(out: str, finished: Callable[[], T | None], work: Callable[[], T]) -> T:
+    """The result `finished()` finds at `out`, else `work()` run as the only writer of `out`.
+
+    `finished` is asked again once the lease is held: another process may have finished the
+    same run meanwhile. Errors: FolderBusy while another process writes `out`; PermissionError
+    if `out` cannot be written.
+    """
+    if (done := finished()) is not None:
+        return done
+    storage.ensure_writable(out)
+    with lease(out):
+        if (done := finished()) is not None:
+            return done
+        return work()

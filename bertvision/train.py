@@ -176,15 +176,16 @@ def train_adapter(
         )
     _check_data(cfg, data)
     key = cfg.run_key(data.extraction_keys())
-    finished = _finished(cfg, key)
-    if finished is not None:
+    if (finished := _finished(cfg, key)) is not None:
         return finished
     checkpoint = _load_checkpoint(cfg, key)
-    storage.ensure_writable(cfg.out)
     inputs = run_inputs(data) | ({"sweep": trial_of} if trial_of else {})
     record = partial(records.RunRecord, "trial" if trial_of else "train", key, asdict(cfg), inputs)
-    with runs.lease(cfg.out):  # one writer per run folder
-        return _finished(cfg, key) or _fit(cfg, key, data, checkpoint, progress, stopwatch, record)
+    return runs.once(
+        cfg.out,
+        lambda: _finished(cfg, key),
+        lambda: _fit(cfg, key, data, checkpoint, progress, stopwatch, record),
+    )
 
 
 def run_inputs(data: EmbeddingData) -> dict[str, dict[str, str]]:

@@ -24,9 +24,11 @@ One command runs it all (no Prefect; torch, transformers, pyarrow, fsspec, numpy
     python scripts/experiment.py --data-dir ../shared/data/glue --device cuda --out experiment
 
 and writes OUT/results.json (every measurement and the summary) and OUT/results.md (the table).
-Each finished stage leaves OUT/records/<task>/seed-<n>/<stage>.json, so rerunning the same
-command after an interruption continues where it stopped. --max-train-examples N runs on the
-first N training examples (and N test rows, never scored) for quick checks; dev is always whole.
+Each finished stage leaves OUT/<settings key>/records/<task>/seed-<n>/<stage>.json, so rerunning
+the same command after an interruption continues where it stopped; other settings (or another
+encoder at the same path) get another key, and nothing of the first run is taken for theirs.
+--max-train-examples N runs on the first N training examples (and N test rows, never scored) for
+quick checks; dev is always whole.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bertvision import __version__, glue, storage
+from bertvision import __version__, config, glue, storage
 from bertvision import encoder as enc
 from bertvision.embeddings import load_embeddings
 from bertvision.extract import ExtractConfig, extract_hidden_states
@@ -101,10 +103,25 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+# Settings that do not change what a stage computes: where, which tasks and seeds, what is kept.
+NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device")
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    """The content key of the settings a stage's result depends on, the encoder by fingerprint
+    of its files' listing: runs and records live under it, so a rerun with other settings (or
+    another encoder at the same path) never takes the records of the first for its own."""
+    content = {k: v for k, v in vars(args).items() if k not in NOT_CONTENT}
+    content["model"] = [args.model, enc.model_version(args.model)]
+    return config.content_key(content)
+
+
 def run_seed(args: argparse.Namespace, task: str, seed: int, data_dir: str | None, out: Path):
-    """The five methods of one task and seed; each stage is skipped when its record exists."""
-    runs = out / "runs" / task / f"seed-{seed}"
-    records_dir = out / "records" / task / f"seed-{seed}"
+    """The five methods of one task and seed; a stage whose record exists under these settings'
+    key is not run again."""
+    keyed = out / settings_key(args)
+    runs = keyed / "runs" / task / f"seed-{seed}"
+    records_dir = keyed / "records" / task / f"seed-{seed}"
 
     def finetune(epochs: int) -> dict:
         cfg = FinetuneConfig(

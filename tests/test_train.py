@@ -522,10 +522,20 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(
         assert set(row["dev"]) == {"accuracy"} and 0.0 <= row["dev"]["accuracy"]["mean"] <= 1.0
         assert row["pipeline_s"]["mean"] >= row["stage_s"]["mean"] > 0
     assert "| pooler | " in (out / "results.md").read_text()
-    assert not (out / "runs" / "rte" / "seed-0" / "embeddings").exists()
+    [keyed] = [folder for folder in out.iterdir() if (folder / "records").is_dir()]
+    assert keyed.name == experiment_settings_key(script, argv)  # records keyed on the settings
+    assert (keyed / "runs" / "rte" / "seed-0").is_dir()
+    assert not (keyed / "runs" / "rte" / "seed-0" / "embeddings").exists()
 
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
+
+
+def experiment_settings_key(script: Path, argv: list[str]) -> str:
+    import runpy
+
+    experiment = runpy.run_path(str(script))
+    return experiment["settings_key"](experiment["parse_args"](argv))
 
 
 def test_training_reads_format_1_embeddings(tmp_path):
