@@ -23,6 +23,9 @@ from importlib.metadata import entry_points
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+from typer.exceptions import Abort
 
 from bertvision import __version__
 from bertvision.config import (
@@ -35,7 +38,33 @@ from bertvision.config import (
     TrainConfig,
 )
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (a value an option cannot take, a missing option, an unknown command) end
+    like every other bad input: one `error:` line on stderr and exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:  # a bare `bertvision`: the help, as usual
+            exc.show()
+            sys.exit(exc.exit_code)
+        except UsageError as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

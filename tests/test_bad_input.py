@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -352,3 +354,26 @@ def test_a_file_vanishing_under_the_output_names_it_and_the_likely_cause(tmp_pat
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
     line = assert_one_error(result, out / "report.png.tmp", "No such file or directory")
     assert line.endswith(f"is another process writing to {out} at the same time?")
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (
+            ["train", "--task", "rte", "--embeddings", "e", "--out", "o", "--epochs", "abc"],
+            "--epochs",
+        ),
+        (["train", "--task", "rte", "--out", "o"], "--embeddings"),
+        (["trian"], "trian"),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_option(args, named):
+    """Click's usage errors (a value an option cannot take, a missing option, an unknown
+    command) end like all bad input: one line, exit 2, as the installed command prints them."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bertvision.cli", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert named in done.stderr
