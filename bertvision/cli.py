@@ -370,6 +370,24 @@ def status(
             )
 
 
+@app.command("evaluate-squad")
+@user_errors
+def evaluate_squad(
+    gold: Annotated[str, typer.Argument(help="A SQuAD 2.0 data file (dev-v2.0.json)")],
+    predictions: Annotated[
+        str, typer.Argument(help='Predictions: a JSON object {question_id: answer text or ""}')
+    ],
+) -> None:
+    """The official SQuAD 2.0 scores (exact, f1, HasAns_*, NoAns_*; percent) of a prediction
+    file, as JSON. Every question of GOLD needs a prediction, and no other id may appear.
+
+    Example: bertvision evaluate-squad data/squad/dev-v2.0.json runs/squad/dev_predictions.json
+    """
+    from bertvision.squad import evaluate_files
+
+    typer.echo(json.dumps(evaluate_files(gold, predictions), indent=2))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

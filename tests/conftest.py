@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: the real GLUE data, a tiny random BERT, the real MiniLM."""
+"""Fixtures shared by the whole suite: the real GLUE and SQuAD data, a tiny random BERT, the
+real MiniLM."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The real data sit beside the checkout; a GPU machine gets a copy elsewhere, named by these
 # variables.
 GLUE_DIR = Path(os.environ.get("BERTVISION_TEST_GLUE_DIR", REPO.parent / "shared/data/glue"))
+# The article split of SQuAD 2.0 (train-v2.0.json, dev-v2.0.json) beside the GLUE data.
+SQUAD_DIR = Path(os.environ.get("BERTVISION_TEST_SQUAD_DIR", GLUE_DIR.parent / "squad/split"))
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +21,13 @@ def glue_dir() -> str:
     if not GLUE_DIR.is_dir():
         pytest.skip(f"real GLUE data not found at {GLUE_DIR}")
     return str(GLUE_DIR)
+
+
+@pytest.fixture(scope="session")
+def squad_dir() -> str:
+    if not SQUAD_DIR.is_dir():
+        pytest.skip(f"real SQuAD 2.0 data not found at {SQUAD_DIR}")
+    return str(SQUAD_DIR)
 
 
 @pytest.fixture(scope="session")
