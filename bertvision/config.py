@@ -176,17 +176,26 @@ class HeldOut:
     val_seed: int = setting(0, "Which slice; the same value leaves out the same examples")
 
 
+@dataclass(kw_only=True)
+class Tokens:
+    """How texts become the encoder's inputs: examples (GLUE) or windows of a long context with
+    a document stride (SQuAD)."""
+
+    max_seq_length: int = setting(128, "Tokens per example or window, at most")
+    doc_stride: int = setting(128, "SQuAD: context tokens that consecutive windows share")
+    max_question_length: int = setting(64, "SQuAD: question tokens kept, at most")
+
+
 # -- the stages --------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(Stage, Source, Device, Seeded, HeldOut):
+class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut):
     """Settings of `bertvision finetune`: a brief fine-tuning of the encoder on one task."""
 
     epochs: float = setting(1.0, "Of fine-tuning; may be a fraction: 0.2")
     lr: float = setting(5e-5, "Peak learning rate of AdamW (linear warm-up and decay)")
     batch_size: int = setting(32, "Examples per step")
-    max_seq_length: int = setting(128, "Tokens per example, at most")
     warmup_fraction: float = setting(0.1, "Fraction of the steps spent warming up")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorms)")
     max_train_examples: int | None = setting(None, "First N training examples only, for quick runs")
@@ -199,7 +208,9 @@ class FinetuneConfig(Stage, Source, Device, Seeded, HeldOut):
         check_finite(self)
         if not self.epochs > 0:
             raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
-        check_at_least(self, 1, "batch_size", "max_train_examples")
+        check_at_least(
+            self, 1, "batch_size", "max_train_examples", "doc_stride", "max_question_length"
+        )
         check_fraction(self, "val_fraction")
         check_fraction(self, "warmup_fraction", zero_allowed=True)
         _resolve_model_and_device(self)
@@ -209,13 +220,12 @@ DTYPES_HELP = "Of the stored hidden states: float16 or float32"
 
 
 @dataclass(kw_only=True)
-class ExtractConfig(Stage, Source, Device):
+class ExtractConfig(Stage, Source, Tokens, Device):
     """Settings of `bertvision extract`: all layers' hidden states of every example, as shards."""
 
     splits: list[str] = setting(
         default_factory=lambda: ["train", "dev"], help="Splits to extract: train,dev,test"
     )
-    max_seq_length: int = setting(128, "Tokens per example, at most")
     shard_size: int = setting(1000, "Examples per shard")
     batch_size: int = setting(32, "Examples per forward pass")
     dtype: str = setting("float16", DTYPES_HELP)
@@ -225,7 +235,7 @@ class ExtractConfig(Stage, Source, Device):
 
         _task_name(self)
         check_finite(self)
-        check_at_least(self, 1, "shard_size", "batch_size")
+        check_at_least(self, 1, "shard_size", "batch_size", "doc_stride", "max_question_length")
         if self.dtype not in HIDDEN_DTYPES:
             known = sorted(HIDDEN_DTYPES)
             raise ConfigError("dtype", f"must be one of {known}, got {self.dtype!r}")
