@@ -93,15 +93,23 @@ def content_key(content: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _task_name(cfg: Any) -> None:
-    """Normalise cfg.task (aliases such as sst-2) when it is set; ConfigError if unknown."""
+# Tasks of the span family (one row per window of a context), until the task-family registry;
+# only the stages that handle them accept them (`_task_name(cfg, SPAN_TASKS)`).
+SPAN_TASKS = ("squad2",)
+
+
+def _task_name(cfg: Any, also: tuple[str, ...] = ()) -> None:
+    """Normalise cfg.task (aliases such as sst-2) when it is set; ConfigError if it is neither a
+    GLUE task nor one of `also`."""
     from bertvision.glue import TASKS, get_task
 
-    if cfg.task:
+    if cfg.task and cfg.task.lower() in also:
+        cfg.task = cfg.task.lower()
+    elif cfg.task:
         try:
             cfg.task = get_task(cfg.task).name
         except ValueError:
-            known = ", ".join(TASKS)
+            known = ", ".join([*TASKS, *also])
             raise ConfigError("task", f"{cfg.task!r} is unknown; expected one of {known}") from None
 
 
@@ -115,7 +123,7 @@ def _resolve_model_and_device(cfg: Any) -> None:
 
 # -- fields shared by several stages -----------------------------------------------------------
 
-TASKS_HELP = "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"
+TASKS_HELP = "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (extract: or squad2)"
 
 
 @dataclass(kw_only=True)
@@ -226,16 +234,23 @@ class ExtractConfig(Stage, Source, Tokens, Device):
     splits: list[str] = setting(
         default_factory=lambda: ["train", "dev"], help="Splits to extract: train,dev,test"
     )
-    shard_size: int = setting(1000, "Examples per shard")
-    batch_size: int = setting(32, "Examples per forward pass")
+    shard_size: int = setting(1000, "Examples (SQuAD: windows) per shard, at most")
+    shard_bytes: int = setting(
+        2**30,
+        "Hidden-state bytes per shard, at most: fewer examples or windows per shard when "
+        "max-seq-length tokens of every layer would pass it",
+    )
+    batch_size: int = setting(32, "Examples (SQuAD: windows) per forward pass")
     dtype: str = setting("float16", DTYPES_HELP)
 
     def __post_init__(self) -> None:
         from bertvision.schema import HIDDEN_DTYPES
 
-        _task_name(self)
+        _task_name(self, SPAN_TASKS)
         check_finite(self)
-        check_at_least(self, 1, "shard_size", "batch_size", "doc_stride", "max_question_length")
+        check_at_least(
+            self, 1, "shard_size", "shard_bytes", "batch_size", "doc_stride", "max_question_length"
+        )
         if self.dtype not in HIDDEN_DTYPES:
             known = sorted(HIDDEN_DTYPES)
             raise ConfigError("dtype", f"must be one of {known}, got {self.dtype!r}")

@@ -40,7 +40,7 @@ import torch
 
 from bertvision import encoder as enc
 from bertvision import glue, storage
-from bertvision.schema import ExtractionPlan, hidden_dtype
+from bertvision.schema import ID_COLUMNS, ExtractionPlan, hidden_dtype
 from bertvision.shards import (
     ShardError,
     committed_shards,
@@ -66,7 +66,7 @@ SHARED_SETTINGS = (
 class Packed:
     """Hidden states of a set of examples, token-major: one row per token of every example."""
 
-    example_ids: np.ndarray  # (N,) int64
+    example_ids: np.ndarray  # (N,) int64 (window ids for span shards)
     lengths: np.ndarray  # (N,) int64, tokens T of each example
     starts: torch.Tensor  # (N,) int64: first row of each example in `tokens`
     tokens: torch.Tensor  # (sum of T, L, H), the stored dtype
@@ -241,9 +241,11 @@ def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
     """The shards at `urls`, in order, as one Packed on `device`.
 
     Hidden states are copied into place one row group at a time: besides the result, memory
-    holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays).
+    holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays),
+    and span shards (format 3), whose rows are windows: `example_ids` are then window ids.
     """
-    heads = [read_shard(url, columns=["example_id", "length"])[1] for url in urls]
+    ids = ID_COLUMNS[plan.schema]
+    heads = [read_shard(url, columns=[ids, "length"])[1] for url in urls]
     lengths = np.concatenate([t.column("length").to_numpy() for t in heads]).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     dtype = hidden_dtype(plan.dtype).torch()
@@ -258,7 +260,7 @@ def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
                 length = stored.shape[1]
                 np.copyto(host[starts[row] : starts[row] + length], stored.transpose(1, 0, 2))
                 row += 1
-    example_ids = np.concatenate([t.column("example_id").to_numpy() for t in heads])
+    example_ids = np.concatenate([t.column(ids).to_numpy() for t in heads])
     starts_on_device = torch.from_numpy(starts).to(device)
     return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
 

@@ -9,10 +9,19 @@
 `extract_hidden_states(cfg)` does all of that. Inside a shard, examples are sorted by token
 length and batched so that padding stays small; each batch becomes one record batch of the
 shard, written as it comes.
+
+Two kinds of rows, by task (`is_span_task`): a GLUE task stores one row per example
+(schema.shard_schema); SQuAD 2.0 (`squad2`) one row per window of a question's context, the
+windows of `squad.build_features` with the config's max_seq_length, doc_stride and
+max_question_length (schema.span_schema), and its shards are ranges of windows.
+A shard holds at most `shard_size` rows, fewer when `shard_bytes` would be passed by rows of
+max_seq_length tokens (`rows_per_shard`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,16 +33,18 @@ import pyarrow as pa
 import torch
 
 from bertvision import encoder as enc
-from bertvision import glue, records, storage
-from bertvision.config import ExtractConfig, require
+from bertvision import glue, records, squad, storage
+from bertvision.config import SPAN_TASKS, ConfigError, ExtractConfig, require
 from bertvision.finite import NonFiniteError
 from bertvision.schema import (
+    FORMAT_VERSIONS,
     RUN_FILE,
     ExtractionPlan,
     HiddenDtype,
     ShardRecord,
     hidden_dtype,
     shard_schema,
+    span_schema,
 )
 from bertvision.shards import (
     ShardError,
@@ -78,36 +89,77 @@ def _data_fingerprint(task: str, split: str, data_dir: str | None) -> str:
     return glue.data_fingerprint(_load_examples(task, split, data_dir))
 
 
+def is_span_task(task: str) -> bool:
+    """True for a task stored one row per window (SQuAD 2.0), False for GLUE's one per example.
+    The one place extraction tells the two apart."""
+    return task in SPAN_TASKS
+
+
+def rows_per_shard(cfg: ExtractConfig, encoder: enc.Encoder) -> int:
+    """Rows (examples or windows) per shard: `cfg.shard_size`, or fewer so that rows of
+    `max_seq_length` tokens of every layer stay within `cfg.shard_bytes` of hidden states;
+    at least 1. Only real tokens are stored, so shards of shorter rows are smaller.
+
+    bert-large (25 layers x 1024) stores 19.7 MB a 384-token window in float16: 54 windows a
+    GiB."""
+    itemsize = hidden_dtype(cfg.dtype).itemsize
+    row_bytes = cfg.max_seq_length * encoder.layers * encoder.hidden_size * itemsize
+    return max(1, min(cfg.shard_size, cfg.shard_bytes // row_bytes))
+
+
 def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     """Check task, data, model, length and output, then write one plan per split.
 
     Every check runs before anything is written, so bad input leaves no trace.
     """
     require(cfg)
-    task = glue.get_task(cfg.task)
-    splits = glue.expand_splits(task, cfg.splits)
-    data = {split: _load_examples(task.name, split, cfg.data_dir) for split in splits}
+    span = is_span_task(cfg.task)
+    if span:
+        splits = _span_splits(cfg.splits)
+        for split in splits:
+            _load_questions(split, cfg.data_dir)  # data errors before the model's
+        regression = False
+    else:
+        task = glue.get_task(cfg.task)
+        splits = glue.expand_splits(task, cfg.splits)
+        for split in splits:
+            _load_examples(task.name, split, cfg.data_dir)
+        regression = task.regression
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
+    rows, fingerprints = {}, {}
+    for split in splits:
+        if span:
+            windows = _load_windows(cfg, split)  # the lengths' errors before anything is written
+            rows[split], fingerprints[split] = len(windows.features), windows.fingerprint
+        else:
+            rows[split] = len(_load_examples(cfg.task, split, cfg.data_dir))
+            fingerprints[split] = _data_fingerprint(cfg.task, split, cfg.data_dir)
     storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
     code = records.code_info()
+    schema = "span" if span else "glue"
     plans = [
         ExtractionPlan(
-            task=task.name,
+            task=cfg.task,
             split=split,
             model=cfg.model,
             model_fingerprint=encoder.fingerprint,
-            data_fingerprint=_data_fingerprint(task.name, split, cfg.data_dir),
-            num_examples=len(data[split]),
-            shard_size=cfg.shard_size,
+            data_fingerprint=fingerprints[split],
+            num_examples=rows[split],
+            shard_size=rows_per_shard(cfg, encoder),
             max_seq_length=cfg.max_seq_length,
             dtype=cfg.dtype,
             layers=encoder.layers,
             hidden_size=encoder.hidden_size,
-            regression=task.regression,
+            regression=regression,
+            format_version=FORMAT_VERSIONS[schema],
             code_version=code["version"],
             git_commit=code["git_commit"],
+            schema=schema,
+            doc_stride=cfg.doc_stride if span else 0,
+            max_question_length=cfg.max_question_length if span else 0,
+            shard_bytes=cfg.shard_bytes,
         )
         for split in splits
     ]
@@ -138,6 +190,8 @@ def _check_no_other_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> None
             "data_fingerprint",
             "shard_size",
             "max_seq_length",
+            "doc_stride",
+            "max_question_length",
             "dtype",
             "format_version",
         )
@@ -165,8 +219,14 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
     if is_committed(folder, record):
         return record
     try:
-        examples = _load_examples(plan.task, plan.split, cfg.data_dir)
-        if _data_fingerprint(plan.task, plan.split, cfg.data_dir) != plan.data_fingerprint:
+        start, stop = plan.shard_range(index)
+        if plan.schema == "span":
+            windows = _load_windows(cfg, plan.split)
+            fingerprint = windows.fingerprint
+        else:
+            examples = _load_examples(plan.task, plan.split, cfg.data_dir)
+            fingerprint = _data_fingerprint(plan.task, plan.split, cfg.data_dir)
+        if fingerprint != plan.data_fingerprint:
             raise ShardError(
                 f"the data of {plan.task}/{plan.split} changed since the plan was "
                 "written; rerun with --overwrite"
@@ -174,9 +234,12 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
         encoder = enc.load_encoder(cfg.model, cfg.device)
         if encoder.fingerprint != plan.model_fingerprint:
             raise ShardError(f"model {cfg.model} is not the one planned for {folder}")
-        start, stop = plan.shard_range(index)
+        if plan.schema == "span":
+            batches = window_batches(encoder, windows, start, stop, plan, cfg.batch_size)
+        else:
+            batches = hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size)
         with ShardWriter(folder, plan, index) as writer:
-            for batch in hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size):
+            for batch in batches:
                 writer.write(batch)
             record = writer.commit()
     except Exception as exc:
@@ -218,6 +281,136 @@ def hidden_state_batches(
             ],
             schema=schema,
         )
+
+
+# -- span tasks (SQuAD 2.0): one row per window ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitWindows:
+    """The questions of a SQuAD split, its windows (rows of the extraction, in this order) and
+    their fingerprint."""
+
+    examples: list[squad.Example]
+    features: squad.Features
+    fingerprint: str
+
+
+def _span_splits(splits: list[str]) -> list[str]:
+    unknown = [s for s in splits if s not in squad.SPLIT_FILES]
+    if unknown or not splits:
+        raise ConfigError(
+            "splits", f"{unknown or splits} of squad2: expected {', '.join(squad.SPLIT_FILES)}"
+        )
+    return list(dict.fromkeys(splits))
+
+
+def _load_windows(cfg: ExtractConfig, split: str) -> SplitWindows:
+    return _windows(
+        split, cfg.data_dir, cfg.model, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
+    )
+
+
+@lru_cache(maxsize=4)
+def _load_questions(split: str, data_dir: str | None) -> list[squad.Example]:
+    return squad.load_split(split, data_dir)
+
+
+@lru_cache(maxsize=4)
+def _windows(
+    split: str,
+    data_dir: str | None,
+    model: str,
+    max_seq_length: int,
+    doc_stride: int,
+    max_question_length: int,
+) -> SplitWindows:
+    """Built once per process, not once per shard. ConfigError when the lengths leave no room
+    for the context (squad.build_features)."""
+    examples = _load_questions(split, data_dir)
+    tokenizer = enc.load_tokenizer(model)
+    try:
+        features = squad.build_features(
+            examples, tokenizer, max_seq_length, doc_stride, max_question_length
+        )
+    except ValueError as exc:
+        raise ConfigError("max_seq_length", f"{max_seq_length}: {exc}") from None
+    return SplitWindows(examples, features, windows_fingerprint(examples, features))
+
+
+def windows_fingerprint(examples: list[squad.Example], features: squad.Features) -> str:
+    """16 hex digits of sha256 over the questions (ids, texts, answers) and their windows (token
+    ids, question of each, offsets, answer positions): other data, another windowing (max
+    length, doc stride, question tokens) or another way of windowing give another fingerprint,
+    so another extraction key, and shard ranges over windows never mix two windowings."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        answers = [(a.text, a.answer_start) for a in ex.answers]
+        digest.update(json.dumps([ex.question_id, ex.context, ex.question, answers]).encode())
+    for array in (
+        features.input_ids,
+        features.attention_mask,
+        features.offsets,
+        features.start_positions,
+        features.end_positions,
+        features.example_index,
+        features.window_index,
+    ):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def window_batches(
+    encoder: enc.Encoder,
+    windows: SplitWindows,
+    start: int,
+    stop: int,
+    plan: ExtractionPlan,
+    batch_size: int,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the span rows of windows [start, stop), batched by token length
+    (shortest first), each batch cut to its longest window (right padding)."""
+    features = windows.features
+    lengths = features.attention_mask.sum(axis=1)  # (W,) real tokens: first on the right-padded row
+    order = sorted(range(start, stop), key=lambda w: (int(lengths[w]), w))
+    schema = span_schema(dtype=plan.dtype)
+    dtype = hidden_dtype(plan.dtype)
+    for begin in range(0, len(order), batch_size):
+        rows = np.asarray(order[begin : begin + batch_size])
+        width = int(lengths[rows].max())
+        inputs = {
+            "input_ids": torch.from_numpy(features.input_ids[rows, :width]),
+            "attention_mask": torch.from_numpy(features.attention_mask[rows, :width]),
+        }
+        if features.token_type_ids is not None:
+            inputs["token_type_ids"] = torch.from_numpy(features.token_type_ids[rows, :width])
+        hidden, real = encode(encoder, inputs, dtype)
+        offsets = [features.offsets[w, :t].ravel() for w, t in zip(rows, real, strict=True)]
+        questions = [windows.examples[i] for i in features.example_index[rows]]
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(rows, pa.int64()),
+                pa.array([q.question_id for q in questions], pa.string()),
+                pa.array(features.example_index[rows], pa.int64()),
+                pa.array(features.window_index[rows], pa.int32()),
+                pa.array([q.is_impossible for q in questions], pa.bool_()),
+                pa.array(features.start_positions[rows], pa.int32()),
+                pa.array(features.end_positions[rows], pa.int32()),
+                pa.array(real, pa.int32()),
+                _list_array(offsets, pa.list_(pa.int32())),
+                _list_array([h.ravel() for h in hidden], pa.large_list(dtype.arrow)),
+            ],
+            schema=schema,
+        )
+
+
+def _list_array(rows: list[np.ndarray], type: pa.DataType) -> pa.Array:
+    """One list per row from flat arrays, over one buffer of values."""
+    offsets = np.concatenate([[0], np.cumsum([r.size for r in rows], dtype=np.int64)])
+    values = pa.array(np.concatenate(rows))
+    if pa.types.is_large_list(type):
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
 
 
 def encode(
@@ -346,7 +539,8 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
         inputs={
             "model": records.input_of(cfg.model, plan.model_fingerprint),
             f"data/{plan.split}": records.input_of(
-                cfg.data_dir or glue.HUB_URL, plan.data_fingerprint
+                cfg.data_dir or (squad.HUB_URL if plan.schema == "span" else glue.HUB_URL),
+                plan.data_fingerprint,
             ),
         },
         timings=records.make_timings(

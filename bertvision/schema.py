@@ -29,13 +29,22 @@ import pyarrow as pa
 from bertvision.finite import strict_json
 from bertvision.records import code_info
 
-# 2: `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
-# 1: `hidden` was list (int32 offsets); still read.
+# Each schema has its format version, written in every plan and shard:
+# 1: GLUE, `hidden` was list (int32 offsets); still read.
+# 2: GLUE, `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
+# 3: span tasks (SQuAD): one row per window, with its identity, offsets and answer positions.
+# A reader that knows only 1 and 2 refuses a span shard by its version instead of misreading it.
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+SPAN_FORMAT_VERSION = 3
+FORMAT_VERSIONS = {"glue": FORMAT_VERSION, "span": SPAN_FORMAT_VERSION}
+# The formats this version reads, per schema: a GLUE shard claiming 3 is refused as unknown.
+READABLE_FORMATS = {"glue": (1, 2), "span": (3,)}
 META_PREFIX = "bertvision."
 # Who wrote a shard or a plan: recorded beside the content, never hashed into a key.
 CODE_FIELDS = ("code_version", "git_commit")
+# Plan and shard fields added with span shards, and their values in GLUE plans and shards: a
+# GLUE plan's key leaves them out, so GLUE keys are those of plans written before them.
+SPAN_FIELDS = {"schema": "glue", "doc_stride": 0, "max_question_length": 0}
 
 
 @dataclass(frozen=True)
@@ -84,18 +93,56 @@ def label_type(regression: bool) -> pa.DataType:
     return pa.float32() if regression else pa.int64()
 
 
+def _hidden_field(dtype: str) -> pa.Field:
+    # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
+    # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
+    return pa.field("hidden", pa.large_list(hidden_dtype(dtype).arrow), nullable=False)
+
+
 def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
-    values = hidden_dtype(dtype).arrow
+    """The GLUE schema: one row per example."""
     return pa.schema(
         [
             pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
             pa.field("label", label_type(regression)),  # null for unlabelled test rows
             pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
-            # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
-            # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
-            pa.field("hidden", pa.large_list(values), nullable=False),
+            _hidden_field(dtype),
         ]
     )
+
+
+def span_schema(*, dtype: str = "float16") -> pa.Schema:
+    """The span schema (SQuAD): one row per window of a question's context, as
+    `bertvision.squad.build_features` makes them."""
+    return pa.schema(
+        [
+            pa.field("window_id", pa.int64(), nullable=False),  # row index within its split
+            pa.field("question_id", pa.string(), nullable=False),
+            pa.field("example_index", pa.int64(), nullable=False),  # the question's, file order
+            pa.field("window_index", pa.int32(), nullable=False),  # 0, 1, ... per question
+            pa.field("is_impossible", pa.bool_(), nullable=False),
+            # Token positions of the first answer in the window; 0 (CLS) for none in it.
+            pa.field("start_position", pa.int32(), nullable=False),
+            pa.field("end_position", pa.int32(), nullable=False),
+            pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
+            # (T, 2) flattened: [start, end) characters of each token in the context; -1 for
+            # question, special tokens.
+            pa.field("offsets", pa.list_(pa.int32()), nullable=False),
+            _hidden_field(dtype),
+        ]
+    )
+
+
+# The column that numbers a split's rows (examples or windows), per schema.
+ID_COLUMNS = {"glue": "example_id", "span": "window_id"}
+SCHEMAS = tuple(ID_COLUMNS)
+
+
+def plan_schema(plan: ExtractionPlan) -> pa.Schema:
+    """The columns of a shard of `plan`."""
+    if plan.schema == "span":
+        return span_schema(dtype=plan.dtype)
+    return shard_schema(regression=plan.regression, dtype=plan.dtype)
 
 
 @dataclass(frozen=True)
@@ -116,6 +163,11 @@ class ShardMeta:
     # recorded. Never part of the extraction key.
     code_version: str = ""
     git_commit: str = ""
+    # Which columns (SCHEMAS) and the windowing of span shards; absent from GLUE shards written
+    # before span shards existed, which read as "glue".
+    schema: str = "glue"
+    doc_stride: int = 0
+    max_question_length: int = 0
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in asdict(self).items()}
@@ -127,7 +179,7 @@ class ShardMeta:
         for f in fields(cls):
             key = f"{META_PREFIX}{f.name}"
             if key not in raw:
-                if f.name in CODE_FIELDS:  # an older shard: read as written
+                if f.name in CODE_FIELDS or f.name in SPAN_FIELDS:  # an older shard, as written
                     continue
                 raise ValueError(f"not a BERTVision shard: metadata key {key!r} is missing")
             values[f.name] = int(raw[key]) if f.type == "int" else raw[key]
@@ -160,15 +212,30 @@ class ExtractionPlan:
     # content: another commit's plan of the same content has the same key, and resumes it.
     code_version: str = field(default="", compare=False)
     git_commit: str = field(default="", compare=False)
+    # Span tasks: schema "span", and the windowing (SQuAD's doc stride and question tokens).
+    # `num_examples` then counts windows, and shards are ranges of windows.
+    schema: str = "glue"
+    doc_stride: int = 0
+    max_question_length: int = 0
+    # The target of a shard's hidden-state bytes that chose `shard_size` (0: none recorded).
+    # Not content: the shards depend on `shard_size` alone.
+    shard_bytes: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"schema must be one of {list(SCHEMAS)}, got {self.schema!r}")
         object.__setattr__(self, "key", self.content_key())
 
     def content_key(self) -> str:
-        where = ("key", "model", *CODE_FIELDS)  # a path is not content, nor is the code
-        content = {k: v for k, v in asdict(self).items() if k not in where}
+        # a path is not content, nor is the code, nor the byte target behind shard_size
+        where = ("key", "model", "shard_bytes", *CODE_FIELDS)
+        content = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in where and not (k in SPAN_FIELDS and v == SPAN_FIELDS[k])
+        }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -176,7 +243,7 @@ class ExtractionPlan:
         return max(1, -(-self.num_examples // self.shard_size))
 
     def shard_range(self, index: int) -> tuple[int, int]:
-        """Example ids [start, stop) of shard `index`."""
+        """Row ids (examples, or windows for span plans) [start, stop) of shard `index`."""
         if not 0 <= index < self.num_shards:
             raise IndexError(
                 f"shard {index} out of range: {self.task}/{self.split} has {self.num_shards} shards"
@@ -204,6 +271,9 @@ class ExtractionPlan:
             format_version=self.format_version,
             code_version=code["version"],
             git_commit=code["git_commit"],
+            schema=self.schema,
+            doc_stride=self.doc_stride,
+            max_question_length=self.max_question_length,
         )
 
     def to_json(self) -> str:

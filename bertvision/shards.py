@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from bertvision import storage
 from bertvision.records import now
 from bertvision.schema import (
+    ID_COLUMNS,
     INCOMPLETE_DIR,
     MANIFEST_DIR,
     PLAN_FILE,
@@ -33,10 +34,10 @@ from bertvision.schema import (
     ShardFailure,
     ShardMeta,
     ShardRecord,
+    plan_schema,
     shard_failure_name,
     shard_file_name,
     shard_record_name,
-    shard_schema,
 )
 
 T = TypeVar("T", ExtractionPlan, ShardRecord, ShardFailure)
@@ -54,10 +55,14 @@ _RECORD_KINDS = {
 PARQUET_OPTIONS = dict(
     compression="zstd",
     use_dictionary=False,
-    write_statistics=["example_id", "length"],
     use_byte_stream_split=["hidden.list.element"],
     write_page_checksum=True,
 )
+
+
+def parquet_options(plan: ExtractionPlan) -> dict:
+    """PARQUET_OPTIONS, with statistics on the row id and length columns of `plan`'s schema."""
+    return PARQUET_OPTIONS | {"write_statistics": [ID_COLUMNS[plan.schema], "length"]}
 
 
 class ShardError(ValueError):
@@ -128,9 +133,7 @@ class ShardWriter:
         self.folder = folder
         self.plan = plan
         self.index = index
-        self.schema = shard_schema(regression=plan.regression, dtype=plan.dtype).with_metadata(
-            plan.shard_meta().to_metadata()
-        )
+        self.schema = plan_schema(plan).with_metadata(plan.shard_meta().to_metadata())
         self._started = 0.0
         self._rows = 0
         self._committed = False
@@ -144,7 +147,7 @@ class ShardWriter:
         )
         self._file = _HashingFile(self._staged.file)
         try:  # the writer writes Parquet's magic bytes at once: it may find the disk full
-            self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
+            self._writer = pq.ParquetWriter(self._file, self.schema, **parquet_options(self.plan))
         except BaseException:
             self._staged.discard()
             raise
@@ -512,10 +515,16 @@ def iter_row_groups(url: str, columns: list[str] | None = None) -> Iterator[pa.T
 
 
 def _readable(url: str, meta: ShardMeta) -> ShardMeta:
-    if meta.format_version not in READABLE_FORMATS:
+    if meta.schema not in READABLE_FORMATS:
+        raise ShardError(
+            f"shard {url} has schema {meta.schema!r}; this version of BERTVision reads "
+            f"{', '.join(READABLE_FORMATS)}"
+        )
+    if meta.format_version not in READABLE_FORMATS[meta.schema]:
         raise ShardError(
             f"shard {url} has format_version {meta.format_version}; this version of BERTVision "
-            f"reads {', '.join(map(str, READABLE_FORMATS))}"
+            f"reads {', '.join(map(str, READABLE_FORMATS[meta.schema]))}"
+            + (f" ({meta.schema} shards)" if meta.schema != "glue" else "")
         )
     return meta
 
