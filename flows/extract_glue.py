@@ -1,4 +1,5 @@
-"""Flows `extract-glue` (one extraction of a GLUE task) and `extract-shards` (some of its shards).
+"""Flows `extract-glue` (one extraction of a task), `extract-squad` (the same with SQuAD 2.0's
+defaults) and `extract-shards` (some of an extraction's shards).
 
     extract-glue:  plan each task  ->  pending shards  ->  extract them here, one task per shard
                                                        or hand groups to N `extract-shards` runs
@@ -31,8 +32,8 @@ from prefect import flow
 from prefect.futures import wait
 
 from bertvision import storage
-from bertvision.config import ExtractConfig
-from bertvision.extract import no_space_error
+from bertvision.config import ConfigError, ExtractConfig
+from bertvision.extract import is_span_task, no_space_error
 from bertvision.schema import ExtractionPlan
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
@@ -61,7 +62,23 @@ def extract_glue(
 ) -> dict[str, int]:
     """Store every layer's hidden states of `cfg.task`'s splits under `cfg.out`; returns shards
     per task/split. `workers` > 0 spreads the pending shards over that many child runs of
-    `shard_deployment` (one per worker); 0 extracts them in this flow run."""
+    `shard_deployment` (one per worker); 0 extracts them in this flow run. A GLUE task stores
+    one row per example, squad2 one per window."""
+    return _extract(cfg, workers, shard_deployment)
+
+
+@flow(name="extract-squad", flow_run_name="extract-{cfg.task}", log_prints=True)
+def extract_squad(
+    cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
+) -> dict[str, int]:
+    """`extract-glue` for span tasks: every window of every question of the splits. Its
+    deployment carries SQuAD 2.0's windowing as defaults (deployments/prefect.yaml)."""
+    if not is_span_task(cfg.task):
+        raise ConfigError("task", f"{cfg.task!r} is not a span task (squad2); use extract-glue")
+    return _extract(cfg, workers, shard_deployment)
+
+
+def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[str, int]:
     plans = plan_extraction(cfg)  # validate, write one plan per split
     work = [(cfg, plan) for plan in plans]
     progress = ExtractionProgress(work, key=artifact_key("extract", cfg.task, "progress"))

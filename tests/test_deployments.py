@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 DEPLOYMENTS = {
     "extract-glue/extract-glue",
+    "extract-squad/extract-squad",
     "extract-shards/extract-shards",
     "finetune/finetune",
     "train-adapter/train-adapter",
