@@ -93,24 +93,28 @@ def content_key(content: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Tasks of the span family (one row per window of a context), until the task-family registry;
-# only the stages that handle them accept them (`_task_name(cfg, SPAN_TASKS)`).
-SPAN_TASKS = ("squad2",)
+def _task_name(cfg: Any) -> None:
+    """Normalise cfg.task (aliases such as sst-2) when it is set, and give a `max_seq_length` of
+    0 the task family's default; ConfigError listing every known task if it is unknown."""
+    from bertvision.families import get_task, task_names
 
-
-def _task_name(cfg: Any, also: tuple[str, ...] = ()) -> None:
-    """Normalise cfg.task (aliases such as sst-2) when it is set; ConfigError if it is neither a
-    GLUE task nor one of `also`."""
-    from bertvision.glue import TASKS, get_task
-
-    if cfg.task and cfg.task.lower() in also:
-        cfg.task = cfg.task.lower()
-    elif cfg.task:
+    if cfg.task:
         try:
-            cfg.task = get_task(cfg.task).name
+            task = get_task(cfg.task)
         except ValueError:
-            known = ", ".join([*TASKS, *also])
+            known = ", ".join(task_names())
             raise ConfigError("task", f"{cfg.task!r} is unknown; expected one of {known}") from None
+        cfg.task = task.name
+        if getattr(cfg, "max_seq_length", None) == 0:
+            cfg.max_seq_length = task.family.max_seq_length
+
+
+def _glue_only(cfg: Any, stage: str) -> None:
+    """ConfigError for a task of another family than GLUE, in a stage not yet written for it."""
+    from bertvision.families import get_task
+
+    if cfg.task and get_task(cfg.task).family.name != "glue":
+        raise ConfigError("task", f"{cfg.task!r}: {stage} takes GLUE tasks only, for now")
 
 
 def _resolve_model_and_device(cfg: Any) -> None:
@@ -123,7 +127,7 @@ def _resolve_model_and_device(cfg: Any) -> None:
 
 # -- fields shared by several stages -----------------------------------------------------------
 
-TASKS_HELP = "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (extract: or squad2)"
+TASKS_HELP = "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or squad2 (SQuAD 2.0)"
 
 
 @dataclass(kw_only=True)
@@ -163,7 +167,11 @@ class Source:
     model: str = setting(
         "", "Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM"
     )
-    data_dir: str | None = setting(None, "A glue_data folder; default: the Hugging Face hub")
+    data_dir: str | None = setting(
+        None,
+        "A glue_data folder, or a SQuAD folder (train-v2.0.json, dev-v2.0.json); "
+        "default: the Hugging Face hub",
+    )
 
 
 @dataclass(kw_only=True)
@@ -189,7 +197,9 @@ class Tokens:
     """How texts become the encoder's inputs: examples (GLUE) or windows of a long context with
     a document stride (SQuAD)."""
 
-    max_seq_length: int = setting(128, "Tokens per example or window, at most")
+    max_seq_length: int = setting(
+        0, "Tokens per example or window, at most; 0: the task's default (GLUE 128, SQuAD 384)"
+    )
     doc_stride: int = setting(128, "SQuAD: context tokens that consecutive windows share")
     max_question_length: int = setting(64, "SQuAD: question tokens kept, at most")
 
@@ -246,7 +256,7 @@ class ExtractConfig(Stage, Source, Tokens, Device):
     def __post_init__(self) -> None:
         from bertvision.schema import HIDDEN_DTYPES
 
-        _task_name(self, SPAN_TASKS)
+        _task_name(self)
         check_finite(self)
         check_at_least(
             self, 1, "shard_size", "shard_bytes", "batch_size", "doc_stride", "max_question_length"
@@ -280,6 +290,7 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         from bertvision import adapters
 
         _task_name(self)
+        _glue_only(self, "adapter training")
         check_finite(self)
         if self.adapter not in adapters.adapter_names():
             known = ", ".join(adapters.adapter_names())
@@ -359,6 +370,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         from bertvision.sweep import check_space
 
         _task_name(self)
+        _glue_only(self, "a sweep")
         check_finite(self)
         check_at_least(self, 1, "trials", "parallel", "startup_trials")
         check_fraction(self, "val_fraction")
@@ -403,6 +415,7 @@ class EnsembleConfig(Stage):
 
     def __post_init__(self) -> None:
         _task_name(self)
+        _glue_only(self, "an ensemble")
         check_finite(self)
         check_at_least(self, 1, "top_k")
 
@@ -457,6 +470,8 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
             raise ConfigError("tasks", "must name at least one task")
         try:
             self.tasks = [Task(task=name).task for name in self.tasks]
+            for name in self.tasks:
+                _glue_only(Task(task=name), "the pipeline")
         except ConfigError as exc:
             raise ConfigError("tasks", exc.message) from None
         check_finite(self)

@@ -34,7 +34,7 @@ import torch
 
 from bertvision import encoder as enc
 from bertvision import glue, records, squad, storage
-from bertvision.config import SPAN_TASKS, ConfigError, ExtractConfig, require
+from bertvision.config import ConfigError, ExtractConfig, require
 from bertvision.finite import NonFiniteError
 from bertvision.schema import (
     FORMAT_VERSIONS,
@@ -92,7 +92,9 @@ def _data_fingerprint(task: str, split: str, data_dir: str | None) -> str:
 def is_span_task(task: str) -> bool:
     """True for a task stored one row per window (SQuAD 2.0), False for GLUE's one per example.
     The one place extraction tells the two apart."""
-    return task in SPAN_TASKS
+    from bertvision.families import get_task
+
+    return get_task(task).family.schema == "span"
 
 
 def rows_per_shard(cfg: ExtractConfig, encoder: enc.Encoder) -> int:

@@ -1,10 +1,13 @@
-"""Brief ("partial") fine-tuning of any Hugging Face encoder on a GLUE task.
+"""Brief ("partial") fine-tuning of any Hugging Face encoder on a task of any family
+(bertvision.families: GLUE's sequence classification, SQuAD 2.0's spans).
 
-`epochs` may be a fraction: 0.2 trains on two tenths of an epoch's batches. AdamW with linear
+`epochs` may be a fraction: 0.2 trains on two tenths of an epoch's batches of training rows
+(examples for GLUE, windows for SQuAD). AdamW with linear
 warm-up and decay, seeded, bf16 autocast on CUDA. The checkpoint at `out` loads with
 `from_pretrained` (and so with `bertvision extract --model out`); `out/metrics.json` holds the val
-and dev metrics, and the val/dev/test predictions are written like an adapter run's. The held-out
-slice of TRAIN that adapters select on (`val_fraction`, `val_seed`) is left out of training.
+and dev metrics, and the predictions are written in the family's formats (GLUE: like an adapter
+run's; SQuAD: bertvision.squad.SquadFamily). The held-out slice of TRAIN that adapters select
+on (`val_fraction`, `val_seed`; whole articles for SQuAD) is left out of training.
 
 The run is committed whole (bertvision.runs: staged, moved into place, the checkpoint's
 config.json, metrics.json and then the commit record last), keyed on `content_key`: the settings,
@@ -27,38 +30,42 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from bertvision import __version__, glue, records, rng, runs, storage
+from bertvision import __version__, families, glue, records, rng, runs, storage
 from bertvision import encoder as enc
 from bertvision.config import FinetuneConfig, require
 from bertvision.finite import NonFiniteError
 
 
-def _load_data(cfg: FinetuneConfig) -> dict[str, list[glue.Example]]:
+def _load_data(cfg: FinetuneConfig) -> dict[str, list]:
     """The examples fine-tuning reads: "train" (the first `max_train_examples`), the dev splits
-    and, with `predict_test`, the test splits."""
-    task = glue.get_task(cfg.task)
-    return {"train": glue.load_split(task, "train", cfg.data_dir)[: cfg.max_train_examples]} | {
-        s: glue.load_split(task, s, cfg.data_dir)
-        for s in (*task.dev_splits, *(task.test_splits if cfg.predict_test else ()))
+    and, with `predict_test`, the test splits (those the task's family has)."""
+    task = families.get_task(cfg.task)
+    family = task.family
+    return {
+        "train": family.load_split(task.name, "train", cfg.data_dir)[: cfg.max_train_examples]
+    } | {
+        s: family.load_split(task.name, s, cfg.data_dir)
+        for s in family.evaluated_splits(task.name, cfg.predict_test)
     }
 
 
 def run_inputs(
-    cfg: FinetuneConfig, data: dict[str, list[glue.Example]] | None = None
+    cfg: FinetuneConfig, data: dict[str, list] | None = None
 ) -> dict[str, dict[str, str]]:
     """The run's inputs (records.RunRecord.inputs): "model" (its URL and fingerprint) and
-    "data/<split>" for each split read (the data folder and glue.data_fingerprint). `data` is
-    `_load_data`'s result when already loaded."""
+    "data/<split>" for each split read (the data folder and the family's data_fingerprint).
+    `data` is `_load_data`'s result when already loaded."""
     data = data if data is not None else _load_data(cfg)
+    family = families.get_task(cfg.task).family
     model = records.input_of(cfg.model, enc.load_encoder(cfg.model, "cpu").fingerprint)
-    where = cfg.data_dir or glue.HUB_URL
+    where = cfg.data_dir or family.hub_url
     return {"model": model} | {
-        f"data/{split}": records.input_of(where, glue.data_fingerprint(examples))
+        f"data/{split}": records.input_of(where, family.data_fingerprint(examples))
         for split, examples in data.items()
     }
 
 
-def content_key(cfg: FinetuneConfig, data: dict[str, list[glue.Example]] | None = None) -> str:
+def content_key(cfg: FinetuneConfig, data: dict[str, list] | None = None) -> str:
     """What determines the run: the settings, the encoder's weights and the data, by content.
 
     The model and data are named by URL in `cfg`; the key uses their fingerprints instead, so a
@@ -99,7 +106,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """
     require(cfg)
     stopwatch = records.Stopwatch()
-    task = glue.get_task(cfg.task)
+    task = families.get_task(cfg.task)
     data = _load_data(cfg)
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
@@ -115,7 +122,7 @@ def finetune_encoder(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
 def _finetune(
     cfg: FinetuneConfig,
-    task: glue.GlueTask,
+    task: families.Task,
     data: dict,
     inputs: dict[str, dict[str, str]],
     key: str,
@@ -123,32 +130,17 @@ def _finetune(
     stopwatch: records.Stopwatch,
 ):
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification
 
-    from bertvision.metrics import compute_metrics
-    from bertvision.predictions import point_predictions
-
-    examples = data["train"]
-    val_ids = set(
-        glue.held_out_ids(
-            [ex.example_id for ex in examples], cfg.val_fraction, cfg.val_seed
-        ).tolist()
-    )
-    train = [ex for ex in examples if ex.example_id not in val_ids]
-    evaluated = {"val": [ex for ex in examples if ex.example_id in val_ids]} | {
-        s: ex for s, ex in data.items() if s != "train"
-    }
+    family = task.family
+    train, val = family.held_out(data["train"], cfg.val_fraction, cfg.val_seed)
+    evaluated = {"val": val} | {s: ex for s, ex in data.items() if s != "train"}
 
     tokenizer = enc.load_tokenizer(cfg.model)  # right padding: no batch-mate shifts a position
     with enc.loading(cfg.model, "weights"):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            enc.local_model_path(cfg.model),
-            dtype=torch.float32,
-            num_labels=task.num_labels,
-            problem_type="regression" if task.regression else "single_label_classification",
-        )
+        model = family.model_head(task.name, enc.local_model_path(cfg.model))
     model = model.to(cfg.device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    rows = family.training_set(task.name, train, tokenizer, cfg)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     optimizer, scheduler = _optimizer(model, cfg, total_steps)
 
@@ -157,17 +149,12 @@ def _finetune(
     generator = np.random.default_rng(cfg.seed)
     bar = tqdm(total=total_steps, desc=f"finetune {task.name}", disable=not progress)
     seen = 0
-    for step, rows in enumerate(_batches(len(train), cfg.batch_size, generator)):
+    for step, batch_rows in enumerate(_batches(len(rows), cfg.batch_size, generator)):
         if step == total_steps:
             break
-        batch = _tokenize(tokenizer, [train[i] for i in rows], cfg.max_seq_length, cfg.device)
-        labels = torch.tensor(
-            [train[i].label for i in rows],
-            dtype=torch.float32 if task.regression else torch.long,
-            device=cfg.device,
-        )
+        batch = rows.batch(batch_rows, cfg.device)
         with enc.autocast(cfg.device):
-            loss = model(**batch, labels=labels).loss
+            loss = model(**batch).loss
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteError(
@@ -179,24 +166,18 @@ def _finetune(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        seen += len(rows)
+        seen += len(batch_rows)
         bar.update(1)
         bar.set_postfix(loss=round(value, 4))
     bar.close()
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    outputs = {s: _predict(model, tokenizer, ex, cfg) for s, ex in evaluated.items()}
-    metrics = {
-        split: compute_metrics(
-            task, point_predictions(task, outputs[split]), [ex.label for ex in evaluated[split]]
-        )
-        for split in ("val", *task.dev_splits)
-    }
+    evaluation = family.evaluate(task.name, model, tokenizer, evaluated, cfg)
     result = {
-        "val": metrics["val"],
-        "dev": metrics[task.dev_splits[0]],
-        **{split: metrics[split] for split in task.dev_splits[1:]},
+        **evaluation.metrics,
+        **evaluation.extra,
+        # examples: training rows, i.e. windows for SQuAD
         "train": {
             "steps": total_steps,
             "examples": seen,
@@ -210,26 +191,72 @@ def _finetune(
     timings = stopwatch.timings(train_seconds=train_seconds)
     run = records.RunRecord("finetune", key, asdict(cfg), inputs, timings)
     with runs.StagedRun(cfg.out) as staged:
-        _write_run(task, model, tokenizer, evaluated, outputs, result, run, staged)
+        _save_checkpoint(model, tokenizer, staged.url)
+        evaluation.write(staged.url)
+        storage.write_json(storage.join(staged.url, "metrics.json"), result)
+        staged.commit(run, last=("config.json", "metrics.json"))
     return result
 
 
-def _write_run(task, model, tokenizer, evaluated, outputs, result, run, staged) -> None:
-    """The checkpoint, predictions and metrics.json into `staged`, then committed whole."""
-    from bertvision.predictions import write_predictions
+# -- GLUE: the fine-tuning parts of bertvision.glue.GlueFamily ---------------------------------
 
-    _save_checkpoint(model, tokenizer, staged.url)
-    for split, examples in evaluated.items():
-        write_predictions(
-            staged.url,
-            task,
-            split,
-            [ex.example_id for ex in examples],
+
+class GlueTrainingSet:
+    """GLUE examples as training rows: each batch tokenized and padded to its longest."""
+
+    def __init__(self, task: glue.GlueTask, examples: list[glue.Example], tokenizer, max_length):
+        self.task, self.examples = task, examples
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, rows: list[int], device: str) -> dict:
+        examples = [self.examples[i] for i in rows]
+        batch = _tokenize(self.tokenizer, examples, self.max_length, device)
+        batch["labels"] = torch.tensor(
             [ex.label for ex in examples],
-            outputs[split],
+            dtype=torch.float32 if self.task.regression else torch.long,
+            device=device,
         )
-    storage.write_json(storage.join(staged.url, "metrics.json"), result)
-    staged.commit(run, last=("config.json", "metrics.json"))
+        return batch
+
+
+def evaluate_glue(
+    task: glue.GlueTask, model, tokenizer, splits: dict[str, list[glue.Example]], cfg
+) -> families.Evaluation:
+    """Outputs of every split, GLUE metrics of val and the dev splits; `write` writes each
+    split's outputs and submission file (bertvision.predictions)."""
+    from bertvision.metrics import compute_metrics
+    from bertvision.predictions import point_predictions, write_predictions
+
+    outputs = {s: _predict(model, tokenizer, ex, cfg) for s, ex in splits.items()}
+    metrics = {
+        split: compute_metrics(
+            task, point_predictions(task, outputs[split]), [ex.label for ex in splits[split]]
+        )
+        for split in ("val", *task.dev_splits)
+    }
+
+    def write(url: str) -> None:
+        for split, examples in splits.items():
+            write_predictions(
+                url,
+                task,
+                split,
+                [ex.example_id for ex in examples],
+                [ex.label for ex in examples],
+                outputs[split],
+            )
+
+    return families.Evaluation(
+        {
+            "val": metrics["val"],
+            "dev": metrics[task.dev_splits[0]],
+            **{split: metrics[split] for split in task.dev_splits[1:]},
+        },
+        write,
+    )
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):

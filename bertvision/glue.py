@@ -330,3 +330,73 @@ def held_out_ids(example_ids: np.ndarray | list[int], fraction: float, seed: int
     if count < 1:
         raise ValueError("the train split needs at least 2 examples to hold one out")
     return np.sort(np.random.default_rng(seed).permutation(ids)[:count])
+
+
+# -- the task family (bertvision.families) -----------------------------------------------------
+
+
+class GlueFamily:
+    """GLUE as a task family: one row per example, a sequence classification (or regression)
+    head, GLUE's metrics, the submission TSV and per-example outputs (bertvision.predictions)."""
+
+    name = "glue"
+    hub_url = HUB_URL
+    max_seq_length = 128
+    schema = "glue"
+
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(TASKS)
+
+    def canonical_name(self, name: str) -> str | None:
+        key = _ALIASES.get(name.lower(), name.lower())
+        return key if key in TASKS else None
+
+    def load_split(self, task: str, split: str, data_dir: str | None) -> list[Example]:
+        return load_split(task, split, data_dir)
+
+    def evaluated_splits(self, task: str, test: bool) -> tuple[str, ...]:
+        spec = get_task(task)
+        return (*spec.dev_splits, *(spec.test_splits if test else ()))
+
+    def data_fingerprint(self, examples: list[Example]) -> str:
+        return data_fingerprint(examples)
+
+    def held_out(
+        self, examples: list[Example], fraction: float, seed: int
+    ) -> tuple[list[Example], list[Example]]:
+        val_ids = set(held_out_ids([ex.example_id for ex in examples], fraction, seed).tolist())
+        return (
+            [ex for ex in examples if ex.example_id not in val_ids],
+            [ex for ex in examples if ex.example_id in val_ids],
+        )
+
+    def model_head(self, task: str, model_path: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        spec = get_task(task)
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            dtype=torch.float32,
+            num_labels=spec.num_labels,
+            problem_type="regression" if spec.regression else "single_label_classification",
+        )
+
+    def training_set(self, task: str, examples: list[Example], tokenizer, cfg):
+        from bertvision.finetune import GlueTrainingSet
+
+        return GlueTrainingSet(get_task(task), examples, tokenizer, cfg.max_seq_length)
+
+    def evaluate(self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg):
+        from bertvision.finetune import evaluate_glue
+
+        return evaluate_glue(get_task(task), model, tokenizer, splits, cfg)
+
+
+def _register() -> None:
+    from bertvision import families
+
+    families.register(GlueFamily())
+
+
+_register()

@@ -30,6 +30,7 @@ as written with a fast tokenizer in transformers' `run_qa.py` (overflowing token
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import re
 import string
@@ -599,3 +600,210 @@ def evaluate_files(gold_url: str, predictions_url: str) -> dict[str, float | int
 def _some(ids: list[str], shown: int = 5) -> str:
     more = f", ... {len(ids) - shown} more" if len(ids) > shown else ""
     return ", ".join(ids[:shown]) + more
+
+
+# -- the held-out slice of TRAIN ---------------------------------------------------------------
+
+
+def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> list[str]:
+    """The articles (titles) of TRAIN held out for selection, in file order: whole articles, so
+    that no article's questions are both trained on and selected on.
+
+    `fraction` is of the articles (at least one, never all), in order of first appearance,
+    drawn as glue.held_out_ids draws examples. ValueError for fewer than 2 articles.
+    """
+    from bertvision.glue import held_out_ids
+
+    titles = list(dict.fromkeys(ex.title for ex in examples))
+    if len(titles) < 2:
+        raise ValueError(
+            f"the SQuAD train questions ({len(examples)}) span {len(titles)} article(s); "
+            "at least 2 are needed to hold one out (raise --max-train-examples)"
+        )
+    return [titles[i] for i in held_out_ids(range(len(titles)), fraction, seed)]
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    """16 hex digits of the questions' content (ids, texts, answers), in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        answers = [[a.text, a.answer_start] for a in ex.answers]
+        fields = [ex.question_id, ex.title, ex.context, ex.question, answers, ex.is_impossible]
+        digest.update(json.dumps(fields).encode())
+    return digest.hexdigest()[:16]
+
+
+# -- the task family (bertvision.families) -----------------------------------------------------
+
+TASK_NAME = "squad2"
+
+
+class SquadFamily:
+    """SQuAD 2.0 as a task family: one training row per window, a span (start/end) head, the
+    no-answer threshold chosen on the held-out articles of TRAIN, the official metrics.
+
+    A fine-tuning run writes, besides the checkpoint:
+        <split>_predictions.json    the official format, {question_id: text, "" for no answer}
+        outputs/<split>.parquet     one row per window: question_id string, window_index int64,
+                                    start_logits, end_logits list<float32> (its real tokens')
+    for the splits "val" (the held-out articles) and "dev"; metrics.json has "val" and "dev"
+    with the official keys (exact, f1, total, HasAns_*, NoAns_*) and "no_answer_threshold".
+    """
+
+    name = "squad"
+    schema = "span"
+    hub_url = HUB_URL
+    max_seq_length = 384
+
+    def task_names(self) -> tuple[str, ...]:
+        return (TASK_NAME,)
+
+    def canonical_name(self, name: str) -> str | None:
+        return TASK_NAME if name.lower() in (TASK_NAME, "squad_v2") else None
+
+    def load_split(self, task: str, split: str, data_dir: str | None) -> list[Example]:
+        return load_split(split, data_dir)
+
+    def evaluated_splits(self, task: str, test: bool) -> tuple[str, ...]:
+        return ("dev",)  # SQuAD 2.0's test set is hidden
+
+    def data_fingerprint(self, examples: list[Example]) -> str:
+        return data_fingerprint(examples)
+
+    def held_out(
+        self, examples: list[Example], fraction: float, seed: int
+    ) -> tuple[list[Example], list[Example]]:
+        titles = set(held_out_titles(examples, fraction, seed))
+        return (
+            [ex for ex in examples if ex.title not in titles],
+            [ex for ex in examples if ex.title in titles],
+        )
+
+    def model_head(self, task: str, model_path: str):
+        import torch
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering.from_pretrained(model_path, dtype=torch.float32)
+
+    def training_set(self, task: str, examples: list[Example], tokenizer, cfg) -> Windows:
+        return Windows(_features(examples, tokenizer, cfg))
+
+    def evaluate(self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg):
+        from bertvision.families import Evaluation
+
+        features = {s: _features(ex, tokenizer, cfg) for s, ex in splits.items()}
+        logits = {
+            s: window_logits(model, f, cfg.batch_size * 2, cfg.device) for s, f in features.items()
+        }
+        spans = {
+            s: best_spans(splits[s], features[s], *_padded(logits[s], features[s])) for s in splits
+        }
+        threshold, _ = best_threshold(spans["val"], splits["val"])
+        preds = {s: predictions(spans[s], threshold) for s in splits}
+        metrics = {s: evaluate(splits[s], preds[s]) for s in splits}
+
+        def write(url: str) -> None:
+            for s in splits:
+                write_outputs(url, s, features[s], logits[s])
+                write_predictions(storage.join(url, f"{s}_predictions.json"), preds[s])
+
+        return Evaluation(metrics, write, extra={"no_answer_threshold": threshold})
+
+
+def _features(examples: list[Example], tokenizer, cfg) -> Features:
+    return build_features(
+        examples, tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
+    )
+
+
+class Windows:
+    """The windows of `features` as fine-tuning's training rows; a batch is cut after its
+    longest window's last real token (padding is on the right, so nothing moves)."""
+
+    def __init__(self, features: Features) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batch(self, rows: list[int], device: str) -> dict:
+        import torch
+
+        inputs = _window_inputs(self.features, np.asarray(rows), device)
+        for name in ("start_positions", "end_positions"):
+            inputs[name] = torch.from_numpy(getattr(self.features, name)[rows]).to(device)
+        return inputs
+
+
+def _window_inputs(features: Features, rows: np.ndarray, device: str) -> dict:
+    import torch
+
+    length = int(features.attention_mask[rows].sum(axis=1).max())
+    arrays = {"input_ids": features.input_ids, "attention_mask": features.attention_mask}
+    if features.token_type_ids is not None:
+        arrays["token_type_ids"] = features.token_type_ids
+    return {k: torch.from_numpy(v[rows, :length]).to(device) for k, v in arrays.items()}
+
+
+def window_logits(model, features: Features, batch_size: int, device: str) -> list[np.ndarray]:
+    """Each window's (2, length) start and end logits over its real tokens, float32, by a
+    question-answering `model` in batches of `batch_size` windows.
+    NonFiniteError if any is NaN or infinite."""
+    import torch
+
+    from bertvision import encoder as enc
+    from bertvision.finite import NonFiniteError
+
+    lengths = features.attention_mask.sum(axis=1)
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for begin in range(0, len(features), batch_size):
+            rows = np.arange(begin, min(begin + batch_size, len(features)))
+            with enc.autocast(device):
+                result = model(**_window_inputs(features, rows, device))
+            both = torch.stack([result.start_logits, result.end_logits], 1).float().cpu().numpy()
+            out.extend(both[i, :, : lengths[r]] for i, r in enumerate(rows))
+    if not all(np.isfinite(x).all() for x in out):
+        raise NonFiniteError(
+            "the fine-tuned model's span logits are NaN or infinite; try a lower --lr"
+        )
+    return out
+
+
+def _padded(logits: list[np.ndarray], features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """(W, T) start and end logits, -inf at the padding, as best_spans takes them."""
+    start = np.full(features.input_ids.shape, -np.inf)
+    end = np.full(features.input_ids.shape, -np.inf)
+    for w, both in enumerate(logits):
+        start[w, : both.shape[1]], end[w, : both.shape[1]] = both
+    return start, end
+
+
+def write_outputs(run: str, split: str, features: Features, logits: list[np.ndarray]) -> None:
+    """RUN/outputs/<split>.parquet: question_id, window_index, start_logits, end_logits of each
+    window (what ensembles of span models average)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "question_id": pa.array(features.question_ids, pa.string()),
+            "window_index": pa.array(features.window_index, pa.int64()),
+            "start_logits": pa.array([x[0] for x in logits], pa.list_(pa.float32())),
+            "end_logits": pa.array([x[1] for x in logits], pa.list_(pa.float32())),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
+
+
+def _register() -> None:
+    from bertvision import families
+
+    families.register(SquadFamily())
+
+
+_register()

@@ -58,8 +58,6 @@ CHECKPOINT = "_checkpoint/last.pt"
 VAL_SPLIT = "val"
 
 
-
-
 def content_key(cfg: TrainConfig) -> str:
     """`cfg.run_key` of the embeddings stored now, from their plans alone (a few small reads):
     what `train_adapter` would key the run on, without reading a shard. Embeddings replaced by
@@ -227,48 +225,49 @@ def _fit(
         state = checkpoint["state"]
 
     eval_batch = 2 * cfg.batch_size
-    bar = tqdm(
+    with tqdm(
         total=cfg.epochs,
         initial=state["epoch"],
         desc=f"train {task.name} {cfg.adapter}",
         unit="epoch",
         disable=not progress,
-    )
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
-            break  # stopped early before the interruption
-        started = time.perf_counter()
-        train_loss = _train_epoch(task, model, optimizer, train, ~is_val, cfg, epoch)
-        seconds = time.perf_counter() - started
-        model.eval()
-        val_metrics, val_loss, _ = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
-        state["curve"].append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val": val_metrics,
-                "seconds": round(seconds, 3),
-                "eval_seconds": round(time.perf_counter() - started - seconds, 3),
-            }
-        )
-        best = state["best"]
-        score = (val_metrics[task.primary_metric], -val_loss)  # ties: the lower loss
-        if best is None or score > (best["metric"], -best["loss"]):
-            state["best"] = {
-                "epoch": epoch,
-                "metric": score[0],
-                "loss": val_loss,
-                "weights": copy.deepcopy(model.state_dict()),
-            }
-            state["bad_epochs"] = 0
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        _save_checkpoint(cfg, key, model, optimizer, state)
-        bar.update(1)
-        bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[task.primary_metric], 4))
-    bar.close()
+    ) as bar:  # closed on an error too, before the error is reported
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                break  # stopped early before the interruption
+            started = time.perf_counter()
+            train_loss = _train_epoch(task, model, optimizer, train, ~is_val, cfg, epoch)
+            seconds = time.perf_counter() - started
+            model.eval()
+            val_metrics, val_loss, _ = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
+            state["curve"].append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val": val_metrics,
+                    "seconds": round(seconds, 3),
+                    "eval_seconds": round(time.perf_counter() - started - seconds, 3),
+                }
+            )
+            best = state["best"]
+            score = (val_metrics[task.primary_metric], -val_loss)  # ties: the lower loss
+            if best is None or score > (best["metric"], -best["loss"]):
+                state["best"] = {
+                    "epoch": epoch,
+                    "metric": score[0],
+                    "loss": val_loss,
+                    "weights": copy.deepcopy(model.state_dict()),
+                }
+                state["bad_epochs"] = 0
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            _save_checkpoint(cfg, key, model, optimizer, state)
+            bar.update(1)
+            bar.set_postfix(
+                loss=round(train_loss, 4), val=round(val_metrics[task.primary_metric], 4)
+            )
 
     model.load_state_dict(state["best"]["weights"])
     model.eval()
