@@ -12,12 +12,8 @@ does not hold committed.
 
 from __future__ import annotations
 
-from bertvision_tasks.artifacts import (
-    ExtractionProgress,
-    artifact_key,
-    failed_shards,
-    publish_shard_table,
-)
+from bertvision_tasks.artifacts import ExtractionProgress, failed_shards, publish_shard_table
+from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.extract import (
     extract_shard,
     finish_split,
@@ -27,6 +23,7 @@ from bertvision_tasks.extract import (
     read_plan,
     run_shard_group,
 )
+from bertvision_tasks.names import artifact_key, flow_run_name, run_name, where
 from prefect import flow
 from prefect.futures import wait
 
@@ -55,16 +52,18 @@ class ShardsFailed(RuntimeError):
         self.missing = missing or []
 
 
-@flow(name="extract-glue", flow_run_name="extract-{cfg.task}", log_prints=True)
+@flow(name="extract-glue", flow_run_name=flow_run_name("extract-{cfg.task}"), log_prints=True)
 def extract_glue(
     cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
 ) -> dict[str, int]:
     """Store every layer's hidden states of `cfg.task`'s splits under `cfg.out`; returns shards
     per task/split. `workers` > 0 spreads the pending shards over that many child runs of
     `shard_deployment` (one per worker); 0 extracts them in this flow run."""
+    crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     plans = plan_extraction(cfg)  # validate, write one plan per split
     work = [(cfg, plan) for plan in plans]
-    progress = ExtractionProgress(work, key=artifact_key("extract", cfg.task, "progress"))
+    key = artifact_key("extract", cfg.task, where(cfg.out))
+    progress = ExtractionProgress(work, key=f"{key}-progress")
     todo = [(cfg, plan, pending_shards(cfg, plan)) for plan in plans]  # what storage lacks
     run_errors = {}
     if workers > 0:
@@ -72,7 +71,7 @@ def extract_glue(
     else:
         for _, plan, pending in todo:
             run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
-    publish_shard_table(cfg, plans)
+    publish_shard_table(cfg, plans, f"{key}-shards", run_errors)  # committed, failed, missing
     failures, missing = {}, []
     for plan in plans:
         failed = failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
@@ -89,6 +88,7 @@ def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[in
     """Extract the given shards of one planned task/split; a worker's share of `extract-glue`.
 
     Shards committed meanwhile (by an earlier try or another worker) are skipped."""
+    crash_stale_task_runs()
     plan = read_plan(cfg, split)
     run_errors = _extract_here(cfg, plan, shards, progress=None)
     pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
@@ -119,7 +119,7 @@ def _extract_here(
                 raise no_space_error(cfg, plan, index, exc) from exc
             errors[f"{plan.task}/{plan.split}/{index}"] = state.message or state.name
         elif progress is not None:
-            progress.advance(state.result().rows)
+            progress.advance(plan, state.result().rows)
     return errors
 
 
@@ -136,7 +136,8 @@ def _extract_on_workers(
     for cfg, plan, pending in todo:
         for group in range(min(workers, len(pending))):
             shards = pending[group::workers]
-            name = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+            work = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+            name = run_name(work, cfg.out)
             parameters = {"cfg": cfg, "split": plan.split, "shards": shards}
             future = run_shard_group.submit(deployment, parameters, name)
             runs[future] = [f"{plan.task}/{plan.split}/{i}" for i in shards]
