@@ -63,11 +63,14 @@ class OneLineUsageErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+# Plain help, not Rich's: Rich's panels label every option with its type, flags too (`--json
+# <bool>`, `--help <bool>`), as if they took a value.
 app = typer.Typer(
     cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Store all-layer hidden states once; train small adapters on them.",
 )
 
@@ -347,15 +350,21 @@ def status(
     url: Annotated[str, typer.Argument(help="An extraction output URL")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Examples and shards (total, done, failed, missing) of each task/split under URL."""
+    """Examples and shards (total, done, failed, missing) of each task/split under URL.
+
+    A URL that does not exist or holds no extraction is an error (exit code 2)."""
+    from bertvision import storage
+    from bertvision.shards import ShardError
     from bertvision.shards import status as shard_status
 
+    if not storage.exists(url):
+        raise ShardError(f"{url} does not exist")
     result = shard_status(url)
+    if not result:
+        raise ShardError(f"{url} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)")
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
         return
-    if not result:
-        typer.echo(f"no extractions under {url}")
     for name, s in result.items():
         typer.echo(
             f"{name}: {s['examples']} examples, {s['shards']} shards: {s['done']} done, "

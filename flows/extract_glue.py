@@ -13,12 +13,8 @@ does not hold committed.
 
 from __future__ import annotations
 
-from bertvision_tasks.artifacts import (
-    ExtractionProgress,
-    artifact_key,
-    failed_shards,
-    publish_shard_table,
-)
+from bertvision_tasks.artifacts import ExtractionProgress, failed_shards, publish_shard_table
+from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.extract import (
     extract_shard,
     finish_split,
@@ -28,6 +24,7 @@ from bertvision_tasks.extract import (
     read_plan,
     run_shard_group,
 )
+from bertvision_tasks.names import artifact_key, flow_run_name, run_name, where
 from prefect import flow
 from prefect.futures import wait
 
@@ -56,7 +53,7 @@ class ShardsFailed(RuntimeError):
         self.missing = missing or []
 
 
-@flow(name="extract-glue", flow_run_name="extract-{cfg.task}", log_prints=True)
+@flow(name="extract-glue", flow_run_name=flow_run_name("extract-{cfg.task}"), log_prints=True)
 def extract_glue(
     cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
 ) -> dict[str, int]:
@@ -64,10 +61,11 @@ def extract_glue(
     per task/split. `workers` > 0 spreads the pending shards over that many child runs of
     `shard_deployment` (one per worker); 0 extracts them in this flow run. A GLUE task stores
     one row per example, squad2 one per window."""
+    crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     return _extract(cfg, workers, shard_deployment)
 
 
-@flow(name="extract-squad", flow_run_name="extract-{cfg.task}", log_prints=True)
+@flow(name="extract-squad", flow_run_name=flow_run_name("extract-{cfg.task}"), log_prints=True)
 def extract_squad(
     cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
 ) -> dict[str, int]:
@@ -75,13 +73,15 @@ def extract_squad(
     deployment carries SQuAD 2.0's windowing as defaults (deployments/prefect.yaml)."""
     if not is_span_task(cfg.task):
         raise ConfigError("task", f"{cfg.task!r} is not a span task (squad2); use extract-glue")
+    crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     return _extract(cfg, workers, shard_deployment)
 
 
 def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[str, int]:
     plans = plan_extraction(cfg)  # validate, write one plan per split
     work = [(cfg, plan) for plan in plans]
-    progress = ExtractionProgress(work, key=artifact_key("extract", cfg.task, "progress"))
+    key = artifact_key("extract", cfg.task, where(cfg.out))
+    progress = ExtractionProgress(work, key=f"{key}-progress")
     todo = [(cfg, plan, pending_shards(cfg, plan)) for plan in plans]  # what storage lacks
     run_errors = {}
     if workers > 0:
@@ -89,7 +89,7 @@ def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[st
     else:
         for _, plan, pending in todo:
             run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
-    publish_shard_table(cfg, plans)
+    publish_shard_table(cfg, plans, f"{key}-shards", run_errors)  # committed, failed, missing
     failures, missing = {}, []
     for plan in plans:
         failed = failed_shards(cfg, plan, pending_shards(cfg, plan), run_errors)
@@ -106,6 +106,7 @@ def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[in
     """Extract the given shards of one planned task/split; a worker's share of `extract-glue`.
 
     Shards committed meanwhile (by an earlier try or another worker) are skipped."""
+    crash_stale_task_runs()
     plan = read_plan(cfg, split)
     run_errors = _extract_here(cfg, plan, shards, progress=None)
     pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
@@ -136,7 +137,7 @@ def _extract_here(
                 raise no_space_error(cfg, plan, index, exc) from exc
             errors[f"{plan.task}/{plan.split}/{index}"] = state.message or state.name
         elif progress is not None:
-            progress.advance(state.result().rows)
+            progress.advance(plan, state.result().rows)
     return errors
 
 
@@ -153,7 +154,8 @@ def _extract_on_workers(
     for cfg, plan, pending in todo:
         for group in range(min(workers, len(pending))):
             shards = pending[group::workers]
-            name = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+            work = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+            name = run_name(work, cfg.out)
             parameters = {"cfg": cfg, "split": plan.split, "shards": shards}
             future = run_shard_group.submit(deployment, parameters, name)
             runs[future] = [f"{plan.task}/{plan.split}/{i}" for i in shards]

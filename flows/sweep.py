@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bertvision_tasks.artifacts import artifact_key, publish_metrics
+from bertvision_tasks.artifacts import publish_metrics
+from bertvision_tasks.attempts import crash_stale_task_runs
+from bertvision_tasks.names import artifact_key, flow_run_name, where
 from bertvision_tasks.sweep import (
     extracted_tasks,
     prepare_sweep,
@@ -28,7 +30,12 @@ from bertvision import runs, storage
 from bertvision.config import SweepConfig
 
 
-def publish_best(results: dict[str, dict], adapter: str) -> None:
+def _work(parameters: dict) -> str:
+    cfg = parameters["cfg"]
+    return f"sweep-{'all' if parameters.get('all_tasks') else cfg.task}-{cfg.adapter}"
+
+
+def publish_best(results: dict[str, dict], adapter: str, key: str) -> None:
     """A markdown artifact: each task's best trial, its val and dev metrics."""
     rows = {
         f"{name} trial {r['best']['trial']}": {"val": r["best"]["val"], "dev": r["best"]["dev"]}
@@ -36,12 +43,12 @@ def publish_best(results: dict[str, dict], adapter: str) -> None:
         if r["best"] is not None
     }
     title = f"Best {adapter} trial of each sweep (chosen by val)"
-    publish_metrics(title, rows, key=artifact_key("sweep", adapter, "best"))
+    publish_metrics(title, rows, key=key)
 
 
 @flow(
     name="sweep",
-    flow_run_name="sweep-{cfg.task}",
+    flow_run_name=flow_run_name(_work),
     task_runner=ProcessPoolTaskRunner(max_workers=2),
     log_prints=True,
 )
@@ -51,6 +58,7 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
     under `cfg.embeddings` is swept, each into `cfg.out/<task>/sweep` (the pipeline's layout).
     A sweep folder holding another sweep is refused unless `cfg.overwrite`; one another run is
     sweeping into is refused (FolderBusy)."""
+    crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     if all_tasks:
         names = extracted_tasks(cfg.embeddings)  # the tasks to sweep
         cfgs = [replace(cfg, task=name, out=storage.join(cfg.out, name, "sweep")) for name in names]
@@ -66,5 +74,6 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
                 record_trials(one)  # trials.jsonl from the committed records
             results[one.task] = summarize(one, done_before).to_dict()  # the best trial by val
         print(f"{one.task}: {results[one.task]}")
-    publish_best(results, cfg.adapter)
+    work = _work({"cfg": cfg, "all_tasks": all_tasks})
+    publish_best(results, cfg.adapter, key=artifact_key(work, where(cfg.out), "best"))
     return results

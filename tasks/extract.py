@@ -6,6 +6,7 @@ whatever Prefect's cache holds, and `pending_shards` lists only what storage lac
 
 from __future__ import annotations
 
+from bertvision_tasks.names import task_run_name
 from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -25,13 +26,23 @@ def _shard_commit_record(inputs: dict) -> str:
     return manifest_url(folder, shard_record_name(inputs["index"]))
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=900, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-plan"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=900,
+    **RETRY,
+)
 def plan_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     """Check task, data, model and output; write one plan per split (idempotent)."""
     return extract.prepare_extraction(cfg)
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-{split}-read-plan"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
 def read_plan(cfg: ExtractConfig, split: str) -> ExtractionPlan:
     """The plan a coordinating flow run wrote for `cfg.task`/`split`. A worker's share of shards
     starts here, so this also removes the upload spool files of killed writers on this machine."""
@@ -43,26 +54,38 @@ def read_plan(cfg: ExtractConfig, split: str) -> ExtractionPlan:
     return plan
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+@task(
+    task_run_name=task_run_name("{plan.task}-{plan.split}-pending"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
 def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
     """Shards of `plan` that storage does not hold committed."""
     return extract.pending_shards(cfg, plan)
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+@task(
+    task_run_name=task_run_name("{plan.task}-{plan.split}-listing"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
 def missing_from_storage(cfg: ExtractConfig, plan: ExtractionPlan, indices: list[int]) -> list[str]:
     """What a final listing lacks of the plan and of shards `indices` ("URL (why)" each)."""
     return shards.missing_from_storage(split_url(cfg.out, plan.task, plan.split), plan, indices)
 
 
-@task(task_run_name="{plan.task}-{plan.split}-finish", cache_policy=NO_CACHE, **RETRY)
+@task(
+    task_run_name=task_run_name("{plan.task}-{plan.split}-finish"), cache_policy=NO_CACHE, **RETRY
+)
 def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> list[str]:
     """The final listing of one split; its run record when the extraction is complete."""
     return extract.finish_split(cfg, plan, done)
 
 
 @task(
-    task_run_name="{plan.task}-{plan.split}-shard-{index:04d}",
+    task_run_name=task_run_name("{plan.task}-{plan.split}-shard-{index:04d}"),
     cache_policy=WhileStored(_shard_commit_record),
     persist_result=True,
     timeout_seconds=3600,

@@ -3,6 +3,7 @@ trial's trial.json makes `run_trial` return it unrun, whatever Prefect's cache h
 
 from __future__ import annotations
 
+from bertvision_tasks.names import task_run_name
 from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,26 +18,41 @@ def _trial_record(inputs: dict) -> str:
     return storage.join(core.trial_url(inputs["cfg"].out, inputs["spec"].trial), core.TRIAL_RECORD)
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+@task(
+    task_run_name=task_run_name("extracted-tasks", out=lambda p: p["embeddings"]),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
 def extracted_tasks(embeddings: str) -> list[str]:
     """The GLUE tasks whose train and dev embeddings under `embeddings` are complete."""
     return core.extracted_glue_tasks(embeddings)
 
 
-@task(task_run_name="{cfg.task}-sweep-plan", cache_policy=NO_CACHE, timeout_seconds=300, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-sweep-plan"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
 def prepare_sweep(cfg: SweepConfig) -> dict:
     """Check the embeddings; write sweep.json, or check it is this sweep's."""
     return core.prepare_sweep(cfg)
 
 
-@task(task_run_name="{cfg.task}-suggest", cache_policy=NO_CACHE, timeout_seconds=600, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-suggest"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=600,
+    **RETRY,
+)
 def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
     """TPE's next `count` points, from the trials finished so far."""
     return core.suggest_trials(cfg, count)
 
 
 @task(
-    task_run_name="{cfg.task}-{cfg.adapter}-trial-{spec.trial:04d}",
+    task_run_name=task_run_name("{cfg.task}-{cfg.adapter}-trial-{spec.trial:04d}"),
     cache_policy=WhileStored(_trial_record, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,
@@ -47,13 +63,23 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec) -> TrialRecord:
     return core.run_trial(cfg, spec)
 
 
-@task(task_run_name="{cfg.task}-record", cache_policy=NO_CACHE, timeout_seconds=600, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-record"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=600,
+    **RETRY,
+)
 def record_trials(cfg: SweepConfig) -> list[TrialRecord]:
     """Rewrite trials.jsonl from the committed trial records."""
     return core.record_trials(cfg)
 
 
-@task(task_run_name="{cfg.task}-summary", cache_policy=NO_CACHE, timeout_seconds=600, **RETRY)
+@task(
+    task_run_name=task_run_name("{cfg.task}-summary"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=600,
+    **RETRY,
+)
 def summarize(cfg: SweepConfig, done_before: int) -> SweepSummary:
     """Trials finished, failed and the best one by validation metric."""
     return core.summarize(cfg, done_before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bertvision_tasks.names import task_run_name
 from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 
@@ -15,7 +16,7 @@ def _commit_record(inputs: dict) -> str:
 
 
 @task(
-    task_run_name="{cfg.task}-train-{cfg.adapter}",
+    task_run_name=task_run_name("{cfg.task}-train-{cfg.adapter}"),
     cache_policy=WhileStored(_commit_record, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,

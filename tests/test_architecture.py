@@ -112,3 +112,12 @@ def test_a_stage_without_its_task_or_output_names_the_field():
 
     with pytest.raises(config.ConfigError, match="^task is required$"):
         finetune_encoder(config.FinetuneConfig(out="x"))
+
+
+def test_boolean_options_are_shown_as_flags_not_as_taking_a_value():
+    from bertvision.cli import app
+
+    status = CliRunner().invoke(app, ["status", "--help"], terminal_width=100).output
+    assert "  --json  Print JSON" in status and "<bool>" not in status
+    extract = CliRunner().invoke(app, ["extract", "--help"], terminal_width=100).output
+    assert "  --overwrite / --no-overwrite  Replace" in extract and "<bool>" not in extract

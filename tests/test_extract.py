@@ -83,6 +83,16 @@ def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
     assert status["wnli/dev"]["done"] == 4 and status["wnli/dev"]["missing"] == 0
 
 
+def test_status_of_a_folder_without_an_extraction_is_an_error(tmp_path):
+    missing = CliRunner().invoke(app, ["status", str(tmp_path / "nowhere")])
+    assert (missing.exit_code, missing.output) == (2, f"error: {tmp_path}/nowhere does not exist\n")
+    empty = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
+    assert (empty.exit_code, empty.output) == (
+        2,
+        f"error: {tmp_path} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)\n",
+    )
+
+
 @pytest.mark.slow
 def test_every_layer_equals_a_direct_forward_of_minilm(tmp_path, minilm, glue_dir):
     """Must show 2: RTE dev through the CLI, each decoded layer == AutoModel forward, to fp16."""

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import shutil
+from uuid import UUID
 
 import pyarrow.dataset as ds
 import pytest
@@ -20,8 +21,16 @@ from bertvision_tasks.policy import transient  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
-from prefect.states import Failed  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.objects import StateType  # noqa: E402
+from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
+from prefect.states import Failed, Running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from bertvision import extract, shards  # noqa: E402
@@ -37,6 +46,16 @@ SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, dev
 
 def _cfg(out, model, data_dir) -> ExtractConfig:
     return ExtractConfig(task="wnli", out=str(out), model=model, data_dir=data_dir, **SMALL)
+
+
+def _at(out) -> str:
+    """What run names show of an output folder: its last two parts."""
+    return f"{out.parent.name}/{out.name}"
+
+
+def _key(out) -> str:
+    """What artifact keys show of an output folder."""
+    return re.sub(r"[^a-z0-9]+", "-", _at(out).lower()).strip("-")
 
 
 def _task_run_names(flow_state) -> list[str]:
@@ -88,19 +107,31 @@ def test_retries_are_for_transient_failures_only():
 def test_extract_glue_commits_every_shard_with_named_runs_and_artifacts(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
-    state = extract_glue(_cfg(tmp_path, tiny_model, glue_dir), return_state=True)
+    out = tmp_path / "runs" / "emb"
+    state = extract_glue(_cfg(out, tiny_model, glue_dir), return_state=True)
     assert state.is_completed() and state.result() == {"wnli/dev": 4}
-    assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+    assert _example_ids(out, "wnli", "dev") == list(range(71))
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "extract-wnli@runs/emb"
     names = _task_run_names(state)
-    assert [n for n in names if "shard-" in n] == [f"wnli-dev-shard-{i:04d}" for i in range(4)]
+    assert [n for n in names if "shard-" in n] == [
+        f"wnli-dev-shard-{i:04d}@runs/emb" for i in range(4)
+    ]
+    assert "wnli-plan@runs/emb" in names and "wnli-dev-finish@runs/emb" in names
 
-    table = Artifact.get("wnli-shards")
-    rows = json.loads(table.data)
+    table = Artifact.get("extract-wnli-runs-emb-shards")  # the key names the output
+    *rows, total = json.loads(table.data)
     assert table.type == "table" and [row["shard"] for row in rows] == [0, 1, 2, 3]
-    assert {"rows", "bytes", "seconds", "worker"} <= set(rows[0])
-    assert sum(row["rows"] for row in rows) == 71
-    progress = Artifact.get("extract-wnli-progress")
+    assert [row["examples"] for row in rows] == ["0-19", "20-39", "40-59", "60-70"]
+    assert {row["status"] for row in rows} == {"committed"}
+    assert re.fullmatch(r"\d+(\.\d)? kB", rows[0]["size"])  # not a raw byte count
+    assert re.fullmatch(r".+:\d+", rows[0]["written by (host:pid)"])
+    assert total["split"] == "all" and total["rows"] == 71
+    assert total["status"] == "4 committed, 0 failed, 0 missing"
+    assert total["written by (host:pid)"] == "1 worker(s)"
+    progress = Artifact.get("extract-wnli-runs-emb-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description.startswith("71 of 71 examples committed (wnli/dev 71 of 71)")
 
 
 def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
@@ -119,12 +150,63 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
         extract_glue(cfg)
     status = shards.status(str(tmp_path))["wnli/dev"]
     assert (status["done"], status["failed_shards"]) == (3, [1])  # the others went on
+    *rows, total = json.loads(Artifact.get(f"extract-wnli-{_key(tmp_path)}-shards").data)
+    assert [row["status"] for row in rows] == ["committed", "failed", "committed", "committed"]
+    assert rows[1]["error"] == "DataError: injected: WNLI/dev.tsv line 22 is malformed"
+    assert total["status"] == "3 committed, 1 failed, 0 missing" and total["rows"] == 51
 
     monkeypatch.setattr(extract, "hidden_state_batches", real_batches)
     state = extract_glue(cfg, return_state=True)
     assert state.is_completed()
-    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
+    shard_runs = [n for n in _task_run_names(state) if "shard-" in n]
+    assert shard_runs == [f"wnli-dev-shard-0001@{_at(tmp_path)}"]
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+
+
+def test_a_retry_carries_on_the_progress_artifact_and_crashes_task_runs_left_running(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    """The first attempt fails on shard 1 and leaves a task run Running, as a `kill -9` of its
+    process would; the retry (the same flow run) sets that one Crashed, extracts shard 1 and
+    takes the first attempt's progress artifact to 100 %."""
+    real_batches = extract.hidden_state_batches
+    left_running = []
+
+    def killed_on_shard_1_once(encoder, examples, plan, batch_size):
+        if examples[0].example_id == 20 and not left_running:
+            with get_client(sync_client=True) as client:
+                left_running.append(
+                    client.create_task_run(
+                        extract_tasks.extract_shard,
+                        flow_run_id=UUID(runtime_flow_run.id),
+                        dynamic_key="killed",
+                        name="wnli-dev-shard-0001@killed",
+                        state=Running(),
+                    ).id
+                )
+            raise DataError("injected: the first attempt's process died here")
+        return real_batches(encoder, examples, plan, batch_size)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", killed_on_shard_1_once)
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    state = extract_glue.with_options(retries=1)(cfg, return_state=True)
+    assert state.is_completed() and _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).run_count == 2
+        stale = client.read_task_run(left_running[0]).state
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"extract-wnli-{_key(tmp_path)}-progress"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
+    assert stale.type == StateType.CRASHED and "when its flow run was retried" in stale.message
+    [artifact] = progress  # one for both attempts
+    assert float(artifact.data) == 100.0
+    assert artifact.description.startswith("71 of 71 examples committed (wnli/dev 71 of 71); ")
+    assert re.search(r"; [\d,.]+ examples/s in this attempt$", artifact.description)
 
 
 def test_storage_losing_committed_files_fails_the_run_naming_them(
@@ -154,7 +236,8 @@ def test_storage_losing_committed_files_fails_the_run_naming_them(
     monkeypatch.setattr(extract, "extract_shard", real_shard)
     state = extract_glue(cfg, return_state=True)
     assert state.is_completed()
-    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0001"]
+    shard_runs = [n for n in _task_run_names(state) if "shard-" in n]
+    assert shard_runs == [f"wnli-dev-shard-0001@{_at(tmp_path)}"]
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
 
 
@@ -174,7 +257,9 @@ def test_no_space_stops_the_flow_at_the_first_shard(
     assert state.is_failed()
     with pytest.raises(OutOfSpace, match="no space left writing shard 0 of wnli/dev"):
         state.result()
-    assert [n for n in _task_run_names(state) if "shard-" in n] == ["wnli-dev-shard-0000"]
+    assert [n for n in _task_run_names(state) if "shard-" in n] == [
+        f"wnli-dev-shard-0000@{_at(tmp_path)}"
+    ]
     assert not list((tmp_path / "wnli/dev").rglob("*~*"))  # no staging file left
 
 
@@ -212,9 +297,27 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     assert (out / "wnli" / "finetune" / "config.json").is_file()
     assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
     assert json.loads((out / "wnli" / "ensemble" / "metrics.json").read_text())["members"]
-    assert "| wnli ensemble | dev |" in Artifact.get("pipeline-wnli-metrics").data
-    assert "| finetune | dev |" in Artifact.get("wnli-finetune-metrics").data
-    assert "| pooler | val |" in Artifact.get("wnli-pooler-metrics").data
+
+    # Runs are named after their work and output, artifact keys too.
+    with get_client(sync_client=True) as client:
+        flow_runs = {run.name for run in client.read_flow_runs()}
+        task_runs = {run.name for run in client.read_task_runs()}
+    assert {
+        f"pipeline-wnli@{_at(out)}",
+        "finetune-wnli@wnli/finetune",
+        "extract-wnli@run/embeddings",
+        "train-wnli-pooler@wnli/pooler",
+        "sweep-wnli-pooler@wnli/sweep",
+        "ensemble-wnli-top-1@wnli/ensemble",
+    } <= flow_runs
+    assert {"wnli-finetune@wnli/finetune", "wnli-pooler-trial-0000@wnli/sweep"} <= task_runs
+    compared = Artifact.get(f"pipeline-wnli-{_key(out)}-metrics").data
+    assert "| wnli | majority class (train) | 0.5634 |  |" in compared  # WNLI dev: 40 of 71
+    assert re.search(
+        r"^\| wnli \| ensemble \| [01]\.\d{4} \| [+-]0\.\d{4} accuracy \|$", compared, re.M
+    )
+    assert "| finetune | dev |" in Artifact.get("finetune-wnli-wnli-finetune-metrics").data
+    assert "| pooler | val |" in Artifact.get("train-wnli-pooler-wnli-pooler-metrics").data
 
 
 def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed(

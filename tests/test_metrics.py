@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bertvision.metrics import compute_metrics, f1, mcc, pearson, spearman
+from bertvision.metrics import compute_metrics, f1, majority_baseline, mcc, pearson, spearman
 
 
 def test_each_task_reports_its_official_metrics_primary_first():
@@ -61,3 +61,13 @@ def test_bad_input_is_refused():
         compute_metrics("rte", [], [])
     with pytest.raises(ValueError, match="unknown task"):
         compute_metrics("squad9", [0], [0])
+
+
+def test_the_majority_baseline_predicts_trains_most_frequent_label_on_dev(glue_dir):
+    # WNLI train: 323 of class 0, 312 of class 1; dev: 40 of 71 are class 0.
+    assert majority_baseline("wnli", glue_dir) == pytest.approx({"accuracy": 40 / 71})
+    # MRPC train leans to paraphrase (1); dev: 279 of 408 are paraphrases.
+    assert majority_baseline("mrpc", glue_dir) == pytest.approx(
+        {"f1": 2 * 279 / (279 + 408), "accuracy": 279 / 408}
+    )
+    assert majority_baseline("stsb", glue_dir) == {"pearson": 0.0, "spearman": 0.0}  # a constant
