@@ -174,9 +174,7 @@ def test_a_glue_task_refuses_the_span_adapter_in_training_and_sweeps():
         SweepConfig(task="rte", adapter="span")
 
 
-def test_a_glue_adapter_on_span_shards_is_one_error_line_and_nothing_written(
-    embeddings, tmp_path
-):
+def test_a_glue_adapter_on_span_shards_is_one_error_line_and_nothing_written(embeddings, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(
         app, ["train", "--task", "squad2", "--embeddings", embeddings, "--out", str(out)]
