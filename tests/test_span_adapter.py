@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bertvision import adapters, runs, span_train, squad
 from bertvision import encoder as enc
+from bertvision import train as training
 from bertvision.cli import app
 from bertvision.config import ConfigError, ExtractConfig, SweepConfig, TrainConfig
 from bertvision.extract import extract_hidden_states
@@ -270,6 +271,7 @@ def test_a_rerun_returns_the_stored_run(finished):
     record = runs.commit_record(cfg.out)
     assert train_adapter(cfg, progress=False) == metrics
     assert runs.commit_record(cfg.out) == record
+    assert training.content_key(cfg) == record["key"]  # the Prefect task's cache key
     assert record["kind"] == "train" and set(record["inputs"]) == {
         "embeddings/train",
         "embeddings/dev",
