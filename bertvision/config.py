@@ -117,6 +117,27 @@ def _glue_only(cfg: Any, stage: str) -> None:
         raise ConfigError("task", f"{cfg.task!r}: {stage} takes GLUE tasks only, for now")
 
 
+def _adapter_fits_task(cfg: Any) -> None:
+    """ConfigError for an adapter that does not read the task's rows: a GLUE adapter (one row
+    per example) on a span task's windows, or a span adapter on a GLUE task."""
+    from bertvision import adapters
+    from bertvision.families import get_task
+
+    if not cfg.task or cfg.adapter not in adapters.adapter_names():
+        return
+    family = get_task(cfg.task).family
+    if adapters.config_class(cfg.adapter).schema == family.schema:
+        return
+    names = adapters.adapter_names()
+    fitting = [n for n in names if adapters.config_class(n).schema == family.schema]
+    rows = "windows (span tasks)" if family.schema == "span" else "examples (GLUE)"
+    raise ConfigError(
+        "adapter",
+        f"{cfg.adapter!r} does not fit {cfg.task}, whose embeddings hold one row per {rows}; "
+        f"use {' or '.join(fitting)}",
+    )
+
+
 def _resolve_model_and_device(cfg: Any) -> None:
     from bertvision import encoder as enc
 
@@ -271,8 +292,10 @@ class ExtractConfig(Stage, Source, Tokens, Device):
 class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     """Settings of `bertvision train`: one adapter on stored embeddings (a sweep trial too)."""
 
-    adapter: str = setting("pooler", "pooler, scalarmix or cls (the [CLS] linear probe)")
-    adapter_dim: int = setting(64, "Width of the pooler's shared adapter")
+    adapter: str = setting(
+        "pooler", "pooler, scalarmix or cls (the [CLS] linear probe); span for squad2"
+    )
+    adapter_dim: int = setting(64, "Width of the pooler's (and span adapter's) shared adapter")
     token_pool: str = setting("cls+mean", "Pooler: first token (cls), masked mean, or cls+mean")
     dropout: float = setting(0.1, "Before the output layer")
     lr: float = setting(1e-3, "Learning rate of AdamW")
@@ -290,11 +313,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         from bertvision import adapters
 
         _task_name(self)
-        _glue_only(self, "adapter training")
         check_finite(self)
         if self.adapter not in adapters.adapter_names():
             known = ", ".join(adapters.adapter_names())
             raise ConfigError("adapter", f"{self.adapter!r} is unknown; expected one of {known}")
+        _adapter_fits_task(self)
         check_at_least(self, 1, "adapter_dim", "epochs", "batch_size", "shuffle_shards")
         check_at_least(self, 0, "patience", "max_resident_gb")
         if not self.lr > 0:
@@ -306,15 +329,16 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     def adapter_config(self, layers: int, hidden_size: int):
         """The adapter's config for embeddings of `layers` x `hidden_size` (adapters registry)."""
-        from bertvision import adapters
-        from bertvision.glue import get_task
+        from bertvision import adapters, glue
 
+        # GLUE: the task's classes (1: a score); span adapters give 2 logits (start, end) a token.
+        glue_task = self.task and self.task in glue.TASKS
         try:
             return adapters.make_config(
                 self.adapter,
                 layers=layers,
                 hidden_size=hidden_size,
-                num_labels=get_task(self.task).num_labels if self.task else 1,
+                num_labels=glue.get_task(self.task).num_labels if glue_task else 2,
                 dropout=self.dropout,
                 adapter_dim=self.adapter_dim,
                 token_pool=self.token_pool,
@@ -371,6 +395,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
         _task_name(self)
         _glue_only(self, "a sweep")
+        _adapter_fits_task(self)
         check_finite(self)
         check_at_least(self, 1, "trials", "parallel", "startup_trials")
         check_fraction(self, "val_fraction")

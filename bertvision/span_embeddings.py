@@ -73,17 +73,20 @@ class Windows:
 
     def by_window_id(self) -> Windows:
         """The same windows ordered by window id: build_features' order."""
-        order = np.argsort(self.window_ids, kind="stable")
+        return self.take(np.argsort(self.window_ids, kind="stable"))
+
+    def take(self, rows: np.ndarray) -> Windows:
+        """The windows at `rows` (indices into these arrays), in that order."""
         return Windows(
-            self.window_ids[order],
-            [self.question_ids[i] for i in order],
-            self.example_index[order],
-            self.window_index[order],
-            self.is_impossible[order],
-            self.start_positions[order],
-            self.end_positions[order],
-            self.lengths[order],
-            self.offsets[order],
+            self.window_ids[rows],
+            [self.question_ids[i] for i in rows],
+            self.example_index[rows],
+            self.window_index[rows],
+            self.is_impossible[rows],
+            self.start_positions[rows],
+            self.end_positions[rows],
+            self.lengths[rows],
+            self.offsets[rows],
         )
 
 

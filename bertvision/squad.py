@@ -385,14 +385,16 @@ def best_spans(
 ) -> list[SpanPrediction]:
     """The best span of each question (in the order of `examples`), BERT's post-processing.
 
-    start_logits, end_logits: (W, T), one row per window of `features`. In each window the
+    features: squad.Features, or any windows with `example_index` (W,) and `offsets` (W, T, 2)
+    (span_embeddings.Windows: stored windows). start_logits, end_logits: (W, T), one row per
+    window of `features`, -inf where a window has no token. In each window the
     `n_best` highest start and end logits are paired; a pair counts if both tokens are context
     tokens, the end is not before the start and the span has at most `max_answer_length`
     tokens. Its score is start + end logit and its text the context between the start token's
     first and the end token's last character.
     Errors: ValueError for logits whose shape is not the features' (W, T).
     """
-    shape = features.input_ids.shape
+    shape = features.offsets.shape[:2]
     start_logits = np.asarray(start_logits, dtype=np.float64)
     end_logits = np.asarray(end_logits, dtype=np.float64)
     for name, logits in (("start_logits", start_logits), ("end_logits", end_logits)):
@@ -781,7 +783,8 @@ def _padded(logits: list[np.ndarray], features: Features) -> tuple[np.ndarray, n
 
 def write_outputs(run: str, split: str, features: Features, logits: list[np.ndarray]) -> None:
     """RUN/outputs/<split>.parquet: question_id, window_index, start_logits, end_logits of each
-    window (what ensembles of span models average)."""
+    window (what ensembles of span models average). `features`: squad.Features, or stored
+    windows (span_embeddings.Windows), one per (2, T) array of `logits`."""
     import io
 
     import pyarrow as pa

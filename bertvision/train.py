@@ -30,6 +30,11 @@ the run record of bertvision.records, kind "train", or "trial" for a sweep's tri
 
 The dev metrics are computed from the dev predictions as written to the TSV file, so they equal
 the metrics anyone recomputes from that file and the dev labels.
+
+The loop (epochs, early stopping on the held-out slice, checkpoints, the staged commit) is one
+for every task family; what differs (the data, the loss, the validation, the outputs) is an
+`Objective`: `GlueObjective` here, `span_train.SpanObjective` for span tasks (SQuAD 2.0, the
+span adapter), whose outputs that module describes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -52,6 +58,7 @@ from bertvision.config import TrainConfig, require
 from bertvision.embeddings import EmbeddingData, SplitData, epoch_batches, load_embeddings
 from bertvision.finite import NonFiniteError
 from bertvision.metrics import compute_metrics
+from bertvision.schema import ExtractionPlan
 from bertvision.shards import ShardError, load_plan, split_url
 
 CHECKPOINT = "_checkpoint/last.pt"
@@ -62,11 +69,17 @@ def content_key(cfg: TrainConfig) -> str:
     """`cfg.run_key` of the embeddings stored now, from their plans alone (a few small reads):
     what `train_adapter` would key the run on, without reading a shard. Embeddings replaced by
     another extraction change it; missing ones leave their split out (training then refuses)."""
-    task = glue.get_task(cfg.task)
+    from bertvision import span_train
+
+    if span_train.is_span_run(cfg):
+        names: tuple[str, ...] = span_train.SPLITS
+    else:
+        task = glue.get_task(cfg.task)
+        names = ("train", *task.dev_splits, *task.test_splits)
     embeddings = cfg.embeddings.rstrip("/")
     keys = {}
-    for name in ("train", *task.dev_splits, *task.test_splits):
-        plan = load_plan(split_url(embeddings, task.name, name))
+    for name in names:
+        plan = load_plan(split_url(embeddings, cfg.task, name))
         if plan is not None:
             keys[name] = plan.key
     return cfg.run_key(keys)
@@ -123,13 +136,37 @@ def _evaluate(task, model, split, keep, batch_size, device) -> tuple[dict, float
     return compute_metrics(task, predicted, labels), loss, logits
 
 
-def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: int) -> float:
-    """One pass over the kept rows; the mean training loss. Seeded by (seed, epoch), so an
-    epoch after a resume draws what it would have drawn without the interruption."""
+def start_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> np.random.Generator:
+    """Put `model` in training mode with its dropout seeded by (seed, epoch), and return the
+    generator of the epoch's batch order: an epoch after a resume draws what it would have
+    drawn without the interruption."""
     order = np.random.default_rng([cfg.seed, epoch])
     dropout = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + epoch)
     adapters.use_generator(model, dropout)  # never torch's global generator: see bertvision.rng
     model.train()
+    return order
+
+
+def check_loss(value: float, cfg: TrainConfig, epoch: int) -> None:
+    """NonFiniteError when a training step's loss is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"training diverged in epoch {epoch}: the loss is {value}; "
+            f"try a lower lr (now {cfg.lr})"
+        )
+
+
+def step(model: nn.Module, optimizer, loss: torch.Tensor) -> None:
+    """One AdamW step on `loss`, gradients clipped to norm 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over the kept rows; the mean training loss (see `start_epoch`)."""
+    order = start_epoch(model, cfg, epoch)
     total, count = 0.0, 0
     for packed, rows, storage_rows in epoch_batches(
         split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards
@@ -138,18 +175,82 @@ def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: i
         labels = torch.from_numpy(split.labels[storage_rows]).to(cfg.device)
         loss = task_loss(task, model(hidden, mask), labels)
         value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteError(
-                f"training diverged in epoch {epoch}: the loss is {value}; "
-                f"try a lower lr (now {cfg.lr})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        check_loss(value, cfg, epoch)
+        step(model, optimizer, loss)
         total += value * len(rows)
         count += len(rows)
     return total / count
+
+
+class Objective(Protocol):
+    """One task family's side of adapter training, on embeddings checked and loaded: what the
+    loop (`_fit`) trains on, selects on and writes. `rows` names its rows ("examples",
+    "windows"); `plan` is the train split's extraction plan (layers, hidden size, encoder)."""
+
+    task: str
+    primary_metric: str  # in the validation metrics; higher is better
+    rows: str
+    embeddings: str
+    plan: ExtractionPlan
+    num_train: int  # rows trained on
+    num_val: int  # rows of the held-out slice
+
+    def extraction_keys(self) -> dict[str, str]: ...
+
+    def inputs(self) -> dict[str, dict[str, str]]:
+        """records.RunRecord.inputs: each split read, its folder and extraction key."""
+        ...
+
+    def train_epoch(self, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> float:
+        """One pass over the training rows (seeded: `start_epoch`); the mean loss."""
+        ...
+
+    def validate(self, model: nn.Module, cfg: TrainConfig) -> tuple[dict, float]:
+        """Metrics and loss on the held-out slice, `model` in eval mode."""
+        ...
+
+    def write_outputs(self, model: nn.Module, cfg: TrainConfig, out: str) -> dict:
+        """Predict with the chosen weights, write predictions and outputs under `out` (staged);
+        returns metrics.json's content. Nothing written when an output is not finite."""
+        ...
+
+
+class GlueObjective:
+    """GLUE's rows: one per example, the task's loss and metrics, the seeded held-out slice."""
+
+    rows = "examples"
+
+    def __init__(self, cfg: TrainConfig, data: EmbeddingData) -> None:
+        _check_data(cfg, data)
+        self.data = data
+        self.task = data.task.name
+        self.primary_metric = data.task.primary_metric
+        self.embeddings = data.embeddings
+        self.plan = data.plan
+        train = data.splits["train"]
+        self.is_val = np.isin(train.example_ids, train.held_out_ids(cfg.val_fraction, cfg.val_seed))
+        self.num_val = int(self.is_val.sum())
+        self.num_train = len(self.is_val) - self.num_val
+
+    def extraction_keys(self) -> dict[str, str]:
+        return self.data.extraction_keys()
+
+    def inputs(self) -> dict[str, dict[str, str]]:
+        return run_inputs(self.data)
+
+    def train_epoch(self, model, optimizer, cfg: TrainConfig, epoch: int) -> float:
+        train = self.data.splits["train"]
+        return _train_epoch(self.data.task, model, optimizer, train, ~self.is_val, cfg, epoch)
+
+    def validate(self, model, cfg: TrainConfig) -> tuple[dict, float]:
+        train = self.data.splits["train"]
+        metrics, loss, _ = _evaluate(
+            self.data.task, model, train, self.is_val, 2 * cfg.batch_size, cfg.device
+        )
+        return metrics, loss
+
+    def write_outputs(self, model, cfg: TrainConfig, out: str) -> dict:
+        return _write_glue_outputs(cfg, self.data, model, self.is_val, out)
 
 
 def train_adapter(
@@ -163,26 +264,31 @@ def train_adapter(
     Every check runs before anything is written: bad input leaves RUN as it was. While it
     trains, RUN is leased (runs.Lease): a second writer gets FolderBusy. `trial_of` is the sweep
     (records.input_of its URL and key) whose trial this run is: its run record then has kind
-    "trial" and the sweep among its inputs.
+    "trial" and the sweep among its inputs. `data`: the embeddings already loaded
+    (load_embeddings; span_train.load_span_data for span tasks).
     """
+    from bertvision import span_train
+
     require(cfg)
     stopwatch = records.Stopwatch()
-    task = glue.get_task(cfg.task)
-    if data is None:
-        data = load_embeddings(
-            task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
-        )
-    _check_data(cfg, data)
-    key = cfg.run_key(data.extraction_keys())
+    if span_train.is_span_run(cfg):
+        objective: Objective = span_train.SpanObjective(cfg, data)
+    else:
+        if data is None:
+            data = load_embeddings(
+                cfg.task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
+            )
+        objective = GlueObjective(cfg, data)
+    key = cfg.run_key(objective.extraction_keys())
     if (finished := _finished(cfg, key)) is not None:
         return finished
     checkpoint = _load_checkpoint(cfg, key)
-    inputs = run_inputs(data) | ({"sweep": trial_of} if trial_of else {})
+    inputs = objective.inputs() | ({"sweep": trial_of} if trial_of else {})
     record = partial(records.RunRecord, "trial" if trial_of else "train", key, asdict(cfg), inputs)
     return runs.once(
         cfg.out,
         lambda: _finished(cfg, key),
-        lambda: _fit(cfg, key, data, checkpoint, progress, stopwatch, record),
+        lambda: _fit(cfg, key, objective, checkpoint, progress, stopwatch, record),
     )
 
 
@@ -200,7 +306,7 @@ def run_inputs(data: EmbeddingData) -> dict[str, dict[str, str]]:
 def _fit(
     cfg: TrainConfig,
     key: str,
-    data: EmbeddingData,
+    objective: Objective,
     checkpoint,
     progress: bool,
     stopwatch: records.Stopwatch,
@@ -210,12 +316,9 @@ def _fit(
     run record from the timings."""
     from tqdm.auto import tqdm
 
-    task = data.task
-    train = data.splits["train"]
-    val_ids = train.held_out_ids(cfg.val_fraction, cfg.val_seed)
-    is_val = np.isin(train.example_ids, val_ids)
+    plan = objective.plan
     with rng.seeded(cfg.seed):
-        model = adapters.build_adapter(cfg.adapter_config(data.plan.layers, data.plan.hidden_size))
+        model = adapters.build_adapter(cfg.adapter_config(plan.layers, plan.hidden_size))
     model = model.to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "curve": [], "best": None, "bad_epochs": 0}
@@ -224,11 +327,11 @@ def _fit(
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
 
-    eval_batch = 2 * cfg.batch_size
+    primary = objective.primary_metric
     with tqdm(
         total=cfg.epochs,
         initial=state["epoch"],
-        desc=f"train {task.name} {cfg.adapter}",
+        desc=f"train {objective.task} {cfg.adapter}",
         unit="epoch",
         disable=not progress,
     ) as bar:  # closed on an error too, before the error is reported
@@ -236,10 +339,10 @@ def _fit(
             if cfg.patience and state["bad_epochs"] >= cfg.patience:
                 break  # stopped early before the interruption
             started = time.perf_counter()
-            train_loss = _train_epoch(task, model, optimizer, train, ~is_val, cfg, epoch)
+            train_loss = objective.train_epoch(model, optimizer, cfg, epoch)
             seconds = time.perf_counter() - started
             model.eval()
-            val_metrics, val_loss, _ = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
+            val_metrics, val_loss = objective.validate(model, cfg)
             state["curve"].append(
                 {
                     "epoch": epoch,
@@ -251,7 +354,7 @@ def _fit(
                 }
             )
             best = state["best"]
-            score = (val_metrics[task.primary_metric], -val_loss)  # ties: the lower loss
+            score = (val_metrics[primary], -val_loss)  # ties: the lower loss
             if best is None or score > (best["metric"], -best["loss"]):
                 state["best"] = {
                     "epoch": epoch,
@@ -265,16 +368,17 @@ def _fit(
             state["epoch"] = epoch
             _save_checkpoint(cfg, key, model, optimizer, state)
             bar.update(1)
-            bar.set_postfix(
-                loss=round(train_loss, 4), val=round(val_metrics[task.primary_metric], 4)
-            )
+            bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[primary], 4))
 
     model.load_state_dict(state["best"]["weights"])
     model.eval()
     train_seconds = sum(e["seconds"] for e in state["curve"])
     run = record(stopwatch.timings(train_seconds=train_seconds))
     with runs.StagedRun(cfg.out) as staged:
-        return _write_run(cfg, run, data, model, is_val, state, staged)
+        # Every prediction before any other write: outputs that are not finite stop it here.
+        metrics = objective.write_outputs(model, cfg, staged.url)
+        _write_run(cfg, run, objective, model, state, metrics, staged)
+        return metrics
 
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
@@ -338,17 +442,13 @@ def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) 
     storage.write_bytes_atomic(storage.join(cfg.out, CHECKPOINT), buffer.getvalue())
 
 
-def _write_run(
-    cfg, run: records.RunRecord, data: EmbeddingData, model, is_val, state, staged: runs.StagedRun
-) -> dict:
-    """Evaluate the chosen weights, write every output staged and commit them whole."""
-    from bertvision.plots import plot_curve
+def _write_glue_outputs(cfg: TrainConfig, data: EmbeddingData, model, is_val, out: str) -> dict:
+    """GLUE's predictions and outputs of every split under `out`; returns metrics.json."""
     from bertvision.predictions import read_submission, submission_name, write_predictions
 
     task = data.task
     train = data.splits["train"]
     eval_batch = 2 * cfg.batch_size
-    out = staged.url
     # Every prediction before any write: outputs that are not finite stop the run here.
     val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
     predicted = {
@@ -369,36 +469,53 @@ def _write_run(
             submitted = read_submission(storage.join(out, submission_name(name)), task)
             report = "dev" if name == task.dev_splits[0] else name
             metrics[report] = compute_metrics(task, [submitted[i] for i in ids], labels)
+    return metrics
 
+
+def _write_run(
+    cfg: TrainConfig,
+    run: records.RunRecord,
+    objective: Objective,
+    model,
+    state: dict,
+    metrics: dict,
+    staged: runs.StagedRun,
+) -> None:
+    """Write the adapter, the curve, config.json and metrics.json staged, then commit them whole
+    and drop the checkpoint."""
+    from bertvision.plots import plot_curve
+
+    out = staged.url
     adapters.save_adapter(model, storage.join(out, "adapter"))
     epochs = state["curve"]
     train_seconds = sum(e["seconds"] for e in epochs)
-    seen = int((~is_val).sum()) * len(epochs)
+    rows = objective.rows
+    seen = objective.num_train * len(epochs)
     curve = {
-        "primary_metric": task.primary_metric,
+        "primary_metric": objective.primary_metric,
         "best_epoch": state["best"]["epoch"],
         "epochs_run": len(epochs),
         "stopped_early": len(epochs) < cfg.epochs,
-        "train_examples": int((~is_val).sum()),
-        "val_examples": int(is_val.sum()),
+        f"train_{rows}": objective.num_train,
+        f"val_{rows}": objective.num_val,
         "train_seconds": round(train_seconds, 3),
-        "train_examples_per_second": round(seen / max(train_seconds, 1e-9), 1),
+        f"train_{rows}_per_second": round(seen / max(train_seconds, 1e-9), 1),
         "epochs": epochs,
     }
     storage.write_json(storage.join(out, "curve.json"), curve)
     storage.write_bytes_atomic(
         storage.join(out, "curve.png"),
-        plot_curve(curve, f"{task.name} {cfg.adapter} seed {cfg.seed}"),
+        plot_curve(curve, f"{objective.task} {cfg.adapter} seed {cfg.seed}"),
     )
     storage.write_json(
         storage.join(out, "config.json"),
         {
             "train": asdict(cfg),
             "adapter": model.config.to_dict(),
-            "embeddings": data.embeddings,
-            "model": data.plan.model,
-            "model_fingerprint": data.plan.model_fingerprint,
-            "extraction_keys": data.extraction_keys(),
+            "embeddings": objective.embeddings,
+            "model": objective.plan.model,
+            "model_fingerprint": objective.plan.model_fingerprint,
+            "extraction_keys": objective.extraction_keys(),
             "run_key": run.key,
             "code_version": __version__,
         },
@@ -407,4 +524,3 @@ def _write_run(
     staged.commit(run, last=("config.json", "metrics.json"))
     fs, root = storage.url_to_fs(cfg.out)
     fs.rm(f"{root.rstrip('/')}/{CHECKPOINT.split('/')[0]}", recursive=True)
-    return metrics

@@ -30,8 +30,8 @@ def make(name: str, num_labels: int = 2, **options) -> nn.Module:
     return build_adapter(make_config(name, **SHAPE, num_labels=num_labels, **options)).eval()
 
 
-def test_the_three_adapters_are_registered():
-    assert adapters.adapter_names() == ["cls", "pooler", "scalarmix"]
+def test_the_four_adapters_are_registered():
+    assert adapters.adapter_names() == ["cls", "pooler", "scalarmix", "span"]
 
 
 @pytest.mark.parametrize("name", ["Pooler", "1pool", "", "my-adapter", "a b"])

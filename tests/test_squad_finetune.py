@@ -84,8 +84,9 @@ def test_an_unknown_task_lists_every_family_s_tasks():
         FinetuneConfig(task="nope")
 
 
-def test_adapter_training_refuses_squad_for_now():
-    with pytest.raises(ConfigError, match="GLUE tasks only"):
+def test_adapter_training_takes_squad_with_the_span_adapter_only():
+    assert TrainConfig(task="squad2", adapter="span").task == "squad2"
+    with pytest.raises(ConfigError, match="'pooler' does not fit squad2"):
         TrainConfig(task="squad2")
 
 

@@ -1,17 +1,22 @@
 """Adapter models trained on stored all-layer embeddings, and the registry that names them.
 
-Every adapter is an `nn.Module` with one contract:
+Every adapter is an `nn.Module` with one contract, by the rows it reads:
 
     logits = adapter(hidden, mask)   # hidden (B, L, T, H) float, mask (B, T) bool -> (B, C)
 
 where L counts the embedding output plus every encoder layer, T is the padded token count, `mask`
-is True on real tokens, and C is the task's number of classes (1 for regression). Padded
-positions never affect the output. Dropout layers are `adapters.Dropout`, so that training can
-give each run its own random generator (`use_generator`).
+is True on real tokens, and C is the task's number of classes (1 for regression). Span adapters
+(config `schema` "span", for SQuAD's windows) answer per token instead:
 
-One module per method (`pooler.py`, `scalarmix.py`, `cls.py`), each holding its config dataclass,
-its `nn.Module` and one `register(name, ConfigClass, ModuleClass)` call. A config is saved as
-JSON next to the weights with its adapter name, so `load_adapter` always rebuilds the right class:
+    start_logits, end_logits = adapter(hidden, mask)    # each (B, T), -inf at padding
+
+Padded positions never affect the output. Dropout layers are `adapters.Dropout`, so that
+training can give each run its own random generator (`use_generator`).
+
+One module per method (`pooler.py`, `scalarmix.py`, `cls.py`, `span.py`), each holding its
+config dataclass, its `nn.Module` and one `register(name, ConfigClass, ModuleClass)` call. A
+config is saved as JSON next to the weights with its adapter name, so `load_adapter` always
+rebuilds the right class:
 
     save_adapter(model, "RUN/adapter")      # adapter_config.json + adapter.safetensors
     model = load_adapter("RUN/adapter")     # a PoolerConfig comes back as an AdapterPooler
@@ -48,6 +53,9 @@ class AdapterConfig:
     dropout: float = 0.1  # before the output layer
 
     adapter_name: ClassVar[str] = ""  # set by register()
+    # The rows of the extractions it reads (bertvision.schema): "glue", one per example, giving
+    # (B, C) logits; "span", one per window, giving per-token start and end logits.
+    schema: ClassVar[str] = "glue"
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -192,6 +200,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 from bertvision.adapters.cls import ClsConfig, ClsProbe  # noqa: E402
 from bertvision.adapters.pooler import AdapterPooler, PoolerConfig  # noqa: E402
 from bertvision.adapters.scalarmix import ScalarMix, ScalarMixConfig  # noqa: E402
+from bertvision.adapters.span import SpanAdapter, SpanConfig  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -202,6 +211,8 @@ __all__ = [
     "PoolerConfig",
     "ScalarMix",
     "ScalarMixConfig",
+    "SpanAdapter",
+    "SpanConfig",
     "adapter_names",
     "build_adapter",
     "config_class",

@@ -9,7 +9,8 @@ After BERTVision's original AdapterPooler (Houlsby-style bottleneck adapters, Ho
     logits  = head(dropout(z))
 
 `up` starts near zero (`init_scale`), so training starts from the stored embeddings themselves
-and learns a correction that all layers share.
+and learns a correction that all layers share. `SharedLayerAdapter` is that body (the first and
+third lines); the span adapter (span.py) applies it per token, without the pooling.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from bertvision.adapters import AdapterConfig, Dropout, masked_mean, register
 TOKEN_POOLS = ("cls+mean", "mean", "cls")
 
 
+def check_adapter_dim(config: AdapterConfig) -> None:
+    if config.adapter_dim < 1:
+        raise ValueError(f"adapter_dim must be >= 1, got {config.adapter_dim}")
+
+
 @dataclass
 class PoolerConfig(AdapterConfig):
     adapter_dim: int = 64  # bottleneck width of the shared per-layer, per-token adapter
@@ -32,40 +38,56 @@ class PoolerConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.adapter_dim < 1:
-            raise ValueError(f"adapter_dim must be >= 1, got {self.adapter_dim}")
+        check_adapter_dim(self)
         if self.token_pool not in TOKEN_POOLS:
             raise ValueError(
                 f"token_pool must be one of {', '.join(TOKEN_POOLS)}, got {self.token_pool!r}"
             )
 
 
-class AdapterPooler(nn.Module):
-    def __init__(self, config: PoolerConfig) -> None:
+class SharedLayerAdapter(nn.Module):
+    """The body: a bottleneck adapter with a residual skip, one set of weights for every layer
+    and token (`adapt`), and learned softmax weights over the layers (`mix`). Its parameters are
+    `down`, `up` and `layer_logits`, the names saved adapters hold."""
+
+    def __init__(self, layers: int, hidden_size: int, adapter_dim: int, init_scale: float) -> None:
         super().__init__()
-        self.config = config
-        hidden = config.hidden_size
-        self.down = nn.Linear(hidden, config.adapter_dim)
-        self.up = nn.Linear(config.adapter_dim, hidden)
-        nn.init.normal_(self.up.weight, std=config.init_scale)
+        self.down = nn.Linear(hidden_size, adapter_dim)
+        self.up = nn.Linear(adapter_dim, hidden_size)
+        nn.init.normal_(self.up.weight, std=init_scale)
         nn.init.zeros_(self.up.bias)
-        self.layer_logits = nn.Parameter(torch.zeros(config.layers))  # softmax -> layer weights
+        self.layer_logits = nn.Parameter(torch.zeros(layers))  # softmax -> layer weights
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h + up(gelu(down(h))) for every layer and token: (B, L, T, H) -> (B, L, T, H)."""
+        layers = hidden.shape[1]
+        expected = self.layer_logits.shape[0]
+        assert layers == expected, f"{layers} layers, adapter has {expected}"
+        return hidden + self.up(nn.functional.gelu(self.down(hidden)))
+
+    def mix(self, values: torch.Tensor, equation: str) -> torch.Tensor:
+        """The softmax-weighted sum over the layer axis `l` of `values`, by einsum `equation`
+        ("blp,l->bp"): the layer weights are its last operand."""
+        return torch.einsum(equation, values, torch.softmax(self.layer_logits, dim=0))
+
+
+class AdapterPooler(SharedLayerAdapter):
+    def __init__(self, config: PoolerConfig) -> None:
+        super().__init__(config.layers, config.hidden_size, config.adapter_dim, config.init_scale)
+        self.config = config
         self.dropout = Dropout(config.dropout)
-        pooled = 2 * hidden if config.token_pool == "cls+mean" else hidden
+        pooled = 2 * config.hidden_size if config.token_pool == "cls+mean" else config.hidden_size
         self.head = nn.Linear(pooled, config.num_labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        layers = hidden.shape[1]
-        assert layers == self.config.layers, f"{layers} layers, adapter has {self.config.layers}"
-        adapted = hidden + self.up(nn.functional.gelu(self.down(hidden)))  # (B, L, T, H)
+        adapted = self.adapt(hidden)  # (B, L, T, H)
         parts = []
         if self.config.token_pool in ("cls+mean", "cls"):
             parts.append(adapted[:, :, 0])  # (B, L, H): the first token is always real
         if self.config.token_pool in ("cls+mean", "mean"):
             parts.append(masked_mean(adapted, mask))  # (B, L, H)
         pooled = torch.cat(parts, dim=-1)  # (B, L, P)
-        weights = torch.softmax(self.layer_logits, dim=0)  # (L,)
-        mixed = torch.einsum("blp,l->bp", pooled, weights)  # (B, P)
+        mixed = self.mix(pooled, "blp,l->bp")  # (B, P)
         return self.head(self.dropout(mixed))  # (B, C)
 
 

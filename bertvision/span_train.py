@@ -1,0 +1,355 @@
+"""Adapter training on span extractions (SQuAD 2.0): span tasks' side of bertvision.train.
+
+    metrics = train_adapter(
+        TrainConfig(task="squad2", embeddings="emb", out="run", adapter="span")
+    )
+
+`train.train_adapter` runs its one loop (epochs, early stopping, checkpoints, the staged commit)
+on a `SpanObjective`: the windows of the train and dev extractions (span_embeddings), BERT's
+loss, SQuAD's post-processing and official metrics.
+
+The questions. Shards hold each window's question id, question index and context offsets, not
+texts; answers are cut from the contexts and held-out articles chosen by title, so the questions
+are read from the SQuAD data that the extraction read: the `data_dir` in the settings of each
+split's extraction record (`_manifest/run.json`; none: the Hugging Face hub). A relative folder
+is relative to where `train` runs. They must be the windows' questions: every window's question
+id is that of its question index, and every question has a window (ShardError otherwise).
+
+The held-out slice of TRAIN is whole articles (squad.held_out_titles over the train questions,
+`val_fraction` of the articles, `val_seed`: the articles fine-tuning left out), all the windows
+of their questions; the windows of the other articles are trained on. No article's questions are
+both trained on and selected on.
+
+Loss: BERT's, the mean of the cross-entropies of the start and of the end position over the
+window's real tokens (both 0, the [CLS] position, where the window does not hold the answer).
+Validation after each epoch: the held-out questions' best spans over their windows
+(squad.best_spans: n-best starts and ends, at most 30 answer tokens), the no-answer threshold
+that maximises their F1 (squad.best_threshold), then squad.evaluate; the primary metric is f1.
+
+Outputs under RUN, besides train's adapter/, config.json, curve.json and curve.png (the curve
+counts windows: train_windows, val_windows, train_windows_per_second):
+
+    metrics.json             {"val": {...}, "dev": {...}, "no_answer_threshold": t}, the official
+                             keys (exact, f1, total, HasAns_*, NoAns_*); t chosen on "val" only
+    val_predictions.json     the official format {question_id: answer text, "" for no answer},
+    dev_predictions.json     every question of the split, answered with threshold t
+    outputs/<split>.parquet  per-window start and end logits over the window's real tokens,
+                             squad.write_outputs' format (as a fine-tuned model's), for ensembles
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from bertvision import encoder as enc
+from bertvision import records, squad, storage
+from bertvision.config import TrainConfig
+from bertvision.embeddings import SHARED_SETTINGS
+from bertvision.finite import NonFiniteError
+from bertvision.schema import RUN_FILE, ExtractionPlan
+from bertvision.shards import ShardError, manifest_url, split_url
+from bertvision.span_embeddings import SpanSplit, Windows, load_span_split, span_batches
+
+SPLITS = ("train", "dev")
+# Span settings every split of one extraction must share, besides embeddings.SHARED_SETTINGS.
+SPAN_SETTINGS = ("schema", "doc_stride", "max_question_length")
+
+
+def is_span_run(cfg: TrainConfig) -> bool:
+    """True when `cfg.task` is stored one row per window (SQuAD 2.0)."""
+    from bertvision.families import get_task
+
+    return get_task(cfg.task).family.schema == "span"
+
+
+@dataclass
+class SpanData:
+    """The checked train and dev windows of a span extraction, and their questions."""
+
+    task: str
+    embeddings: str
+    data_dir: str | None  # the SQuAD data the extraction read; None: the hub
+    splits: dict[str, SpanSplit]
+    questions: dict[str, list[squad.Example]]  # per split, in file order
+
+    @property
+    def plan(self) -> ExtractionPlan:
+        return self.splits["train"].plan
+
+    def extraction_keys(self) -> dict[str, str]:
+        return {name: split.plan.key for name, split in self.splits.items()}
+
+
+def load_span_data(
+    task: str, embeddings: str, device: str = "", max_resident_gb: float = 8.0
+) -> SpanData:
+    """Check the train and dev windows of `task` under `embeddings` (span_embeddings.
+    load_span_split: held on `device` when they fit in `max_resident_gb`, else streamed) and
+    read their questions from the data folder their extraction records name.
+
+    ShardError for an incomplete extraction, splits of mixed settings, or questions that are
+    not the windows' (see the module); the data's own errors (DataError) for its files.
+    """
+    device = device or enc.default_device()
+    embeddings = embeddings.rstrip("/")
+    splits = {
+        name: load_span_split(embeddings, name, task, device, max_resident_gb) for name in SPLITS
+    }
+    _check_same_settings(embeddings, task, splits)
+    data_dirs = {name: _data_dir(embeddings, task, name) for name in SPLITS}
+    if len(set(data_dirs.values())) > 1:
+        raise ShardError(
+            f"the {task} splits under {embeddings} were extracted from different data: "
+            + ", ".join(
+                f"{name} from {where or squad.HUB_URL}" for name, where in data_dirs.items()
+            )
+        )
+    data_dir = data_dirs["train"]
+    questions = {name: squad.load_split(name, data_dir) for name in SPLITS}
+    for name in SPLITS:
+        _check_questions(split_url(embeddings, task, name), splits[name].windows, questions[name])
+    return SpanData(task, embeddings, data_dir, splits, questions)
+
+
+def _data_dir(embeddings: str, task: str, split: str) -> str | None:
+    url = manifest_url(split_url(embeddings, task, split), RUN_FILE)
+    record = records.read_record(url)
+    if record is None:
+        raise ShardError(
+            f"{url} is missing: the {task}/{split} extraction has no run record naming its data; "
+            "rerun extract to finish it"
+        )
+    return record.settings.get("data_dir")
+
+
+def _check_same_settings(embeddings: str, task: str, splits: dict[str, SpanSplit]) -> None:
+    train = splits["train"].plan
+    for name, split in splits.items():
+        for setting in (*SHARED_SETTINGS, *SPAN_SETTINGS):
+            ours, theirs = getattr(train, setting), getattr(split.plan, setting)
+            if ours != theirs:
+                raise ShardError(
+                    f"embeddings of {task} under {embeddings} mix settings: train has "
+                    f"{setting} {ours}, {name} has {theirs}; extract all splits with the same "
+                    "encoder and settings"
+                )
+
+
+def _check_questions(folder: str, windows: Windows, questions: list[squad.Example]) -> None:
+    index = windows.example_index
+    if len(index) and (index.min() < 0 or index.max() >= len(questions)):
+        raise ShardError(
+            f"{folder}: windows of question index {int(index.max())}, the data has "
+            f"{len(questions)} questions: not the data this split was extracted from"
+        )
+    wrong = [
+        qid
+        for qid, i in zip(windows.question_ids, index, strict=True)
+        if questions[i].question_id != qid
+    ]
+    without = len(questions) - len(np.unique(index))
+    if wrong or without:
+        raise ShardError(
+            f"{folder}: its windows are not those of the questions in the data it names "
+            f"({len(wrong)} windows of another question, {without} questions without a window); "
+            "re-extract from the data at hand"
+        )
+
+
+class SpanObjective:
+    """Span tasks' side of train._fit (train.Objective); see the module."""
+
+    rows = "windows"
+    primary_metric = "f1"
+
+    def __init__(self, cfg: TrainConfig, data: SpanData | None = None) -> None:
+        if data is None:
+            data = load_span_data(cfg.task, cfg.embeddings, cfg.device, cfg.max_resident_gb)
+        _check_data(cfg, data)
+        self.data = data
+        self.task = data.task
+        self.embeddings = data.embeddings
+        self.plan = data.plan
+        questions = data.questions["train"]
+        try:
+            titles = set(squad.held_out_titles(questions, cfg.val_fraction, cfg.val_seed))
+        except ValueError:
+            raise ShardError(
+                f"the {data.task} train windows under {data.embeddings} hold the questions of "
+                "one article; holding out whole articles needs at least 2"
+            ) from None
+        held = np.asarray([q.title in titles for q in questions])
+        self.is_val = held[data.splits["train"].windows.example_index]  # storage order
+        self.num_val = int(self.is_val.sum())
+        self.num_train = len(self.is_val) - self.num_val
+
+    def extraction_keys(self) -> dict[str, str]:
+        return self.data.extraction_keys()
+
+    def inputs(self) -> dict[str, dict[str, str]]:
+        return {
+            f"embeddings/{name}": records.input_of(
+                split_url(self.embeddings, self.task, name), split.plan.key
+            )
+            for name, split in self.data.splits.items()
+        }
+
+    def train_epoch(self, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> float:
+        train = self.data.splits["train"]
+        return _train_epoch(model, optimizer, train, ~self.is_val, cfg, epoch)
+
+    def validate(self, model: nn.Module, cfg: TrainConfig) -> tuple[dict, float]:
+        val = self._scored(model, cfg, "train", np.flatnonzero(self.is_val))
+        threshold, _ = squad.best_threshold(val.spans, val.questions)
+        metrics = squad.evaluate(val.questions, squad.predictions(val.spans, threshold))
+        return metrics, val.loss()
+
+    def write_outputs(self, model: nn.Module, cfg: TrainConfig, out: str) -> dict:
+        dev = self.data.splits["dev"]
+        scored = {
+            "val": self._scored(model, cfg, "train", np.flatnonzero(self.is_val)),
+            "dev": self._scored(model, cfg, "dev", np.arange(dev.num_windows)),
+        }
+        threshold, _ = squad.best_threshold(scored["val"].spans, scored["val"].questions)
+        metrics: dict = {}
+        for name, split in scored.items():
+            preds = squad.predictions(split.spans, threshold)
+            metrics[name] = squad.evaluate(split.questions, preds)
+            squad.write_predictions(storage.join(out, f"{name}_predictions.json"), preds)
+            squad.write_outputs(out, name, split.windows, split.logits())
+        return metrics | {"no_answer_threshold": threshold}
+
+    def _scored(self, model: nn.Module, cfg: TrainConfig, split: str, rows: np.ndarray) -> Scored:
+        return score(
+            model,
+            self.data.splits[split],
+            rows,
+            self.data.questions[split],
+            2 * cfg.batch_size,
+            cfg.device,
+        )
+
+
+def _check_data(cfg: TrainConfig, data: SpanData) -> None:
+    if data.task != cfg.task:
+        raise ValueError(f"the embeddings given are of {data.task}, not {cfg.task}")
+    if data.embeddings != cfg.embeddings.rstrip("/"):
+        raise ValueError(f"the embeddings given come from {data.embeddings}, not {cfg.embeddings}")
+    fingerprint = data.plan.model_fingerprint
+    if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
+        raise ShardError(
+            f"embeddings under {data.embeddings} come from encoder {data.plan.model} "
+            f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
+        )
+
+
+def span_loss(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+) -> torch.Tensor:
+    """BERT's SQuAD loss: (cross-entropy of the start + of the end position) / 2, each the mean
+    over the windows. Logits (B, T), -inf at padding; positions (B,)."""
+    start = nn.functional.cross_entropy(start_logits, start_positions)
+    end = nn.functional.cross_entropy(end_logits, end_positions)
+    return (start + end) / 2
+
+
+def _train_epoch(model, optimizer, split: SpanSplit, keep, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over the kept windows; the mean training loss (seeded: train.start_epoch)."""
+    from bertvision.train import check_loss, start_epoch, step
+
+    order = start_epoch(model, cfg, epoch)
+    total, count = 0.0, 0
+    for batch in span_batches(split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards):
+        start, end = model(batch.hidden, batch.mask)
+        loss = span_loss(start, end, batch.start_positions, batch.end_positions)
+        value = loss.item()
+        check_loss(value, cfg, epoch)
+        step(model, optimizer, loss)
+        total += value * len(batch.window_ids)
+        count += len(batch.window_ids)
+    return total / count
+
+
+@dataclass
+class Scored:
+    """A set of questions, their windows (in window-id order, `example_index` into
+    `questions`), the windows' logits and the questions' best spans."""
+
+    questions: list[squad.Example]
+    windows: Windows
+    start: np.ndarray  # (W, max_seq_length) float32, -inf beyond each window's tokens
+    end: np.ndarray
+    spans: list[squad.SpanPrediction]
+
+    def loss(self) -> float:
+        return span_loss(
+            torch.from_numpy(self.start),
+            torch.from_numpy(self.end),
+            torch.from_numpy(self.windows.start_positions),
+            torch.from_numpy(self.windows.end_positions),
+        ).item()
+
+    def logits(self) -> list[np.ndarray]:
+        """Each window's (2, T) start and end logits over its real tokens (squad.write_outputs)."""
+        return [
+            np.stack([self.start[w, :t], self.end[w, :t]])
+            for w, t in enumerate(self.windows.lengths)
+        ]
+
+
+def score(
+    model: nn.Module,
+    split: SpanSplit,
+    rows: np.ndarray,
+    questions: list[squad.Example],
+    batch_size: int,
+    device: str,
+) -> Scored:
+    """The windows at storage `rows` of `split`, their logits by span adapter `model` and the
+    best spans of their questions (`questions`: the split's, in file order; the result holds
+    those with a window among `rows`). NonFiniteError if a logit of a real token is not finite."""
+    rows = rows[np.argsort(split.windows.window_ids[rows], kind="stable")]
+    windows = split.windows.take(rows)
+    asked = np.unique(windows.example_index)  # sorted: file order
+    windows = replace(windows, example_index=np.searchsorted(asked, windows.example_index))
+    start, end = window_logits(model, split, rows, batch_size, device)
+    chosen = [questions[i] for i in asked]
+    return Scored(chosen, windows, start, end, squad.best_spans(chosen, windows, start, end))
+
+
+@torch.inference_mode()
+def window_logits(
+    model: nn.Module, split: SpanSplit, rows: np.ndarray, batch_size: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits, each (len(rows), max_seq_length) float32, of the windows at storage
+    `rows`, -inf beyond each window's real tokens; computed in batches of windows of similar
+    length. NonFiniteError if a real token's logit is NaN or infinite."""
+    width = split.plan.max_seq_length
+    start = np.full((len(rows), width), -np.inf, dtype=np.float32)
+    end = np.full((len(rows), width), -np.inf, dtype=np.float32)
+    target = np.full(split.num_windows, -1)
+    target[rows] = np.arange(len(rows))
+    for packed, storage_rows in split.data.packs(device):
+        local = np.flatnonzero(target[storage_rows] >= 0)
+        local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
+        for begin in range(0, len(local), batch_size):
+            chosen = local[begin : begin + batch_size]
+            hidden, mask = packed.batch(chosen, device)
+            batch_start, batch_end = model(hidden, mask)
+            at = target[storage_rows[chosen]]
+            start[at, : hidden.shape[2]] = batch_start.float().cpu().numpy()
+            end[at, : hidden.shape[2]] = batch_end.float().cpu().numpy()
+    real = np.arange(width)[None, :] < split.windows.lengths[rows][:, None]
+    if not (np.isfinite(start[real]).all() and np.isfinite(end[real]).all()):
+        raise NonFiniteError(
+            f"the span adapter's logits on {split.data.name} are NaN or infinite: training "
+            "diverged; try a lower lr"
+        )
+    return start, end
