@@ -68,14 +68,21 @@ class ExtractSummary:
 
 
 @lru_cache(maxsize=4)
-def _load_examples(task: str, split: str, data_dir: str | None) -> list[glue.Example]:
-    return glue.load_split(task, split, data_dir)
+def _load_examples(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
+) -> list[glue.Example]:
+    """The examples of `split`; of "train", the first `max_train_examples` (None: all), the
+    ones fine-tuning with the same setting reads."""
+    examples = glue.load_split(task, split, data_dir)
+    return examples[:max_train_examples] if split == "train" else examples
 
 
 @lru_cache(maxsize=4)
-def _data_fingerprint(task: str, split: str, data_dir: str | None) -> str:
+def _data_fingerprint(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
+) -> str:
     """Hashed once per process, not once per shard (MNLI train has 393k examples)."""
-    return glue.data_fingerprint(_load_examples(task, split, data_dir))
+    return glue.data_fingerprint(_load_examples(task, split, data_dir, max_train_examples))
 
 
 def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
@@ -86,7 +93,10 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     require(cfg)
     task = glue.get_task(cfg.task)
     splits = glue.expand_splits(task, cfg.splits)
-    data = {split: _load_examples(task.name, split, cfg.data_dir) for split in splits}
+    data = {
+        split: _load_examples(task.name, split, cfg.data_dir, cfg.max_train_examples)
+        for split in splits
+    }
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
     storage.ensure_writable(cfg.out)
@@ -98,7 +108,9 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             split=split,
             model=cfg.model,
             model_fingerprint=encoder.fingerprint,
-            data_fingerprint=_data_fingerprint(task.name, split, cfg.data_dir),
+            data_fingerprint=_data_fingerprint(
+                task.name, split, cfg.data_dir, cfg.max_train_examples
+            ),
             num_examples=len(data[split]),
             shard_size=cfg.shard_size,
             max_seq_length=cfg.max_seq_length,
@@ -158,15 +170,21 @@ def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
     return [i for i in range(plan.num_shards) if i not in records]
 
 
-def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
-    """Compute and commit shard `index` of `plan`; a committed one is returned as it is."""
+def extract_shard(
+    cfg: ExtractConfig, plan: ExtractionPlan, index: int, progress: bool = False
+) -> ShardRecord:
+    """Compute and commit shard `index` of `plan`; a committed one is returned as it is.
+    `progress`: a bar of the shard's examples (where no caller draws one over the split's)."""
+    from tqdm.auto import tqdm
+
     folder = split_url(cfg.out, plan.task, plan.split)
     record = load_record(folder, plan, index)
     if is_committed(folder, record):
         return record
     try:
-        examples = _load_examples(plan.task, plan.split, cfg.data_dir)
-        if _data_fingerprint(plan.task, plan.split, cfg.data_dir) != plan.data_fingerprint:
+        where = (plan.task, plan.split, cfg.data_dir, cfg.max_train_examples)
+        examples = _load_examples(*where)
+        if _data_fingerprint(*where) != plan.data_fingerprint:
             raise ShardError(
                 f"the data of {plan.task}/{plan.split} changed since the plan was "
                 "written; rerun with --overwrite"
@@ -175,9 +193,12 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
         if encoder.fingerprint != plan.model_fingerprint:
             raise ShardError(f"model {cfg.model} is not the one planned for {folder}")
         start, stop = plan.shard_range(index)
-        with ShardWriter(folder, plan, index) as writer:
+        name = f"extract {plan.task}/{plan.split} shard {index + 1}/{plan.num_shards}"
+        bar = tqdm(total=stop - start, desc=name, unit="ex", disable=not progress)
+        with ShardWriter(folder, plan, index) as writer, bar:
             for batch in hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size):
                 writer.write(batch)
+                bar.update(batch.num_rows)
             record = writer.commit()
     except Exception as exc:
         try:
