@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from bertvision.glue import GlueTask, get_task
+from bertvision.glue import GlueTask, get_task, load_split
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -106,3 +106,21 @@ def compute_metrics(
         if not np.isfinite(value):  # e.g. a correlation of values too large to square
             raise ValueError(f"{task.name}: {name} of these predictions is {value}, not a number")
     return scores
+
+
+def majority_baseline(task: GlueTask | str, data_dir: str | None = None) -> dict[str, float]:
+    """Dev metrics (the first dev split's) of always predicting the most frequent TRAIN label
+    (the smallest label on a tie); for regression (STS-B), the mean TRAIN score. What a model
+    must beat to have learnt anything: RTE's train majority is entailment (0), right on
+    146 of dev's 277 examples, accuracy 0.527.
+
+    `data_dir`: a glue_data folder; None reads the Hugging Face hub (glue.load_split).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    train = np.array([ex.label for ex in load_split(task, "train", data_dir)])
+    dev = [ex.label for ex in load_split(task, task.dev_splits[0], data_dir)]
+    if task.regression:
+        constant = float(train.mean())
+    else:
+        constant = int(np.argmax(np.bincount(train.astype(np.int64), minlength=task.num_labels)))
+    return compute_metrics(task, np.full(len(dev), constant), dev)

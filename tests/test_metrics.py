@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bertvision.metrics import compute_metrics, f1, mcc, pearson, spearman
+from bertvision.metrics import compute_metrics, f1, majority_baseline, mcc, pearson, spearman
 
 
 def test_each_task_reports_its_official_metrics_primary_first():
@@ -61,3 +61,14 @@ def test_bad_input_is_refused():
         compute_metrics("rte", [], [])
     with pytest.raises(ValueError, match="unknown task"):
         compute_metrics("squad9", [0], [0])
+
+
+def test_the_majority_baseline_predicts_trains_most_frequent_label_on_dev(glue_dir):
+    # RTE train: 1249 entailment (0), 1241 not; dev: 146 of 277 are entailment.
+    assert majority_baseline("rte", glue_dir) == {"accuracy": 146 / 277}
+    # SST-2 train: 37569 positive (1) of 67349; dev: 444 of 872 positive.
+    assert majority_baseline("sst2", glue_dir) == {"accuracy": 444 / 872}
+    # MRPC train: 2474 paraphrases (1) of 3668; dev: 279 of 408 -> F1 2*279 / (408 + 279).
+    assert majority_baseline("mrpc", glue_dir) == {"f1": 558 / 687, "accuracy": 279 / 408}
+    # CoLA: a constant prediction has Matthews correlation 0.
+    assert majority_baseline("cola", glue_dir)["mcc"] == 0.0
