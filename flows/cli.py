@@ -106,7 +106,7 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
         "ensemble": f"ensemble (best {ensemble.top_k} trials + fine-tuned)",
     }
     width = max(len(label) for label in labels.values())
-    lines = [f"{task} dev".ljust(width) + "".join(f"{m:>10}" for m in metrics) + "      time"]
+    lines = [f"{task} dev".ljust(width) + "".join(f"{m:>10}" for m in metrics) + f"{'time':>14}"]
     baseline = rows["majority baseline"]["dev"][primary]
     below = []
     for stage, row in rows.items():
@@ -118,9 +118,9 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
             if stage != "majority baseline" and not row["dev"][primary] > baseline:
                 below.append(label)
         time = "" if stage == "majority baseline" else _seconds(row["seconds"])
-        lines.append(f"{label.ljust(width)}{values}{time:>10}")
+        lines.append(f"{label.ljust(width)}{values}{time:>14}")
     total = sum(row["seconds"] for row in rows.values())
-    lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>10}")
+    lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>14}")
     for label in below:
         lines.append(f"note: {label} does not beat the majority class on {primary}")
     return "\n".join(lines)
