@@ -50,7 +50,6 @@ def run(cfg: PipelineConfig) -> None:
                 # first: on a busy machine that outlasts Prefect's 20 s default.
                 server = SubprocessASGIServer()
                 server.start(timeout=180)
-                stack.callback(server.stop)  # here, while Prefect's INFO lines stay quiet
                 stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
             results = pipeline(cfg)
     except ShardsFailed as exc:
