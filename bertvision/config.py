@@ -206,6 +206,14 @@ class Seeded:
 
 
 @dataclass(kw_only=True)
+class TrainSubset:
+    """The training examples read: fine-tuning and extraction read the same ones, so adapters
+    hold out the slice that fine-tuning left out."""
+
+    max_train_examples: int | None = setting(None, "First N training examples only, for quick runs")
+
+
+@dataclass(kw_only=True)
 class HeldOut:
     """The held-out slice of TRAIN: fine-tuning leaves it out, adapters are selected on it."""
 
@@ -229,7 +237,7 @@ class Tokens:
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut):
+class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut, TrainSubset):
     """Settings of `bertvision finetune`: a brief fine-tuning of the encoder on one task."""
 
     epochs: float = setting(1.0, "Of fine-tuning; may be a fraction: 0.2")
@@ -237,7 +245,6 @@ class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut):
     batch_size: int = setting(32, "Examples per step")
     warmup_fraction: float = setting(0.1, "Fraction of the steps spent warming up")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorms)")
-    max_train_examples: int | None = setting(None, "First N training examples only, for quick runs")
     predict_test: bool = setting(
         True, "Write test predictions (unlabelled: costs time, scores nothing)"
     )
@@ -259,7 +266,7 @@ DTYPES_HELP = "Of the stored hidden states: float16 or float32"
 
 
 @dataclass(kw_only=True)
-class ExtractConfig(Stage, Source, Tokens, Device):
+class ExtractConfig(Stage, Source, Tokens, Device, TrainSubset):
     """Settings of `bertvision extract`: all layers' hidden states of every example, as shards."""
 
     splits: list[str] = setting(
@@ -280,7 +287,14 @@ class ExtractConfig(Stage, Source, Tokens, Device):
         _task_name(self)
         check_finite(self)
         check_at_least(
-            self, 1, "shard_size", "shard_bytes", "batch_size", "doc_stride", "max_question_length"
+            self,
+            1,
+            "shard_size",
+            "shard_bytes",
+            "batch_size",
+            "doc_stride",
+            "max_question_length",
+            "max_train_examples",
         )
         if self.dtype not in HIDDEN_DTYPES:
             known = sorted(HIDDEN_DTYPES)
@@ -462,7 +476,7 @@ class ReportConfig:
 
 
 @dataclass(kw_only=True)
-class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
+class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
     """Settings of the whole pipeline (`bertvision run`, the `pipeline` flow), per task:
 
         OUT/<task>/finetune      fine-tuned encoder checkpoint and its dev metrics
@@ -473,10 +487,18 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
 
     Each stage's own settings come from its config here; the pipeline sets what links the
     stages (task, inputs, outputs) and what they share (its own fields: model, data_dir, seed,
-    device, val_fraction, val_seed, overwrite).
+    device, val_fraction, val_seed, max_train_examples, overwrite). Fine-tuning predicts the
+    test splits only when they are extracted (the ensemble's test predictions need both).
     """
 
-    LINKED: ClassVar[tuple[str, ...]] = ("task", "out", "embeddings", "runs", "with_finetuned")
+    LINKED: ClassVar[tuple[str, ...]] = (
+        "task",
+        "out",
+        "embeddings",
+        "runs",
+        "with_finetuned",
+        "predict_test",
+    )
 
     tasks: list[str] = setting(default_factory=lambda: ["rte"], help="GLUE tasks, e.g. rte,mrpc")
     out: str = setting("runs/pipeline", "Output URL of every stage")
@@ -488,6 +510,11 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
     train: TrainConfig = setting(default_factory=TrainConfig, help="The single adapter")
     sweep: SweepConfig = setting(default_factory=SweepConfig, help="The sweep")
     ensemble: EnsembleConfig = setting(default_factory=EnsembleConfig, help="The ensemble")
+    verbose: bool = setting(
+        False,
+        "bertvision run: show the libraries' logs and warnings (Prefect's INFO lines, "
+        "transformers' weight-loading reports); without it, progress bars and the results only",
+    )
 
     def __post_init__(self) -> None:
 
@@ -506,9 +533,15 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut):
 
     def stages(self, task: str) -> dict[str, Any]:
         """The five stage configs of `task`, linked: {"finetune": FinetuneConfig, ...}."""
+        from bertvision.glue import expand_splits, get_task
         from bertvision.storage import join
 
-        finetune = self._stage(self.finetune, task, out=join(self.out, task, "finetune"))
+        glue_task = get_task(task)
+        extracted = expand_splits(glue_task, self.extract.splits)
+        tested = bool(set(extracted) & set(glue_task.test_splits))
+        finetune = self._stage(
+            self.finetune, task, out=join(self.out, task, "finetune"), predict_test=tested
+        )
         embeddings = join(self.out, "embeddings")
         extract = self._stage(self.extract, task, out=embeddings, model=finetune.out)
         train = self._stage(

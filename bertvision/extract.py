@@ -79,14 +79,21 @@ class ExtractSummary:
 
 
 @lru_cache(maxsize=4)
-def _load_examples(task: str, split: str, data_dir: str | None) -> list[glue.Example]:
-    return glue.load_split(task, split, data_dir)
+def _load_examples(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
+) -> list[glue.Example]:
+    """The examples of `split`; of "train", the first `max_train_examples` (None: all), the
+    ones fine-tuning with the same setting reads."""
+    examples = glue.load_split(task, split, data_dir)
+    return examples[:max_train_examples] if split == "train" else examples
 
 
 @lru_cache(maxsize=4)
-def _data_fingerprint(task: str, split: str, data_dir: str | None) -> str:
+def _data_fingerprint(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
+) -> str:
     """Hashed once per process, not once per shard (MNLI train has 393k examples)."""
-    return glue.data_fingerprint(_load_examples(task, split, data_dir))
+    return glue.data_fingerprint(_load_examples(task, split, data_dir, max_train_examples))
 
 
 def is_span_task(task: str) -> bool:
@@ -125,7 +132,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         task = glue.get_task(cfg.task)
         splits = glue.expand_splits(task, cfg.splits)
         for split in splits:
-            _load_examples(task.name, split, cfg.data_dir)
+            _load_examples(task.name, split, cfg.data_dir, cfg.max_train_examples)
         regression = task.regression
     config = enc.check_encoder(cfg.model)
     enc.check_max_seq_length(cfg.model, config, cfg.max_seq_length)
@@ -135,8 +142,11 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             windows = _load_windows(cfg, split)  # the lengths' errors before anything is written
             rows[split], fingerprints[split] = len(windows.features), windows.fingerprint
         else:
-            rows[split] = len(_load_examples(cfg.task, split, cfg.data_dir))
-            fingerprints[split] = _data_fingerprint(cfg.task, split, cfg.data_dir)
+            where = (cfg.task, split, cfg.data_dir, cfg.max_train_examples)
+            rows[split], fingerprints[split] = (
+                len(_load_examples(*where)),
+                _data_fingerprint(*where),
+            )
     storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
     code = records.code_info()
@@ -214,8 +224,13 @@ def pending_shards(cfg: ExtractConfig, plan: ExtractionPlan) -> list[int]:
     return [i for i in range(plan.num_shards) if i not in records]
 
 
-def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
-    """Compute and commit shard `index` of `plan`; a committed one is returned as it is."""
+def extract_shard(
+    cfg: ExtractConfig, plan: ExtractionPlan, index: int, progress: bool = False
+) -> ShardRecord:
+    """Compute and commit shard `index` of `plan`; a committed one is returned as it is.
+    `progress`: a bar of the shard's examples (where no caller draws one over the split's)."""
+    from tqdm.auto import tqdm
+
     folder = split_url(cfg.out, plan.task, plan.split)
     record = load_record(folder, plan, index)
     if is_committed(folder, record):
@@ -226,8 +241,9 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
             windows = _load_windows(cfg, plan.split)
             fingerprint = windows.fingerprint
         else:
-            examples = _load_examples(plan.task, plan.split, cfg.data_dir)
-            fingerprint = _data_fingerprint(plan.task, plan.split, cfg.data_dir)
+            where = (plan.task, plan.split, cfg.data_dir, cfg.max_train_examples)
+            examples = _load_examples(*where)
+            fingerprint = _data_fingerprint(*where)
         if fingerprint != plan.data_fingerprint:
             raise ShardError(
                 f"the data of {plan.task}/{plan.split} changed since the plan was "
@@ -240,9 +256,13 @@ def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> Shard
             batches = window_batches(encoder, windows, start, stop, plan, cfg.batch_size)
         else:
             batches = hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size)
-        with ShardWriter(folder, plan, index) as writer:
+        name = f"extract {plan.task}/{plan.split} shard {index + 1}/{plan.num_shards}"
+        unit = "window" if plan.schema == "span" else "ex"
+        bar = tqdm(total=stop - start, desc=name, unit=unit, disable=not progress)
+        with ShardWriter(folder, plan, index) as writer, bar:
             for batch in batches:
                 writer.write(batch)
+                bar.update(batch.num_rows)
             record = writer.commit()
     except Exception as exc:
         try:

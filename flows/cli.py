@@ -8,11 +8,14 @@ command's: the pipeline's own fields, then each stage's as `--<stage>-<field>`
 
 from __future__ import annotations
 
+import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import typer
 
+from bertvision import console
 from bertvision.config import PipelineConfig
 
 
@@ -23,11 +26,12 @@ def add_commands(app: typer.Typer) -> None:
 
 
 def run(cfg: PipelineConfig) -> None:
-    """Run the whole pipeline in this process and print the dev metrics of each stage.
+    """Run the whole pipeline in this process, with progress bars; print a table of each stage's
+    dev metrics and wall-clock time beside the majority-class baseline, and where it all went.
 
     Fine-tune -> extract -> train -> sweep -> ensemble, as the `pipeline` Prefect flow on
     Prefect's ephemeral API (or the server at PREFECT_API_URL, if set); a rerun redoes only what
-    OUT lacks.
+    OUT lacks. The flow runs stay in Prefect's database (`prefect server start` shows them).
 
     Example: bertvision run --tasks rte --data-dir glue_data --out runs/rte
     """
@@ -37,21 +41,111 @@ def run(cfg: PipelineConfig) -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    api = nullcontext()
-    if not get_current_settings().api.url:
-        # One ephemeral API for this process and the sweep's worker processes, which would each
-        # start a throwaway one otherwise. A fresh one migrates its database first: on a busy
-        # machine that outlasts Prefect's 20 s default.
-        server = SubprocessASGIServer()
-        server.start(timeout=180)
-        api = temporary_settings({PREFECT_API_URL: server.api_url})
+    server_url = get_current_settings().api.url
     try:
-        with api:
+        with _terminal(cfg.verbose), ExitStack() as stack:
+            if not server_url:
+                # One ephemeral API for this process and the sweep's worker processes, which
+                # would each start a throwaway one otherwise. A fresh one migrates its database
+                # first: on a busy machine that outlasts Prefect's 20 s default.
+                server = SubprocessASGIServer()
+                server.start(timeout=180)
+                stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
             results = pipeline(cfg)
     except ShardsFailed as exc:
         typer.echo(f"error: {exc}; rerun to extract only those", err=True)
         raise typer.Exit(1) from None
-    for name, stages in results.items():
-        for stage, metrics in stages.items():
-            values = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-            typer.echo(f"{name} {stage} dev: {values}")
+    for name, rows in results.items():
+        typer.echo("\n" + stage_table(cfg, name, rows))
+    typer.echo("\n" + where_written(cfg, server_url))
+
+
+@contextmanager
+def _terminal(verbose: bool) -> Iterator[None]:
+    """Progress bars on; unless `verbose`, Prefect's console logs at WARNING and up only, and
+    the other libraries quiet (console.quiet_libraries), here and in the sweep's worker
+    processes (through the environment). Prefect's API still receives every log."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    with ExitStack() as stack:
+        stack.enter_context(console.environment(**{console.PROGRESS: "1"}))
+        if not verbose:
+            stack.enter_context(console.quiet_libraries())
+            stack.enter_context(
+                console.environment(PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING")
+            )
+            handlers = [h for h in logging.getLogger().handlers if type(h) is PrefectConsoleHandler]
+            for handler in handlers:
+                level = handler.level
+                handler.setLevel(logging.WARNING)
+                stack.callback(handler.setLevel, level)
+        yield
+
+
+def _seconds(value: float) -> str:
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
+    """A plain-text table of one task's stages (`pipeline`'s rows): dev metrics and time, each
+    stage that does not beat the majority baseline's primary metric marked."""
+    from bertvision.glue import get_task
+
+    glue_task = get_task(task)
+    metrics = glue_task.metrics
+    primary = glue_task.primary_metric
+    finetune, train, sweep, ensemble = cfg.finetune, cfg.train, cfg.sweep, cfg.ensemble
+    subset = f", first {cfg.max_train_examples} train examples" if cfg.max_train_examples else ""
+    labels = {
+        "majority baseline": "majority class (TRAIN's most frequent label)",
+        "finetune": f"fine-tuned encoder ({finetune.epochs:g} epochs{subset})",
+        "extract": f"extraction (every layer; {', '.join(cfg.extract.splits)})",
+        train.adapter: f"{train.adapter} adapter on the stored layers",
+        "best trial": f"best of {sweep.trials} sweep trials (chosen on val)",
+        "ensemble": f"ensemble (best {ensemble.top_k} trials + fine-tuned)",
+    }
+    width = max(len(label) for label in labels.values())
+    lines = [f"{task} dev".ljust(width) + "".join(f"{m:>10}" for m in metrics) + f"{'time':>14}"]
+    baseline = rows["majority baseline"]["dev"][primary]
+    below = []
+    for stage, row in rows.items():
+        label = labels.get(stage, stage)
+        if row["dev"] is None:
+            values = "".join(f"{'':>10}" for _ in metrics)
+        else:
+            values = "".join(f"{row['dev'][m]:>10.3f}" for m in metrics)
+            if stage != "majority baseline" and not row["dev"][primary] > baseline:
+                below.append(label)
+        time = "" if stage == "majority baseline" else _seconds(row["seconds"])
+        lines.append(f"{label.ljust(width)}{values}{time:>14}")
+    total = sum(row["seconds"] for row in rows.values())
+    lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>14}")
+    for label in below:
+        lines.append(f"note: {label} does not beat the majority class on {primary}")
+    return "\n".join(lines)
+
+
+def where_written(cfg: PipelineConfig, server_url: str | None) -> str:
+    """Where the results and Prefect's runs are, and what to run next."""
+    from prefect.settings import get_current_settings
+
+    out = cfg.out
+    lines = [
+        f"Everything is under {out}: <task>/finetune (checkpoint), embeddings/<task> (shards), "
+        f"<task>/{cfg.train.adapter}, <task>/sweep (trials.jsonl), <task>/ensemble "
+        "(GLUE-format predictions); each with metrics.json.",
+        f"Next: bertvision report {out}    (report.md and report.png of every run under it)",
+    ]
+    if server_url:
+        ui = server_url.rstrip("/").removesuffix("/api")
+        lines.append(f"The flow runs, task runs and artifacts are on the Prefect server: {ui}")
+    else:
+        database = get_current_settings().server.database.connection_url
+        where = database.get_secret_value() if database else ""
+        where = where.split(":///", 1)[-1] if where.startswith("sqlite") else "its database"
+        lines.append(
+            f"The flow runs, task runs and artifacts are kept in Prefect's {where}: "
+            "prefect server start, then open http://127.0.0.1:4200"
+        )
+    return "\n".join(lines)

@@ -7,6 +7,8 @@ A rerun redoes only what storage lacks.
 
 from __future__ import annotations
 
+import time
+
 from bertvision_flows.ensemble import ensemble
 from bertvision_flows.extract_glue import extract_glue
 from bertvision_flows.finetune import finetune
@@ -22,34 +24,53 @@ from bertvision.config import PipelineConfig
 from bertvision.metrics import majority_baseline
 
 
+class StageRows(dict):
+    """{stage: {"dev": metrics or None, "seconds": wall-clock time}}, in order; each stage is
+    timed from the end of the one before. Starts with the majority baseline (0 s)."""
+
+    def __init__(self, baseline: dict[str, float]) -> None:
+        super().__init__({"majority baseline": {"dev": baseline, "seconds": 0.0}})
+        self.clock = time.perf_counter()
+
+    def add(self, stage: str, dev: dict[str, float] | None) -> None:
+        now = time.perf_counter()
+        self[stage] = {"dev": dev, "seconds": round(now - self.clock, 1)}
+        self.clock = now
+
+
 @flow(
     name="pipeline",
     flow_run_name=flow_run_name(lambda p: "pipeline-" + "-".join(p["cfg"].tasks)),
     log_prints=True,
 )
-def pipeline(cfg: PipelineConfig) -> dict[str, dict]:
-    """The whole pipeline for each of `cfg.tasks`; returns each task's dev metrics per stage.
-
-    Its artifact compares each stage's dev metrics with the task's majority-class baseline."""
+def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, dict]]:
+    """The whole pipeline for each of `cfg.tasks`. Returns, per task, one row per stage in order:
+    "majority baseline" (dev metrics of always predicting TRAIN's most frequent label),
+    "finetune", "extract" (no metrics), the adapter's name, "best trial", "ensemble"; each
+    {"dev": metrics or None, "seconds": the stage's wall-clock time, stored results included}.
+    Its artifact compares each stage's dev metrics with the majority baseline."""
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     results = {}
     for name in cfg.tasks:
         stage = cfg.stages(name)
-        tuned = finetune(stage["finetune"])  # partial fine-tune of the encoder
+        rows = StageRows(majority_baseline(name, cfg.data_dir))
+        rows.add("finetune", finetune(stage["finetune"])["dev"])  # partial fine-tune of the encoder
         extract_glue(stage["extract"], workers=cfg.workers)  # all-layer states -> Parquet shards
-        trained = train_adapter(stage["train"])  # one adapter on the stored embeddings
-        swept = sweep(stage["sweep"])[name]  # hyperopt trials of the adapter
-        combined = ensemble(stage["ensemble"])  # the best trials with the fine-tuned model
-        results[name] = {
-            "finetune": tuned["dev"],
-            stage["train"].adapter: trained["dev"],
-            "best trial": swept["best"]["dev"],
-            "ensemble": combined["ensemble"],
-        }
-    baselines = {name: majority_baseline(name, cfg.data_dir) for name in cfg.tasks}
+        rows.add("extract", None)
+        rows.add(stage["train"].adapter, train_adapter(stage["train"])["dev"])  # one adapter
+        rows.add("best trial", sweep(stage["sweep"])[name]["best"]["dev"])  # hyperopt trials
+        rows.add("ensemble", ensemble(stage["ensemble"])["ensemble"])  # best trials + fine-tuned
+        results[name] = dict(rows)
     title = "Dev metrics per task and stage, against always predicting TRAIN's majority class"
+    scored = {
+        name: {stage: row["dev"] for stage, row in rows.items() if stage != "majority baseline"}
+        for name, rows in results.items()
+    }
+    baselines = {name: rows["majority baseline"]["dev"] for name, rows in results.items()}
+    for stages in scored.values():
+        stages.pop("extract")
     create_markdown_artifact(
-        baseline_markdown(title, results, baselines),
+        baseline_markdown(title, scored, baselines),
         key=artifact_key("pipeline", *cfg.tasks, where(cfg.out), "metrics"),
         description=title,
     )

@@ -25,9 +25,11 @@ from bertvision_tasks.sweep import (
 )
 from prefect import flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
+from tqdm.auto import tqdm
 
 from bertvision import runs, storage
 from bertvision.config import SweepConfig
+from bertvision.console import progress_wanted
 
 
 def _work(parameters: dict) -> str:
@@ -69,9 +71,18 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
         with runs.lease(one.out):  # no other sweep writes into this folder meanwhile
             prepare_sweep(one)  # check the embeddings, write or check sweep.json
             done_before = len(record_trials(one))  # trials finished by earlier runs
+            bar = tqdm(
+                total=one.trials,
+                initial=min(done_before, one.trials),
+                desc=f"sweep {one.task} {one.adapter}",
+                unit="trial",
+                disable=not progress_wanted(),
+            )
             while batch := suggest_trials(one, one.parallel):  # TPE's next K points
                 run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
                 record_trials(one)  # trials.jsonl from the committed records
+                bar.update(len(batch))
+            bar.close()
             results[one.task] = summarize(one, done_before).to_dict()  # the best trial by val
         print(f"{one.task}: {results[one.task]}")
     work = _work({"cfg": cfg, "all_tasks": all_tasks})

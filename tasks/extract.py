@@ -14,6 +14,7 @@ from prefect.deployments import run_deployment
 
 from bertvision import extract, shards, storage
 from bertvision.config import ExtractConfig
+from bertvision.console import progress_wanted
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
 from bertvision.shards import ShardError, load_plan, manifest_url, split_url
 
@@ -93,7 +94,7 @@ def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> l
 )
 def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
     """Compute and commit one shard; a committed one is returned as it is."""
-    return extract.extract_shard(cfg, plan, index)
+    return extract.extract_shard(cfg, plan, index, progress=progress_wanted())
 
 
 @task(task_run_name="{flow_run_name}", cache_policy=NO_CACHE)

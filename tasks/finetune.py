@@ -9,6 +9,7 @@ from prefect import task
 from bertvision import finetune as core
 from bertvision import runs, storage
 from bertvision.config import FinetuneConfig
+from bertvision.console import progress_wanted
 
 
 def _commit_record(inputs: dict) -> str:
@@ -25,4 +26,4 @@ def _commit_record(inputs: dict) -> str:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune and evaluate; a run already stored with this content key is returned as it is
     (by the core, as `bertvision finetune` does)."""
-    return core.finetune_encoder(cfg, progress=False)
+    return core.finetune_encoder(cfg, progress=progress_wanted())

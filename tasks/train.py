@@ -9,6 +9,7 @@ from prefect import task
 from bertvision import runs, storage
 from bertvision import train as core
 from bertvision.config import TrainConfig
+from bertvision.console import progress_wanted
 
 
 def _commit_record(inputs: dict) -> str:
@@ -24,4 +25,4 @@ def _commit_record(inputs: dict) -> str:
 )
 def train_adapter(cfg: TrainConfig) -> dict:
     """Train, select on held-out train, evaluate; a finished run is returned as it is."""
-    return core.train_adapter(cfg, progress=False)
+    return core.train_adapter(cfg, progress=progress_wanted())

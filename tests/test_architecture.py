@@ -107,6 +107,21 @@ def test_the_pipeline_cli_sets_a_stage_field_by_its_prefixed_flag():
         build_config(config.PipelineConfig, {"finetune__epochs": 0.0})
 
 
+def test_the_pipeline_reads_the_same_train_examples_and_predicts_test_only_when_extracted():
+    from bertvision.cli import build_config, option_fields
+
+    cfg = build_config(config.PipelineConfig, {"max_train_examples": 500})
+    stages = cfg.stages("rte")
+    assert stages["finetune"].max_train_examples == stages["extract"].max_train_examples == 500
+    assert stages["extract"].splits == ["train", "dev"]
+    assert stages["finetune"].predict_test is False  # test is not extracted: nothing uses it
+    tested = build_config(config.PipelineConfig, {"extract__splits": "train,dev,test"})
+    assert tested.stages("mnli")["finetune"].predict_test is True
+    names = {name for name, *_ in option_fields(config.PipelineConfig)}
+    assert "max_train_examples" in names and "verbose" in names
+    assert not {"finetune.max_train_examples", "finetune.predict_test"} & names
+
+
 def test_a_stage_without_its_task_or_output_names_the_field():
     from bertvision.finetune import finetune_encoder
 

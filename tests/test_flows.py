@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from uuid import UUID
@@ -30,6 +31,7 @@ from prefect.client.schemas.filters import (  # noqa: E402
 )
 from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
+from prefect.settings import get_current_settings  # noqa: E402
 from prefect.states import Failed, Running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -215,8 +217,8 @@ def test_storage_losing_committed_files_fails_the_run_naming_them(
     real_shard = extract.extract_shard
     folder = tmp_path / "wnli/dev"
 
-    def losing_after_the_last(cfg, plan, index):
-        record = real_shard(cfg, plan, index)
+    def losing_after_the_last(cfg, plan, index, progress=False):
+        record = real_shard(cfg, plan, index, progress)
         if index == 3:  # storage drops earlier writes (a prefix deleted, a crashed server)
             (folder / "shard-00001.parquet").unlink()
             (folder / "_manifest/plan.json").unlink()
@@ -280,7 +282,18 @@ def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
 
 
-def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
+class Records(logging.Handler):
+    """Every record a logger passes on, whatever its level."""
+
+    def __init__(self) -> None:
+        super().__init__(level=0)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_run_command_goes_through_the_whole_pipeline_and_prints_a_table_of_the_stages(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
     out = tmp_path / "run"
@@ -290,11 +303,29 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_dev_metrics(
     args += ["--model", tiny_model, "--finetune-epochs", "0.1", "--finetune-max-seq-length", "64"]
     args += ["--extract-max-seq-length", "64", "--extract-shard-size", "300"]
     args += ["--train-epochs", "2", "--sweep-trials", "1", "--sweep-space", str(space)]
-    result = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1", "--device", "cpu"])
+    transformers_logs = Records()
+    logging.getLogger("transformers").addHandler(transformers_logs)
+    try:
+        result = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1", "--device", "cpu"])
+    finally:
+        logging.getLogger("transformers").removeHandler(transformers_logs)
     assert result.exit_code == 0, result.output
-    for stage in ("finetune", "pooler", "best trial", "ensemble"):
-        assert re.search(rf"^wnli {stage} dev: accuracy [01]\.\d{{4}}$", result.stdout, re.M)
+    # WNLI train: 323 of 635 are label 0; dev: 40 of 71 are 0.
+    assert re.search(r"^majority class .* 0\.563 *$", result.stdout, re.M)
+    time = r"\d+ s|\d+ min \d\d s"
+    for label in ("fine-tuned encoder", "pooler adapter", "best of 1 sweep trials", "ensemble"):
+        assert re.search(rf"^{label}.* [01]\.\d{{3}} +({time})$", result.stdout, re.M), label
+    assert re.search(rf"^extraction .*  +({time})$", result.stdout, re.M)
+    assert re.search(rf"^total +({time})$", result.stdout, re.M)
+    assert f"Everything is under {out}" in result.stdout
+    assert f"bertvision report {out}" in result.stdout
+    ui = get_current_settings().api.url.rstrip("/").removesuffix("/api")
+    assert f"task runs and artifacts are on the Prefect server: {ui}" in result.stdout
+    # transformers reported nothing: not the weights the extraction's encoder leaves unused
+    assert not [m for m in transformers_logs.messages if "LOAD REPORT" in m]
     assert (out / "wnli" / "finetune" / "config.json").is_file()
+    # nothing predicted that is not extracted: the ensemble has no test split to join
+    assert not list((out / "wnli" / "finetune").glob("**/test*"))
     assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
     assert json.loads((out / "wnli" / "ensemble" / "metrics.json").read_text())["members"]
 

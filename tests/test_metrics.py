@@ -71,3 +71,9 @@ def test_the_majority_baseline_predicts_trains_most_frequent_label_on_dev(glue_d
         {"f1": 2 * 279 / (279 + 408), "accuracy": 279 / 408}
     )
     assert majority_baseline("stsb", glue_dir) == {"pearson": 0.0, "spearman": 0.0}  # a constant
+    # RTE train: 1249 entailment (0), 1241 not; dev: 146 of 277 are entailment.
+    assert majority_baseline("rte", glue_dir) == {"accuracy": 146 / 277}
+    # SST-2 train: 37569 positive (1) of 67349; dev: 444 of 872 positive.
+    assert majority_baseline("sst2", glue_dir) == {"accuracy": 444 / 872}
+    # CoLA: a constant prediction has Matthews correlation 0.
+    assert majority_baseline("cola", glue_dir)["mcc"] == 0.0

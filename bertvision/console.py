@@ -1,0 +1,61 @@
+"""What long stages show on a terminal: progress bars on request, the libraries' logs on demand.
+
+The core functions take `progress=`; the Prefect tasks pass `progress_wanted()`, true only in a
+process whose environment has BERTVISION_PROGRESS=1. `bertvision run` sets it for itself and the
+sweep's worker processes (which inherit the environment); a deployment's worker leaves it unset,
+so flow runs there draw no bars into their logs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+PROGRESS = "BERTVISION_PROGRESS"
+
+
+def progress_wanted() -> bool:
+    """Whether this process draws progress bars (BERTVISION_PROGRESS=1)."""
+    return os.environ.get(PROGRESS) == "1"
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """os.environ with `values` set, for this process and those it starts; restored at exit."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Only errors from transformers' logging (its weight-loading reports, the MISSING and
+    UNEXPECTED tables printed on every load of a checkpoint), none of its progress bars, and no
+    Python warnings, in this
+    process and, through the environment (TRANSFORMERS_VERBOSITY, PYTHONWARNINGS), in the
+    processes it starts; restored at exit."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    try:
+        with (
+            environment(TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore"),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
