@@ -158,6 +158,35 @@ def load_file(url: str) -> list[Example]:
     return examples
 
 
+Articles = int | tuple[str, ...]
+
+
+def write_slice(data_dir: str, out: str, **splits: tuple[Articles, int]) -> str:
+    """A SQuAD data folder at `out` holding part of the one at `data_dir`, for quick runs:
+
+        write_slice("squad/split", "small", train=(2, 5), dev=(("Rhine",), 3))
+
+    per split given, `(articles, paragraphs)`: its first `articles` articles (0: all), or the
+    articles of those titles, and of each its first `paragraphs` paragraphs (0: all). Returns
+    `out`; DataError if a named article is not there."""
+    for split, (articles, paragraphs) in splits.items():
+        name = SPLIT_FILES[split]
+        document = json.loads(storage.read_text(storage.join(data_dir, name)))
+        data = document["data"]
+        if isinstance(articles, tuple):
+            data = [a for a in data if a["title"] in articles]
+            found = tuple(a["title"] for a in data)
+            if found != articles:
+                raise DataError(f"{data_dir}/{name}: articles {articles} not all there ({found})")
+        elif articles:
+            data = data[:articles]
+        kept = [a | {"paragraphs": a["paragraphs"][: paragraphs or None]} for a in data]
+        storage.write_text_atomic(
+            storage.join(out, name), json.dumps({"version": document["version"], "data": kept})
+        )
+    return out
+
+
 def _require(value: object, where: str, url: str, **fields: type) -> None:
     if not isinstance(value, dict):
         raise DataError(

@@ -20,17 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bertvision import squad
 from bertvision.config import ExtractConfig, TrainConfig
 from bertvision.extract import extract_hidden_states
 from bertvision.train import train_adapter
-
-
-def _slice(source: Path, articles: int, paragraphs: int) -> dict:
-    data = json.loads(source.read_text())["data"][: articles or None]
-    return {
-        "version": "v2.0",
-        "data": [a | {"paragraphs": a["paragraphs"][: paragraphs or None]} for a in data],
-    }
 
 
 def main() -> None:
@@ -53,17 +46,15 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp, "data")
-        data.mkdir()
-        for name, articles in (
-            ("train-v2.0.json", args.train_articles),
-            ("dev-v2.0.json", args.dev_articles),
-        ):
-            document = _slice(Path(args.data_dir, name), articles, args.paragraphs)
-            (data / name).write_text(json.dumps(document))
+        data = squad.write_slice(
+            args.data_dir,
+            str(Path(tmp, "data")),
+            train=(args.train_articles, args.paragraphs),
+            dev=(args.dev_articles, args.paragraphs),
+        )
         extract = ExtractConfig(
             task="squad2",
-            data_dir=str(data),
+            data_dir=data,
             model=args.model,
             out=str(Path(tmp, "emb")),
             splits=["train", "dev"],

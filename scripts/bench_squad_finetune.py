@@ -13,20 +13,12 @@ scores. Without slicing (`--paragraphs 0 --train-articles 0 --dev-articles 0`) i
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
+from bertvision import squad
 from bertvision.config import FinetuneConfig
 from bertvision.finetune import finetune_encoder
-
-
-def _slice(source: Path, articles: int, paragraphs: int) -> dict:
-    data = json.loads(source.read_text())["data"][: articles or None]
-    return {
-        "version": "v2.0",
-        "data": [a | {"paragraphs": a["paragraphs"][: paragraphs or None]} for a in data],
-    }
 
 
 def main() -> None:
@@ -46,17 +38,15 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp, "data")
-        data.mkdir()
-        for name, articles in (
-            ("train-v2.0.json", args.train_articles),
-            ("dev-v2.0.json", args.dev_articles),
-        ):
-            document = _slice(Path(args.data_dir, name), articles, args.paragraphs)
-            (data / name).write_text(json.dumps(document))
+        data = squad.write_slice(
+            args.data_dir,
+            str(Path(tmp, "data")),
+            train=(args.train_articles, args.paragraphs),
+            dev=(args.dev_articles, args.paragraphs),
+        )
         cfg = FinetuneConfig(
             task="squad2",
-            data_dir=str(data),
+            data_dir=data,
             model=args.model,
             out=str(Path(tmp, "ckpt")),
             device=args.device,

@@ -25,23 +25,11 @@ TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
 WINDOWING = dict(max_seq_length=128, doc_stride=32, max_question_length=32)
 
 
-def _slice(source: Path, titles: tuple[str, ...], paragraphs: int) -> dict:
-    """The first `paragraphs` paragraphs of the named articles of a SQuAD file."""
-    data = json.loads(source.read_text())["data"]
-    kept = [a | {"paragraphs": a["paragraphs"][:paragraphs]} for a in data if a["title"] in titles]
-    assert [a["title"] for a in kept] == list(titles)
-    return {"version": "v2.0", "data": kept}
-
-
 def _squad_folder(squad_dir: str, folder: Path, train: int, dev: int) -> str:
-    folder.mkdir(parents=True)
-    for name, titles, paragraphs in (
-        ("train-v2.0.json", TRAIN_ARTICLES, train),
-        ("dev-v2.0.json", DEV_ARTICLES, dev),
-    ):
-        document = _slice(Path(squad_dir) / name, titles, paragraphs)
-        (folder / name).write_text(json.dumps(document))
-    return str(folder)
+    """The first `train` (`dev`) paragraphs of the train (dev) articles of the tests."""
+    return squad.write_slice(
+        squad_dir, str(folder), train=(TRAIN_ARTICLES, train), dev=(DEV_ARTICLES, dev)
+    )
 
 
 def _extract(model: str, data_dir: str, out: Path) -> str:

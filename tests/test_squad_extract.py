@@ -30,15 +30,8 @@ TINY_WINDOW_BYTES = 96 * 3 * 32 * 2  # max_seq_length x layers x hidden x float1
 def squad_slice(tmp_path_factory, squad_dir) -> str:
     """A SQuAD data folder of a few real articles (their first paragraphs): dev from the split's
     dev file, train from its train file."""
-    folder = tmp_path_factory.mktemp("squad-slice")
-    for name, articles in (("dev-v2.0.json", 2), ("train-v2.0.json", 1)):
-        document = json.loads((Path(squad_dir) / name).read_text())
-        document["data"] = [
-            article | {"paragraphs": article["paragraphs"][:2]}
-            for article in document["data"][:articles]
-        ]
-        (folder / name).write_text(json.dumps(document))
-    return str(folder)
+    folder = str(tmp_path_factory.mktemp("squad-slice"))
+    return squad.write_slice(squad_dir, folder, train=(1, 2), dev=(2, 2))
 
 
 def _config(out, model, data_dir, **overrides) -> ExtractConfig:

@@ -19,25 +19,11 @@ from bertvision.finetune import finetune_encoder
 TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
 
 
-def _slice(source: Path, titles: tuple[str, ...], paragraphs: int) -> dict:
-    """The first `paragraphs` paragraphs of the named articles of a SQuAD file."""
-    data = json.loads(source.read_text())["data"]
-    kept = [a | {"paragraphs": a["paragraphs"][:paragraphs]} for a in data if a["title"] in titles]
-    assert [a["title"] for a in kept] == list(titles)
-    return {"version": "v2.0", "data": kept}
-
-
 @pytest.fixture(scope="module")
 def small_squad(squad_dir, tmp_path_factory) -> str:
     """2 articles of the split's train (5 paragraphs each), 1 of its dev (3 paragraphs)."""
-    folder = tmp_path_factory.mktemp("squad-small")
-    for name, titles, paragraphs in (
-        ("train-v2.0.json", TRAIN_ARTICLES, 5),
-        ("dev-v2.0.json", DEV_ARTICLES, 3),
-    ):
-        document = _slice(Path(squad_dir) / name, titles, paragraphs)
-        (folder / name).write_text(json.dumps(document))
-    return str(folder)
+    folder = str(tmp_path_factory.mktemp("squad-small"))
+    return squad.write_slice(squad_dir, folder, train=(TRAIN_ARTICLES, 5), dev=(DEV_ARTICLES, 3))
 
 
 def _config(data_dir: str, model: str, out: Path, **changes) -> FinetuneConfig:
@@ -193,13 +179,10 @@ def test_minilm_on_a_fraction_of_an_epoch_prints_em_and_f1(squad_dir, minilm, tm
     """MiniLM on 2 articles' first 3 paragraphs (55 questions) for one epoch of 128-token
     windows, scored on 2 paragraphs of a dev article; EM/F1 printed (run with -s). The
     figures of longer runs: scripts/bench_squad_finetune.py."""
-    data = tmp_path / "data"
-    data.mkdir()
-    train = _slice(Path(squad_dir) / "train-v2.0.json", TRAIN_ARTICLES, 3)
-    (data / "train-v2.0.json").write_text(json.dumps(train))
-    dev = _slice(Path(squad_dir) / "dev-v2.0.json", DEV_ARTICLES, 2)
-    (data / "dev-v2.0.json").write_text(json.dumps(dev))
-    cfg = _config(str(data), minilm, tmp_path / "ckpt", epochs=1.0, batch_size=16)
+    data = squad.write_slice(
+        squad_dir, str(tmp_path / "data"), train=(TRAIN_ARTICLES, 3), dev=(DEV_ARTICLES, 2)
+    )
+    cfg = _config(data, minilm, tmp_path / "ckpt", epochs=1.0, batch_size=16)
     metrics = finetune_encoder(cfg, progress=False)
     print(
         f"\nMiniLM SQuAD 2.0: {metrics['train']['examples']} windows in "
@@ -207,4 +190,4 @@ def test_minilm_on_a_fraction_of_an_epoch_prints_em_and_f1(squad_dir, minilm, tm
         f"dev EM {metrics['dev']['exact']:.1f} F1 {metrics['dev']['f1']:.1f} "
         f"of {metrics['dev']['total']} questions"
     )
-    assert metrics["dev"]["total"] == len(squad.load_split("dev", str(data)))
+    assert metrics["dev"]["total"] == len(squad.load_split("dev", data))
