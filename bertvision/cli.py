@@ -166,7 +166,10 @@ def build_config(config_class: type, values: dict[str, Any], prefix: str = "") -
                 template, **{k: v for k, v in given.items() if _param(f"{name}.{k}") in values}
             )
         elif _param(name) in values:
-            kwargs[f.name] = _value(f, hints[f.name], values[_param(name)])
+            try:
+                kwargs[f.name] = _value(f, hints[f.name], values[_param(name)])
+            except ConfigError as exc:  # a value the option's parser refused
+                raise ConfigError(f"{prefix}{exc.field}", exc.message) from None
     try:
         return config_class(**kwargs)
     except ConfigError as exc:

@@ -139,11 +139,24 @@ def _adapter_fits_task(cfg: Any) -> None:
 
 
 def _resolve_model_and_device(cfg: Any) -> None:
+    """The bundled encoder for an empty `model`; for an empty `device` cuda if there is one,
+    else cpu; ConfigError naming `device` if it is not one torch has here."""
+    import torch
+
     from bertvision import encoder as enc
 
     if hasattr(cfg, "model"):
         cfg.model = cfg.model or enc.default_model()
     cfg.device = cfg.device or enc.default_device()
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            "device", f"{cfg.device!r} is not a device: cpu, cuda or cuda:N"
+        ) from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise ConfigError("device", f"{cfg.device!r} is not here: this machine has {gpus} GPU(s)")
 
 
 # -- fields shared by several stages -----------------------------------------------------------
@@ -254,6 +267,9 @@ class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut, TrainSubset
         check_finite(self)
         if not self.epochs > 0:
             raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        check_at_least(self, 0, "weight_decay")
         check_at_least(
             self, 1, "batch_size", "max_train_examples", "doc_stride", "max_question_length"
         )
@@ -299,6 +315,15 @@ class ExtractConfig(Stage, Source, Tokens, Device, TrainSubset):
         if self.dtype not in HIDDEN_DTYPES:
             known = sorted(HIDDEN_DTYPES)
             raise ConfigError("dtype", f"must be one of {known}, got {self.dtype!r}")
+        if self.task:
+            from bertvision.extract import planned_splits
+
+            try:
+                self.splits = planned_splits(self.task, self.splits)
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError("splits", str(exc)) from None
         _resolve_model_and_device(self)
 
 
@@ -530,20 +555,23 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
         check_at_least(self, 0, "workers")
         check_fraction(self, "val_fraction")
         _resolve_model_and_device(self)
+        for name in self.tasks:  # every stage's settings checked now, not when it starts
+            try:
+                self.stages(name)
+            except ConfigError as exc:
+                stage = next(s for s in PIPELINE_STAGES if exc.field in _field_names(self, s))
+                raise ConfigError(f"{stage}.{exc.field}", exc.message) from None
 
     def stages(self, task: str) -> dict[str, Any]:
         """The five stage configs of `task`, linked: {"finetune": FinetuneConfig, ...}."""
-        from bertvision.glue import expand_splits, get_task
+        from bertvision.glue import get_task
         from bertvision.storage import join
 
-        glue_task = get_task(task)
-        extracted = expand_splits(glue_task, self.extract.splits)
-        tested = bool(set(extracted) & set(glue_task.test_splits))
-        finetune = self._stage(
-            self.finetune, task, out=join(self.out, task, "finetune"), predict_test=tested
-        )
         embeddings = join(self.out, "embeddings")
-        extract = self._stage(self.extract, task, out=embeddings, model=finetune.out)
+        finetune_out = join(self.out, task, "finetune")
+        extract = self._stage(self.extract, task, out=embeddings, model=finetune_out)
+        tested = bool(set(extract.splits) & set(get_task(task).test_splits))
+        finetune = self._stage(self.finetune, task, out=finetune_out, predict_test=tested)
         train = self._stage(
             self.train, task, embeddings=embeddings, out=join(self.out, task, self.train.adapter)
         )
@@ -573,3 +601,7 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
 
 
 PIPELINE_STAGES = ("finetune", "extract", "train", "sweep", "ensemble")
+
+
+def _field_names(cfg: Any, stage: str) -> set[str]:
+    return {f.name for f in fields(getattr(cfg, stage))}

@@ -124,13 +124,13 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     require(cfg)
     span = is_span_task(cfg.task)
     if span:
-        splits = _span_splits(cfg.splits)
+        splits = planned_splits(cfg.task, cfg.splits)
         for split in splits:
             _load_questions(split, cfg.data_dir)  # data errors before the model's
         regression = False
     else:
         task = glue.get_task(cfg.task)
-        splits = glue.expand_splits(task, cfg.splits)
+        splits = planned_splits(cfg.task, cfg.splits)
         for split in splits:
             _load_examples(task.name, split, cfg.data_dir, cfg.max_train_examples)
         regression = task.regression
@@ -316,6 +316,14 @@ class SplitWindows:
     examples: list[squad.Example]
     features: squad.Features
     fingerprint: str
+
+
+def planned_splits(task: str, splits: list[str]) -> list[str]:
+    """The splits `splits` names for `task` ("dev" and "test" are all of a GLUE task's, two for
+    MNLI); ConfigError or ValueError naming an unknown one."""
+    if is_span_task(task):
+        return _span_splits(splits)
+    return glue.expand_splits(glue.get_task(task), splits)
 
 
 def _span_splits(splits: list[str]) -> list[str]:

@@ -62,7 +62,8 @@ def run(cfg: PipelineConfig) -> None:
 
 @contextmanager
 def _terminal(verbose: bool) -> Iterator[None]:
-    """Progress bars on; unless `verbose`, Prefect's console logs at WARNING and up only, and
+    """Progress bars on; unless `verbose`, Prefect's console logs at CRITICAL only (a failed
+    stage ends in the command's one `error:` line, not in the engine's tracebacks), and
     the other libraries quiet (console.quiet_libraries), here and in the sweep's worker
     processes (through the environment). Prefect's API still receives every log."""
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -72,12 +73,12 @@ def _terminal(verbose: bool) -> Iterator[None]:
         if not verbose:
             stack.enter_context(console.quiet_libraries())
             stack.enter_context(
-                console.environment(PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING")
+                console.environment(PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="CRITICAL")
             )
             handlers = [h for h in logging.getLogger().handlers if type(h) is PrefectConsoleHandler]
             for handler in handlers:
                 level = handler.level
-                handler.setLevel(logging.WARNING)
+                handler.setLevel(logging.CRITICAL)
                 stack.callback(handler.setLevel, level)
         yield
 
