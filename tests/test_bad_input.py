@@ -377,3 +377,36 @@ def test_a_usage_error_is_one_line_naming_the_option(args, named):
     assert done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert named in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["finetune", "--task", "rte", "--lr", "0"], "error: --lr must be > 0, got 0.0"),
+        (
+            ["finetune", "--task", "rte", "--weight-decay", "-1"],
+            "error: --weight-decay must be >= 0, got -1.0",
+        ),
+        (
+            ["finetune", "--task", "rte", "--device", "gpu"],
+            "error: --device 'gpu' is not a device: cpu, cuda or cuda:N",
+        ),
+        (
+            ["extract", "--task", "rte", "--device", "cuda:99"],
+            "error: --device 'cuda:99' is not here",
+        ),
+        (
+            ["run", "--tasks", "rte", "--extract-splits", "trian"],
+            "error: --extract-splits unknown split 'trian' for rte",
+        ),
+        (["run", "--sweep-space", "{bad"], "error: --sweep-space is not valid JSON"),
+    ],
+)
+def test_settings_are_checked_before_anything_runs(tmp_path, args, line):
+    """Each of these is refused while the config is built: no model loaded, no Prefect started,
+    nothing written; a pipeline's stage setting is named by its prefixed flag."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.startswith(line) and result.output.count("\n") == 1, result.output
+    assert not out.exists()
