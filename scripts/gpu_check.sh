@@ -30,5 +30,5 @@ for task in rte mrpc; do
     --device cuda --tasks "$task" --seeds 5 --out "/tmp/experiment-$task" 2>&1 \
     | grep -vE "it/s|s/it|^Loading" | tail -n 30 | tee -a "$results/log.txt"
   cp "/tmp/experiment-$task/results.json" "$results/results-$task.json" 2>/dev/null
-  tar -czf "$results/records-$task.tgz" -C "/tmp/experiment-$task" records 2>/dev/null
+  tar -czf "$results/records-$task.tgz" -C "/tmp/experiment-$task" --exclude=runs . 2>/dev/null
 done
