@@ -75,6 +75,20 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _libraries(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the libraries' logs and warnings")
+    ] = False,
+) -> None:
+    """Store all-layer hidden states once; train small adapters on them."""
+    if not verbose:  # transformers' weight-loading tables and warnings, for this command only
+        from bertvision.console import quiet_libraries
+
+        ctx.with_resource(quiet_libraries())
+
+
 # -- options from config fields ----------------------------------------------------------------
 
 

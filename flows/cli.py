@@ -80,6 +80,10 @@ def _terminal(verbose: bool) -> Iterator[None]:
                 level = handler.level
                 handler.setLevel(logging.CRITICAL)
                 stack.callback(handler.setLevel, level)
+        else:  # the command line quiets transformers unless `bertvision --verbose` (cli.py)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_warning()
         yield
 
 

@@ -240,3 +240,26 @@ def test_a_model_replaced_at_the_same_path_is_another_input(tmp_path, tiny_model
         finetune_encoder(cfg, progress=False)
     redone = finetune_encoder(dataclasses.replace(cfg, overwrite=True), progress=False)
     assert redone["key"] == content_key(cfg)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_weight_loading_report_is_shown_only_with_verbose(
+    tmp_path, tiny_model, glue_dir, verbose
+):
+    """transformers reports the new classifier's weights as MISSING on every fine-tuning; the
+    command keeps that (and the libraries' warnings) out of the way unless `--verbose`."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler(level=0)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    args = ["finetune", "--task", "wnli", "--data-dir", glue_dir, "--model", tiny_model]
+    args += ["--epochs", "0.05", "--max-train-examples", "40", "--max-seq-length", "32"]
+    args += ["--no-predict-test", "--device", "cpu", "--out", str(tmp_path / "ckpt")]
+    try:
+        result = CliRunner().invoke(app, ["--verbose", *args] if verbose else args)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    assert any("LOAD REPORT" in message for message in seen) == verbose
