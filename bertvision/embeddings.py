@@ -290,3 +290,19 @@ def epoch_batches(
         for begin in range(0, len(local), batch_size):
             chosen = local[begin : begin + batch_size]
             yield packed, chosen, rows[chosen]
+
+
+def check_given(cfg, task: str, embeddings: str, plan: ExtractionPlan) -> None:
+    """That embeddings loaded beforehand (of `task`, from URL `embeddings`, extracted as `plan`)
+    are the ones `cfg` (a TrainConfig) asks for: its task, its URL and, if it names one, its
+    encoder. ValueError or ShardError saying which differs."""
+    if task != cfg.task:
+        raise ValueError(f"the embeddings given are of {task}, not {cfg.task}")
+    if embeddings != cfg.embeddings.rstrip("/"):
+        raise ValueError(f"the embeddings given come from {embeddings}, not {cfg.embeddings}")
+    fingerprint = plan.model_fingerprint
+    if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
+        raise ShardError(
+            f"embeddings under {embeddings} come from encoder {plan.model} "
+            f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
+        )

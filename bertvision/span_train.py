@@ -48,7 +48,7 @@ from torch import nn
 from bertvision import encoder as enc
 from bertvision import records, squad, storage
 from bertvision.config import TrainConfig
-from bertvision.embeddings import SHARED_SETTINGS
+from bertvision.embeddings import SHARED_SETTINGS, check_given
 from bertvision.finite import NonFiniteError
 from bertvision.schema import RUN_FILE, ExtractionPlan
 from bertvision.shards import ShardError, manifest_url, split_url
@@ -169,7 +169,7 @@ class SpanObjective:
     def __init__(self, cfg: TrainConfig, data: SpanData | None = None) -> None:
         if data is None:
             data = load_span_data(cfg.task, cfg.embeddings, cfg.device, cfg.max_resident_gb)
-        _check_data(cfg, data)
+        check_given(cfg, data.task, data.embeddings, data.plan)
         self.data = data
         self.task = data.task
         self.embeddings = data.embeddings
@@ -231,19 +231,6 @@ class SpanObjective:
             self.data.questions[split],
             2 * cfg.batch_size,
             cfg.device,
-        )
-
-
-def _check_data(cfg: TrainConfig, data: SpanData) -> None:
-    if data.task != cfg.task:
-        raise ValueError(f"the embeddings given are of {data.task}, not {cfg.task}")
-    if data.embeddings != cfg.embeddings.rstrip("/"):
-        raise ValueError(f"the embeddings given come from {data.embeddings}, not {cfg.embeddings}")
-    fingerprint = data.plan.model_fingerprint
-    if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
-        raise ShardError(
-            f"embeddings under {data.embeddings} come from encoder {data.plan.model} "
-            f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
         )
 
 

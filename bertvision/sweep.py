@@ -40,7 +40,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any
 
@@ -328,7 +328,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "model_fingerprint": plans["train"].model_fingerprint,
         "extraction_keys": extraction_keys,
         "code_version": __version__,
-        "created_at": _now(),
+        "created_at": records.now(),
     }
     storage.write_json(url, plan)
     _make_trials_folder(cfg)
@@ -496,7 +496,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         run=f"{TRIALS_DIR}/{spec.trial:04d}",
         seconds=round(time.perf_counter() - started, 2),
         hyperopt_vals=spec.hyperopt_vals,
-        finished_at=_now(),
+        finished_at=records.now(),
         error="" if ok else diverged or f"validation {metric} is {objective}",
         worker=worker_name(),
         key=key,
@@ -634,7 +634,3 @@ def _primary(cfg: SweepConfig, record: TrialRecord) -> float | None:
 def _plain(value: Any) -> float | int:
     """numpy scalars -> JSON-able Python numbers."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -55,7 +55,13 @@ from torch import nn
 
 from bertvision import __version__, adapters, glue, records, rng, runs, storage
 from bertvision.config import TrainConfig, require
-from bertvision.embeddings import EmbeddingData, SplitData, epoch_batches, load_embeddings
+from bertvision.embeddings import (
+    EmbeddingData,
+    SplitData,
+    check_given,
+    epoch_batches,
+    load_embeddings,
+)
 from bertvision.finite import NonFiniteError
 from bertvision.metrics import compute_metrics
 from bertvision.schema import ExtractionPlan
@@ -383,19 +389,10 @@ def _fit(
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
     task = glue.get_task(cfg.task)
-    if data.task.name != task.name:
-        raise ValueError(f"the embeddings given are of {data.task.name}, not {task.name}")
-    if data.embeddings != cfg.embeddings.rstrip("/"):
-        raise ValueError(f"the embeddings given come from {data.embeddings}, not {cfg.embeddings}")
+    check_given(cfg, data.task.name, data.embeddings, data.plan)
     missing = [s for s in ("train", *task.dev_splits) if s not in data.splits]
     if missing:
         raise ShardError(f"embeddings of {task.name} lack the {', '.join(missing)} split(s)")
-    fingerprint = data.plan.model_fingerprint
-    if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
-        raise ShardError(
-            f"embeddings under {data.embeddings} come from encoder {data.plan.model} "
-            f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
-        )
 
 
 def _finished(cfg: TrainConfig, key: str) -> dict | None:
