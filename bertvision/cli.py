@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
-import json
 import os
 import sys
 import typing
@@ -37,6 +36,7 @@ from bertvision.config import (
     SweepConfig,
     TrainConfig,
 )
+from bertvision.finite import strict_json
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -273,7 +273,7 @@ def finetune(cfg: FinetuneConfig) -> None:
 
     metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}
-    typer.echo(json.dumps(shown, sort_keys=True))
+    typer.echo(strict_json(shown, sort_keys=True))
 
 
 @config_command(ExtractConfig)
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig) -> None:
     """
     from bertvision.train import train_adapter
 
-    typer.echo(json.dumps(train_adapter(cfg), sort_keys=True))
+    typer.echo(strict_json(train_adapter(cfg), sort_keys=True))
 
 
 @config_command(SweepConfig)
@@ -328,8 +328,8 @@ def sweep(cfg: SweepConfig) -> None:
     if summary.best is not None:
         best = summary.best
         typer.echo(
-            f"best trial {best.trial}: val {json.dumps(best.val)} dev {json.dumps(best.dev)} "
-            f"params {json.dumps(best.params)}"
+            f"best trial {best.trial}: val {strict_json(best.val)} dev {strict_json(best.dev)} "
+            f"params {strict_json(best.params)}"
         )
 
 
@@ -344,8 +344,8 @@ def ensemble(cfg: EnsembleConfig) -> None:
     result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
-        typer.echo(f"{name}: val {json.dumps(member['val'])} dev {json.dumps(member['dev'])}")
-    typer.echo(f"ensemble: dev {json.dumps(result['ensemble'])}")
+        typer.echo(f"{name}: val {strict_json(member['val'])} dev {strict_json(member['dev'])}")
+    typer.echo(f"ensemble: dev {strict_json(result['ensemble'])}")
 
 
 @config_command(ReportConfig)
@@ -380,7 +380,7 @@ def status(
     if not result:
         raise ShardError(f"{url} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)")
     if as_json:
-        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+        typer.echo(strict_json(result, indent=2, sort_keys=True))
         return
     for name, s in result.items():
         typer.echo(
@@ -411,7 +411,7 @@ def evaluate_squad(
     """
     from bertvision.squad import evaluate_files
 
-    typer.echo(json.dumps(evaluate_files(gold, predictions), indent=2))
+    typer.echo(strict_json(evaluate_files(gold, predictions), indent=2))
 
 
 @app.command()
