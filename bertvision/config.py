@@ -109,12 +109,13 @@ def _task_name(cfg: Any) -> None:
             cfg.max_seq_length = task.family.max_seq_length
 
 
-def _glue_only(cfg: Any, stage: str) -> None:
-    """ConfigError for a task of another family than GLUE, in a stage not yet written for it."""
+def _default_adapter(cfg: Any) -> None:
+    """An empty `adapter` becomes the task family's (pooler for GLUE, span for SQuAD 2.0) once
+    the task is known; it stays empty in a template without a task."""
     from bertvision.families import get_task
 
-    if cfg.task and get_task(cfg.task).family.name != "glue":
-        raise ConfigError("task", f"{cfg.task!r}: {stage} takes GLUE tasks only, for now")
+    if not cfg.adapter and cfg.task:
+        cfg.adapter = get_task(cfg.task).family.default_adapter
 
 
 def _adapter_fits_task(cfg: Any) -> None:
@@ -332,7 +333,9 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     """Settings of `bertvision train`: one adapter on stored embeddings (a sweep trial too)."""
 
     adapter: str = setting(
-        "pooler", "pooler, scalarmix or cls (the [CLS] linear probe); span for squad2"
+        "",
+        "pooler, scalarmix or cls (the [CLS] linear probe); span for squad2; "
+        "default: the task's (pooler; span for squad2)",
     )
     adapter_dim: int = setting(64, "Width of the pooler's (and span adapter's) shared adapter")
     token_pool: str = setting("cls+mean", "Pooler: first token (cls), masked mean, or cls+mean")
@@ -352,8 +355,9 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         from bertvision import adapters
 
         _task_name(self)
+        _default_adapter(self)
         check_finite(self)
-        if self.adapter not in adapters.adapter_names():
+        if self.adapter and self.adapter not in adapters.adapter_names():
             known = ", ".join(adapters.adapter_names())
             raise ConfigError("adapter", f"{self.adapter!r} is unknown; expected one of {known}")
         _adapter_fits_task(self)
@@ -364,7 +368,8 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         check_at_least(self, 0, "weight_decay")
         check_fraction(self, "val_fraction")
         _resolve_model_and_device(self)
-        self.adapter_config(layers=1, hidden_size=1)  # validates the adapter's own options now
+        if self.adapter:  # validates the adapter's own options now
+            self.adapter_config(layers=1, hidden_size=1)
 
     def adapter_config(self, layers: int, hidden_size: int):
         """The adapter's config for embeddings of `layers` x `hidden_size` (adapters registry)."""
@@ -418,7 +423,9 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     trials: int = setting(20, "Finished trials wanted in all (a rerun with more continues)")
     parallel: int = setting(1, "Trials at once; TPE suggests this many from the same history")
-    adapter: str = setting("pooler", "pooler, scalarmix or cls")
+    adapter: str = setting(
+        "", "pooler, scalarmix or cls; span for squad2; default: the task's (pooler; span)"
+    )
     space: dict[str, Any] = setting(
         default_factory=dict,
         help="Search-space entries overriding the adapter's (on the command line: inline JSON "
@@ -433,7 +440,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         from bertvision.sweep import check_space
 
         _task_name(self)
-        _glue_only(self, "a sweep")
+        _default_adapter(self)
         _adapter_fits_task(self)
         check_finite(self)
         check_at_least(self, 1, "trials", "parallel", "startup_trials")
@@ -446,10 +453,11 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             raise ConfigError("space", str(exc)) from None
 
     def resolved_space(self) -> dict[str, Any]:
-        """The adapter's default space with this sweep's overrides applied."""
+        """The adapter's default space with this sweep's overrides applied (the overrides alone
+        in a template without a task, whose adapter is not known yet)."""
         from bertvision.sweep import default_space
 
-        return {**default_space(self.adapter), **self.space}
+        return {**(default_space(self.adapter) if self.adapter else {}), **self.space}
 
     def key(self, extraction_keys: dict[str, str]) -> str:
         """Hashes what determines the trials, the embeddings' extraction keys included: a sweep
@@ -479,7 +487,6 @@ class EnsembleConfig(Stage):
 
     def __post_init__(self) -> None:
         _task_name(self)
-        _glue_only(self, "an ensemble")
         check_finite(self)
         check_at_least(self, 1, "top_k")
 
@@ -525,7 +532,9 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
         "predict_test",
     )
 
-    tasks: list[str] = setting(default_factory=lambda: ["rte"], help="GLUE tasks, e.g. rte,mrpc")
+    tasks: list[str] = setting(
+        default_factory=lambda: ["rte"], help="GLUE tasks or squad2, e.g. rte,mrpc,squad2"
+    )
     out: str = setting("runs/pipeline", "Output URL of every stage")
     workers: int = setting(
         0, "Extraction: spread the shards over N runs of the extract-shards deployment; 0: here"
@@ -547,8 +556,6 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
             raise ConfigError("tasks", "must name at least one task")
         try:
             self.tasks = [Task(task=name).task for name in self.tasks]
-            for name in self.tasks:
-                _glue_only(Task(task=name), "the pipeline")
         except ConfigError as exc:
             raise ConfigError("tasks", exc.message) from None
         check_finite(self)
@@ -563,17 +570,23 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
                 raise ConfigError(f"{stage}.{exc.field}", exc.message) from None
 
     def stages(self, task: str) -> dict[str, Any]:
-        """The five stage configs of `task`, linked: {"finetune": FinetuneConfig, ...}."""
-        from bertvision.glue import get_task
+        """The five stage configs of `task`, linked: {"finetune": FinetuneConfig, ...}. The
+        adapter of train and sweep, when their templates name none, is the task family's."""
+        from bertvision.families import get_task
         from bertvision.storage import join
 
+        family = get_task(task).family
         embeddings = join(self.out, "embeddings")
         finetune_out = join(self.out, task, "finetune")
         extract = self._stage(self.extract, task, out=embeddings, model=finetune_out)
-        tested = bool(set(extract.splits) & set(get_task(task).test_splits))
+        test_splits = set(family.evaluated_splits(task, True)) - set(
+            family.evaluated_splits(task, False)
+        )
+        tested = bool(set(extract.splits) & test_splits)
         finetune = self._stage(self.finetune, task, out=finetune_out, predict_test=tested)
+        adapter = self.train.adapter or family.default_adapter
         train = self._stage(
-            self.train, task, embeddings=embeddings, out=join(self.out, task, self.train.adapter)
+            self.train, task, embeddings=embeddings, out=join(self.out, task, adapter)
         )
         sweep = self._stage(
             self.sweep, task, embeddings=embeddings, out=join(self.out, task, "sweep")

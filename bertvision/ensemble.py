@@ -1,10 +1,15 @@
-"""Ensembles of a sweep's best trials: the average of their probabilities (or regression scores).
+"""Ensembles of a sweep's best trials: the average of their outputs, in the task family's way
+(`TaskFamily.ensemble`): GLUE averages probabilities (or regression scores), `glue_ensemble`
+here; SQuAD 2.0 averages each window's start and end logits, then post-processes
+(bertvision.span_ensemble).
 
     ENS/outputs/<split>.parquet    the averaged outputs (what another ensemble could average)
-    ENS/<split>_predictions.tsv    GLUE submission files (dev and test splits)
+    ENS/<split>_predictions.tsv    GLUE submission files (dev and test splits); SQuAD:
+                                   <split>_predictions.json, the official format (val and dev)
     ENS/metrics.json               members (trial, val and dev metrics) and the ensemble's dev
-                                   metrics, scored from the dev submission file as written (so
-                                   anyone recomputes them from it and the dev labels)
+                                   metrics under "ensemble", scored from the dev predictions as
+                                   written (so anyone recomputes them from the file and the
+                                   labels); SQuAD adds "val" and "no_answer_threshold"
     ENS/_commit.json               the run record (bertvision.records, kind "ensemble",
                                    inputs: the sweep and each member run with its key), the
                                    commit record (bertvision.runs) written last: the
@@ -28,7 +33,8 @@ import numpy as np
 
 from bertvision import __version__, records, runs, storage
 from bertvision.config import ConfigError, EnsembleConfig, require
-from bertvision.glue import get_task
+from bertvision.families import get_task
+from bertvision.glue import GlueTask
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import (
     read_outputs,
@@ -57,6 +63,7 @@ class Member:
 def choose_members(cfg: EnsembleConfig) -> list[Member]:
     """The top-k trials by validation metric (plus the fine-tuned run when asked)."""
     task = get_task(cfg.task)
+    metric = task.family.primary_metric(task.name)
     sweep_url = storage.join(cfg.runs, SWEEP_FILE)
     if not storage.exists(sweep_url):
         raise FileNotFoundError(f"{cfg.runs} holds no sweep (no {SWEEP_FILE}); run sweep first")
@@ -64,7 +71,7 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     if swept != task.name:
         raise ValueError(f"{cfg.runs} is a sweep of {swept}, not of {task.name}")
     records = load_trials(cfg.runs)
-    best = best_trials(records, task.primary_metric, cfg.top_k)
+    best = best_trials(records, metric, cfg.top_k)
     if len(best) < cfg.top_k:
         raise ConfigError(
             "top_k", f"{cfg.top_k} is more than the {len(best)} finished trials of {cfg.runs}"
@@ -99,21 +106,45 @@ def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def average_outputs(members: list[Member], split: str) -> tuple[np.ndarray, list, np.ndarray]:
-    """example_ids, labels and the members' mean (N, C) outputs for one split."""
+def average_outputs(runs: list[str], split: str) -> tuple[np.ndarray, list, np.ndarray]:
+    """example_ids, labels and the mean (N, C) outputs of the runs for one split (GLUE)."""
     ids, labels, total = None, None, None
-    for member in members:
-        member_ids, member_labels, outputs = read_outputs(member.run, split)
+    for run in runs:
+        member_ids, member_labels, outputs = read_outputs(run, split)
         if ids is None:
             ids, labels, total = member_ids, member_labels, outputs.astype(np.float64)
             continue
         if not np.array_equal(member_ids, ids) or outputs.shape != total.shape:
             raise ValueError(
-                f"{member.run} has other {split} examples or outputs than {members[0].run}; "
+                f"{run} has other {split} examples or outputs than {runs[0]}; "
                 "members of an ensemble must share their embeddings"
             )
         total += outputs
-    return ids, labels, (total / len(members)).astype(np.float32)
+    return ids, labels, (total / len(runs)).astype(np.float32)
+
+
+def glue_ensemble(task: GlueTask, runs: list[str], out: str) -> dict[str, Any]:
+    """GLUE's TaskFamily.ensemble: the runs' mean outputs on every dev and test split (test
+    only where every member has outputs), written as submission files and outputs into `out`;
+    {"ensemble": first dev split's metrics, <other dev split>: its metrics}."""
+    scores = {}
+    for split in (*task.dev_splits, *task.test_splits):
+        lacking = [run for run in runs if not _has_outputs(run, split)]
+        if lacking and split in task.dev_splits:
+            raise FileNotFoundError(
+                f"{lacking[0]} has no {split} outputs (outputs/{split}.parquet)"
+            )
+        if lacking:
+            continue  # test embeddings were not extracted: no test submission
+        ids, labels, outputs = average_outputs(runs, split)
+        write_predictions(out, task, split, ids, labels, outputs)
+        if split in task.dev_splits:  # scored from the file as written: anyone gets the same
+            submitted = read_submission(storage.join(out, submission_name(split)), task)
+            scores[split] = compute_metrics(task, [submitted[i] for i in ids], labels)
+    return {
+        "ensemble": scores[task.dev_splits[0]],
+        **{split: scores[split] for split in task.dev_splits[1:]},
+    }
 
 
 def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
@@ -159,25 +190,12 @@ def _build(
 ) -> dict[str, Any]:
     task = get_task(cfg.task)
     out = staged.url
-    scores = {}
-    for split in (*task.dev_splits, *task.test_splits):
-        lacking = [m.run for m in members if not _has_outputs(m.run, split)]
-        if lacking and split in task.dev_splits:
-            raise FileNotFoundError(
-                f"{lacking[0]} has no {split} outputs (outputs/{split}.parquet)"
-            )
-        if lacking:
-            continue  # test embeddings were not extracted: no test submission
-        ids, labels, outputs = average_outputs(members, split)
-        write_predictions(out, task, split, ids, labels, outputs)
-        if split in task.dev_splits:  # scored from the file as written: anyone gets the same
-            submitted = read_submission(storage.join(out, submission_name(split)), task)
-            scores[split] = compute_metrics(task, [submitted[i] for i in ids], labels)
+    sweep = load_sweep(cfg.runs)["config"]
+    scores = task.family.ensemble(task.name, [m.run for m in members], sweep, out)
     result = {
         "members": [{"trial": m.trial, "run": m.run, "val": m.val, "dev": m.dev} for m in members],
-        "ensemble": scores[task.dev_splits[0]],
-        **{split: scores[split] for split in task.dev_splits[1:]},
-        "metric": task.primary_metric,
+        **scores,
+        "metric": task.family.primary_metric(task.name),
         "config": asdict(cfg),
         "code_version": __version__,
     }

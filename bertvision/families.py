@@ -60,6 +60,7 @@ class TaskFamily(Protocol):
     max_seq_length: int  # the default tokens per example or window
     schema: str  # of its extractions' shards (bertvision.schema): "glue" a row per example,
     # "span" a row per window
+    default_adapter: str  # the adapter trained and swept on the task's rows when none is named
 
     def task_names(self) -> tuple[str, ...]:
         """The family's tasks, by their canonical names."""
@@ -77,6 +78,32 @@ class TaskFamily(Protocol):
     def evaluated_splits(self, task: str, test: bool) -> tuple[str, ...]:
         """The splits a fine-tuning scores and predicts besides its held-out slice: the dev
         splits, and with `test` the unlabelled test splits (if the family has any)."""
+        ...
+
+    def primary_metric(self, task: str) -> str:
+        """The metric that selects (trials, ensemble members); higher is better."""
+        ...
+
+    def metric_names(self, task: str) -> tuple[str, ...]:
+        """The dev metrics a table shows, in order (GLUE: the task's; SQuAD: exact, f1)."""
+        ...
+
+    def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:
+        """The dev metrics of the trivial prediction (GLUE: TRAIN's most frequent label;
+        SQuAD: no answer to any question): the floor a model has to beat."""
+        ...
+
+    def load_embeddings(self, task: str, embeddings: str, device: str) -> Any:
+        """The checked train and dev embeddings of `task`, loaded once and shared by the runs
+        of a sweep (train.train_adapter's `data`)."""
+        ...
+
+    def ensemble(self, task: str, runs: list[str], sweep: dict[str, Any], out: str) -> dict:
+        """Average the outputs of the member `runs` (adapter or fine-tuning run folders) and
+        write the ensemble's outputs and predictions into the staged folder `out`. `sweep`:
+        the settings of the sweep whose trials they are (its embeddings and held-out slice).
+        Returns metrics.json's scores: "ensemble" (the dev metrics) and the family's others.
+        ValueError naming the runs when members hold different examples or windows."""
         ...
 
     def data_fingerprint(self, examples: list) -> str:

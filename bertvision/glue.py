@@ -343,6 +343,7 @@ class GlueFamily:
     hub_url = HUB_URL
     max_seq_length = 128
     schema = "glue"
+    default_adapter = "pooler"
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(TASKS)
@@ -357,6 +358,27 @@ class GlueFamily:
     def evaluated_splits(self, task: str, test: bool) -> tuple[str, ...]:
         spec = get_task(task)
         return (*spec.dev_splits, *(spec.test_splits if test else ()))
+
+    def primary_metric(self, task: str) -> str:
+        return get_task(task).primary_metric
+
+    def metric_names(self, task: str) -> tuple[str, ...]:
+        return get_task(task).metrics
+
+    def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:
+        from bertvision.metrics import majority_baseline
+
+        return majority_baseline(task, data_dir)
+
+    def load_embeddings(self, task: str, embeddings: str, device: str):
+        from bertvision.embeddings import load_embeddings
+
+        return load_embeddings(task, embeddings, device=device)
+
+    def ensemble(self, task: str, runs: list[str], sweep: dict, out: str) -> dict:
+        from bertvision.ensemble import glue_ensemble
+
+        return glue_ensemble(get_task(task), runs, out)
 
     def data_fingerprint(self, examples: list[Example]) -> str:
         return data_fingerprint(examples)

@@ -174,16 +174,8 @@ class SpanObjective:
         self.task = data.task
         self.embeddings = data.embeddings
         self.plan = data.plan
-        questions = data.questions["train"]
-        try:
-            titles = set(squad.held_out_titles(questions, cfg.val_fraction, cfg.val_seed))
-        except ValueError:
-            raise ShardError(
-                f"the {data.task} train windows under {data.embeddings} hold the questions of "
-                "one article; holding out whole articles needs at least 2"
-            ) from None
-        held = np.asarray([q.title in titles for q in questions])
-        self.is_val = held[data.splits["train"].windows.example_index]  # storage order
+        self.is_val = np.zeros(data.splits["train"].num_windows, dtype=bool)  # storage order
+        self.is_val[held_out_rows(data, cfg.val_fraction, cfg.val_seed)] = True
         self.num_val = int(self.is_val.sum())
         self.num_train = len(self.is_val) - self.num_val
 
@@ -302,13 +294,37 @@ def score(
     """The windows at storage `rows` of `split`, their logits by span adapter `model` and the
     best spans of their questions (`questions`: the split's, in file order; the result holds
     those with a window among `rows`). NonFiniteError if a logit of a real token is not finite."""
+    rows, chosen, windows = asked_windows(split, rows, questions)
+    start, end = window_logits(model, split, rows, batch_size, device)
+    return Scored(chosen, windows, start, end, squad.best_spans(chosen, windows, start, end))
+
+
+def asked_windows(
+    split: SpanSplit, rows: np.ndarray, questions: list[squad.Example]
+) -> tuple[np.ndarray, list[squad.Example], Windows]:
+    """The storage `rows` of `split` in window-id order (build_features' order, as outputs
+    files hold them), the questions they ask (file order) and their windows, `example_index`
+    renumbered into those questions."""
     rows = rows[np.argsort(split.windows.window_ids[rows], kind="stable")]
     windows = split.windows.take(rows)
     asked = np.unique(windows.example_index)  # sorted: file order
     windows = replace(windows, example_index=np.searchsorted(asked, windows.example_index))
-    start, end = window_logits(model, split, rows, batch_size, device)
-    chosen = [questions[i] for i in asked]
-    return Scored(chosen, windows, start, end, squad.best_spans(chosen, windows, start, end))
+    return rows, [questions[i] for i in asked], windows
+
+
+def held_out_rows(data: SpanData, fraction: float, seed: int) -> np.ndarray:
+    """The storage rows of the train windows whose questions are of the held-out articles
+    (squad.held_out_titles); ShardError when the train questions are of one article."""
+    questions = data.questions["train"]
+    try:
+        titles = set(squad.held_out_titles(questions, fraction, seed))
+    except ValueError:
+        raise ShardError(
+            f"the {data.task} train windows under {data.embeddings} hold the questions of "
+            "one article; holding out whole articles needs at least 2"
+        ) from None
+    held = np.asarray([q.title in titles for q in questions])
+    return np.flatnonzero(held[data.splits["train"].windows.example_index])
 
 
 @torch.inference_mode()

@@ -685,6 +685,7 @@ class SquadFamily:
     schema = "span"
     hub_url = HUB_URL
     max_seq_length = 384
+    default_adapter = "span"
 
     def task_names(self) -> tuple[str, ...]:
         return (TASK_NAME,)
@@ -697,6 +698,29 @@ class SquadFamily:
 
     def evaluated_splits(self, task: str, test: bool) -> tuple[str, ...]:
         return ("dev",)  # SQuAD 2.0's test set is hidden
+
+    def primary_metric(self, task: str) -> str:
+        return "f1"
+
+    def metric_names(self, task: str) -> tuple[str, ...]:
+        return ("exact", "f1")
+
+    def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:
+        dev = load_split("dev", data_dir)
+        scores = evaluate(dev, {ex.question_id: "" for ex in dev})
+        return {name: scores[name] for name in self.metric_names(task)}
+
+    def load_embeddings(self, task: str, embeddings: str, device: str):
+        from bertvision.span_train import load_span_data
+
+        return load_span_data(task, embeddings, device)
+
+    def ensemble(self, task: str, runs: list[str], sweep: dict, out: str) -> dict:
+        from bertvision.span_ensemble import span_ensemble
+
+        return span_ensemble(
+            task, runs, sweep["embeddings"], sweep["val_fraction"], sweep["val_seed"], out
+        )
 
     def data_fingerprint(self, examples: list[Example]) -> str:
         return data_fingerprint(examples)

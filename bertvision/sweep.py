@@ -48,8 +48,9 @@ import numpy as np
 
 from bertvision import __version__, records, runs, storage
 from bertvision.config import SweepConfig, require
+from bertvision.families import get_task
 from bertvision.finite import NonFiniteError, is_non_finite, strict_json
-from bertvision.glue import TASKS, get_task
+from bertvision.glue import TASKS
 
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
@@ -74,6 +75,9 @@ COMMON_SPACE: dict[str, Any] = {  # what every adapter is trained with
 }
 ADAPTER_SPACES: dict[str, dict[str, Any]] = {  # what only some adapters have
     "pooler": {"adapter_dim": {"choice": [8, 16, 32, 64]}},
+    # SQuAD 2.0's train has ~130k windows of up to 384 tokens: few epochs (early stopping on
+    # the held-out articles' F1 anyway), a wider adapter per token
+    "span": {"adapter_dim": {"choice": [16, 32, 64]}, "epochs": {"choice": [2, 3, 5]}},
 }
 
 
@@ -271,13 +275,24 @@ def trial_url(out: str, trial: int) -> str:
     return storage.join(out, TRIALS_DIR, f"{trial:04d}")
 
 
+def swept_splits(task: str) -> tuple[str, ...]:
+    """The extracted splits a sweep's trials read: train and the task's dev splits."""
+    family = get_task(task).family
+    return ("train", *family.evaluated_splits(task, False))
+
+
+def primary_metric(task: str) -> str:
+    """What the sweep selects on, in the validation metrics of its trials."""
+    return get_task(task).family.primary_metric(task)
+
+
 def content_key(cfg: SweepConfig) -> str:
     """`cfg.key` of the embeddings stored now, from their plans alone (a few small reads): the
     content identity of every trial's inputs. A ShardError when a split has no plan."""
     from bertvision.shards import ShardError, load_plan, split_url
 
     keys = {}
-    for split in ("train", *get_task(cfg.task).dev_splits):
+    for split in swept_splits(cfg.task):
         plan = load_plan(split_url(cfg.embeddings, cfg.task, split))
         if plan is None:
             raise ShardError(f"no {cfg.task}/{split} embeddings under {cfg.embeddings}")
@@ -297,7 +312,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
     plans = {
         split: committed_shards(cfg.embeddings, cfg.task, split)[0]  # raises if incomplete
-        for split in ("train", *get_task(cfg.task).dev_splits)
+        for split in swept_splits(cfg.task)
     }
     extraction_keys = {split: plan.key for split, plan in plans.items()}
     key = cfg.key(extraction_keys)
@@ -323,7 +338,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "key": key,
         "config": asdict(cfg),
         "space": cfg.resolved_space(),
-        "metric": get_task(cfg.task).primary_metric,
+        "metric": primary_metric(cfg.task),
         "model": plans["train"].model,
         "model_fingerprint": plans["train"].model_fingerprint,
         "extraction_keys": extraction_keys,
@@ -411,7 +426,7 @@ def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
 
     # TPE only reads the space; trials are evaluated outside hyperopt.
     domain = Domain(lambda params: None, searched)
-    metric = get_task(cfg.task).primary_metric
+    metric = primary_metric(cfg.task)
     history = Trials()
     docs = []
     for record in records:
@@ -474,7 +489,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         fs.rm_file(path)
 
     started = time.perf_counter()
-    metric = get_task(cfg.task).primary_metric
+    metric = primary_metric(cfg.task)
     diverged = ""
     try:
         metrics = train_adapter(
@@ -524,9 +539,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
 
 @lru_cache(maxsize=1)
 def _embeddings(task: str, embeddings: str, device: str) -> Any:
-    from bertvision.embeddings import load_embeddings
-
-    return load_embeddings(task, embeddings, device=device)
+    return get_task(task).family.load_embeddings(task, embeddings, device)
 
 
 def shared_embeddings(cfg: SweepConfig) -> Any:
@@ -582,7 +595,7 @@ def best_trials(records: list[TrialRecord], metric: str, k: int) -> list[TrialRe
 
 def summarize(cfg: SweepConfig, done_before: int) -> SweepSummary:
     records = record_trials(cfg)
-    best = best_trials(records, get_task(cfg.task).primary_metric, 1)
+    best = best_trials(records, primary_metric(cfg.task), 1)
     return SweepSummary(
         out=cfg.out,
         trials=cfg.trials,
@@ -627,7 +640,7 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
 
 
 def _primary(cfg: SweepConfig, record: TrialRecord) -> float | None:
-    value = record.val.get(get_task(cfg.task).primary_metric)
+    value = record.val.get(primary_metric(cfg.task))
     return None if value is None else round(value, 4)
 
 

@@ -95,15 +95,23 @@ def _seconds(value: float) -> str:
 def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
     """A plain-text table of one task's stages (`pipeline`'s rows): dev metrics and time, each
     stage that does not beat the majority baseline's primary metric marked."""
-    from bertvision.glue import get_task
+    from bertvision.families import get_task
 
-    glue_task = get_task(task)
-    metrics = glue_task.metrics
-    primary = glue_task.primary_metric
-    finetune, train, sweep, ensemble = cfg.finetune, cfg.train, cfg.sweep, cfg.ensemble
+    family = get_task(task).family
+    metrics = family.metric_names(task)
+    primary = family.primary_metric(task)
+    stages = cfg.stages(task)
+    finetune, train, sweep, ensemble = (
+        stages[s] for s in ("finetune", "train", "sweep", "ensemble")
+    )
     subset = f", first {cfg.max_train_examples} train examples" if cfg.max_train_examples else ""
+    majority = (
+        "no answer (to every question)"
+        if family.schema == "span"
+        else "majority class (TRAIN's most frequent label)"
+    )
     labels = {
-        "majority baseline": "majority class (TRAIN's most frequent label)",
+        "majority baseline": majority,
         "finetune": f"fine-tuned encoder ({finetune.epochs:g} epochs{subset})",
         "extract": f"extraction (every layer; {', '.join(cfg.extract.splits)})",
         train.adapter: f"{train.adapter} adapter on the stored layers",
@@ -126,8 +134,9 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
         lines.append(f"{label.ljust(width)}{values}{time:>14}")
     total = sum(row["seconds"] for row in rows.values())
     lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>14}")
+    floor = "the no-answer baseline" if family.schema == "span" else "the majority class"
     for label in below:
-        lines.append(f"note: {label} does not beat the majority class on {primary}")
+        lines.append(f"note: {label} does not beat {floor} on {primary}")
     return "\n".join(lines)
 
 
@@ -136,10 +145,11 @@ def where_written(cfg: PipelineConfig, server_url: str | None) -> str:
     from prefect.settings import get_current_settings
 
     out = cfg.out
+    adapters = sorted({cfg.stages(task)["train"].adapter for task in cfg.tasks})
     lines = [
         f"Everything is under {out}: <task>/finetune (checkpoint), embeddings/<task> (shards), "
-        f"<task>/{cfg.train.adapter}, <task>/sweep (trials.jsonl), <task>/ensemble "
-        "(GLUE-format predictions); each with metrics.json.",
+        f"<task>/{' or '.join(adapters)}, <task>/sweep (trials.jsonl), <task>/ensemble "
+        "(predictions: GLUE's TSV, SQuAD's official JSON); each with metrics.json.",
         f"Next: bertvision report {out}    (report.md and report.png of every run under it)",
     ]
     if server_url:

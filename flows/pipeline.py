@@ -21,12 +21,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from bertvision.config import PipelineConfig
-from bertvision.metrics import majority_baseline
+from bertvision.families import get_task
 
 
 class StageRows(dict):
     """{stage: {"dev": metrics or None, "seconds": wall-clock time}}, in order; each stage is
-    timed from the end of the one before. Starts with the majority baseline (0 s)."""
+    timed from the end of the one before. Starts with the majority baseline (0 s): GLUE's
+    most frequent label, SQuAD 2.0's "no answer" to every question."""
 
     def __init__(self, baseline: dict[str, float]) -> None:
         super().__init__({"majority baseline": {"dev": baseline, "seconds": 0.0}})
@@ -45,7 +46,8 @@ class StageRows(dict):
 )
 def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, dict]]:
     """The whole pipeline for each of `cfg.tasks`. Returns, per task, one row per stage in order:
-    "majority baseline" (dev metrics of always predicting TRAIN's most frequent label),
+    "majority baseline" (dev metrics of always predicting TRAIN's most frequent label; SQuAD
+    2.0: no answer),
     "finetune", "extract" (no metrics), the adapter's name, "best trial", "ensemble"; each
     {"dev": metrics or None, "seconds": the stage's wall-clock time, stored results included}.
     Its artifact compares each stage's dev metrics with the majority baseline."""
@@ -53,7 +55,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, dict]]:
     results = {}
     for name in cfg.tasks:
         stage = cfg.stages(name)
-        rows = StageRows(majority_baseline(name, cfg.data_dir))
+        rows = StageRows(get_task(name).family.majority_baseline(name, cfg.data_dir))
         rows.add("finetune", finetune(stage["finetune"])["dev"])  # partial fine-tune of the encoder
         extract_glue(stage["extract"], workers=cfg.workers)  # all-layer states -> Parquet shards
         rows.add("extract", None)

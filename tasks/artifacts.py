@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from rich.filesize import decimal as human_size
 
 from bertvision.config import ExtractConfig
-from bertvision.glue import get_task
+from bertvision.families import get_task
 from bertvision.schema import ExtractionPlan, ShardRecord
 from bertvision.shards import load_failures, load_records, split_status, split_url
 
@@ -234,7 +234,7 @@ def baseline_markdown(
     header = ["task", "run", *names, "primary metric above majority class"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for task, stages in results.items():
-        primary, floor = get_task(task).primary_metric, baselines[task]
+        primary, floor = get_task(task).family.primary_metric(task), baselines[task]
         for run, dev in {"majority class (train)": floor, **stages}.items():
             gain = f"{dev[primary] - floor[primary]:+.4f} {primary}" if run in stages else ""
             cells = [task, run, *(_cell(dev.get(m)) for m in names), gain]
