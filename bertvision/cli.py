@@ -335,7 +335,8 @@ def sweep(cfg: SweepConfig) -> None:
 
 @config_command(EnsembleConfig)
 def ensemble(cfg: EnsembleConfig) -> None:
-    """Average the outputs of a sweep's best trials; write GLUE submissions and dev metrics.
+    """Average the outputs of a sweep's best trials; write predictions (GLUE submissions;
+    SQuAD 2.0: the official JSON, no-answer threshold chosen on held-out TRAIN) and dev metrics.
 
     Example: bertvision ensemble --task rte --runs sweeps/rte --top-k 5 --out ens/rte
     """

@@ -1,0 +1,198 @@
+"""SQuAD 2.0 sweeps and ensembles: TPE over the span adapter selected on the held-out articles'
+F1, resumable; ensembles average the members' per-window start and end logits, choose the
+no-answer threshold on the held-out slice and predict every dev question; members of other
+windows are refused; the fine-tuned encoder joins as one more member."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bertvision import squad, sweep
+from bertvision.cli import app
+from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
+from bertvision.ensemble import build_ensemble
+from bertvision.extract import extract_hidden_states
+from bertvision.finetune import finetune_encoder
+from bertvision.span_ensemble import average_window_logits, read_window_logits
+
+TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
+WINDOWING = dict(max_seq_length=128, doc_stride=32, max_question_length=32)
+SPACE = {"epochs": 1, "adapter_dim": 8, "batch_size": 16, "lr": {"loguniform": [1e-3, 1e-2]}}
+OFFICIAL = {"exact", "f1", "total", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"}
+
+
+@pytest.fixture(scope="module")
+def small_squad(squad_dir, tmp_path_factory) -> str:
+    """2 train articles (3 paragraphs each), 1 dev article (2 paragraphs)."""
+    folder = tmp_path_factory.mktemp("squad") / "data"
+    return squad.write_slice(
+        squad_dir, str(folder), train=(TRAIN_ARTICLES, 3), dev=(DEV_ARTICLES, 2)
+    )
+
+
+@pytest.fixture(scope="module")
+def embeddings(small_squad, tiny_model, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("emb")
+    cfg = ExtractConfig(
+        task="squad2", model=tiny_model, data_dir=small_squad, out=str(out), batch_size=16,
+        device="cpu", **WINDOWING,
+    )  # fmt: skip
+    assert extract_hidden_states(cfg, progress=False).ok
+    return str(out)
+
+
+def _sweep_args(embeddings: str, out: Path, trials: int) -> list[str]:
+    return [
+        "sweep", "--task", "squad2", "--embeddings", embeddings, "--out", str(out),
+        "--trials", str(trials), "--space", json.dumps(SPACE), "--startup-trials", "1",
+        "--val-fraction", "0.5", "--device", "cpu",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def swept(embeddings, tmp_path_factory) -> Path:
+    """A finished sweep of 2 trials, run from the command line without naming the adapter."""
+    out = tmp_path_factory.mktemp("sweeps") / "squad2"
+    result = CliRunner().invoke(app, _sweep_args(embeddings, out, 2))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _ensemble(swept: Path, out: Path, **changes) -> dict:
+    cfg = EnsembleConfig(task="squad2", runs=str(swept), out=str(out), **({"top_k": 2} | changes))
+    return build_ensemble(cfg)
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+
+
+def test_a_squad2_sweep_trains_the_span_adapter_and_records_f1_on_the_held_out_articles(swept):
+    plan = json.loads((swept / "sweep.json").read_text())
+    assert plan["config"]["adapter"] == "span" and plan["metric"] == "f1"
+    assert plan["space"]["adapter_dim"] == 8 and set(plan["extraction_keys"]) == {"train", "dev"}
+    trials = sweep.load_trials(str(swept))
+    assert [t.trial for t in trials] == [0, 1] and all(t.status == "ok" for t in trials)
+    for trial in trials:
+        assert set(trial.val) >= OFFICIAL and set(trial.dev) >= OFFICIAL
+        metrics = json.loads((swept / trial.run / "metrics.json").read_text())
+        assert metrics["val"] == trial.val and metrics["dev"] == trial.dev
+    lines = (swept / "trials.jsonl").read_text().splitlines()
+    assert [json.loads(line)["trial"] for line in lines] == [0, 1]
+    best = sweep.best_trials(trials, "f1", 1)[0]
+    assert best.val["f1"] == max(t.val["f1"] for t in trials)
+
+
+def test_a_squad2_sweep_resumes_at_its_first_unfinished_trial(swept, embeddings, tmp_path):
+    before = {t.trial: t.finished_at for t in sweep.load_trials(str(swept))}
+    again = CliRunner().invoke(app, _sweep_args(embeddings, swept, 2))
+    assert again.exit_code == 0, again.output
+    assert "2 of 2 trials finished (0 now, 2 before, 0 failed)" in again.output
+    cfg = SweepConfig(
+        task="squad2", embeddings=embeddings, out=str(tmp_path / "copy"), trials=3, space=SPACE,
+        startup_trials=1, val_fraction=0.5, device="cpu",
+    )  # fmt: skip
+    import shutil
+
+    shutil.copytree(swept, tmp_path / "copy")
+    summary = sweep.run_sweep(cfg, progress=False)
+    assert (summary.done_before, summary.ran) == (2, 1)
+    after = {t.trial: t.finished_at for t in sweep.load_trials(cfg.out)}
+    assert {n: after[n] for n in before} == before and set(after) == {0, 1, 2}
+
+
+# -- ensembles: the average --------------------------------------------------------------------
+
+
+def _write_member(run: Path, windows: list[tuple[str, int]], logits: list[list[list[float]]]):
+    features = SimpleNamespace(
+        question_ids=[q for q, _ in windows], window_index=np.array([w for _, w in windows])
+    )
+    squad.write_outputs(str(run), "dev", features, [np.asarray(x, np.float32) for x in logits])
+
+
+def test_the_ensemble_logits_are_the_members_mean_window_by_window(tmp_path):
+    windows = [("q1", 0), ("q1", 1), ("q2", 0)]
+    _write_member(tmp_path / "a", windows, [[[1, 2, 3], [0, 0, 4]], [[2, 2], [2, 2]], [[-1], [5]]])
+    _write_member(tmp_path / "b", windows, [[[3, 2, 1], [4, 0, 0]], [[0, 4], [1, 1]], [[1], [6]]])
+    ids, mean = average_window_logits([str(tmp_path / "a"), str(tmp_path / "b")], "dev")
+    assert ids == windows
+    expected = [[[2, 2, 2], [2, 0, 2]], [[1, 3], [1.5, 1.5]], [[0], [5.5]]]
+    for got, want in zip(mean, expected, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+
+
+def test_members_of_other_windows_are_refused_naming_both(tmp_path):
+    logits = [[[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]]]
+    _write_member(tmp_path / "a", [("q1", 0), ("q2", 0)], logits)
+    _write_member(tmp_path / "b", [("q1", 0), ("q3", 0)], logits)
+    _write_member(tmp_path / "c", [("q1", 0), ("q2", 0)], [[[1.0], [3.0]], [[1.0], [2.0]]])
+    runs = [str(tmp_path / name) for name in "abc"]
+    with pytest.raises(ValueError, match=rf"members {runs[0]} and {runs[1]} hold different dev"):
+        average_window_logits(runs[:2], "dev")
+    with pytest.raises(ValueError, match=rf"{runs[2]} hold different .*2 and 1 tokens"):
+        average_window_logits([runs[0], runs[2]], "dev")
+
+
+# -- ensembles: of a sweep ---------------------------------------------------------------------
+
+
+def test_an_ensemble_of_two_span_members_averages_their_logits_and_answers_every_dev_question(
+    swept, small_squad, tmp_path
+):
+    result = _ensemble(swept, tmp_path / "ens")
+    members = [
+        str(swept / t.run) for t in sweep.best_trials(sweep.load_trials(str(swept)), "f1", 2)
+    ]
+    assert [m["run"] for m in result["members"]] == members
+    for split in ("val", "dev"):
+        windows, mean = read_window_logits(str(tmp_path / "ens"), split)
+        (first_ids, first), (second_ids, second) = (read_window_logits(m, split) for m in members)
+        assert windows == first_ids == second_ids
+        for got, a, b in zip(mean, first, second, strict=True):
+            np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6)
+    dev = squad.load_split("dev", small_squad)
+    preds = squad.read_predictions(str(tmp_path / "ens" / "dev_predictions.json"))
+    assert sorted(preds) == sorted(q.question_id for q in dev)
+    assert result["metric"] == "f1" and set(result["ensemble"]) >= OFFICIAL
+    assert result["ensemble"] == squad.evaluate(dev, preds)
+    assert result["ensemble"]["total"] == len(dev) and set(result["val"]) >= OFFICIAL
+    threshold = result["no_answer_threshold"]
+    assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["no_answer_threshold"] == (
+        threshold
+    )
+
+
+def test_the_ensemble_command_takes_squad2(swept, tmp_path):
+    out = tmp_path / "ens"
+    args = ["ensemble", "--task", "squad2", "--runs", str(swept), "--top-k", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("trial ") == 2 and '"f1"' in result.output.splitlines()[-1]
+
+
+def test_the_fine_tuned_encoder_joins_the_ensemble_with_its_window_logits(
+    swept, small_squad, tiny_model, tmp_path
+):
+    finetuned = tmp_path / "finetune"
+    cfg = FinetuneConfig(
+        task="squad2", model=tiny_model, data_dir=small_squad, out=str(finetuned), epochs=0.2,
+        batch_size=16, val_fraction=0.5, device="cpu", **WINDOWING,
+    )  # fmt: skip
+    finetune_encoder(cfg, progress=False)
+    result = _ensemble(swept, tmp_path / "ens", top_k=1, with_finetuned=str(finetuned))
+    assert [m["trial"] for m in result["members"]][1] is None
+    trial = result["members"][0]["run"]
+    for split in ("val", "dev"):
+        windows, mean = read_window_logits(str(tmp_path / "ens"), split)
+        ids, tuned = read_window_logits(str(finetuned), split)
+        _, adapter = read_window_logits(trial, split)
+        assert ids == windows
+        for got, a, b in zip(mean, adapter, tuned, strict=True):
+            np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6)
+    assert set(result["ensemble"]) >= OFFICIAL
