@@ -6,6 +6,7 @@ windows are refused; the fine-tuned encoder joins as one more member."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,8 +98,6 @@ def test_a_squad2_sweep_resumes_at_its_first_unfinished_trial(swept, embeddings,
         task="squad2", embeddings=embeddings, out=str(tmp_path / "copy"), trials=3, space=SPACE,
         startup_trials=1, val_fraction=0.5, device="cpu",
     )  # fmt: skip
-    import shutil
-
     shutil.copytree(swept, tmp_path / "copy")
     summary = sweep.run_sweep(cfg, progress=False)
     assert (summary.done_before, summary.ran) == (2, 1)
