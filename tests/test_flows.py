@@ -388,3 +388,47 @@ def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed
     plan, _ = shards.committed_shards(emb, "wnli", "train")
     assert stored["extraction_keys"]["train"] == plan.key
     assert stored["model_fingerprint"] == plan.model_fingerprint
+
+
+def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
+    prefect_harness, tmp_path, tiny_model, squad_dir
+):
+    from bertvision import squad
+
+    data = squad.write_slice(
+        squad_dir, str(tmp_path / "squad"), train=(("Normans", "Sky_(United_Kingdom)"), 2),
+        dev=(("Rhine",), 1),
+    )  # fmt: skip
+    out = tmp_path / "run"
+    space = tmp_path / "space.json"
+    space.write_text('{"epochs": 1, "adapter_dim": 8}')
+    windowing = ["--max-seq-length", "128", "--doc-stride", "32", "--max-question-length", "32"]
+    args = [
+        "run",
+        "--tasks",
+        "squad2",
+        "--data-dir",
+        data,
+        "--out",
+        str(out),
+        "--model",
+        tiny_model,
+    ]
+    args += ["--finetune-epochs", "0.2", "--val-fraction", "0.5", "--device", "cpu"]
+    for stage in ("finetune", "extract"):
+        args += [option.replace("--", f"--{stage}-", 1) for option in windowing]
+    args += ["--train-epochs", "1", "--sweep-trials", "1", "--sweep-space", str(space)]
+    result = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1"])
+    assert result.exit_code == 0, result.output
+    time = r"\d+ s|\d+ min \d\d s"
+    assert re.search(r"^squad2 dev +exact +f1 +time$", result.stdout, re.M)
+    dev = squad.load_split("dev", data)
+    no_answer = 100.0 * sum(q.is_impossible for q in dev) / len(dev)
+    assert re.search(rf"^no answer .* {no_answer:.3f} +{no_answer:.3f} *$", result.stdout, re.M)
+    for label in ("fine-tuned encoder", "span adapter", "best of 1 sweep trials", "ensemble"):
+        assert re.search(rf"^{label}.* \d+\.\d{{3}} +\d+\.\d{{3}} +({time})$", result.stdout, re.M)
+    ensemble = json.loads((out / "squad2" / "ensemble" / "metrics.json").read_text())
+    assert [m["trial"] for m in ensemble["members"]] == [0, None]  # the trial, the fine-tuned
+    preds = json.loads((out / "squad2" / "ensemble" / "dev_predictions.json").read_text())
+    assert sorted(preds) == sorted(q.question_id for q in dev)
+    assert (out / "squad2" / "span" / "metrics.json").is_file()
