@@ -350,6 +350,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         8.0, "Hold a split in (device) memory up to this size, else stream it from its shards"
     )
     shuffle_shards: int = setting(4, "When streaming: shards whose examples are shuffled together")
+    train_fraction: float = setting(
+        1.0,
+        "Share of TRAIN (held-out slice aside) trained on: a seeded subset of the examples "
+        "(SQuAD: questions); for one seed, the 0.25 subset is part of the 0.5 one",
+    )
 
     def __post_init__(self) -> None:
         from bertvision import adapters
@@ -367,6 +372,8 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         check_at_least(self, 0, "weight_decay")
         check_fraction(self, "val_fraction")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError("train_fraction", f"must be in (0, 1], got {self.train_fraction}")
         _resolve_model_and_device(self)
         if self.adapter:  # validates the adapter's own options now
             self.adapter_config(layers=1, hidden_size=1)
@@ -397,6 +404,8 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         """Hashes what determines the run's results: a run folder never mixes two keys."""
         where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
         content = {k: v for k, v in asdict(self).items() if k not in where}
+        if self.train_fraction == 1.0:  # runs from before the setting keep their keys
+            del content["train_fraction"]
         content["extractions"] = extraction_keys
         return content_key(content)
 

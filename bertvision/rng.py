@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 _GLOBAL_RNG = threading.RLock()
@@ -31,3 +32,12 @@ def seeded(seed: int, device: str = "cpu") -> Iterator[None]:
     with _GLOBAL_RNG, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def nested_subset(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The seeded `fraction` of `ids` (sorted; at least one): a prefix of one seeded
+    permutation, so for one seed the subset of a smaller fraction is part of a larger one's
+    (learning curves compare like with like). `fraction` 1 gives all of `ids`."""
+    ids = np.sort(np.asarray(ids))
+    count = max(1, round(fraction * len(ids)))
+    return np.sort(np.random.default_rng(seed).permutation(ids)[:count])

@@ -50,6 +50,7 @@ from bertvision import records, squad, storage
 from bertvision.config import TrainConfig
 from bertvision.embeddings import SHARED_SETTINGS, check_given
 from bertvision.finite import NonFiniteError
+from bertvision.rng import nested_subset
 from bertvision.schema import RUN_FILE, ExtractionPlan
 from bertvision.shards import ShardError, manifest_url, split_url
 from bertvision.span_embeddings import SpanSplit, Windows, load_span_split, span_batches
@@ -176,8 +177,9 @@ class SpanObjective:
         self.plan = data.plan
         self.is_val = np.zeros(data.splits["train"].num_windows, dtype=bool)  # storage order
         self.is_val[held_out_rows(data, cfg.val_fraction, cfg.val_seed)] = True
+        self.is_trained = trained_rows(data, ~self.is_val, cfg.train_fraction, cfg.seed)
         self.num_val = int(self.is_val.sum())
-        self.num_train = len(self.is_val) - self.num_val
+        self.num_train = int(self.is_trained.sum())
 
     def extraction_keys(self) -> dict[str, str]:
         return self.data.extraction_keys()
@@ -192,7 +194,7 @@ class SpanObjective:
 
     def train_epoch(self, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> float:
         train = self.data.splits["train"]
-        return _train_epoch(model, optimizer, train, ~self.is_val, cfg, epoch)
+        return _train_epoch(model, optimizer, train, self.is_trained, cfg, epoch)
 
     def validate(self, model: nn.Module, cfg: TrainConfig) -> tuple[dict, float]:
         val = self._scored(model, cfg, "train", np.flatnonzero(self.is_val))
@@ -325,6 +327,14 @@ def held_out_rows(data: SpanData, fraction: float, seed: int) -> np.ndarray:
         ) from None
     held = np.asarray([q.title in titles for q in questions])
     return np.flatnonzero(held[data.splits["train"].windows.example_index])
+
+
+def trained_rows(data: SpanData, candidates: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(num train windows,) bool: the windows of the seeded `fraction` of the questions that
+    have a window among `candidates` (bool, storage order); a question's windows stay together."""
+    example_index = data.splits["train"].windows.example_index
+    questions = nested_subset(np.unique(example_index[candidates]), fraction, seed)
+    return candidates & np.isin(example_index, questions)
 
 
 @torch.inference_mode()

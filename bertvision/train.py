@@ -64,6 +64,7 @@ from bertvision.embeddings import (
 )
 from bertvision.finite import NonFiniteError
 from bertvision.metrics import compute_metrics
+from bertvision.rng import nested_subset
 from bertvision.schema import ExtractionPlan
 from bertvision.shards import ShardError, load_plan, split_url
 
@@ -235,8 +236,10 @@ class GlueObjective:
         self.plan = data.plan
         train = data.splits["train"]
         self.is_val = np.isin(train.example_ids, train.held_out_ids(cfg.val_fraction, cfg.val_seed))
+        trained = nested_subset(train.example_ids[~self.is_val], cfg.train_fraction, cfg.seed)
+        self.is_trained = np.isin(train.example_ids, trained)
         self.num_val = int(self.is_val.sum())
-        self.num_train = len(self.is_val) - self.num_val
+        self.num_train = int(self.is_trained.sum())
 
     def extraction_keys(self) -> dict[str, str]:
         return self.data.extraction_keys()
@@ -246,7 +249,7 @@ class GlueObjective:
 
     def train_epoch(self, model, optimizer, cfg: TrainConfig, epoch: int) -> float:
         train = self.data.splits["train"]
-        return _train_epoch(self.data.task, model, optimizer, train, ~self.is_val, cfg, epoch)
+        return _train_epoch(self.data.task, model, optimizer, train, self.is_trained, cfg, epoch)
 
     def validate(self, model, cfg: TrainConfig) -> tuple[dict, float]:
         train = self.data.splits["train"]

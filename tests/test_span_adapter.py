@@ -336,3 +336,18 @@ def test_minilm_fine_tuned_briefly_then_its_span_adapter_prints_em_and_f1(
         f"F1 {metrics['dev']['f1']:.1f} of {metrics['dev']['total']} questions"
     )
     assert metrics["dev"]["total"] == len(squad.load_split("dev", data))
+
+
+def test_a_train_fraction_keeps_each_question_s_windows_together(embeddings, tmp_path):
+    from bertvision.span_train import SpanObjective, load_span_data
+
+    data = load_span_data("squad2", embeddings, "cpu", 8.0)
+    windows = data.splits["train"].windows
+    half = SpanObjective(_config(embeddings, tmp_path / "half", train_fraction=0.5), data)
+    whole = SpanObjective(_config(embeddings, tmp_path / "whole"), data)
+    trained = np.unique(windows.example_index[half.is_trained])
+    candidates = np.unique(windows.example_index[~whole.is_val])
+    assert len(trained) == round(0.5 * len(candidates))
+    assert set(trained) <= set(candidates)
+    # every window of a chosen question is trained on, none of the others'
+    assert (half.is_trained == np.isin(windows.example_index, trained)).all()

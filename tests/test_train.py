@@ -327,6 +327,31 @@ def test_early_stopping_keeps_the_best_val_epoch(tmp_path, rte_embeddings):
     assert scores[curve["best_epoch"] - 1] == max(scores)
 
 
+def test_a_train_fraction_trains_on_a_nested_seeded_subset_outside_the_held_out_slice(
+    tmp_path, rte_embeddings
+):
+    data = load_embeddings("rte", rte_embeddings, device="cpu")
+    objectives = {
+        fraction: training.GlueObjective(
+            config(tmp_path, rte_embeddings, train_fraction=fraction), data
+        )
+        for fraction in (0.25, 0.5, 1.0)
+    }
+    everything = objectives[1.0]
+    assert everything.num_train == len(everything.is_val) - everything.num_val
+    for fraction in (0.25, 0.5):
+        part = objectives[fraction]
+        assert part.num_train == round(fraction * everything.num_train)
+        assert not (part.is_trained & part.is_val).any()
+        assert (part.is_val == everything.is_val).all()  # selection is on the same slice
+    assert (objectives[0.5].is_trained >= objectives[0.25].is_trained).all()
+
+    train_adapter(config(tmp_path, rte_embeddings, train_fraction=0.5), progress=False)
+    assert read_json(tmp_path / "run" / "curve.json")["train_examples"] == objectives[0.5].num_train
+    with pytest.raises(ValueError, match=r"^train_fraction must be in \(0, 1\], got 0$"):
+        config(tmp_path, rte_embeddings, train_fraction=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared and streamed embeddings
 
