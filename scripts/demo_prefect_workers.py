@@ -14,7 +14,8 @@ deployments/prefect.yaml, then shows and checks, printing what it measured:
    progress artifact (one for both, at 100 %);
 3. two workers (`--limit 1` each) on `bertvision-shards` share one extraction (`-p workers=2`).
 
-Everything it starts it stops; everything it writes is under a temporary folder.
+Everything it starts it stops; everything it writes is under a temporary folder. `Demo` is
+also what scripts/ui_screenshots.py drives (with the UI on).
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ def main() -> None:
 
 
 class Demo:
-    def __init__(self, tmp: Path, args: argparse.Namespace) -> None:
+    """A throwaway Prefect server, its pools, deployments and workers, under `tmp`.
+
+    `args` holds the extraction's task, split, data_dir, model and shard_size; `ui` serves the
+    Prefect UI beside the API (at `ui_url`)."""
+
+    def __init__(self, tmp: Path, args: argparse.Namespace, ui: bool = False) -> None:
         self.tmp = tmp
         self.args = args
         port = _free_port()
@@ -68,11 +74,12 @@ class Demo:
             "PREFECT_HOME": str(tmp / "prefect-home"),
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_UI_ENABLED": str(ui).lower(),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
         self.port = port
+        self.ui_url = f"http://127.0.0.1:{port}"
         self.processes: list[subprocess.Popen] = []
 
     # -- infrastructure ---------------------------------------------------------------------
@@ -128,7 +135,8 @@ class Demo:
 
     # -- the three checks -------------------------------------------------------------------
 
-    def _params(self, out: Path, **extra) -> list[str]:
+    def _params(self, out: Path, cfg: dict | None = None, **extra) -> list[str]:
+        """`-p` options of an extract-glue run into `out`; `cfg` overrides the args' settings."""
         cfg = {
             "task": self.args.task,
             "splits": [self.args.split],
@@ -136,17 +144,17 @@ class Demo:
             "model": self.args.model,
             "out": str(out),
             "shard_size": self.args.shard_size,
-        }
+        } | (cfg or {})
         params = {"cfg": cfg, **extra}
         return [item for k, v in params.items() for item in ("-p", f"{k}={json.dumps(v)}")]
 
-    def _artifact_key(self, out: Path) -> str:
+    def _artifact_key(self, out: Path, task: str | None = None) -> str:
         """The extraction's artifact key, less its suffix (bertvision_tasks.names)."""
-        return re.sub(
-            r"[^a-z0-9]+", "-", f"extract-{self.args.task}-{out.parent.name}-{out.name}".lower()
-        )
+        task = task or self.args.task
+        return re.sub(r"[^a-z0-9]+", "-", f"extract-{task}-{out.parent.name}-{out.name}".lower())
 
-    def one_worker_runs_a_deployment(self) -> None:
+    def one_worker_runs_a_deployment(self) -> str:
+        """Returns the flow run's id."""
         print("\n1. one worker on the process pool, prefect deployment run ... --watch")
         self.start_worker("bertvision", "local-1")
         out = self.tmp / "emb-1"
@@ -166,10 +174,12 @@ class Demo:
         print(f"   artifacts: progress {progress['data']}% ({progress['description']})")
         print(f"   table of {len(rows)} shards: {rows[0]}; totals: {total}")
         assert len(rows) == status["shards"] and float(progress["data"]) == 100.0
+        return flow_run_id
 
-    def kill_9_then_retry(self) -> None:
+    def kill_9_then_retry(self, out: Path | None = None) -> str:
+        """Returns the flow run's id; its output goes to `out` (default: emb-2)."""
         print("\n2. kill -9 of the flow-run processes mid-extraction, then flow-run retry")
-        out = self.tmp / "emb-2"
+        out = out or self.tmp / "emb-2"
         log = self._prefect("deployment", "run", "extract-glue/extract-glue", *self._params(out))
         flow_run_id = _flow_run_id(log)
         while self._status(out, missing_ok=True).get("done", 0) < 3:
@@ -213,6 +223,7 @@ class Demo:
         once = ids == list(range(status["examples"]))
         print(f"   {len(ids)} examples stored, each exactly once: {once}")
         assert once
+        return flow_run_id
 
     def two_workers_share_an_extraction(self) -> None:
         print("\n3. two workers (--limit 1 each) on bertvision-shards share one extraction")

@@ -18,6 +18,7 @@ pytest.importorskip("prefect")
 from bertvision_flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
 from bertvision_tasks import extract as extract_tasks  # noqa: E402
 from bertvision_tasks import train as train_tasks  # noqa: E402
+from bertvision_tasks.artifacts import shard_table  # noqa: E402
 from bertvision_tasks.policy import transient  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
@@ -155,7 +156,16 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
     *rows, total = json.loads(Artifact.get(f"extract-wnli-{_key(tmp_path)}-shards").data)
     assert [row["status"] for row in rows] == ["committed", "failed", "committed", "committed"]
     assert rows[1]["error"] == "DataError: injected: WNLI/dev.tsv line 22 is malformed"
+    assert list(rows[1])[:4] == ["split", "shard", "status", "error"]  # in view, not scrolled to
     assert total["status"] == "3 committed, 1 failed, 0 missing" and total["rows"] == 51
+    assert re.fullmatch(r"\d+(\.\d)? kB", total["size"])  # the three committed, summed
+
+    # A shard with neither a commit nor a failure record (its run was killed) is missing.
+    folder = shards.split_url(str(tmp_path), "wnli", "dev")
+    shards.clear_failure(folder, 1)
+    *rows, total = shard_table(cfg, [shards.load_plan(folder)])
+    assert (rows[1]["status"], rows[1]["error"]) == ("missing", "")
+    assert total["status"] == "3 committed, 0 failed, 1 missing"
 
     monkeypatch.setattr(extract, "hidden_state_batches", real_batches)
     state = extract_glue(cfg, return_state=True)
