@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
 NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device")
 
 
-def settings_key(args: argparse.Namespace) -> str:
+def settings_key(args: argparse.Namespace, not_content: tuple[str, ...] = NOT_CONTENT) -> str:
     """The content key of the settings a stage's result depends on, the encoder by fingerprint
     of its files' listing: runs and records live under it, so a rerun with other settings (or
     another encoder at the same path) never takes the records of the first for its own."""
-    content = {k: v for k, v in vars(args).items() if k not in NOT_CONTENT}
+    content = {k: v for k, v in vars(args).items() if k not in not_content}
     content["model"] = [args.model, enc.model_version(args.model)]
     return config.content_key(content)
 

@@ -195,3 +195,50 @@ def test_the_fine_tuned_encoder_joins_the_ensemble_with_its_window_logits(
         for got, a, b in zip(mean, adapter, tuned, strict=True):
             np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6)
     assert set(result["ensemble"]) >= OFFICIAL
+
+
+# -- the experiment script ---------------------------------------------------------------------
+
+
+def test_the_squad_experiment_script_runs_every_method_resumes_and_needs_no_prefect(
+    small_squad, tiny_model, tmp_path
+):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "experiment_squad.py"
+    out = tmp_path / "exp"
+    argv = ["--data-dir", small_squad, "--model", tiny_model, "--seeds", "1", "--out", str(out)]
+    argv += ["--max-seq-length", "128", "--doc-stride", "32", "--val-fraction", "0.5"]
+    argv += ["--adapter-epochs", "1", "--trials", "2", "--top-k", "2", "--device", "cpu"]
+    argv += ["--finetune-batch-size", "8", "--space", json.dumps(SPACE)]
+    run = (
+        "import runpy, sys; "
+        f"sys.path.insert(0, {str(script.parent)!r}); "
+        f"sys.argv = {[str(script), *argv]!r}; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__'); "
+        "assert 'prefect' not in sys.modules, 'the experiment imported prefect'"
+    )
+    subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+
+    summary = {row["method"]: row for row in results["summary"]}
+    assert list(summary) == [
+        "finetune-1", "finetune-3", "span", "span-25", "span-50", "sweep-best", "ensemble",
+        "extract",
+    ]  # fmt: skip
+    for method, row in summary.items():
+        if method != "extract":
+            assert set(row["dev"]) == {"exact", "f1", "HasAns_f1", "NoAns_f1"}
+            assert 0.0 <= row["dev"]["f1"]["mean"] <= 100.0
+            assert row["pipeline_s"]["mean"] >= row["stage_s"]["mean"] > 0
+    records = {r["method"]: r for r in results["records"]}
+    assert records["span-25"]["train_questions_fraction"] == 0.25
+    assert records["span-25"]["train_examples"] < records["span-50"]["train_examples"]
+    assert records["ensemble"]["dev"]["total"] == len(squad.load_split("dev", small_squad))
+    extract = summary["extract"]
+    assert 0 < extract["stored_vs_dense"]["mean"] < 1  # padding is not stored
+    assert "| ensemble | " in (out / "results.md").read_text()
+
+    subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    assert json.loads((out / "results.json").read_text())["records"] == results["records"]
