@@ -224,7 +224,9 @@ class TrainSubset:
     """The training examples read: fine-tuning and extraction read the same ones, so adapters
     hold out the slice that fine-tuning left out."""
 
-    max_train_examples: int | None = setting(None, "First N training examples only, for quick runs")
+    max_train_examples: int | None = setting(
+        None, "First N training examples (SQuAD: questions) only, for quick runs"
+    )
 
 
 @dataclass(kw_only=True)

@@ -126,7 +126,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     if span:
         splits = planned_splits(cfg.task, cfg.splits)
         for split in splits:
-            _load_questions(split, cfg.data_dir)  # data errors before the model's
+            _load_questions(split, cfg.data_dir, cfg.max_train_examples)  # before the model's
         regression = False
     else:
         task = glue.get_task(cfg.task)
@@ -337,19 +337,31 @@ def _span_splits(splits: list[str]) -> list[str]:
 
 def _load_windows(cfg: ExtractConfig, split: str) -> SplitWindows:
     return _windows(
-        split, cfg.data_dir, cfg.model, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
+        split,
+        cfg.data_dir,
+        cfg.max_train_examples,
+        cfg.model,
+        cfg.max_seq_length,
+        cfg.doc_stride,
+        cfg.max_question_length,
     )
 
 
 @lru_cache(maxsize=4)
-def _load_questions(split: str, data_dir: str | None) -> list[squad.Example]:
-    return squad.load_split(split, data_dir)
+def _load_questions(
+    split: str, data_dir: str | None, max_train_examples: int | None = None
+) -> list[squad.Example]:
+    """The questions of `split`; of "train", the first `max_train_examples` (None: all), the
+    ones fine-tuning with the same setting reads."""
+    questions = squad.load_split(split, data_dir)
+    return questions[:max_train_examples] if split == "train" else questions
 
 
 @lru_cache(maxsize=4)
 def _windows(
     split: str,
     data_dir: str | None,
+    max_train_examples: int | None,
     model: str,
     max_seq_length: int,
     doc_stride: int,
@@ -357,7 +369,7 @@ def _windows(
 ) -> SplitWindows:
     """Built once per process, not once per shard. ConfigError when the lengths leave no room
     for the context (squad.build_features)."""
-    examples = _load_questions(split, data_dir)
+    examples = _load_questions(split, data_dir, max_train_examples)
     tokenizer = enc.load_tokenizer(model)
     try:
         features = squad.build_features(

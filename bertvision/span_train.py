@@ -90,7 +90,8 @@ def load_span_data(
 ) -> SpanData:
     """Check the train and dev windows of `task` under `embeddings` (span_embeddings.
     load_span_split: held on `device` when they fit in `max_resident_gb`, else streamed) and
-    read their questions from the data folder their extraction records name.
+    read their questions from the data folder their extraction records name (of train, the first
+    `max_train_examples` it read, when it was capped).
 
     ShardError for an incomplete extraction, splits of mixed settings, or questions that are
     not the windows' (see the module); the data's own errors (DataError) for its files.
@@ -101,7 +102,8 @@ def load_span_data(
         name: load_span_split(embeddings, name, task, device, max_resident_gb) for name in SPLITS
     }
     _check_same_settings(embeddings, task, splits)
-    data_dirs = {name: _data_dir(embeddings, task, name) for name in SPLITS}
+    settings = {name: _extraction_settings(embeddings, task, name) for name in SPLITS}
+    data_dirs = {name: settings[name].get("data_dir") for name in SPLITS}
     if len(set(data_dirs.values())) > 1:
         raise ShardError(
             f"the {task} splits under {embeddings} were extracted from different data: "
@@ -111,12 +113,15 @@ def load_span_data(
         )
     data_dir = data_dirs["train"]
     questions = {name: squad.load_split(name, data_dir) for name in SPLITS}
+    questions["train"] = questions["train"][: settings["train"].get("max_train_examples")]
     for name in SPLITS:
         _check_questions(split_url(embeddings, task, name), splits[name].windows, questions[name])
     return SpanData(task, embeddings, data_dir, splits, questions)
 
 
-def _data_dir(embeddings: str, task: str, split: str) -> str | None:
+def _extraction_settings(embeddings: str, task: str, split: str) -> dict:
+    """The settings the run record of the split's extraction holds (its data folder, the train
+    questions it read)."""
     url = manifest_url(split_url(embeddings, task, split), RUN_FILE)
     record = records.read_record(url)
     if record is None:
@@ -124,7 +129,7 @@ def _data_dir(embeddings: str, task: str, split: str) -> str | None:
             f"{url} is missing: the {task}/{split} extraction has no run record naming its data; "
             "rerun extract to finish it"
         )
-    return record.settings.get("data_dir")
+    return record.settings
 
 
 def _check_same_settings(embeddings: str, task: str, splits: dict[str, SpanSplit]) -> None:

@@ -1,15 +1,19 @@
 """Extraction through Prefect deployments and process workers, against a real local server.
 
     python scripts/demo_prefect_workers.py [--model M] [--data-dir D] [--shard-size N]
+    python scripts/demo_prefect_workers.py --task squad2 --data-dir ../shared/data/squad/split \
+        --split train --max-train-examples 120 --shard-size 16
 
 Starts `prefect server start` (127.0.0.1, a free port, a temporary PREFECT_HOME), creates the
 process pools `bertvision` and `bertvision-shards`, registers the deployments from
 deployments/prefect.yaml, then shows and checks, printing what it measured:
 
 1. a worker on the process pool runs `prefect deployment run extract-glue/extract-glue ... --watch`
-   to completion: every shard in storage, the progress and shard-table artifacts in the API;
+   (`extract-squad/extract-squad` for squad2) to completion: every shard in storage, the progress
+   and shard-table artifacts in the API;
 2. kill -9 of the flow-run processes mid-extraction, then `prefect flow-run retry`: the retry
-   runs only the shards that were not committed, and every example is stored exactly once; it
+   runs only the shards that were not committed, and every row is stored exactly once (a GLUE
+   example by its id; a SQuAD window by its id, and by question id + window index); it
    sets Crashed the shard task run the kill left Running, and carries on the first attempt's
    progress artifact (one for both, at 100 %);
 3. two workers (`--limit 1` each) on `bertvision-shards` share one extraction (`-p workers=2`).
@@ -45,7 +49,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
     parser.add_argument("--task", default="rte")
     parser.add_argument("--split", default="dev")
-    parser.add_argument("--shard-size", type=int, default=25)
+    parser.add_argument("--shard-size", type=int, default=25, help="examples (squad2: windows)")
+    parser.add_argument(
+        "--max-train-examples", type=int, default=None, help="of train: the first N (questions)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bertvision-demo-") as tmp:
@@ -81,6 +88,11 @@ class Demo:
         self.port = port
         self.ui_url = f"http://127.0.0.1:{port}"
         self.processes: list[subprocess.Popen] = []
+        from bertvision.extract import is_span_task
+
+        span = is_span_task(args.task)
+        self.deployment = "extract-squad/extract-squad" if span else "extract-glue/extract-glue"
+        self.rows = "windows" if span else "examples"
 
     # -- infrastructure ---------------------------------------------------------------------
 
@@ -144,6 +156,7 @@ class Demo:
             "model": self.args.model,
             "out": str(out),
             "shard_size": self.args.shard_size,
+            "max_train_examples": self.args.max_train_examples,
         } | (cfg or {})
         params = {"cfg": cfg, **extra}
         return [item for k, v in params.items() for item in ("-p", f"{k}={json.dumps(v)}")]
@@ -159,9 +172,7 @@ class Demo:
         self.start_worker("bertvision", "local-1")
         out = self.tmp / "emb-1"
         started = time.perf_counter()
-        log = self._prefect(
-            "deployment", "run", "extract-glue/extract-glue", *self._params(out), "--watch"
-        )
+        log = self._prefect("deployment", "run", self.deployment, *self._params(out), "--watch")
         seconds = time.perf_counter() - started
         flow_run_id = _flow_run_id(log)
         status = self._status(out)
@@ -180,7 +191,7 @@ class Demo:
         """Returns the flow run's id; its output goes to `out` (default: emb-2)."""
         print("\n2. kill -9 of the flow-run processes mid-extraction, then flow-run retry")
         out = out or self.tmp / "emb-2"
-        log = self._prefect("deployment", "run", "extract-glue/extract-glue", *self._params(out))
+        log = self._prefect("deployment", "run", self.deployment, *self._params(out))
         flow_run_id = _flow_run_id(log)
         while self._status(out, missing_ok=True).get("done", 0) < 3:
             time.sleep(0.2)
@@ -219,9 +230,8 @@ class Demo:
         )
         print(f"   progress artifacts of the extraction: {progress} (one, for both attempts)")
         assert progress == [100.0], progress
-        ids = _example_ids(out, self.args.task, self.args.split)
-        once = ids == list(range(status["examples"]))
-        print(f"   {len(ids)} examples stored, each exactly once: {once}")
+        stored, once = _stored_once(out, self.args.task, self.args.split, status["examples"])
+        print(f"   {stored} {self.rows} stored, each exactly once: {once}")
         assert once
         return flow_run_id
 
@@ -232,7 +242,7 @@ class Demo:
         out = self.tmp / "emb-3"
         started = time.perf_counter()
         log = self._prefect(
-            "deployment", "run", "extract-glue/extract-glue",
+            "deployment", "run", self.deployment,
             *self._params(out, workers=2), "--watch",
         )  # fmt: skip
         seconds = time.perf_counter() - started
@@ -342,14 +352,22 @@ def _kill_flow_run_processes(flow_run_id: str) -> list[int]:
     return killed
 
 
-def _example_ids(out: Path, task: str, split: str) -> list[int]:
+def _stored_once(out: Path, task: str, split: str, planned: int) -> tuple[int, bool]:
+    """Rows stored, and whether they are the `planned` rows each exactly once: ids 0..planned-1
+    (a GLUE example's, a SQuAD window's), and for windows `planned` distinct pairs of question
+    id and window index (the window's place in its question's context)."""
     import pyarrow.dataset as ds
 
     from bertvision.shards import committed_shards
 
-    _, urls = committed_shards(str(out), task, split)
-    table = ds.dataset(urls, format="parquet").to_table(columns=["example_id"])
-    return sorted(table.column("example_id").to_pylist())
+    plan, urls = committed_shards(str(out), task, split)
+    span = plan.schema == "span"
+    names = ["window_id", "question_id", "window_index"] if span else ["example_id"]
+    table = ds.dataset(urls, format="parquet").to_table(columns=names)
+    ids = sorted(table.column(names[0]).to_pylist())
+    columns = [table.column(name).to_pylist() for name in names[1:] or names]
+    identities = set(zip(*columns, strict=True))
+    return len(ids), ids == list(range(planned)) and len(identities) == planned
 
 
 def _submitted(worker_log: Path) -> list[str]:

@@ -40,7 +40,12 @@ def main() -> None:
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
     demo_args = argparse.Namespace(
-        task="rte", split="dev", data_dir=args.data_dir, model="", shard_size=25
+        task="rte",
+        split="dev",
+        data_dir=args.data_dir,
+        model="",
+        shard_size=25,
+        max_train_examples=None,
     )
     with tempfile.TemporaryDirectory(prefix="bertvision-ui-") as tmp:
         demo = Demo(Path(tmp), demo_args, ui=True)

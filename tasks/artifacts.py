@@ -38,8 +38,15 @@ def _split_name(plan: ExtractionPlan) -> str:
     return f"{plan.task}/{plan.split}"
 
 
+def row_unit(plans: list[ExtractionPlan]) -> str:
+    """What a row of these plans' shards is: `windows` (a span task's, SQuAD 2.0) or
+    `examples` (GLUE's)."""
+    return "windows" if any(plan.schema == "span" for plan in plans) else "examples"
+
+
 class ExtractionProgress:
-    """The progress artifact of one extraction: examples committed out of all planned.
+    """The progress artifact of one extraction: rows (examples, or a span task's windows)
+    committed out of all planned.
 
     One artifact per flow run, whatever the attempt: a retry finds the artifact its flow run made
     before (by key) and goes on updating it, so no attempt's artifact is left frozen. Its
@@ -49,6 +56,7 @@ class ExtractionProgress:
     def __init__(self, work: list[tuple[ExtractConfig, ExtractionPlan]], key: str) -> None:
         self.work = work
         self.total = sum(plan.num_examples for _, plan in work)
+        self.unit = row_unit([plan for _, plan in work])
         self.done = self._committed_examples()
         self.done_at_start = sum(self.done.values())
         self.started = time.monotonic()
@@ -60,20 +68,20 @@ class ExtractionProgress:
 
     def description(self) -> str:
         """e.g. `120 of 2,767 examples committed (rte/train 100 of 2,490, rte/dev 20 of 277);
-        41.3 examples/s in this attempt`."""
+        41.3 examples/s in this attempt` (SQuAD 2.0: windows)."""
         splits = ", ".join(
             f"{_split_name(plan)} {self.done[_split_name(plan)]:,} of {plan.num_examples:,}"
             for _, plan in self.work
         )
-        text = f"{sum(self.done.values()):,} of {self.total:,} examples committed ({splits})"
+        text = f"{sum(self.done.values()):,} of {self.total:,} {self.unit} committed ({splits})"
         added = sum(self.done.values()) - self.done_at_start
         seconds = time.monotonic() - self.started
         if added > 0 and seconds > 0:
-            text += f"; {added / seconds:,.1f} examples/s in this attempt"
+            text += f"; {added / seconds:,.1f} {self.unit}/s in this attempt"
         return text
 
     def advance(self, plan: ExtractionPlan, rows: int) -> None:
-        """`rows` more examples of `plan` committed here."""
+        """`rows` more rows of `plan` committed here."""
         self.done[_split_name(plan)] += rows
         self._publish()
 
@@ -122,23 +130,25 @@ SHARD_COLUMNS = (
 def shard_table(
     cfg: ExtractConfig, plans: list[ExtractionPlan], run_errors: dict[str, str] | None = None
 ) -> list[dict]:
-    """One row per planned shard of each split, then a row of totals (split `all`).
+    """One row per planned shard of each split, then a row of totals (split `all`), in the
+    columns of SHARD_COLUMNS, `examples` named `windows` for a span task (`row_unit`).
 
-    A shard is `committed` (its example ids, rows, size, seconds, who wrote it and when),
+    A shard is `committed` (its example or window ids, rows, size, seconds, who wrote it and when),
     `failed` (its last error: the manifest's failure record, else the error of the run that had
     it, as `failed_shards` gives it) or `missing` (neither: not run yet, or its run was killed).
     """
+    unit = row_unit(plans)
     rows, written = [], []
     for plan in plans:
         records = load_records(split_url(cfg.out, plan.task, plan.split), plan)
         pending = [i for i in range(plan.num_shards) if i not in records]
         errors = failed_shards(cfg, plan, pending, run_errors)
         for index in range(plan.num_shards):
-            row = dict.fromkeys(SHARD_COLUMNS, "") | {"split": _split_name(plan), "shard": index}
+            row = dict.fromkeys(_columns(unit), "") | {"split": _split_name(plan), "shard": index}
             if (r := records.get(index)) is not None:
                 row |= {
                     "status": "committed",
-                    "examples": f"{r.start}-{r.stop - 1}",
+                    unit: f"{r.start}-{r.stop - 1}",
                     "rows": r.rows,
                     "size": human_size(r.bytes),
                     "seconds": round(r.seconds, 1),
@@ -151,18 +161,24 @@ def shard_table(
             else:
                 row["status"] = "missing"
             rows.append(row)
-    return [*rows, _totals(plans, rows, written)]
+    return [*rows, _totals(plans, rows, written, unit)]
 
 
-def _totals(plans: list[ExtractionPlan], rows: list[dict], written: list[ShardRecord]) -> dict:
+def _columns(unit: str) -> tuple[str, ...]:
+    return tuple(unit if column == "examples" else column for column in SHARD_COLUMNS)
+
+
+def _totals(
+    plans: list[ExtractionPlan], rows: list[dict], written: list[ShardRecord], unit: str
+) -> dict:
     counts = {
         s: sum(row["status"] == s for row in rows) for s in ("committed", "failed", "missing")
     }
-    return dict.fromkeys(SHARD_COLUMNS, "") | {
+    return dict.fromkeys(_columns(unit), "") | {
         "split": "all",
         "shard": f"{len(rows)} shards",
         "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
-        "examples": f"{sum(plan.num_examples for plan in plans)} planned",
+        unit: f"{sum(plan.num_examples for plan in plans)} planned",
         "rows": sum(r.rows for r in written),
         "size": human_size(sum(r.bytes for r in written)),
         "seconds": round(sum(r.seconds for r in written), 1),

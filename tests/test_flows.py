@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+from collections import Counter
 from uuid import UUID
 
 import pyarrow.dataset as ds
@@ -15,7 +16,7 @@ import torch
 
 pytest.importorskip("prefect")
 
-from bertvision_flows.extract_glue import ShardsFailed, extract_glue  # noqa: E402
+from bertvision_flows.extract_glue import ShardsFailed, extract_glue, extract_squad  # noqa: E402
 from bertvision_tasks import extract as extract_tasks  # noqa: E402
 from bertvision_tasks import train as train_tasks  # noqa: E402
 from bertvision_tasks.artifacts import shard_table  # noqa: E402
@@ -36,7 +37,7 @@ from prefect.settings import get_current_settings  # noqa: E402
 from prefect.states import Failed, Running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from bertvision import extract, shards  # noqa: E402
+from bertvision import extract, shards, squad  # noqa: E402
 from bertvision import train as train_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
@@ -219,6 +220,47 @@ def test_a_retry_carries_on_the_progress_artifact_and_crashes_task_runs_left_run
     assert float(artifact.data) == 100.0
     assert artifact.description.startswith("71 of 71 examples committed (wnli/dev 71 of 71); ")
     assert re.search(r"; [\d,.]+ examples/s in this attempt$", artifact.description)
+
+
+def test_an_interrupted_squad2_extraction_retried_reruns_only_the_missing_shards(
+    prefect_harness, tmp_path, squad_dir, tiny_model, monkeypatch
+):
+    """The first attempt dies after committing shards 0 and 1 (every later shard fails, as in a
+    process killed there nothing more commits); its retry extracts only the other shards, and
+    every window is stored once, by window id and by question id + window index."""
+    data_dir = squad.write_slice(squad_dir, str(tmp_path / "squad"), dev=(1, 3))
+    real_batches = extract.window_batches
+    died = set()
+
+    def killed_after_shard_1(encoder, windows, start, stop, plan, batch_size):
+        if start >= 2 * plan.shard_size and start not in died:
+            died.add(start)
+            raise RuntimeError("injected: the first attempt's process died here")
+        return real_batches(encoder, windows, start, stop, plan, batch_size)
+
+    monkeypatch.setattr(extract, "window_batches", killed_after_shard_1)
+    out = tmp_path / "runs" / "emb"
+    windowing = dict(max_seq_length=96, doc_stride=32, max_question_length=24)
+    small = dict(splits=["dev"], shard_size=8, batch_size=8, device="cpu", **windowing)
+    cfg = ExtractConfig(task="squad2", out=str(out), model=tiny_model, data_dir=data_dir, **small)
+    state = extract_squad.with_options(retries=1)(cfg, return_state=True)
+    assert state.is_completed()
+
+    plan, urls = shards.committed_shards(str(out), "squad2", "dev")
+    assert plan.num_shards >= 4 and state.result() == {"squad2/dev": plan.num_shards}
+    shard_runs = Counter(n for n in _task_run_names(state) if "-shard-" in n)
+    assert shard_runs == {
+        f"squad2-dev-shard-{i:04d}@runs/emb": 1 if i < 2 else 2 for i in range(plan.num_shards)
+    }  # shards 0 and 1 once, in the first attempt; the others in both
+    table = ds.dataset(urls, format="parquet").to_table()
+    assert sorted(table.column("window_id").to_pylist()) == list(range(plan.num_examples))
+    questions, places = (table.column(c).to_pylist() for c in ("question_id", "window_index"))
+    assert len(set(zip(questions, places, strict=True))) == plan.num_examples
+    *rows, total = json.loads(Artifact.get("extract-squad2-runs-emb-shards").data)
+    assert rows[0]["windows"] == "0-7" and total["windows"] == f"{plan.num_examples} planned"
+    progress = Artifact.get("extract-squad2-runs-emb-progress")
+    n = plan.num_examples
+    assert progress.description.startswith(f"{n} of {n} windows committed (squad2/dev {n} of {n})")
 
 
 def test_storage_losing_committed_files_fails_the_run_naming_them(

@@ -265,6 +265,21 @@ def test_the_command_extracts_train_and_dev(tmp_path, tiny_model, squad_slice):
     assert run["settings"]["doc_stride"] == 32 and run["inputs"]["data/dev"]["url"] == squad_slice
 
 
+def test_max_train_examples_caps_the_train_questions_as_fine_tuning_does(
+    tmp_path, tiny_model, squad_slice
+):
+    from bertvision.span_train import load_span_data
+
+    cfg = _config(tmp_path, tiny_model, squad_slice, splits=["train", "dev"], max_train_examples=4)
+    assert extract_hidden_states(cfg, progress=False).ok
+    first_four = [q.question_id for q in squad.load_split("train", squad_slice)[:4]]
+    windows = load_span_split(str(tmp_path), "train", device="cpu").windows
+    assert sorted(set(windows.question_ids)) == sorted(first_four)
+    data = load_span_data("squad2", str(tmp_path), device="cpu")  # the same four questions
+    assert [q.question_id for q in data.questions["train"]] == first_four
+    assert len(data.questions["dev"]) == len(squad.load_split("dev", squad_slice))  # not capped
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
