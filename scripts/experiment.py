@@ -44,6 +44,7 @@ from pathlib import Path
 
 from bertvision import __version__, config, glue, storage
 from bertvision import encoder as enc
+from bertvision.console import quiet_libraries
 from bertvision.embeddings import load_embeddings
 from bertvision.extract import ExtractConfig, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
@@ -349,4 +350,5 @@ def device_name(device: str) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with quiet_libraries():
+        main(sys.argv[1:])

@@ -47,6 +47,7 @@ from bertvision.config import (
     SweepConfig,
     TrainConfig,
 )
+from bertvision.console import quiet_libraries
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
@@ -375,4 +376,5 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with quiet_libraries():
+        main(sys.argv[1:])
