@@ -347,6 +347,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         8.0, "Hold a split in (device) memory up to this size, else stream it from its shards"
     )
     shuffle_shards: int = setting(4, "When streaming: shards whose examples are shuffled together")
+    shuffle_seed: int | None = setting(
+        None,
+        "When streaming: seed of the order in which each epoch reads the shard groups "
+        "(default: seed); runs sharing it and shuffle_shards can share every read",
+    )
 
     def __post_init__(self) -> None:
         from bertvision import adapters
@@ -392,6 +397,8 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         """Hashes what determines the run's results: a run folder never mixes two keys."""
         where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
         content = {k: v for k, v in asdict(self).items() if k not in where}
+        if content["shuffle_seed"] is None:  # runs keyed before the option keep their key
+            del content["shuffle_seed"]
         content["extractions"] = extraction_keys
         return content_key(content)
 
@@ -418,6 +425,11 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     trials: int = setting(20, "Finished trials wanted in all (a rerun with more continues)")
     parallel: int = setting(1, "Trials at once; TPE suggests this many from the same history")
+    together: bool = setting(
+        True,
+        "Train the parallel trials of a batch together, over one read of the embeddings "
+        "(else on threads, each trial reading them itself)",
+    )
     adapter: str = setting("pooler", "pooler, scalarmix or cls")
     space: dict[str, Any] = setting(
         default_factory=dict,
