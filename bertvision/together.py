@@ -191,8 +191,9 @@ def _commit(fits: dict[int, Fit], data, results: list, make_record: dict, stopwa
 def run_trials_together(cfg: SweepConfig, specs: list, data: Any = None) -> list:
     """The sweep trials `specs` (sweep.TrialSpec) trained together (`train_together`), each
     recorded as `sweep.run_trial` records it: finished trials as recorded, a diverged one as
-    "fail". A trial's seconds are the batch's: its trials trained at once. Returns their
-    TrialRecords in the order of `specs`."""
+    "fail". A trial's seconds are its share of the batch's (the batch's over its trials run), so
+    the sweep's trial_seconds still add up to the time spent. Returns their TrialRecords in the
+    order of `specs`."""
     from bertvision import sweep
 
     key = sweep.content_key(cfg)
@@ -204,7 +205,7 @@ def run_trials_together(cfg: SweepConfig, specs: list, data: Any = None) -> list
         data if data is not None else sweep.shared_embeddings(cfg),
         trial_of=records.input_of(cfg.out, key),
     )
-    seconds = time.perf_counter() - started
+    seconds = (time.perf_counter() - started) / max(len(todo), 1)
     for spec, outcome in zip(todo, outcomes, strict=True):
         finished[spec.trial] = sweep.commit_trial(cfg, spec, key, outcome, seconds)
     return [finished[s.trial] for s in specs]
