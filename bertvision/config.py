@@ -357,6 +357,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         "Share of TRAIN (held-out slice aside) trained on: a seeded subset of the examples "
         "(SQuAD: questions); for one seed, the 0.25 subset is part of the 0.5 one",
     )
+    shuffle_seed: int | None = setting(
+        None,
+        "When streaming: seed of the order in which each epoch reads the shard groups "
+        "(default: seed); runs sharing it and shuffle_shards can share every read",
+    )
 
     def __post_init__(self) -> None:
         from bertvision import adapters
@@ -406,8 +411,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         """Hashes what determines the run's results: a run folder never mixes two keys."""
         where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
         content = {k: v for k, v in asdict(self).items() if k not in where}
-        if self.train_fraction == 1.0:  # runs from before the setting keep their keys
+        # runs keyed before these options keep their keys
+        if self.train_fraction == 1.0:
             del content["train_fraction"]
+        if self.shuffle_seed is None:
+            del content["shuffle_seed"]
         content["extractions"] = extraction_keys
         return content_key(content)
 
@@ -434,6 +442,11 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     trials: int = setting(20, "Finished trials wanted in all (a rerun with more continues)")
     parallel: int = setting(1, "Trials at once; TPE suggests this many from the same history")
+    together: bool = setting(
+        True,
+        "Train the parallel trials of a batch together, over one read of the embeddings "
+        "(else on threads, each trial reading them itself); GLUE adapters only",
+    )
     adapter: str = setting(
         "", "pooler, scalarmix or cls; span for squad2; default: the task's (pooler; span)"
     )

@@ -114,19 +114,33 @@ class SplitData:
     ) -> Iterator[tuple[Packed, np.ndarray]]:
         """(Packed, storage rows of its examples): the resident whole, or groups of shards read
         one group at a time (in a random order when `rng` is given)."""
-        if self.resident is not None:
-            yield self.resident, np.arange(self.num_examples)
-            return
-        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        for group in self.shard_groups(rng, shuffle_shards):
+            yield self.read_group(group, device)
+
+    def shard_groups(
+        self, rng: np.random.Generator | None = None, shuffle_shards: int = 1
+    ) -> list[np.ndarray]:
+        """The shard indexes `packs` reads together, group by group, in the order it reads them:
+        one group of every shard when resident (nothing drawn from `rng`), else groups of
+        `shuffle_shards` shards in an order drawn from `rng` (one shard a group, in storage
+        order, without `rng`)."""
         order = np.arange(len(self.shard_urls))
+        if self.resident is not None:
+            return [order]
         group = 1
         if rng is not None:
             order, group = rng.permutation(order), shuffle_shards
-        for begin in range(0, len(order), group):
-            shards = sorted(order[begin : begin + group])
-            packed = read_packed([self.shard_urls[i] for i in shards], self.plan, device)
-            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in shards])
-            yield packed, rows
+        return [np.sort(order[begin : begin + group]) for begin in range(0, len(order), group)]
+
+    def read_group(self, shards: np.ndarray, device: str) -> tuple[Packed, np.ndarray]:
+        """(Packed, storage rows of its examples) of the shards `shards` (indexes, sorted): the
+        resident whole when resident, else those shards read now."""
+        if self.resident is not None:
+            return self.resident, np.arange(self.num_examples)
+        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        packed = read_packed([self.shard_urls[i] for i in shards], self.plan, device)
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in shards])
+        return packed, rows
 
 
 @dataclass
@@ -281,15 +295,26 @@ def epoch_batches(
     rng: np.random.Generator,
     device: str,
     shuffle_shards: int = 4,
+    shard_rng: np.random.Generator | None = None,
 ) -> Iterator[tuple[Packed, np.ndarray, np.ndarray]]:
     """One epoch of shuffled batches over the storage rows where `keep` is True:
-    (Packed, its rows in the batch, their storage rows)."""
-    for packed, rows in split.packs(device, rng, shuffle_shards):
-        local = np.flatnonzero(keep[rows])
-        local = local[rng.permutation(len(local))]
-        for begin in range(0, len(local), batch_size):
-            chosen = local[begin : begin + batch_size]
+    (Packed, its rows in the batch, their storage rows). When streamed, the order of the shard
+    groups is drawn from `shard_rng` (default: `rng`, before any batch is drawn)."""
+    for group in split.shard_groups(rng if shard_rng is None else shard_rng, shuffle_shards):
+        packed, rows = split.read_group(group, device)
+        for chosen in pack_batches(rows, keep, batch_size, rng):
             yield packed, chosen, rows[chosen]
+
+
+def pack_batches(
+    rows: np.ndarray, keep: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The batches of one pack whose examples sit at storage rows `rows`: its kept examples
+    (`keep`, storage order) shuffled by `rng`, cut into batches of `batch_size`, as positions
+    in the pack. Every run served the pack draws its own order from its own `rng`."""
+    local = np.flatnonzero(keep[rows])
+    local = local[rng.permutation(len(local))]
+    return [local[begin : begin + batch_size] for begin in range(0, len(local), batch_size)]
 
 
 def check_given(cfg, task: str, embeddings: str, plan: ExtractionPlan) -> None:

@@ -344,6 +344,7 @@ class GlueFamily:
     max_seq_length = 128
     schema = "glue"
     default_adapter = "pooler"
+    trains_together = True
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(TASKS)

@@ -184,6 +184,7 @@ SWEEP_OWNED = (
     "device",
     "val_fraction",
     "val_seed",
+    "shuffle_seed",
     "overwrite",
 )
 
@@ -470,36 +471,53 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
     `data` is an `embeddings.load_embeddings` result to share; by default each process loads the
     embeddings once and every trial it runs shares that copy.
     """
-    from bertvision.shards import worker_name
     from bertvision.train import train_adapter
 
-    folder = trial_url(cfg.out, spec.trial)
-    record_url = storage.join(folder, TRIAL_RECORD)
     key = content_key(cfg)
-    if storage.exists(record_url):
-        record = read_trial(record_url)
-        if record.key == key:
-            return record
-        if not cfg.overwrite:
-            raise ValueError(
-                f"trial {spec.trial} in {cfg.out} ran on other settings or embeddings; "
-                "use another --out, or --overwrite to replace the sweep"
-            )
-        fs, path = storage.url_to_fs(record_url)
-        fs.rm_file(path)
-
+    if (record := finished_trial(cfg, spec, key)) is not None:
+        return record
     started = time.perf_counter()
-    metric = primary_metric(cfg.task)
-    diverged = ""
     try:
-        metrics = train_adapter(
+        outcome = train_adapter(
             trial_train_config(cfg, spec),
             data=data if data is not None else shared_embeddings(cfg),
             progress=False,
             trial_of=records.input_of(cfg.out, key),
         )
     except NonFiniteError as exc:  # a diverged trial is a result of the search, not a crash
-        metrics, diverged = {"val": {metric: None}, "dev": {}}, str(exc)
+        outcome = exc
+    return commit_trial(cfg, spec, key, outcome, time.perf_counter() - started)
+
+
+def finished_trial(cfg: SweepConfig, spec: TrialSpec, key: str) -> TrialRecord | None:
+    """The record of trial `spec` finished with the sweep's key `key`, else None (the trial is
+    to run). A record of another key is an error unless `cfg.overwrite`, which removes it."""
+    record_url = storage.join(trial_url(cfg.out, spec.trial), TRIAL_RECORD)
+    if not storage.exists(record_url):
+        return None
+    record = read_trial(record_url)
+    if record.key == key:
+        return record
+    if not cfg.overwrite:
+        raise ValueError(
+            f"trial {spec.trial} in {cfg.out} ran on other settings or embeddings; "
+            "use another --out, or --overwrite to replace the sweep"
+        )
+    fs, path = storage.url_to_fs(record_url)
+    fs.rm_file(path)
+    return None
+
+
+def commit_trial(
+    cfg: SweepConfig, spec: TrialSpec, key: str, outcome: dict | NonFiniteError, seconds: float
+) -> TrialRecord:
+    """Write trial `spec`'s record (its commit point) from what training gave: metrics.json,
+    or the NonFiniteError of a diverged run (status "fail", as is a non-finite val metric)."""
+    from bertvision.shards import worker_name
+
+    metric = primary_metric(cfg.task)
+    diverged = str(outcome) if isinstance(outcome, NonFiniteError) else ""
+    metrics = {"val": {metric: None}, "dev": {}} if diverged else outcome
     objective = metrics["val"].get(metric)
     ok = objective is not None and math.isfinite(objective)
     record = TrialRecord(
@@ -509,14 +527,16 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, data: Any = None) -> TrialRecor
         dev=metrics["dev"],
         status="ok" if ok else "fail",
         run=f"{TRIALS_DIR}/{spec.trial:04d}",
-        seconds=round(time.perf_counter() - started, 2),
+        seconds=round(seconds, 2),
         hyperopt_vals=spec.hyperopt_vals,
         finished_at=records.now(),
         error="" if ok else diverged or f"validation {metric} is {objective}",
         worker=worker_name(),
         key=key,
     )
-    storage.write_text_atomic(record_url, record.to_json())
+    storage.write_text_atomic(
+        storage.join(trial_url(cfg.out, spec.trial), TRIAL_RECORD), record.to_json()
+    )
     return record
 
 
@@ -532,6 +552,7 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
         device=cfg.device,
         val_fraction=cfg.val_fraction,
         val_seed=cfg.val_seed,
+        shuffle_seed=cfg.seed,  # one shard order for all trials: a batch shares its reads
         overwrite=True,  # the trial's folder is the sweep's: what is left there is replaced
         **spec.params,
     )
@@ -609,8 +630,9 @@ def summarize(cfg: SweepConfig, done_before: int) -> SweepSummary:
 def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> SweepSummary:
     """Run (or resume) a sweep to cfg.trials finished trials, cfg.parallel at a time.
 
-    Parallel trials run on threads of this process and share one loaded copy of the embeddings
-    (`data`, loaded here when not given).
+    Parallel trials share one loaded copy of the embeddings (`data`, loaded here when not
+    given): trained together over one read of it (`cfg.together`, bertvision.together), or on
+    threads of this process.
     """
     require(cfg)
     with runs.lease(cfg.out):  # one sweep at a time in a folder
@@ -631,7 +653,13 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
     with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
         while batch := suggest_trials(cfg, cfg.parallel):
             data = data if data is not None else shared_embeddings(cfg)
-            for record in pool.map(partial(run_trial, cfg, data=data), batch):
+            if cfg.together and len(batch) > 1 and get_task(cfg.task).family.trains_together:
+                from bertvision.together import run_trials_together
+
+                finished = run_trials_together(cfg, batch, data)
+            else:
+                finished = pool.map(partial(run_trial, cfg, data=data), batch)
+            for record in finished:
                 bar.update(1)
                 bar.set_postfix(trial=record.trial, val=_primary(cfg, record))
             record_trials(cfg)

@@ -59,8 +59,8 @@ from bertvision.embeddings import (
     EmbeddingData,
     SplitData,
     check_given,
-    epoch_batches,
     load_embeddings,
+    pack_batches,
 )
 from bertvision.finite import NonFiniteError
 from bertvision.metrics import compute_metrics
@@ -93,27 +93,49 @@ def content_key(cfg: TrainConfig) -> str:
 
 
 @torch.inference_mode()
+def predict_many(
+    runs_: list[tuple[nn.Module, np.ndarray, int]], split: SplitData, device: str
+) -> list[tuple[np.ndarray, np.ndarray] | NonFiniteError]:
+    """For each (model, keep, batch_size): example ids (sorted) and (N, C) float32 logits of
+    the storage rows where `keep` is True, or the NonFiniteError of a model whose outputs are
+    not finite. The split is read once for all of them (shard by shard when streamed); each
+    model sees the batches it would see alone."""
+    ids: list[list[np.ndarray]] = [[] for _ in runs_]
+    logits: list[list[np.ndarray]] = [[] for _ in runs_]
+    for packed, rows in split.packs(device):
+        for index, (model, keep, batch_size) in enumerate(runs_):
+            local = np.flatnonzero(keep[rows])
+            local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
+            for begin in range(0, len(local), batch_size):
+                chosen = local[begin : begin + batch_size]
+                hidden, mask = packed.batch(chosen, device)
+                logits[index].append(model(hidden, mask).float().cpu().numpy())
+                ids[index].append(packed.example_ids[chosen])
+    results: list[tuple[np.ndarray, np.ndarray] | NonFiniteError] = []
+    for parts, id_parts in zip(logits, ids, strict=True):
+        if not all(np.isfinite(part).all() for part in parts):
+            results.append(
+                NonFiniteError(
+                    f"the adapter's outputs on {split.name} are NaN or infinite: training "
+                    "diverged; try a lower lr"
+                )
+            )
+            continue
+        example_ids = np.concatenate(id_parts)
+        order = np.argsort(example_ids)
+        results.append((example_ids[order], np.concatenate(parts)[order]))
+    return results
+
+
 def predict(
     model: nn.Module, split: SplitData, keep: np.ndarray, batch_size: int, device: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Example ids (sorted) and (N, C) float32 logits of the storage rows where `keep` is True."""
-    ids, logits = [], []
-    for packed, rows in split.packs(device):
-        local = np.flatnonzero(keep[rows])
-        local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
-        for begin in range(0, len(local), batch_size):
-            chosen = local[begin : begin + batch_size]
-            hidden, mask = packed.batch(chosen, device)
-            logits.append(model(hidden, mask).float().cpu().numpy())
-            ids.append(packed.example_ids[chosen])
-    example_ids = np.concatenate(ids)
-    if not all(np.isfinite(part).all() for part in logits):
-        raise NonFiniteError(
-            f"the adapter's outputs on {split.name} are NaN or infinite: training diverged; "
-            "try a lower lr"
-        )
-    order = np.argsort(example_ids)
-    return example_ids[order], np.concatenate(logits)[order]
+    """Example ids (sorted) and (N, C) float32 logits of the storage rows where `keep` is True;
+    NonFiniteError when an output is NaN or infinite."""
+    (result,) = predict_many([(model, keep, batch_size)], split, device)
+    if isinstance(result, NonFiniteError):
+        raise result
+    return result
 
 
 def task_loss(task: glue.GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -136,7 +158,13 @@ def _labels_of(split: SplitData, example_ids: np.ndarray) -> np.ndarray:
 
 def _evaluate(task, model, split, keep, batch_size, device) -> tuple[dict, float, np.ndarray]:
     """Metrics, loss and logits of the kept rows of a labelled split."""
-    ids, logits = predict(model, split, keep, batch_size, device)
+    return scored(task, split, *predict(model, split, keep, batch_size, device))
+
+
+def scored(
+    task, split: SplitData, ids: np.ndarray, logits: np.ndarray
+) -> tuple[dict, float, np.ndarray]:
+    """Metrics, loss and logits of predictions (`predict`'s ids and logits) on a labelled split."""
     labels = _labels_of(split, ids)
     loss = task_loss(task, torch.from_numpy(logits), torch.from_numpy(labels)).item()
     predicted = logits[:, 0] if task.regression else logits.argmax(-1)
@@ -152,6 +180,14 @@ def start_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> np.random.Gen
     adapters.use_generator(model, dropout)  # never torch's global generator: see bertvision.rng
     model.train()
     return order
+
+
+def shard_order(cfg: TrainConfig, epoch: int, order: np.random.Generator) -> np.random.Generator:
+    """The generator of the order in which a streamed epoch reads its shard groups: (shuffle_seed,
+    epoch) when the run sets `shuffle_seed`, else `order` itself (`start_epoch`'s)."""
+    if cfg.shuffle_seed is None:
+        return order
+    return np.random.default_rng([cfg.shuffle_seed, epoch])
 
 
 def check_loss(value: float, cfg: TrainConfig, epoch: int) -> None:
@@ -175,18 +211,31 @@ def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: i
     """One pass over the kept rows; the mean training loss (see `start_epoch`)."""
     order = start_epoch(model, cfg, epoch)
     total, count = 0.0, 0
-    for packed, rows, storage_rows in epoch_batches(
-        split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards
-    ):
-        hidden, mask = packed.batch(rows, cfg.device)
-        labels = torch.from_numpy(split.labels[storage_rows]).to(cfg.device)
+    for group in split.shard_groups(shard_order(cfg, epoch, order), cfg.shuffle_shards):
+        packed, rows = split.read_group(group, cfg.device)
+        total, count = train_pack(
+            task, model, optimizer, split, packed, rows, keep, order, cfg, epoch, total, count
+        )
+    return total / count
+
+
+def train_pack(
+    task, model, optimizer, split, packed, rows, keep, order, cfg: TrainConfig, epoch: int,
+    total: float, count: int,
+) -> tuple[float, int]:  # fmt: skip
+    """Train on the kept rows of one pack (`SplitData.read_group`'s packed and storage rows),
+    in batches drawn from `order`; returns `total` and `count` plus this pack's summed loss and
+    examples. NonFiniteError (before the step) when a loss is not finite."""
+    for chosen in pack_batches(rows, keep, cfg.batch_size, order):
+        hidden, mask = packed.batch(chosen, cfg.device)
+        labels = torch.from_numpy(split.labels[rows[chosen]]).to(cfg.device)
         loss = task_loss(task, model(hidden, mask), labels)
         value = loss.item()
         check_loss(value, cfg, epoch)
         step(model, optimizer, loss)
-        total += value * len(rows)
-        count += len(rows)
-    return total / count
+        total += value * len(chosen)
+        count += len(chosen)
+    return total, count
 
 
 class Objective(Protocol):
@@ -325,69 +374,106 @@ def _fit(
     run record from the timings."""
     from tqdm.auto import tqdm
 
-    plan = objective.plan
-    with rng.seeded(cfg.seed):
-        model = adapters.build_adapter(cfg.adapter_config(plan.layers, plan.hidden_size))
-    model = model.to(cfg.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "curve": [], "best": None, "bad_epochs": 0}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-
-    primary = objective.primary_metric
+    fit = Fit(cfg, key, objective, checkpoint)
     with tqdm(
         total=cfg.epochs,
-        initial=state["epoch"],
+        initial=fit.state["epoch"],
         desc=f"train {objective.task} {cfg.adapter}",
         unit="epoch",
         disable=not progress,
     ) as bar:  # closed on an error too, before the error is reported
-        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-            if cfg.patience and state["bad_epochs"] >= cfg.patience:
-                break  # stopped early before the interruption
+        while (epoch := fit.next_epoch()) is not None:
             started = time.perf_counter()
-            train_loss = objective.train_epoch(model, optimizer, cfg, epoch)
+            train_loss = objective.train_epoch(fit.model, fit.optimizer, cfg, epoch)
             seconds = time.perf_counter() - started
-            model.eval()
-            val_metrics, val_loss = objective.validate(model, cfg)
-            state["curve"].append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val": val_metrics,
-                    "seconds": round(seconds, 3),
-                    "eval_seconds": round(time.perf_counter() - started - seconds, 3),
-                }
-            )
-            best = state["best"]
-            score = (val_metrics[primary], -val_loss)  # ties: the lower loss
-            if best is None or score > (best["metric"], -best["loss"]):
-                state["best"] = {
-                    "epoch": epoch,
-                    "metric": score[0],
-                    "loss": val_loss,
-                    "weights": copy.deepcopy(model.state_dict()),
-                }
-                state["bad_epochs"] = 0
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            _save_checkpoint(cfg, key, model, optimizer, state)
+            fit.model.eval()
+            val_metrics, val_loss = objective.validate(fit.model, cfg)
+            eval_seconds = time.perf_counter() - started - seconds
+            fit.end_epoch(epoch, train_loss, val_metrics, val_loss, seconds, eval_seconds)
             bar.update(1)
-            bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[primary], 4))
+            bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[fit.primary], 4))
 
-    model.load_state_dict(state["best"]["weights"])
-    model.eval()
-    train_seconds = sum(e["seconds"] for e in state["curve"])
-    run = record(stopwatch.timings(train_seconds=train_seconds))
+    fit.keep_best()
+    run = record(stopwatch.timings(train_seconds=fit.train_seconds()))
     with runs.StagedRun(cfg.out) as staged:
         # Every prediction before any other write: outputs that are not finite stop it here.
-        metrics = objective.write_outputs(model, cfg, staged.url)
-        _write_run(cfg, run, objective, model, state, metrics, staged)
+        metrics = objective.write_outputs(fit.model, cfg, staged.url)
+        _write_run(cfg, run, objective, fit.model, fit.state, metrics, staged)
         return metrics
+
+
+class Fit:
+    """One run between its epochs: the adapter (built from the seed), its optimizer, and the
+    state its checkpoint holds ("epoch" done, "curve", "best" weights, "bad_epochs" since).
+    `_fit` drives one; `bertvision.together` drives many over shared reads."""
+
+    def __init__(self, cfg: TrainConfig, key: str, objective: Objective, checkpoint) -> None:
+        plan = objective.plan
+        with rng.seeded(cfg.seed):
+            model = adapters.build_adapter(cfg.adapter_config(plan.layers, plan.hidden_size))
+        self.cfg, self.key, self.objective = cfg, key, objective
+        self.primary = objective.primary_metric
+        self.model = model.to(cfg.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.state = {"epoch": 0, "curve": [], "best": None, "bad_epochs": 0}
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.state = checkpoint["state"]
+
+    def next_epoch(self) -> int | None:
+        """The epoch to train next; None once `epochs` are done or `patience` ran out."""
+        epoch, cfg = self.state["epoch"] + 1, self.cfg
+        if epoch > cfg.epochs or (cfg.patience and self.state["bad_epochs"] >= cfg.patience):
+            return None
+        return epoch
+
+    def end_epoch(
+        self,
+        epoch: int,
+        train_loss: float,
+        val_metrics: dict,
+        val_loss: float,
+        seconds: float,
+        eval_seconds: float,
+    ) -> None:
+        """Record the epoch in the curve, keep its weights if they are the best on the held-out
+        slice (ties: the lower loss), and write the checkpoint."""
+        state = self.state
+        state["curve"].append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val": val_metrics,
+                "seconds": round(seconds, 3),
+                "eval_seconds": round(eval_seconds, 3),
+            }
+        )
+        best = state["best"]
+        score = (val_metrics[self.primary], -val_loss)
+        if best is None or score > (best["metric"], -best["loss"]):
+            state["best"] = {
+                "epoch": epoch,
+                "metric": score[0],
+                "loss": val_loss,
+                "weights": copy.deepcopy(self.model.state_dict()),
+            }
+            state["bad_epochs"] = 0
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        _save_checkpoint(self.cfg, self.key, self.model, self.optimizer, state)
+
+    def keep_best(self) -> None:
+        """Load the chosen epoch's weights; the model in eval mode."""
+        self.model.load_state_dict(self.state["best"]["weights"])
+        self.model.eval()
+
+    def train_seconds(self) -> float:
+        return sum(e["seconds"] for e in self.state["curve"])
 
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
@@ -444,25 +530,55 @@ def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) 
 
 def _write_glue_outputs(cfg: TrainConfig, data: EmbeddingData, model, is_val, out: str) -> dict:
     """GLUE's predictions and outputs of every split under `out`; returns metrics.json."""
+    (predicted,) = glue_predictions(data, [(model, is_val, 2 * cfg.batch_size)], cfg.device)
+    if isinstance(predicted, NonFiniteError):
+        raise predicted  # before any write: outputs that are not finite stop the run here
+    return write_glue_outputs(data, predicted, is_val, out)
+
+
+def glue_predictions(
+    data: EmbeddingData, runs_: list[tuple[nn.Module, np.ndarray, int]], device: str
+) -> list[dict[str, tuple[np.ndarray, np.ndarray]] | NonFiniteError]:
+    """For each (model, held-out rows of train, batch size): `predict`'s ids and logits of the
+    held-out slice ("val") and of every other split by name, or the NonFiniteError of a model
+    with an output that is not finite. Each split is read once for all models."""
+    results: list[dict | NonFiniteError] = [{} for _ in runs_]
+    for name, split in data.splits.items():
+        if name == "train":
+            asked = list(runs_)
+        else:
+            asked = [(model, np.ones(split.num_examples, dtype=bool), b) for model, _, b in runs_]
+        for index, predicted in enumerate(predict_many(asked, split, device)):
+            if isinstance(results[index], dict):
+                results[index] = (
+                    predicted
+                    if isinstance(predicted, NonFiniteError)
+                    else results[index] | {VAL_SPLIT if name == "train" else name: predicted}
+                )
+    return results
+
+
+def write_glue_outputs(
+    data: EmbeddingData,
+    predicted: dict[str, tuple[np.ndarray, np.ndarray]],
+    is_val: np.ndarray,
+    out: str,
+) -> dict:
+    """Write the predictions and outputs of every split (`glue_predictions`) under `out`;
+    returns metrics.json."""
     from bertvision.predictions import read_submission, submission_name, write_predictions
 
     task = data.task
     train = data.splits["train"]
-    eval_batch = 2 * cfg.batch_size
-    # Every prediction before any write: outputs that are not finite stop the run here.
-    val_metrics, _, val_logits = _evaluate(task, model, train, is_val, eval_batch, cfg.device)
-    predicted = {
-        name: predict(model, split, np.ones(split.num_examples, dtype=bool), eval_batch, cfg.device)
-        for name, split in data.splits.items()
-        if name != "train"
-    }
-
+    val_metrics, _, val_logits = scored(task, train, *predicted[VAL_SPLIT])
     val_ids = np.sort(train.example_ids[is_val])
     val_labels = _labels_of(train, val_ids).tolist()
     write_predictions(out, task, VAL_SPLIT, val_ids, val_labels, task_outputs(task, val_logits))
     metrics = {"val": val_metrics}
-    for name, (ids, logits) in predicted.items():
-        split = data.splits[name]
+    for name, split in data.splits.items():
+        if name == "train":
+            continue
+        ids, logits = predicted[name]
         labels = [None] * len(ids) if split.labels is None else _labels_of(split, ids).tolist()
         write_predictions(out, task, name, ids, labels, task_outputs(task, logits))
         if name in task.dev_splits:

@@ -426,8 +426,9 @@ def test_two_sweeps_on_one_folder_at_once_exclude_each_other(embeddings, tmp_pat
     monkeypatch.setattr(train, "train_adapter", held)
     first = {}
     thread = threading.Thread(
-        target=lambda: first.update(summary=run_sweep(quick(embeddings, out, trials=2, parallel=2),
-                                                      progress=False))
+        target=lambda: first.update(summary=run_sweep(
+            quick(embeddings, out, trials=2, parallel=2, together=False),  # held in train_adapter
+            progress=False))
     )  # fmt: skip
     thread.start()
     assert started.wait(timeout=120)

@@ -1,0 +1,150 @@
+"""Runs trained together over shared reads (bertvision.together) give, byte for byte, what each
+gives trained alone with the same settings and seed, and read the embeddings once for all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from test_embeddings import synthetic
+from test_train import config, without_timings
+
+from bertvision import embeddings as embeddings_module
+from bertvision import sweep as sweeping
+from bertvision.embeddings import load_embeddings
+from bertvision.finite import NonFiniteError
+from bertvision.sweep import SweepConfig, load_trials, run_sweep
+from bertvision.together import train_together
+from bertvision.train import train_adapter
+
+FILES = ("adapter/adapter.safetensors", "dev_predictions.tsv", "val_predictions.tsv")
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory) -> str:
+    return synthetic(str(tmp_path_factory.mktemp("emb")), n_train=80)  # 5 train shards
+
+
+def streamed(embeddings: str):
+    return load_embeddings("rte", embeddings, device="cpu", max_resident_gb=0)
+
+
+def runs(tmp_path: Path, embeddings: str, how: str) -> list:
+    """Four runs unlike in everything but their shard order: three share shuffle_seed 7 and
+    shuffle_shards 2, the fourth reads in its own order (its own pass)."""
+    shared = {"shuffle_seed": 7, "shuffle_shards": 2, "patience": 0}
+    return [
+        config(tmp_path, embeddings, f"{how}-0", adapter="pooler", seed=1, dropout=0.5,
+               lr=3e-3, epochs=3, batch_size=16, **shared),
+        config(tmp_path, embeddings, f"{how}-1", adapter="scalarmix", seed=2, dropout=0.2,
+               lr=1e-2, epochs=2, batch_size=8, **shared),
+        config(tmp_path, embeddings, f"{how}-2", adapter="cls", seed=3, lr=1e-3, epochs=3,
+               batch_size=32, **shared),
+        config(tmp_path, embeddings, f"{how}-3", adapter="pooler", seed=4, epochs=2,
+               shuffle_shards=3, patience=0),
+    ]  # fmt: skip
+
+
+def assert_same_run(ours: Path, theirs: Path) -> None:
+    for name in FILES:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    curves = [json.loads((p / "curve.json").read_text()) for p in (ours, theirs)]
+    assert without_timings(curves[0]) == without_timings(curves[1])
+
+
+def test_runs_trained_together_equal_the_same_runs_trained_alone(embeddings, tmp_path):
+    data = streamed(embeddings)
+    alone = [
+        train_adapter(cfg, data=data, progress=False) for cfg in runs(tmp_path, embeddings, "a")
+    ]
+    together_cfgs = runs(tmp_path, embeddings, "t")
+    together = train_together(together_cfgs, data)
+    assert together == alone
+    for cfg in together_cfgs:
+        assert_same_run(Path(cfg.out), Path(cfg.out.replace("/t-", "/a-")))
+    # A second call finds them finished and returns them as stored.
+    assert train_together(together_cfgs, data) == alone
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """Shards read from storage, counted as they are read (one entry per read_packed call)."""
+    reads: list[int] = []
+    real = embeddings_module.read_packed
+
+    def counting(urls, plan, device):
+        reads.append(len(urls))
+        return real(urls, plan, device)
+
+    monkeypatch.setattr(embeddings_module, "read_packed", counting)
+    return reads
+
+
+def test_runs_sharing_their_shard_order_read_the_embeddings_once_for_all(
+    embeddings, tmp_path, monkeypatch
+):
+    data = streamed(embeddings)
+    cfgs = [
+        config(tmp_path, embeddings, f"run-{seed}", seed=seed, epochs=2, patience=0,
+               shuffle_seed=0, shuffle_shards=2)
+        for seed in range(4)
+    ]  # fmt: skip
+    reads = count_reads(monkeypatch)
+    train_adapter(dataclasses.replace(cfgs[0], out=str(tmp_path / "alone")), data, progress=False)
+    one_run = sum(reads)
+    reads.clear()
+    train_together(cfgs, data)
+    # 2 epochs x (5 shards to train + 5 to validate) + train, dev to predict: 30 shard reads,
+    # for one run alone as for four together
+    assert one_run == 2 * (5 + 5) + 5 + 2
+    assert sum(reads) == one_run
+
+
+def test_a_run_that_diverges_fails_alone_and_the_others_finish(embeddings, tmp_path):
+    data = streamed(embeddings)
+    cfgs = runs(tmp_path, embeddings, "t")[:2]
+    diverging = dataclasses.replace(cfgs[0], out=str(tmp_path / "diverging"), lr=1e30)
+    with pytest.raises(NonFiniteError):
+        train_adapter(dataclasses.replace(diverging, out=str(tmp_path / "d-alone")), data, False)
+
+    results = train_together([diverging, *cfgs], data)
+
+    assert isinstance(results[0], NonFiniteError)
+    assert not (tmp_path / "diverging" / "metrics.json").exists()
+    assert results[1:] == [train_adapter(c, data=data, progress=False) for c in cfgs]
+
+
+def test_span_runs_are_refused(embeddings, tmp_path):
+    span = config(tmp_path, embeddings, task="squad2", adapter="span")
+    with pytest.raises(ValueError, match="span runs train alone"):
+        train_together([config(tmp_path, embeddings, "glue"), span], streamed(embeddings))
+    assert not (tmp_path / "glue").exists()
+
+
+def test_a_sweep_batch_trained_together_equals_its_trials_on_threads(embeddings, tmp_path):
+    space = {
+        "lr": {"loguniform": [1e-3, 3e-2]},
+        "dropout": {"uniform": [0.3, 0.5]},
+        "batch_size": {"choice": [8, 16]},
+        "epochs": {"choice": [1, 2]},
+        "adapter_dim": 4,
+        "shuffle_shards": 2,
+    }
+    data = streamed(embeddings)
+    settings = dict(task="rte", embeddings=embeddings, trials=4, parallel=4, space=space,
+                    startup_trials=4, device="cpu")  # fmt: skip
+    together = SweepConfig(out=str(tmp_path / "together"), **settings)
+    threads = SweepConfig(out=str(tmp_path / "threads"), together=False, **settings)
+    run_sweep(together, data=data, progress=False)
+    run_sweep(threads, data=data, progress=False)
+
+    trials = load_trials(together.out)
+    assert [(r.params, r.val, r.dev, r.status) for r in trials] == [
+        (r.params, r.val, r.dev, r.status) for r in load_trials(threads.out)
+    ]
+    assert len({r.params["lr"] for r in trials}) == 4  # four points, one read of each batch
+    for record in trials:
+        spec = sweeping.TrialSpec(record.trial, record.params, record.hyperopt_vals)
+        assert sweeping.trial_train_config(together, spec).shuffle_seed == together.seed
+        assert_same_run(Path(together.out) / record.run, Path(threads.out) / record.run)
