@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,7 @@ from bertvision.schema import (
     span_schema,
 )
 from bertvision.shards import (
+    BackgroundWriter,
     ShardError,
     ShardWriter,
     clear_failure,
@@ -260,9 +262,10 @@ def extract_shard(
         unit = "window" if plan.schema == "span" else "ex"
         bar = tqdm(total=stop - start, desc=name, unit=unit, disable=not progress)
         with ShardWriter(folder, plan, index) as writer, bar:
-            for batch in batches:
-                writer.write(batch)
-                bar.update(batch.num_rows)
+            with BackgroundWriter(writer) as background:  # the next forward while this is written
+                for batch in batches:
+                    background.write(batch)
+                    bar.update(batch.num_rows)
             record = writer.commit()
     except Exception as exc:
         try:
@@ -277,7 +280,8 @@ def extract_shard(
 def hidden_state_batches(
     encoder: enc.Encoder, examples: list[glue.Example], plan: ExtractionPlan, batch_size: int
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of shard rows, batched by token length (shortest first)."""
+    """Record batches of shard rows, batched by token length (shortest first). Each batch is
+    yielded once the encoder's next one is under way (see `encode`)."""
     tokenizer = encoder.tokenizer
     texts = [ex.texts for ex in examples]
     firsts = [t[0] for t in texts]
@@ -286,20 +290,22 @@ def hidden_state_batches(
     order = sorted(range(len(examples)), key=lambda i: (len(tokens["input_ids"][i]), i))
     schema = shard_schema(regression=plan.regression, dtype=plan.dtype)
     dtype = hidden_dtype(plan.dtype)
-    for begin in range(0, len(order), batch_size):
-        rows = order[begin : begin + batch_size]
-        features = tokenizer.pad(
-            [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
-        )
-        hidden, lengths = encode(encoder, features, dtype)
-        offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden], dtype=np.int64)])
-        values = pa.array(np.concatenate([h.ravel() for h in hidden]))  # one flat buffer
+
+    def encoded() -> Iterator[tuple[list[int], HostStates]]:
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            features = tokenizer.pad(
+                [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
+            )
+            yield rows, encode(encoder, features, dtype)
+
+    for rows, states in _one_ahead(encoded()):
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array([examples[i].example_id for i in rows], pa.int64()),
                 pa.array([examples[i].label for i in rows], schema.field("label").type),
-                pa.array(lengths, pa.int32()),
-                pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values),
+                pa.array(states.lengths, pa.int32()),
+                states.hidden_column(),
             ],
             schema=schema,
         )
@@ -417,7 +423,8 @@ def window_batches(
     order = sorted(range(start, stop), key=lambda w: (int(lengths[w]), w))
     schema = span_schema(dtype=plan.dtype)
     dtype = hidden_dtype(plan.dtype)
-    for begin in range(0, len(order), batch_size):
+
+    def encoded(begin: int) -> tuple[np.ndarray, HostStates]:
         rows = np.asarray(order[begin : begin + batch_size])
         width = int(lengths[rows].max())
         inputs = {
@@ -426,8 +433,12 @@ def window_batches(
         }
         if features.token_type_ids is not None:
             inputs["token_type_ids"] = torch.from_numpy(features.token_type_ids[rows, :width])
-        hidden, real = encode(encoder, inputs, dtype)
-        offsets = [features.offsets[w, :t].ravel() for w, t in zip(rows, real, strict=True)]
+        return rows, encode(encoder, inputs, dtype)
+
+    for rows, states in _one_ahead(map(encoded, range(0, len(order), batch_size))):
+        real = states.lengths
+        tokens = np.arange(features.offsets.shape[1]) < real[:, None]  # (B, T) right padding
+        offsets = features.offsets[rows][tokens].ravel()  # (sum T * 2,) start, end of each token
         questions = [windows.examples[i] for i in features.example_index[rows]]
         yield pa.RecordBatch.from_arrays(
             [
@@ -439,41 +450,100 @@ def window_batches(
                 pa.array(features.start_positions[rows], pa.int32()),
                 pa.array(features.end_positions[rows], pa.int32()),
                 pa.array(real, pa.int32()),
-                _list_array(offsets, pa.list_(pa.int32())),
-                _list_array([h.ravel() for h in hidden], pa.large_list(dtype.arrow)),
+                flat_list_array(offsets, 2 * real, pa.list_(pa.int32())),
+                states.hidden_column(),
             ],
             schema=schema,
         )
 
 
-def _list_array(rows: list[np.ndarray], type: pa.DataType) -> pa.Array:
-    """One list per row from flat arrays, over one buffer of values."""
-    offsets = np.concatenate([[0], np.cumsum([r.size for r in rows], dtype=np.int64)])
-    values = pa.array(np.concatenate(rows))
+T = TypeVar("T")
+
+
+def _one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, each yielded only once the next one is made: while the caller handles batch k
+    (waits for its copy to the host, hands it to the writer), the device runs batch k + 1."""
+    previous: list[T] = []
+    for item in items:
+        yield from previous
+        previous = [item]
+    yield from previous
+
+
+def flat_list_array(values: np.ndarray, sizes: np.ndarray, type: pa.DataType) -> pa.Array:
+    """A list column of `type` (list or large_list) over one flat buffer: row i holds the next
+    `sizes[i]` of `values` (1-D, rows one after the other). The values are not copied."""
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = pa.array(values)
     if pa.types.is_large_list(type):
-        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), flat)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), flat)
+
+
+@dataclass
+class HostStates:
+    """One batch's hidden states of real tokens, on the host or being copied there.
+
+    `values`: (sum over rows of L * T, H), row by row, then layer by layer, then token by token:
+    the `hidden` column's values as they are stored. `lengths`: (B,) real tokens T of each row.
+    `ready`: on CUDA, the event after which the (pinned) `values` hold the copy; None on CPU.
+    """
+
+    values: torch.Tensor
+    lengths: np.ndarray
+    layers: int
+    ready: torch.cuda.Event | None = None
+
+    def hidden_column(self) -> pa.LargeListArray:
+        """The `hidden` column (row i: L * T_i * H values), over `values`' memory, once the copy
+        is complete (waits for it)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.values.numpy().reshape(-1)
+        sizes = self.lengths * self.layers * self.values.shape[-1]
+        return flat_list_array(values, sizes, pa.large_list(pa.from_numpy_dtype(values.dtype)))
 
 
 def encode(
     encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: HiddenDtype
-) -> tuple[list[np.ndarray], list[int]]:
-    """Hidden states (L, T, H) of each example's real tokens, and their lengths T.
+) -> HostStates:
+    """Hidden states (L, T, H) of each example's real tokens, flat in one buffer, on their way
+    to the host: the forward and the selection of real tokens run on the device, and only those
+    are copied, into pinned memory without waiting on CUDA (`HostStates.ready`).
 
     Raises NonFiniteError when a real token's hidden state is NaN or infinite once stored as
     `dtype` (see `check_storable`).
     """
-    inputs = {k: v.to(encoder.device) for k, v in features.items()}
-    with torch.inference_mode(), enc.autocast(encoder.device):
-        output = encoder.model(**inputs, output_hidden_states=True)
-    hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
-    mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
-    stored = hidden.to(dtype.torch())
-    check_storable(hidden, stored, mask)
-    hidden = stored.cpu().numpy()
-    mask = mask.cpu().numpy()
-    arrays = [np.ascontiguousarray(hidden[b][:, mask[b], :]) for b in range(hidden.shape[0])]
-    return arrays, [int(m.sum()) for m in mask]
+    inputs = {k: v.to(encoder.device, non_blocking=True) for k, v in features.items()}
+    with torch.inference_mode():
+        with enc.autocast(encoder.device):
+            output = encoder.model(**inputs, output_hidden_states=True)
+        hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
+        mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
+        stored = hidden.to(dtype.torch())
+        batch, layers = hidden.shape[:2]
+        values = stored[mask[:, None, :].expand(batch, layers, -1)]  # (B * L * T real, H) in order
+        if not bool(torch.isfinite(values).all()):
+            check_storable(hidden, stored, mask)
+        lengths = features["attention_mask"].bool().sum(dim=1).numpy()
+        if values.device.type != "cuda":
+            return HostStates(values, lengths, layers)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        copying = _copy_stream(values.device)
+        copying.wait_stream(torch.cuda.current_stream(values.device))
+        with torch.cuda.stream(copying):
+            host.copy_(values, non_blocking=True)
+            values.record_stream(copying)  # not reused by the next batch before it is copied
+            ready = torch.cuda.Event()
+            ready.record(copying)
+    return HostStates(host, lengths, layers, ready)
+
+
+@cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream copies to the host run on, beside the encoder's next forward."""
+    return torch.cuda.Stream(device)
 
 
 def check_storable(hidden: torch.Tensor, stored: torch.Tensor, mask: torch.Tensor) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -190,6 +192,68 @@ class ShardWriter:
             self._writer.close()
         finally:
             self._staged.discard()
+
+
+class BackgroundWriter:
+    """Hands record batches to a ShardWriter on a thread of its own, so that the caller makes
+    the next batch (the encoder's forward) while earlier ones are encoded and written.
+
+        with ShardWriter(folder, plan, index) as writer:
+            with BackgroundWriter(writer) as background:
+                for batch in batches:
+                    background.write(batch)
+            record = writer.commit()  # every batch written: leaving the block waited for them
+
+    At most `depth` batches wait, so memory stays flat whatever the shard's size. An error of
+    the writer (a full disk, a lost connection) is raised in the caller, by the next `write` or
+    on leaving the block, with a note naming the shard; what is still queued is then dropped, and
+    the ShardWriter's own exit discards the partial file. An error of the caller's stops the
+    writer, which drops what is queued.
+    """
+
+    def __init__(self, writer: ShardWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[pa.RecordBatch | pa.Table | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"shard-writer-{writer.index}", daemon=True
+        )
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Queue `batch` (waits while `depth` batches are queued); raises the writer's error."""
+        self._raise_error()
+        self._queue.put(batch)
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        self._stop = exc_type is not None
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_error()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:  # drains on errors: `write` never hangs
+            if self._error is None and not self._stop:
+                try:
+                    self._writer.write(batch)
+                except BaseException as exc:
+                    self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is None:
+            return
+        error, self._error = self._error, None
+        self._stop = True
+        error.add_note(
+            f"(raised writing shard {self._writer.index} of {self._writer.folder} in the "
+            "background)"
+        )
+        raise error
 
 
 def manifest_url(folder: str, name: str) -> str:

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh RESULTS_DIR MODEL GLUE_DIR [EXPERIMENT_SECONDS]
 #
 # 1. tests/test_cuda.py: bf16 extraction on CUDA vs the float32 forward; fine-tuning on CUDA
-# 2. scripts/bench_extract.py: forward-only vs full-extraction throughput on RTE train
+# 2. benchmarks/bench_extract.py: forward-only vs full-extraction throughput on RTE train
 # 3. scripts/experiment.py on RTE, then MRPC, 5 seeds each (each stopped after EXPERIMENT_SECONDS)
 set -uo pipefail
 results=${1:?results folder}; model=${2:?encoder folder}; glue=${3:?glue_data folder}
@@ -20,7 +20,7 @@ BERTVISION_TEST_MODEL=$model BERTVISION_TEST_GLUE_DIR=$glue \
   python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 \
   | tee -a "$results/log.txt"
 
-python3 scripts/bench_extract.py --model "$model" --data-dir "$glue" --task rte --split train \
+python3 benchmarks/bench_extract.py --model "$model" --data-dir "$glue" --task rte --split train \
   --device cuda --batch-size 64 2>&1 | grep -v "^Loading" | tee -a "$results/log.txt"
 
 # One task after the other, each within its share of the budget: a task that finishes has its

@@ -741,3 +741,126 @@ def test_a_failed_write_leaves_no_staging_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         staged.discard()
     assert os.listdir(tmp_path / "_incomplete") == []
+
+
+def _plain_glue_batches(encoder, examples, plan, batch_size):
+    """The specification of a shard's batches, written the plain way: rows sorted by (token
+    length, index), one forward per batch, each row's real tokens sliced out on the host and
+    handed to Arrow as a Python list of arrays (how extraction built them before it overlapped
+    the encoder with writing)."""
+    tokenizer = encoder.tokenizer
+    tokens = tokenizer(
+        [ex.texts[0] for ex in examples],
+        [ex.texts[1] for ex in examples],
+        truncation=True,
+        max_length=plan.max_seq_length,
+    )
+    order = sorted(range(len(examples)), key=lambda i: (len(tokens["input_ids"][i]), i))
+    schema = shards.plan_schema(plan)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        inputs = tokenizer.pad(
+            [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
+        )
+        with torch.inference_mode():
+            output = encoder.model(**inputs, output_hidden_states=True)
+        hidden = torch.stack(output.hidden_states, dim=1).to(torch.float16).numpy()
+        mask = inputs["attention_mask"].bool().numpy()
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array([examples[i].example_id for i in rows], pa.int64()),
+                pa.array([examples[i].label for i in rows], pa.int64()),
+                pa.array([int(m.sum()) for m in mask], pa.int32()),
+                pa.array(
+                    [hidden[b][:, mask[b], :].ravel() for b in range(len(rows))],
+                    schema.field("hidden").type,
+                ),
+            ],
+            schema=schema,
+        )
+
+
+def test_a_committed_shard_has_the_bytes_of_the_plain_sequential_writer(
+    tmp_path, tiny_model, glue_dir
+):
+    """Overlapping the encoder with a background writer, over one flat buffer, stores exactly
+    the bytes that writing the plainly built batches one after the other stores."""
+    from bertvision.encoder import load_encoder
+
+    cfg = _config(tmp_path / "out", tiny_model, glue_dir, batch_size=6)
+    (plan,) = prepare_extraction(cfg)
+    record = extract_shard(cfg, plan, 1)
+
+    start, stop = plan.shard_range(1)
+    examples = glue.load_split("wnli", "dev", glue_dir)[start:stop]
+    batches = _plain_glue_batches(load_encoder(tiny_model, "cpu"), examples, plan, 6)
+    (tmp_path / "plain").mkdir()
+    with shards.ShardWriter(str(tmp_path / "plain"), plan, 1) as writer:
+        for batch in batches:
+            writer.write(batch)
+        plain = writer.commit()
+    assert (record.rows, record.bytes, record.sha256) == (plain.rows, plain.bytes, plain.sha256)
+
+
+def test_an_error_of_the_background_writer_fails_the_shard_by_name_and_commits_nothing(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    (plan,) = prepare_extraction(cfg)
+    real_write = shards.ShardWriter.write
+
+    def failing_second_batch(self, batch):
+        if self._rows > 0:
+            raise OSError("injected: the connection dropped")
+        real_write(self, batch)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", failing_second_batch)
+    with pytest.raises(OSError, match="injected") as failed:
+        extract_shard(cfg, plan, 2)
+    assert failed.value.__notes__ == [
+        f"(raised writing shard 2 of {tmp_path / 'wnli/dev'} in the background)"
+    ]
+    folder = tmp_path / "wnli/dev"
+    assert not list(folder.glob("*.parquet")) and not list((folder / "_incomplete").iterdir())
+    assert shards.split_status(str(folder))["done"] == 0
+    assert "OSError: injected" in shards.load_failures(str(folder))[2].error
+
+
+class _ListWriter:
+    """A stand-in for a ShardWriter that keeps what it is given and fails on "bad"."""
+
+    index, folder = 7, "memory://out/wnli/dev"
+
+    def __init__(self) -> None:
+        self.written = []
+
+    def write(self, batch) -> None:
+        if batch == "bad":
+            raise ValueError("cannot encode")
+        self.written.append(batch)
+
+
+def test_the_background_writer_writes_every_batch_in_order():
+    writer = _ListWriter()
+    with shards.BackgroundWriter(writer, depth=2) as background:
+        for batch in range(10):
+            background.write(batch)
+    assert writer.written == list(range(10))  # all written once the block is left
+
+
+def test_the_background_writer_raises_its_error_in_the_caller_and_writes_nothing_after_it():
+    writer = _ListWriter()
+    failing = pytest.raises(ValueError, match="cannot encode")
+    with failing as failed, shards.BackgroundWriter(writer, depth=1) as background:
+        for batch in [0, 1, "bad", *range(2, 50)]:
+            background.write(batch)
+    assert "shard 7 of memory://out/wnli/dev" in failed.value.__notes__[0]
+    assert writer.written == [0, 1]
+
+
+def test_an_error_of_the_caller_stops_the_background_writer():
+    writer = _ListWriter()
+    with pytest.raises(KeyError), shards.BackgroundWriter(writer, depth=4) as background:
+        background.write(0)
+        raise KeyError("the encoder failed")
+    assert writer.written in ([], [0])  # what was queued may be dropped; never written after

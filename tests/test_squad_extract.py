@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -318,3 +319,53 @@ def test_extract_squad_flow_commits_every_shard(prefect_harness, tmp_path, tiny_
     assert state.result() == {"squad2/dev": plan.num_shards} and plan.num_shards > 1
     windows = load_span_split(str(tmp_path), "dev", device="cpu").windows
     assert sorted(windows.window_ids.tolist()) == list(range(plan.num_examples))
+
+
+def test_a_committed_shard_has_the_bytes_of_the_plain_sequential_writer(
+    tmp_path, tiny_model, squad_slice
+):
+    """Windows sorted by (length, index), one forward per batch cut to its longest window, each
+    window's real tokens sliced out on the host as a Python list of arrays and written one batch
+    after the other: exactly the bytes the overlapped extraction commits."""
+    cfg = _config(tmp_path / "out", tiny_model, squad_slice)
+    [plan] = prepare_extraction(cfg)
+    record = extract.extract_shard(cfg, plan, 1)
+
+    windows = extract._load_windows(cfg, "dev")
+    f = windows.features
+    lengths = f.attention_mask.sum(axis=1)
+    start, stop = plan.shard_range(1)
+    order = sorted(range(start, stop), key=lambda w: (int(lengths[w]), w))
+    model = enc.load_encoder(tiny_model, "cpu").model
+    schema = shards.plan_schema(plan)
+    with shards.ShardWriter(str(tmp_path / "plain"), plan, 1) as writer:
+        for begin in range(0, len(order), cfg.batch_size):
+            rows = np.asarray(order[begin : begin + cfg.batch_size])
+            real, width = lengths[rows], int(lengths[rows].max())
+            names = ("input_ids", "attention_mask", "token_type_ids")
+            inputs = {k: torch.from_numpy(getattr(f, k)[rows, :width]) for k in names}
+            with torch.inference_mode():
+                output = model(**inputs, output_hidden_states=True)
+            hidden = torch.stack(output.hidden_states, dim=1).to(torch.float16).numpy()
+            questions = [windows.examples[i] for i in f.example_index[rows]]
+            columns = [
+                pa.array(rows, pa.int64()),
+                pa.array([q.question_id for q in questions], pa.string()),
+                pa.array(f.example_index[rows], pa.int64()),
+                pa.array(f.window_index[rows], pa.int32()),
+                pa.array([q.is_impossible for q in questions], pa.bool_()),
+                pa.array(f.start_positions[rows], pa.int32()),
+                pa.array(f.end_positions[rows], pa.int32()),
+                pa.array(real, pa.int32()),
+                pa.array(
+                    [f.offsets[w, :t].ravel() for w, t in zip(rows, real, strict=True)],
+                    schema.field("offsets").type,
+                ),
+                pa.array(
+                    [hidden[b][:, :t].ravel() for b, t in enumerate(real)],
+                    schema.field("hidden").type,
+                ),
+            ]
+            writer.write(pa.RecordBatch.from_arrays(columns, schema=schema))
+        plain = writer.commit()
+    assert (record.rows, record.bytes, record.sha256) == (plain.rows, plain.bytes, plain.sha256)
