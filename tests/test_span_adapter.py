@@ -307,7 +307,7 @@ def test_minilm_fine_tuned_briefly_then_its_span_adapter_prints_em_and_f1(
     """MiniLM fine-tuned for half an epoch on 2 articles' first 3 paragraphs (128-token
     windows), its windows extracted, a span adapter trained on them; EM/F1 on 2 paragraphs of
     a dev article printed (run with -s). Figures of the adapter's speed:
-    scripts/bench_span_adapter.py."""
+    benchmarks/bench_span_adapter.py."""
     from bertvision.config import FinetuneConfig
     from bertvision.finetune import finetune_encoder
 

@@ -178,7 +178,7 @@ def test_a_squad_1_1_file_is_one_error_line_and_nothing_written(small_squad, tin
 def test_minilm_on_a_fraction_of_an_epoch_prints_em_and_f1(squad_dir, minilm, tmp_path):
     """MiniLM on 2 articles' first 3 paragraphs (55 questions) for one epoch of 128-token
     windows, scored on 2 paragraphs of a dev article; EM/F1 printed (run with -s). The
-    figures of longer runs: scripts/bench_squad_finetune.py."""
+    figures of longer runs: benchmarks/bench_squad_finetune.py."""
     data = squad.write_slice(
         squad_dir, str(tmp_path / "data"), train=(TRAIN_ARTICLES, 3), dev=(DEV_ARTICLES, 2)
     )

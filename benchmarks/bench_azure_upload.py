@@ -1,7 +1,7 @@
 """Upload throughput of one large shard to Azure Blob Storage, for several settings, in one run.
 
-    python scripts/bench_azure_upload.py               # starts Azurite on 127.0.0.1 (temp data)
-    python scripts/bench_azure_upload.py --mb 512 --container bench   # real account: credentials
+    python benchmarks/bench_azure_upload.py               # starts Azurite on 127.0.0.1 (temp data)
+    python benchmarks/bench_azure_upload.py --mb 512 --container bench   # real account: credentials
                                                        # from AZURE_STORAGE_* as everywhere
 
 Each setting writes the same incompressible payload in 1 MiB pieces (as the Parquet writer does)

@@ -6,7 +6,7 @@ folder, fine-tunes on it with `bertvision.finetune` (the held-out articles choos
 no-answer threshold) and prints the settings, the training windows/s and the official dev
 scores. Without slicing (`--paragraphs 0 --train-articles 0 --dev-articles 0`) it is a full run.
 
-    python scripts/bench_squad_finetune.py --data-dir ../shared/data/squad/split \
+    python benchmarks/bench_squad_finetune.py --data-dir ../shared/data/squad/split \
         [--model M] [--device cuda] [--epochs 1] [--max-seq-length 384] [--train-articles 4]
 """
 

@@ -1,6 +1,6 @@
 """Windows per second and stored bytes per window of a SQuAD 2.0 extraction.
 
-    python scripts/bench_squad_extract.py --data-dir ../shared/data/squad/split --windows 300
+    python benchmarks/bench_squad_extract.py --data-dir ../shared/data/squad/split --windows 300
 
 Extracts the dev windows of the first questions of the split's dev file (whole paragraphs, at
 least --windows questions) with the bundled MiniLM (or --model), 384 tokens, doc stride 128,

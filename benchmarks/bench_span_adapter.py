@@ -8,7 +8,7 @@ on them with `bertvision.train` and prints the settings, the extraction's and th
 windows/s (train windows x epochs / training seconds, validation excluded; curve.json) and the
 official dev scores. `--max-resident-gb 0` streams the windows from their shards each epoch.
 
-    python scripts/bench_span_adapter.py --data-dir ../shared/data/squad/split \
+    python benchmarks/bench_span_adapter.py --data-dir ../shared/data/squad/split \
         [--model M] [--device cuda] [--epochs 3] [--max-seq-length 384] [--train-articles 3]
 """
 
