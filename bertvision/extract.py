@@ -36,12 +36,13 @@ from bertvision import encoder as enc
 from bertvision import glue, records, squad, storage
 from bertvision.config import ConfigError, ExtractConfig, require
 from bertvision.finite import NonFiniteError
+from bertvision.quantise import INT8_MAX, quantise
 from bertvision.schema import (
-    FORMAT_VERSIONS,
     RUN_FILE,
     ExtractionPlan,
     HiddenDtype,
     ShardRecord,
+    format_version,
     hidden_dtype,
     shard_schema,
     span_schema,
@@ -111,8 +112,8 @@ def rows_per_shard(cfg: ExtractConfig, encoder: enc.Encoder) -> int:
 
     bert-large (25 layers x 1024) stores 19.7 MB a 384-token window in float16: 54 windows a
     GiB."""
-    itemsize = hidden_dtype(cfg.dtype).itemsize
-    row_bytes = cfg.max_seq_length * encoder.layers * encoder.hidden_size * itemsize
+    token_bytes = hidden_dtype(cfg.dtype).token_bytes(encoder.layers, encoder.hidden_size)
+    row_bytes = cfg.max_seq_length * token_bytes
     return max(1, min(cfg.shard_size, cfg.shard_bytes // row_bytes))
 
 
@@ -165,7 +166,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             layers=encoder.layers,
             hidden_size=encoder.hidden_size,
             regression=regression,
-            format_version=FORMAT_VERSIONS[schema],
+            format_version=format_version(schema, cfg.dtype),
             code_version=code["version"],
             git_commit=code["git_commit"],
             schema=schema,
@@ -292,14 +293,12 @@ def hidden_state_batches(
             [{k: v[i] for k, v in tokens.items()} for i in rows], return_tensors="pt"
         )
         hidden, lengths = encode(encoder, features, dtype)
-        offsets = np.concatenate([[0], np.cumsum([h.size for h in hidden], dtype=np.int64)])
-        values = pa.array(np.concatenate([h.ravel() for h in hidden]))  # one flat buffer
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array([examples[i].example_id for i in rows], pa.int64()),
                 pa.array([examples[i].label for i in rows], schema.field("label").type),
                 pa.array(lengths, pa.int32()),
-                pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values),
+                *hidden_columns(hidden, dtype),
             ],
             schema=schema,
         )
@@ -428,10 +427,31 @@ def window_batches(
                 pa.array(features.end_positions[rows], pa.int32()),
                 pa.array(real, pa.int32()),
                 _list_array(offsets, pa.list_(pa.int32())),
-                _list_array([h.ravel() for h in hidden], pa.large_list(dtype.arrow)),
+                *hidden_columns(hidden, dtype),
             ],
             schema=schema,
         )
+
+
+def hidden_columns(states: list[np.ndarray], dtype: HiddenDtype) -> list[pa.Array]:
+    """The `hidden` column of rows of `states` (L, T, H) each, as `dtype` stores them; for int8
+    also `hidden_scale`: each row quantised (bertvision.quantise), its values' bytes and its
+    (L, T) scales. NonFiniteError when states overflow int8's float16 scales."""
+    if not dtype.quantised:
+        return [_list_array([s.ravel() for s in states], pa.large_list(dtype.arrow))]
+    values, scales = zip(*map(quantise, states), strict=True)
+    if not all(np.isfinite(s).all() for s in scales):
+        largest = max(float(np.abs(s).max()) for s in states)
+        raise NonFiniteError(
+            f"hidden states reach {largest:.4g}, beyond int8's range (float16 scales: at most "
+            f"{INT8_MAX} x 65504); extract with --dtype float32"
+        )
+    offsets = np.concatenate([[0], np.cumsum([v.size for v in values], dtype=np.int64)])
+    data = np.concatenate([v.ravel() for v in values])
+    binary = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    return [binary, _list_array([s.ravel() for s in scales], pa.large_list(pa.float16()))]
 
 
 def _list_array(rows: list[np.ndarray], type: pa.DataType) -> pa.Array:
@@ -446,7 +466,8 @@ def _list_array(rows: list[np.ndarray], type: pa.DataType) -> pa.Array:
 def encode(
     encoder: enc.Encoder, features: dict[str, torch.Tensor], dtype: HiddenDtype
 ) -> tuple[list[np.ndarray], list[int]]:
-    """Hidden states (L, T, H) of each example's real tokens, and their lengths T.
+    """Hidden states (L, T, H) of each example's real tokens, and their lengths T; as `dtype`,
+    or float32 for a quantised dtype (`hidden_columns` quantises them).
 
     Raises NonFiniteError when a real token's hidden state is NaN or infinite once stored as
     `dtype` (see `check_storable`).
@@ -456,7 +477,8 @@ def encode(
         output = encoder.model(**inputs, output_hidden_states=True)
     hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
     mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
-    stored = hidden.to(dtype.torch())
+    # int8 is quantised from float32, example by example (hidden_columns)
+    stored = hidden.to(torch.float32 if dtype.quantised else dtype.torch())
     check_storable(hidden, stored, mask)
     hidden = stored.cpu().numpy()
     mask = mask.cpu().numpy()
