@@ -18,9 +18,10 @@ from bertvision import shards, squad
 from bertvision.cli import app
 from bertvision.config import ExtractConfig
 from bertvision.embeddings import load_embeddings
-from bertvision.extract import extract_hidden_states
+from bertvision.extract import extract_hidden_states, hidden_columns
+from bertvision.finite import NonFiniteError
 from bertvision.quantise import dequantise, quantise
-from bertvision.schema import ExtractionPlan, ShardMeta, format_version
+from bertvision.schema import HIDDEN_DTYPES, ExtractionPlan, ShardMeta, format_version
 from bertvision.span_embeddings import load_span_split, read_span_shard, span_batches
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +79,15 @@ def test_non_finite_states_give_non_finite_scales():
     _, scales = quantise(states)
     assert np.isfinite(scales[0, 0]) and not np.isfinite(scales[0, 1])
     _, huge = quantise(np.full((1, 1, 2), 127 * 70000, dtype=np.float32))
-    assert np.isinf(huge).all()  # beyond float16 scales: extraction refuses it
+    assert np.isinf(huge).all()
+
+
+def test_extraction_refuses_states_beyond_the_float16_scales_naming_the_remedy():
+    int8 = HIDDEN_DTYPES["int8"]
+    fine = hidden_columns([np.full((2, 3, 4), 127 * 60000, dtype=np.float32)], int8)
+    assert fine[1].type == pa.large_list(pa.float16())
+    with pytest.raises(NonFiniteError, match="reach 8.89e\\+06, beyond int8's range.*float32"):
+        hidden_columns([np.full((2, 3, 4), 127 * 70000, dtype=np.float32)], int8)
 
 
 # ----------------------------------------------------------------------------------------------
