@@ -27,9 +27,9 @@ Memory: a split whose states take at most `max_resident_gb` (tokens x L x H x by
 dtype, plus tokens x L scales for int8) is read once and held on the device as a `Packed`, in
 the stored dtype, one row per token: (sum of T, L, H), int8 with its scales (sum of T, L).
 A larger split is streamed: each pass reads a group of shards into a `Packed`, uses it, and
-drops it. Reading holds, besides its result, one row group (one encoder
-batch) of one shard. Batches are padded to their longest example and cast to float32 (int8
-dequantised) only on the way to the model, so at most one batch is held as float32.
+drops it. Reading holds, besides its result, one row group (one encoder batch) of one shard.
+Batches are padded to their longest example and cast to float32 (int8 dequantised) only on the
+way to the model, so at most one batch is held as float32.
 """
 
 from __future__ import annotations
