@@ -11,12 +11,12 @@ largest magnitude in that layer. A token whose states are all zero has scale 0 a
 zeros.
 
 Why per (layer, token): measured on all-MiniLM-L6-v2's states of RTE dev
-(benchmarks/bench_int8.py), it restores the states with 1.0-1.7% relative RMS error per layer
+(benchmarks/bench_int8.py), it restores the states with 0.9-1.7% relative RMS error per layer
 for 0.5% of extra bytes, at any sequence length. One scale per token across all layers costs
 less (0.07%) but errs 1.5-3.3% (the layers' ranges differ); one per (layer, channel) of an
 example, the usual cure for BERT's outlier dimensions (Bondarenko et al. 2021, "Understanding
 and Overcoming the Challenges of Efficient Transformer Quantization"), errs 0.6-0.8% but its
-L x H scales cost 2 / T of the values' bytes (3% at RTE's 65 tokens, 18% at CoLA's 11). A
+L x H scales cost 2 / T of the values' bytes (3% at RTE's 65 tokens, 17% at CoLA's 11). A
 float16 scale adds at most 2**-11 relative error to the scale, far below int8's step.
 
 Scales are float16: states beyond 127 x 65504 in magnitude overflow them (`quantise` gives an
