@@ -281,7 +281,10 @@ class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut, TrainSubset
         _resolve_model_and_device(self)
 
 
-DTYPES_HELP = "Of the stored hidden states: float16 or float32"
+DTYPES_HELP = (
+    "Of the stored hidden states: float16 (lossless for the adapters), float32, or int8 "
+    "(a float16 scale per layer and token; half float16's bytes, read back as float32)"
+)
 
 
 @dataclass(kw_only=True)

@@ -12,8 +12,9 @@ What it reads: the committed shards of an extraction (docs/shard-format.md; bert
 `<embeddings>/<task>/<split>/shard-NNNNN.parquet` listed by their commit records, never by the
 folder's listing. Each row holds one example's states of the embedding output and every encoder
 layer for its real tokens: (L, T, H) flattened, L = encoder layers + 1, T its token count,
-H the hidden size, stored as float16 or float32 (the plan's `dtype`). Decoding is
-`shards.hidden_arrays`, format 1 and 2 alike.
+H the hidden size, stored as float16, float32 or int8 with a float16 scale per layer and token
+(the plan's `dtype`). Decoding is `shards.hidden_arrays` (formats 1 and 2 alike) and
+`shards.quantised_arrays` (int8, formats 4 and 5).
 
 Checks, before any state is held: every split asked for is complete, of this task, labelled
 (train and dev; test splits may be unlabelled) with finite labels, holds exactly the plan's
@@ -23,11 +24,12 @@ differs from what was committed is marked for re-extraction (shards.read_shard) 
 ShardError too; storage failures raise storage's errors (StorageError, StorageUnavailable).
 
 Memory: a split whose states take at most `max_resident_gb` (tokens x L x H x bytes of its
-dtype) is read once and held on the device as a `Packed`, in the stored dtype, one row per
-token: (sum of T, L, H). A larger split is streamed: each pass reads a group of shards into a
-`Packed`, uses it, and drops it. Reading holds, besides its result, one row group (one encoder
-batch) of one shard. Batches are padded to their longest example and cast to float32 only on
-the way to the model, so at most one batch is held as float32.
+dtype, plus tokens x L scales for int8) is read once and held on the device as a `Packed`, in
+the stored dtype, one row per token: (sum of T, L, H), int8 with its scales (sum of T, L).
+A larger split is streamed: each pass reads a group of shards into a `Packed`, uses it, and
+drops it. Reading holds, besides its result, one row group (one encoder batch) of one shard.
+Batches are padded to their longest example and cast to float32 (int8 dequantised) only on the
+way to the model, so at most one batch is held as float32.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from bertvision.shards import (
     hidden_arrays,
     iter_row_groups,
     load_plan,
+    quantised_arrays,
     read_shard,
     split_url,
 )
@@ -70,6 +73,8 @@ class Packed:
     lengths: np.ndarray  # (N,) int64, tokens T of each example
     starts: torch.Tensor  # (N,) int64: first row of each example in `tokens`
     tokens: torch.Tensor  # (sum of T, L, H), the stored dtype
+    # int8: the float16 scale of each token's values in each layer, (sum of T, L); else None
+    scales: torch.Tensor | None = None
 
     def batch(self, rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T)."""
@@ -80,6 +85,8 @@ class Packed:
         mask = positions[None, :] < lengths[:, None]  # (B, T)
         index = torch.where(mask, self.starts[index_rows][:, None] + positions[None, :], 0)
         hidden = self.tokens[index].to(device=device, dtype=torch.float32)  # (B, T, L, H)
+        if self.scales is not None:  # int8: dequantise (bertvision.quantise)
+            hidden = hidden * self.scales[index].to(device=device, dtype=torch.float32)[..., None]
         mask = mask.to(device)
         hidden = hidden.masked_fill(~mask[:, :, None, None], 0.0)
         return hidden.transpose(1, 2), mask  # (B, L, T, H), (B, T)
@@ -247,8 +254,8 @@ def _check_same_settings(data: EmbeddingData) -> None:
 
 
 def _hidden_bytes(split: SplitData) -> int:
-    itemsize = hidden_dtype(split.plan.dtype).itemsize
-    return split.num_tokens * split.plan.layers * split.plan.hidden_size * itemsize
+    plan = split.plan
+    return split.num_tokens * hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
 
 
 def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
@@ -256,32 +263,54 @@ def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
 
     Hidden states are copied into place one row group at a time: besides the result, memory
     holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays),
-    and span shards (format 3), whose rows are windows: `example_ids` are then window ids.
+    span shards (format 3), whose rows are windows: `example_ids` are then window ids, and int8
+    shards (formats 4 and 5), held as int8 values and their scales.
     """
     ids = ID_COLUMNS[plan.schema]
     heads = [read_shard(url, columns=[ids, "length"])[1] for url in urls]
     lengths = np.concatenate([t.column("length").to_numpy() for t in heads]).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    dtype = hidden_dtype(plan.dtype).torch()
-    tokens = torch.empty((int(lengths.sum()), plan.layers, plan.hidden_size), dtype=dtype)
+    stored = hidden_dtype(plan.dtype)
+    total = int(lengths.sum())
+    tokens = torch.empty((total, plan.layers, plan.hidden_size), dtype=stored.torch())
     host = tokens.numpy()  # the same memory
+    scales = host_scales = None
+    columns = ["length", "hidden"]
+    if stored.quantised:
+        scales = torch.empty((total, plan.layers), dtype=torch.float16)
+        host_scales = scales.numpy()
+        columns.append("hidden_scale")
     row = 0
     for url in urls:
-        for group in iter_row_groups(url, columns=["length", "hidden"]):
-            for stored in hidden_arrays(group, plan):  # (L, T, H)
-                if not np.isfinite(stored).all():
-                    raise _non_finite_hidden(url, stored, plan)
-                length = stored.shape[1]
-                np.copyto(host[starts[row] : starts[row] + length], stored.transpose(1, 0, 2))
+        for group in iter_row_groups(url, columns=columns):
+            if stored.quantised:
+                rows = quantised_arrays(group, plan)  # (L, T, H) int8, (L, T) float16
+            else:
+                rows = [(values, None) for values in hidden_arrays(group, plan)]  # (L, T, H)
+            for values, scale in rows:
+                checked = values if scale is None else scale
+                if not np.isfinite(checked).all():
+                    raise _non_finite_hidden(url, checked, plan)
+                at = slice(starts[row], starts[row] + values.shape[1])
+                np.copyto(host[at], values.transpose(1, 0, 2))
+                if scale is not None:
+                    np.copyto(host_scales[at], scale.T)
                 row += 1
     example_ids = np.concatenate([t.column(ids).to_numpy() for t in heads])
     starts_on_device = torch.from_numpy(starts).to(device)
-    return Packed(example_ids.astype(np.int64), lengths, starts_on_device, tokens.to(device))
+    return Packed(
+        example_ids.astype(np.int64),
+        lengths,
+        starts_on_device,
+        tokens.to(device),
+        None if scales is None else scales.to(device),
+    )
 
 
 def _non_finite_hidden(url: str, stored: np.ndarray, plan: ExtractionPlan) -> ShardError:
-    """The error for an example's stored states `stored` (L, T, H) holding NaN or infinity."""
-    layers = np.flatnonzero(~np.isfinite(stored).all(axis=(1, 2))).tolist()
+    """The error for an example's stored states `stored` (L, T, H), or int8 scales (L, T),
+    holding NaN or infinity."""
+    layers = np.flatnonzero(~np.isfinite(stored.reshape(plan.layers, -1)).all(axis=1)).tolist()
     return ShardError(
         f"shard {url} holds NaN or infinite hidden states in layer(s) {layers} (0 = embeddings); "
         f"re-extract with --dtype float32 --overwrite (it holds {plan.dtype})"

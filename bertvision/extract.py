@@ -37,12 +37,13 @@ from bertvision import encoder as enc
 from bertvision import glue, records, squad, storage
 from bertvision.config import ConfigError, ExtractConfig, require
 from bertvision.finite import NonFiniteError
+from bertvision.quantise import INT8_MAX, quantise
 from bertvision.schema import (
-    FORMAT_VERSIONS,
     RUN_FILE,
     ExtractionPlan,
     HiddenDtype,
     ShardRecord,
+    format_version,
     hidden_dtype,
     shard_schema,
     span_schema,
@@ -113,8 +114,8 @@ def rows_per_shard(cfg: ExtractConfig, encoder: enc.Encoder) -> int:
 
     bert-large (25 layers x 1024) stores 19.7 MB a 384-token window in float16: 54 windows a
     GiB."""
-    itemsize = hidden_dtype(cfg.dtype).itemsize
-    row_bytes = cfg.max_seq_length * encoder.layers * encoder.hidden_size * itemsize
+    token_bytes = hidden_dtype(cfg.dtype).token_bytes(encoder.layers, encoder.hidden_size)
+    row_bytes = cfg.max_seq_length * token_bytes
     return max(1, min(cfg.shard_size, cfg.shard_bytes // row_bytes))
 
 
@@ -167,7 +168,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             layers=encoder.layers,
             hidden_size=encoder.hidden_size,
             regression=regression,
-            format_version=FORMAT_VERSIONS[schema],
+            format_version=format_version(schema, cfg.dtype),
             code_version=code["version"],
             git_commit=code["git_commit"],
             schema=schema,
@@ -305,7 +306,7 @@ def hidden_state_batches(
                 pa.array([examples[i].example_id for i in rows], pa.int64()),
                 pa.array([examples[i].label for i in rows], schema.field("label").type),
                 pa.array(states.lengths, pa.int32()),
-                states.hidden_column(),
+                *states.hidden_columns(dtype),
             ],
             schema=schema,
         )
@@ -451,7 +452,7 @@ def window_batches(
                 pa.array(features.end_positions[rows], pa.int32()),
                 pa.array(real, pa.int32()),
                 flat_list_array(offsets, 2 * real, pa.list_(pa.int32())),
-                states.hidden_column(),
+                *states.hidden_columns(dtype),
             ],
             schema=schema,
         )
@@ -495,14 +496,33 @@ class HostStates:
     layers: int
     ready: torch.cuda.Event | None = None
 
-    def hidden_column(self) -> pa.LargeListArray:
-        """The `hidden` column (row i: L * T_i * H values), over `values`' memory, once the copy
-        is complete (waits for it)."""
+    def hidden_columns(self, dtype: HiddenDtype) -> list[pa.Array]:
+        """The `hidden` column (row i: L * T_i * H values) as `dtype` stores it, once the copy is
+        complete (waits for it); over `values`' memory unless quantised. For int8 also
+        `hidden_scale`: every (layer, token) vector quantised (bertvision.quantise), `hidden`
+        its values' bytes and `hidden_scale` its (L * T_i) float16 scales. NonFiniteError when
+        states overflow int8's float16 scales."""
         if self.ready is not None:
             self.ready.synchronize()
-        values = self.values.numpy().reshape(-1)
-        sizes = self.lengths * self.layers * self.values.shape[-1]
-        return flat_list_array(values, sizes, pa.large_list(pa.from_numpy_dtype(values.dtype)))
+        values = self.values.numpy()  # (sum of L * T_i, H)
+        vectors = self.lengths * self.layers  # (layer, token) vectors of each row
+        if not dtype.quantised:
+            column = pa.large_list(pa.from_numpy_dtype(values.dtype))
+            return [flat_list_array(values.reshape(-1), vectors * values.shape[-1], column)]
+        quantised, scales = quantise(values)
+        if not np.isfinite(scales).all():
+            raise NonFiniteError(
+                f"hidden states reach {float(np.abs(values).max()):.4g}, beyond int8's range "
+                f"(float16 scales: at most {INT8_MAX} x 65504); extract with --dtype float32"
+            )
+        offsets = np.zeros(len(vectors) + 1, np.int64)
+        np.cumsum(vectors * values.shape[-1], out=offsets[1:])
+        binary = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(),
+            len(vectors),
+            [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(quantised))],
+        )
+        return [binary, flat_list_array(scales, vectors, pa.large_list(pa.float16()))]
 
 
 def encode(
@@ -521,7 +541,8 @@ def encode(
             output = encoder.model(**inputs, output_hidden_states=True)
         hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
         mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
-        stored = hidden.to(dtype.torch())
+        # int8 is quantised on the host from float32 (HostStates.hidden_columns)
+        stored = hidden.to(torch.float32 if dtype.quantised else dtype.torch())
         batch, layers = hidden.shape[:2]
         values = stored[mask[:, None, :].expand(batch, layers, -1)]  # (B * L * T real, H) in order
         if not bool(torch.isfinite(values).all()):

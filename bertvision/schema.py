@@ -33,12 +33,17 @@ from bertvision.records import code_info
 # 1: GLUE, `hidden` was list (int32 offsets); still read.
 # 2: GLUE, `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
 # 3: span tasks (SQuAD): one row per window, with its identity, offsets and answer positions.
-# A reader that knows only 1 and 2 refuses a span shard by its version instead of misreading it.
+# 4: GLUE, int8 states: `hidden` holds int8 bytes (large_binary), `hidden_scale` their scales.
+# 5: span tasks, int8 states, as 4.
+# A reader that knows only 1 and 2 refuses a span shard by its version instead of misreading it;
+# one that knows 1 to 3, an int8 shard. float16 and float32 shards keep formats 2 and 3 (and
+# their extraction keys).
 FORMAT_VERSION = 2
 SPAN_FORMAT_VERSION = 3
 FORMAT_VERSIONS = {"glue": FORMAT_VERSION, "span": SPAN_FORMAT_VERSION}
+QUANTISED_FORMAT_VERSIONS = {"glue": 4, "span": 5}
 # The formats this version reads, per schema: a GLUE shard claiming 3 is refused as unknown.
-READABLE_FORMATS = {"glue": (1, 2), "span": (3,)}
+READABLE_FORMATS = {"glue": (1, 2, 4), "span": (3, 5)}
 META_PREFIX = "bertvision."
 # Who wrote a shard or a plan: recorded beside the content, never hashed into a key.
 CODE_FIELDS = ("code_version", "git_commit")
@@ -52,17 +57,30 @@ class HiddenDtype:
     """An element type the hidden states may be stored as, in every library that handles them.
 
     `name` is what plans, shard metadata and `--dtype` say; the one table is HIDDEN_DTYPES.
+    A quantised dtype (int8) stores each (layer, token) vector's values with a float16 scale
+    (`bertvision.quantise`); readers give back float32 states.
     """
 
     name: str
-    arrow: pa.DataType  # of the `hidden` column's values
-    numpy: np.dtype  # of the decoded arrays (shards.hidden_arrays)
-    torch_name: str  # torch.<torch_name>, the dtype the encoder's states are cast to and held as
+    arrow: pa.DataType  # of the stored values (int8: the bytes of a large_binary `hidden`)
+    numpy: np.dtype  # of the stored values, and of the decoded arrays of float dtypes
+    torch_name: str  # torch.<torch_name>: the stored values as training holds them
+    scale: np.dtype | None = None  # quantised: the dtype of the scales (`hidden_scale`)
 
     @property
     def itemsize(self) -> int:
         """Bytes per stored value."""
         return self.numpy.itemsize
+
+    @property
+    def quantised(self) -> bool:
+        return self.scale is not None
+
+    def token_bytes(self, layers: int, hidden_size: int) -> int:
+        """Bytes one token's states take, stored or held: values of every layer, and their
+        scales (one a layer) if quantised."""
+        scales = layers * self.scale.itemsize if self.quantised else 0
+        return layers * hidden_size * self.itemsize + scales
 
     def torch(self):
         """The torch dtype (torch is imported here only: reading shards does not need it)."""
@@ -71,12 +89,14 @@ class HiddenDtype:
         return getattr(torch, self.torch_name)
 
 
-# Hidden-state element types a shard may hold; "float16" is the default.
+# Hidden-state element types a shard may hold; "float16" is the default (lossless for the
+# adapters: float16 keeps about 3.3 significant digits).
 HIDDEN_DTYPES: dict[str, HiddenDtype] = {
     dtype.name: dtype
     for dtype in (
         HiddenDtype("float16", pa.float16(), np.dtype(np.float16), "float16"),
         HiddenDtype("float32", pa.float32(), np.dtype(np.float32), "float32"),
+        HiddenDtype("int8", pa.int8(), np.dtype(np.int8), "int8", scale=np.dtype(np.float16)),
     )
 }
 
@@ -88,15 +108,31 @@ def hidden_dtype(name: str) -> HiddenDtype:
     return HIDDEN_DTYPES[name]
 
 
+def format_version(schema: str, dtype: str) -> int:
+    """The format a new shard of `schema` ("glue" or "span") holding `dtype` states is written
+    in: 2 or 3, or 4 or 5 for int8."""
+    versions = QUANTISED_FORMAT_VERSIONS if hidden_dtype(dtype).quantised else FORMAT_VERSIONS
+    return versions[schema]
+
+
 def label_type(regression: bool) -> pa.DataType:
     """int64 class index for classification, float32 score for regression (STS-B)."""
     return pa.float32() if regression else pa.int64()
 
 
-def _hidden_field(dtype: str) -> pa.Field:
+def _hidden_fields(dtype: str) -> list[pa.Field]:
     # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
     # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
-    return pa.field("hidden", pa.large_list(hidden_dtype(dtype).arrow), nullable=False)
+    stored = hidden_dtype(dtype)
+    if not stored.quantised:
+        return [pa.field("hidden", pa.large_list(stored.arrow), nullable=False)]
+    # int8 as raw bytes: Parquet has no 1-byte type and would store a list<int8> as 4-byte INT32
+    # (0.33x dense float16 on RTE against 0.21x with zstd, benchmarks/bench_int8.py).
+    # Scales (L, T) flattened in C order, one per layer and token.
+    return [
+        pa.field("hidden", pa.large_binary(), nullable=False),
+        pa.field("hidden_scale", pa.large_list(pa.from_numpy_dtype(stored.scale)), nullable=False),
+    ]
 
 
 def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
@@ -106,7 +142,7 @@ def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
             pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
             pa.field("label", label_type(regression)),  # null for unlabelled test rows
             pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
-            _hidden_field(dtype),
+            *_hidden_fields(dtype),
         ]
     )
 
@@ -128,7 +164,7 @@ def span_schema(*, dtype: str = "float16") -> pa.Schema:
             # (T, 2) flattened: [start, end) characters of each token in the context; -1 for
             # question, special tokens.
             pa.field("offsets", pa.list_(pa.int32()), nullable=False),
-            _hidden_field(dtype),
+            *_hidden_fields(dtype),
         ]
     )
 

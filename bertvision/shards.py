@@ -25,17 +25,20 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bertvision import storage
+from bertvision.quantise import dequantise
 from bertvision.records import now
 from bertvision.schema import (
     ID_COLUMNS,
     INCOMPLETE_DIR,
     MANIFEST_DIR,
     PLAN_FILE,
+    QUANTISED_FORMAT_VERSIONS,
     READABLE_FORMATS,
     ExtractionPlan,
     ShardFailure,
     ShardMeta,
     ShardRecord,
+    hidden_dtype,
     plan_schema,
     shard_failure_name,
     shard_file_name,
@@ -57,7 +60,7 @@ _RECORD_KINDS = {
 PARQUET_OPTIONS = dict(
     compression="zstd",
     use_dictionary=False,
-    use_byte_stream_split=["hidden.list.element"],
+    use_byte_stream_split=["hidden.list.element", "hidden_scale.list.element"],
     write_page_checksum=True,
 )
 
@@ -590,6 +593,15 @@ def _readable(url: str, meta: ShardMeta) -> ShardMeta:
             f"reads {', '.join(map(str, READABLE_FORMATS[meta.schema]))}"
             + (f" ({meta.schema} shards)" if meta.schema != "glue" else "")
         )
+    try:
+        quantised = hidden_dtype(meta.dtype).quantised
+    except ValueError as exc:
+        raise ShardError(f"shard {url} stores hidden states as {exc}") from None
+    if quantised != (meta.format_version == QUANTISED_FORMAT_VERSIONS[meta.schema]):
+        raise ShardError(
+            f"shard {url} claims format_version {meta.format_version} for {meta.dtype} hidden "
+            "states, which are never stored so; it was not written by BERTVision"
+        )
     return meta
 
 
@@ -636,17 +648,46 @@ def iter_split(
 
 
 def hidden_arrays(table: pa.Table, meta: ShardMeta | ExtractionPlan) -> list[np.ndarray]:
-    """Each row's hidden states as an array of shape (L, T, H), without copying.
+    """Each row's hidden states as a float array of shape (L, T, H): float16 and float32 as
+    stored, without copying; int8 dequantised to float32 (`bertvision.quantise`).
 
     Reads format 2 (`large_list`, int64 offsets) and format 1 (`list`, int32 offsets) chunk by
-    chunk, so no chunk's offsets ever have to hold a whole shard's values.
+    chunk, so no chunk's offsets ever have to hold a whole shard's values; int8 (formats 4, 5)
+    as `quantised_arrays`.
     """
+    if hidden_dtype(meta.dtype).quantised:
+        return [dequantise(values, scales) for values, scales in quantised_arrays(table, meta)]
     lengths = table.column("length").to_numpy()
-    arrays = []
+    return _list_rows(table.column("hidden"), [(meta.layers, t, meta.hidden_size) for t in lengths])
+
+
+def quantised_arrays(
+    table: pa.Table, meta: ShardMeta | ExtractionPlan
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's int8 values (L, T, H) and float16 scales (L, T) as an int8 shard stores them
+    (`hidden`'s bytes and `hidden_scale`), without copying; `quantise.dequantise` makes them
+    states."""
+    lengths = table.column("length").to_numpy()
+    scales = _list_rows(table.column("hidden_scale"), [(meta.layers, t) for t in lengths])
+    values = []
     for chunk in table.column("hidden").chunks:
+        if not len(chunk):
+            continue
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        flat = np.frombuffer(data, np.int8)
+        for i in range(len(chunk)):
+            shape = (meta.layers, int(lengths[len(values)]), meta.hidden_size)
+            values.append(flat[bounds[i] : bounds[i + 1]].reshape(shape))
+    return list(zip(values, scales, strict=True))
+
+
+def _list_rows(column: pa.ChunkedArray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Each row of a list column (list or large_list) reshaped to its shape, without copying."""
+    rows = []
+    for chunk in column.chunks:
         values = chunk.values.to_numpy(zero_copy_only=False)  # zero-copy: no nulls
         offsets = chunk.offsets.to_numpy().astype(np.int64)  # into `values`, also when sliced
         for i in range(len(chunk)):
-            shape = (meta.layers, int(lengths[len(arrays)]), meta.hidden_size)
-            arrays.append(values[offsets[i] : offsets[i + 1]].reshape(shape))
-    return arrays
+            rows.append(values[offsets[i] : offsets[i + 1]].reshape(shapes[len(rows)]))
+    return rows

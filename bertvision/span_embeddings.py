@@ -95,7 +95,7 @@ class SpanShard:
     """One span shard read whole: its windows (row order) and their hidden states."""
 
     windows: Windows
-    hidden: list[np.ndarray]  # N arrays (L, T, H) of the stored dtype
+    hidden: list[np.ndarray]  # N arrays (L, T, H): the stored float dtype, int8 as float32
 
 
 @dataclass
@@ -195,8 +195,8 @@ def load_span_split(
         )
     rows = [t.num_rows for t in tables]
     data = SplitData(split, plan, urls, rows, windows.window_ids, None, num_tokens)
-    itemsize = hidden_dtype(plan.dtype).itemsize
-    if num_tokens * plan.layers * plan.hidden_size * itemsize <= max_resident_gb * 2**30:
+    token_bytes = hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
+    if num_tokens * token_bytes <= max_resident_gb * 2**30:
         data.resident = read_packed(urls, plan, device)
     return SpanSplit(data, windows)
 

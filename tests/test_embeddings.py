@@ -10,7 +10,9 @@ import torch
 
 from bertvision import glue
 from bertvision.embeddings import epoch_batches, load_embeddings, read_packed
-from bertvision.schema import FORMAT_VERSION, HIDDEN_DTYPES, ExtractionPlan, shard_schema
+from bertvision.extract import hidden_columns
+from bertvision.schema import HIDDEN_DTYPES, ExtractionPlan, shard_schema
+from bertvision.schema import format_version as format_of
 from bertvision.shards import (
     ShardError,
     ShardWriter,
@@ -39,7 +41,7 @@ def write_split(
     fingerprint: str = "a" * 16,
     hidden_size: int = HIDDEN,
     labels: np.ndarray | None = None,
-    format_version: int = FORMAT_VERSION,
+    format_version: int | None = None,  # the one extraction writes for `dtype`
     dtype: str = "float16",
 ) -> ExtractionPlan:
     spec = glue.get_task(task)
@@ -57,7 +59,7 @@ def write_split(
             h[2, :, 0] += np.float16(truth[i] - 2.5)
         else:
             h[2, :, int(truth[i])] += np.float16(2.0)
-        hidden.append(h.astype(HIDDEN_DTYPES[dtype].numpy))
+        hidden.append(h.astype(np.float32 if HIDDEN_DTYPES[dtype].quantised else dtype))
     plan = ExtractionPlan(
         task=spec.name,
         split=split,
@@ -71,12 +73,13 @@ def write_split(
         layers=LAYERS,
         hidden_size=hidden_size,
         regression=spec.regression,
-        format_version=format_version,
+        format_version=format_version or format_of("glue", dtype),
     )
     folder = split_url(out, spec.name, split)
     write_plan(folder, plan)
     schema = shard_schema(regression=spec.regression, dtype=dtype)
-    values = HIDDEN_DTYPES[dtype].arrow
+    stored = HIDDEN_DTYPES[dtype]
+    values = stored.arrow
     for index in range(plan.num_shards):
         start, stop = plan.shard_range(index)
         rows = range(start, stop)
@@ -91,6 +94,10 @@ def write_split(
                 "hidden": pa.array([hidden[i].ravel() for i in rows], pa.list_(values)),
             }
         )
+        if stored.quantised:  # as extraction stores it
+            columns = hidden_columns([hidden[i] for i in rows], stored)
+            table = table.drop_columns("hidden").append_column("hidden", columns[0])
+            table = table.append_column("hidden_scale", columns[1])
         writer = ShardWriter(folder, plan, index)
         if format_version == 1:  # as written before format 2: int32 offsets
             field = pa.field("hidden", pa.list_(values), nullable=False)
@@ -168,9 +175,11 @@ def test_a_split_is_held_exactly_when_its_states_fit_counted_in_their_stored_dty
     write_split(out, "rte", "dev", 20, seed=2, dtype=dtype)
     stored = HIDDEN_DTYPES[dtype]
     dev = load_embeddings("rte", out, ["dev"], device="cpu").splits["dev"]
-    size = dev.num_tokens * LAYERS * HIDDEN * stored.itemsize
+    size = dev.num_tokens * (LAYERS * HIDDEN * stored.itemsize + LAYERS * 2 * stored.quantised)
     assert dev.resident.tokens.dtype == stored.torch()
-    assert dev.resident.tokens.numel() * stored.itemsize == size
+    scales = dev.resident.scales
+    held = dev.resident.tokens.numel() * stored.itemsize
+    assert held + (0 if scales is None else scales.numel() * scales.itemsize) == size
     held = load_embeddings("rte", out, ["dev"], device="cpu", max_resident_gb=size / 2**30)
     streamed = load_embeddings(
         "rte", out, ["dev"], device="cpu", max_resident_gb=(size - 1) / 2**30
