@@ -344,6 +344,7 @@ class GlueFamily:
     max_seq_length = 128
     schema = "glue"
     default_adapter = "pooler"
+    baseline_name = "majority class (train)"
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(TASKS)
@@ -364,6 +365,9 @@ class GlueFamily:
 
     def metric_names(self, task: str) -> tuple[str, ...]:
         return get_task(task).metrics
+
+    def report_metrics(self, task: str) -> tuple[str, ...]:
+        return (get_task(task).primary_metric,)
 
     def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:
         from bertvision.metrics import majority_baseline
