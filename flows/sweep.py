@@ -1,5 +1,6 @@
-"""Flow `sweep`: hyperopt TPE over an adapter, for one task or each task (of every family) whose
-present (the nightly deployment).
+"""Flow `sweep`: hyperopt TPE over an adapter, for one task or each task whose embeddings are
+present, of every family (the nightly deployment: GLUE's tasks with the pooler, squad2 with the
+span adapter).
 
 Trials run `cfg.parallel` at a time as task runs on a pool of two worker processes; each worker
 loads the embeddings once and shares them between the trials it runs. TPE suggests a batch from
