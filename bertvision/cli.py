@@ -368,7 +368,8 @@ def status(
     url: Annotated[str, typer.Argument(help="An extraction output URL")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Examples and shards (total, done, failed, missing) of each task/split under URL.
+    """Examples (a span task's windows) and shards (total, done, failed, missing) of each
+    task/split under URL.
 
     A URL that does not exist or holds no extraction is an error (exit code 2)."""
     from bertvision import storage
@@ -385,7 +386,7 @@ def status(
         return
     for name, s in result.items():
         typer.echo(
-            f"{name}: {s['examples']} examples, {s['shards']} shards: {s['done']} done, "
+            f"{name}: {s['examples']} {s['rows']}, {s['shards']} shards: {s['done']} done, "
             f"{s['failed']} failed, {s['missing']} missing"
         )
         if s["strays"]:

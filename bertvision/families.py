@@ -62,6 +62,7 @@ class TaskFamily(Protocol):
     # "span" a row per window
     default_adapter: str  # the adapter trained and swept on the task's rows when none is named
     trains_together: bool  # its sweep trials can train over one read (bertvision.together)
+    baseline_name: str  # what `majority_baseline` predicts, as tables label its row
 
     def task_names(self) -> tuple[str, ...]:
         """The family's tasks, by their canonical names."""
@@ -87,6 +88,11 @@ class TaskFamily(Protocol):
 
     def metric_names(self, task: str) -> tuple[str, ...]:
         """The dev metrics a table shows, in order (GLUE: the task's; SQuAD: exact, f1)."""
+        ...
+
+    def report_metrics(self, task: str) -> tuple[str, ...]:
+        """The dev metrics `bertvision report` shows, a row each, the primary first (GLUE: the
+        primary alone; SQuAD: f1, exact and both for the questions with and without answers)."""
         ...
 
     def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:

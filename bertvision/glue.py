@@ -345,6 +345,7 @@ class GlueFamily:
     schema = "glue"
     default_adapter = "pooler"
     trains_together = True
+    baseline_name = "majority class (train)"
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(TASKS)
@@ -365,6 +366,9 @@ class GlueFamily:
 
     def metric_names(self, task: str) -> tuple[str, ...]:
         return get_task(task).metrics
+
+    def report_metrics(self, task: str) -> tuple[str, ...]:
+        return (get_task(task).primary_metric,)
 
     def majority_baseline(self, task: str, data_dir: str | None) -> dict[str, float]:
         from bertvision.metrics import majority_baseline

@@ -1,5 +1,5 @@
-"""The results report: each task's dev metric for fine-tuning, each adapter, the best trial of
-each sweep and the ensemble, as a markdown table and a PNG bar chart.
+"""The results report: each task's dev metrics for fine-tuning, each adapter, the best trial of
+each sweep and the ensemble, beside the task's baseline, as a markdown table and a PNG bar chart.
 
     write_report(ReportConfig(results="runs/"))   # runs/report.md, runs/report.png
 
@@ -12,6 +12,14 @@ metrics.json the dev metrics:
     sweep         a sweep: its best trial BY VALIDATION metric, column "best trial (<adapter>)"
     ensemble      an ensemble                         column "ensemble"
     trial         a sweep's trial: counts only through its sweep
+
+A row per task and metric: the metrics its family reports (`TaskFamily.report_metrics`: a GLUE
+task's primary metric; SQuAD 2.0's official f1, exact, HasAns_* and NoAns_*, in percent). The
+"baseline" column is the family's trivial prediction (`majority_baseline`, named by its
+`baseline_name`: TRAIN's majority class, or no answer to every question), computed from the data
+folder the runs' records name (a fine-tuning's `data_dir`, else the one the extraction of an
+adapter's or sweep's embeddings read); a task whose runs name none (read from the hub, older
+runs) or whose data cannot be read has no baseline, and a note says why.
 
 Runs written before run records are told apart by what they hold (metrics.json with "members":
 an ensemble; with a "config" naming the task: a fine-tuned encoder; config.json with "train": an
@@ -31,26 +39,35 @@ from typing import Any
 
 from bertvision import records, storage
 from bertvision.config import ReportConfig, require
-from bertvision.glue import TASKS, get_task
+from bertvision.families import get_task, task_names
+from bertvision.glue import DataError
 from bertvision.runs import COMMIT_RECORD
+from bertvision.schema import RUN_FILE
 from bertvision.sweep import SWEEP_FILE, TRIALS_DIR, best_trials, load_sweep, load_trials
 
+BASELINE = "baseline"
 FINETUNED = "fine-tuning"
 ENSEMBLE = "ensemble"
 REFERENCE = "reference"
 METRICS = "metrics.json"
+
+Row = tuple[str, str]  # (task, metric)
+Table = dict[Row, dict[str, list[float]]]  # row -> column -> values (seeds)
 
 
 @dataclass(frozen=True)
 class Result:
     task: str
     column: str  # fine-tuning, adapter: <name>, best trial (<adapter>), ensemble
-    value: float  # the task's primary dev metric
+    metric: str  # one of the family's report_metrics
+    value: float  # its dev value
     url: str
+    data_dir: str | None = None  # the data folder the run's record names, if any
 
 
 def find_results(results: str) -> list[Result]:
-    """Every run, sweep and ensemble under `results`, with its primary dev metric."""
+    """Every run, sweep and ensemble under `results`, a Result per dev metric its task's family
+    reports."""
     fs, root = storage.url_to_fs(results)
     if not fs.exists(root):
         raise FileNotFoundError(f"results folder {results} does not exist")
@@ -112,25 +129,62 @@ def _results(folder: str, kind: str, settings: Any) -> list[Result]:
     url = storage.join(folder, METRICS)
     metrics = storage.read_json(url, keys=())
     try:
-        task = get_task(settings["task"])
+        task = get_task(settings["task"]).name
         if kind == "ensemble":
-            return [Result(task.name, ENSEMBLE, metrics["ensemble"][task.primary_metric], folder)]
+            return _metric_results(task, ENSEMBLE, metrics["ensemble"], folder, None)
         column = FINETUNED if kind == "finetune" else f"adapter: {settings['adapter']}"
         dev = metrics.get("dev", {})
-        if task.primary_metric not in dev:
-            return []
-        return [Result(task.name, column, float(dev[task.primary_metric]), folder)]
+        return _metric_results(task, column, dev, folder, _data_dir(task, settings))
     except (KeyError, TypeError, ValueError) as exc:  # a metrics.json of something else
         raise storage.FileFormatError(f"{url} is not a run's metrics: {exc!r}") from None
 
 
+def _metric_results(
+    task: str, column: str, dev: dict[str, Any], url: str, data_dir: str | None
+) -> list[Result]:
+    """A Result per metric of the task's report_metrics that `dev` holds."""
+    names = get_task(task).family.report_metrics(task)
+    return [Result(task, column, m, float(dev[m]), url, data_dir) for m in names if m in dev]
+
+
 def _sweep_result(sweep: str, settings: dict[str, Any]) -> list[Result]:
     task = get_task(settings["task"])
-    best = best_trials(load_trials(sweep), task.primary_metric, 1)
+    best = best_trials(load_trials(sweep), task.family.primary_metric(task.name), 1)
     if not best:
         return []
     column = f"best trial ({settings['adapter']})"
-    return [Result(task.name, column, best[0].dev[task.primary_metric], sweep)]
+    return _metric_results(task.name, column, best[0].dev, sweep, _data_dir(task.name, settings))
+
+
+def _data_dir(task: str, settings: dict[str, Any]) -> str | None:
+    """The data folder a run read, as its settings name it: a fine-tuning's `data_dir`, else
+    the `data_dir` of the extraction of its `embeddings` (its train split's run record). None
+    when none is named (the hub, runs and extractions without run records, moved embeddings)."""
+    if settings.get("data_dir"):
+        return settings["data_dir"]
+    if not settings.get("embeddings"):
+        return None
+    from bertvision.shards import manifest_url, split_url
+
+    url = manifest_url(split_url(settings["embeddings"], task, "train"), RUN_FILE)
+    record = records.read_record(url)
+    return record.settings.get("data_dir") if record is not None else None
+
+
+def baselines(found: list[Result]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Each task's baseline dev metrics (its family's `majority_baseline`) from the first data
+    folder its runs name, and a note for each task without one, saying why."""
+    values, notes = {}, []
+    for task in dict.fromkeys(r.task for r in found):
+        data_dir = next((r.data_dir for r in found if r.task == task and r.data_dir), None)
+        if data_dir is None:
+            notes.append(f"{task}: no baseline, its runs name no data folder")
+            continue
+        try:
+            values[task] = get_task(task).family.majority_baseline(task, data_dir)
+        except DataError as exc:
+            notes.append(f"{task}: no baseline, its data cannot be read ({exc})")
+    return values, notes
 
 
 def _adapter_run_config(folder: str) -> dict[str, Any] | None:
@@ -143,19 +197,28 @@ def _adapter_run_config(folder: str) -> dict[str, Any] | None:
 
 
 def _column_order(column: str) -> tuple[int, str]:
-    """fine-tuning, the adapters, the best trials, the ensemble: cheapest last."""
-    kinds = (FINETUNED, "adapter: ", "best trial", ENSEMBLE)
+    """The baseline, fine-tuning, the adapters, the best trials, the ensemble: cheapest last."""
+    kinds = (BASELINE, FINETUNED, "adapter: ", "best trial", ENSEMBLE)
     rank = next(i for i, kind in enumerate(kinds) if column.startswith(kind))
     return rank, column
 
 
-def summarize(found: list[Result]) -> dict[str, dict[str, list[float]]]:
-    """task -> column -> values, tasks in GLUE order."""
-    table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def summarize(found: list[Result], baseline: dict[str, dict[str, float]] | None = None) -> Table:
+    """(task, metric) -> column -> values: tasks in the families' order (GLUE's first), metrics
+    in their family's report_metrics order; `baseline[task]` adds the column "baseline"."""
+    table: Table = defaultdict(lambda: defaultdict(list))
     for result in found:
-        table[result.task][result.column].append(result.value)
-    order = list(TASKS)
-    return {task: dict(table[task]) for task in sorted(table, key=order.index)}
+        table[result.task, result.metric][result.column].append(result.value)
+    for (task, metric), by_column in table.items():
+        if metric in (baseline or {}).get(task, {}):
+            by_column[BASELINE] = [float(baseline[task][metric])]
+    tasks = list(task_names())
+
+    def order(row: Row) -> tuple[int, int]:
+        task, metric = row
+        return tasks.index(task), get_task(task).family.report_metrics(task).index(metric)
+
+    return {row: dict(table[row]) for row in sorted(table, key=order)}
 
 
 def _cell(values: list[float] | None) -> str:
@@ -167,28 +230,38 @@ def _cell(values: list[float] | None) -> str:
 
 
 def render_markdown(
-    table: dict[str, dict[str, list[float]]],
+    table: Table,
     columns: list[str],
     reference: dict[str, Any] | None,
     plot_name: str,
+    notes: list[str] = (),
 ) -> str:
     header = ["task", "metric", *columns] + ([REFERENCE] if reference else [])
     lines = [
         "# BERTVision results",
         "",
-        "Dev-set value of each task's primary metric. Selection (best trial, ensemble members) "
-        "used the validation slice of TRAIN only.",
+        "Dev-set metrics: each GLUE task's primary metric, SQuAD 2.0's official scores (percent). "
+        "Selection (best trial, ensemble members, SQuAD's no-answer threshold) used the "
+        "validation slice of TRAIN only.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    for task, by_column in table.items():
-        metric = get_task(task).primary_metric
+    for (task, metric), by_column in table.items():
         cells = [task, metric, *(_cell(by_column.get(c)) for c in columns)]
         if reference:
             value = reference["dev"].get(task, {}).get(metric)
             cells.append("–" if value is None else f"{value:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    tasks = dict.fromkeys(task for (task, _), by_column in table.items() if BASELINE in by_column)
+    if tasks:
+        named = [f"{task}, {get_task(task).family.baseline_name}" for task in tasks]
+        lines.append(
+            "Baseline column: the dev metrics of a trivial prediction, from the data the runs "
+            f"read ({'; '.join(named)})."
+        )
+    lines += [f"Note: {note}." for note in notes]
     lines.append("")
     if reference:
         lines.append(f"Reference column: {reference['source']}.")
@@ -201,29 +274,45 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def render_plot(table: dict[str, dict[str, list[float]]], columns: list[str]) -> bytes:
-    """Grouped bars: one group per task, one bar per column (mean, with std when n > 1)."""
+def render_plot(table: Table, columns: list[str]) -> bytes:
+    """Grouped bars: one group per row (task, metric), one bar per column (mean, with std when
+    n > 1); a panel per task family, each on its own scale (GLUE's 0 to 1, SQuAD's percent)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    tasks = list(table)
+    panels: dict[str, list[Row]] = defaultdict(list)
+    for row in table:
+        panels[get_task(row[0]).family.name].append(row)
     width = 0.8 / max(1, len(columns))
-    fig, ax = plt.subplots(figsize=(3.0 + max(4.0, 0.35 * len(tasks) * len(columns)), 4.0))
-    for i, column in enumerate(columns):
-        xs, means, errors = [], [], []
-        for t, task in enumerate(tasks):
-            values = table[task].get(column)
-            if values:
-                xs.append(t + (i - (len(columns) - 1) / 2) * width)
-                means.append(statistics.mean(values))
-                errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.bar(xs, means, width, yerr=errors if any(errors) else None, label=column, capsize=2)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([f"{t}\n({get_task(t).primary_metric})" for t in tasks])
-    ax.set_ylabel("dev metric")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(3.0 + max(4.0, 0.35 * len(table) * len(columns)), 4.0),
+        width_ratios=[len(rows) for rows in panels.values()],
+        squeeze=False,
+    )
+    for ax, rows in zip(axes[0], panels.values(), strict=True):
+        for i, column in enumerate(columns):
+            xs, means, errors = [], [], []
+            for t, row in enumerate(rows):
+                values = table[row].get(column)
+                if values:
+                    xs.append(t + (i - (len(columns) - 1) / 2) * width)
+                    means.append(statistics.mean(values))
+                    errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            errors = errors if any(errors) else None
+            ax.bar(xs, means, width, yerr=errors, label=column, capsize=2, color=f"C{i}")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_xticklabels([f"{task}\n({metric})" for task, metric in rows], fontsize="small")
+    axes[0][0].set_ylabel("dev metric")
+    legend = [Patch(color=f"C{i}", label=column) for i, column in enumerate(columns)]
+    axes[0][-1].legend(
+        handles=legend, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     fig.tight_layout()
     sink = io.BytesIO()
     fig.savefig(sink, format="png", dpi=120)
@@ -242,15 +331,17 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
         raise storage.FileFormatError(
             f"reference file {cfg.reference}: 'dev' must map each task to {{metric: value}}"
         )
-    table = summarize(find_results(cfg.results))
-    if not table:
+    found = find_results(cfg.results)
+    if not found:
         raise FileNotFoundError(
             f"no runs, sweeps or ensembles with dev metrics under {cfg.results}"
         )
+    baseline, notes = baselines(found)
+    table = summarize(found, baseline)
     columns = sorted({c for by_column in table.values() for c in by_column}, key=_column_order)
     markdown_url = storage.join(cfg.out, "report.md")
     plot_url = storage.join(cfg.out, "report.png")
     storage.write_bytes_atomic(plot_url, render_plot(table, columns))
-    markdown = render_markdown(table, columns, reference, "report.png")
+    markdown = render_markdown(table, columns, reference, "report.png", notes)
     storage.write_text_atomic(markdown_url, markdown)
     return {"markdown": markdown_url, "plot": plot_url, "table": table, "text": markdown}

@@ -171,6 +171,8 @@ def span_schema(*, dtype: str = "float16") -> pa.Schema:
 
 # The column that numbers a split's rows (examples or windows), per schema.
 ID_COLUMNS = {"glue": "example_id", "span": "window_id"}
+# What a split's rows are, per schema (as status reports name them).
+ROW_NAMES = {"glue": "examples", "span": "windows"}
 SCHEMAS = tuple(ID_COLUMNS)
 
 

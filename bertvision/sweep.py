@@ -50,7 +50,6 @@ from bertvision import __version__, records, runs, storage
 from bertvision.config import SweepConfig, require
 from bertvision.families import get_task
 from bertvision.finite import NonFiniteError, is_non_finite, strict_json
-from bertvision.glue import TASKS
 
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
@@ -377,17 +376,24 @@ def read_trial(url: str) -> TrialRecord:
         raise storage.FileFormatError(f"{url} is not a trial record: {exc}") from None
 
 
-def extracted_glue_tasks(embeddings: str) -> list[str]:
-    """The names of the GLUE tasks whose train and dev embeddings under `embeddings` are
-    complete, sorted."""
+def extracted_tasks(embeddings: str, adapter: str = "") -> list[str]:
+    """The tasks, of every family, whose embeddings under `embeddings` are complete in the
+    splits their sweeps read (`swept_splits`: train and the dev splits), sorted. With `adapter`,
+    only the tasks whose rows it reads (its schema: pooler, scalarmix, cls the GLUE tasks',
+    span squad2's)."""
+    from bertvision import adapters
+    from bertvision.families import task_names
     from bertvision.shards import ShardError, committed_shards
 
+    schema = adapters.config_class(adapter).schema if adapter else None
     present = []
     for name in storage.list_names(embeddings):
-        if name not in TASKS:
+        if name not in task_names():
+            continue
+        if schema is not None and get_task(name).family.schema != schema:
             continue
         try:
-            for split in ("train", *TASKS[name].dev_splits):
+            for split in swept_splits(name):
                 committed_shards(embeddings, name, split)
         except ShardError:
             continue  # not extracted yet, or still being extracted

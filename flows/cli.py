@@ -27,7 +27,8 @@ def add_commands(app: typer.Typer) -> None:
 
 def run(cfg: PipelineConfig) -> None:
     """Run the whole pipeline in this process, with progress bars; print a table of each stage's
-    dev metrics and wall-clock time beside the majority-class baseline, and where it all went.
+    dev metrics and wall-clock time beside the task's baseline (GLUE: the majority class; SQuAD
+    2.0: no answer), and where it all went.
 
     Fine-tune -> extract -> train -> sweep -> ensemble, as the `pipeline` Prefect flow on
     Prefect's ephemeral API (or the server at PREFECT_API_URL, if set); a rerun redoes only what
@@ -93,8 +94,9 @@ def _seconds(value: float) -> str:
 
 
 def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
-    """A plain-text table of one task's stages (`pipeline`'s rows): dev metrics and time, each
-    stage that does not beat the majority baseline's primary metric marked."""
+    """A plain-text table of one task's stages (`pipeline`'s rows): dev metrics and time below
+    the family's baseline (its `baseline_name`), each stage that does not beat the baseline's
+    primary metric marked."""
     from bertvision.families import get_task
 
     family = get_task(task).family
@@ -105,13 +107,8 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
         stages[s] for s in ("finetune", "train", "sweep", "ensemble")
     )
     subset = f", first {cfg.max_train_examples} train examples" if cfg.max_train_examples else ""
-    majority = (
-        "no answer (to every question)"
-        if family.schema == "span"
-        else "majority class (TRAIN's most frequent label)"
-    )
     labels = {
-        "majority baseline": majority,
+        "majority baseline": family.baseline_name,
         "finetune": f"fine-tuned encoder ({finetune.epochs:g} epochs{subset})",
         "extract": f"extraction (every layer; {', '.join(cfg.extract.splits)})",
         train.adapter: f"{train.adapter} adapter on the stored layers",
@@ -134,9 +131,8 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
         lines.append(f"{label.ljust(width)}{values}{time:>14}")
     total = sum(row["seconds"] for row in rows.values())
     lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>14}")
-    floor = "the no-answer baseline" if family.schema == "span" else "the majority class"
     for label in below:
-        lines.append(f"note: {label} does not beat {floor} on {primary}")
+        lines.append(f"note: {label} does not beat the baseline ({primary})")
     return "\n".join(lines)
 
 

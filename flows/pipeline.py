@@ -63,7 +63,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, dict]]:
         rows.add("best trial", sweep(stage["sweep"])[name]["best"]["dev"])  # hyperopt trials
         rows.add("ensemble", ensemble(stage["ensemble"])["ensemble"])  # best trials + fine-tuned
         results[name] = dict(rows)
-    title = "Dev metrics per task and stage, against always predicting TRAIN's majority class"
+    title = "Dev metrics per task and stage, against each task's baseline"
     scored = {
         name: {stage: row["dev"] for stage, row in rows.items() if stage != "majority baseline"}
         for name, rows in results.items()

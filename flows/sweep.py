@@ -1,5 +1,6 @@
 """Flow `sweep`: hyperopt TPE over an adapter, for one task or each task whose embeddings are
-present (the nightly deployment).
+present, of every family (the nightly deployment: GLUE's tasks with the pooler, squad2 with the
+span adapter).
 
 Trials run `cfg.parallel` at a time as task runs on a pool of two worker processes; each worker
 loads the embeddings once and shares them between the trials it runs. TPE suggests a batch from
@@ -33,19 +34,24 @@ from bertvision.console import progress_wanted
 
 
 def _work(parameters: dict) -> str:
+    """sweep-<task>-<adapter>; sweep-all (-<adapter> when one is named) for every task."""
     cfg = parameters["cfg"]
-    return f"sweep-{'all' if parameters.get('all_tasks') else cfg.task}-{cfg.adapter}"
+    what = "all" if parameters.get("all_tasks") else cfg.task
+    return "-".join(part for part in ("sweep", what, cfg.adapter) if part)
 
 
-def publish_best(results: dict[str, dict], adapter: str, key: str) -> None:
-    """A markdown artifact: each task's best trial, its val and dev metrics."""
+def publish_best(results: dict[str, dict], adapters: dict[str, str], key: str) -> None:
+    """A markdown artifact: each task's best trial (of its sweep's adapter, `adapters[task]`),
+    its val and dev metrics."""
     rows = {
-        f"{name} trial {r['best']['trial']}": {"val": r["best"]["val"], "dev": r["best"]["dev"]}
+        f"{name} {adapters[name]} trial {r['best']['trial']}": {
+            "val": r["best"]["val"],
+            "dev": r["best"]["dev"],
+        }
         for name, r in results.items()
         if r["best"] is not None
     }
-    title = f"Best {adapter} trial of each sweep (chosen by val)"
-    publish_metrics(title, rows, key=key)
+    publish_metrics("Best trial of each sweep (chosen by val)", rows, key=key)
 
 
 @flow(
@@ -56,13 +62,15 @@ def publish_best(results: dict[str, dict], adapter: str, key: str) -> None:
 )
 def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
     """Sweep `cfg.adapter` for `cfg.task` into `cfg.out`; returns the best trial by validation
-    metric, keyed by task. With `all_tasks`, every task with complete train and dev embeddings
-    under `cfg.embeddings` is swept, each into `cfg.out/<task>/sweep` (the pipeline's layout).
+    metric, keyed by task. With `all_tasks`, every task of every family (GLUE's, squad2) with
+    complete train and dev embeddings under `cfg.embeddings` is swept, each into
+    `cfg.out/<task>/sweep` (the pipeline's layout) with its family's default adapter, or with
+    `cfg.adapter` when one is named, then only the tasks it fits.
     A sweep folder holding another sweep is refused unless `cfg.overwrite`; one another run is
     sweeping into is refused (FolderBusy)."""
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     if all_tasks:
-        names = extracted_tasks(cfg.embeddings)  # the tasks to sweep
+        names = extracted_tasks(cfg.embeddings, cfg.adapter)  # the tasks to sweep
         cfgs = [replace(cfg, task=name, out=storage.join(cfg.out, name, "sweep")) for name in names]
     else:
         cfgs = [cfg]
@@ -86,5 +94,6 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
             results[one.task] = summarize(one, done_before).to_dict()  # the best trial by val
         print(f"{one.task}: {results[one.task]}")
     work = _work({"cfg": cfg, "all_tasks": all_tasks})
-    publish_best(results, cfg.adapter, key=artifact_key(work, where(cfg.out), "best"))
+    adapters = {one.task: one.adapter for one in cfgs}
+    publish_best(results, adapters, key=artifact_key(work, where(cfg.out), "best"))
     return results

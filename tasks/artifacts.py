@@ -245,14 +245,15 @@ def baseline_markdown(
     title: str, results: dict[str, dict[str, dict]], baselines: dict[str, dict[str, float]]
 ) -> str:
     """A markdown table of each task's dev metrics per stage (`results[task][stage]`), below its
-    majority-class baseline (`baselines[task]`, `metrics.majority_baseline`), with how far each
-    stage's primary metric is above the baseline's."""
+    baseline (`baselines[task]`, the family's `majority_baseline`, labelled by its
+    `baseline_name`), with how far each stage's primary metric is above the baseline's."""
     names = sorted({m for stages in results.values() for dev in stages.values() for m in dev})
-    header = ["task", "run", *names, "primary metric above majority class"]
+    header = ["task", "run", *names, "primary metric above the baseline"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for task, stages in results.items():
-        primary, floor = get_task(task).family.primary_metric(task), baselines[task]
-        for run, dev in {"majority class (train)": floor, **stages}.items():
+        family, floor = get_task(task).family, baselines[task]
+        primary = family.primary_metric(task)
+        for run, dev in {family.baseline_name: floor, **stages}.items():
             gain = f"{dev[primary] - floor[primary]:+.4f} {primary}" if run in stages else ""
             cells = [task, run, *(_cell(dev.get(m)) for m in names), gain]
             lines.append("| " + " | ".join(cells) + " |")

@@ -24,9 +24,10 @@ def _trial_record(inputs: dict) -> str:
     timeout_seconds=300,
     **RETRY,
 )
-def extracted_tasks(embeddings: str) -> list[str]:
-    """The GLUE tasks whose train and dev embeddings under `embeddings` are complete."""
-    return core.extracted_glue_tasks(embeddings)
+def extracted_tasks(embeddings: str, adapter: str = "") -> list[str]:
+    """The tasks of every family whose train and dev embeddings under `embeddings` are complete
+    (with `adapter`, those it fits)."""
+    return core.extracted_tasks(embeddings, adapter)
 
 
 @task(

@@ -363,7 +363,7 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_a_table_of_the_s
         logging.getLogger("transformers").removeHandler(transformers_logs)
     assert result.exit_code == 0, result.output
     # WNLI train: 323 of 635 are label 0; dev: 40 of 71 are 0.
-    assert re.search(r"^majority class .* 0\.563 *$", result.stdout, re.M)
+    assert re.search(r"^majority class \(train\) +0\.563 *$", result.stdout, re.M)
     time = r"\d+ s|\d+ min \d\d s"
     for label in ("fine-tuned encoder", "pooler adapter", "best of 1 sweep trials", "ensemble"):
         assert re.search(rf"^{label}.* [01]\.\d{{3}} +({time})$", result.stdout, re.M), label
@@ -476,7 +476,8 @@ def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
     assert re.search(r"^squad2 dev +exact +f1 +time$", result.stdout, re.M)
     dev = squad.load_split("dev", data)
     no_answer = 100.0 * sum(q.is_impossible for q in dev) / len(dev)
-    assert re.search(rf"^no answer .* {no_answer:.3f} +{no_answer:.3f} *$", result.stdout, re.M)
+    baseline = rf"^no answer to every question +{no_answer:.3f} +{no_answer:.3f} *$"
+    assert re.search(baseline, result.stdout, re.M)
     for label in ("fine-tuned encoder", "span adapter", "best of 1 sweep trials", "ensemble"):
         assert re.search(rf"^{label}.* \d+\.\d{{3}} +\d+\.\d{{3}} +({time})$", result.stdout, re.M)
     ensemble = json.loads((out / "squad2" / "ensemble" / "metrics.json").read_text())
@@ -484,3 +485,24 @@ def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
     preds = json.loads((out / "squad2" / "ensemble" / "dev_predictions.json").read_text())
     assert sorted(preds) == sorted(q.question_id for q in dev)
     assert (out / "squad2" / "span" / "metrics.json").is_file()
+    compared = Artifact.get(f"pipeline-squad2-{_key(out)}-metrics").data
+    baseline = (
+        rf"^\| squad2 \| no answer to every question \|.* \| {no_answer:.4f} \| {no_answer:.4f} \|"
+    )
+    assert re.search(baseline, compared, re.M)  # exact, f1 (metrics in name order)
+
+    # What the run suggests next: the report of every stage, beside the no-answer baseline.
+    report = CliRunner().invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert re.search(
+        r"^\| task \| metric \| baseline \| fine-tuning \| adapter: span \| "
+        r"best trial \(span\) \| ensemble \|$",
+        report.output,
+        re.M,
+    )
+    f1 = rf"^\| squad2 \| f1 \| {no_answer:.4f}( \| \d+\.\d{{4}}){{4}} \|$"
+    assert re.search(f1, report.output, re.M)
+    no_answer_f1 = ensemble["ensemble"]["NoAns_f1"]  # the ensemble: the last column
+    assert re.search(
+        rf"^\| squad2 \| NoAns_f1 \| 100\.0000 \|.* {no_answer_f1:.4f} \|$", report.output, re.M
+    )

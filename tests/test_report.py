@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bertvision import storage
+from bertvision import squad, storage
 from bertvision.cli import app
 from bertvision.records import RunRecord
 from bertvision.report import ReportConfig, find_results, write_report
@@ -48,18 +48,24 @@ def adapter_run(
 
 
 def sweep(
-    folder: Path, task: str, metric: str, trials: list[tuple[float, float]], recorded: bool
+    folder: Path,
+    task: str,
+    metric: str,
+    trials: list[tuple[float, float | dict]],
+    recorded: bool,
+    adapter: str = "pooler",
 ) -> None:
-    """A sweep whose trial n has (val, dev) = trials[n]; its trial runs hold metrics.json too."""
-    storage.write_json(str(folder / SWEEP_FILE), {"config": {"task": task, "adapter": "pooler"}})
+    """A sweep whose trial n has (val, dev) = trials[n] (dev: the metric's value, or all dev
+    metrics); its trial runs hold metrics.json too."""
+    settings = {"task": task, "adapter": adapter}
+    storage.write_json(str(folder / SWEEP_FILE), {"config": settings})
     if recorded:
-        run_record(folder, "sweep", {"task": task, "adapter": "pooler"})
+        run_record(folder, "sweep", settings)
     for n, (val, dev) in enumerate(trials):
         run = folder / "trials" / f"{n:04d}"
-        adapter_run(run, task, "pooler", {metric: dev}, recorded, kind="trial")
-        record = TrialRecord(
-            n, {}, {metric: val}, {metric: dev}, "ok", f"trials/{n:04d}", 1.0, {}, "now"
-        )
+        dev = dev if isinstance(dev, dict) else {metric: dev}
+        adapter_run(run, task, adapter, dev, recorded, kind="trial")
+        record = TrialRecord(n, {}, {metric: val}, dev, "ok", f"trials/{n:04d}", 1.0, {}, "now")
         (run / TRIAL_RECORD).write_text(record.to_json())
 
 
@@ -150,3 +156,79 @@ def test_report_command_and_an_empty_folder(results, tmp_path):
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
     assert empty.exit_code == 2 and "no runs, sweeps or ensembles" in empty.output
+
+
+# -- SQuAD 2.0 ---------------------------------------------------------------------------------
+
+
+def official(f1: float, exact: float, has_f1: float, no_f1: float) -> dict:
+    """Dev scores with SQuAD 2.0's official keys (HasAns_exact and NoAns_exact equal to f1)."""
+    return {
+        "exact": exact, "f1": f1, "total": 10, "HasAns_exact": has_f1, "HasAns_f1": has_f1,
+        "HasAns_total": 5, "NoAns_exact": no_f1, "NoAns_f1": no_f1, "NoAns_total": 5,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def squad_results(tmp_path, squad_dir) -> Path:
+    """squad2 runs as `bertvision run` lays them out: the fine-tuned encoder naming its data
+    folder, the span adapter and sweep naming their embeddings (whose extraction names it)."""
+    data = squad.write_slice(squad_dir, str(tmp_path / "squad"), dev=(("Rhine",), 2))
+    root = tmp_path / "runs"
+    storage.write_json(
+        str(root / "squad2" / "finetune" / "metrics.json"), {"dev": official(30, 25, 20, 40)}
+    )
+    run_record(root / "squad2" / "finetune", "finetune", {"task": "squad2", "data_dir": data})
+    extraction = root / "embeddings" / "squad2" / "train" / "_manifest"
+    run_record(extraction, "extract", {"task": "squad2", "data_dir": data})
+    (extraction / "_commit.json").rename(extraction / "run.json")
+    embeddings = str(root / "embeddings")
+    span = root / "squad2" / "span"
+    storage.write_json(str(span / "metrics.json"), {"val": {}, "dev": official(50, 45, 40, 60)})
+    run_record(span, "train", {"task": "squad2", "adapter": "span", "embeddings": embeddings})
+    trials = [(40.0, official(55, 50, 50, 60)), (60.0, official(52, 48, 44, 60))]
+    sweep(root / "squad2" / "sweep", "squad2", "f1", trials, True, adapter="span")
+    storage.write_json(
+        str(root / "squad2" / "ensemble" / "metrics.json"),
+        {"members": [], "ensemble": official(58, 54, 56, 60)},
+    )
+    run_record(root / "squad2" / "ensemble", "ensemble", {"task": "squad2"})
+    return root
+
+
+def test_a_squad2_report_shows_the_official_scores_beside_answering_no_question(
+    squad_results, squad_dir, tmp_path
+):
+    report = write_report(ReportConfig(results=str(squad_results)))
+    lines = report["text"].splitlines()
+    assert lines[4] == (
+        "| task | metric | baseline | fine-tuning | adapter: span | best trial (span) | ensemble |"
+    )
+    dev = squad.load_split("dev", str(tmp_path / "squad"))
+    no_answer = 100 * sum(q.is_impossible for q in dev) / len(dev)  # exact = f1 of ""
+    assert lines[6:12] == [  # the best trial by val is trial 1
+        f"| squad2 | f1 | {no_answer:.4f} | 30.0000 | 50.0000 | 52.0000 | 58.0000 |",
+        f"| squad2 | exact | {no_answer:.4f} | 25.0000 | 45.0000 | 48.0000 | 54.0000 |",
+        "| squad2 | HasAns_f1 | 0.0000 | 20.0000 | 40.0000 | 44.0000 | 56.0000 |",
+        "| squad2 | HasAns_exact | 0.0000 | 20.0000 | 40.0000 | 44.0000 | 56.0000 |",
+        "| squad2 | NoAns_f1 | 100.0000 | 40.0000 | 60.0000 | 60.0000 | 60.0000 |",
+        "| squad2 | NoAns_exact | 100.0000 | 40.0000 | 60.0000 | 60.0000 | 60.0000 |",
+    ]
+    assert "(squad2, no answer to every question)" in report["text"]
+    assert (squad_results / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_glue_and_squad2_runs_share_a_report_each_with_its_own_baseline(
+    squad_results, glue_dir, tmp_path
+):
+    rte = squad_results / "rte" / "finetune"
+    storage.write_json(str(rte / "metrics.json"), {"dev": {"accuracy": 0.6}})
+    run_record(rte, "finetune", {"task": "rte", "data_dir": glue_dir})
+    adapter_run(squad_results / "stsb" / "pooler", "stsb", "pooler", {"pearson": 0.8}, True)
+    text = write_report(ReportConfig(results=str(squad_results)))["text"]
+    rows = [line for line in text.splitlines() if line.startswith("| rte") or "| f1 |" in line]
+    # columns: baseline, fine-tuning, adapter: pooler, adapter: span, best trial (span), ensemble
+    assert rows[0] == "| rte | accuracy | 0.5271 | 0.6000 | – | – | – | – |"  # RTE: 146 of 277
+    assert rows[1].startswith("| squad2 | f1 |")  # GLUE's tasks first
+    assert "read (rte, majority class (train); squad2, no answer to every question)." in text
+    assert "Note: stsb: no baseline, its runs name no data folder." in text

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_sweep import write_split
 from typer.testing import CliRunner
 
 from bertvision import squad, sweep
@@ -20,6 +21,7 @@ from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, Swe
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
+from bertvision.shards import split_dataset
 from bertvision.span_ensemble import average_window_logits, read_window_logits
 
 TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
@@ -105,6 +107,40 @@ def test_a_squad2_sweep_resumes_at_its_first_unfinished_trial(swept, embeddings,
     assert {n: after[n] for n in before} == before and set(after) == {0, 1, 2}
 
 
+def test_the_nightly_sweep_finds_every_extracted_task_of_every_family(embeddings, tmp_path):
+    mixed = tmp_path / "emb"
+    shutil.copytree(Path(embeddings) / "squad2", mixed / "squad2")
+    for split, seed in (("train", 1), ("dev", 2)):
+        write_split(str(mixed), split, 20, seed=seed)  # synthetic RTE
+    assert sweep.extracted_tasks(str(mixed)) == ["rte", "squad2"]
+    assert sweep.extracted_tasks(str(mixed), "span") == ["squad2"]  # the tasks it reads
+    assert sweep.extracted_tasks(str(mixed), "pooler") == ["rte"]
+    shutil.rmtree(mixed / "squad2" / "dev")
+    assert sweep.extracted_tasks(str(mixed)) == ["rte"]  # squad2's dev is not extracted
+
+
+def test_the_all_tasks_sweep_flow_sweeps_squad2_with_the_span_adapter_beside_glue(
+    prefect_harness, embeddings, tmp_path
+):
+    from bertvision_flows.sweep import sweep as sweep_flow
+
+    mixed = tmp_path / "emb"
+    shutil.copytree(Path(embeddings) / "squad2", mixed / "squad2")
+    for split, seed in (("train", 1), ("dev", 2)):
+        write_split(str(mixed), split, 20, seed=seed)
+    cfg = SweepConfig(
+        embeddings=str(mixed), out=str(tmp_path / "runs"), trials=1, space=SPACE,
+        startup_trials=1, val_fraction=0.5, device="cpu",
+    )  # fmt: skip
+    result = sweep_flow(cfg, all_tasks=True)
+    assert list(result) == ["rte", "squad2"]
+    for task, adapter, metric in (("rte", "pooler", "accuracy"), ("squad2", "span", "f1")):
+        plan = json.loads((tmp_path / "runs" / task / "sweep" / "sweep.json").read_text())
+        assert (plan["config"]["adapter"], plan["metric"]) == (adapter, metric)
+        assert result[task]["finished"] == 1 and metric in result[task]["best"]["dev"]
+    assert set(result["squad2"]["best"]["dev"]) >= OFFICIAL
+
+
 # -- ensembles: the average --------------------------------------------------------------------
 
 
@@ -167,12 +203,32 @@ def test_an_ensemble_of_two_span_members_averages_their_logits_and_answers_every
     )
 
 
-def test_the_ensemble_command_takes_squad2(swept, tmp_path):
+def test_the_ensemble_command_takes_squad2(swept, small_squad, tmp_path):
     out = tmp_path / "ens"
     args = ["ensemble", "--task", "squad2", "--runs", str(swept), "--top-k", "2"]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.count("trial ") == 2 and '"f1"' in result.output.splitlines()[-1]
+    # The official scores of its predictions, recomputed from the file: the ensemble's.
+    gold = str(Path(small_squad) / "dev-v2.0.json")
+    scored = CliRunner().invoke(app, ["evaluate-squad", gold, str(out / "dev_predictions.json")])
+    assert scored.exit_code == 0, scored.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(scored.output) == pytest.approx(metrics["ensemble"])
+
+
+def test_status_counts_the_windows_and_shards_of_a_squad2_extraction(embeddings):
+    result = CliRunner().invoke(app, ["status", embeddings, "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert set(status) == {"squad2/train", "squad2/dev"}
+    windows = {s: split_dataset(embeddings, "squad2", s).count_rows() for s in ("train", "dev")}
+    for split, count in windows.items():
+        one = status[f"squad2/{split}"]
+        assert (one["examples"], one["examples_done"], one["rows"]) == (count, count, "windows")
+        assert one["done"] == one["shards"] >= 1 and one["failed"] == one["missing"] == 0
+    text = CliRunner().invoke(app, ["status", embeddings]).output
+    assert f"squad2/dev: {windows['dev']} windows, " in text
 
 
 def test_the_fine_tuned_encoder_joins_the_ensemble_with_its_window_logits(

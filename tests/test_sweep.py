@@ -286,11 +286,11 @@ def test_missing_embeddings_fail_before_anything_is_written(tmp_path):
 
 
 def test_only_tasks_with_complete_train_and_dev_embeddings_are_swept(embeddings, tmp_path):
-    assert sweeping.extracted_glue_tasks(embeddings) == ["rte"]
+    assert sweeping.extracted_tasks(embeddings) == ["rte"]
     partial = str(tmp_path / "partial")
     write_split(partial, "train", 20, seed=1)  # dev not extracted (yet)
-    assert sweeping.extracted_glue_tasks(partial) == []
-    assert sweeping.extracted_glue_tasks(str(tmp_path / "nowhere")) == []
+    assert sweeping.extracted_tasks(partial) == []
+    assert sweeping.extracted_tasks(str(tmp_path / "nowhere")) == []
 
 
 def test_kill_9_mid_sweep_then_rerun_runs_only_the_rest(embeddings, tmp_path):
