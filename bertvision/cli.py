@@ -35,6 +35,7 @@ from bertvision.config import (
     ReportConfig,
     SweepConfig,
     TrainConfig,
+    VerifyConfig,
 )
 from bertvision.finite import strict_json
 
@@ -396,6 +397,54 @@ def status(
                 f"  {len(s['leftovers'])} staging files (a running or killed writer's; the next "
                 f"extract removes stale ones): {', '.join(s['leftovers'])}"
             )
+
+
+@config_command(VerifyConfig)
+def verify(cfg: VerifyConfig) -> None:
+    """Read every committed shard under OUT in full: its sha256 and size against its commit
+    record, page checksums, row count, row ids and extraction key. Prints a table per split.
+
+    Exit code 0: every committed shard is as committed; 1: some are bad (each named, with why;
+    with --redo they are uncommitted, so the next extract redoes exactly those); 2: bad input,
+    such as OUT holding no extraction. Deciding what is done (status, extract) never reads
+    shards; this is the check that does.
+
+    Example: bertvision verify emb --task rte --redo
+    """
+    from bertvision.shards import verify as verify_extraction
+
+    checks = verify_extraction(cfg)
+    typer.echo(_verify_table(checks))
+    if not all(check.ok for check in checks.values()):
+        raise typer.Exit(1)
+
+
+def _verify_table(checks: dict) -> str:
+    """One row per split (shards, checked, bad, pending, MB read, seconds), each bad shard
+    under its split's row with why."""
+    header = ("split", "shards", "checked", "bad", "pending", "MB read", "seconds")
+    rows = [
+        (
+            name,
+            c.shards,
+            c.checked,
+            len(c.bad),
+            c.pending,
+            f"{c.bytes_read / 1e6:.1f}",
+            f"{c.seconds:.1f}",
+        )
+        for name, c in checks.items()
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row, check in zip([header, *rows], [None, *checks.values()], strict=True):
+        cells = [str(row[0]).ljust(widths[0])]
+        cells += [str(v).rjust(w) for v, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+        for index, why in (check.bad if check else {}).items():
+            done = "; uncommitted, the next extract redoes it" if index in check.redone else ""
+            lines.append(f"  bad shard {index}: {why}{done}")
+    return "\n".join(lines)
 
 
 @app.command("evaluate-squad")

@@ -535,6 +535,24 @@ class ReportConfig:
 
 
 @dataclass(kw_only=True)
+class VerifyConfig:
+    """Settings of `bertvision verify`: a full read of every committed shard under an
+    extraction output, against its commit record."""
+
+    out: str = setting(
+        "", "Extraction output URL (bertvision extract --out)", required=True, argument=True
+    )
+    task: str = setting("", "Only this task; default: every task under OUT")
+    split: str = setting("", "Only this split (train, dev, dev_matched, ...); default: every one")
+    redo: bool = setting(
+        False, "Uncommit each bad shard, so that the next extract redoes exactly those"
+    )
+
+    def __post_init__(self) -> None:
+        _task_name(self)
+
+
+@dataclass(kw_only=True)
 class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
     """Settings of the whole pipeline (`bertvision run`, the `pipeline` flow), per task:
 

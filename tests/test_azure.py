@@ -201,6 +201,37 @@ def test_committed_blobs_deleted_behind_the_extraction_fail_it_naming_them(
     assert sorted(ids.column(0).to_pylist()) == list(range(120))
 
 
+def test_deciding_compares_the_blobs_stored_sha256_and_verify_reads_every_byte(
+    azure_env, azurite, tiny_model, rte_slice
+):
+    """A blob of the recorded size whose stored sha256 (blob metadata, set by the upload) is not
+    the record's is not done: no shard is read to tell. A blob without that metadata (rewritten
+    by another tool) passes the metadata check; `verify` reads it and finds it."""
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    reader = _adlfs(azurite)
+    prefix = f"{container}/emb/rte/train"
+    for index, metadata in ((1, {}), (2, {"sha256": "0" * 64})):  # same size, other bytes
+        data = bytearray(reader.cat_file(f"{prefix}/shard-0000{index}.parquet"))
+        data[len(data) // 2] ^= 0xFF
+        reader.pipe_file(f"{prefix}/shard-0000{index}.parquet", bytes(data))
+        if metadata:
+            reader.setxattrs(f"{prefix}/shard-0000{index}.parquet", **metadata)
+
+    status = shards.split_status(f"{out}/rte/train")
+    assert (status["done"], status["missing"]) == (3, 1)  # shard 2, by its metadata
+    found = CliRunner().invoke(app, ["verify", out, "--redo"])
+    assert found.exit_code == 1, found.output
+    bad = [line.split(":")[0] for line in found.output.splitlines() if line.startswith("  bad")]
+    assert bad == ["  bad shard 1", "  bad shard 2"]
+
+    rerun = CliRunner().invoke(app, args)
+    assert "rte/train: 2 shards written, 2 already there, 0 failed" in rerun.output
+    assert CliRunner().invoke(app, ["verify", out]).exit_code == 0
+
+
 def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure_env, azurite):
     """The lease is a conditional create (If-None-Match: *) on blob storage: of two writers one
     gets it. A run folder committed there replaces the old one whole."""
