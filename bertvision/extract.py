@@ -496,6 +496,13 @@ class HostStates:
     layers: int
     ready: torch.cuda.Event | None = None
 
+    @classmethod
+    def of_examples(cls, states: list[np.ndarray]) -> HostStates:
+        """The host states of examples given one by one, each (L, T_i, H) (a copy)."""
+        layers, _, hidden_size = states[0].shape
+        flat = np.concatenate([s.reshape(-1, hidden_size) for s in states])
+        return cls(torch.from_numpy(flat), np.array([s.shape[1] for s in states]), layers)
+
     def hidden_columns(self, dtype: HiddenDtype) -> list[pa.Array]:
         """The `hidden` column (row i: L * T_i * H values) as `dtype` stores it, once the copy is
         complete (waits for it); over `values`' memory unless quantised. For int8 also

@@ -10,7 +10,7 @@ import torch
 
 from bertvision import glue
 from bertvision.embeddings import epoch_batches, load_embeddings, read_packed
-from bertvision.extract import hidden_columns
+from bertvision.extract import HostStates
 from bertvision.schema import HIDDEN_DTYPES, ExtractionPlan, shard_schema
 from bertvision.schema import format_version as format_of
 from bertvision.shards import (
@@ -95,7 +95,7 @@ def write_split(
             }
         )
         if stored.quantised:  # as extraction stores it
-            columns = hidden_columns([hidden[i] for i in rows], stored)
+            columns = HostStates.of_examples([hidden[i] for i in rows]).hidden_columns(stored)
             table = table.drop_columns("hidden").append_column("hidden", columns[0])
             table = table.append_column("hidden_scale", columns[1])
         writer = ShardWriter(folder, plan, index)
