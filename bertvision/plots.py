@@ -29,3 +29,35 @@ def plot_curve(curve: dict, title: str = "") -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def plot_cost_metric(
+    points: dict[str, list[tuple[str, float, float, float]]], title: str = ""
+) -> bytes:
+    """Metric against cost, one panel per task: `points[panel]` is a list of (method, seconds,
+    mean metric, its std); each method one labelled point with its std as an error bar, seconds
+    on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = list(points)
+    columns = min(3, len(panels)) or 1
+    rows = max(1, -(-len(panels) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        for method, seconds, mean, std in points[panel]:
+            axis.errorbar(seconds, mean, yerr=std, fmt="o", capsize=2)
+            axis.annotate(
+                method, (seconds, mean), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        axis.set(xscale="log", xlabel="pipeline seconds", ylabel="dev", title=panel)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -1,111 +1,185 @@
-"""The experiment of issue 3: do small adapters on stored embeddings match fine-tuning?
+"""The experiment of issue 12: BERTVision's whole method against full fine-tuning, on GLUE.
 
 For each task and seed, starting from one pretrained encoder (default: the bundled
 all-MiniLM-L6-v2):
 
-    (a) finetune-1   fine-tune 1 epoch, evaluate on dev
-    (b) finetune-3   fine-tune 3 epochs, evaluate on dev
-        extract      store all-layer train+dev embeddings of the (a) model of this seed
-    (c) pooler       AdapterPooler on those embeddings         (bertvision.train, same seed)
-    (d) scalarmix    scalar mix over layers on them
-    (e) cls          [CLS]-of-last-layer linear probe on them
+    finetune-E        fine-tune E epochs, E in --finetune-epochs (0.25, 0.5, 1, 3): one run per
+                      learning rate of --finetune-lrs (2e-5, 5e-5, 1e-4), the one best on the
+                      held-out slice of TRAIN is the method's result (ties: the first in the grid)
+    extract@E         all-layer train+dev embeddings of the chosen finetune-E checkpoint, for E
+                      in --extract-from (the partial checkpoints 0.25 and 0.5)
+    load@E            loading them once for every adapter below
+    pooler@E, scalarmix@E, cls@E   the single adapters on them (bertvision.train)
+    sweep-best@M      the hyperopt sweep (--trials trials, bertvision.sweep) of --sweep-adapter
+                      on the embeddings of the method's checkpoint M (--method-from, 0.5): the
+                      trial best on held-out TRAIN
+    ensemble@M        the mean output of the sweep's --top-k best trials (bertvision.ensemble)
+    ensemble+ft@M     ... with the chosen finetune-M model as one more member
+    curve-P%@M        the best trial's settings trained on P% of TRAIN (10, 25, 50, 100; the
+                      held-out slice aside; TrainConfig.train_fraction, nested subsets)
 
-Adapters select their epoch on a held-out slice of TRAIN, never on dev. Every dev metric is
-reported as mean ± sample standard deviation over the seeds, with the wall-clock and training
-throughput of each method, measured here with time.perf_counter:
+Every choice (learning rates, adapter epochs, trials, ensemble members) reads the held-out slice
+of TRAIN only; dev labels are read to report, never to choose (tests/test_train.py flips them and
+gets the same choices). Each record holds the dev metrics; the summary gives mean ± sample std
+over seeds and, per seed, the paired difference from --reference (finetune-3: full fine-tuning).
 
-    stage_s      wall-clock of the stage itself (training, evaluation and writing its outputs)
-    train_s      training alone, as the stage reports it; train_ex_s = examples trained on / train_s
-    pipeline_s   cost of the result from the pretrained encoder: (a) and (b) their stage; (c)-(e)
-                 the 1-epoch fine-tune + extraction + loading the embeddings + their stage
+Cost, measured with time.perf_counter around every stage (`stage_s`; on CUDA the stage holds the
+one device throughout, so `device_s` = `stage_s` there):
 
-One command runs it all (no Prefect; torch, transformers, pyarrow, fsspec, numpy, scipy, tqdm):
+    pipeline_s   the cost of the result from the pretrained encoder: finetune-E its whole
+                 learning-rate grid (the budget of choice); an adapter result the grid of its
+                 checkpoint + its extraction + loading + its own stage (the sweep's results and
+                 the curves: + the whole sweep; ensembles: + their own stage)
+    amortised_s  the same with the grid, extraction and loading shared by the N adapter
+                 trainings that read that extraction in this run (3 single adapters, and on
+                 the method's checkpoint the sweep's trials and the 4 curve points too)
 
-    python scripts/experiment.py --data-dir ../shared/data/glue --device cuda --out experiment
+One command reproduces the table and the plot (no Prefect; torch, transformers, pyarrow, fsspec,
+numpy, scipy, hyperopt, matplotlib):
 
-and writes OUT/results.json (every measurement and the summary) and OUT/results.md (the table).
-Each finished stage leaves OUT/<settings key>/records/<task>/seed-<n>/<stage>.json, so rerunning
-the same command after an interruption continues where it stopped; other settings (or another
-encoder at the same path) get another key, and nothing of the first run is taken for theirs.
---max-train-examples N runs on the first N training examples (and N test rows, never scored) for
-quick checks; dev is always whole.
+    python scripts/experiment.py --data-dir ../shared/data/glue --device cuda \\
+        --tasks cola,sst2,mrpc,stsb,rte,wnli --seeds 5 --out experiment
+
+and writes OUT/results.json (every record, the choices and the summary), OUT/results.md (the
+tables) and OUT/results.png (dev metric against pipeline seconds, one point per method, per
+task). Each finished stage leaves OUT/<settings key>/records/<task>/seed-<n>/<stage>.json, so
+rerunning the same command after an interruption continues where it stopped; other settings (or
+another encoder at the same path) get another key. --max-train-examples N runs on the first N
+training examples (and N test rows, never scored) for quick checks; dev is always whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from bertvision import __version__, config, glue, storage
 from bertvision import encoder as enc
+from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
 from bertvision.console import quiet_libraries
 from bertvision.embeddings import load_embeddings
-from bertvision.extract import ExtractConfig, extract_hidden_states
-from bertvision.finetune import FinetuneConfig, finetune_encoder
+from bertvision.ensemble import build_ensemble
+from bertvision.extract import extract_hidden_states
+from bertvision.finetune import finetune_encoder
+from bertvision.sweep import TrialSpec, run_sweep, trial_train_config
 from bertvision.train import TrainConfig, train_adapter
 
 ADAPTERS = ("pooler", "scalarmix", "cls")
-METHODS = ("finetune-1", "finetune-3", *ADAPTERS)
+CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="a glue_data folder (default: the Hugging Face hub)")
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--tasks", default="rte,mrpc", help="comma-separated GLUE tasks")
+    parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte,wnli", help="GLUE tasks")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--out", default="experiment", help="results folder")
     parser.add_argument("--device", default="", help="cpu, cuda (default: cuda if available)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
-    parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--finetune-epochs", default="0.25,0.5,1,3", help="fine-tunings compared")
+    parser.add_argument("--finetune-lrs", default="2e-5,5e-5,1e-4", help="each one's lr grid")
     parser.add_argument("--finetune-batch-size", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--adapter-epochs", type=int, default=20)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of TRAIN")
+    parser.add_argument("--extract-from", default="0.25,0.5", help="checkpoints with adapters")
+    parser.add_argument("--method-from", type=float, default=0.5, help="the method's checkpoint")
+    parser.add_argument("--adapter-epochs", type=int, default=20, help="single adapters, at most")
     parser.add_argument("--adapter-lr", type=float, default=1e-3)
     parser.add_argument("--adapter-dim", type=int, default=64)
+    parser.add_argument("--sweep-adapter", default="pooler", help="the adapter swept")
+    parser.add_argument("--trials", type=int, default=20, help="of the sweep")
+    parser.add_argument("--space", default="", help="JSON: sweep space overrides")
+    parser.add_argument("--top-k", type=int, default=5, help="sweep trials in the ensembles")
+    parser.add_argument("--reference", default="finetune-3", help="paired differences from it")
     parser.add_argument(
         "--keep-embeddings", action="store_true", help="keep each seed's embeddings (large)"
     )
     args = parser.parse_args(argv)
     args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    args.finetune_epochs = numbers(parser, "--finetune-epochs", args.finetune_epochs)
+    args.finetune_lrs = numbers(parser, "--finetune-lrs", args.finetune_lrs)
+    args.extract_from = numbers(parser, "--extract-from", args.extract_from)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if not set(args.extract_from) <= set(args.finetune_epochs):
+        parser.error("--extract-from must name epochs of --finetune-epochs")
+    if args.method_from not in args.extract_from:
+        parser.error(f"--method-from {args.method_from:g} is not in --extract-from")
+    if args.top_k > args.trials:
+        parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
+    args.space = json.loads(args.space) if args.space else {}
     args.model = args.model or enc.default_model()
     args.device = args.device or enc.default_device()
     return args
 
 
+def numbers(parser: argparse.ArgumentParser, option: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{option} must be comma-separated numbers, got {text!r}")
+    if not values or not all(v > 0 for v in values):
+        parser.error(f"{option} must be positive numbers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from bertvision.plots import plot_cost_metric
+
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warm_up(args.device)
     records: list[dict] = []
+    choices: list[dict] = []
     for task in args.tasks:
         data_dir = sliced_data(args, task, out) if args.max_train_examples else args.data_dir
         for seed in range(args.seeds):
-            records.extend(run_seed(args, task, seed, data_dir, out))
+            seed_records, seed_choices = run_seed(args, task, seed, data_dir, out)
+            records.extend(seed_records)
+            choices.append(seed_choices)
+    summary = summarise(records, methods(args), args.reference)
     results = {
         "settings": vars(args),
         "code_version": __version__,
         "device": device_name(args.device),
-        "summary": summarise(records),
+        "summary": summary,
+        "choices": choices,
         "records": records,
     }
     storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
+    (out / "results.png").write_bytes(plot_cost_metric(plot_points(summary), title(results)))
     print(markdown(results))
     return results
 
 
-# Settings that do not change what a stage computes: where, which tasks and seeds, what is kept.
-NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device")
+def methods(args: argparse.Namespace) -> list[str]:
+    """The methods compared, in table order."""
+    m = f"{args.method_from:g}"
+    return [
+        *(f"finetune-{e:g}" for e in args.finetune_epochs),
+        *(f"{a}@{e:g}" for e in args.extract_from for a in ADAPTERS),
+        f"sweep-best@{m}",
+        f"ensemble@{m}",
+        f"ensemble+ft@{m}",
+        *(f"curve-{fraction:.0%}@{m}" for fraction in CURVE_FRACTIONS),
+    ]
+
+
+# Settings that do not change what a stage computes: where, which tasks and seeds, what is kept,
+# how it is reported.
+NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device", "reference")
 
 
 def settings_key(args: argparse.Namespace, not_content: tuple[str, ...] = NOT_CONTENT) -> str:
@@ -117,99 +191,252 @@ def settings_key(args: argparse.Namespace, not_content: tuple[str, ...] = NOT_CO
     return config.content_key(content)
 
 
-def run_seed(args: argparse.Namespace, task: str, seed: int, data_dir: str | None, out: Path):
-    """The five methods of one task and seed; a stage whose record exists under these settings'
-    key is not run again."""
+def run_seed(
+    args: argparse.Namespace, task: str, seed: int, data_dir: str | None, out: Path
+) -> tuple[list[dict], dict]:
+    """Every stage of one task and seed (a stage whose record exists under these settings' key
+    is not run again); returns the records and the choices made (on held-out TRAIN only)."""
     keyed = out / settings_key(args)
     runs = keyed / "runs" / task / f"seed-{seed}"
     records_dir = keyed / "records" / task / f"seed-{seed}"
+    metric = glue.get_task(task).primary_metric
+    records: list[dict] = []
+    choices: dict = {"task": task, "seed": seed, "finetune_lr": {}}
+    chosen_runs: dict[float, Path] = {}
+    grid_s: dict[float, float] = {}
 
-    def finetune(epochs: int) -> dict:
+    def finetune(epochs: float, lr: float) -> dict:
         cfg = FinetuneConfig(
             task=task,
-            out=str(runs / f"finetune-{epochs}"),
+            out=str(runs / f"finetune-{epochs:g}-lr{lr:g}"),
             model=args.model,
             data_dir=data_dir,
-            epochs=float(epochs),
-            lr=args.finetune_lr,
+            epochs=epochs,
+            lr=lr,
             batch_size=args.finetune_batch_size,
             max_seq_length=args.max_seq_length,
+            val_fraction=args.val_fraction,
             seed=seed,
             device=args.device,
             predict_test=False,  # unscored, and the adapters here predict no test split either
         )
-        metrics = finetune_encoder(cfg)
+        metrics = finetune_encoder(cfg, progress=False)
         return {
-            "dev": {k: v for k, v in metrics.items() if k.startswith("dev")},
+            "epochs": epochs,
+            "lr": lr,
+            "val": metrics["val"],
+            "dev": metrics["dev"],
             "train_s": metrics["train"]["seconds"],
             "train_examples": metrics["train"]["examples"],
         }
 
-    ft1 = stage(records_dir, task, seed, "finetune-1", lambda: finetune(1))
-    ft3 = stage(records_dir, task, seed, "finetune-3", lambda: finetune(3))
-    embeddings = runs / "embeddings"
+    for epochs in args.finetune_epochs:
+        grid = [
+            stage(
+                records_dir,
+                task,
+                seed,
+                f"finetune-{epochs:g}-lr{lr:g}",
+                partial(finetune, epochs, lr),
+            )
+            for lr in args.finetune_lrs
+        ]
+        best = max(grid, key=lambda r: selectable(r["val"][metric]))  # ties: the first
+        chosen_runs[epochs] = runs / f"finetune-{epochs:g}-lr{best['lr']:g}"
+        grid_s[epochs] = sum(r["stage_s"] for r in grid)
+        choices["finetune_lr"][f"{epochs:g}"] = best["lr"]
+        records += [*grid, selected(best, f"finetune-{epochs:g}", grid_s[epochs])]
+
+    for epochs in args.extract_from:
+        tag = f"{epochs:g}"
+        stage_records, stage_choices = checkpoint_stages(
+            args, task, seed, data_dir, chosen_runs[epochs], runs, records_dir, tag
+        )
+        extract, load, *adapters = stage_records
+        base = grid_s[epochs] + extract["stage_s"] + load["stage_s"]
+        trainings = sum(r["trainings"] for r in adapters)
+        sweep_s = sum(r["stage_s"] for r in adapters if r["method"].startswith("sweep"))
+        for record in adapters:
+            extra = sweep_s if record["method"].startswith(("ensemble", "curve")) else 0.0
+            record["pipeline_s"] = round(base + extra + record["stage_s"], 3)
+            record["amortised_s"] = round(base / trainings + extra + record["stage_s"], 3)
+        records += stage_records
+        choices.update(stage_choices)
+    for record in records:
+        if args.device.startswith("cuda"):
+            record["device_s"] = record["stage_s"]
+    return records, choices
+
+
+def checkpoint_stages(
+    args: argparse.Namespace,
+    task: str,
+    seed: int,
+    data_dir: str | None,
+    finetuned: Path,
+    runs: Path,
+    records_dir: Path,
+    tag: str,
+) -> tuple[list[dict], dict]:
+    """The stages on the embeddings of the checkpoint `finetuned` (fine-tuned `tag` epochs):
+    extraction, loading, the single adapters and, on the method's checkpoint, the sweep, the
+    two ensembles and the learning curve. Returns their records and the choices made."""
+    embeddings = runs / f"embeddings-{tag}"
+    held: dict = {}  # the loaded embeddings, shared by every adapter of this checkpoint
+
+    def run(name: str, work: Callable[[], dict]) -> dict:
+        return stage(records_dir, task, seed, name, work)
 
     def extract() -> dict:
         cfg = ExtractConfig(
             task=task,
             out=str(embeddings),
-            model=str(runs / "finetune-1"),
+            model=str(finetuned),
             data_dir=data_dir,
             splits=["train", "dev"],
             max_seq_length=args.max_seq_length,
             batch_size=64,
             device=args.device,
         )
-        summary = extract_hidden_states(cfg)
+        summary = extract_hidden_states(cfg, progress=False)
         if not summary.ok:
             raise RuntimeError(f"extraction failed: {summary.failed}")
         splits = ("train", *glue.get_task(task).dev_splits)
-        return {"examples": sum(len(glue.load_split(task, s, data_dir)) for s in splits)}
+        return {
+            "checkpoint": finetuned.name,
+            "examples": sum(len(glue.load_split(task, s, data_dir)) for s in splits),
+        }
 
-    extracted = stage(records_dir, task, seed, "extract", extract)
-    pending = [a for a in ADAPTERS if not (records_dir / f"{a}.json").exists()]
-    adapter_records = []
-    data, load_s = None, 0.0  # the embeddings, loaded once and shared by the three adapters
-    if pending:
-        started = time.perf_counter()
-        data = load_embeddings(task, str(embeddings), device=args.device)
-        load_s = time.perf_counter() - started
-    for adapter in ADAPTERS:
+    def load() -> dict:
+        held["data"] = load_embeddings(task, str(embeddings), device=args.device)
+        return {}
 
-        def train(adapter: str = adapter) -> dict:
-            cfg = TrainConfig(
-                task=task,
-                embeddings=str(embeddings),
-                out=str(runs / adapter),
-                adapter=adapter,
-                adapter_dim=args.adapter_dim,
-                lr=args.adapter_lr,
-                epochs=args.adapter_epochs,
-                seed=seed,
-                device=args.device,
-            )
-            metrics = train_adapter(cfg, data=data)
-            curve = json.loads((runs / adapter / "curve.json").read_text())
-            return {
-                "dev": {k: v for k, v in metrics.items() if k.startswith("dev")},
-                "val": metrics["val"],
-                "train_s": curve["train_seconds"],
-                "train_examples": curve["train_examples"] * curve["epochs_run"],
-                "best_epoch": curve["best_epoch"],
-                "epochs_run": curve["epochs_run"],
-                "load_s": round(load_s, 3),
-            }
+    def data():
+        if "data" not in held:  # its stage was recorded before, but the adapters need it
+            load()
+        return held["data"]
 
-        record = stage(records_dir, task, seed, adapter, train)
-        record["pipeline_s"] = round(
-            ft1["stage_s"] + extracted["stage_s"] + record["load_s"] + record["stage_s"], 3
+    def single(adapter: str) -> dict:
+        cfg = TrainConfig(
+            task=task,
+            embeddings=str(embeddings),
+            out=str(runs / f"{adapter}@{tag}"),
+            adapter=adapter,
+            adapter_dim=args.adapter_dim,
+            lr=args.adapter_lr,
+            epochs=args.adapter_epochs,
+            val_fraction=args.val_fraction,
+            seed=seed,
+            device=args.device,
         )
-        adapter_records.append(record)
+        return adapter_result(cfg, data())
+
+    sweep_cfg = SweepConfig(
+        task=task,
+        embeddings=str(embeddings),
+        out=str(runs / f"sweep@{tag}"),
+        adapter=args.sweep_adapter,
+        trials=args.trials,
+        space=args.space,
+        val_fraction=args.val_fraction,
+        seed=seed,
+        device=args.device,
+    )
+
+    def sweep() -> dict:
+        summary = run_sweep(sweep_cfg, data=data(), progress=False)
+        if summary.best is None:
+            raise RuntimeError(f"no trial of {sweep_cfg.out} finished")
+        best = summary.best
+        return {
+            "trial": best.trial,
+            "params": best.params,
+            "hyperopt_vals": best.hyperopt_vals,
+            "val": best.val,
+            "dev": best.dev,
+            "failed": summary.failed,
+            "trainings": summary.trials,
+        }
+
+    def curve_point(spec: TrialSpec, fraction: float) -> dict:
+        cfg = replace(
+            trial_train_config(sweep_cfg, spec),
+            out=str(runs / f"curve-{fraction:.0%}@{tag}"),
+            train_fraction=fraction,
+            overwrite=False,
+        )
+        return {**adapter_result(cfg, data()), "train_fraction": fraction}
+
+    done = [run(f"extract@{tag}", extract), run(f"load@{tag}", load)]
+    done += [run(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
+    choices: dict = {}
+    if float(tag) == args.method_from:
+        best = run(f"sweep-best@{tag}", sweep)
+        plain = run(
+            f"ensemble@{tag}", lambda: ensemble(args, sweep_cfg, runs / f"ensemble@{tag}", None)
+        )
+        with_ft = run(
+            f"ensemble+ft@{tag}",
+            lambda: ensemble(args, sweep_cfg, runs / f"ensemble+ft@{tag}", finetuned),
+        )
+        spec = TrialSpec(best["trial"], best["params"], best["hyperopt_vals"])
+        curve = [
+            run(f"curve-{f:.0%}@{tag}", lambda f=f: curve_point(spec, f)) for f in CURVE_FRACTIONS
+        ]
+        done += [best, plain, with_ft, *curve]
+        choices = {
+            "sweep_trial": best["trial"],
+            "sweep_params": best["params"],
+            "ensemble_members": plain["members"],
+            "ensemble_ft_members": with_ft["members"],
+        }
     if not args.keep_embeddings and embeddings.exists():
         shutil.rmtree(embeddings)
-    for record in (ft1, ft3):
-        record["pipeline_s"] = record["stage_s"]
-    return [ft1, ft3, extracted, *adapter_records]
+    return done, choices
+
+
+def ensemble(
+    args: argparse.Namespace, sweep: SweepConfig, out: Path, finetuned: Path | None
+) -> dict:
+    """The top-k ensemble of `sweep`'s trials into `out`, with the `finetuned` run as one more
+    member if given; its members by trial number ("finetuned" for the fine-tuned model)."""
+    cfg = EnsembleConfig(
+        task=sweep.task,
+        runs=sweep.out,
+        out=str(out),
+        top_k=args.top_k,
+        with_finetuned=str(finetuned) if finetuned else None,
+    )
+    result = build_ensemble(cfg)
+    members = [m["trial"] if m["trial"] is not None else "finetuned" for m in result["members"]]
+    return {"dev": result["ensemble"], "members": members, "trainings": 0}
+
+
+def adapter_result(cfg: TrainConfig, data) -> dict:
+    """Train the adapter of `cfg` on the loaded embeddings; its record's fields."""
+    metrics = train_adapter(cfg, data=data, progress=False)
+    curve = json.loads(Path(cfg.out, "curve.json").read_text())
+    return {
+        "val": metrics["val"],
+        "dev": metrics["dev"],
+        "train_s": curve["train_seconds"],
+        "train_examples": curve["train_examples"] * curve["epochs_run"],
+        "best_epoch": curve["best_epoch"],
+        "epochs_run": curve["epochs_run"],
+        "trainings": 1,
+    }
+
+
+def selectable(value: float | None) -> float:
+    """A held-out metric as a choice compares it: NaN or None (constant predictions) lose."""
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def selected(best: dict, method: str, grid_s: float) -> dict:
+    """The record of a fine-tuning method: its grid's chosen run, charged the whole grid."""
+    record = {**best, "method": method, "chosen_s": best["stage_s"], "pipeline_s": grid_s}
+    record["amortised_s"] = record["pipeline_s"]
+    return record
 
 
 def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[], dict]) -> dict:
@@ -247,32 +474,34 @@ def sliced_data(args: argparse.Namespace, task_name: str, out: Path) -> str:
     return str(out / "data")
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """Mean ± sample std over seeds of every dev metric and timing, per task and method."""
+def summarise(records: list[dict], method_names: list[str], reference: str) -> list[dict]:
+    """Per task and method: mean ± sample std over seeds of every dev metric and cost, and the
+    per-seed paired differences of the primary dev metric from `reference`."""
     rows = []
     for task in dict.fromkeys(r["task"] for r in records):
-        for method in METHODS:
-            group = [r for r in records if r["task"] == task and r["method"] == method]
+        metric = glue.get_task(task).primary_metric
+        ours = [r for r in records if r["task"] == task]
+        base = {r["seed"]: r["dev"][metric] for r in ours if r["method"] == reference}
+        for method in method_names:
+            group = [r for r in ours if r["method"] == method]
             if not group:
                 continue
-            row = {"task": task, "method": method, "seeds": len(group), "dev": {}}
-            for split in group[0]["dev"]:
-                for metric in group[0]["dev"][split]:
-                    values = [r["dev"][split][metric] for r in group]
-                    row["dev"][f"{split}.{metric}" if split != "dev" else metric] = mean_std(values)
-            for timing in ("stage_s", "train_s", "train_ex_s", "pipeline_s"):
-                row[timing] = mean_std([r[timing] for r in group])
+            row = {"task": task, "method": method, "seeds": len(group), "metric": metric}
+            row["dev"] = {m: mean_std([r["dev"][m] for r in group]) for m in group[0]["dev"]}
+            for cost in ("stage_s", "pipeline_s", "amortised_s"):
+                row[cost] = mean_std([r[cost] for r in group])
+            paired = [r["dev"][metric] - base[r["seed"]] for r in group if r["seed"] in base]
+            row["paired"] = {"reference": reference, "per_seed": paired}
+            row["paired"].update(mean_std(paired) if paired else {"mean": None, "std": None})
             rows.append(row)
-        extract = [r for r in records if r["task"] == task and r["method"] == "extract"]
-        rows.append(
-            {
-                "task": task,
-                "method": "extract",
-                "seeds": len(extract),
-                "stage_s": mean_std([r["stage_s"] for r in extract]),
-                "examples_per_s": mean_std([r["examples_per_s"] for r in extract]),
-            }
-        )
+        for kind in ("extract", "load"):
+            for tag in dict.fromkeys(
+                r["method"] for r in ours if r["method"].startswith(f"{kind}@")
+            ):
+                group = [r for r in ours if r["method"] == tag]
+                row = {"task": task, "method": tag, "seeds": len(group)}
+                row["stage_s"] = mean_std([r["stage_s"] for r in group])
+                rows.append(row)
     return rows
 
 
@@ -287,6 +516,18 @@ def shown(value: dict[str, float | None]) -> str:
     return f"{value['mean']:.4f}{std}"
 
 
+def title(results: dict) -> str:
+    settings = results["settings"]
+    scope = (
+        f", first {settings['max_train_examples']} training examples only"
+        if settings["max_train_examples"]
+        else ""
+    )
+    return (
+        f"{Path(settings['model']).name}, {results['device']}, {settings['seeds']} seed(s){scope}"
+    )
+
+
 def markdown(results: dict) -> str:
     settings = results["settings"]
     scope = (
@@ -294,39 +535,71 @@ def markdown(results: dict) -> str:
         if settings["max_train_examples"]
         else ""
     )
+    lrs = ", ".join(f"{lr:g}" for lr in settings["finetune_lrs"])
     lines = [
-        "# Adapters on stored embeddings vs fine-tuning",
+        "# BERTVision's method vs fine-tuning",
         "",
         f"Encoder `{settings['model']}`, device {results['device']}, "
         f"seeds 0..{settings['seeds'] - 1}, code {results['code_version']}{scope}. "
-        "Dev metrics: mean ± sample std over seeds. Times in seconds, mean over seeds.",
+        f"Fine-tuning lr chosen from {{{lrs}}} on held-out TRAIN; sweep of "
+        f"{settings['trials']} {settings['sweep_adapter']} trials, top-{settings['top_k']} "
+        f"ensembles, on the {settings['method_from']:g}-epoch checkpoint. Dev metrics: mean ± "
+        f"sample std over seeds; Δ: per-seed paired difference of the primary metric from "
+        f"{settings['reference']}, mean ± std. Seconds: mean over seeds.",
         "",
     ]
-    timings = ("stage_s", "train_s", "train_ex_s", "pipeline_s")
     for task in dict.fromkeys(row["task"] for row in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
-        extract = next(r for r in rows if r["method"] == "extract")
-        rows = [r for r in rows if r["method"] != "extract"]
-        metrics = list(rows[0]["dev"])
-        header = [f"dev {m}" for m in metrics] + ["stage s", "train s", "train ex/s", "pipeline s"]
+        scored = [r for r in rows if "dev" in r]
+        metrics = list(scored[0]["dev"])
+        header = [f"dev {m}" for m in metrics]
+        header += [f"Δ {scored[0]['metric']}", "pipeline s", "amortised s", "stage s"]
         lines += [
             f"## {task}",
             "",
             "| method | " + " | ".join(header) + " |",
             "|---" * (len(header) + 1) + "|",
         ]
-        for row in rows:
+        for row in scored:
             cells = [shown(row["dev"][m]) for m in metrics]
-            cells += [f"{row[t]['mean']:.1f}" for t in timings]
+            paired = row["paired"]
+            cells.append("" if paired["mean"] is None else shown(paired))
+            cells += [f"{row[c]['mean']:.1f}" for c in ("pipeline_s", "amortised_s", "stage_s")]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        stages = [r for r in rows if "dev" not in r]
         lines += [
             "",
-            "Extraction of the 1-epoch model's train+dev embeddings: "
-            f"{extract['stage_s']['mean']:.1f} s, "
-            f"{extract['examples_per_s']['mean']:.1f} examples/s.",
+            "Shared stages: "
+            + ", ".join(f"{r['method']} {r['stage_s']['mean']:.1f} s" for r in stages)
+            + ".",
             "",
         ]
-    return "\n".join(lines)
+    lines += [
+        "## Choices (held-out TRAIN only)",
+        "",
+        "| task | seed | fine-tune lr by epochs | "
+        "sweep trial | ensemble members | with fine-tuned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in results["choices"]:
+        lrs = ", ".join(f"{e}: {lr:g}" for e, lr in c["finetune_lr"].items())
+        lines.append(
+            f"| {c['task']} | {c['seed']} | {lrs} | {c.get('sweep_trial', '')} | "
+            f"{c.get('ensemble_members', '')} | {c.get('ensemble_ft_members', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_points(summary: list[dict]) -> dict[str, list[tuple[str, float, float, float]]]:
+    """Per task: (method, mean pipeline seconds, mean primary dev metric, its std or 0)."""
+    points: dict[str, list] = {}
+    for row in summary:
+        if "dev" in row:
+            value = row["dev"][row["metric"]]
+            points.setdefault(f"{row['task']} ({row['metric']})", []).append(
+                (row["method"], row["pipeline_s"]["mean"], value["mean"], value["std"] or 0.0)
+            )
+    return points
 
 
 def warm_up(device: str) -> None:

@@ -7,6 +7,7 @@
 # 1. tests/test_cuda.py: bf16 extraction on CUDA vs the float32 forward; fine-tuning on CUDA
 # 2. benchmarks/bench_extract.py: forward-only vs full-extraction throughput on RTE train
 # 3. scripts/experiment.py on RTE, then MRPC, 5 seeds each (each stopped after EXPERIMENT_SECONDS)
+# 4. with FULL=1: the whole experiment of issue 12 (six tasks, 5 seeds; table, JSON, plot, records)
 set -uo pipefail
 results=${1:?results folder}; model=${2:?encoder folder}; glue=${3:?glue_data folder}
 budget=${4:-240}
@@ -32,3 +33,12 @@ for task in rte mrpc; do
   cp "/tmp/experiment-$task/results.json" "$results/results-$task.json" 2>/dev/null
   tar -czf "$results/records-$task.tgz" -C "/tmp/experiment-$task" --exclude=runs . 2>/dev/null
 done
+
+# The full experiment (hours): resumable, so a stopped run continues when started again.
+if [ "${FULL:-0}" = 1 ]; then
+  python3 scripts/experiment.py --data-dir "$glue" --model "$model" --device cuda \
+    --tasks cola,sst2,mrpc,stsb,rte,wnli --seeds 5 --out /tmp/experiment-full 2>&1 \
+    | grep -vE "it/s|s/it|^Loading" | tail -n 200 | tee -a "$results/log.txt"
+  cp /tmp/experiment-full/results.{json,md,png} "$results/" 2>/dev/null
+  tar -czf "$results/records-full.tgz" -C /tmp/experiment-full --exclude=runs --exclude=data .
+fi

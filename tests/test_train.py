@@ -521,45 +521,145 @@ def test_cli_reports_bad_embeddings_in_one_line(tmp_path, rte_embeddings):
 # The experiment script, at the smallest scale
 
 
-def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(
-    tmp_path, glue_dir, tiny_model
-):
+EXPERIMENT = Path(__file__).resolve().parents[1] / "scripts" / "experiment.py"
+# The experiment at its smallest: 40 RTE examples (4 held out), fine-tuning for half an epoch and
+# one with an lr grid of two, adapters on the half-epoch checkpoint, a sweep of 2 one-epoch trials.
+EXPERIMENT_ARGS = [
+    *("--tasks", "rte", "--seeds", "1", "--max-train-examples", "40", "--device", "cpu"),
+    *("--finetune-epochs", "0.5,1", "--finetune-lrs", "5e-5,1e-3", "--extract-from", "0.5"),
+    *("--adapter-epochs", "1", "--trials", "2", "--top-k", "2", "--space", '{"epochs": 1}'),
+    *("--reference", "finetune-1"),
+]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, glue_dir, tiny_model) -> tuple[Path, list[str]]:
+    """The experiment run once in a fresh interpreter (it must not import prefect): its output
+    folder and its arguments."""
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "experiment.py"
-    out = tmp_path / "exp"
-    argv = ["--data-dir", glue_dir, "--model", tiny_model, "--tasks", "rte", "--seeds", "1"]
-    argv += ["--out", str(out), "--max-train-examples", "20", "--adapter-epochs", "1"]
-    argv += ["--device", "cpu"]
+    out = tmp_path_factory.mktemp("experiment") / "exp"
+    argv = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(out), *EXPERIMENT_ARGS]
     run = (
         "import runpy, sys; "
-        f"sys.argv = {[str(script), *argv]!r}; "
-        f"runpy.run_path({str(script)!r}, run_name='__main__'); "
+        f"sys.argv = {[str(EXPERIMENT), *argv]!r}; "
+        f"runpy.run_path({str(EXPERIMENT)!r}, run_name='__main__'); "
         "assert 'prefect' not in sys.modules, 'the experiment imported prefect'"
     )
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    return out, argv, run
+
+
+def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(experiment):
+    import subprocess
+    import sys
+
+    out, argv, run = experiment
     results = read_json(out / "results.json")
 
-    methods = [row["method"] for row in results["summary"]]
-    assert methods == ["finetune-1", "finetune-3", "pooler", "scalarmix", "cls", "extract"]
-    for row in results["summary"][:5]:
+    assert [row["method"] for row in results["summary"]] == [
+        "finetune-0.5",
+        "finetune-1",
+        "pooler@0.5",
+        "scalarmix@0.5",
+        "cls@0.5",
+        "sweep-best@0.5",
+        "ensemble@0.5",
+        "ensemble+ft@0.5",
+        "curve-10%@0.5",
+        "curve-25%@0.5",
+        "curve-50%@0.5",
+        "curve-100%@0.5",
+        "extract@0.5",
+        "load@0.5",
+    ]
+    records = {r["method"]: r for r in results["records"]}
+    # every fine-tuning of the grid ran; each method is the run best on held-out TRAIN
+    assert {m for m in records if m.startswith("finetune-") and "-lr" in m} == {
+        "finetune-0.5-lr5e-05",
+        "finetune-0.5-lr0.001",
+        "finetune-1-lr5e-05",
+        "finetune-1-lr0.001",
+    }
+    for epochs in ("0.5", "1"):
+        grid = [records[f"finetune-{epochs}-lr{lr}"] for lr in ("5e-05", "0.001")]
+        chosen = records[f"finetune-{epochs}"]
+        assert chosen["val"]["accuracy"] == max(r["val"]["accuracy"] for r in grid)
+        assert chosen["pipeline_s"] == pytest.approx(sum(r["stage_s"] for r in grid))
+        assert results["choices"][0]["finetune_lr"][epochs] == chosen["lr"]
+    for row in results["summary"][:12]:
         assert set(row["dev"]) == {"accuracy"} and 0.0 <= row["dev"]["accuracy"]["mean"] <= 1.0
-        assert row["pipeline_s"]["mean"] >= row["stage_s"]["mean"] > 0
-    assert "| pooler | " in (out / "results.md").read_text()
+        assert row["pipeline_s"]["mean"] >= row["amortised_s"]["mean"] >= row["stage_s"]["mean"]
+        assert row["paired"]["per_seed"] == [
+            records[row["method"]]["dev"]["accuracy"] - records["finetune-1"]["dev"]["accuracy"]
+        ]
+    # charged: the chosen checkpoint's whole grid + its extraction + loading (+ the sweep)
+    shared = sum(records[m]["stage_s"] for m in ("finetune-0.5", "extract@0.5", "load@0.5"))
+    shared = records["finetune-0.5"]["pipeline_s"] + shared - records["finetune-0.5"]["stage_s"]
+    assert records["pooler@0.5"]["pipeline_s"] == pytest.approx(
+        shared + records["pooler@0.5"]["stage_s"], abs=0.01
+    )
+    # one extraction served 3 single adapters, 2 trials and 4 curve points
+    assert records["pooler@0.5"]["amortised_s"] == pytest.approx(
+        shared / 9 + records["pooler@0.5"]["stage_s"], abs=0.01
+    )
+    assert records["ensemble+ft@0.5"]["members"] == [
+        *records["ensemble@0.5"]["members"],
+        "finetuned",
+    ]
+    assert [records[f"curve-{p}%@0.5"]["train_fraction"] for p in (10, 25, 50, 100)] == [
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+    ]
+    assert "| ensemble+ft@0.5 | " in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     [keyed] = [folder for folder in out.iterdir() if (folder / "records").is_dir()]
-    assert keyed.name == experiment_settings_key(script, argv)  # records keyed on the settings
-    assert (keyed / "runs" / "rte" / "seed-0").is_dir()
-    assert not (keyed / "runs" / "rte" / "seed-0" / "embeddings").exists()
+    assert keyed.name == experiment_settings_key(argv)  # records keyed on the settings
+    assert not list((keyed / "runs" / "rte" / "seed-0").glob("embeddings*"))
 
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
 
 
-def experiment_settings_key(script: Path, argv: list[str]) -> str:
+def test_experiment_chooses_the_same_with_dev_labels_flipped(experiment, tmp_path, tiny_model):
+    """Every choice (fine-tuning lr, sweep trial, ensemble members) and every held-out number is
+    the same when each dev label is the other class; only the dev scores change."""
     import runpy
 
-    experiment = runpy.run_path(str(script))
+    out, argv, _ = experiment
+    source = Path(argv[argv.index("--data-dir") + 1]) / "RTE"
+    flipped = tmp_path / "glue" / "RTE"
+    flipped.mkdir(parents=True)
+    for split in ("train", "test"):
+        shutil.copy(source / f"{split}.tsv", flipped / f"{split}.tsv")
+    swap = {"entailment": "not_entailment", "not_entailment": "entailment"}
+    header, *rows = (source / "dev.tsv").read_text().splitlines()
+    rows = [row.rsplit("\t", 1) for row in rows]
+    text = "".join(f"{first}\t{swap[label]}\n" for first, label in rows)
+    (flipped / "dev.tsv").write_text(f"{header}\n{text}")
+
+    flipped_argv = ["--data-dir", str(tmp_path / "glue"), "--model", tiny_model]
+    flipped_argv += ["--out", str(tmp_path / "exp"), *EXPERIMENT_ARGS]
+    results = runpy.run_path(str(EXPERIMENT))["main"](flipped_argv)
+    original = read_json(out / "results.json")
+
+    assert results["choices"] == original["choices"]
+    assert len(results["records"]) == len(original["records"])
+    for mine, theirs in zip(results["records"], original["records"], strict=True):
+        assert mine["method"] == theirs["method"]
+        assert mine.get("val") == theirs.get("val")
+        assert mine.get("params") == theirs.get("params")
+        if "dev" in mine:
+            assert mine["dev"]["accuracy"] == pytest.approx(1 - theirs["dev"]["accuracy"])
+
+
+def experiment_settings_key(argv: list[str]) -> str:
+    import runpy
+
+    experiment = runpy.run_path(str(EXPERIMENT))
     return experiment["settings_key"](experiment["parse_args"](argv))
 
 
