@@ -131,7 +131,7 @@ def _adapter_fits_task(cfg: Any) -> None:
         return
     names = adapters.adapter_names()
     fitting = [n for n in names if adapters.config_class(n).schema == family.schema]
-    rows = "windows (span tasks)" if family.schema == "span" else "examples (GLUE)"
+    rows = "window (span tasks)" if family.schema == "span" else "example (GLUE)"
     raise ConfigError(
         "adapter",
         f"{cfg.adapter!r} does not fit {cfg.task}, whose embeddings hold one row per {rows}; "
