@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from bertvision import storage
+from bertvision import rng, storage
 
 
 class ModelError(ValueError):
@@ -179,8 +179,10 @@ def _load_encoder(model: str, device: str, version: str) -> Encoder:
 
     check_encoder(model)
     tokenizer = load_tokenizer(model)
-    with loading(model, "weights"):
-        # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast.
+    # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast. Weights
+    # the checkpoint lacks (BERT's pooler, in a question-answering checkpoint) are initialised
+    # from a fixed seed: the same files load to the same model and the same fingerprint.
+    with loading(model, "weights"), rng.seeded(0):
         encoder = AutoModel.from_pretrained(local_model_path(model), dtype=torch.float32)
     encoder = encoder.eval().to(device)
     return Encoder(model, encoder, tokenizer, fingerprint(encoder, tokenizer), device)

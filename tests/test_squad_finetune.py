@@ -147,6 +147,19 @@ def test_a_rerun_returns_the_stored_run(finished):
     assert finetune_encoder(cfg, progress=False) == metrics
 
 
+def test_a_question_answering_checkpoint_loads_to_the_same_encoder_every_time(finished):
+    """It holds no pooler weights: those are initialised, the same way on every load, so a
+    rerun of the extraction finds its own key."""
+    from bertvision import encoder as enc
+
+    cfg, _ = finished
+    fingerprints = set()
+    for _ in range(2):
+        enc._load_encoder.cache_clear()  # as a new process would load it
+        fingerprints.add(enc.load_encoder(cfg.out, "cpu").fingerprint)
+    assert len(fingerprints) == 1
+
+
 def test_max_train_examples_caps_the_questions(small_squad, tiny_model, tmp_path):
     cfg = _config(small_squad, tiny_model, tmp_path / "ckpt", max_train_examples=40)
     # The first 40 questions: Normans' 31 (of its first 5 paragraphs) and 9 of Sky's.
