@@ -553,7 +553,7 @@ class VerifyConfig:
 
 
 @dataclass(kw_only=True)
-class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
+class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubset):
     """Settings of the whole pipeline (`bertvision run`, the `pipeline` flow), per task:
 
         OUT/<task>/finetune      fine-tuned encoder checkpoint and its dev metrics
@@ -564,7 +564,9 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
 
     Each stage's own settings come from its config here; the pipeline sets what links the
     stages (task, inputs, outputs) and what they share (its own fields: model, data_dir, seed,
-    device, val_fraction, val_seed, max_train_examples, overwrite). Fine-tuning predicts the
+    device, val_fraction, val_seed, max_train_examples, overwrite, and the windowing
+    max_seq_length, doc_stride, max_question_length: fine-tuning and extraction see the same
+    windows, as ensembles of both need). Fine-tuning predicts the
     test splits only when they are extracted (the ensemble's test predictions need both).
     """
 
@@ -596,6 +598,7 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
     )
 
     def __post_init__(self) -> None:
+        from bertvision.families import get_task
 
         if not self.tasks:
             raise ConfigError("tasks", "must name at least one task")
@@ -607,6 +610,18 @@ class PipelineConfig(Output, Source, Device, Seeded, HeldOut, TrainSubset):
         check_at_least(self, 0, "workers")
         check_fraction(self, "val_fraction")
         _resolve_model_and_device(self)
+        families = {get_task(name).family.name for name in self.tasks}
+        if self.data_dir and len(families) > 1:
+            raise ConfigError(
+                "tasks",
+                f"mix {len(families)} task families ({', '.join(sorted(families))}), whose data "
+                "one data folder cannot hold together; run each family on its own",
+            )
+        if self.ensemble.top_k > self.sweep.trials:
+            raise ConfigError(
+                "ensemble.top_k",
+                f"{self.ensemble.top_k} is more than the sweep's {self.sweep.trials} trials",
+            )
         for name in self.tasks:  # every stage's settings checked now, not when it starts
             try:
                 self.stages(name)

@@ -95,7 +95,13 @@ def test_the_pipeline_cli_sets_a_stage_field_by_its_prefixed_flag():
 
     cfg = build_config(
         config.PipelineConfig,
-        {"tasks": "rte,mrpc", "finetune__epochs": 0.2, "sweep__trials": 3, "seed": 4},
+        {
+            "tasks": "rte,mrpc",
+            "finetune__epochs": 0.2,
+            "sweep__trials": 3,
+            "ensemble__top_k": 2,
+            "seed": 4,
+        },
     )
     assert cfg.tasks == ["rte", "mrpc"] and cfg.finetune.epochs == 0.2 and cfg.sweep.trials == 3
     stages = cfg.stages("mrpc")
@@ -120,6 +126,13 @@ def test_the_pipeline_reads_the_same_train_examples_and_predicts_test_only_when_
     names = {name for name, *_ in option_fields(config.PipelineConfig)}
     assert "max_train_examples" in names and "verbose" in names
     assert not {"finetune.max_train_examples", "finetune.predict_test"} & names
+    # one windowing for fine-tuning and extraction: ensembles of both need the same windows
+    assert {"max_seq_length", "doc_stride", "max_question_length"} <= names
+    assert not {"finetune.doc_stride", "extract.max_seq_length"} & names
+    squad = build_config(config.PipelineConfig, {"tasks": "squad2", "doc_stride": 64})
+    windows = [(s.max_seq_length, s.doc_stride) for s in squad.stages("squad2").values()
+               if isinstance(s, config.Tokens)]  # fmt: skip
+    assert windows == [(384, 64), (384, 64)]  # 0 resolved to the family default
 
 
 def test_a_stage_without_its_task_or_output_names_the_field():

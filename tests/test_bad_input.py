@@ -400,6 +400,14 @@ def test_a_usage_error_is_one_line_naming_the_option(args, named):
             "error: --extract-splits unknown split 'trian' for rte",
         ),
         (["run", "--sweep-space", "{bad"], "error: --sweep-space is not valid JSON"),
+        (
+            ["run", "--tasks", "rte", "--sweep-trials", "2"],
+            "error: --ensemble-top-k 5 is more than the sweep's 2 trials",
+        ),
+        (
+            ["run", "--tasks", "rte,squad2", "--data-dir", "glue_data"],
+            "error: --tasks mix 2 task families (glue, squad), whose data one data folder",
+        ),
     ],
 )
 def test_settings_are_checked_before_anything_runs(tmp_path, args, line):

@@ -352,8 +352,8 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_a_table_of_the_s
     space = tmp_path / "space.json"
     space.write_text('{"epochs": 2}')
     args = ["run", "--tasks", "wnli", "--data-dir", glue_dir, "--out", str(out)]
-    args += ["--model", tiny_model, "--finetune-epochs", "0.1", "--finetune-max-seq-length", "64"]
-    args += ["--extract-max-seq-length", "64", "--extract-shard-size", "300"]
+    args += ["--model", tiny_model, "--finetune-epochs", "0.1", "--max-seq-length", "64"]
+    args += ["--extract-shard-size", "300"]
     args += ["--train-epochs", "2", "--sweep-trials", "1", "--sweep-space", str(space)]
     transformers_logs = Records()
     logging.getLogger("transformers").addHandler(transformers_logs)
@@ -467,8 +467,7 @@ def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
         tiny_model,
     ]
     args += ["--finetune-epochs", "0.2", "--val-fraction", "0.5", "--device", "cpu"]
-    for stage in ("finetune", "extract"):
-        args += [option.replace("--", f"--{stage}-", 1) for option in windowing]
+    args += windowing  # one windowing for fine-tuning and extraction
     args += ["--train-epochs", "1", "--sweep-trials", "1", "--sweep-space", str(space)]
     result = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1"])
     assert result.exit_code == 0, result.output
