@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -49,7 +50,13 @@ def run(cfg: PipelineConfig) -> None:
                 # One ephemeral API for this process and the sweep's worker processes, which
                 # would each start a throwaway one otherwise. A fresh one migrates its database
                 # first: on a busy machine that outlasts Prefect's 20 s default.
+                # a throwaway server: no usage data from it unless the user asks for it
+                analytics = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+                stack.enter_context(console.environment(PREFECT_SERVER_ANALYTICS_ENABLED=analytics))
                 server = SubprocessASGIServer()
+                # stopped here, not at exit: quietly, and also when the command is terminated
+                stack.enter_context(_terminated_as_exit())
+                stack.callback(_stop_after_logs, server)
                 server.start(timeout=180)
                 stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
             results = pipeline(cfg)
@@ -59,6 +66,29 @@ def run(cfg: PipelineConfig) -> None:
     for name, rows in results.items():
         typer.echo("\n" + stage_table(cfg, name, rows))
     typer.echo("\n" + where_written(cfg, server_url))
+
+
+def _stop_after_logs(server) -> None:
+    """Stop the ephemeral API once the logs queued for it are sent (else they fail at exit)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    server.stop()
+
+
+@contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`) unwinds like an exception inside the block, so what the
+    command started (the ephemeral API server) is stopped, not left running; exit code 143."""
+
+    def exit_143(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
