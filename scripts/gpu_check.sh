@@ -2,15 +2,16 @@
 # The GPU checks in one go, on a machine with a CUDA torch, transformers and pyarrow but without
 # this package installed (run from the repository root):
 #
-#   bash scripts/gpu_check.sh RESULTS_DIR MODEL GLUE_DIR [EXPERIMENT_SECONDS]
+#   bash scripts/gpu_check.sh RESULTS_DIR MODEL GLUE_DIR [EXPERIMENT_SECONDS] [SQUAD_DIR]
 #
 # 1. tests/test_cuda.py: bf16 extraction on CUDA vs the float32 forward; fine-tuning on CUDA
 # 2. benchmarks/bench_extract.py: forward-only vs full-extraction throughput on RTE train
 # 3. scripts/experiment.py on RTE, then MRPC, 5 seeds each (each stopped after EXPERIMENT_SECONDS)
-# 4. with FULL=1: the whole experiment of issue 12 (six tasks, 5 seeds; table, JSON, plot, records)
+# 4. with SQUAD_DIR: scripts/experiment_squad.py on the whole split, 3 seeds (issue 10)
+# 5. with FULL=1: the whole experiment of issue 12 (six tasks, 5 seeds; table, JSON, plot, records)
 set -uo pipefail
 results=${1:?results folder}; model=${2:?encoder folder}; glue=${3:?glue_data folder}
-budget=${4:-240}
+budget=${4:-240}; squad=${5:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/log.txt"
@@ -33,6 +34,15 @@ for task in rte mrpc; do
   cp "/tmp/experiment-$task/results.json" "$results/results-$task.json" 2>/dev/null
   tar -czf "$results/records-$task.tgz" -C "/tmp/experiment-$task" --exclude=runs . 2>/dev/null
 done
+
+# SQuAD 2.0 (issue 10): (a)-(f) on the whole article split, 384-token windows, 3 seeds
+if [ -n "$squad" ]; then
+  timeout "$budget" python3 scripts/experiment_squad.py --data-dir "$squad" --model "$model" \
+    --device cuda --seeds 3 --out /tmp/experiment-squad 2>&1 \
+    | grep -vE "it/s|s/it|^Loading" | tail -n 30 | tee -a "$results/log.txt"
+  cp /tmp/experiment-squad/results.{json,md} "$results/" 2>/dev/null
+  tar -czf "$results/records-squad.tgz" -C /tmp/experiment-squad --exclude=runs --exclude=data .
+fi
 
 # The full experiment (hours): resumable, so a stopped run continues when started again.
 if [ "${FULL:-0}" = 1 ]; then
