@@ -40,7 +40,8 @@ if [ -n "$squad" ]; then
   timeout "$budget" python3 scripts/experiment_squad.py --data-dir "$squad" --model "$model" \
     --device cuda --seeds 3 --out /tmp/experiment-squad 2>&1 \
     | grep -vE "it/s|s/it|^Loading" | tail -n 30 | tee -a "$results/log.txt"
-  cp /tmp/experiment-squad/results.{json,md} "$results/" 2>/dev/null
+  cp /tmp/experiment-squad/results.json "$results/results-squad.json" 2>/dev/null
+  cp /tmp/experiment-squad/results.md "$results/results-squad.md" 2>/dev/null
   tar -czf "$results/records-squad.tgz" -C /tmp/experiment-squad --exclude=runs --exclude=data .
 fi
 
