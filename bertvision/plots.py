@@ -23,12 +23,7 @@ def plot_curve(curve: dict, title: str = "") -> bytes:
     right.axvline(curve["best_epoch"], color="grey", linestyle="--", label="chosen epoch")
     right.set(xlabel="epoch", ylabel=f"val {metric}")
     right.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure, title)
 
 
 def plot_cost_metric(
@@ -55,6 +50,13 @@ def plot_cost_metric(
         axis.set(xscale="log", xlabel="pipeline seconds", ylabel="dev", title=panel)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
+    return _png(figure, title)
+
+
+def _png(figure, title: str) -> bytes:
+    """`figure` with its title, as PNG bytes (100 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     figure.suptitle(title)
     figure.tight_layout()
     buffer = io.BytesIO()

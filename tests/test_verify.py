@@ -8,26 +8,13 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from test_extract import _config as extract_config
 from typer.testing import CliRunner
 
 from bertvision import shards, squad
 from bertvision.cli import app
 from bertvision.config import ExtractConfig, VerifyConfig
 from bertvision.extract import extract_hidden_states
-
-
-def _glue(out, model, glue_dir) -> ExtractConfig:
-    return ExtractConfig(
-        task="wnli",
-        out=str(out),
-        model=model,
-        data_dir=glue_dir,
-        splits=["dev"],
-        max_seq_length=64,
-        shard_size=20,
-        batch_size=8,
-        device="cpu",
-    )
 
 
 def _flip(path: Path, at: int, count: int = 16) -> None:
@@ -60,7 +47,7 @@ def _table(output: str) -> dict[str, list[str]]:
 def test_flipped_bytes_are_reported_and_redo_makes_extract_redo_only_that_shard(
     tmp_path, tiny_model, glue_dir
 ):
-    cfg = _glue(tmp_path, tiny_model, glue_dir)
+    cfg = extract_config(tmp_path, tiny_model, glue_dir)
     extract_hidden_states(cfg, progress=False)
     folder = tmp_path / "wnli/dev"
     stored = sum(p.stat().st_size for p in folder.glob("shard-*.parquet"))
@@ -104,7 +91,7 @@ SHA256 = "its sha256 is not the one recorded at commit"
 
 @pytest.mark.parametrize("damage", ["footer", "other shard", "deleted"])
 def test_each_kind_of_damage_is_named(tmp_path, tiny_model, glue_dir, damage):
-    extract_hidden_states(_glue(tmp_path, tiny_model, glue_dir), progress=False)
+    extract_hidden_states(extract_config(tmp_path, tiny_model, glue_dir), progress=False)
     folder = tmp_path / "wnli/dev"
     path = folder / "shard-00001.parquet"
     size = path.stat().st_size
@@ -164,7 +151,7 @@ def test_span_shards_on_a_memory_url(tiny_model, squad_dir, tmp_path):
 def test_an_incomplete_extraction_counts_its_uncommitted_shards_as_pending(
     tmp_path, tiny_model, glue_dir
 ):
-    extract_hidden_states(_glue(tmp_path, tiny_model, glue_dir), progress=False)
+    extract_hidden_states(extract_config(tmp_path, tiny_model, glue_dir), progress=False)
     (tmp_path / "wnli/dev/_manifest/shard-00003.json").unlink()
     result = _verify(str(tmp_path))
     assert result.exit_code == 0, result.output
@@ -179,7 +166,7 @@ def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, tiny_model, glue_
         2,
         f"error: {tmp_path} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)\n",
     )
-    extract_hidden_states(_glue(tmp_path, tiny_model, glue_dir), progress=False)
+    extract_hidden_states(extract_config(tmp_path, tiny_model, glue_dir), progress=False)
     other = _verify(str(tmp_path), "--task", "rte")
     assert (other.exit_code, other.output) == (
         2,
