@@ -77,19 +77,25 @@ class Packed:
     scales: torch.Tensor | None = None
 
     def batch(self, rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T)."""
+        """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T).
+
+        `hidden` is contiguous, written in one pass that casts and reorders the gathered
+        (B, T, L, H) states: the adapters' linear layers then take it as it is, with no copy."""
         width = int(self.lengths[rows].max())
         index_rows = torch.from_numpy(rows).to(self.tokens.device)
         lengths = torch.from_numpy(self.lengths[rows]).to(self.tokens.device)
         positions = torch.arange(width, device=self.tokens.device)  # (T,)
         mask = positions[None, :] < lengths[:, None]  # (B, T)
         index = torch.where(mask, self.starts[index_rows][:, None] + positions[None, :], 0)
-        hidden = self.tokens[index].to(device=device, dtype=torch.float32)  # (B, T, L, H)
+        gathered = self.tokens[index].transpose(1, 2)  # (B, L, T, H), the stored dtype
+        hidden = torch.empty(gathered.shape, dtype=torch.float32, device=device)
+        hidden.copy_(gathered)
         if self.scales is not None:  # int8: dequantise (bertvision.quantise)
-            hidden = hidden * self.scales[index].to(device=device, dtype=torch.float32)[..., None]
+            scales = self.scales[index].transpose(1, 2).to(device=device, dtype=torch.float32)
+            hidden.mul_(scales[..., None])  # (B, L, T, 1)
         mask = mask.to(device)
-        hidden = hidden.masked_fill(~mask[:, :, None, None], 0.0)
-        return hidden.transpose(1, 2), mask  # (B, L, T, H), (B, T)
+        hidden.masked_fill_(~mask[:, None, :, None], 0.0)
+        return hidden, mask  # (B, L, T, H), (B, T)
 
 
 @dataclass

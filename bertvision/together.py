@@ -138,7 +138,7 @@ def _train_pass(fits: dict[int, Fit], data, epoch: int, groups, orders, results:
     over one read of the held-out slice; each run's epoch ends as `train._fit`'s does."""
     train = data.splits["train"]
     device = next(iter(fits.values())).cfg.device
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     tallies = {i: (0.0, 0) for i in fits}
     for group in groups:
         packed, rows = train.read_group(group, device)
@@ -153,6 +153,7 @@ def _train_pass(fits: dict[int, Fit], data, epoch: int, groups, orders, results:
             except NonFiniteError as exc:
                 results[i] = exc
     seconds = time.perf_counter() - started  # the pass's, shared by its runs
+    cpu_seconds = time.process_time() - cpu_started
     alive = [i for i in fits if results[i] is None]
     for i in alive:
         fits[i].model.eval()
@@ -164,7 +165,7 @@ def _train_pass(fits: dict[int, Fit], data, epoch: int, groups, orders, results:
         metrics, loss, _ = scored(data.task, train, *predicted)
         total, count = tallies[i]
         eval_seconds = time.perf_counter() - started - seconds
-        fits[i].end_epoch(epoch, total / count, metrics, loss, seconds, eval_seconds)
+        fits[i].end_epoch(epoch, total / count, metrics, loss, seconds, eval_seconds, cpu_seconds)
 
 
 def _commit(fits: dict[int, Fit], data, results: list, make_record: dict, stopwatch) -> None:

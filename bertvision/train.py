@@ -26,7 +26,9 @@ the run record of bertvision.records, kind "train", or "trial" for a sweep's tri
                                  for regression; one row per example, sorted by example_id.
                                  Splits: every dev/test split by its GLUE name, and "val" (the
                                  held-out slice of train). Ensembles average these outputs.
-    curve.json / curve.png       per epoch: train loss, val loss, val metrics, seconds
+    curve.json / curve.png       per epoch: train loss, val loss, val metrics, seconds of the
+                                 training pass (wall clock; cpu_seconds: the process's CPU
+                                 time, all threads) and of the validation (eval_seconds)
 
 The dev metrics are computed from the dev predictions as written to the TSV file, so they equal
 the metrics anyone recomputes from that file and the dev labels.
@@ -383,13 +385,16 @@ def _fit(
         disable=not progress,
     ) as bar:  # closed on an error too, before the error is reported
         while (epoch := fit.next_epoch()) is not None:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             train_loss = objective.train_epoch(fit.model, fit.optimizer, cfg, epoch)
             seconds = time.perf_counter() - started
+            cpu_seconds = time.process_time() - cpu_started
             fit.model.eval()
             val_metrics, val_loss = objective.validate(fit.model, cfg)
             eval_seconds = time.perf_counter() - started - seconds
-            fit.end_epoch(epoch, train_loss, val_metrics, val_loss, seconds, eval_seconds)
+            fit.end_epoch(
+                epoch, train_loss, val_metrics, val_loss, seconds, eval_seconds, cpu_seconds
+            )
             bar.update(1)
             bar.set_postfix(loss=round(train_loss, 4), val=round(val_metrics[fit.primary], 4))
 
@@ -438,9 +443,13 @@ class Fit:
         val_loss: float,
         seconds: float,
         eval_seconds: float,
+        cpu_seconds: float,
     ) -> None:
         """Record the epoch in the curve, keep its weights if they are the best on the held-out
-        slice (ties: the lower loss), and write the checkpoint."""
+        slice (ties: the lower loss), and write the checkpoint. `seconds`: the training pass's
+        wall-clock time; `cpu_seconds`: its CPU time, the process's (all its threads, runs on
+        other threads included), which on a shared machine tells work from waiting;
+        `eval_seconds`: the validation's wall-clock time."""
         state = self.state
         state["curve"].append(
             {
@@ -450,6 +459,7 @@ class Fit:
                 "val": val_metrics,
                 "seconds": round(seconds, 3),
                 "eval_seconds": round(eval_seconds, 3),
+                "cpu_seconds": round(cpu_seconds, 3),
             }
         )
         best = state["best"]

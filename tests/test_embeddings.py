@@ -146,6 +146,7 @@ def test_a_batch_holds_the_stored_states_zero_padded_to_its_longest_example(rte_
     hidden, mask = packed.batch(rows, "cpu")
     width = int(lengths.max())
     assert hidden.shape == (3, LAYERS, width, HIDDEN) and hidden.dtype == torch.float32
+    assert hidden.is_contiguous()  # the adapters' linear layers take it without a copy
     assert mask.tolist() == [[t < n for t in range(width)] for n in lengths]
     stored = stored_states(dev.shard_urls)
     for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):

@@ -127,6 +127,8 @@ def test_train_command_writes_every_output_and_exact_dev_metrics(tmp_path, rte_e
 
     curve = read_json(run / "curve.json")
     assert [e["epoch"] for e in curve["epochs"]] == [1, 2, 3]
+    # each epoch's training pass in wall-clock and in CPU seconds
+    assert all(e["seconds"] > 0 and e["cpu_seconds"] > 0 for e in curve["epochs"])
     assert curve["train_examples"] + curve["val_examples"] == 48 and curve["val_examples"] == 5
     assert (run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
