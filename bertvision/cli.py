@@ -94,8 +94,8 @@ def _libraries(
 
 
 def flag(field: str) -> str:
-    """The option of a config field: `lr` -> `--lr`, `finetune.max_seq_length` ->
-    `--finetune-max-seq-length`."""
+    """The option of a config field: `lr` -> `--lr`, `finetune.epochs` ->
+    `--finetune-epochs`."""
     return "--" + field.replace(".", "-").replace("_", "-")
 
 
