@@ -96,16 +96,7 @@ def test_padding_never_affects_the_output(name, token_pool):
     example = torch.randn(3, 4, 8)  # (L, T, H): 4 real tokens
     alone = model(example[None], torch.ones(1, 4, dtype=torch.bool))
 
-    # The same example in a batch with longer ones: 12 positions, the extra 8 padding
-    # filled with large garbage instead of zeros.
-    batch = torch.randn(3, 3, 12, 8)
-    batch[0, :, :4] = example
-    batch[0, :, 4:] = 1e4
-    mask = torch.ones(3, 12, dtype=torch.bool)
-    mask[0, 4:] = False
-    mask[2, 9:] = False
-    batch[2, :, 9:] = float("nan")
-    in_batch = model(batch, mask)
+    in_batch = model(*among_padded_batch_mates(example))
     torch.testing.assert_close(in_batch[0], alone[0], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(in_batch).all()
 
@@ -144,3 +135,17 @@ def test_scalar_mix_learns_its_layer_weights_and_scale():
     weights = model.layer_weights()
     assert weights.argmax() == 2 and weights[2] > 0.5
     assert model.scale.item() != 1.0
+
+
+def among_padded_batch_mates(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, mask): `example` (L, 4, H) first in a batch of 3 with 12 positions, its 8 padding
+    positions filled with large garbage instead of zeros, another row's padding with NaN."""
+    layers, _, hidden = example.shape
+    batch = torch.randn(3, layers, 12, hidden)
+    batch[0, :, :4] = example
+    batch[0, :, 4:] = 1e4
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 9:] = False
+    batch[2, :, 9:] = float("nan")
+    return batch, mask

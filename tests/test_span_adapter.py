@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_adapters import among_padded_batch_mates
 from typer.testing import CliRunner
 
 from bertvision import adapters, runs, span_train, squad
@@ -106,14 +107,7 @@ def test_padding_never_changes_the_logits_of_real_tokens():
     torch.manual_seed(1)
     window = torch.randn(3, 4, 8)  # (L, T, H): 4 real tokens
     alone = model(window[None], torch.ones(1, 4, dtype=torch.bool))
-    # The same window among longer ones, its padding filled with garbage, another's with NaN.
-    batch = torch.randn(3, 3, 12, 8)
-    batch[0, :, :4] = window
-    batch[0, :, 4:] = 1e4
-    mask = torch.ones(3, 12, dtype=torch.bool)
-    mask[0, 4:] = False
-    mask[2, 9:] = False
-    batch[2, :, 9:] = float("nan")
+    batch, mask = among_padded_batch_mates(window)
     in_batch = model(batch, mask)
     for got, expected in zip(in_batch, alone, strict=True):
         torch.testing.assert_close(got[0, :4], expected[0], rtol=1e-5, atol=1e-5)
