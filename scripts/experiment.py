@@ -24,7 +24,9 @@ gets the same choices). Each record holds the dev metrics; the summary gives mea
 over seeds and, per seed, the paired difference from --reference (finetune-3: full fine-tuning).
 
 Cost, measured with time.perf_counter around every stage (`stage_s`; on CUDA the stage holds the
-one device throughout, so `device_s` = `stage_s` there):
+one device throughout, so `device_s` = `stage_s` there) and with time.process_time, the CPU
+seconds of all the process's threads (`stage_cpu_s`, and `pipeline_cpu_s`, `amortised_cpu_s`
+alike: on a shared CPU machine the steadier guide):
 
     pipeline_s   the cost of the result from the pretrained encoder: finetune-E its whole
                  learning-rate grid (the budget of choice); an adapter result the grid of its
@@ -75,6 +77,9 @@ from bertvision.train import TrainConfig, train_adapter
 
 ADAPTERS = ("pooler", "scalarmix", "cls")
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+# The two clocks every cost is kept in: "" wall seconds (perf_counter), "_cpu" the process's CPU
+# seconds over all its threads (process_time), which a busy shared machine inflates far less.
+CLOCKS = ("", "_cpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,7 +208,7 @@ def run_seed(
     records: list[dict] = []
     choices: dict = {"task": task, "seed": seed, "finetune_lr": {}}
     chosen_runs: dict[float, Path] = {}
-    grid_s: dict[float, float] = {}
+    grid_s: dict[float, dict[str, float]] = {}
 
     def finetune(epochs: float, lr: float) -> dict:
         cfg = FinetuneConfig(
@@ -243,7 +248,7 @@ def run_seed(
         ]
         best = max(grid, key=lambda r: selectable(r["val"][metric]))  # ties: the first
         chosen_runs[epochs] = runs / f"finetune-{epochs:g}-lr{best['lr']:g}"
-        grid_s[epochs] = sum(r["stage_s"] for r in grid)
+        grid_s[epochs] = {c: sum(r[f"stage{c}_s"] for r in grid) for c in CLOCKS}
         choices["finetune_lr"][f"{epochs:g}"] = best["lr"]
         records += [*grid, selected(best, f"finetune-{epochs:g}", grid_s[epochs])]
 
@@ -253,13 +258,15 @@ def run_seed(
             args, task, seed, data_dir, chosen_runs[epochs], runs, records_dir, tag
         )
         extract, load, *adapters = stage_records
-        base = grid_s[epochs] + extract["stage_s"] + load["stage_s"]
         trainings = sum(r["trainings"] for r in adapters)
-        sweep_s = sum(r["stage_s"] for r in adapters if r["method"].startswith("sweep"))
-        for record in adapters:
-            extra = sweep_s if record["method"].startswith(("ensemble", "curve")) else 0.0
-            record["pipeline_s"] = round(base + extra + record["stage_s"], 3)
-            record["amortised_s"] = round(base / trainings + extra + record["stage_s"], 3)
+        for c in CLOCKS:
+            base = grid_s[epochs][c] + extract[f"stage{c}_s"] + load[f"stage{c}_s"]
+            sweep_s = sum(r[f"stage{c}_s"] for r in adapters if r["method"].startswith("sweep"))
+            for record in adapters:
+                extra = sweep_s if record["method"].startswith(("ensemble", "curve")) else 0.0
+                own = record[f"stage{c}_s"]
+                record[f"pipeline{c}_s"] = round(base + extra + own, 3)
+                record[f"amortised{c}_s"] = round(base / trainings + extra + own, 3)
         records += stage_records
         choices.update(stage_choices)
     for record in records:
@@ -432,10 +439,11 @@ def selectable(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else -math.inf
 
 
-def selected(best: dict, method: str, grid_s: float) -> dict:
+def selected(best: dict, method: str, grid_s: dict[str, float]) -> dict:
     """The record of a fine-tuning method: its grid's chosen run, charged the whole grid."""
-    record = {**best, "method": method, "chosen_s": best["stage_s"], "pipeline_s": grid_s}
-    record["amortised_s"] = record["pipeline_s"]
+    record = {**best, "method": method, "chosen_s": best["stage_s"]}
+    for c in CLOCKS:
+        record[f"pipeline{c}_s"] = record[f"amortised{c}_s"] = grid_s[c]
     return record
 
 
@@ -444,10 +452,11 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
     path = records_dir / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = work()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     record = {"task": task, "seed": seed, "method": name, **result, "stage_s": round(seconds, 3)}
+    record["stage_cpu_s"] = round(cpu_seconds, 3)
     if "train_examples" in record:
         record["train_ex_s"] = round(record["train_examples"] / max(record["train_s"], 1e-9), 1)
     if "examples" in record:
@@ -488,8 +497,9 @@ def summarise(records: list[dict], method_names: list[str], reference: str) -> l
                 continue
             row = {"task": task, "method": method, "seeds": len(group), "metric": metric}
             row["dev"] = {m: mean_std([r["dev"][m] for r in group]) for m in group[0]["dev"]}
-            for cost in ("stage_s", "pipeline_s", "amortised_s"):
-                row[cost] = mean_std([r[cost] for r in group])
+            for cost in ("stage", "pipeline", "amortised"):
+                for c in CLOCKS:
+                    row[f"{cost}{c}_s"] = mean_std([r[f"{cost}{c}_s"] for r in group])
             paired = [r["dev"][metric] - base[r["seed"]] for r in group if r["seed"] in base]
             row["paired"] = {"reference": reference, "per_seed": paired}
             row["paired"].update(mean_std(paired) if paired else {"mean": None, "std": None})
@@ -500,7 +510,8 @@ def summarise(records: list[dict], method_names: list[str], reference: str) -> l
             ):
                 group = [r for r in ours if r["method"] == tag]
                 row = {"task": task, "method": tag, "seeds": len(group)}
-                row["stage_s"] = mean_std([r["stage_s"] for r in group])
+                for c in CLOCKS:
+                    row[f"stage{c}_s"] = mean_std([r[f"stage{c}_s"] for r in group])
                 rows.append(row)
     return rows
 
@@ -554,6 +565,7 @@ def markdown(results: dict) -> str:
         metrics = list(scored[0]["dev"])
         header = [f"dev {m}" for m in metrics]
         header += [f"Δ {scored[0]['metric']}", "pipeline s", "amortised s", "stage s"]
+        header += ["pipeline CPU s"]
         lines += [
             f"## {task}",
             "",
@@ -564,7 +576,10 @@ def markdown(results: dict) -> str:
             cells = [shown(row["dev"][m]) for m in metrics]
             paired = row["paired"]
             cells.append("" if paired["mean"] is None else shown(paired))
-            cells += [f"{row[c]['mean']:.1f}" for c in ("pipeline_s", "amortised_s", "stage_s")]
+            cells += [
+                f"{row[c]['mean']:.1f}"
+                for c in ("pipeline_s", "amortised_s", "stage_s", "pipeline_cpu_s")
+            ]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
         stages = [r for r in rows if "dev" not in r]
         lines += [

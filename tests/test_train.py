@@ -589,6 +589,7 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         chosen = records[f"finetune-{epochs}"]
         assert chosen["val"]["accuracy"] == max(r["val"]["accuracy"] for r in grid)
         assert chosen["pipeline_s"] == pytest.approx(sum(r["stage_s"] for r in grid))
+        assert chosen["pipeline_cpu_s"] == pytest.approx(sum(r["stage_cpu_s"] for r in grid))
         assert results["choices"][0]["finetune_lr"][epochs] == chosen["lr"]
     for row in results["summary"][:12]:
         assert set(row["dev"]) == {"accuracy"} and 0.0 <= row["dev"]["accuracy"]["mean"] <= 1.0
@@ -602,6 +603,13 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     assert records["pooler@0.5"]["pipeline_s"] == pytest.approx(
         shared + records["pooler@0.5"]["stage_s"], abs=0.01
     )
+    # the CPU clock is charged the same way
+    shared_cpu = sum(records[m]["stage_cpu_s"] for m in ("extract@0.5", "load@0.5"))
+    shared_cpu += records["finetune-0.5"]["pipeline_cpu_s"]
+    assert records["pooler@0.5"]["pipeline_cpu_s"] == pytest.approx(
+        shared_cpu + records["pooler@0.5"]["stage_cpu_s"], abs=0.01
+    )
+    assert all(r["stage_cpu_s"] > 0 for r in records.values())
     # one extraction served 3 single adapters, 2 trials and 4 curve points
     assert records["pooler@0.5"]["amortised_s"] == pytest.approx(
         shared / 9 + records["pooler@0.5"]["stage_s"], abs=0.01
