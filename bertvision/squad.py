@@ -34,6 +34,7 @@ import hashlib
 import json
 import re
 import string
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -641,7 +642,9 @@ def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> 
     that no article's questions are both trained on and selected on.
 
     `fraction` is of the articles (at least one, never all), in order of first appearance,
-    drawn as glue.held_out_ids draws examples. ValueError for fewer than 2 articles.
+    drawn as glue.held_out_ids draws examples. ValueError for fewer than 2 articles; a
+    UserWarning when the held-out articles hold more than twice `fraction` of the questions
+    (few articles: one of three is a third of the questions).
     """
     from bertvision.glue import held_out_ids
 
@@ -651,7 +654,16 @@ def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> 
             f"the SQuAD train questions ({len(examples)}) span {len(titles)} article(s); "
             "at least 2 are needed to hold one out (raise --max-train-examples)"
         )
-    return [titles[i] for i in held_out_ids(range(len(titles)), fraction, seed)]
+    held_out = [titles[i] for i in held_out_ids(range(len(titles)), fraction, seed)]
+    questions = sum(ex.title in held_out for ex in examples)
+    if questions > 2 * fraction * len(examples):
+        warnings.warn(
+            f"--val-fraction {fraction:g} holds out {len(held_out)} of {len(titles)} articles: "
+            f"{questions} of {len(examples)} train questions ({questions / len(examples):.0%}); "
+            "with so few articles, raise --max-train-examples",
+            stacklevel=2,
+        )
+    return held_out
 
 
 def data_fingerprint(examples: list[Example]) -> str:

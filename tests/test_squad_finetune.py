@@ -91,6 +91,17 @@ def test_the_held_out_slice_holds_whole_articles(squad_dir):
     assert len(train) + len(val) == len(examples)
 
 
+def test_a_held_out_article_far_above_the_fraction_is_warned_of():
+    questions = [
+        squad.Example(f"q{i}", title, "context", "question?", (), True)
+        for i, title in enumerate(["A", "A", "B", "B", "C", "C"])
+    ]
+    with pytest.warns(
+        UserWarning, match=r"holds out 1 of 3 articles: 2 of 6 train questions \(33%\)"
+    ):
+        squad.held_out_titles(questions, 0.1)
+
+
 def test_a_single_article_cannot_be_split():
     example = squad.Example("q", "A", "context", "question?", (), True)
     with pytest.raises(ValueError, match="span 1 article"):
