@@ -17,6 +17,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from importlib.metadata import entry_points
 from typing import Annotated, Any
@@ -262,6 +263,22 @@ def _inside(paths: list, folder: str) -> bool:
 # -- the commands ------------------------------------------------------------------------------
 
 
+@contextmanager
+def noting_if_stored(out: str) -> Iterator[None]:
+    """Say on stderr when the command found its result already finished at `out` with the same
+    settings and inputs (same commit key before and after) and so redid nothing."""
+    from bertvision import runs
+
+    before = runs.commit_record(out)
+    yield
+    after = runs.commit_record(out)
+    if before is not None and after is not None and after["key"] == before["key"]:
+        typer.echo(
+            f"{out}: finished before with the same settings and inputs; returned as stored",
+            err=True,
+        )
+
+
 @config_command(FinetuneConfig)
 def finetune(cfg: FinetuneConfig) -> None:
     """Fine-tune an encoder briefly on a task; write the checkpoint and its dev metrics.
@@ -272,7 +289,8 @@ def finetune(cfg: FinetuneConfig) -> None:
     """
     from bertvision.finetune import finetune_encoder
 
-    metrics = finetune_encoder(cfg)
+    with noting_if_stored(cfg.out):
+        metrics = finetune_encoder(cfg)
     shown = {k: metrics[k] for k in ("val", "dev", "train")}
     typer.echo(strict_json(shown, sort_keys=True))
 
@@ -308,7 +326,9 @@ def train(cfg: TrainConfig) -> None:
     """
     from bertvision.train import train_adapter
 
-    typer.echo(strict_json(train_adapter(cfg), sort_keys=True))
+    with noting_if_stored(cfg.out):
+        metrics = train_adapter(cfg)
+    typer.echo(strict_json(metrics, sort_keys=True))
 
 
 @config_command(SweepConfig)
@@ -343,7 +363,8 @@ def ensemble(cfg: EnsembleConfig) -> None:
     """
     from bertvision.ensemble import build_ensemble
 
-    result = build_ensemble(cfg)
+    with noting_if_stored(cfg.out):
+        result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
         typer.echo(f"{name}: val {strict_json(member['val'])} dev {strict_json(member['dev'])}")

@@ -80,11 +80,9 @@ def rte_extracted(tmp_path_factory, glue_dir, tiny_model) -> tuple[str, str]:
 def test_train_command_writes_every_output_and_exact_dev_metrics(tmp_path, rte_extracted):
     embeddings, data_dir = rte_extracted
     run = tmp_path / "run"
-    result = CliRunner().invoke(
-        app,
-        ["train", "--task", "rte", "--embeddings", embeddings, "--out", str(run)]
-        + ["--epochs", "3", "--adapter-dim", "8", "--device", "cpu", "--seed", "3"],
-    )
+    args = ["train", "--task", "rte", "--embeddings", embeddings, "--out", str(run)]
+    args += ["--epochs", "3", "--adapter-dim", "8", "--device", "cpu", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     for name in (
         "config.json",
@@ -138,6 +136,11 @@ def test_train_command_writes_every_output_and_exact_dev_metrics(tmp_path, rte_e
     assert provenance["embeddings"] == embeddings
     assert provenance["train"]["seed"] == 3 and provenance["adapter"]["adapter"] == "pooler"
     assert isinstance(adapters.load_adapter(str(run / "adapter")), adapters.AdapterPooler)
+
+    rerun = CliRunner().invoke(app, args)
+    assert rerun.exit_code == 0 and rerun.stdout == result.stdout
+    assert "finished before with the same settings and inputs; returned as stored" in rerun.stderr
+    assert "returned as stored" not in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------
