@@ -70,6 +70,12 @@ def main() -> None:
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--samples-json", default="", help="write every sample here")
     parser.add_argument(
+        "--recorder-batch-size", type=int, default=0,
+        help="task-run events the server records per transaction "
+        "(PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE and _READ_BATCH_SIZE); "
+        "0: Prefect's default (1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads per flow-run process (OMP_NUM_THREADS): 4 processes on 2 cores, "
         "each with as many threads as cores, spend their time spinning on each other",
@@ -92,6 +98,10 @@ def main() -> None:
         demo = Demo(tmp, demo_args)
         demo.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = postgres.url
         demo.env["OMP_NUM_THREADS"] = str(args.threads)
+        if args.recorder_batch_size:
+            for setting in ("BATCH_SIZE", "READ_BATCH_SIZE"):
+                name = f"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_{setting}"
+                demo.env[name] = str(args.recorder_batch_size)
         sampler = None
         try:
             postgres.start()
@@ -201,10 +211,18 @@ class Sampler(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
+        """RSS here, the API's latency in a thread of its own: a slow answer delays no sample."""
+        probe = threading.Thread(target=self._probe_api, daemon=True)
+        probe.start()
         while not self._done.is_set():
             self._sample_rss()
-            self._time_api()
             self.load.append(os.getloadavg()[0])
+            self._done.wait(self.seconds)
+        probe.join()
+
+    def _probe_api(self) -> None:
+        while not self._done.is_set():
+            self._time_api()
             self._done.wait(self.seconds)
 
     def stop(self) -> None:
@@ -351,6 +369,12 @@ def report(
                 f"  {name:22s} {statistics.median(values) * 1000:6.0f} / {p95 * 1000:6.0f} / "
                 f"{max(values) * 1000:6.0f}  ({len(values)} calls)"
             )
+    server_log = (demo.tmp / "server.log").read_text()
+    print(
+        "event messages the server dropped (its in-memory subscription queue of 10,000 full): "
+        f"{server_log.count('Subscription queue is full, dropping message')}; events refused "
+        f"as too large: {server_log.count('Refusing to publish event')}"
+    )
     if sampler.failures:
         print(f"API calls that failed: {len(sampler.failures)}: {sampler.failures[:3]}")
     print(
