@@ -2,7 +2,8 @@
 PostgreSQL with process workers on this machine.
 
     python benchmarks/bench_prefect_scale.py [--shards 10000] [--workers 4] \
-        [--examples-per-shard 4] [--data-dir ../shared/data/glue] [--sample-seconds 5]
+        [--examples-per-shard 4] [--data-dir ../shared/data/glue] [--sample-seconds 5] \
+        [--threads 1] [--recorder-batch-size 100] [--samples-json samples.json]
 
 The model is a tiny random BERT (hidden 32, 2 layers, MiniLM's tokenizer) saved to a temporary
 folder, the data the first shards x examples-per-shard sentences of GLUE SST-2 train: the point is
@@ -16,7 +17,9 @@ Every `--sample-seconds` it samples the RSS of each process kind (the server's p
 PostgreSQL's, each worker, the coordinating flow run and the shard flow runs: the processes the
 workers start) and times GET /api/health and POST /api/flow_runs/filter. At the end it prints:
 
-- shards committed / expected, and shard task runs Completed in the API (one per shard);
+- shards committed / expected, and shard task runs Completed in the API (one per shard): the
+  server records task runs from events, so it waits until all show or none has come for 2
+  minutes, and counts the event messages the server dropped (its log);
 - example ids stored: each of 0..N-1 exactly once in the committed shards, and stray Parquet
   files in the split folder (a duplicate write would leave one);
 - wall time of the flow run (submit to Completed) and the shards' own compute seconds (the sum of
