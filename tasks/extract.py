@@ -6,7 +6,7 @@ whatever Prefect's cache holds, and `pending_shards` lists only what storage lac
 
 from __future__ import annotations
 
-from bertvision_tasks.names import task_run_name
+from bertvision_tasks.names import shard_number, task_run_name
 from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -85,8 +85,14 @@ def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> l
     return extract.finish_split(cfg, plan, done)
 
 
+def _shard_run_name(parameters: dict) -> str:
+    """`rte-train-shard-0007`; 5 digits from 10,001 shards on (`shard_number`)."""
+    plan = parameters["plan"]
+    return f"{plan.task}-{plan.split}-shard-{shard_number(parameters['index'], plan.num_shards)}"
+
+
 @task(
-    task_run_name=task_run_name("{plan.task}-{plan.split}-shard-{index:04d}"),
+    task_run_name=task_run_name(_shard_run_name),
     cache_policy=WhileStored(_shard_commit_record),
     persist_result=True,
     timeout_seconds=3600,

@@ -33,12 +33,23 @@ def _cfg_out(parameters: dict[str, Any]) -> str:
     return parameters["cfg"].out
 
 
-def task_run_name(work: str, out: Callable[[dict[str, Any]], str] = _cfg_out) -> Callable[..., str]:
+def shard_number(index: int, num_shards: int) -> str:
+    """Shard `index` zero-padded to at least 4 digits and to the digits of the extraction's last
+    shard, so one extraction's names sort in shard order: 7 of 20 -> `0007`, 7 of 12,000 ->
+    `00007`, 10,000 of 12,000 -> `10000`."""
+    return f"{index:0{max(4, len(str(num_shards - 1)))}d}"
+
+
+def task_run_name(
+    work: str | Callable[[dict[str, Any]], str], out: Callable[[dict[str, Any]], str] = _cfg_out
+) -> Callable[..., str]:
     """A `task_run_name`: `work` formatted with the task's parameters (`{cfg.task}`,
-    `{index:04d}`), then `@` and the output's last folders (`cfg.out` unless `out` says)."""
+    `{index:04d}`), or a function of them, then `@` and the output's last folders (`cfg.out`
+    unless `out` says)."""
 
     def name(parameters: dict[str, Any]) -> str:
-        return run_name(work.format(**parameters), out(parameters))
+        text = work(parameters) if callable(work) else work.format(**parameters)
+        return run_name(text, out(parameters))
 
     return name
 
