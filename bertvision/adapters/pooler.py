@@ -54,8 +54,8 @@ class PoolerConfig(AdapterConfig):
 
 class SharedLayerAdapter(nn.Module):
     """The body: a bottleneck adapter with a residual skip, one set of weights for every layer
-    and token (`adapt`), and learned softmax weights over the layers (`mix`). Its parameters are
-    `down`, `up` and `layer_logits`, the names saved adapters hold."""
+    and token (`bottleneck`, then `up`), and learned softmax weights over the layers (`mix`).
+    Its parameters are `down`, `up` and `layer_logits`, the names saved adapters hold."""
 
     def __init__(self, layers: int, hidden_size: int, adapter_dim: int, init_scale: float) -> None:
         super().__init__()
