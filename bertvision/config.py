@@ -355,6 +355,11 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         8.0, "Hold a split in (device) memory up to this size, else stream it from its shards"
     )
     shuffle_shards: int = setting(4, "When streaming: shards whose examples are shuffled together")
+    read_ahead: int = setting(
+        1,
+        "When streaming: shard groups read and decoded on a thread while training on one "
+        "(memory: 1 + this many groups); 0 = read each when its turn comes",
+    )
     train_fraction: float = setting(
         1.0,
         "Share of TRAIN (held-out slice aside) trained on: a seeded subset of the examples "
@@ -377,7 +382,7 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             raise ConfigError("adapter", f"{self.adapter!r} is unknown; expected one of {known}")
         _adapter_fits_task(self)
         check_at_least(self, 1, "adapter_dim", "epochs", "batch_size", "shuffle_shards")
-        check_at_least(self, 0, "patience", "max_resident_gb")
+        check_at_least(self, 0, "patience", "max_resident_gb", "read_ahead")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         check_at_least(self, 0, "weight_decay")
@@ -412,7 +417,7 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     def run_key(self, extraction_keys: dict[str, str]) -> str:
         """Hashes what determines the run's results: a run folder never mixes two keys."""
-        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb")
+        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb", "read_ahead")
         content = {k: v for k, v in asdict(self).items() if k not in where}
         # runs keyed before these options keep their keys
         if self.train_fraction == 1.0:

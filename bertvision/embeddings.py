@@ -27,15 +27,22 @@ Memory: a split whose states take at most `max_resident_gb` (tokens x L x H x by
 dtype, plus tokens x L scales for int8) is read once and held on the device as a `Packed`, in
 the stored dtype, one row per token: (sum of T, L, H), int8 with its scales (sum of T, L).
 A larger split is streamed: each pass reads a group of shards into a `Packed`, uses it, and
-drops it. Reading holds, besides its result, one row group (one encoder batch) of one shard.
-Batches are padded to their longest example and cast to float32 (int8 dequantised) only on the
-way to the model, so at most one batch is held as float32.
+drops it; while it trains on one group, the next `read_ahead` groups are read on a reading
+thread (`SplitData.read_groups`), so it holds at most 1 + read_ahead groups. A group's shards
+are decoded on up to READ_THREADS threads at once (pyarrow and numpy's copies release the GIL),
+each holding, besides the result, one row group (one encoder batch) of its shard. Groups come
+in their order whatever the timing, so training reads the same batches with or without reading
+ahead. Batches are padded to their longest example and cast to float32 (int8 dequantised) only
+on the way to the model, so at most one batch is held as float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -53,6 +60,9 @@ from bertvision.shards import (
     read_shard,
     split_url,
 )
+
+# Shards of one group decoded at once (read_packed).
+READ_THREADS = 4
 
 # Settings every split of one extraction must share.
 SHARED_SETTINGS = (
@@ -126,9 +136,32 @@ class SplitData:
         self, device: str, rng: np.random.Generator | None = None, shuffle_shards: int = 1
     ) -> Iterator[tuple[Packed, np.ndarray]]:
         """(Packed, storage rows of its examples): the resident whole, or groups of shards read
-        one group at a time (in a random order when `rng` is given)."""
-        for group in self.shard_groups(rng, shuffle_shards):
-            yield self.read_group(group, device)
+        one group at a time (in a random order when `rng` is given), the next read ahead."""
+        yield from self.read_groups(self.shard_groups(rng, shuffle_shards), device)
+
+    def read_groups(
+        self, groups: Iterable[np.ndarray], device: str, read_ahead: int = 1
+    ) -> Iterator[tuple[Packed, np.ndarray]]:
+        """`read_group` of each of `groups`, in their order, the next `read_ahead` groups read
+        on a reading thread while the caller uses the current one (0: each read when asked).
+        A failed read raises its error when its group's turn comes; leaving early cancels the
+        reads not started and waits for the one running."""
+        if self.resident is not None or read_ahead == 0:
+            for group in groups:
+                yield self.read_group(group, device)
+            return
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
+            try:
+                for group in groups:
+                    pending.append(reader.submit(self.read_group, group, device))
+                    if len(pending) > read_ahead:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def shard_groups(
         self, rng: np.random.Generator | None = None, shuffle_shards: int = 1
@@ -264,53 +297,68 @@ def _hidden_bytes(split: SplitData) -> int:
     return split.num_tokens * hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
 
 
-def read_packed(urls: list[str], plan: ExtractionPlan, device: str) -> Packed:
+def read_packed(
+    urls: list[str], plan: ExtractionPlan, device: str, threads: int = READ_THREADS
+) -> Packed:
     """The shards at `urls`, in order, as one Packed on `device`.
 
-    Hidden states are copied into place one row group at a time: besides the result, memory
-    holds one row group of one shard. Reads shard formats 1 and 2 (see shards.hidden_arrays),
-    span shards (format 3), whose rows are windows: `example_ids` are then window ids, and int8
-    shards (formats 4 and 5), held as int8 values and their scales.
+    Up to `threads` shards are read and decoded at once, each into its own rows of the result,
+    one row group at a time: besides the result, memory holds one row group per thread. Reads
+    shard formats 1 and 2 (see shards.hidden_arrays), span shards (format 3), whose rows are
+    windows: `example_ids` are then window ids, and int8 shards (formats 4 and 5), held as int8
+    values and their scales. Errors as `read_shard` raises them, or ShardError for non-finite
+    states; of several failing shards, the first in `urls` order is raised.
     """
     ids = ID_COLUMNS[plan.schema]
-    heads = [read_shard(url, columns=[ids, "length"])[1] for url in urls]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        heads = list(pool.map(lambda url: read_shard(url, columns=[ids, "length"])[1], urls))
+        packed = _allocate(heads, ids, plan)
+        first_rows = np.concatenate([[0], np.cumsum([t.num_rows for t in heads])]).astype(int)
+        list(pool.map(partial(_fill, packed, plan), urls, first_rows[:-1]))
+    return Packed(
+        packed.example_ids,
+        packed.lengths,
+        packed.starts.to(device),
+        packed.tokens.to(device),
+        None if packed.scales is None else packed.scales.to(device),
+    )
+
+
+def _allocate(heads: list, ids: str, plan: ExtractionPlan) -> Packed:
+    """An empty host Packed for the shards whose id and length columns are `heads`."""
     lengths = np.concatenate([t.column("length").to_numpy() for t in heads]).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     stored = hidden_dtype(plan.dtype)
     total = int(lengths.sum())
     tokens = torch.empty((total, plan.layers, plan.hidden_size), dtype=stored.torch())
-    host = tokens.numpy()  # the same memory
-    scales = host_scales = None
-    columns = ["length", "hidden"]
+    scales = None
     if stored.quantised:
         scales = torch.empty((total, plan.layers), dtype=torch.float16)
-        host_scales = scales.numpy()
-        columns.append("hidden_scale")
-    row = 0
-    for url in urls:
-        for group in iter_row_groups(url, columns=columns):
-            if stored.quantised:
-                rows = quantised_arrays(group, plan)  # (L, T, H) int8, (L, T) float16
-            else:
-                rows = [(values, None) for values in hidden_arrays(group, plan)]  # (L, T, H)
-            for values, scale in rows:
-                checked = values if scale is None else scale
-                if not np.isfinite(checked).all():
-                    raise _non_finite_hidden(url, checked, plan)
-                at = slice(starts[row], starts[row] + values.shape[1])
-                np.copyto(host[at], values.transpose(1, 0, 2))
-                if scale is not None:
-                    np.copyto(host_scales[at], scale.T)
-                row += 1
-    example_ids = np.concatenate([t.column(ids).to_numpy() for t in heads])
-    starts_on_device = torch.from_numpy(starts).to(device)
-    return Packed(
-        example_ids.astype(np.int64),
-        lengths,
-        starts_on_device,
-        tokens.to(device),
-        None if scales is None else scales.to(device),
-    )
+    example_ids = np.concatenate([t.column(ids).to_numpy() for t in heads]).astype(np.int64)
+    return Packed(example_ids, lengths, torch.from_numpy(starts), tokens, scales)
+
+
+def _fill(packed: Packed, plan: ExtractionPlan, url: str, row: int) -> None:
+    """Decode the shard at `url` into the host `packed`'s tokens (and scales) of its examples,
+    the first of them at example `row`, one row group at a time."""
+    host = packed.tokens.numpy()  # the same memory
+    host_scales = None if packed.scales is None else packed.scales.numpy()
+    starts = packed.starts.numpy()
+    columns = ["length", "hidden"] + (["hidden_scale"] if host_scales is not None else [])
+    for group in iter_row_groups(url, columns=columns):
+        if host_scales is not None:
+            rows = quantised_arrays(group, plan)  # (L, T, H) int8, (L, T) float16
+        else:
+            rows = [(values, None) for values in hidden_arrays(group, plan)]  # (L, T, H)
+        for values, scale in rows:
+            checked = values if scale is None else scale
+            if not np.isfinite(checked).all():
+                raise _non_finite_hidden(url, checked, plan)
+            at = slice(starts[row], starts[row] + values.shape[1])
+            np.copyto(host[at], values.transpose(1, 0, 2))
+            if scale is not None:
+                np.copyto(host_scales[at], scale.T)
+            row += 1
 
 
 def _non_finite_hidden(url: str, stored: np.ndarray, plan: ExtractionPlan) -> ShardError:
@@ -331,12 +379,14 @@ def epoch_batches(
     device: str,
     shuffle_shards: int = 4,
     shard_rng: np.random.Generator | None = None,
+    read_ahead: int = 1,
 ) -> Iterator[tuple[Packed, np.ndarray, np.ndarray]]:
     """One epoch of shuffled batches over the storage rows where `keep` is True:
     (Packed, its rows in the batch, their storage rows). When streamed, the order of the shard
-    groups is drawn from `shard_rng` (default: `rng`, before any batch is drawn)."""
-    for group in split.shard_groups(rng if shard_rng is None else shard_rng, shuffle_shards):
-        packed, rows = split.read_group(group, device)
+    groups is drawn from `shard_rng` (default: `rng`, before any batch is drawn), and the next
+    `read_ahead` groups are read while one is used (SplitData.read_groups)."""
+    groups = split.shard_groups(rng if shard_rng is None else shard_rng, shuffle_shards)
+    for packed, rows in split.read_groups(groups, device, read_ahead):
         for chosen in pack_batches(rows, keep, batch_size, rng):
             yield packed, chosen, rows[chosen]
 

@@ -208,10 +208,12 @@ def span_batches(
     rng: np.random.Generator,
     device: str,
     shuffle_shards: int = 4,
+    read_ahead: int = 1,
 ) -> Iterator[SpanBatch]:
-    """One epoch of shuffled batches over the windows where `keep` (storage order) is True."""
+    """One epoch of shuffled batches over the windows where `keep` (storage order) is True;
+    when streamed, the next `read_ahead` shard groups read while one is used."""
     for packed, rows, storage_rows in epoch_batches(
-        split.data, keep, batch_size, rng, device, shuffle_shards
+        split.data, keep, batch_size, rng, device, shuffle_shards, read_ahead=read_ahead
     ):
         hidden, mask = packed.batch(rows, device)
         width = hidden.shape[2]

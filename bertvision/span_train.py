@@ -252,7 +252,10 @@ def _train_epoch(model, optimizer, split: SpanSplit, keep, cfg: TrainConfig, epo
 
     order = start_epoch(model, cfg, epoch)
     total, count = 0.0, 0
-    for batch in span_batches(split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards):
+    batches = span_batches(
+        split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards, cfg.read_ahead
+    )
+    for batch in batches:
         start, end = model(batch.hidden, batch.mask)
         loss = span_loss(start, end, batch.start_positions, batch.end_positions)
         value = loss.item()

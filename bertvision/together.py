@@ -138,10 +138,10 @@ def _train_pass(fits: dict[int, Fit], data, epoch: int, groups, orders, results:
     over one read of the held-out slice; each run's epoch ends as `train._fit`'s does."""
     train = data.splits["train"]
     device = next(iter(fits.values())).cfg.device
+    read_ahead = max(fit.cfg.read_ahead for fit in fits.values())
     started, cpu_started = time.perf_counter(), time.process_time()
     tallies = {i: (0.0, 0) for i in fits}
-    for group in groups:
-        packed, rows = train.read_group(group, device)
+    for packed, rows in train.read_groups(groups, device, read_ahead):
         for i, fit in fits.items():
             if results[i] is not None:
                 continue

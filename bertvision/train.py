@@ -213,8 +213,8 @@ def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: i
     """One pass over the kept rows; the mean training loss (see `start_epoch`)."""
     order = start_epoch(model, cfg, epoch)
     total, count = 0.0, 0
-    for group in split.shard_groups(shard_order(cfg, epoch, order), cfg.shuffle_shards):
-        packed, rows = split.read_group(group, cfg.device)
+    groups = split.shard_groups(shard_order(cfg, epoch, order), cfg.shuffle_shards)
+    for packed, rows in split.read_groups(groups, cfg.device, cfg.read_ahead):
         total, count = train_pack(
             task, model, optimizer, split, packed, rows, keep, order, cfg, epoch, total, count
         )

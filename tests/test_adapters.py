@@ -101,6 +101,67 @@ def test_padding_never_affects_the_output(name, token_pool):
     assert torch.isfinite(in_batch).all()
 
 
+def padded_adapter_pooler(model: AdapterPooler, hidden: torch.Tensor, mask: torch.Tensor):
+    """The pooler's formulas (pooler.py) computed at every position, padding included: its
+    adapter on every layer and token, then the first token and the masked mean."""
+    adapted = hidden + model.up(nn.functional.gelu(model.down(hidden)))  # (B, L, T, H)
+    parts = {"cls": [adapted[:, :, 0]], "mean": [adapters.masked_mean(adapted, mask)]}
+    parts["cls+mean"] = parts["cls"] + parts["mean"]
+    pooled = torch.cat(parts[model.config.token_pool], dim=-1)  # (B, L, P)
+    mixed = torch.einsum("blp,l->bp", pooled, torch.softmax(model.layer_logits, dim=0))
+    return model.head(model.dropout(mixed))
+
+
+def padded_span_adapter(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor):
+    """The span adapter's formulas (span.py) at every position, padding included."""
+    adapted = hidden + model.up(nn.functional.gelu(model.down(hidden)))  # (B, L, T, H)
+    mixed = torch.einsum("blth,l->bth", adapted, torch.softmax(model.layer_logits, dim=0))
+    logits = model.head(model.dropout(mixed)).masked_fill(~mask[:, :, None], float("-inf"))
+    return logits[..., 0], logits[..., 1]
+
+
+def batch_of_very_different_lengths() -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (4, 3, 30, 8) with 30, 2, 17 and 1 real tokens, padding zero (as Packed.batch
+    gives it), and its mask."""
+    torch.manual_seed(2)
+    lengths = torch.tensor([30, 2, 17, 1])
+    mask = torch.arange(30)[None, :] < lengths[:, None]
+    hidden = torch.randn(4, 3, 30, 8).masked_fill(~mask[:, None, :, None], 0.0)
+    return hidden, mask
+
+
+@pytest.mark.parametrize("token_pool", ["cls+mean", "mean", "cls"])
+def test_the_pooler_on_real_tokens_only_equals_its_padded_formulas(token_pool):
+    """Outputs and the gradient of every parameter are those of the adapter run on every
+    position, padding included, then pooled over the real tokens."""
+    model = make("pooler", token_pool=token_pool, init_scale=0.5)  # `up` far from 0
+    hidden, mask = batch_of_very_different_lengths()
+    ours = model(hidden, mask)
+    theirs = padded_adapter_pooler(model, hidden, mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert_same_gradients(model, ours, theirs)
+
+
+def test_the_span_adapter_on_real_tokens_only_equals_its_padded_formulas():
+    model = make("span", num_labels=2, init_scale=0.5)
+    hidden, mask = batch_of_very_different_lengths()
+    ours = torch.stack(model(hidden, mask))
+    theirs = torch.stack(padded_span_adapter(model, hidden, mask))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # -inf at the same places
+    real = mask.expand(2, -1, -1)
+    assert_same_gradients(model, ours[real], theirs[real])
+
+
+def assert_same_gradients(model: nn.Module, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Each parameter's gradient of a weighted sum of `ours` equals that of `theirs`."""
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3))
+    params = [p for p in model.parameters()]
+    mine = torch.autograd.grad((ours * weights).sum(), params)
+    reference = torch.autograd.grad((theirs * weights).sum(), params)
+    for param_name, a, b in zip(dict(model.named_parameters()), mine, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=param_name)
+
+
 @pytest.mark.parametrize("name", ["pooler", "scalarmix", "cls"])
 def test_save_and_load_rebuild_the_same_class_and_outputs(name):
     model = make(name, num_labels=3)

@@ -170,6 +170,54 @@ def test_streamed_splits_see_every_training_example_once_per_epoch(rte_embedding
     assert sorted(seen) == sorted(train.example_ids[keep].tolist())
 
 
+def test_reading_ahead_gives_the_same_batches_in_the_same_order(rte_embeddings):
+    """Shard groups read on a thread while training on one (read_ahead 0, 1, 3): the same packs
+    in the same order, hence the same batches, as reading each group when its turn comes."""
+    train = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0).splits["train"]
+    keep = np.ones(train.num_examples, dtype=bool)
+
+    def epoch(read_ahead: int) -> list[tuple[list[int], torch.Tensor]]:
+        batches = epoch_batches(
+            train, keep, 8, np.random.default_rng(5), "cpu", 2, read_ahead=read_ahead
+        )
+        return [(packed.example_ids[rows].tolist(), packed.batch(rows, "cpu")[0])
+                for packed, rows, _ in batches]  # fmt: skip
+
+    in_turn = epoch(0)
+    for read_ahead in (1, 3):
+        ahead = epoch(read_ahead)
+        assert [ids for ids, _ in ahead] == [ids for ids, _ in in_turn]
+        for (_, ours), (_, theirs) in zip(ahead, in_turn, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_shards_decoded_on_threads_fill_the_same_packed_as_one_by_one(rte_embeddings):
+    train = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0).splits["train"]
+    one, four = (read_packed(train.shard_urls, train.plan, "cpu", threads=n) for n in (1, 4))
+    np.testing.assert_array_equal(four.example_ids, train.example_ids)
+    np.testing.assert_array_equal(four.example_ids, one.example_ids)
+    np.testing.assert_array_equal(four.lengths, one.lengths)
+    assert torch.equal(four.starts, one.starts) and torch.equal(four.tokens, one.tokens)
+
+
+def test_a_failed_read_ahead_raises_when_its_group_s_turn_comes(rte_embeddings, monkeypatch):
+    train = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0).splits["train"]
+    real = train.read_group
+
+    def read_group(shards, device):
+        if shards.tolist() == [2]:
+            raise ShardError("shard 2 is gone")
+        return real(shards, device)
+
+    monkeypatch.setattr(train, "read_group", read_group)
+    groups = train.shard_groups()  # one shard a group, in storage order
+    read = []
+    with pytest.raises(ShardError, match="shard 2 is gone"):
+        for packed, _ in train.read_groups(groups, "cpu", read_ahead=3):
+            read.append(packed.example_ids[0])
+    assert len(read) == 2  # groups 0 and 1 came first, though group 2 was read ahead
+
+
 @pytest.mark.parametrize("dtype", sorted(HIDDEN_DTYPES))
 def test_a_split_is_held_exactly_when_its_states_fit_counted_in_their_stored_dtype(tmp_path, dtype):
     out = str(tmp_path / "emb")

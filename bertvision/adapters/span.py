@@ -9,6 +9,10 @@ For span tasks (SQuAD 2.0), on the stored hidden states of a window:
 as BERT's span head (Devlin et al. 2019, SQuAD): the answer's start and end are the tokens of
 the highest start and end logits, "no answer" is the span at the [CLS] position (token 0), and
 padded positions get -inf so that neither a softmax nor a best span ever picks them.
+
+Computed on the real tokens only (pooler.real_tokens), and with `up` after the layer mix: `up`
+is linear and the layer weights sum to 1, so m[t] = sum of w[l] h[l, t] + up(sum of w[l]
+gelu(down(h[l, t]))); `up` runs once per token, not once per layer and token.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from bertvision.adapters import AdapterConfig, Dropout, register
-from bertvision.adapters.pooler import SharedLayerAdapter, check_adapter_dim
+from bertvision.adapters.pooler import SharedLayerAdapter, check_adapter_dim, real_tokens
 
 
 @dataclass
@@ -50,7 +54,11 @@ class SpanAdapter(SharedLayerAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, L, T, H), mask (B, T) -> start and end logits, each (B, T), -inf at the
         padding (replaced, so even non-finite padding cannot reach a real token's logits)."""
-        mixed = self.mix(self.adapt(hidden), "blth,l->bth")  # (B, T, H)
+        tokens, where = real_tokens(hidden, mask)  # (N, L, H)
+        squeezed = self.mix(self.bottleneck(tokens), "nld,l->nd")  # (N, D)
+        adapted = self.mix(tokens, "nlh,l->nh") + self.up(squeezed)  # (N, H)
+        mixed = hidden.new_zeros((*mask.shape, adapted.shape[-1])).index_put(where, adapted)
+        # dropout over the padded (B, T, H), as before: the same draws from its generator
         logits = self.head(self.dropout(mixed))  # (B, T, 2)
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         return logits[..., 0], logits[..., 1]
