@@ -200,13 +200,15 @@ def run_trials_together(cfg: SweepConfig, specs: list, data: Any = None) -> list
     key = sweep.content_key(cfg)
     finished = {s.trial: r for s in specs if (r := sweep.finished_trial(cfg, s, key)) is not None}
     todo = [s for s in specs if s.trial not in finished]
+    if not todo:
+        return [finished[s.trial] for s in specs]
     started = time.perf_counter()
     outcomes = train_together(
         [sweep.trial_train_config(cfg, s) for s in todo],
         data if data is not None else sweep.shared_embeddings(cfg),
         trial_of=records.input_of(cfg.out, key),
     )
-    seconds = (time.perf_counter() - started) / max(len(todo), 1)
+    seconds = (time.perf_counter() - started) / len(todo)
     for spec, outcome in zip(todo, outcomes, strict=True):
         finished[spec.trial] = sweep.commit_trial(cfg, spec, key, outcome, seconds)
     return [finished[s.trial] for s in specs]
