@@ -675,8 +675,8 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
 
 def trains_together(cfg: SweepConfig, batch: list[TrialSpec]) -> bool:
     """Whether the trials of `batch` train together over one read of the embeddings
-    (bertvision.together): `cfg.together`, more than one trial, and a family that can."""
-    return cfg.together and len(batch) > 1 and get_task(cfg.task).family.trains_together
+    (bertvision.together): `cfg.together` and more than one trial."""
+    return cfg.together and len(batch) > 1
 
 
 def _primary(cfg: SweepConfig, record: TrialRecord) -> float | None:

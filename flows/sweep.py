@@ -3,13 +3,12 @@ present, of every family (the nightly deployment: GLUE's tasks with the pooler, 
 span adapter).
 
 Trials run `cfg.parallel` at a time as task runs on a pool of two worker processes; each worker
-loads the embeddings once and shares them between the trials it runs. With `cfg.together` (GLUE
-adapters) a batch is one task run that trains its trials together over one read of the
-embeddings (bertvision.together), each still recorded as its own trial; a retry retries the
-batch. TPE suggests a batch from the trials finished so far, so it keeps learning while trials
-run in parallel. A rerun (or the
-next scheduled run) resumes each sweep at its first unfinished trial and leaves a finished sweep
-as it is.
+loads the embeddings once and shares them between the trials it runs. With `cfg.together` a
+batch is one task run that trains its trials together over one read of the embeddings
+(bertvision.together), each still recorded as its own trial; a retry retries the batch. TPE
+suggests a batch from the trials finished so far, so it keeps learning while trials run in
+parallel. A rerun (or the next scheduled run) resumes each sweep at its first unfinished trial
+and leaves a finished sweep as it is.
 """
 
 from __future__ import annotations
