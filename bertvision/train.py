@@ -323,19 +323,19 @@ class GlueObjective:
         return task_loss(self.data.task, model(hidden, mask), labels)
 
     @staticmethod
-    def validate_together(runs: list) -> list[tuple[dict, float] | NonFiniteError]:
-        data = runs[0][0].data
+    def validate_together(runs_: list) -> list[tuple[dict, float] | NonFiniteError]:
+        data = runs_[0][0].data
         train = data.splits["train"]
-        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs]
+        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs_]
         return [
             p if isinstance(p, NonFiniteError) else scored(data.task, train, *p)[:2]
-            for p in predict_many(asked, train, runs[0][2].device)
+            for p in predict_many(asked, train, runs_[0][2].device)
         ]
 
     @staticmethod
-    def predict_together(runs: list) -> list[dict | NonFiniteError]:
-        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs]
-        return glue_predictions(runs[0][0].data, asked, runs[0][2].device)
+    def predict_together(runs_: list) -> list[dict | NonFiniteError]:
+        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs_]
+        return glue_predictions(runs_[0][0].data, asked, runs_[0][2].device)
 
     def write_predicted(self, predicted: dict, out: str) -> dict:
         return write_glue_outputs(self.data, predicted, self.is_val, out)
