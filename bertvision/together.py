@@ -149,6 +149,8 @@ def _train_pass(fits: dict[int, Fit], epoch: int, groups, orders, results: list)
     seconds = time.perf_counter() - started  # the pass's, shared by its runs
     cpu_seconds = time.process_time() - cpu_started
     alive = [i for i in fits if results[i] is None]
+    if not alive:
+        return
     for i in alive:
         fits[i].model.eval()
     asked = [(fits[i].objective, fits[i].model, fits[i].cfg) for i in alive]
