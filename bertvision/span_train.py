@@ -6,7 +6,8 @@
 
 `train.train_adapter` runs its one loop (epochs, early stopping, checkpoints, the staged commit)
 on a `SpanObjective`: the windows of the train and dev extractions (span_embeddings), BERT's
-loss, SQuAD's post-processing and official metrics.
+loss, SQuAD's post-processing and official metrics. A sweep's batch of span runs trains together
+over one read of the windows (bertvision.together), each run as it trains alone.
 
 The questions. Shards hold each window's question id, question index and context offsets, not
 texts; answers are cut from the contexts and held-out articles chosen by title, so the questions
