@@ -453,7 +453,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     together: bool = setting(
         True,
         "Train the parallel trials of a batch together, over one read of the embeddings "
-        "(else on threads, each trial reading them itself); GLUE adapters only",
+        "(else on threads, each trial reading them itself)",
     )
     adapter: str = setting(
         "", "pooler, scalarmix or cls; span for squad2; default: the task's (pooler; span)"

@@ -61,7 +61,6 @@ class TaskFamily(Protocol):
     schema: str  # of its extractions' shards (bertvision.schema): "glue" a row per example,
     # "span" a row per window
     default_adapter: str  # the adapter trained and swept on the task's rows when none is named
-    trains_together: bool  # its sweep trials can train over one read (bertvision.together)
     baseline_name: str  # what `majority_baseline` predicts, as tables label its row
 
     def task_names(self) -> tuple[str, ...]:

@@ -344,7 +344,6 @@ class GlueFamily:
     max_seq_length = 128
     schema = "glue"
     default_adapter = "pooler"
-    trains_together = True
     baseline_name = "majority class (train)"
 
     def task_names(self) -> tuple[str, ...]:

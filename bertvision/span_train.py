@@ -6,7 +6,8 @@
 
 `train.train_adapter` runs its one loop (epochs, early stopping, checkpoints, the staged commit)
 on a `SpanObjective`: the windows of the train and dev extractions (span_embeddings), BERT's
-loss, SQuAD's post-processing and official metrics.
+loss, SQuAD's post-processing and official metrics. A sweep's batch of span runs trains together
+over one read of the windows (bertvision.together), each run as it trains alone.
 
 The questions. Shards hold each window's question id, question index and context offsets, not
 texts; answers are cut from the contexts and held-out articles chosen by title, so the questions
@@ -53,7 +54,7 @@ from bertvision.finite import NonFiniteError
 from bertvision.rng import nested_subset
 from bertvision.schema import RUN_FILE, ExtractionPlan
 from bertvision.shards import ShardError, manifest_url, split_url
-from bertvision.span_embeddings import SpanSplit, Windows, load_span_split, span_batches
+from bertvision.span_embeddings import SpanSplit, Windows, load_span_split
 
 SPLITS = ("train", "dev")
 # Span settings every split of one extraction must share, besides embeddings.SHARED_SETTINGS.
@@ -180,6 +181,7 @@ class SpanObjective:
         self.task = data.task
         self.embeddings = data.embeddings
         self.plan = data.plan
+        self.train_split = data.splits["train"].data
         self.is_val = np.zeros(data.splits["train"].num_windows, dtype=bool)  # storage order
         self.is_val[held_out_rows(data, cfg.val_fraction, cfg.val_seed)] = True
         self.is_trained = trained_rows(data, ~self.is_val, cfg.train_fraction, cfg.seed)
@@ -197,40 +199,59 @@ class SpanObjective:
             for name, split in self.data.splits.items()
         }
 
-    def train_epoch(self, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> float:
-        train = self.data.splits["train"]
-        return _train_epoch(model, optimizer, train, self.is_trained, cfg, epoch)
+    def batch_loss(self, model: nn.Module, packed, rows, chosen, device: str) -> torch.Tensor:
+        hidden, mask = packed.batch(chosen, device)
+        windows = self.data.splits["train"].windows
+        start, end = model(hidden, mask)
+        return span_loss(
+            start,
+            end,
+            torch.from_numpy(windows.start_positions[rows[chosen]]).to(device),
+            torch.from_numpy(windows.end_positions[rows[chosen]]).to(device),
+        )
 
-    def validate(self, model: nn.Module, cfg: TrainConfig) -> tuple[dict, float]:
-        val = self._scored(model, cfg, "train", np.flatnonzero(self.is_val))
+    @staticmethod
+    def validate_together(runs: list) -> list[tuple[dict, float] | NonFiniteError]:
+        results: list[tuple[dict, float] | NonFiniteError] = []
+        for val in _score_held_out(runs):
+            if isinstance(val, NonFiniteError):
+                results.append(val)
+                continue
+            threshold, _ = squad.best_threshold(val.spans, val.questions)
+            metrics = squad.evaluate(val.questions, squad.predictions(val.spans, threshold))
+            results.append((metrics, val.loss()))
+        return results
+
+    @staticmethod
+    def predict_together(runs: list) -> list[dict[str, Scored] | NonFiniteError]:
+        """Each run's Scored "val" (its held-out windows) and "dev" (every dev window)."""
+        data: SpanData = runs[0][0].data
+        every = np.arange(data.splits["dev"].num_windows)
+        asked = [(model, every, 2 * cfg.batch_size) for _, model, cfg in runs]
+        devs = score_together(asked, data.splits["dev"], data.questions["dev"], runs[0][2].device)
+        results: list[dict[str, Scored] | NonFiniteError] = []
+        for val, dev in zip(_score_held_out(runs), devs, strict=True):
+            failed = [scored for scored in (val, dev) if isinstance(scored, NonFiniteError)]
+            results.append(failed[0] if failed else {"val": val, "dev": dev})
+        return results
+
+    def write_predicted(self, predicted: dict[str, Scored], out: str) -> dict:
+        val = predicted["val"]
         threshold, _ = squad.best_threshold(val.spans, val.questions)
-        metrics = squad.evaluate(val.questions, squad.predictions(val.spans, threshold))
-        return metrics, val.loss()
-
-    def write_outputs(self, model: nn.Module, cfg: TrainConfig, out: str) -> dict:
-        dev = self.data.splits["dev"]
-        scored = {
-            "val": self._scored(model, cfg, "train", np.flatnonzero(self.is_val)),
-            "dev": self._scored(model, cfg, "dev", np.arange(dev.num_windows)),
-        }
-        threshold, _ = squad.best_threshold(scored["val"].spans, scored["val"].questions)
         metrics: dict = {}
-        for name, split in scored.items():
+        for name, split in predicted.items():
             preds = squad.predictions(split.spans, threshold)
             metrics[name] = squad.evaluate(split.questions, preds)
             squad.write_predictions(storage.join(out, f"{name}_predictions.json"), preds)
             squad.write_outputs(out, name, split.windows, split.logits())
         return metrics | {"no_answer_threshold": threshold}
 
-    def _scored(self, model: nn.Module, cfg: TrainConfig, split: str, rows: np.ndarray) -> Scored:
-        return score(
-            model,
-            self.data.splits[split],
-            rows,
-            self.data.questions[split],
-            2 * cfg.batch_size,
-            cfg.device,
-        )
+
+def _score_held_out(runs: list) -> list[Scored | NonFiniteError]:
+    """`score_together` of each run's held-out windows (of train), read once for all runs."""
+    data: SpanData = runs[0][0].data
+    asked = [(model, np.flatnonzero(ours.is_val), 2 * cfg.batch_size) for ours, model, cfg in runs]
+    return score_together(asked, data.splits["train"], data.questions["train"], runs[0][2].device)
 
 
 def span_loss(
@@ -244,26 +265,6 @@ def span_loss(
     start = nn.functional.cross_entropy(start_logits, start_positions)
     end = nn.functional.cross_entropy(end_logits, end_positions)
     return (start + end) / 2
-
-
-def _train_epoch(model, optimizer, split: SpanSplit, keep, cfg: TrainConfig, epoch: int) -> float:
-    """One pass over the kept windows; the mean training loss (seeded: train.start_epoch)."""
-    from bertvision.train import check_loss, start_epoch, step
-
-    order = start_epoch(model, cfg, epoch)
-    total, count = 0.0, 0
-    batches = span_batches(
-        split, keep, cfg.batch_size, order, cfg.device, cfg.shuffle_shards, cfg.read_ahead
-    )
-    for batch in batches:
-        start, end = model(batch.hidden, batch.mask)
-        loss = span_loss(start, end, batch.start_positions, batch.end_positions)
-        value = loss.item()
-        check_loss(value, cfg, epoch)
-        step(model, optimizer, loss)
-        total += value * len(batch.window_ids)
-        count += len(batch.window_ids)
-    return total / count
 
 
 @dataclass
@@ -293,20 +294,29 @@ class Scored:
         ]
 
 
-def score(
-    model: nn.Module,
+def score_together(
+    runs: list[tuple[nn.Module, np.ndarray, int]],
     split: SpanSplit,
-    rows: np.ndarray,
     questions: list[squad.Example],
-    batch_size: int,
     device: str,
-) -> Scored:
-    """The windows at storage `rows` of `split`, their logits by span adapter `model` and the
-    best spans of their questions (`questions`: the split's, in file order; the result holds
-    those with a window among `rows`). NonFiniteError if a logit of a real token is not finite."""
-    rows, chosen, windows = asked_windows(split, rows, questions)
-    start, end = window_logits(model, split, rows, batch_size, device)
-    return Scored(chosen, windows, start, end, squad.best_spans(chosen, windows, start, end))
+) -> list[Scored | NonFiniteError]:
+    """For each (span adapter, storage rows of `split`, batch size): the windows at those rows,
+    their logits and the best spans of their questions (`questions`: the split's, in file order;
+    the result holds those with a window among the rows), or the NonFiniteError of a model whose
+    logit of a real token is not finite. The split is read once for all of them."""
+    asked = [asked_windows(split, rows, questions) for _, rows, _ in runs]
+    in_order = [(run[0], rows, run[2]) for run, (rows, _, _) in zip(runs, asked, strict=True)]
+    logits = window_logits_together(in_order, split, device)
+    results: list[Scored | NonFiniteError] = []
+    for (_, chosen, windows), got in zip(asked, logits, strict=True):
+        if isinstance(got, NonFiniteError):
+            results.append(got)
+            continue
+        start, end = got
+        results.append(
+            Scored(chosen, windows, start, end, squad.best_spans(chosen, windows, start, end))
+        )
+    return results
 
 
 def asked_windows(
@@ -346,31 +356,48 @@ def trained_rows(data: SpanData, candidates: np.ndarray, fraction: float, seed: 
 
 
 @torch.inference_mode()
-def window_logits(
-    model: nn.Module, split: SpanSplit, rows: np.ndarray, batch_size: int, device: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits, each (len(rows), max_seq_length) float32, of the windows at storage
-    `rows`, -inf beyond each window's real tokens; computed in batches of windows of similar
-    length. NonFiniteError if a real token's logit is NaN or infinite."""
+def window_logits_together(
+    runs: list[tuple[nn.Module, np.ndarray, int]], split: SpanSplit, device: str
+) -> list[tuple[np.ndarray, np.ndarray] | NonFiniteError]:
+    """For each (span adapter, storage rows of `split`, batch size): start and end logits, each
+    (len(rows), max_seq_length) float32, -inf beyond each window's real tokens, computed in
+    batches of windows of similar length; or the NonFiniteError of a model whose logit of a real
+    token is NaN or infinite. The split is read once (pack by pack) for all of them; each model
+    sees the batches it would see alone."""
     width = split.plan.max_seq_length
-    start = np.full((len(rows), width), -np.inf, dtype=np.float32)
-    end = np.full((len(rows), width), -np.inf, dtype=np.float32)
-    target = np.full(split.num_windows, -1)
-    target[rows] = np.arange(len(rows))
-    for packed, storage_rows in split.data.packs(device):
-        local = np.flatnonzero(target[storage_rows] >= 0)
-        local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
-        for begin in range(0, len(local), batch_size):
-            chosen = local[begin : begin + batch_size]
-            hidden, mask = packed.batch(chosen, device)
-            batch_start, batch_end = model(hidden, mask)
-            at = target[storage_rows[chosen]]
-            start[at, : hidden.shape[2]] = batch_start.float().cpu().numpy()
-            end[at, : hidden.shape[2]] = batch_end.float().cpu().numpy()
-    real = np.arange(width)[None, :] < split.windows.lengths[rows][:, None]
-    if not (np.isfinite(start[real]).all() and np.isfinite(end[real]).all()):
-        raise NonFiniteError(
-            f"the span adapter's logits on {split.data.name} are NaN or infinite: training "
-            "diverged; try a lower lr"
+    logits = [
+        (
+            np.full((len(rows), width), -np.inf, np.float32),
+            np.full((len(rows), width), -np.inf, np.float32),
         )
-    return start, end
+        for _, rows, _ in runs
+    ]
+    targets = []
+    for _, rows, _ in runs:
+        target = np.full(split.num_windows, -1)
+        target[rows] = np.arange(len(rows))
+        targets.append(target)
+    for packed, storage_rows in split.data.packs(device):
+        for (model, _, batch_size), (start, end), target in zip(runs, logits, targets, strict=True):
+            local = np.flatnonzero(target[storage_rows] >= 0)
+            local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
+            for begin in range(0, len(local), batch_size):
+                chosen = local[begin : begin + batch_size]
+                hidden, mask = packed.batch(chosen, device)
+                batch_start, batch_end = model(hidden, mask)
+                at = target[storage_rows[chosen]]
+                start[at, : hidden.shape[2]] = batch_start.float().cpu().numpy()
+                end[at, : hidden.shape[2]] = batch_end.float().cpu().numpy()
+    results: list[tuple[np.ndarray, np.ndarray] | NonFiniteError] = []
+    for (_, rows, _), (start, end) in zip(runs, logits, strict=True):
+        real = np.arange(width)[None, :] < split.windows.lengths[rows][:, None]
+        if np.isfinite(start[real]).all() and np.isfinite(end[real]).all():
+            results.append((start, end))
+        else:
+            results.append(
+                NonFiniteError(
+                    f"the span adapter's logits on {split.data.name} are NaN or infinite: "
+                    "training diverged; try a lower lr"
+                )
+            )
+    return results

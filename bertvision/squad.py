@@ -698,7 +698,6 @@ class SquadFamily:
     hub_url = HUB_URL
     max_seq_length = 384
     default_adapter = "span"
-    trains_together = False  # span runs train alone (bertvision.together is GLUE's for now)
     baseline_name = "no answer to every question"
 
     def task_names(self) -> tuple[str, ...]:

@@ -659,7 +659,7 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
     with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
         while batch := suggest_trials(cfg, cfg.parallel):
             data = data if data is not None else shared_embeddings(cfg)
-            if cfg.together and len(batch) > 1 and get_task(cfg.task).family.trains_together:
+            if trains_together(cfg, batch):
                 from bertvision.together import run_trials_together
 
                 finished = run_trials_together(cfg, batch, data)
@@ -671,6 +671,12 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
             record_trials(cfg)
     bar.close()
     return summarize(cfg, done_before)
+
+
+def trains_together(cfg: SweepConfig, batch: list[TrialSpec]) -> bool:
+    """Whether the trials of `batch` train together over one read of the embeddings
+    (bertvision.together): `cfg.together` and more than one trial."""
+    return cfg.together and len(batch) > 1
 
 
 def _primary(cfg: SweepConfig, record: TrialRecord) -> float | None:

@@ -158,11 +158,6 @@ def _labels_of(split: SplitData, example_ids: np.ndarray) -> np.ndarray:
     return split.labels[order[np.searchsorted(split.example_ids[order], example_ids)]]
 
 
-def _evaluate(task, model, split, keep, batch_size, device) -> tuple[dict, float, np.ndarray]:
-    """Metrics, loss and logits of the kept rows of a labelled split."""
-    return scored(task, split, *predict(model, split, keep, batch_size, device))
-
-
 def scored(
     task, split: SplitData, ids: np.ndarray, logits: np.ndarray
 ) -> tuple[dict, float, np.ndarray]:
@@ -209,29 +204,29 @@ def step(model: nn.Module, optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def _train_epoch(task, model, optimizer, split, keep, cfg: TrainConfig, epoch: int) -> float:
-    """One pass over the kept rows; the mean training loss (see `start_epoch`)."""
+def _train_epoch(objective: Objective, model, optimizer, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over the objective's training rows, shard group by shard group (in the order
+    `shard_order` draws); the mean training loss (see `start_epoch`)."""
     order = start_epoch(model, cfg, epoch)
+    split = objective.train_split
     total, count = 0.0, 0
     groups = split.shard_groups(shard_order(cfg, epoch, order), cfg.shuffle_shards)
     for packed, rows in split.read_groups(groups, cfg.device, cfg.read_ahead):
         total, count = train_pack(
-            task, model, optimizer, split, packed, rows, keep, order, cfg, epoch, total, count
+            objective, model, optimizer, packed, rows, order, cfg, epoch, total, count
         )
     return total / count
 
 
 def train_pack(
-    task, model, optimizer, split, packed, rows, keep, order, cfg: TrainConfig, epoch: int,
+    objective: Objective, model, optimizer, packed, rows, order, cfg: TrainConfig, epoch: int,
     total: float, count: int,
 ) -> tuple[float, int]:  # fmt: skip
-    """Train on the kept rows of one pack (`SplitData.read_group`'s packed and storage rows),
-    in batches drawn from `order`; returns `total` and `count` plus this pack's summed loss and
-    examples. NonFiniteError (before the step) when a loss is not finite."""
-    for chosen in pack_batches(rows, keep, cfg.batch_size, order):
-        hidden, mask = packed.batch(chosen, cfg.device)
-        labels = torch.from_numpy(split.labels[rows[chosen]]).to(cfg.device)
-        loss = task_loss(task, model(hidden, mask), labels)
+    """Train on the objective's training rows in one pack (`SplitData.read_group`'s packed and
+    storage rows), in batches drawn from `order`; returns `total` and `count` plus this pack's
+    summed loss and rows. NonFiniteError (before the step) when a loss is not finite."""
+    for chosen in pack_batches(rows, objective.is_trained, cfg.batch_size, order):
+        loss = objective.batch_loss(model, packed, rows, chosen, cfg.device)
         value = loss.item()
         check_loss(value, cfg, epoch)
         step(model, optimizer, loss)
@@ -240,16 +235,31 @@ def train_pack(
     return total, count
 
 
+def alone(result):
+    """The one result of a `*_together` call made for one run; its NonFiniteError raised."""
+    if isinstance(result, NonFiniteError):
+        raise result
+    return result
+
+
 class Objective(Protocol):
     """One task family's side of adapter training, on embeddings checked and loaded: what the
     loop (`_fit`) trains on, selects on and writes. `rows` names its rows ("examples",
-    "windows"); `plan` is the train split's extraction plan (layers, hidden size, encoder)."""
+    "windows"); `plan` is the train split's extraction plan (layers, hidden size, encoder).
+
+    The `*_together` methods take (objective, model, cfg) for one run or many runs of one
+    family on the same loaded data, read each split once for all of them (bertvision.together
+    trains a sweep's batch so), and give each run what it gives alone, or its NonFiniteError
+    when an output is NaN or infinite.
+    """
 
     task: str
     primary_metric: str  # in the validation metrics; higher is better
     rows: str
     embeddings: str
     plan: ExtractionPlan
+    train_split: SplitData  # the rows training reads
+    is_trained: np.ndarray  # (rows of train_split,) bool, storage order
     num_train: int  # rows trained on
     num_val: int  # rows of the held-out slice
 
@@ -259,17 +269,26 @@ class Objective(Protocol):
         """records.RunRecord.inputs: each split read, its folder and extraction key."""
         ...
 
-    def train_epoch(self, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> float:
-        """One pass over the training rows (seeded: `start_epoch`); the mean loss."""
+    def batch_loss(
+        self, model: nn.Module, packed, rows: np.ndarray, chosen: np.ndarray, device: str
+    ) -> torch.Tensor:
+        """The training loss of a batch: the rows `chosen` (positions) of a pack whose rows are
+        the storage `rows` of `train_split`."""
         ...
 
-    def validate(self, model: nn.Module, cfg: TrainConfig) -> tuple[dict, float]:
-        """Metrics and loss on the held-out slice, `model` in eval mode."""
+    @staticmethod
+    def validate_together(runs: list) -> list[tuple[dict, float] | NonFiniteError]:
+        """Each run's metrics and loss on its held-out slice, its model in eval mode."""
         ...
 
-    def write_outputs(self, model: nn.Module, cfg: TrainConfig, out: str) -> dict:
-        """Predict with the chosen weights, write predictions and outputs under `out` (staged);
-        returns metrics.json's content. Nothing written when an output is not finite."""
+    @staticmethod
+    def predict_together(runs: list) -> list:
+        """Each run's predictions of every split it writes (`write_predicted`'s input)."""
+        ...
+
+    def write_predicted(self, predicted, out: str) -> dict:
+        """Write the predictions and outputs (`predict_together`'s) under `out` (staged);
+        returns metrics.json's content."""
         ...
 
 
@@ -285,7 +304,7 @@ class GlueObjective:
         self.primary_metric = data.task.primary_metric
         self.embeddings = data.embeddings
         self.plan = data.plan
-        train = data.splits["train"]
+        train = self.train_split = data.splits["train"]
         self.is_val = np.isin(train.example_ids, train.held_out_ids(cfg.val_fraction, cfg.val_seed))
         trained = nested_subset(train.example_ids[~self.is_val], cfg.train_fraction, cfg.seed)
         self.is_trained = np.isin(train.example_ids, trained)
@@ -298,19 +317,42 @@ class GlueObjective:
     def inputs(self) -> dict[str, dict[str, str]]:
         return run_inputs(self.data)
 
-    def train_epoch(self, model, optimizer, cfg: TrainConfig, epoch: int) -> float:
-        train = self.data.splits["train"]
-        return _train_epoch(self.data.task, model, optimizer, train, self.is_trained, cfg, epoch)
+    def batch_loss(self, model, packed, rows, chosen, device: str) -> torch.Tensor:
+        hidden, mask = packed.batch(chosen, device)
+        labels = torch.from_numpy(self.train_split.labels[rows[chosen]]).to(device)
+        return task_loss(self.data.task, model(hidden, mask), labels)
 
-    def validate(self, model, cfg: TrainConfig) -> tuple[dict, float]:
-        train = self.data.splits["train"]
-        metrics, loss, _ = _evaluate(
-            self.data.task, model, train, self.is_val, 2 * cfg.batch_size, cfg.device
+    @staticmethod
+    def validate_together(runs_: list) -> list[tuple[dict, float] | NonFiniteError]:
+        data = runs_[0][0].data
+        train = data.splits["train"]
+        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs_]
+        return [
+            p if isinstance(p, NonFiniteError) else scored(data.task, train, *p)[:2]
+            for p in predict_many(asked, train, runs_[0][2].device)
+        ]
+
+    @staticmethod
+    def predict_together(runs_: list) -> list[dict | NonFiniteError]:
+        asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs_]
+        return glue_predictions(runs_[0][0].data, asked, runs_[0][2].device)
+
+    def write_predicted(self, predicted: dict, out: str) -> dict:
+        return write_glue_outputs(self.data, predicted, self.is_val, out)
+
+
+def make_objective(cfg: TrainConfig, data=None) -> Objective:
+    """The objective of `cfg`'s task family on `data` (loaded here when None:
+    load_embeddings, or span_train.load_span_data for span tasks)."""
+    from bertvision import span_train
+
+    if span_train.is_span_run(cfg):
+        return span_train.SpanObjective(cfg, data)
+    if data is None:
+        data = load_embeddings(
+            cfg.task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
         )
-        return metrics, loss
-
-    def write_outputs(self, model, cfg: TrainConfig, out: str) -> dict:
-        return _write_glue_outputs(cfg, self.data, model, self.is_val, out)
+    return GlueObjective(cfg, data)
 
 
 def train_adapter(
@@ -327,18 +369,9 @@ def train_adapter(
     "trial" and the sweep among its inputs. `data`: the embeddings already loaded
     (load_embeddings; span_train.load_span_data for span tasks).
     """
-    from bertvision import span_train
-
     require(cfg)
     stopwatch = records.Stopwatch()
-    if span_train.is_span_run(cfg):
-        objective: Objective = span_train.SpanObjective(cfg, data)
-    else:
-        if data is None:
-            data = load_embeddings(
-                cfg.task, cfg.embeddings, device=cfg.device, max_resident_gb=cfg.max_resident_gb
-            )
-        objective = GlueObjective(cfg, data)
+    objective = make_objective(cfg, data)
     key = cfg.run_key(objective.extraction_keys())
     if (finished := _finished(cfg, key)) is not None:
         return finished
@@ -386,11 +419,12 @@ def _fit(
     ) as bar:  # closed on an error too, before the error is reported
         while (epoch := fit.next_epoch()) is not None:
             started, cpu_started = time.perf_counter(), time.process_time()
-            train_loss = objective.train_epoch(fit.model, fit.optimizer, cfg, epoch)
+            train_loss = _train_epoch(objective, fit.model, fit.optimizer, cfg, epoch)
             seconds = time.perf_counter() - started
             cpu_seconds = time.process_time() - cpu_started
             fit.model.eval()
-            val_metrics, val_loss = objective.validate(fit.model, cfg)
+            (validated,) = objective.validate_together([(objective, fit.model, cfg)])
+            val_metrics, val_loss = alone(validated)
             eval_seconds = time.perf_counter() - started - seconds
             fit.end_epoch(
                 epoch, train_loss, val_metrics, val_loss, seconds, eval_seconds, cpu_seconds
@@ -402,7 +436,9 @@ def _fit(
     run = record(stopwatch.timings(train_seconds=fit.train_seconds()))
     with runs.StagedRun(cfg.out) as staged:
         # Every prediction before any other write: outputs that are not finite stop it here.
-        metrics = objective.write_outputs(fit.model, cfg, staged.url)
+        (predicted,) = objective.predict_together([(objective, fit.model, cfg)])
+        predicted = alone(predicted)
+        metrics = objective.write_predicted(predicted, staged.url)
         _write_run(cfg, run, objective, fit.model, fit.state, metrics, staged)
         return metrics
 
@@ -536,14 +572,6 @@ def _save_checkpoint(cfg: TrainConfig, key: str, model, optimizer, state: dict) 
         buffer,
     )
     storage.write_bytes_atomic(storage.join(cfg.out, CHECKPOINT), buffer.getvalue())
-
-
-def _write_glue_outputs(cfg: TrainConfig, data: EmbeddingData, model, is_val, out: str) -> dict:
-    """GLUE's predictions and outputs of every split under `out`; returns metrics.json."""
-    (predicted,) = glue_predictions(data, [(model, is_val, 2 * cfg.batch_size)], cfg.device)
-    if isinstance(predicted, NonFiniteError):
-        raise predicted  # before any write: outputs that are not finite stop the run here
-    return write_glue_outputs(data, predicted, is_val, out)
 
 
 def glue_predictions(

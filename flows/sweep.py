@@ -3,10 +3,12 @@ present, of every family (the nightly deployment: GLUE's tasks with the pooler, 
 span adapter).
 
 Trials run `cfg.parallel` at a time as task runs on a pool of two worker processes; each worker
-loads the embeddings once and shares them between the trials it runs. TPE suggests a batch from
-the trials finished so far, so it keeps learning while trials run in parallel. A rerun (or the
-next scheduled run) resumes each sweep at its first unfinished trial and leaves a finished sweep
-as it is.
+loads the embeddings once and shares them between the trials it runs. With `cfg.together` a
+batch is one task run that trains its trials together over one read of the embeddings
+(bertvision.together), each still recorded as its own trial; a retry retries the batch. TPE
+suggests a batch from the trials finished so far, so it keeps learning while trials run in
+parallel. A rerun (or the next scheduled run) resumes each sweep at its first unfinished trial
+and leaves a finished sweep as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bertvision_tasks.sweep import (
     prepare_sweep,
     record_trials,
     run_trial,
+    run_trials_together,
     suggest_trials,
     summarize,
 )
@@ -29,6 +32,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from tqdm.auto import tqdm
 
 from bertvision import runs, storage
+from bertvision import sweep as core
 from bertvision.config import SweepConfig
 from bertvision.console import progress_wanted
 
@@ -87,7 +91,10 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
                 disable=not progress_wanted(),
             )
             while batch := suggest_trials(one, one.parallel):  # TPE's next K points
-                run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
+                if core.trains_together(one, batch):  # one task run, one read for K trials
+                    run_trials_together.submit(one, batch).result()
+                else:
+                    run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
                 record_trials(one)  # trials.jsonl from the committed records
                 bar.update(len(batch))
             bar.close()

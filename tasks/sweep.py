@@ -3,12 +3,12 @@ trial's trial.json makes `run_trial` return it unrun, whatever Prefect's cache h
 
 from __future__ import annotations
 
-from bertvision_tasks.names import task_run_name
+from bertvision_tasks.names import run_name, task_run_name
 from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from bertvision import storage
+from bertvision import storage, together
 from bertvision import sweep as core
 from bertvision.config import SweepConfig
 from bertvision.sweep import SweepSummary, TrialRecord, TrialSpec
@@ -62,6 +62,26 @@ def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
 def run_trial(cfg: SweepConfig, spec: TrialSpec) -> TrialRecord:
     """Train one trial (embeddings loaded once per worker process) and commit its record."""
     return core.run_trial(cfg, spec)
+
+
+def _batch_name(parameters: dict) -> str:
+    """<task>-<adapter>-trials-0004-0007@<where the sweep goes>: the batch's first and last."""
+    cfg, batch = parameters["cfg"], parameters["batch"]
+    first, last = batch[0].trial, batch[-1].trial
+    return run_name(f"{cfg.task}-{cfg.adapter}-trials-{first:04d}-{last:04d}", cfg.out)
+
+
+@task(
+    task_run_name=_batch_name,
+    cache_policy=NO_CACHE,  # the core returns the batch's finished trials as recorded, unrun
+    timeout_seconds=12 * 3600,
+    **RETRY,
+)
+def run_trials_together(cfg: SweepConfig, batch: list[TrialSpec]) -> list[TrialRecord]:
+    """Train the trials of `batch` together over one read of the embeddings (loaded once per
+    worker process) and commit each one's record, as `run_trial` commits one; a retry trains
+    only the trials not yet recorded, each from its last checkpoint."""
+    return together.run_trials_together(cfg, batch)
 
 
 @task(

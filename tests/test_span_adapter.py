@@ -33,7 +33,7 @@ def _squad_folder(squad_dir: str, folder: Path, train: int, dev: int) -> str:
     )
 
 
-def _extract(model: str, data_dir: str, out: Path) -> str:
+def _extract(model: str, data_dir: str, out: Path, **changes) -> str:
     cfg = ExtractConfig(
         task="squad2",
         model=model,
@@ -42,7 +42,7 @@ def _extract(model: str, data_dir: str, out: Path) -> str:
         splits=["train", "dev"],
         batch_size=16,
         device="cpu",
-        **WINDOWING,
+        **(WINDOWING | changes),
     )
     assert extract_hidden_states(cfg, progress=False).ok
     return str(out)
@@ -263,7 +263,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     finished, embeddings, tmp_path, monkeypatch
 ):
     cfg, metrics = finished
-    real_epoch = span_train._train_epoch
+    real_epoch = training._train_epoch
     epochs = []
 
     def interrupted(*args):
@@ -272,13 +272,13 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
         epochs.append(args[-1])
         return real_epoch(*args)
 
-    monkeypatch.setattr(span_train, "_train_epoch", interrupted)
+    monkeypatch.setattr(training, "_train_epoch", interrupted)
     cut = _config(embeddings, tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         train_adapter(cut, progress=False)
     assert (tmp_path / "cut" / "_checkpoint" / "last.pt").exists()
     assert runs.commit_record(cut.out) is None
-    monkeypatch.setattr(span_train, "_train_epoch", real_epoch)
+    monkeypatch.setattr(training, "_train_epoch", real_epoch)
 
     assert train_adapter(cut, progress=False) == metrics
     whole = adapters.load_adapter(str(Path(cfg.out) / "adapter")).state_dict()

@@ -385,7 +385,9 @@ def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     from bertvision.config import EnsembleConfig
 
     out = tmp_path / "runs"
-    settings = dict(embeddings=embeddings, out=str(out), trials=4, parallel=2, space=QUICK_SPACE)
+    settings = dict(
+        embeddings=embeddings, out=str(out), trials=4, parallel=2, space=QUICK_SPACE, together=False
+    )
     cfg = SweepConfig(**settings, startup_trials=2, device="cpu")
     result = sweep(cfg, all_tasks=True)
 
@@ -406,6 +408,29 @@ def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     )
     assert len(ensembled["members"]) == 3
     assert (out / "rte" / "ensemble" / "dev_predictions.tsv").exists()
+
+
+def test_the_sweep_flow_trains_each_batch_together_in_one_task_run_as_the_core_sweep_does(
+    prefect_harness, embeddings, tmp_path
+):
+    from bertvision_flows.sweep import sweep
+    from bertvision_tasks.names import where
+    from prefect.client.orchestration import get_client
+
+    core, flow = (quick(embeddings, tmp_path / name, trials=4, parallel=2) for name in "cf")
+    run_sweep(core, progress=False)
+    result = sweep(flow)
+
+    assert (result["rte"]["finished"], result["rte"]["ran"]) == (4, 4)
+    strip = lambda r: (r.trial, r.params, r.val, r.dev, r.status, r.key)  # noqa: E731
+    assert [strip(r) for r in load_trials(flow.out)] == [strip(r) for r in load_trials(core.out)]
+    assert len({r.worker for r in load_trials(flow.out)[:2]}) == 1  # a batch: one task run
+
+    with get_client(sync_client=True) as client:
+        names = {run.name for run in client.read_task_runs()}
+    batches = {f"rte-pooler-trials-{b:04d}-{b + 1:04d}@{where(flow.out)}" for b in (0, 2)}
+    assert batches <= names
+    assert not any("-trial-" in name and name.endswith(where(flow.out)) for name in names)
 
 
 def test_two_sweeps_on_one_folder_at_once_exclude_each_other(embeddings, tmp_path, monkeypatch):

@@ -9,17 +9,27 @@ from pathlib import Path
 
 import pytest
 from test_embeddings import synthetic
+from test_span_adapter import _config as span_config
+from test_span_adapter import _extract, _squad_folder
 from test_train import config, without_timings
 
 from bertvision import embeddings as embeddings_module
 from bertvision import sweep as sweeping
 from bertvision.embeddings import load_embeddings
 from bertvision.finite import NonFiniteError
+from bertvision.span_train import load_span_data
 from bertvision.sweep import SweepConfig, load_trials, run_sweep
 from bertvision.together import train_together
 from bertvision.train import train_adapter
 
 FILES = ("adapter/adapter.safetensors", "dev_predictions.tsv", "val_predictions.tsv")
+SPAN_FILES = (
+    "adapter/adapter.safetensors",
+    "dev_predictions.json",
+    "val_predictions.json",
+    "outputs/dev.parquet",
+    "outputs/val.parquet",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,8 @@ def runs(tmp_path: Path, embeddings: str, how: str) -> list:
     ]  # fmt: skip
 
 
-def assert_same_run(ours: Path, theirs: Path) -> None:
-    for name in FILES:
+def assert_same_run(ours: Path, theirs: Path, files: tuple[str, ...] = FILES) -> None:
+    for name in files:
         assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
     curves = [json.loads((p / "curve.json").read_text()) for p in (ours, theirs)]
     assert without_timings(curves[0]) == without_timings(curves[1])
@@ -115,13 +125,6 @@ def test_a_run_that_diverges_fails_alone_and_the_others_finish(embeddings, tmp_p
     assert results[1:] == [train_adapter(c, data=data, progress=False) for c in cfgs]
 
 
-def test_span_runs_are_refused(embeddings, tmp_path):
-    span = config(tmp_path, embeddings, task="squad2", adapter="span")
-    with pytest.raises(ValueError, match="span runs train alone"):
-        train_together([config(tmp_path, embeddings, "glue"), span], streamed(embeddings))
-    assert not (tmp_path / "glue").exists()
-
-
 def test_a_sweep_batch_trained_together_equals_its_trials_on_threads(embeddings, tmp_path):
     space = {
         "lr": {"loguniform": [1e-3, 3e-2]},
@@ -148,3 +151,59 @@ def test_a_sweep_batch_trained_together_equals_its_trials_on_threads(embeddings,
         spec = sweeping.TrialSpec(record.trial, record.params, record.hyperopt_vals)
         assert sweeping.trial_train_config(together, spec).shuffle_seed == together.seed
         assert_same_run(Path(together.out) / record.run, Path(threads.out) / record.run)
+
+
+# -- span runs (SQuAD 2.0's windows, the span adapter) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def span_embeddings(squad_dir, tiny_model, tmp_path_factory) -> str:
+    """Two train articles (4 paragraphs each), one dev article (2): 142 train windows, 30 a
+    shard."""
+    data = _squad_folder(squad_dir, tmp_path_factory.mktemp("squad") / "data", 4, 2)
+    return _extract(tiny_model, data, tmp_path_factory.mktemp("span-emb"), shard_size=30)
+
+
+def span_runs(tmp_path: Path, embeddings: str, how: str) -> list:
+    """Three span runs unlike in everything but their shard order, as `runs`."""
+    shared = {"shuffle_seed": 7, "shuffle_shards": 2}
+    return [
+        span_config(embeddings, tmp_path / f"{how}-0", seed=1, epochs=3, **shared),
+        span_config(embeddings, tmp_path / f"{how}-1", seed=2, lr=1e-2, epochs=2, batch_size=8,
+                    dropout=0.3, adapter_dim=8, **shared),
+        span_config(embeddings, tmp_path / f"{how}-2", seed=3, epochs=2, shuffle_shards=3),
+    ]  # fmt: skip
+
+
+def test_span_runs_trained_together_equal_the_same_runs_trained_alone(span_embeddings, tmp_path):
+    data = load_span_data("squad2", span_embeddings, "cpu", max_resident_gb=0)  # streamed
+    assert len(data.splits["train"].data.shard_urls) == 5
+    alone = [
+        train_adapter(cfg, data=data, progress=False)
+        for cfg in span_runs(tmp_path, span_embeddings, "a")
+    ]
+    together_cfgs = span_runs(tmp_path, span_embeddings, "t")
+    together = train_together(together_cfgs, data)
+    assert together == alone
+    assert {"f1", "exact", "HasAns_f1"} <= set(together[0]["dev"])
+    for cfg in together_cfgs:
+        assert_same_run(Path(cfg.out), Path(cfg.out.replace("/t-", "/a-")), SPAN_FILES)
+
+
+def test_span_runs_sharing_their_shard_order_read_the_windows_once_for_all(
+    span_embeddings, tmp_path, monkeypatch
+):
+    data = load_span_data("squad2", span_embeddings, "cpu", max_resident_gb=0)
+    cfgs = [
+        span_config(span_embeddings, tmp_path / f"run-{seed}", seed=seed, epochs=2,
+                    shuffle_seed=0, shuffle_shards=2)
+        for seed in range(3)
+    ]  # fmt: skip
+    reads = count_reads(monkeypatch)
+    train_adapter(dataclasses.replace(cfgs[0], out=str(tmp_path / "alone")), data, progress=False)
+    one_run = sum(reads)
+    reads.clear()
+    train_together(cfgs, data)
+    shards = len(data.splits["train"].data.shard_urls) + len(data.splits["dev"].data.shard_urls)
+    assert one_run == 2 * 2 * len(data.splits["train"].data.shard_urls) + shards
+    assert sum(reads) == one_run
