@@ -11,7 +11,8 @@ final listing: what `bertvision extract` runs); "flow" is `extract_glue(cfg)` (o
 shard, the shard table and progress artifacts), run in this process against Prefect's test
 harness (`prefect_test_harness`: a temporary API server on 127.0.0.1 with a SQLite database,
 results persisted to a temporary folder). Each repeat writes to fresh folders; one warm-up run of
-each comes first (imports, the model's first load). Printed: wall seconds of each run, the
+each comes first (imports, the model's first load). Printed: wall seconds and CPU seconds (this
+process and the API server: steadier than wall time on a shared machine) of each run, their
 medians, flow / direct, and the overhead per shard in ms ((flow - direct) / shards, medians).
 `--profile FILE` profiles the last flow run with cProfile (read with `python -m pstats FILE`).
 """
@@ -53,6 +54,22 @@ def tiny_encoder(folder: Path) -> str:
     return str(folder)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its child processes now running
+    (the test harness's API server), from /proc: unlike wall time, barely moved by other jobs
+    on a shared machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:  # ended meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=200)
@@ -85,25 +102,25 @@ def main() -> None:
             max_train_examples=args.shards * args.examples_per_shard,
         )
 
-    def direct(out: str) -> float:
-        started = time.perf_counter()
+    def direct(out: str) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), cpu_seconds()
         summary = extract_hidden_states(cfg(out), progress=False)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         assert summary.ok and len(summary.committed[f"{args.task}/train"]) == args.shards
-        return seconds
+        return seconds, cpu
 
-    def flow(out: str, profile: bool = False) -> float:
+    def flow(out: str, profile: bool = False) -> tuple[float, float]:
         profiler = cProfile.Profile() if profile else None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         if profiler is not None:
             profiler.enable()
         shards = extract_glue(cfg(out))
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         assert shards == {f"{args.task}/train": args.shards}
-        return seconds
+        return seconds, cpu
 
     load = os.getloadavg()
     print(
@@ -114,23 +131,29 @@ def main() -> None:
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: work / "prefect-results"}),
         prefect_test_harness(server_startup_timeout=120),
     ):
-        print(f"warm-up: direct {direct('warm-direct'):.1f} s, flow {flow('warm-flow'):.1f} s")
-        times = {"direct": [], "flow": []}
+        print(
+            f"warm-up: direct {direct('warm-direct')[0]:.1f} s, flow {flow('warm-flow')[0]:.1f} s"
+        )
+        runs = {"direct": [], "flow": []}
         for repeat in range(args.repeats):
-            times["direct"].append(direct(f"direct-{repeat}"))
+            runs["direct"].append(direct(f"direct-{repeat}"))
             last = repeat == args.repeats - 1
-            times["flow"].append(flow(f"flow-{repeat}", profile=last and bool(args.profile)))
+            runs["flow"].append(flow(f"flow-{repeat}", profile=last and bool(args.profile)))
+            (dw, dc), (fw, fc) = runs["direct"][-1], runs["flow"][-1]
             print(
-                f"repeat {repeat + 1}: direct {times['direct'][-1]:.2f} s, "
-                f"flow {times['flow'][-1]:.2f} s"
+                f"repeat {repeat + 1}: direct {dw:.2f} s wall, {dc:.2f} CPU s; "
+                f"flow {fw:.2f} s wall, {fc:.2f} CPU s"
             )
-    d, f = statistics.median(times["direct"]), statistics.median(times["flow"])
     load = os.getloadavg()
-    print(
-        f"median of {args.repeats}: direct {d:.2f} s, flow {f:.2f} s; flow / direct "
-        f"{f / d:.3f} (overhead {100 * (f - d) / d:.1f} %); {1000 * (f - d) / args.shards:.1f} ms "
-        f"per shard; load average {load[0]:.2f} {load[1]:.2f}"
-    )
+    for i, what in enumerate(("wall", "CPU")):
+        d = statistics.median(run[i] for run in runs["direct"])
+        f = statistics.median(run[i] for run in runs["flow"])
+        print(
+            f"{what} seconds, median of {args.repeats}: direct {d:.2f}, flow {f:.2f}; flow / "
+            f"direct {f / d:.3f} (overhead {100 * (f - d) / d:.1f} %); "
+            f"{1000 * (f - d) / args.shards:.1f} ms per shard"
+        )
+    print(f"load average {load[0]:.2f} {load[1]:.2f} (1, 5 min)")
     if args.profile:
         print(f"profile of the last flow run: {args.profile} (python -m pstats)")
 
