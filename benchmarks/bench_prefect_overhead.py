@@ -14,7 +14,9 @@ results persisted to a temporary folder). Each repeat writes to fresh folders; o
 each comes first (imports, the model's first load). Printed: wall seconds and CPU seconds (this
 process and the API server: steadier than wall time on a shared machine) of each run, their
 medians, flow / direct, and the overhead per shard in ms ((flow - direct) / shards, medians).
-`--profile FILE` profiles the last flow run with cProfile (read with `python -m pstats FILE`).
+`--profile FILE` profiles one more flow run, after the timed ones, with cProfile (read with
+`python -m pstats FILE`). torch runs on `--torch-threads` (1): on a shared machine, idle
+threads of a second one spin and make CPU seconds swing with the load.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from bertvision.config import ExtractConfig  # noqa: E402
 from bertvision.encoder import default_model  # noqa: E402
 from bertvision.extract import extract_hidden_states  # noqa: E402
@@ -42,7 +46,6 @@ from bertvision.extract import extract_hidden_states  # noqa: E402
 
 def tiny_encoder(folder: Path) -> str:
     """A random BERT of 2 layers, hidden 32, with MiniLM's tokenizer, saved to `folder`."""
-    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -77,8 +80,12 @@ def main() -> None:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=str(REPO.parent.parent / "shared/data/glue"))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
-    parser.add_argument("--profile", default="", help="cProfile the last flow run into this file")
+    parser.add_argument("--profile", default="", help="cProfile one more flow run into this file")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch's intra-op threads (both ways)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
     if not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a folder")
 
@@ -137,13 +144,14 @@ def main() -> None:
         runs = {"direct": [], "flow": []}
         for repeat in range(args.repeats):
             runs["direct"].append(direct(f"direct-{repeat}"))
-            last = repeat == args.repeats - 1
-            runs["flow"].append(flow(f"flow-{repeat}", profile=last and bool(args.profile)))
+            runs["flow"].append(flow(f"flow-{repeat}"))
             (dw, dc), (fw, fc) = runs["direct"][-1], runs["flow"][-1]
             print(
                 f"repeat {repeat + 1}: direct {dw:.2f} s wall, {dc:.2f} CPU s; "
                 f"flow {fw:.2f} s wall, {fc:.2f} CPU s"
             )
+        if args.profile:
+            flow("flow-profiled", profile=True)
     load = os.getloadavg()
     for i, what in enumerate(("wall", "CPU")):
         d = statistics.median(run[i] for run in runs["direct"])
@@ -155,7 +163,7 @@ def main() -> None:
         )
     print(f"load average {load[0]:.2f} {load[1]:.2f} (1, 5 min)")
     if args.profile:
-        print(f"profile of the last flow run: {args.profile} (python -m pstats)")
+        print(f"profile of one more flow run (not timed): {args.profile} (python -m pstats)")
 
 
 if __name__ == "__main__":
