@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--examples-per-shard", type=int, default=4)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--data-dir", default=str(REPO.parent.parent / "shared/data/glue"))
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/glue"))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
     parser.add_argument("--profile", default="", help="cProfile one more flow run into this file")
     parser.add_argument(
