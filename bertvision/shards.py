@@ -298,16 +298,54 @@ def _record_of_plan(name: str, record: ShardRecord | None, plan: ExtractionPlan)
     )
 
 
+def read_manifests(folder: str, names: list[str], record: type[T]) -> dict[str, T | None]:
+    """The manifest files `names` of `folder` parsed as `record`, fetched in one call: on blob
+    storage concurrent requests (fsspec's `cat` of a list), not a round trip per file. Name ->
+    the record, or None for a garbled one (`read_manifest` would raise ManifestError); a file
+    removed since it was listed is left out. Storage failures are raised.
+
+    `bertvision status` of 10,000 shards on Azurite: 190 s, against over 600 s reading them
+    one by one (benchmarks/RESULTS.md)."""
+    if not names:
+        return {}
+    url = storage.join(folder, MANIFEST_DIR)
+    with storage.translate_errors(url):
+        fs, root = storage.url_to_fs(url)
+        paths = {name: fs._strip_protocol(f"{root}/{name}") for name in names}
+        contents = fs.cat(list(paths.values()), on_error="return")
+        parsed = {}
+        for name, path in paths.items():
+            data = contents[path]
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                raise data
+            try:
+                parsed[name] = record.from_json(data.decode("utf-8"))
+            except (ValueError, TypeError):  # not UTF-8 JSON of `record`
+                parsed[name] = None
+    return parsed
+
+
+def _plan_records(
+    folder: str, names: Iterable[str], plan: ExtractionPlan
+) -> tuple[dict[int, ShardRecord], list[str]]:
+    """The commit records of `plan` among the manifest's `names` (read in one call), by shard
+    index; and the names of records that do not count (garbled, or of another extraction)."""
+    read = read_manifests(folder, [name for name in names if _is_record_name(name)], ShardRecord)
+    records, others = {}, []
+    for name, record in read.items():
+        if _record_of_plan(name, record, plan):
+            records[record.index] = record
+        else:
+            others.append(name)
+    return records, others
+
+
 def load_records(folder: str, plan: ExtractionPlan) -> dict[int, ShardRecord]:
     """Commit records that belong to `plan` (a garbled record, or one of another extraction, does
-    not count)."""
-    records = {}
-    for name in storage.list_names(storage.join(folder, MANIFEST_DIR)):
-        if _is_record_name(name):
-            record = _parse_record(manifest_url(folder, name))
-            if _record_of_plan(name, record, plan):
-                records[record.index] = record
-    return records
+    not count): one listing of the manifest, its records read in one call (`read_manifests`)."""
+    return _plan_records(folder, storage.list_names(storage.join(folder, MANIFEST_DIR)), plan)[0]
 
 
 def load_record(folder: str, plan: ExtractionPlan, index: int) -> ShardRecord | None:
@@ -446,15 +484,8 @@ def split_status(folder: str) -> dict:
         raise ShardError(f"{folder} holds no extraction (no {MANIFEST_DIR}/{PLAN_FILE})")
     listing = storage.list_entries(folder)
     manifest = storage.list_entries(storage.join(folder, MANIFEST_DIR))
-    records = {}
-    strays = []
-    for name in sorted(manifest):
-        if _is_record_name(name):
-            record = _parse_record(manifest_url(folder, name))
-            if _record_of_plan(name, record, plan):
-                records[record.index] = record
-            else:
-                strays.append(f"{MANIFEST_DIR}/{name}")
+    records, others = _plan_records(folder, sorted(manifest), plan)
+    strays = [f"{MANIFEST_DIR}/{name}" for name in sorted(others)]
     done = {i for i, r in records.items() if stored_mismatch(listing.get(r.file), r) is None}
     committed_files = {records[i].file for i in done}
     strays += [

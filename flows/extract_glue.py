@@ -95,6 +95,7 @@ def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[st
     else:
         for _, plan, pending in todo:
             run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
+        progress.refresh()  # advance publishes at most every few seconds
     publish_shard_table(cfg, plans, f"{key}-shards", run_errors)  # committed, failed, missing
     failures, missing = {}, []
     for plan in plans:

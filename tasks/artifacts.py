@@ -46,12 +46,16 @@ def row_unit(plans: list[ExtractionPlan]) -> str:
 
 class ExtractionProgress:
     """The progress artifact of one extraction: rows (examples, or a span task's windows)
-    committed out of all planned.
+    committed out of all planned, published at most every `PUBLISH_SECONDS` while shards commit
+    (an update is an API call: one per shard cost 55 ms of a tiny shard's 165 ms of overhead,
+    benchmarks/bench_prefect_overhead.py) and whenever `refresh` recounts.
 
     One artifact per flow run, whatever the attempt: a retry finds the artifact its flow run made
     before (by key) and goes on updating it, so no attempt's artifact is left frozen. Its
     description gives the counts, per split, and the rate of this attempt.
     """
+
+    PUBLISH_SECONDS = 2.0
 
     def __init__(self, work: list[tuple[ExtractConfig, ExtractionPlan]], key: str) -> None:
         self.work = work
@@ -59,7 +63,7 @@ class ExtractionProgress:
         self.unit = row_unit([plan for _, plan in work])
         self.done = self._committed_examples()
         self.done_at_start = sum(self.done.values())
-        self.started = time.monotonic()
+        self.started = self.published = time.monotonic()
         self.artifact_id = _progress_artifact(key, self.percent, self.description())
 
     @property
@@ -81,9 +85,11 @@ class ExtractionProgress:
         return text
 
     def advance(self, plan: ExtractionPlan, rows: int) -> None:
-        """`rows` more rows of `plan` committed here."""
+        """`rows` more rows of `plan` committed here; published if `PUBLISH_SECONDS` have passed
+        since the last update (the caller ends with `refresh`)."""
         self.done[_split_name(plan)] += rows
-        self._publish()
+        if time.monotonic() - self.published >= self.PUBLISH_SECONDS:
+            self._publish()
 
     def refresh(self) -> None:
         """Recount from storage (other workers commit shards too)."""
@@ -92,6 +98,7 @@ class ExtractionProgress:
 
     def _publish(self) -> None:
         update_progress_artifact(self.artifact_id, self.percent, description=self.description())
+        self.published = time.monotonic()
 
     def _committed_examples(self) -> dict[str, int]:
         return {

@@ -19,7 +19,7 @@ import torch
 from conftest import tokenizer_variant
 from typer.testing import CliRunner
 
-from bertvision import glue, shards
+from bertvision import glue, shards, storage
 from bertvision.cli import app
 from bertvision.extract import (
     ExtractConfig,
@@ -27,7 +27,7 @@ from bertvision.extract import (
     extract_shard,
     prepare_extraction,
 )
-from bertvision.schema import ShardMeta
+from bertvision.schema import ShardMeta, ShardRecord
 
 
 def _config(out, model, glue_dir, **overrides) -> ExtractConfig:
@@ -376,6 +376,30 @@ def test_a_garbled_commit_record_counts_as_not_done_and_a_rerun_redoes_it(
     summary = extract_hidden_states(cfg, progress=False)
     assert summary.ok and summary.committed == {"wnli/dev": [1]}
     assert shards.split_status(str(tmp_path / "wnli/dev"))["strays"] == []
+
+
+def test_manifest_records_are_read_in_one_call_garbled_ones_as_none(tmp_path, monkeypatch):
+    """`read_manifests` fetches the records it is given with one `cat` of them all (concurrent
+    requests on blob storage); a torn record reads as None, one removed since it was listed is
+    left out."""
+    folder = str(tmp_path / "rte" / "dev")
+    record = ShardRecord(0, "shard-00000.parquet", 0, 2, 2, 10, "ab" * 32, "k:0", 0.1, "w", "t")
+    manifest = tmp_path / "rte" / "dev" / "_manifest"
+    manifest.mkdir(parents=True)
+    (manifest / "shard-00000.json").write_text(record.to_json())
+    (manifest / "shard-00001.json").write_text(record.to_json()[:30])  # a torn write
+    fs, _ = storage.url_to_fs(folder)
+    calls = []
+    real_cat = type(fs).cat
+    monkeypatch.setattr(
+        type(fs),
+        "cat",
+        lambda self, paths, **kw: calls.append(paths) or real_cat(self, paths, **kw),
+    )
+    names = ["shard-00000.json", "shard-00001.json", "shard-00002.json"]
+    read = shards.read_manifests(folder, names, ShardRecord)
+    assert read == {"shard-00000.json": record, "shard-00001.json": None}
+    assert len(calls) == 1 and len(calls[0]) == 3
 
 
 def test_other_settings_never_mix_with_old_shards(tmp_path, tiny_model, glue_dir):

@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 from uuid import UUID
 
 import pyarrow.dataset as ds
@@ -17,6 +18,7 @@ import torch
 pytest.importorskip("prefect")
 
 from bertvision_flows.extract_glue import ShardsFailed, extract_glue, extract_squad  # noqa: E402
+from bertvision_tasks import artifacts  # noqa: E402
 from bertvision_tasks import extract as extract_tasks  # noqa: E402
 from bertvision_tasks import train as train_tasks  # noqa: E402
 from bertvision_tasks.artifacts import shard_table  # noqa: E402
@@ -42,6 +44,7 @@ from bertvision import train as train_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
+from bertvision.schema import ExtractionPlan  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
 from bertvision.train import TrainConfig  # noqa: E402
 
@@ -136,6 +139,32 @@ def test_extract_glue_commits_every_shard_with_named_runs_and_artifacts(
     progress = Artifact.get("extract-wnli-runs-emb-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.description.startswith("71 of 71 examples committed (wnli/dev 71 of 71)")
+
+
+def test_the_progress_artifact_is_updated_at_most_every_few_seconds(tmp_path, monkeypatch):
+    """A shard committed updates the artifact only if PUBLISH_SECONDS passed since the last
+    update (each update is an API call); the count keeps every shard."""
+    clock, updates = [100.0], []
+    monkeypatch.setattr(artifacts, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(artifacts, "_progress_artifact", lambda key, percent, text: "id")
+    monkeypatch.setattr(
+        artifacts,
+        "update_progress_artifact",
+        lambda artifact_id, percent, description: updates.append((percent, description)),
+    )
+    plan = ExtractionPlan("rte", "dev", "m", "f" * 16, "d" * 16, 30, 10, 8, "float16", 1, 2, False)
+    shards.write_plan(shards.split_url(str(tmp_path), "rte", "dev"), plan)
+    progress = artifacts.ExtractionProgress([(SimpleNamespace(out=str(tmp_path)), plan)], "k")
+    assert artifacts.ExtractionProgress.PUBLISH_SECONDS == 2.0
+    clock[0] = 101.9
+    progress.advance(plan, 10)
+    assert updates == []
+    clock[0] = 102.0
+    progress.advance(plan, 10)
+    clock[0] = 103.0
+    progress.advance(plan, 10)
+    assert [percent for percent, _ in updates] == [66.7]
+    assert progress.percent == 100.0 and progress.description().startswith("30 of 30 examples")
 
 
 def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
