@@ -9,6 +9,7 @@ so flow runs there draw no bars into their logs.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ def environment(**values: str) -> Iterator[None]:
 def quiet_libraries() -> Iterator[None]:
     """Only errors from transformers' logging (its weight-loading reports, the MISSING and
     UNEXPECTED tables printed on every load of a checkpoint), none of its progress bars, and no
-    Python warnings, in this
+    Python warnings but BERTVision's own (one line, `warning: ...`, on stderr), in this
     process and, through the environment (TRANSFORMERS_VERBOSITY, PYTHONWARNINGS), in the
     processes it starts; restored at exit."""
     from transformers.utils import logging as hf_logging
@@ -54,8 +55,15 @@ def quiet_libraries() -> Iterator[None]:
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", module="bertvision")
+            warnings.showwarning = _one_line
             yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as BERTVision's commands show one: `warning: ...` on stderr."""
+    print(f"warning: {message}", file=file or sys.stderr)

@@ -661,7 +661,7 @@ def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> 
             f"--val-fraction {fraction:g} holds out {len(held_out)} of {len(titles)} articles: "
             f"{questions} of {len(examples)} train questions ({questions / len(examples):.0%}); "
             "with so few articles, raise --max-train-examples",
-            stacklevel=2,
+            stacklevel=1,  # the data's warning, attributed here, not to the caller's code
         )
     return held_out
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from bertvision import families, squad
 from bertvision.cli import app
 from bertvision.config import ConfigError, FinetuneConfig, TrainConfig
+from bertvision.console import quiet_libraries
 from bertvision.finetune import finetune_encoder
 
 TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
@@ -91,7 +92,7 @@ def test_the_held_out_slice_holds_whole_articles(squad_dir):
     assert len(train) + len(val) == len(examples)
 
 
-def test_a_held_out_article_far_above_the_fraction_is_warned_of():
+def test_a_held_out_article_far_above_the_fraction_is_warned_of(capsys):
     questions = [
         squad.Example(f"q{i}", title, "context", "question?", (), True)
         for i, title in enumerate(["A", "A", "B", "B", "C", "C"])
@@ -100,6 +101,9 @@ def test_a_held_out_article_far_above_the_fraction_is_warned_of():
         UserWarning, match=r"holds out 1 of 3 articles: 2 of 6 train questions \(33%\)"
     ):
         squad.held_out_titles(questions, 0.1)
+    with quiet_libraries():  # what the commands run under: other libraries' warnings hidden
+        squad.held_out_titles(questions, 0.1)
+    assert capsys.readouterr().err.startswith("warning: --val-fraction 0.1 holds out 1 of 3")
 
 
 def test_a_single_article_cannot_be_split():
