@@ -397,7 +397,11 @@ def report(
     print("API latency ms (p50 / p95 / max):")
     for name, values in sampler.latency.items():
         if values:
-            p95 = statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
+            p95 = (
+                statistics.quantiles(values, n=20, method="inclusive")[-1]
+                if len(values) > 1
+                else values[0]
+            )
             print(
                 f"  {name:22s} {statistics.median(values) * 1000:6.0f} / {p95 * 1000:6.0f} / "
                 f"{max(values) * 1000:6.0f}  ({len(values)} calls)"

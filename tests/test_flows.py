@@ -385,6 +385,27 @@ def test_no_space_stops_the_flow_at_the_first_shard(
     assert not list((tmp_path / "wnli/dev").rglob("*~*"))  # no staging file left
 
 
+def test_no_space_stops_a_grouped_extraction_at_the_first_shard(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import errno
+
+    from bertvision.storage import OutOfSpace
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards._HashingFile, "write", full_disk)
+    state = extract_glue(_cfg(tmp_path, tiny_model, glue_dir), shards_per_task=2, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(OutOfSpace, match="no space left writing shard 0 of wnli/dev"):
+        state.result()
+    assert [n for n in _task_run_names(state) if "-shards-" in n] == [
+        f"wnli-dev-shards-0000-0001@{_at(tmp_path)}"
+    ]  # the first group only, stopped at its first shard
+    assert shards.status(str(tmp_path))["wnli/dev"]["failed_shards"] == [0]
+
+
 def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
