@@ -3,7 +3,8 @@ PostgreSQL with process workers on this machine.
 
     python benchmarks/bench_prefect_scale.py [--shards 10000] [--workers 4] \
         [--examples-per-shard 4] [--data-dir ../shared/data/glue] [--sample-seconds 5] \
-        [--threads 1] [--recorder-batch-size 100] [--samples-json samples.json]
+        [--threads 1] [--recorder-batch-size 100] [--shards-per-task 10] \
+        [--samples-json samples.json]
 
 The model is a tiny random BERT (hidden 32, 2 layers, MiniLM's tokenizer) saved to a temporary
 folder, the data the first shards x examples-per-shard sentences of GLUE SST-2 train: the point is
@@ -11,15 +12,17 @@ the orchestration, not the model. It starts a throwaway PostgreSQL cluster (init
 folder, run as the `postgres` user on a free port), `prefect server start` on it, the pools and
 deployments (scripts/demo_prefect_workers.py `Demo`), one worker on `bertvision` for the
 coordinating flow run and `--workers` workers (`--limit 1`) on `bertvision-shards`, then runs
-`prefect deployment run extract-glue/extract-glue -p workers=N --watch`.
+`prefect deployment run extract-glue/extract-glue -p workers=N [-p shards_per_task=K] --watch`
+(K consecutive shards per task run: ceil(shards / K) extraction task runs instead of one per
+shard).
 
 Every `--sample-seconds` it samples the RSS of each process kind (the server's process tree,
 PostgreSQL's, each worker, the coordinating flow run and the shard flow runs: the processes the
 workers start) and times GET /api/health and POST /api/flow_runs/filter. At the end it prints:
 
-- shards committed / expected, and shard task runs Completed in the API (one per shard): the
-  server records task runs from events, so it waits until all show or none has come for 2
-  minutes, and counts the event messages the server dropped (its log);
+- shards committed / expected, and extraction task runs Completed in the API (one per shard,
+  or per group of K): the server records task runs from events, so it waits until all show or
+  none has come for 2 minutes, and counts the event messages the server dropped (its log);
 - example ids stored: each of 0..N-1 exactly once in the committed shards, and stray Parquet
   files in the split folder (a duplicate write would leave one);
 - wall time of the flow run (submit to Completed) and the shards' own compute seconds (the sum of
@@ -83,6 +86,10 @@ def main() -> None:
         help="torch threads per flow-run process (OMP_NUM_THREADS): 4 processes on 2 cores, "
         "each with as many threads as cores, spend their time spinning on each other",
     )  # fmt: skip
+    parser.add_argument(
+        "--shards-per-task", type=int, default=1,
+        help="consecutive shards per extraction task run (extract-glue's shards_per_task)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -117,17 +124,18 @@ def main() -> None:
             sampler.start()
             out = tmp / "emb"
             started = time.perf_counter()
+            grouping = {"shards_per_task": args.shards_per_task} if args.shards_per_task > 1 else {}
             log = demo._prefect(
                 "deployment", "run", demo.deployment,
-                *demo._params(out, workers=args.workers), "--watch",
+                *demo._params(out, workers=args.workers, **grouping), "--watch",
             )  # fmt: skip
             wall = time.perf_counter() - started
-            recorded, lag = wait_for_task_runs(demo, args.shards)
+            recorded, lag = wait_for_task_runs(demo, args.shards, args.shards_per_task)
             sampler.stop()
             report(demo, out, args, wall, _flow_run_id(log), sampler, load_before)
             print(
-                f"shard task runs Completed in the API when the flow run ended: {recorded}; "
-                f"all {args.shards} {lag}"
+                f"extraction task runs Completed in the API when the flow run ended: {recorded}; "
+                f"all {expected_task_runs(args.shards, args.shards_per_task)} {lag}"
             )
             if args.samples_json:
                 Path(args.samples_json).write_text(json.dumps(sampler.series()))
@@ -306,20 +314,38 @@ def _count_task_runs(demo: Demo, name_like: str, state: str | None = None) -> in
         return json.loads(response.read())
 
 
-def wait_for_task_runs(demo: Demo, shards: int, quiet_seconds: float = 120) -> tuple[int, str]:
+def expected_task_runs(shards: int, shards_per_task: int) -> int:
+    """Extraction task runs of a complete run: one per group of `shards_per_task`."""
+    return -(-shards // shards_per_task)
+
+
+def _count_extraction_runs(demo: Demo, shards_per_task: int, state: str | None = None) -> int:
+    """Extraction task runs: `sst2-train-shard-0007@...` one per shard, or
+    `sst2-train-shards-0000-0009@...` per group, less the coordinator's task runs that wait for
+    child runs (`sst2-train-shards-1-of-4@...`)."""
+    if shards_per_task == 1:
+        return _count_task_runs(demo, "-shard-", state)
+    return _count_task_runs(demo, "-shards-", state) - _count_task_runs(demo, "-of-", state)
+
+
+def wait_for_task_runs(
+    demo: Demo, shards: int, shards_per_task: int = 1, quiet_seconds: float = 120
+) -> tuple[int, str]:
     """The server records task runs from the events the flow-run processes send, so its count
-    may lag behind the flow run's end: wait until all `shards` shard task runs are Completed in
-    the API, or the count has not grown for `quiet_seconds`. Returns the count at the flow run's
-    end and how long the rest took to show (or that it never did)."""
+    may lag behind the flow run's end: wait until all extraction task runs (one per group of
+    `shards_per_task` shards) are Completed in the API, or the count has not grown for
+    `quiet_seconds`. Returns the count at the flow run's end and how long the rest took to show
+    (or that it never did)."""
+    expected = expected_task_runs(shards, shards_per_task)
     started = time.perf_counter()
-    at_end = last = _count_task_runs(demo, "-shard-", "COMPLETED")
+    at_end = last = _count_extraction_runs(demo, shards_per_task, "COMPLETED")
     grew = started
-    while last < shards and time.perf_counter() - grew < quiet_seconds:
+    while last < expected and time.perf_counter() - grew < quiet_seconds:
         time.sleep(5)
-        count = _count_task_runs(demo, "-shard-", "COMPLETED")
+        count = _count_extraction_runs(demo, shards_per_task, "COMPLETED")
         if count > last:
             last, grew = count, time.perf_counter()
-    if last >= shards:
+    if last >= expected:
         return at_end, f"Completed in the API {time.perf_counter() - started:.0f} s later"
     return at_end, f"never: {last} after {quiet_seconds:.0f} s without growth"
 
@@ -341,12 +367,16 @@ def report(
     records = committed_records(folder, plan)
     shard_seconds = sum(r.seconds for r in records.values())
     stored, once = _stored_once(out, "sst2", "train", status["examples"])
-    shard_runs = _count_task_runs(demo, "-shard-")
-    completed = _count_task_runs(demo, "-shard-", "COMPLETED")
+    runs = _count_extraction_runs(demo, args.shards_per_task)
+    completed = _count_extraction_runs(demo, args.shards_per_task, "COMPLETED")
+    expected = expected_task_runs(args.shards, args.shards_per_task)
     overhead = (wall * args.workers - shard_seconds) / args.shards
     print(f"\nflow run {flow_run_id}: {_state(demo.env, flow_run_id)}")
     print(f"shards committed / expected: {status['done']} / {args.shards}")
-    print(f"shard task runs in the API: {shard_runs} ({completed} Completed)")
+    print(
+        f"extraction task runs in the API: {runs} ({completed} Completed) of {expected} "
+        f"({args.shards_per_task} shard(s) per task run)"
+    )
     print(
         f"example ids stored: {stored} of {status['examples']}, each exactly once: {once}; "
         f"stray files in the split folder: {len(status['strays'])}"
@@ -367,7 +397,11 @@ def report(
     print("API latency ms (p50 / p95 / max):")
     for name, values in sampler.latency.items():
         if values:
-            p95 = statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
+            p95 = (
+                statistics.quantiles(values, n=20, method="inclusive")[-1]
+                if len(values) > 1
+                else values[0]
+            )
             print(
                 f"  {name:22s} {statistics.median(values) * 1000:6.0f} / {p95 * 1000:6.0f} / "
                 f"{max(values) * 1000:6.0f}  ({len(values)} calls)"

@@ -591,6 +591,11 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
     workers: int = setting(
         0, "Extraction: spread the shards over N runs of the extract-shards deployment; 0: here"
     )
+    shards_per_task: int = setting(
+        1,
+        "Extraction: consecutive shards per task run; more for many small shards (fewer task "
+        "runs and events for the Prefect server)",
+    )
     finetune: FinetuneConfig = setting(default_factory=FinetuneConfig, help="Fine-tuning")
     extract: ExtractConfig = setting(default_factory=ExtractConfig, help="Extraction")
     train: TrainConfig = setting(default_factory=TrainConfig, help="The single adapter")
@@ -613,6 +618,7 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
             raise ConfigError("tasks", exc.message) from None
         check_finite(self)
         check_at_least(self, 0, "workers")
+        check_at_least(self, 1, "shards_per_task")
         check_fraction(self, "val_fraction")
         _resolve_model_and_device(self)
         families = {get_task(name).family.name for name in self.tasks}

@@ -2,7 +2,9 @@
 defaults) and `extract-shards` (some of an extraction's shards).
 
     extract-glue:  plan each task  ->  pending shards  ->  extract them here, one task per shard
-                                                       or hand groups to N `extract-shards` runs
+                                                       (or per `shards_per_task` consecutive
+                                                       shards), or hand them to N
+                                                       `extract-shards` runs
                    ->  table of shards; a final listing of storage; Failed naming every shard
                        that did not commit, and why, and whatever committed but is not stored
 
@@ -18,13 +20,17 @@ import time
 from bertvision_tasks.artifacts import ExtractionProgress, failed_shards, publish_shard_table
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.extract import (
+    SHARD_TIMEOUT_SECONDS,
+    ShardGroupFailed,
     extract_shard,
+    extract_shard_group,
     finish_split,
     missing_from_storage,
     pending_shards,
     plan_extraction,
     read_plan,
     run_shard_group,
+    shard_groups,
 )
 from bertvision_tasks.names import artifact_key, flow_run_name, run_name, where
 from prefect import flow
@@ -61,29 +67,42 @@ class ShardsFailed(RuntimeError):
 
 @flow(name="extract-glue", flow_run_name=flow_run_name("extract-{cfg.task}"), log_prints=True)
 def extract_glue(
-    cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
+    cfg: ExtractConfig,
+    workers: int = 0,
+    shards_per_task: int = 1,
+    shard_deployment: str = SHARD_DEPLOYMENT,
 ) -> dict[str, int]:
     """Store every layer's hidden states of `cfg.task`'s splits under `cfg.out`; returns shards
     per task/split. `workers` > 0 spreads the pending shards over that many child runs of
-    `shard_deployment` (one per worker); 0 extracts them in this flow run. A GLUE task stores
-    one row per example, squad2 one per window."""
+    `shard_deployment` (one per worker); 0 extracts them in this flow run. `shards_per_task` > 1
+    extracts that many consecutive pending shards per task run (`extract_shard_group`): fewer
+    task runs, API calls and events when shards are many and small (a Prefect server drops
+    events beyond ~100/s, benchmarks/RESULTS.md). A GLUE task stores one row per example,
+    squad2 one per window."""
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
-    return _extract(cfg, workers, shard_deployment)
+    return _extract(cfg, workers, shard_deployment, shards_per_task)
 
 
 @flow(name="extract-squad", flow_run_name=flow_run_name("extract-{cfg.task}"), log_prints=True)
 def extract_squad(
-    cfg: ExtractConfig, workers: int = 0, shard_deployment: str = SHARD_DEPLOYMENT
+    cfg: ExtractConfig,
+    workers: int = 0,
+    shards_per_task: int = 1,
+    shard_deployment: str = SHARD_DEPLOYMENT,
 ) -> dict[str, int]:
     """`extract-glue` for span tasks: every window of every question of the splits. Its
     deployment carries SQuAD 2.0's windowing as defaults (deployments/prefect.yaml)."""
     if not is_span_task(cfg.task):
         raise ConfigError("task", f"{cfg.task!r} is not a span task (squad2); use extract-glue")
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
-    return _extract(cfg, workers, shard_deployment)
+    return _extract(cfg, workers, shard_deployment, shards_per_task)
 
 
-def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[str, int]:
+def _extract(
+    cfg: ExtractConfig, workers: int, shard_deployment: str, shards_per_task: int
+) -> dict[str, int]:
+    if shards_per_task < 1:
+        raise ConfigError("shards_per_task", f"must be >= 1, got {shards_per_task}")
     plans = plan_extraction(cfg)  # validate, write one plan per split
     work = [(cfg, plan) for plan in plans]
     key = artifact_key("extract", cfg.task, where(cfg.out))
@@ -91,10 +110,12 @@ def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[st
     todo = [(cfg, plan, pending_shards(cfg, plan)) for plan in plans]  # what storage lacks
     run_errors = {}
     if workers > 0:
-        run_errors = _extract_on_workers(todo, workers, shard_deployment, progress)  # child runs
+        run_errors = _extract_on_workers(  # child runs
+            todo, workers, shard_deployment, shards_per_task, progress
+        )
     else:
-        for _, plan, pending in todo:
-            run_errors |= _extract_here(cfg, plan, pending, progress)  # one task run per shard
+        for _, plan, pending in todo:  # one task run per shard (or group)
+            run_errors |= _extract_here(cfg, plan, pending, shards_per_task, progress)
         progress.refresh()  # advance publishes at most every few seconds
     publish_shard_table(cfg, plans, f"{key}-shards", run_errors)  # committed, failed, missing
     failures, missing = {}, []
@@ -109,13 +130,16 @@ def _extract(cfg: ExtractConfig, workers: int, shard_deployment: str) -> dict[st
 
 
 @flow(name="extract-shards", log_prints=True)
-def extract_shards(cfg: ExtractConfig, split: str, shards: list[int]) -> list[int]:
-    """Extract the given shards of one planned task/split; a worker's share of `extract-glue`.
+def extract_shards(
+    cfg: ExtractConfig, split: str, shards: list[int], shards_per_task: int = 1
+) -> list[int]:
+    """Extract the given shards of one planned task/split, `shards_per_task` consecutive ones
+    of the list per task run; a worker's share of `extract-glue`.
 
     Shards committed meanwhile (by an earlier try or another worker) are skipped."""
     crash_stale_task_runs()
     plan = read_plan(cfg, split)
-    run_errors = _extract_here(cfg, plan, shards, progress=None)
+    run_errors = _extract_here(cfg, plan, shards, shards_per_task, progress=None)
     pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
     failures = failed_shards(cfg, plan, pending, run_errors)
     done = [i for i in shards if f"{plan.task}/{plan.split}/{i}" not in failures]
@@ -129,12 +153,16 @@ def _extract_here(
     cfg: ExtractConfig,
     plan: ExtractionPlan,
     shards: list[int],
+    shards_per_task: int,
     progress: ExtractionProgress | None,
 ) -> dict[str, str]:
-    """One task run per shard, in order; a failed shard does not stop the others, but no space
-    left on storage stops this at once (OutOfSpace): every later shard would fail the same way.
+    """One task run per shard, in order (or per group of `shards_per_task`); a failed shard does
+    not stop the others, but no space left on storage stops this at once (OutOfSpace): every
+    later shard would fail the same way.
 
     Returns `task/split/shard` -> the final state's message, for shards whose task run failed."""
+    if shards_per_task > 1:
+        return _extract_groups_here(cfg, plan, shard_groups(shards, shards_per_task), progress)
     errors = {}
     for index in shards:
         state = extract_shard(cfg, plan, index, return_state=True)
@@ -148,28 +176,72 @@ def _extract_here(
     return errors
 
 
+def _extract_groups_here(
+    cfg: ExtractConfig,
+    plan: ExtractionPlan,
+    groups: list[list[int]],
+    progress: ExtractionProgress | None,
+) -> dict[str, str]:
+    """`_extract_here` with one task run per group of shards (`extract_shard_group`)."""
+    errors = {}
+    for group in groups:
+        timeout = SHARD_TIMEOUT_SECONDS * len(group)
+        task = extract_shard_group.with_options(timeout_seconds=timeout)
+        state = task(cfg, plan, group, return_state=True)
+        if state.is_completed():
+            if progress is not None:
+                progress.advance(plan, sum(record.rows for record in state.result()))
+            continue
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException) and storage.out_of_space(exc):
+            raise exc  # OutOfSpace naming the shard
+        if isinstance(exc, ShardGroupFailed):
+            errors |= exc.failures  # the others of the group committed
+        else:  # timed out, crashed: whichever of its shards are not committed
+            why = state.message or state.name
+            errors |= {f"{plan.task}/{plan.split}/{i}": why for i in group}
+        if progress is not None:
+            progress.refresh()  # what the group committed before it failed
+    return errors
+
+
 def poll_seconds(refresh_seconds: float) -> float:
     """Seconds between recounts of committed shards: POLL_SECONDS, or POLL_COST_FACTOR times
     what the last recount took (`refresh_seconds`) when that is longer."""
     return max(POLL_SECONDS, POLL_COST_FACTOR * refresh_seconds)
 
 
+def worker_shares(pending: list[int], workers: int, shards_per_task: int) -> list[list[int]]:
+    """The shards of each of at most `workers` child runs: the groups of `shards_per_task`
+    consecutive pending shards (`shard_groups`) dealt round-robin, so that each child, cutting
+    its share into groups, makes the same groups. With 1: shards round-robin."""
+    groups = shard_groups(pending, shards_per_task)
+    return [
+        [i for group in groups[child::workers] for i in group]
+        for child in range(min(workers, len(groups)))
+    ]
+
+
 def _extract_on_workers(
     todo: list[tuple[ExtractConfig, ExtractionPlan, list[int]]],
     workers: int,
     deployment: str,
+    shards_per_task: int,
     progress: ExtractionProgress,
 ) -> dict[str, str]:
-    """Spread each split's pending shards round-robin over `workers` child runs; wait for all.
+    """Spread each split's pending shards round-robin over `workers` child runs, in groups of
+    `shards_per_task` consecutive shards (each child's task runs take the same groups); wait
+    for all.
 
     Returns `task/split/shard` -> the error of its child run, for runs that failed."""
     runs = {}
     for cfg, plan, pending in todo:
-        for group in range(min(workers, len(pending))):
-            shards = pending[group::workers]
-            work = f"{plan.task}-{plan.split}-shards-{group + 1}-of-{workers}"
+        for child, shards in enumerate(worker_shares(pending, workers, shards_per_task)):
+            work = f"{plan.task}-{plan.split}-shards-{child + 1}-of-{workers}"
             name = run_name(work, cfg.out)
             parameters = {"cfg": cfg, "split": plan.split, "shards": shards}
+            if shards_per_task > 1:  # so workers on code older than this parameter run the rest
+                parameters["shards_per_task"] = shards_per_task
             future = run_shard_group.submit(deployment, parameters, name)
             runs[future] = [f"{plan.task}/{plan.split}/{i}" for i in shards]
     seconds = 0.0

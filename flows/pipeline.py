@@ -57,7 +57,9 @@ def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, dict]]:
         stage = cfg.stages(name)
         rows = StageRows(get_task(name).family.majority_baseline(name, cfg.data_dir))
         rows.add("finetune", finetune(stage["finetune"])["dev"])  # partial fine-tune of the encoder
-        extract_glue(stage["extract"], workers=cfg.workers)  # all-layer states -> Parquet shards
+        extract_glue(  # all-layer states -> Parquet shards
+            stage["extract"], workers=cfg.workers, shards_per_task=cfg.shards_per_task
+        )
         rows.add("extract", None)
         rows.add(stage["train"].adapter, train_adapter(stage["train"])["dev"])  # one adapter
         rows.add("best trial", sweep(stage["sweep"])[name]["best"]["dev"])  # hyperopt trials

@@ -134,22 +134,52 @@ SHARD_COLUMNS = (
 )  # fmt: skip
 
 
+# Rows of a shard table listed one per shard at most: a table artifact's creation is an event,
+# and the server refuses events over 1.5 MB (PREFECT_EVENTS_MAXIMUM_SIZE_BYTES; a row is ~260
+# bytes, so 10,000 shards were 2.6 MB). Longer tables fold committed shards into one row per
+# split; an error cell is cut at ERROR_CHARS. 500 rows of the longest errors: ~0.4 MB.
+MAX_SHARD_ROWS = 500
+ERROR_CHARS = 500
+
+
 def shard_table(
-    cfg: ExtractConfig, plans: list[ExtractionPlan], run_errors: dict[str, str] | None = None
+    cfg: ExtractConfig,
+    plans: list[ExtractionPlan],
+    run_errors: dict[str, str] | None = None,
+    max_rows: int = MAX_SHARD_ROWS,
+) -> list[dict]:
+    """The shard table of `plans` as storage holds them (`shard_rows`): commit records, failure
+    records, and `run_errors` (`task/split/shard` -> the error of the run that had it)."""
+    splits = []
+    for plan in plans:
+        records = load_records(split_url(cfg.out, plan.task, plan.split), plan)
+        pending = [i for i in range(plan.num_shards) if i not in records]
+        splits.append((plan, records, failed_shards(cfg, plan, pending, run_errors)))
+    return shard_rows(splits, cfg.out, max_rows)
+
+
+def shard_rows(
+    splits: list[tuple[ExtractionPlan, dict[int, ShardRecord], dict[str, str]]],
+    out: str,
+    max_rows: int = MAX_SHARD_ROWS,
 ) -> list[dict]:
     """One row per planned shard of each split, then a row of totals (split `all`), in the
-    columns of SHARD_COLUMNS, `examples` named `windows` for a span task (`row_unit`).
+    columns of SHARD_COLUMNS, `examples` named `windows` for a span task (`row_unit`). Each
+    split is (its plan, its commit records by shard, `task/split/shard` -> why it failed).
 
     A shard is `committed` (its example or window ids, rows, size, seconds, who wrote it and when),
     `failed` (its last error: the manifest's failure record, else the error of the run that had
     it, as `failed_shards` gives it) or `missing` (neither: not run yet, or its run was killed).
+
+    More than `max_rows` shards: each split's committed shards are one row (`shard` their count,
+    `committed at` the last commit), and of the failed, then the missing shards, the first in
+    shard order up to `max_rows` in all; the totals' `error` says how many shards were left out
+    of the listing and that `bertvision status OUT` has the full record. Errors are cut at
+    ERROR_CHARS characters.
     """
-    unit = row_unit(plans)
+    unit = row_unit([plan for plan, _, _ in splits])
     rows, written = [], []
-    for plan in plans:
-        records = load_records(split_url(cfg.out, plan.task, plan.split), plan)
-        pending = [i for i in range(plan.num_shards) if i not in records]
-        errors = failed_shards(cfg, plan, pending, run_errors)
+    for plan, records, errors in splits:
         for index in range(plan.num_shards):
             row = dict.fromkeys(_columns(unit), "") | {"split": _split_name(plan), "shard": index}
             if (r := records.get(index)) is not None:
@@ -164,11 +194,51 @@ def shard_table(
                 }
                 written.append(r)
             elif (error := errors.get(f"{_split_name(plan)}/{index}")) is not None:
-                row |= {"status": "failed", "error": error}
+                row |= {"status": "failed", "error": _cut(error)}
             else:
                 row["status"] = "missing"
             rows.append(row)
-    return [*rows, _totals(plans, rows, written, unit)]
+    totals = _totals([plan for plan, _, _ in splits], rows, written, unit)
+    if len(rows) <= max_rows:
+        return [*rows, totals]
+    folded = [
+        _committed_row(plan, list(records.values()), unit) for plan, records, _ in splits if records
+    ]
+    room = max(0, max_rows - len(folded))
+    listed = sorted(
+        (row for row in rows if row["status"] != "committed"),
+        key=lambda row: row["status"] != "failed",  # failed first; stable: in shard order
+    )[:room]
+    left_out = len(rows) - len(listed)
+    totals["error"] = (
+        f"{left_out:,} of {len(rows):,} shards not listed one by one (committed shards: one row "
+        f"per split); the full record: bertvision status {out}"
+    )
+    return [*folded, *sorted(listed, key=_in_plan_order(splits)), totals]
+
+
+def _committed_row(plan: ExtractionPlan, records: list[ShardRecord], unit: str) -> dict:
+    """One row for the committed shards of a split."""
+    return dict.fromkeys(_columns(unit), "") | {
+        "split": _split_name(plan),
+        "shard": f"{len(records):,} shards",
+        "status": "committed",
+        unit: f"{sum(r.stop - r.start for r in records):,}",
+        "rows": sum(r.rows for r in records),
+        "size": human_size(sum(r.bytes for r in records)),
+        "seconds": round(sum(r.seconds for r in records), 1),
+        WRITTEN_BY: f"{len({r.worker for r in records})} worker(s)",
+        "committed at": max(r.committed_at for r in records),
+    }
+
+
+def _in_plan_order(splits: list[tuple[ExtractionPlan, dict, dict]]):
+    order = {_split_name(plan): n for n, (plan, _, _) in enumerate(splits)}
+    return lambda row: (order[row["split"]], row["shard"])
+
+
+def _cut(error: str) -> str:
+    return error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 1] + "…"
 
 
 def _columns(unit: str) -> tuple[str, ...]:
@@ -196,11 +266,15 @@ def _totals(
 def publish_shard_table(
     cfg: ExtractConfig, plans: list[ExtractionPlan], key: str, run_errors: dict[str, str]
 ) -> None:
+    """The shard table (`shard_table`) as a table artifact `key`; at most MAX_SHARD_ROWS rows
+    one per shard, so its creation event stays under the server's size limit at any count."""
     rows = shard_table(cfg, plans, run_errors)
+    total = rows[-1]
+    left_out = f"; {total['error']}" if total["error"] else ""
     create_table_artifact(
         rows,
         key=key,
-        description=f"Shards of {cfg.task} under {cfg.out}: {rows[-1]['status']}",
+        description=f"Shards of {cfg.task} under {cfg.out}: {total['status']}{left_out}",
     )
 
 

@@ -1,4 +1,5 @@
-"""Extraction tasks: the plan is made once, then each shard is one task (or a child flow run).
+"""Extraction tasks: the plan is made once, then each shard is one task (or a child flow run), or
+a group of consecutive shards is one task (`extract_shard_group`) when shards are many and small.
 
 Committed shards in storage are the record: `extract_shard` returns a committed shard as it is,
 whatever Prefect's cache holds, and `pending_shards` lists only what storage lacks.
@@ -7,7 +8,7 @@ whatever Prefect's cache holds, and `pending_shards` lists only what storage lac
 from __future__ import annotations
 
 from bertvision_tasks.names import shard_number, task_run_name
-from bertvision_tasks.policy import RETRY, WhileStored
+from bertvision_tasks.policy import RETRY, TRANSIENT_ERRORS, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
@@ -17,6 +18,8 @@ from bertvision.config import ExtractConfig
 from bertvision.console import progress_wanted
 from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
 from bertvision.shards import ShardError, load_plan, manifest_url, split_url
+
+SHARD_TIMEOUT_SECONDS = 3600  # a shard's time limit; a group's: this times its shards
 
 
 # No content key for shards: the plan given holds the extraction key, which hashes the model's
@@ -95,12 +98,70 @@ def _shard_run_name(parameters: dict) -> str:
     task_run_name=task_run_name(_shard_run_name),
     cache_policy=WhileStored(_shard_commit_record),
     persist_result=True,
-    timeout_seconds=3600,
+    timeout_seconds=SHARD_TIMEOUT_SECONDS,
     **RETRY,
 )
 def extract_shard(cfg: ExtractConfig, plan: ExtractionPlan, index: int) -> ShardRecord:
     """Compute and commit one shard; a committed one is returned as it is."""
     return extract.extract_shard(cfg, plan, index, progress=progress_wanted())
+
+
+def _group_run_name(parameters: dict) -> str:
+    """`rte-train-shards-0100-0109`: its first and last shard (`shard_number`)."""
+    plan, indices = parameters["plan"], parameters["indices"]
+    first, last = (shard_number(i, plan.num_shards) for i in (indices[0], indices[-1]))
+    return f"{plan.task}-{plan.split}-shards-{first}-{last}"
+
+
+class ShardGroupFailed(RuntimeError):
+    """Some shards of a group did not commit (the others did); the message names each and why.
+
+    `failures`: `task/split/shard` -> `Type: message`. `transient`: whether one of them failed
+    in a way worth another try (policy.TRANSIENT_ERRORS): a retry of the group redoes only its
+    shards that storage does not hold committed."""
+
+    def __init__(self, failures: dict[str, str], transient: bool = False) -> None:
+        listed = "; ".join(f"{name}: {why}" for name, why in failures.items())
+        super().__init__(f"{len(failures)} shard(s) failed: {listed}")
+        self.failures = failures
+        self.transient = transient
+
+    def __reduce__(self):  # pickled with its fields (Prefect persists failed states' errors)
+        return type(self), (self.failures, self.transient)
+
+
+@task(task_run_name=task_run_name(_group_run_name), cache_policy=NO_CACHE, **RETRY)
+def extract_shard_group(
+    cfg: ExtractConfig, plan: ExtractionPlan, indices: list[int]
+) -> list[ShardRecord]:
+    """Compute and commit shards `indices` of `plan` in order, each committed on its own as
+    `extract_shard` commits one (a committed one is returned as it is): one task run for many
+    small shards, a fraction of the API calls and events of one task run per shard.
+
+    A failing shard does not stop the others; then ShardGroupFailed names each failed shard.
+    No space left on storage stops the group at once (OutOfSpace naming the shard).
+
+    Not cached (NO_CACHE): storage is the record, and the core already returns a committed shard
+    from its commit record, the same read a cache key of the group would need; a group's cache
+    entry would also name a set of shards that a rerun, which groups only the pending ones,
+    rarely forms again."""
+    records, failures, transient = [], {}, False
+    for index in indices:
+        try:
+            records.append(extract.extract_shard(cfg, plan, index, progress=progress_wanted()))
+        except Exception as exc:  # recorded in the manifest by the core; the others go on
+            if storage.out_of_space(exc):
+                raise extract.no_space_error(cfg, plan, index, exc) from exc
+            failures[f"{plan.task}/{plan.split}/{index}"] = f"{type(exc).__name__}: {exc}"
+            transient = transient or isinstance(exc, TRANSIENT_ERRORS)
+    if failures:
+        raise ShardGroupFailed(failures, transient)
+    return records
+
+
+def shard_groups(indices: list[int], shards_per_task: int) -> list[list[int]]:
+    """`indices` in order, cut into groups of `shards_per_task` (the last one may be smaller)."""
+    return [indices[i : i + shards_per_task] for i in range(0, len(indices), shards_per_task)]
 
 
 @task(task_run_name="{flow_run_name}", cache_policy=NO_CACHE)

@@ -36,13 +36,15 @@ RETRY = dict(
 
 
 def transient(state) -> bool:
-    """Whether a failed state's exception is worth another try."""
+    """Whether a failed state's exception is worth another try: one of TRANSIENT_ERRORS, or an
+    error that says it is (`transient` True: a shard group in which such an error failed a
+    shard)."""
     try:
         state.result()
     except TRANSIENT_ERRORS:
         return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return getattr(exc, "transient", False) is True
     return False
 
 

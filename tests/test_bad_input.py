@@ -396,6 +396,10 @@ def test_a_usage_error_is_one_line_naming_the_option(args, named):
             "error: --device 'cuda:99' is not here",
         ),
         (
+            ["run", "--tasks", "rte", "--shards-per-task", "0"],
+            "error: --shards-per-task must be >= 1, got 0",
+        ),
+        (
             ["run", "--tasks", "rte", "--extract-splits", "trian"],
             "error: --extract-splits unknown split 'trian' for rte",
         ),

@@ -42,6 +42,7 @@ from typer.testing import CliRunner  # noqa: E402
 from bertvision import extract, shards, squad  # noqa: E402
 from bertvision import train as train_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
+from bertvision.config import ConfigError  # noqa: E402
 from bertvision.extract import ExtractConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.schema import ExtractionPlan  # noqa: E402
@@ -205,6 +206,73 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
     assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
 
 
+def _tables(out, task, split) -> dict[str, list]:
+    """The stored rows, by column, in example order."""
+    _, urls = shards.committed_shards(str(out), task, split)
+    return ds.dataset(urls, format="parquet").to_table().sort_by("example_id").to_pydict()
+
+
+def test_a_grouped_extraction_stores_what_one_task_per_shard_stores_in_fewer_task_runs(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    one, grouped = tmp_path / "runs" / "one", tmp_path / "runs" / "grouped"
+    assert extract_glue(_cfg(one, tiny_model, glue_dir)) == {"wnli/dev": 4}
+    state = extract_glue(_cfg(grouped, tiny_model, glue_dir), shards_per_task=3, return_state=True)
+    assert state.is_completed() and state.result() == {"wnli/dev": 4}
+    assert _tables(grouped, "wnli", "dev") == _tables(one, "wnli", "dev")
+    assert [n for n in _task_run_names(state) if "-shards-" in n] == [
+        "wnli-dev-shards-0000-0002@runs/grouped",
+        "wnli-dev-shards-0003-0003@runs/grouped",
+    ]
+    *rows, total = json.loads(Artifact.get("extract-wnli-runs-grouped-shards").data)
+    assert [row["status"] for row in rows] == ["committed"] * 4
+    assert total["status"] == "4 committed, 0 failed, 0 missing" and total["rows"] == 71
+    progress = Artifact.get("extract-wnli-runs-grouped-progress")
+    assert progress.description.startswith("71 of 71 examples committed (wnli/dev 71 of 71)")
+
+
+def test_a_group_with_a_bad_shard_commits_the_others_names_it_and_a_rerun_does_only_it(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    real_batches = extract.hidden_state_batches
+
+    def failing_on_shard_1(encoder, examples, plan, batch_size):
+        if examples[0].example_id == 20:
+            raise DataError("injected: WNLI/dev.tsv line 22 is malformed")
+        return real_batches(encoder, examples, plan, batch_size)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_1)
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    with pytest.raises(ShardsFailed, match=r"^1 shard\(s\) failed: wnli/dev/1: DataError: inj"):
+        extract_glue(cfg, shards_per_task=4)  # one group: shards 0-3
+    folder = shards.split_url(str(tmp_path), "wnli", "dev")
+    plan = shards.load_plan(folder)
+    status = shards.status(str(tmp_path))["wnli/dev"]
+    assert (status["done"], status["failed_shards"]) == (3, [1])  # 0, 2 and 3 committed
+    *rows, total = json.loads(Artifact.get(f"extract-wnli-{_key(tmp_path)}-shards").data)
+    assert [row["status"] for row in rows] == ["committed", "failed", "committed", "committed"]
+    assert rows[1]["error"] == "DataError: injected: WNLI/dev.tsv line 22 is malformed"
+    progress = Artifact.get(f"extract-wnli-{_key(tmp_path)}-progress")
+    assert progress.description.startswith("51 of 71 examples committed")  # the group's three
+    before = shards.load_records(folder, plan)
+
+    monkeypatch.setattr(extract, "hidden_state_batches", real_batches)
+    state = extract_glue(cfg, shards_per_task=4, return_state=True)
+    assert state.is_completed()
+    shard_runs = [n for n in _task_run_names(state) if "-shards-" in n]
+    assert shard_runs == [f"wnli-dev-shards-0001-0001@{_at(tmp_path)}"]  # only the missing one
+    after = shards.load_records(folder, plan)
+    assert {i: after[i] for i in (0, 2, 3)} == {i: before[i] for i in (0, 2, 3)}  # not redone
+    assert _example_ids(tmp_path, "wnli", "dev") == list(range(71))
+
+
+def test_shards_per_task_below_one_is_refused_by_name(prefect_harness, tmp_path, tiny_model):
+    cfg = _cfg(tmp_path, tiny_model, "unused")
+    with pytest.raises(ConfigError, match="shards_per_task"):
+        extract_glue(cfg, shards_per_task=0)
+    assert not tmp_path.joinpath("wnli").exists()
+
+
 def test_a_retry_carries_on_the_progress_artifact_and_crashes_task_runs_left_running(
     prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
 ):
@@ -344,6 +412,27 @@ def test_no_space_stops_the_flow_at_the_first_shard(
         f"wnli-dev-shard-0000@{_at(tmp_path)}"
     ]
     assert not list((tmp_path / "wnli/dev").rglob("*~*"))  # no staging file left
+
+
+def test_no_space_stops_a_grouped_extraction_at_the_first_shard(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    import errno
+
+    from bertvision.storage import OutOfSpace
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards._HashingFile, "write", full_disk)
+    state = extract_glue(_cfg(tmp_path, tiny_model, glue_dir), shards_per_task=2, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(OutOfSpace, match="no space left writing shard 0 of wnli/dev"):
+        state.result()
+    assert [n for n in _task_run_names(state) if "-shards-" in n] == [
+        f"wnli-dev-shards-0000-0001@{_at(tmp_path)}"
+    ]  # the first group only, stopped at its first shard
+    assert shards.status(str(tmp_path))["wnli/dev"]["failed_shards"] == [0]
 
 
 def test_the_cache_serves_a_shard_only_while_storage_holds_it(
