@@ -3,13 +3,15 @@ core library and through the `extract-glue` flow, alternately, in one process.
 
     python benchmarks/bench_prefect_overhead.py                     # 200 shards of 4 examples
     python benchmarks/bench_prefect_overhead.py --repeats 3 --profile /tmp/flow.prof
+    python benchmarks/bench_prefect_overhead.py --examples-per-shard 50 --shards-per-task 10
 
 The encoder is a tiny random BERT (2 layers, hidden 32; MiniLM's tokenizer) saved to a temporary
 folder; the data the first shards x examples-per-shard examples of SST-2 train. "direct" is
 `bertvision.extract.extract_hidden_states` (plan, then `extract_shard` per pending shard, then the
 final listing: what `bertvision extract` runs); "flow" is `extract_glue(cfg)` (one task run per
-shard, the shard table and progress artifacts), run in this process against Prefect's test
-harness (`prefect_test_harness`: a temporary API server on 127.0.0.1 with a SQLite database,
+`--shards-per-task` shards, the shard table and progress artifacts), run in this process
+against Prefect's test harness (`prefect_test_harness`: a temporary API server on 127.0.0.1 with
+a SQLite database,
 results persisted to a temporary folder). Each repeat writes to fresh folders; one warm-up run of
 each comes first (imports, the model's first load). Printed: wall seconds and CPU seconds (this
 process and the API server: steadier than wall time on a shared machine) of each run, their
@@ -77,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--examples-per-shard", type=int, default=4)
+    parser.add_argument("--shards-per-task", type=int, default=1, help="the flow's task runs")
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/glue"))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
@@ -121,7 +124,7 @@ def main() -> None:
         started, cpu = time.perf_counter(), cpu_seconds()
         if profiler is not None:
             profiler.enable()
-        shards = extract_glue(cfg(out))
+        shards = extract_glue(cfg(out), shards_per_task=args.shards_per_task)
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
@@ -131,7 +134,8 @@ def main() -> None:
 
     load = os.getloadavg()
     print(
-        f"{args.shards} shards of {args.examples_per_shard} {args.task} train examples; "
+        f"{args.shards} shards of {args.examples_per_shard} {args.task} train examples, "
+        f"{args.shards_per_task} per task run; "
         f"load average {load[0]:.2f} {load[1]:.2f} (1, 5 min)"
     )
     with (
