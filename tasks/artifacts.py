@@ -7,6 +7,7 @@ shows is what storage holds, whichever worker wrote it. Keys name the work and i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from uuid import UUID
 
@@ -29,7 +30,13 @@ from rich.filesize import decimal as human_size
 from bertvision.config import ExtractConfig
 from bertvision.families import get_task
 from bertvision.schema import ExtractionPlan, ShardRecord
-from bertvision.shards import load_failures, load_records, split_status, split_url
+from bertvision.shards import (
+    ShardError,
+    load_failures,
+    load_records,
+    split_status,
+    split_url,
+)
 
 WRITTEN_BY = "written by (host:pid)"
 
@@ -92,8 +99,10 @@ class ExtractionProgress:
             self._publish()
 
     def refresh(self) -> None:
-        """Recount from storage (other workers commit shards too)."""
-        self.done = self._committed_examples()
+        """Recount from storage (other workers commit shards too). A split whose plan storage
+        no longer holds keeps its count: the flow's final listing names what was lost."""
+        with contextlib.suppress(ShardError):
+            self.done = self._committed_examples()
         self._publish()
 
     def _publish(self) -> None:
