@@ -417,11 +417,16 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
     def run_key(self, extraction_keys: dict[str, str]) -> str:
         """Hashes what determines the run's results: a run folder never mixes two keys."""
-        where = ("out", "device", "overwrite", "embeddings", "max_resident_gb", "read_ahead")
+        where = ("out", "device", "overwrite", "embeddings", "read_ahead")
         content = {k: v for k, v in asdict(self).items() if k not in where}
         # runs keyed before these options keep their keys
         if self.train_fraction == 1.0:
             del content["train_fraction"]
+        # Whether the train split is held (shuffled whole) or streamed (shuffled in groups of
+        # shuffle_shards shards) follows from the split's size and max_resident_gb alone, and
+        # changes the batches: another limit may be another run.
+        if self.max_resident_gb == TrainConfig.max_resident_gb:
+            del content["max_resident_gb"]
         if self.shuffle_seed is None:
             del content["shuffle_seed"]
         content["extractions"] = extraction_keys

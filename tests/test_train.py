@@ -281,6 +281,9 @@ def test_a_finished_run_is_returned_as_stored_and_never_mixed(
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="holds a finished run with other settings"):
         train_adapter(dataclasses.replace(cfg, lr=0.5), progress=False)
+    # streamed, the train split is shuffled in groups of shards, not whole: another run
+    with pytest.raises(ValueError, match="holds a finished run with other settings"):
+        train_adapter(dataclasses.replace(cfg, max_resident_gb=0), progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
 
