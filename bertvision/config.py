@@ -594,7 +594,9 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
     )
     out: str = setting("runs/pipeline", "Output URL of every stage")
     workers: int = setting(
-        0, "Extraction: spread the shards over N runs of the extract-shards deployment; 0: here"
+        0,
+        "Extraction: spread the shards over N runs of the extract-shards deployment (a Prefect "
+        "server's, PREFECT_API_URL); 0: here",
     )
     shards_per_task: int = setting(
         1,

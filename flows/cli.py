@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 import typer
 
 from bertvision import console
-from bertvision.config import PipelineConfig
+from bertvision.config import ConfigError, PipelineConfig
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -44,6 +44,13 @@ def run(cfg: PipelineConfig) -> None:
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     server_url = get_current_settings().api.url
+    if cfg.workers and not server_url:
+        raise ConfigError(
+            "workers",
+            f"{cfg.workers} needs a Prefect server (PREFECT_API_URL) with the extract-shards "
+            "deployment and workers on its bertvision-shards pool; this command's own "
+            "temporary API has no workers (README: Many workers, one extraction)",
+        )
     try:
         with _terminal(cfg.verbose), ExitStack() as stack:
             if not server_url:

@@ -12,6 +12,8 @@ from bertvision_tasks.policy import RETRY, TRANSIENT_ERRORS, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from bertvision import extract, shards, storage
 from bertvision.config import ExtractConfig
@@ -167,9 +169,15 @@ def shard_groups(indices: list[int], shards_per_task: int) -> list[list[int]]:
 @task(task_run_name="{flow_run_name}", cache_policy=NO_CACHE)
 def run_shard_group(deployment: str, parameters: dict, flow_run_name: str) -> str:
     """Run a group of shards as a child flow run of the shard deployment; wait for it."""
-    flow_run = run_deployment(
-        deployment, parameters=parameters, flow_run_name=flow_run_name, timeout=None
-    )
+    try:
+        flow_run = run_deployment(
+            deployment, parameters=parameters, flow_run_name=flow_run_name, timeout=None
+        )
+    except ObjectNotFound:
+        raise RuntimeError(
+            f"deployment {deployment} is not on the Prefect server at {PREFECT_API_URL.value()}: "
+            "deploy it (cd deployments && prefect deploy --all)"
+        ) from None
     if not flow_run.state.is_completed():
         raise RuntimeError(f"{flow_run_name} ended {flow_run.state.name}: {flow_run.state.message}")
     return str(flow_run.id)

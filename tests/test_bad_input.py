@@ -422,3 +422,16 @@ def test_settings_are_checked_before_anything_runs(tmp_path, args, line):
     assert result.exit_code == 2
     assert result.output.startswith(line) and result.output.count("\n") == 1, result.output
     assert not out.exists()
+
+
+def test_run_with_workers_and_no_prefect_server_is_refused_before_anything_runs(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out = tmp_path / "out"
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server, whatever ran before
+        result = CliRunner().invoke(app, ["run", "--workers", "2", "--out", str(out)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(
+        "error: --workers 2 needs a Prefect server (PREFECT_API_URL) with the extract-shards"
+    )
+    assert not out.exists()

@@ -623,3 +623,8 @@ def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
     assert re.search(
         rf"^\| squad2 \| NoAns_f1 \| 100\.0000 \|.* {no_answer_f1:.4f} \|$", report.output, re.M
     )
+
+
+def test_a_shard_group_for_a_deployment_the_server_lacks_names_it(prefect_harness):
+    with pytest.raises(RuntimeError, match=r"deployment extract-shards/nope is not on the Prefect"):
+        extract_tasks.run_shard_group.fn("extract-shards/nope", {}, "rte-train-shards-1-of-2")
