@@ -4,9 +4,11 @@ core library and through the `extract-glue` flow, alternately, in one process.
     python benchmarks/bench_prefect_overhead.py                     # 200 shards of 4 examples
     python benchmarks/bench_prefect_overhead.py --repeats 3 --profile /tmp/flow.prof
     python benchmarks/bench_prefect_overhead.py --examples-per-shard 50 --shards-per-task 10
+    python benchmarks/bench_prefect_overhead.py --model minilm --examples-per-shard 10
 
 The encoder is a tiny random BERT (2 layers, hidden 32; MiniLM's tokenizer) saved to a temporary
-folder; the data the first shards x examples-per-shard examples of SST-2 train. "direct" is
+folder, or `--model` (`minilm`: the bundled all-MiniLM-L6-v2, a real encoder's cost per shard);
+the data the first shards x examples-per-shard examples of SST-2 train. "direct" is
 `bertvision.extract.extract_hidden_states` (plan, then `extract_shard` per pending shard, then the
 final listing: what `bertvision extract` runs); "flow" is `extract_glue(cfg)` (one task run per
 `--shards-per-task` shards, the shard table and progress artifacts), run in this process
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--examples-per-shard", type=int, default=4)
     parser.add_argument("--shards-per-task", type=int, default=1, help="the flow's task runs")
+    parser.add_argument(
+        "--model", default="", help="encoder (default: a tiny random BERT; 'minilm': the bundled)"
+    )
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/glue"))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
@@ -97,7 +102,7 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    model = tiny_encoder(work / "tiny-bert")
+    model = default_model() if args.model == "minilm" else args.model or tiny_encoder(work / "t")
 
     def cfg(out: str) -> ExtractConfig:
         return ExtractConfig(
