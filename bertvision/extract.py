@@ -261,7 +261,8 @@ def extract_shard(
             batches = hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size)
         name = f"extract {plan.task}/{plan.split} shard {index + 1}/{plan.num_shards}"
         unit = "window" if plan.schema == "span" else "ex"
-        bar = tqdm(total=stop - start, desc=name, unit=unit, disable=not progress)
+        # cleared when the shard commits: thousands of shards leave no line each
+        bar = tqdm(total=stop - start, desc=name, unit=unit, disable=not progress, leave=False)
         with ShardWriter(folder, plan, index) as writer, bar:
             with BackgroundWriter(writer) as background:  # the next forward while this is written
                 for batch in batches:
