@@ -395,14 +395,17 @@ def status(
 
     A URL that does not exist or holds no extraction is an error (exit code 2)."""
     from bertvision import storage
-    from bertvision.shards import ShardError
+    from bertvision.shards import ShardError, pipeline_hint
     from bertvision.shards import status as shard_status
 
     if not storage.exists(url):
         raise ShardError(f"{url} does not exist")
     result = shard_status(url)
     if not result:
-        raise ShardError(f"{url} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)")
+        raise ShardError(
+            f"{url} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)"
+            + pipeline_hint(url)
+        )
     if as_json:
         typer.echo(strict_json(result, indent=2, sort_keys=True))
         return

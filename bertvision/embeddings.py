@@ -56,6 +56,7 @@ from bertvision.shards import (
     hidden_arrays,
     iter_row_groups,
     load_plan,
+    pipeline_hint,
     quantised_arrays,
     read_shard,
     split_url,
@@ -227,7 +228,9 @@ def load_embeddings(
     if not storage.exists(storage.join(embeddings, task.name)):
         present = [name for name in storage.list_names(embeddings) if name in glue.TASKS]
         held = f"; it holds embeddings of {', '.join(present)}" if present else ""
-        raise ShardError(f"no embeddings of {task.name} under {embeddings}{held}")
+        raise ShardError(
+            f"no embeddings of {task.name} under {embeddings}{held or pipeline_hint(embeddings)}"
+        )
     if splits is None:
         optional = [s for s in task.test_splits if load_plan(split_url(embeddings, task.name, s))]
         names = ["train", *task.dev_splits, *optional]

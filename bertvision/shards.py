@@ -528,13 +528,21 @@ def status(out: str) -> dict[str, dict]:
     return result
 
 
+def pipeline_hint(out: str) -> str:
+    """ "; ...": where the embeddings are when `out` is a pipeline's output (`bertvision run
+    --out`), whose extraction lives in OUT/embeddings; else ""."""
+    embeddings = storage.join(out, "embeddings")
+    return f"; a pipeline's embeddings are in {embeddings}" if storage.exists(embeddings) else ""
+
+
 def committed_shards(out: str, task: str, split: str) -> tuple[ExtractionPlan, list[str]]:
     """The plan and the URLs of all shards of a complete extraction, in shard order: exactly the
     committed shards, whatever else the folder holds."""
     folder = split_url(out, task, split)
     plan = load_plan(folder)
     if plan is None:
-        raise ShardError(f"no embeddings for {task}/{split} under {out}; run extract first")
+        hint = pipeline_hint(out) or "; run extract first"
+        raise ShardError(f"no embeddings for {task}/{split} under {out}{hint}")
     records = committed_records(folder, plan)
     missing = [i for i in range(plan.num_shards) if i not in records]
     if missing:
@@ -869,7 +877,10 @@ def extraction_folders(out: str, task: str = "", split: str = "") -> dict[str, s
             if storage.exists(manifest_url(folder, PLAN_FILE)):
                 folders[f"{name}/{part}"] = folder
     if not folders:
-        raise ShardError(f"{out} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)")
+        raise ShardError(
+            f"{out} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)"
+            + pipeline_hint(out)
+        )
     chosen = {
         name: folder
         for name, folder in folders.items()

@@ -289,13 +289,16 @@ def primary_metric(task: str) -> str:
 def content_key(cfg: SweepConfig) -> str:
     """`cfg.key` of the embeddings stored now, from their plans alone (a few small reads): the
     content identity of every trial's inputs. A ShardError when a split has no plan."""
-    from bertvision.shards import ShardError, load_plan, split_url
+    from bertvision.shards import ShardError, load_plan, pipeline_hint, split_url
 
     keys = {}
     for split in swept_splits(cfg.task):
         plan = load_plan(split_url(cfg.embeddings, cfg.task, split))
         if plan is None:
-            raise ShardError(f"no {cfg.task}/{split} embeddings under {cfg.embeddings}")
+            raise ShardError(
+                f"no {cfg.task}/{split} embeddings under {cfg.embeddings}"
+                + pipeline_hint(cfg.embeddings)
+            )
         keys[split] = plan.key
     return cfg.key(keys)
 

@@ -91,6 +91,9 @@ def test_status_of_a_folder_without_an_extraction_is_an_error(tmp_path):
         2,
         f"error: {tmp_path} holds no extraction (no TASK/SPLIT/_manifest/plan.json under it)\n",
     )
+    (tmp_path / "embeddings").mkdir()  # a pipeline's output: its extraction is one level down
+    pipeline = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert pipeline.output.endswith(f"; a pipeline's embeddings are in {tmp_path}/embeddings\n")
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from bertvision.ensemble import EnsembleConfig, build_ensemble
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission
 from bertvision.schema import ExtractionPlan, shard_schema
-from bertvision.shards import ShardWriter, split_url, write_plan
+from bertvision.shards import ShardError, ShardWriter, split_url, write_plan
 from bertvision.sweep import SweepConfig, TrialRecord, load_trials, run_sweep, suggest_trials
 
 LAYERS, HIDDEN = 3, 8
@@ -480,3 +480,10 @@ def test_a_trial_of_other_embeddings_is_refused_unless_overwrite(embeddings, tmp
     assert redone.key == sweeping.content_key(moved) != sweeping.content_key(cfg)
     metrics = json.loads((out / redone.run / "metrics.json").read_text())
     assert (metrics["val"], metrics["dev"]) == (redone.val, redone.dev)
+
+
+def test_a_pipeline_output_given_as_the_embeddings_points_to_them(tmp_path):
+    (tmp_path / "embeddings").mkdir()
+    cfg = SweepConfig(task="rte", embeddings=str(tmp_path), out=str(tmp_path / "sweep"))
+    with pytest.raises(ShardError, match="a pipeline's embeddings are in .*/embeddings"):
+        sweeping.content_key(cfg)

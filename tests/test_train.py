@@ -418,9 +418,11 @@ def test_embeddings_of_another_task_are_refused(tmp_path, rte_embeddings):
 
 
 def test_a_missing_split_is_refused(tmp_path):
-    embeddings = str(tmp_path / "emb")
+    embeddings = str(tmp_path / "embeddings")
     write_split(embeddings, "rte", "train", 40)
     refuse(tmp_path, embeddings, "no embeddings for rte/dev under")
+    # a pipeline's output folder, given for its embeddings folder
+    refuse(tmp_path, str(tmp_path), "no embeddings .* a pipeline's embeddings are in .*/embeddings")
 
 
 def test_an_incomplete_split_is_refused(tmp_path, rte_embeddings):
