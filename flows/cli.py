@@ -150,7 +150,8 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
         "extract": f"extraction (every layer; {', '.join(cfg.extract.splits)})",
         train.adapter: f"{train.adapter} adapter on the stored layers",
         "best trial": f"best of {sweep.trials} sweep trials (chosen on val)",
-        "ensemble": f"ensemble (best {ensemble.top_k} trials + fine-tuned)",
+        "ensemble": f"ensemble (best {ensemble.top_k} trial{'s' * (ensemble.top_k != 1)} "
+        "+ fine-tuned)",
     }
     width = max(len(label) for label in labels.values())
     lines = [f"{task} dev".ljust(width) + "".join(f"{m:>10}" for m in metrics) + f"{'time':>14}"]
