@@ -46,7 +46,9 @@ def real_tokens_only(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--embeddings", required=True, help="an extraction's folder or URL")
     parser.add_argument("--task", default="rte")
     parser.add_argument("--adapter", default="pooler", choices=["pooler", "span"])

@@ -52,7 +52,9 @@ def staged(fs: BlobFileSystem, path: str, payload: bytes) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--mb", type=int, default=128, help="payload size in MiB")
     parser.add_argument("--repeat", type=int, default=2, help="runs per setting (best counts)")
     parser.add_argument("--container", default="", help="an existing container (real account)")

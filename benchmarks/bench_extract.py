@@ -26,7 +26,9 @@ from bertvision.extract import ExtractConfig, extract_shard, prepare_extraction
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--task", default="rte")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--data-dir", default="../shared/data/glue")

@@ -34,7 +34,9 @@ DTYPES = ("float16", "int8")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--tasks", default="rte,mrpc,cola")
     parser.add_argument("--data-dir", default="../shared/data/glue")
     parser.add_argument("--model", default="")

@@ -78,7 +78,9 @@ def cpu_seconds() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--examples-per-shard", type=int, default=4)
     parser.add_argument("--shards-per-task", type=int, default=1, help="the flow's task runs")

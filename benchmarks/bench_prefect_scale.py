@@ -68,12 +68,16 @@ MIB = 2**20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=int, default=10_000)
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--shards", type=int, default=10_000, help="shards extracted")
     parser.add_argument("--workers", type=int, default=4, help="workers on bertvision-shards")
-    parser.add_argument("--examples-per-shard", type=int, default=4)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--sample-seconds", type=float, default=5.0)
+    parser.add_argument("--examples-per-shard", type=int, default=4, help="SST-2 sentences")
+    parser.add_argument(
+        "--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"), help="GLUE folder"
+    )
+    parser.add_argument("--sample-seconds", type=float, default=5.0, help="RSS and API")
     parser.add_argument("--samples-json", default="", help="write every sample here")
     parser.add_argument(
         "--recorder-batch-size", type=int, default=0,

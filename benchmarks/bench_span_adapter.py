@@ -27,7 +27,9 @@ from bertvision.train import train_adapter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--data-dir", default="../shared/data/squad/split")
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="")

@@ -53,7 +53,9 @@ def trials(emb: str, out: str, k: int, args) -> list[TrainConfig]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--data-dir", default="../shared/data/squad/split")
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")

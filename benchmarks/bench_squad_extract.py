@@ -42,7 +42,9 @@ def dev_slice(data_dir: str, folder: Path, questions: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--data-dir", default="../shared/data/squad/split")
     parser.add_argument("--model", default="")
     parser.add_argument("--windows", type=int, default=300)

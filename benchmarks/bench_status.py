@@ -132,7 +132,9 @@ def measure(where: str, out: str, shards: int, args, env: dict[str, str]) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--shards", type=int, default=10_000)
     parser.add_argument("--where", default="local,azurite", help="local, azurite or both")
     parser.add_argument("--threads", type=int, default=16, help="threads writing shards")

@@ -88,7 +88,9 @@ def trials(emb: str, out: str, k: int, args) -> list[TrainConfig]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--examples", type=int, default=600, help="train examples (dev: 1/6)")
     parser.add_argument("--shard-size", type=int, default=100)

@@ -45,7 +45,9 @@ from bertvision.train import TrainConfig, train_adapter  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--embeddings", required=True, help="an extraction's folder or URL")
     parser.add_argument("--task", default="rte")
     parser.add_argument("--adapter", default="pooler")
