@@ -27,11 +27,13 @@ def plot_curve(curve: dict, title: str = "") -> bytes:
 
 
 def plot_cost_metric(
-    points: dict[str, list[tuple[str, float, float, float]]], title: str = ""
+    points: dict[str, list[tuple[str, float, float, float]]],
+    title: str = "",
+    cost: str = "pipeline seconds",
 ) -> bytes:
     """Metric against cost, one panel per task: `points[panel]` is a list of (method, seconds,
     mean metric, its std); each method one labelled point with its std as an error bar, seconds
-    on a log axis."""
+    (labelled `cost`) on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +49,7 @@ def plot_cost_metric(
             axis.annotate(
                 method, (seconds, mean), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
-        axis.set(xscale="log", xlabel="pipeline seconds", ylabel="dev", title=panel)
+        axis.set(xscale="log", xlabel=cost, ylabel="dev", title=panel)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     return _png(figure, title)
