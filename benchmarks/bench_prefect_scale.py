@@ -1,6 +1,7 @@
 """Benchmark of the orchestration at scale: 10,000 small shards through a real Prefect server on
 PostgreSQL with process workers on this machine.
 
+    pip install -e '.[bench]'     # psutil, for the processes' memory; and Debian's PostgreSQL
     python benchmarks/bench_prefect_scale.py [--shards 10000] [--workers 4] \
         [--examples-per-shard 4] [--data-dir ../shared/data/glue] [--sample-seconds 5] \
         [--threads 1] [--recorder-batch-size 100] [--shards-per-task 10] \
