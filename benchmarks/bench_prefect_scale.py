@@ -56,6 +56,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from bench_prefect_overhead import tiny_encoder  # noqa: E402  (a sibling script)
 from demo_prefect_workers import (  # noqa: E402
     Demo,
     _flow_run_id,
@@ -100,7 +101,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bertvision-scale-") as tmp:
         tmp = Path(tmp)
-        model = tiny_model(tmp / "tiny-bert")
+        model = tiny_encoder(tmp / "tiny-bert")
         demo_args = argparse.Namespace(
             task="sst2",
             split="train",
@@ -149,22 +150,6 @@ def main() -> None:
                 sampler.stop()
             demo.stop_all()
             postgres.stop()
-
-
-def tiny_model(folder: Path) -> str:
-    """A tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer, saved to `folder`."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from bertvision.encoder import default_model
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model()).save_pretrained(folder)
-    return str(folder)
 
 
 class Postgres:
