@@ -168,9 +168,9 @@ def test_the_progress_artifact_is_updated_at_most_every_few_seconds(tmp_path, mo
     assert progress.percent == 100.0 and progress.description().startswith("30 of 30 examples")
 
 
-def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
-    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
-):
+def _fail_shard_1(monkeypatch):
+    """Make WNLI dev's shard 1 (examples 20-39) fail with a DataError; returns the real
+    `hidden_state_batches`, to put back for the rerun."""
     real_batches = extract.hidden_state_batches
 
     def failing_on_shard_1(encoder, examples, plan, batch_size):
@@ -179,6 +179,13 @@ def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
         return real_batches(encoder, examples, plan, batch_size)
 
     monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_1)
+    return real_batches
+
+
+def test_a_failing_shard_fails_the_run_by_name_and_a_rerun_does_only_it(
+    prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    real_batches = _fail_shard_1(monkeypatch)
     cfg = _cfg(tmp_path, tiny_model, glue_dir)
     with pytest.raises(ShardsFailed, match=r"1 shard\(s\) failed: wnli/dev/1: DataError: inj"):
         extract_glue(cfg)
@@ -234,14 +241,7 @@ def test_a_grouped_extraction_stores_what_one_task_per_shard_stores_in_fewer_tas
 def test_a_group_with_a_bad_shard_commits_the_others_names_it_and_a_rerun_does_only_it(
     prefect_harness, tmp_path, tiny_model, glue_dir, monkeypatch
 ):
-    real_batches = extract.hidden_state_batches
-
-    def failing_on_shard_1(encoder, examples, plan, batch_size):
-        if examples[0].example_id == 20:
-            raise DataError("injected: WNLI/dev.tsv line 22 is malformed")
-        return real_batches(encoder, examples, plan, batch_size)
-
-    monkeypatch.setattr(extract, "hidden_state_batches", failing_on_shard_1)
+    real_batches = _fail_shard_1(monkeypatch)
     cfg = _cfg(tmp_path, tiny_model, glue_dir)
     with pytest.raises(ShardsFailed, match=r"^1 shard\(s\) failed: wnli/dev/1: DataError: inj"):
         extract_glue(cfg, shards_per_task=4)  # one group: shards 0-3
