@@ -23,10 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from typing import TypeVar
 
 import numpy as np
@@ -599,6 +599,39 @@ def check_storable(hidden: torch.Tensor, stored: torch.Tensor, mask: torch.Tenso
     )
 
 
+def extract_shards(
+    cfg: ExtractConfig,
+    plan: ExtractionPlan,
+    indices: list[int],
+    progress: bool = False,
+    on_commit: Callable[[ShardRecord, float], None] | None = None,
+) -> tuple[list[ShardRecord], dict[int, Exception]]:
+    """`extract_shard` for each of `indices`, in order: the records committed, and each failed
+    shard's error (recorded in the manifest too). A failing shard does not stop the others, but
+    no space left on storage stops at once (OutOfSpace naming the shard): every later shard
+    would fail the same way. `on_commit(record, seconds)` follows each commit."""
+    records, failures = [], {}
+    for index in indices:
+        started = time.perf_counter()
+        try:
+            record = extract_shard(cfg, plan, index, progress)
+        except Exception as exc:
+            if storage.out_of_space(exc):
+                raise no_space_error(cfg, plan, index, exc) from exc
+            failures[index] = exc
+            continue
+        records.append(record)
+        if on_commit is not None:
+            on_commit(record, time.perf_counter() - started)
+    return records, failures
+
+
+def _shown(bar, record: ShardRecord, seconds: float) -> None:
+    """A shard committed, on the split's progress bar."""
+    bar.update(record.rows)
+    bar.set_postfix(shard=record.index, s=round(seconds, 1))
+
+
 def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every pending shard of every split; a failed shard does not stop the others, but
     no space left stops everything at once (OutOfSpace). Ends with a listing of each split: what
@@ -617,20 +650,10 @@ def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractS
         bar.update(
             sum(stop - start for start, stop in map(plan.shard_range, summary.skipped[name]))
         )
-        for index in pending:
-            started = time.perf_counter()
-            try:
-                record = extract_shard(cfg, plan, index)
-            except Exception as exc:  # recorded in the manifest; the other shards go on
-                if storage.out_of_space(exc):
-                    bar.close()
-                    raise no_space_error(cfg, plan, index, exc) from exc
-                summary.failed[name][index] = f"{type(exc).__name__}: {exc}"
-                continue
-            summary.committed[name].append(index)
-            bar.update(record.rows)
-            bar.set_postfix(shard=index, s=round(time.perf_counter() - started, 1))
-        bar.close()
+        with bar:
+            records, failures = extract_shards(cfg, plan, pending, on_commit=partial(_shown, bar))
+        summary.committed[name] = [record.index for record in records]
+        summary.failed[name] = {i: f"{type(exc).__name__}: {exc}" for i, exc in failures.items()}
         done = [i for i in range(plan.num_shards) if i not in summary.failed[name]]
         summary.missing[name] = finish_split(cfg, plan, done)
     return summary

@@ -147,17 +147,13 @@ def extract_shard_group(
     from its commit record, the same read a cache key of the group would need; a group's cache
     entry would also name a set of shards that a rerun, which groups only the pending ones,
     rarely forms again."""
-    records, failures, transient = [], {}, False
-    for index in indices:
-        try:
-            records.append(extract.extract_shard(cfg, plan, index, progress=progress_wanted()))
-        except Exception as exc:  # recorded in the manifest by the core; the others go on
-            if storage.out_of_space(exc):
-                raise extract.no_space_error(cfg, plan, index, exc) from exc
-            failures[f"{plan.task}/{plan.split}/{index}"] = f"{type(exc).__name__}: {exc}"
-            transient = transient or isinstance(exc, TRANSIENT_ERRORS)
+    records, failures = extract.extract_shards(cfg, plan, indices, progress_wanted())
     if failures:
-        raise ShardGroupFailed(failures, transient)
+        named = {f"{plan.task}/{plan.split}/{i}": exc for i, exc in failures.items()}
+        raise ShardGroupFailed(
+            {name: f"{type(exc).__name__}: {exc}" for name, exc in named.items()},
+            transient=any(isinstance(exc, TRANSIENT_ERRORS) for exc in failures.values()),
+        )
     return records
 
 

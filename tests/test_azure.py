@@ -179,8 +179,8 @@ def test_committed_blobs_deleted_behind_the_extraction_fail_it_naming_them(
     reader = _adlfs(azurite)
     real = extract.extract_shard
 
-    def losing_after_the_last(cfg, plan, index):
-        record = real(cfg, plan, index)
+    def losing_after_the_last(cfg, plan, index, progress=False):
+        record = real(cfg, plan, index, progress)
         if index == plan.num_shards - 1:
             reader.rm_file(f"{container}/emb/rte/train/shard-00001.parquet")
             reader.rm_file(f"{container}/emb/rte/train/_manifest/plan.json")

@@ -635,8 +635,8 @@ def test_storage_losing_committed_files_fails_the_extraction_naming_them(
     real = extract.extract_shard
     folder = tmp_path / "wnli/dev"
 
-    def losing_after_the_last(cfg, plan, index):
-        record = real(cfg, plan, index)
+    def losing_after_the_last(cfg, plan, index, progress=False):
+        record = real(cfg, plan, index, progress)
         if index == 3:  # storage drops earlier writes (a prefix deleted, a crashed server)
             (folder / "shard-00000.parquet").unlink()
             (folder / "_manifest/plan.json").unlink()
@@ -674,7 +674,9 @@ def test_no_space_stops_the_extraction_at_the_first_shard_with_one_error(
     monkeypatch.setattr(
         extract,
         "extract_shard",
-        lambda cfg, plan, index: attempted.append(index) or real_shard(cfg, plan, index),
+        lambda cfg, plan, index, progress=False: (
+            attempted.append(index) or real_shard(cfg, plan, index, progress)
+        ),
     )
 
     real_write = shards._HashingFile.write
