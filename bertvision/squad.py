@@ -655,7 +655,8 @@ def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> 
             "at least 2 are needed to hold one out (raise --max-train-examples)"
         )
     held_out = [titles[i] for i in held_out_ids(range(len(titles)), fraction, seed)]
-    questions = sum(ex.title in held_out for ex in examples)
+    held = set(held_out)
+    questions = sum(ex.title in held for ex in examples)
     if questions > 2 * fraction * len(examples):
         warnings.warn(
             f"--val-fraction {fraction:g} holds out {len(held_out)} of {len(titles)} articles: "
