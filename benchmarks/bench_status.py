@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from bertvision.schema import ExtractionPlan, shard_schema  # noqa: E402
@@ -70,7 +71,9 @@ def write_extraction(out: str, shards: int, threads: int) -> float:
                 "example_id": pa.array([index], pa.int64()),
                 "label": pa.array([index % 2], pa.int64()),
                 "length": pa.array([1], pa.int32()),
-                "hidden": pa.array([[0.5, -0.5]], pa.large_list(pa.float16())),
+                "hidden": pa.array(
+                    [np.array([0.5, -0.5], np.float16).tobytes()], pa.large_binary()
+                ),
             },
             schema=schema,
         )

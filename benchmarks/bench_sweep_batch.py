@@ -51,13 +51,13 @@ def write_split(out: str, split: str, n: int, shard_size: int, seed: int) -> Non
         for i in rows:
             h = rng.normal(size=(LAYERS, lengths[i], HIDDEN)).astype(np.float16)
             h[-1, :, labels[i]] += np.float16(0.5)
-            hidden.append(h.ravel())
+            hidden.append(h.tobytes())
         table = pa.table(
             {
                 "example_id": pa.array(list(rows), pa.int64()),
                 "label": pa.array([int(labels[i]) for i in rows], label_type),
                 "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
-                "hidden": pa.array(hidden, pa.list_(pa.float16())),
+                "hidden": pa.array(hidden, pa.large_binary()),
             }
         )
         with ShardWriter(folder, plan, index) as writer:

@@ -13,7 +13,7 @@ What it reads: the committed shards of an extraction (docs/shard-format.md; bert
 folder's listing. Each row holds one example's states of the embedding output and every encoder
 layer for its real tokens: (L, T, H) flattened, L = encoder layers + 1, T its token count,
 H the hidden size, stored as float16, float32 or int8 with a float16 scale per layer and token
-(the plan's `dtype`). Decoding is `shards.hidden_arrays` (formats 1 and 2 alike) and
+(the plan's `dtype`). Decoding is `shards.hidden_arrays` (every format: raw bytes or lists) and
 `shards.quantised_arrays` (int8, formats 4 and 5).
 
 Checks, before any state is held: every split asked for is complete, of this task, labelled
@@ -307,10 +307,10 @@ def read_packed(
 
     Up to `threads` shards are read and decoded at once, each into its own rows of the result,
     one row group at a time: besides the result, memory holds one row group per thread. Reads
-    shard formats 1 and 2 (see shards.hidden_arrays), span shards (format 3), whose rows are
-    windows: `example_ids` are then window ids, and int8 shards (formats 4 and 5), held as int8
-    values and their scales. Errors as `read_shard` raises them, or ShardError for non-finite
-    states; of several failing shards, the first in `urls` order is raised.
+    every shard format (see shards.hidden_arrays): span shards' rows are windows, so
+    `example_ids` are then window ids; int8 shards are held as int8 values and their scales.
+    Errors as `read_shard` raises them, or ShardError for non-finite states; of several failing
+    shards, the first in `urls` order is raised.
     """
     ids = ID_COLUMNS[plan.schema]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cache, lru_cache, partial
 from typing import TypeVar
@@ -39,14 +39,14 @@ from bertvision.config import ConfigError, ExtractConfig, require
 from bertvision.finite import NonFiniteError
 from bertvision.quantise import INT8_MAX, quantise
 from bertvision.schema import (
+    LIST_FORMATS,
     RUN_FILE,
     ExtractionPlan,
     HiddenDtype,
     ShardRecord,
     format_version,
     hidden_dtype,
-    shard_schema,
-    span_schema,
+    plan_schema,
 )
 from bertvision.shards import (
     BackgroundWriter,
@@ -178,6 +178,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         )
         for split in splits
     ]
+    plans = [_in_planned_format(cfg, plan) for plan in plans]
     for plan in plans:
         _check_no_other_extraction(cfg, plan)
     for plan in plans:
@@ -191,6 +192,17 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         remove_stale_leftovers(folder)  # of killed writers; a live writer's stay
     storage.remove_stale_spool()
     return plans
+
+
+def _in_planned_format(cfg: ExtractConfig, plan: ExtractionPlan) -> ExtractionPlan:
+    """`plan` in the list format (schema.LIST_FORMATS) of the same extraction already planned in
+    its folder: one begun before the raw-bytes formats finishes in its own format, its key and
+    committed shards unchanged. With `cfg.overwrite`, or nothing planned there, `plan` itself."""
+    existing = load_plan(split_url(cfg.out, plan.task, plan.split))
+    if cfg.overwrite or existing is None or existing.format_version not in LIST_FORMATS:
+        return plan
+    planned = replace(plan, format_version=existing.format_version)
+    return planned if planned.key == existing.key else plan
 
 
 def _check_no_other_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> None:
@@ -290,8 +302,9 @@ def hidden_state_batches(
     seconds = [t[1] for t in texts] if len(texts[0]) > 1 else None
     tokens = tokenizer(firsts, seconds, truncation=True, max_length=plan.max_seq_length)
     order = sorted(range(len(examples)), key=lambda i: (len(tokens["input_ids"][i]), i))
-    schema = shard_schema(regression=plan.regression, dtype=plan.dtype)
+    schema = plan_schema(plan)
     dtype = hidden_dtype(plan.dtype)
+    as_list = plan.format_version in LIST_FORMATS
 
     def encoded() -> Iterator[tuple[list[int], HostStates]]:
         for begin in range(0, len(order), batch_size):
@@ -307,7 +320,7 @@ def hidden_state_batches(
                 pa.array([examples[i].example_id for i in rows], pa.int64()),
                 pa.array([examples[i].label for i in rows], schema.field("label").type),
                 pa.array(states.lengths, pa.int32()),
-                *states.hidden_columns(dtype),
+                *states.hidden_columns(dtype, as_list),
             ],
             schema=schema,
         )
@@ -423,8 +436,9 @@ def window_batches(
     features = windows.features
     lengths = features.attention_mask.sum(axis=1)  # (W,) real tokens: first on the right-padded row
     order = sorted(range(start, stop), key=lambda w: (int(lengths[w]), w))
-    schema = span_schema(dtype=plan.dtype)
+    schema = plan_schema(plan)
     dtype = hidden_dtype(plan.dtype)
+    as_list = plan.format_version in LIST_FORMATS
 
     def encoded(begin: int) -> tuple[np.ndarray, HostStates]:
         rows = np.asarray(order[begin : begin + batch_size])
@@ -453,7 +467,7 @@ def window_batches(
                 pa.array(features.end_positions[rows], pa.int32()),
                 pa.array(real, pa.int32()),
                 flat_list_array(offsets, 2 * real, pa.list_(pa.int32())),
-                *states.hidden_columns(dtype),
+                *states.hidden_columns(dtype, as_list),
             ],
             schema=schema,
         )
@@ -483,6 +497,18 @@ def flat_list_array(values: np.ndarray, sizes: np.ndarray, type: pa.DataType) ->
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), flat)
 
 
+def flat_binary_array(values: np.ndarray, sizes: np.ndarray) -> pa.LargeBinaryArray:
+    """A large_binary column over the bytes of `values` (C order, native byte order: little-endian
+    on every machine torch supports): row i holds the next `sizes[i]` bytes. Not copied when
+    `values` is contiguous."""
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = pa.py_buffer(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(sizes), [None, pa.py_buffer(offsets), data]
+    )
+
+
 @dataclass
 class HostStates:
     """One batch's hidden states of real tokens, on the host or being copied there.
@@ -504,33 +530,39 @@ class HostStates:
         flat = np.concatenate([s.reshape(-1, hidden_size) for s in states])
         return cls(torch.from_numpy(flat), np.array([s.shape[1] for s in states]), layers)
 
-    def hidden_columns(self, dtype: HiddenDtype) -> list[pa.Array]:
-        """The `hidden` column (row i: L * T_i * H values) as `dtype` stores it, once the copy is
-        complete (waits for it); over `values`' memory unless quantised. For int8 also
-        `hidden_scale`: every (layer, token) vector quantised (bertvision.quantise), `hidden`
-        its values' bytes and `hidden_scale` its (L * T_i) float16 scales. NonFiniteError when
-        states overflow int8's float16 scales."""
+    def hidden_columns(self, dtype: HiddenDtype, as_list: bool = False) -> list[pa.Array]:
+        """The `hidden` column as `dtype` stores it, once the copy is complete (waits for it):
+        row i the (L, T_i, H) values' bytes (large_binary; over `values`' memory unless
+        quantised) or, `as_list` (schema.LIST_FORMATS), a large_list of the values. For int8
+        also `hidden_scale`: every (layer, token) vector quantised (bertvision.quantise),
+        `hidden` its int8 values and `hidden_scale` its (L * T_i) float16 scales.
+        NonFiniteError when states overflow int8's float16 scales."""
         if self.ready is not None:
             self.ready.synchronize()
         values = self.values.numpy()  # (sum of L * T_i, H)
         vectors = self.lengths * self.layers  # (layer, token) vectors of each row
-        if not dtype.quantised:
+        scales = None
+        if dtype.quantised:
+            values, scales = _quantised(values)
+        sizes = vectors * values.shape[-1]  # values of each row
+        if as_list:
             column = pa.large_list(pa.from_numpy_dtype(values.dtype))
-            return [flat_list_array(values.reshape(-1), vectors * values.shape[-1], column)]
-        quantised, scales = quantise(values)
-        if not np.isfinite(scales).all():
-            raise NonFiniteError(
-                f"hidden states reach {float(np.abs(values).max()):.4g}, beyond int8's range "
-                f"(float16 scales: at most {INT8_MAX} x 65504); extract with --dtype float32"
-            )
-        offsets = np.zeros(len(vectors) + 1, np.int64)
-        np.cumsum(vectors * values.shape[-1], out=offsets[1:])
-        binary = pa.LargeBinaryArray.from_buffers(
-            pa.large_binary(),
-            len(vectors),
-            [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(quantised))],
+            hidden = flat_list_array(values.reshape(-1), sizes, column)
+        else:
+            hidden = flat_binary_array(values, sizes * values.itemsize)
+        if scales is None:
+            return [hidden]
+        return [hidden, flat_list_array(scales, vectors, pa.large_list(pa.float16()))]
+
+
+def _quantised(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    quantised, scales = quantise(values)
+    if not np.isfinite(scales).all():
+        raise NonFiniteError(
+            f"hidden states reach {float(np.abs(values).max()):.4g}, beyond int8's range "
+            f"(float16 scales: at most {INT8_MAX} x 65504); extract with --dtype float32"
         )
-        return [binary, flat_list_array(scales, vectors, pa.large_list(pa.float16()))]
+    return quantised, scales
 
 
 def encode(

@@ -31,19 +31,28 @@ from bertvision.records import code_info
 
 # Each schema has its format version, written in every plan and shard:
 # 1: GLUE, `hidden` was list (int32 offsets); still read.
-# 2: GLUE, `hidden` is large_list (int64 offsets), so a shard may hold more than 2**31 values.
-# 3: span tasks (SQuAD): one row per window, with its identity, offsets and answer positions.
+# 2: GLUE, `hidden` was large_list (int64 offsets); still read, and still written where an
+#    extraction was planned in it (an extraction finishes in the format it began in).
+# 3: span tasks (SQuAD): one row per window, with its identity, offsets and answer positions;
+#    `hidden` as in 2 (read, and written as 2 is).
 # 4: GLUE, int8 states: `hidden` holds int8 bytes (large_binary), `hidden_scale` their scales.
 # 5: span tasks, int8 states, as 4.
+# 6: GLUE, float16 and float32 states as raw bytes too (large_binary): Parquet writes a list
+#    column value by value with a repetition and a definition level each, which cost ~6x the
+#    CPU of writing the same bytes as one binary value a row and ~10x of reading them
+#    (benchmarks/RESULTS.md, "Raw bytes").
+# 7: span tasks, float states as 6.
 # A reader that knows only 1 and 2 refuses a span shard by its version instead of misreading it;
-# one that knows 1 to 3, an int8 shard. float16 and float32 shards keep formats 2 and 3 (and
-# their extraction keys).
-FORMAT_VERSION = 2
-SPAN_FORMAT_VERSION = 3
+# one that knows 1 to 3, an int8 shard; one that knows 1 to 5, a raw-bytes float shard.
+FORMAT_VERSION = 6
+SPAN_FORMAT_VERSION = 7
 FORMAT_VERSIONS = {"glue": FORMAT_VERSION, "span": SPAN_FORMAT_VERSION}
 QUANTISED_FORMAT_VERSIONS = {"glue": 4, "span": 5}
+# The formats whose `hidden` is a large_list of values, not bytes: still written to finish an
+# extraction begun in one (format 1, a `list`, is only read).
+LIST_FORMATS = (2, 3)
 # The formats this version reads, per schema: a GLUE shard claiming 3 is refused as unknown.
-READABLE_FORMATS = {"glue": (1, 2, 4), "span": (3, 5)}
+READABLE_FORMATS = {"glue": (1, 2, 4, 6), "span": (3, 5, 7)}
 META_PREFIX = "bertvision."
 # Who wrote a shard or a plan: recorded beside the content, never hashed into a key.
 CODE_FIELDS = ("code_version", "git_commit")
@@ -62,7 +71,7 @@ class HiddenDtype:
     """
 
     name: str
-    arrow: pa.DataType  # of the stored values (int8: the bytes of a large_binary `hidden`)
+    arrow: pa.DataType  # of the stored values (the list formats: of `hidden`'s elements)
     numpy: np.dtype  # of the stored values, and of the decoded arrays of float dtypes
     torch_name: str  # torch.<torch_name>: the stored values as training holds them
     scale: np.dtype | None = None  # quantised: the dtype of the scales (`hidden_scale`)
@@ -109,8 +118,8 @@ def hidden_dtype(name: str) -> HiddenDtype:
 
 
 def format_version(schema: str, dtype: str) -> int:
-    """The format a new shard of `schema` ("glue" or "span") holding `dtype` states is written
-    in: 2 or 3, or 4 or 5 for int8."""
+    """The format a new extraction of `schema` ("glue" or "span") holding `dtype` states is
+    written in: 6 or 7, or 4 or 5 for int8."""
     versions = QUANTISED_FORMAT_VERSIONS if hidden_dtype(dtype).quantised else FORMAT_VERSIONS
     return versions[schema]
 
@@ -120,36 +129,41 @@ def label_type(regression: bool) -> pa.DataType:
     return pa.float32() if regression else pa.int64()
 
 
-def _hidden_fields(dtype: str) -> list[pa.Field]:
-    # (L, T, H) flattened in C order; L = num_hidden_layers + 1 (embeddings first).
-    # int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard.
+def _hidden_fields(dtype: str, format_version: int | None) -> list[pa.Field]:
+    # (L, T, H) in C order; L = num_hidden_layers + 1 (embeddings first). As raw bytes (the
+    # values little-endian, L x T x H of them), or in the list formats a large_list of values
+    # (int64 offsets: bert-large's 25 x 1024 values a token pass 2**31 within a shard).
     stored = hidden_dtype(dtype)
-    if not stored.quantised:
+    if format_version in LIST_FORMATS:
         return [pa.field("hidden", pa.large_list(stored.arrow), nullable=False)]
-    # int8 as raw bytes: Parquet has no 1-byte type and would store a list<int8> as 4-byte INT32
-    # (0.33x dense float16 on RTE against 0.21x with zstd, benchmarks/bench_int8.py).
+    hidden = pa.field("hidden", pa.large_binary(), nullable=False)
+    if not stored.quantised:
+        return [hidden]
     # Scales (L, T) flattened in C order, one per layer and token.
     return [
-        pa.field("hidden", pa.large_binary(), nullable=False),
+        hidden,
         pa.field("hidden_scale", pa.large_list(pa.from_numpy_dtype(stored.scale)), nullable=False),
     ]
 
 
-def shard_schema(*, regression: bool, dtype: str = "float16") -> pa.Schema:
-    """The GLUE schema: one row per example."""
+def shard_schema(
+    *, regression: bool, dtype: str = "float16", format_version: int | None = None
+) -> pa.Schema:
+    """The GLUE schema: one row per example; `hidden` as `format_version` stores it (default:
+    the current format)."""
     return pa.schema(
         [
             pa.field("example_id", pa.int64(), nullable=False),  # row index within its split
             pa.field("label", label_type(regression)),  # null for unlabelled test rows
             pa.field("length", pa.int32(), nullable=False),  # real tokens stored, T
-            *_hidden_fields(dtype),
+            *_hidden_fields(dtype, format_version),
         ]
     )
 
 
-def span_schema(*, dtype: str = "float16") -> pa.Schema:
+def span_schema(*, dtype: str = "float16", format_version: int | None = None) -> pa.Schema:
     """The span schema (SQuAD): one row per window of a question's context, as
-    `bertvision.squad.build_features` makes them."""
+    `bertvision.squad.build_features` makes them; `hidden` as in `shard_schema`."""
     return pa.schema(
         [
             pa.field("window_id", pa.int64(), nullable=False),  # row index within its split
@@ -164,7 +178,7 @@ def span_schema(*, dtype: str = "float16") -> pa.Schema:
             # (T, 2) flattened: [start, end) characters of each token in the context; -1 for
             # question, special tokens.
             pa.field("offsets", pa.list_(pa.int32()), nullable=False),
-            *_hidden_fields(dtype),
+            *_hidden_fields(dtype, format_version),
         ]
     )
 
@@ -179,8 +193,10 @@ SCHEMAS = tuple(ID_COLUMNS)
 def plan_schema(plan: ExtractionPlan) -> pa.Schema:
     """The columns of a shard of `plan`."""
     if plan.schema == "span":
-        return span_schema(dtype=plan.dtype)
-    return shard_schema(regression=plan.regression, dtype=plan.dtype)
+        return span_schema(dtype=plan.dtype, format_version=plan.format_version)
+    return shard_schema(
+        regression=plan.regression, dtype=plan.dtype, format_version=plan.format_version
+    )
 
 
 @dataclass(frozen=True)

@@ -719,14 +719,19 @@ def hidden_arrays(table: pa.Table, meta: ShardMeta | ExtractionPlan) -> list[np.
     """Each row's hidden states as a float array of shape (L, T, H): float16 and float32 as
     stored, without copying; int8 dequantised to float32 (`bertvision.quantise`).
 
-    Reads format 2 (`large_list`, int64 offsets) and format 1 (`list`, int32 offsets) chunk by
-    chunk, so no chunk's offsets ever have to hold a whole shard's values; int8 (formats 4, 5)
-    as `quantised_arrays`.
+    Reads every format: `hidden` as raw bytes (formats 6, 7), as a large_list (formats 2, 3:
+    int64 offsets) or a list (format 1: int32 offsets), chunk by chunk, so no chunk's offsets
+    ever have to hold a whole shard's values; int8 (formats 4, 5) as `quantised_arrays`.
     """
-    if hidden_dtype(meta.dtype).quantised:
+    stored = hidden_dtype(meta.dtype)
+    if stored.quantised:
         return [dequantise(values, scales) for values, scales in quantised_arrays(table, meta)]
     lengths = table.column("length").to_numpy()
-    return _list_rows(table.column("hidden"), [(meta.layers, t, meta.hidden_size) for t in lengths])
+    shapes = [(meta.layers, t, meta.hidden_size) for t in lengths]
+    column = table.column("hidden")
+    if pa.types.is_large_binary(column.type):
+        return _binary_rows(column, stored.numpy, shapes)
+    return _list_rows(column, shapes)
 
 
 def quantised_arrays(
@@ -737,17 +742,27 @@ def quantised_arrays(
     states."""
     lengths = table.column("length").to_numpy()
     scales = _list_rows(table.column("hidden_scale"), [(meta.layers, t) for t in lengths])
-    values = []
-    for chunk in table.column("hidden").chunks:
+    shapes = [(meta.layers, t, meta.hidden_size) for t in lengths]
+    values = _binary_rows(table.column("hidden"), np.dtype(np.int8), shapes)
+    return list(zip(values, scales, strict=True))
+
+
+def _binary_rows(
+    column: pa.ChunkedArray, dtype: np.dtype, shapes: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Each row of a large_binary column read as `dtype` values (little-endian) of its shape,
+    without copying."""
+    rows = []
+    for chunk in column.chunks:
         if not len(chunk):
             continue
         _, offsets, data = chunk.buffers()
         bounds = np.frombuffer(offsets, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-        flat = np.frombuffer(data, np.int8)
+        flat = np.frombuffer(data, np.uint8)
         for i in range(len(chunk)):
-            shape = (meta.layers, int(lengths[len(values)]), meta.hidden_size)
-            values.append(flat[bounds[i] : bounds[i + 1]].reshape(shape))
-    return list(zip(values, scales, strict=True))
+            row = flat[bounds[i] : bounds[i + 1]].view(dtype)
+            rows.append(row.reshape(shapes[len(rows)]))
+    return rows
 
 
 def _list_rows(column: pa.ChunkedArray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:

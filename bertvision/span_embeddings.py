@@ -12,12 +12,12 @@ states held or streamed in batches; the sibling of bertvision.embeddings (GLUE).
     meta, shard = read_span_shard(url)  # one committed shard whole, checked against its sha256
 
 What it reads: the committed shards of a span extraction (docs/shard-format.md, schema
-"span", format 3) under `<embeddings>/<task>/<split>/`, listed by their commit records. Each
-row is one window: its identity (window_id, question_id, example_index, window_index), whether
-its question is impossible, its answer positions, the context offsets of its T real tokens and
-their hidden states (L, T, H). Windows are numbered as `squad.build_features` numbers them, so
-`windows.offsets` and `windows.example_index` are what `squad.best_spans` needs (with the
-questions of `squad.load_split`), row for row by window id.
+"span": format 7, older 3, int8 5) under `<embeddings>/<task>/<split>/`, listed by their commit
+records. Each row is one window: its identity (window_id, question_id, example_index,
+window_index), whether its question is impossible, its answer positions, the context offsets
+of its T real tokens and their hidden states (L, T, H). Windows are numbered as
+`squad.build_features` numbers them, so `windows.offsets` and `windows.example_index` are what
+`squad.best_spans` needs (with the questions of `squad.load_split`), row for row by window id.
 
 Checks: the split is complete, of the task, a span extraction, and its shards hold every window
 of the plan exactly once, each shard of the plan's key; every hidden state read is finite

@@ -11,7 +11,7 @@ import torch
 from bertvision import glue
 from bertvision.embeddings import epoch_batches, load_embeddings, read_packed
 from bertvision.extract import HostStates
-from bertvision.schema import HIDDEN_DTYPES, ExtractionPlan, shard_schema
+from bertvision.schema import HIDDEN_DTYPES, LIST_FORMATS, ExtractionPlan, shard_schema
 from bertvision.schema import format_version as format_of
 from bertvision.shards import (
     ShardError,
@@ -91,13 +91,13 @@ def write_split(
                     schema.field("label").type,
                 ),
                 "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
-                "hidden": pa.array([hidden[i].ravel() for i in rows], pa.list_(values)),
             }
         )
-        if stored.quantised:  # as extraction stores it
-            columns = HostStates.of_examples([hidden[i] for i in rows]).hidden_columns(stored)
-            table = table.drop_columns("hidden").append_column("hidden", columns[0])
-            table = table.append_column("hidden_scale", columns[1])
+        as_list = plan.format_version in LIST_FORMATS  # as extraction stores it
+        states = HostStates.of_examples([hidden[i] for i in rows])
+        columns = states.hidden_columns(stored, as_list)  # hidden (and int8's hidden_scale)
+        for name, column in zip(("hidden", "hidden_scale"), columns, strict=False):
+            table = table.append_column(name, column)
         writer = ShardWriter(folder, plan, index)
         if format_version == 1:  # as written before format 2: int32 offsets
             field = pa.field("hidden", pa.list_(values), nullable=False)
@@ -247,14 +247,16 @@ def test_each_stored_dtype_is_one_type_in_arrow_numpy_and_torch(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shard formats: int64 offsets (format 2); shards of format 1 still read
+# Shard formats: raw bytes (format 6) and int64 offsets (format 2); shards of format 1 still read
 
 
-@pytest.mark.slow  # writes and reads 2**31 values: about half a minute
-def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path):
+@pytest.mark.slow  # writes and reads 2**31 values: about half a minute a format
+@pytest.mark.parametrize("version", [6, 2])
+def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, version):
     """bert-large-sized rows (25 x 1024 values a token) past 2**31 values in one shard, written
     by the real ShardWriter one row group per batch as extraction does, read by the embeddings
-    reader. Zeros cost no memory until read; markers sit at each row's ends and past 2**31."""
+    reader, as raw bytes and as a large_list. Zeros cost no memory until read; markers sit at
+    each row's ends and past 2**31."""
     layers, hidden_size, length, rows_per_group, groups = 25, 1024, 328, 4, 64
     per_row = layers * length * hidden_size
     num_rows = rows_per_group * groups
@@ -272,10 +274,12 @@ def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path):
         layers=layers,
         hidden_size=hidden_size,
         regression=False,
+        format_version=version,
     )
     folder = split_url(str(tmp_path), "rte", "dev")
     write_plan(folder, plan)
     far_row, far_index = divmod(2**31 + 7, per_row)  # a value beyond any int32 offset
+    lengths = np.full(rows_per_group, length)
     with ShardWriter(folder, plan, 0) as writer:
         for group in range(groups):
             rows = range(group * rows_per_group, (group + 1) * rows_per_group)
@@ -285,8 +289,8 @@ def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path):
                 values[(k + 1) * per_row - 1] = -(row + 1)  # last layer, token and unit
                 if row == far_row:
                     values[k * per_row + far_index] = 0.5
-            offsets = pa.array(np.arange(rows_per_group + 1, dtype=np.int64) * per_row)
-            hidden = pa.LargeListArray.from_arrays(offsets, pa.array(values))
+            states = HostStates(torch.from_numpy(values.reshape(-1, hidden_size)), lengths, layers)
+            hidden = states.hidden_columns(HIDDEN_DTYPES["float16"], as_list=version == 2)[0]
             writer.write(
                 pa.table(
                     {

@@ -57,7 +57,7 @@ def test_shards_follow_the_documented_format(tmp_path, tiny_model, glue_dir):
     assert table.schema.field("example_id").type == "int64"
     assert table.schema.field("label").type == "int64"
     assert table.schema.field("length").type == "int32"
-    assert str(table.schema.field("hidden").type) == "large_list<element: halffloat>"
+    assert table.schema.field("hidden").type == "large_binary"  # float16 values' bytes
     assert sorted(table.column("example_id").to_pylist()) == list(range(71))
 
     meta = ShardMeta.from_metadata(
@@ -65,10 +65,11 @@ def test_shards_follow_the_documented_format(tmp_path, tiny_model, glue_dir):
     )
     assert (meta.task, meta.split, meta.layers, meta.hidden_size) == ("wnli", "dev", 3, 32)
     assert (meta.dtype, meta.max_seq_length, meta.model) == ("float16", 64, tiny_model)
-    assert len(meta.model_fingerprint) == 16
+    assert (meta.format_version, len(meta.model_fingerprint)) == (6, 16)
 
     for row in table.to_pylist():
-        assert len(row["hidden"]) == 3 * row["length"] * 32
+        states = np.frombuffer(row["hidden"], "<f2")  # (L, T, H) in C order, little-endian
+        assert states.size == 3 * row["length"] * 32 and np.isfinite(states).all()
 
 
 def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
@@ -236,6 +237,49 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, 
     assert summary.skipped == {"wnli/dev": [1]} and summary.committed == {"wnli/dev": [0, 2, 3]}
     assert (tmp_path / "wnli/dev/shard-00001.parquet").stat().st_mtime_ns == before
     assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
+
+
+def test_an_extraction_begun_in_a_list_format_finishes_in_it(
+    tmp_path, tiny_model, glue_dir, monkeypatch
+):
+    """Shards committed by a version that wrote format 2 (`hidden` a large_list) stay committed:
+    the rest of that extraction is written in format 2 too, under the same key, and every shard
+    reads back; --overwrite starts over in the current format (6, raw bytes)."""
+    import bertvision.extract
+
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    with monkeypatch.context() as old_version:
+        old_version.setattr(bertvision.extract, "format_version", lambda schema, dtype: 2)
+        (old_plan,) = prepare_extraction(cfg)
+        extract_shard(cfg, old_plan, 1)
+
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.skipped == {"wnli/dev": [1]} and summary.committed == {"wnli/dev": [0, 2, 3]}
+    (plan,) = prepare_extraction(cfg)
+    assert (plan.key, plan.format_version) == (old_plan.key, 2)
+    for index in range(4):
+        path = tmp_path / f"wnli/dev/shard-{index:05d}.parquet"
+        assert pq.read_schema(path).field("hidden").type == pa.large_list(pa.float16())
+    states = {
+        row_id: hidden
+        for url in shards.committed_shards(str(tmp_path), "wnli", "dev")[1]
+        for row_id, hidden in zip(
+            shards.read_shard(url)[1].column("example_id").to_pylist(),
+            shards.hidden_arrays(shards.read_shard(url)[1], plan),
+            strict=True,
+        )
+    }
+    assert sorted(states) == list(range(71))
+
+    (fresh,) = prepare_extraction(_config(tmp_path, tiny_model, glue_dir, overwrite=True))
+    assert fresh.format_version == 6 and fresh.key != old_plan.key
+    extract_hidden_states(_config(tmp_path, tiny_model, glue_dir), progress=False)
+    again = _all_rows(tmp_path / "wnli" / "dev")
+    assert again.schema.field("hidden").type == pa.large_binary()
+    for example_id, hidden in zip(
+        again.column("example_id").to_pylist(), again.column("hidden").to_pylist(), strict=True
+    ):
+        assert np.array_equal(np.frombuffer(hidden, "<f2"), states[example_id].ravel())
 
 
 def _flip(path: Path, at: int, count: int = 16) -> None:
@@ -775,8 +819,8 @@ def test_a_failed_write_leaves_no_staging_file(tmp_path, monkeypatch):
 def _plain_glue_batches(encoder, examples, plan, batch_size):
     """The specification of a shard's batches, written the plain way: rows sorted by (token
     length, index), one forward per batch, each row's real tokens sliced out on the host and
-    handed to Arrow as a Python list of arrays (how extraction built them before it overlapped
-    the encoder with writing)."""
+    handed to Arrow as a Python list of their bytes (how extraction built them before it
+    overlapped the encoder with writing)."""
     tokenizer = encoder.tokenizer
     tokens = tokenizer(
         [ex.texts[0] for ex in examples],
@@ -801,7 +845,7 @@ def _plain_glue_batches(encoder, examples, plan, batch_size):
                 pa.array([examples[i].label for i in rows], pa.int64()),
                 pa.array([int(m.sum()) for m in mask], pa.int32()),
                 pa.array(
-                    [hidden[b][:, mask[b], :].ravel() for b in range(len(rows))],
+                    [hidden[b][:, mask[b], :].tobytes() for b in range(len(rows))],
                     schema.field("hidden").type,
                 ),
             ],

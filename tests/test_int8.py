@@ -227,9 +227,9 @@ def test_int8_and_float16_are_different_extractions_that_never_mix(tmp_path, tin
     assert "holds another extraction (different dtype, format_version)" in mixed.output
 
 
-def test_float_extractions_keep_their_formats_and_keys():
-    assert format_version("glue", "float16") == format_version("glue", "float32") == 2
-    assert format_version("span", "float16") == 3
+def test_each_schema_and_dtype_has_its_format():
+    assert format_version("glue", "float16") == format_version("glue", "float32") == 6
+    assert format_version("span", "float16") == format_version("span", "float32") == 7
     assert (format_version("glue", "int8"), format_version("span", "int8")) == (4, 5)
 
 
@@ -246,7 +246,8 @@ def rewrite_meta(path: Path, **changes: str) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"format_version": "6"}, "has format_version 6; this version of BERTVision reads 1, 2, 4"),
+        ({"format_version": "8"}, "has format_version 8; this version of BERTVision reads 1, 2, 4"),
+        ({"format_version": "6"}, "claims format_version 6 for int8 hidden states"),
         ({"dtype": "int4"}, "stores hidden states as unknown hidden dtype 'int4'"),
         ({"dtype": "float16"}, "claims format_version 4 for float16 hidden states"),
     ],

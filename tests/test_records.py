@@ -159,7 +159,9 @@ def test_the_code_version_enters_no_extraction_key(stages, monkeypatch):
 
 
 def test_an_older_shard_without_code_metadata_still_reads(tmp_path, monkeypatch):
-    plan = ExtractionPlan("rte", "dev", "m", "f" * 16, "d" * 16, 2, 2, 8, "float16", 1, 2, False)
+    plan = ExtractionPlan(
+        "rte", "dev", "m", "f" * 16, "d" * 16, 2, 2, 8, "float16", 1, 2, False, format_version=2
+    )
     folder = str(tmp_path / "rte" / "dev")
     shards.write_plan(folder, plan)
     written = ShardMeta.to_metadata
@@ -176,7 +178,7 @@ def test_an_older_shard_without_code_metadata_still_reads(tmp_path, monkeypatch)
             "length": pa.array([1, 1], pa.int32()),
             "hidden": pa.array([[0.5, 1.5], [2.0, 3.0]], pa.large_list(pa.float16())),
         },
-        schema=shard_schema(regression=False),
+        schema=shard_schema(regression=False, format_version=2),
     )
     with ShardWriter(folder, plan, 0) as writer:
         writer.write(table)

@@ -77,7 +77,7 @@ def write_split(out: str, split: str, n: int, seed: int, labels: np.ndarray | No
                     [None if stored is None else int(stored[i]) for i in rows], label_type
                 ),
                 "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
-                "hidden": pa.array([hidden[i] for i in rows], pa.list_(pa.float16())),
+                "hidden": pa.array([hidden[i].tobytes() for i in rows], pa.large_binary()),
             }
         )
         with ShardWriter(folder, plan, index) as writer:
