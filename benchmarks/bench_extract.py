@@ -5,7 +5,8 @@ Times (1) the encoder forward alone over the same length-sorted batches extracti
 write, commit of every shard), `--repeats` times each, interleaved (forward, pipeline, forward,
 ...), so that a machine loaded by others weighs on both alike. Prints examples/s of each and the
 pipeline's throughput as a fraction of the bare forward's (1.0: extraction at the encoder's
-speed), from the median of the repeats.
+speed), from the median of the repeats; and the CPU seconds of each (this process, all threads:
+on a CPU device, what an idle machine's wall-clock ratio would be, however loaded this one is).
 
     python benchmarks/bench_extract.py --task rte --split dev --data-dir ../shared/data/glue \
         [--model M] [--device cuda] [--batch-size 64] [--limit 2000] [--repeats 3]
@@ -57,11 +58,14 @@ def main() -> None:
     batches, tokens = _batches(encoder, examples, cfg)
     _forward(encoder, batches[:1], cfg.device)  # warm-up: first-call costs count in neither
 
-    forward_times, extract_times = [], []
+    forward_times, extract_times, forward_cpu, extract_cpu = [], [], [], []
     for _ in range(args.repeats):
+        cpu = time.process_time()
         forward_times.append(_forward(encoder, batches, cfg.device))
-        seconds, rows, written = _extract(settings, len(examples))
+        forward_cpu.append(time.process_time() - cpu)
+        seconds, cpu_seconds, rows, written = _extract(settings, len(examples))
         extract_times.append(seconds)
+        extract_cpu.append(cpu_seconds)
     forward_seconds = statistics.median(forward_times)
     extract_seconds = statistics.median(extract_times)
 
@@ -83,6 +87,12 @@ def main() -> None:
     )
     ratio = (rows / extract_seconds) / (len(examples) / forward_seconds)
     print(f"examples/s, full extract / forward only: {ratio:.2f}x (target >= 0.90x)")
+    print(
+        f"CPU seconds: forward only {statistics.median(forward_cpu):.2f} "
+        f"(runs: {_runs(forward_cpu)}), full extract {statistics.median(extract_cpu):.2f} "
+        f"(runs: {_runs(extract_cpu)}), forward / full extract "
+        f"{statistics.median(forward_cpu) / statistics.median(extract_cpu):.2f}x"
+    )
 
 
 def _batches(
@@ -120,18 +130,18 @@ def _forward(encoder: enc.Encoder, batches: list[dict[str, torch.Tensor]], devic
     return time.perf_counter() - started
 
 
-def _extract(settings: dict, count: int) -> tuple[float, int, int]:
-    """Seconds, rows and bytes of extracting the first `count` examples into a new folder, every
-    shard committed (planning, which loads and checks, is not timed)."""
+def _extract(settings: dict, count: int) -> tuple[float, float, int, int]:
+    """Seconds, CPU seconds, rows and bytes of extracting the first `count` examples into a new
+    folder, every shard committed (planning, which loads and checks, is not timed)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = ExtractConfig(out=out, **settings)
         (plan,) = prepare_extraction(cfg)
         shard_count = -(-count // plan.shard_size)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         records = [extract_shard(cfg, plan, i) for i in range(shard_count)]
         _sync(cfg.device)
-        seconds = time.perf_counter() - started
-    return seconds, sum(r.rows for r in records), sum(r.bytes for r in records)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return seconds, cpu, sum(r.rows for r in records), sum(r.bytes for r in records)
 
 
 def _runs(seconds: list[float]) -> str:

@@ -93,7 +93,7 @@ def write_split(
                 "length": pa.array([int(lengths[i]) for i in rows], pa.int32()),
             }
         )
-        as_list = plan.format_version in LIST_FORMATS  # as extraction stores it
+        as_list = plan.format_version in (1, *LIST_FORMATS)  # as extraction stores it
         states = HostStates.of_examples([hidden[i] for i in rows])
         columns = states.hidden_columns(stored, as_list)  # hidden (and int8's hidden_scale)
         for name, column in zip(("hidden", "hidden_scale"), columns, strict=False):
