@@ -1,12 +1,15 @@
 """Benchmark of one adapter training step on real tokens only against the padded formulas
-(issue 11): the pooler's (or span adapter's) forward and backward on real padded batches of
-stored embeddings, computed as `AdapterPooler.forward` does (down and gelu on the packed real
-tokens, up after pooling) and as before (the adapter on every layer and position, padding
-included, then pooled: the formulas in pooler.py's docstring), same weights, same batches.
+(issue 11): the pooler's (or span adapter's) forward and backward on batches of stored
+embeddings, computed as `AdapterPooler.forward` does (down and gelu on the batch's real tokens
+packed, `Packed.batch`'s TokenBatch; up after pooling) and as before (the adapter on every layer
+and position of the padded batch, `TokenBatch.padded`, padding included, then pooled: the
+formulas in pooler.py's docstring), same weights, same batches.
 
 Both run in one process on one thread (`torch.set_num_threads(1)`), alternated --repeats times,
 each over the same --steps batches of --batch-size shuffled train examples; printed: CPU seconds
-of each pass, the share of padding in the batches, and the largest difference of the logits.
+of each pass, of building the batches (`Packed.batch`, the stored dtype gathered and cast to
+float32, each dropped before the next as in training; not in the passes), the share of padding
+in the batches, and the largest difference of the logits.
 
     python benchmarks/bench_adapter_step.py --embeddings emb [--task rte] [--adapter pooler]
         [--steps 6] [--batch-size 32] [--repeats 4]
@@ -23,25 +26,30 @@ import torch
 from torch import nn
 
 from bertvision import adapters
+from bertvision.batch import TokenBatch
 from bertvision.embeddings import load_embeddings
 
 
-def padded(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The adapter's formulas at every position, padding included: (B, C) or (2, B, T)."""
+def padded(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The adapter's formulas at every position of a padded batch (hidden, mask), padding
+    included: (B, C) or (2, B, T)."""
+    hidden, mask = batch
     adapted = hidden + model.up(nn.functional.gelu(model.down(hidden)))  # (B, L, T, H)
     weights = torch.softmax(model.layer_logits, dim=0)
     if isinstance(model, adapters.SpanAdapter):
         mixed = torch.einsum("blth,l->bth", adapted, weights)
         logits = model.head(model.dropout(mixed)).masked_fill(~mask[:, :, None], float("-inf"))
         return logits.permute(2, 0, 1)
-    parts = {"cls": [adapted[:, :, 0]], "mean": [adapters.masked_mean(adapted, mask)]}
+    keep = mask[:, None, :, None]
+    mean = torch.where(keep, adapted, 0.0).sum(dim=2) / keep.sum(dim=2)
+    parts = {"cls": [adapted[:, :, 0]], "mean": [mean]}
     parts["cls+mean"] = parts["cls"] + parts["mean"]
     pooled = torch.cat(parts[model.config.token_pool], dim=-1)  # (B, L, P)
     return model.head(model.dropout(torch.einsum("blp,l->bp", pooled, weights)))
 
 
-def real_tokens_only(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = model(hidden, mask)
+def real_tokens_only(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    out = model(batch)
     return torch.stack(out) if isinstance(out, tuple) else out
 
 
@@ -61,12 +69,17 @@ def main() -> None:
     train = load_embeddings(args.task, args.embeddings, ["train"], device="cpu").splits["train"]
     packed = train.resident
     order = np.random.default_rng(0).permutation(train.num_examples)
-    batches = [
-        packed.batch(order[i * args.batch_size : (i + 1) * args.batch_size], "cpu")
-        for i in range(args.steps)
-    ]
-    real = sum(int(mask.sum()) for _, mask in batches)
-    positions = sum(mask.numel() for _, mask in batches)
+    rows = [order[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.steps)]
+    building = []
+    for _ in range(args.repeats):  # each batch dropped when the next is built, as in training
+        started = time.process_time()
+        for chosen in rows:
+            packed.batch(chosen, "cpu")
+        building.append(time.process_time() - started)
+    batches = [packed.batch(chosen, "cpu") for chosen in rows]
+    inputs = {"padded": [batch.padded() for batch in batches], "real tokens": batches}
+    real = sum(len(batch.tokens) for batch in batches)
+    positions = sum(batch.size * batch.width for batch in batches)
     torch.manual_seed(0)
     model = adapters.build_adapter(
         adapters.make_config(
@@ -83,19 +96,20 @@ def main() -> None:
         names = list(forms) if repeat % 2 == 0 else list(forms)[::-1]
         for name in names:
             started = time.process_time()
-            for hidden, mask in batches:
+            for batch in inputs[name]:
                 model.zero_grad(set_to_none=True)
-                out = forms[name](model, hidden, mask)
+                out = forms[name](model, batch)
                 out[torch.isfinite(out)].square().sum().backward()
             seconds[name].append(time.process_time() - started)
     worst = max(
-        (padded(model, h, m) - real_tokens_only(model, h, m)).nan_to_num(0.0).abs().max().item()
-        for h, m in batches
+        (padded(model, ours) - real_tokens_only(model, theirs)).nan_to_num(0.0).abs().max().item()
+        for ours, theirs in zip(inputs["padded"], batches, strict=True)
     )
     print(
         f"\n{args.task} {args.adapter}, {args.steps} batches of {args.batch_size} "
         f"({1 - real / positions:.0%} of positions padding), forward+backward, 1 thread"
     )
+    print(f"{'batches':12} CPU s: {' '.join(f'{v:.2f}' for v in building)} (Packed.batch)")
     for name, values in seconds.items():
         print(f"{name:12} CPU s: {' '.join(f'{v:.2f}' for v in values)}")
     ratio = min(seconds["padded"]) / min(seconds["real tokens"])

@@ -5,7 +5,7 @@
     keep = np.ones(train.num_examples, dtype=bool)  # which examples, in storage order
     shuffle = np.random.default_rng(0)
     for packed, rows, storage_rows in epoch_batches(train, keep, 32, shuffle, "cuda"):
-        hidden, mask = packed.batch(rows, "cuda")  # (B, L, T, H) float32, (B, T) bool
+        batch = packed.batch(rows, "cuda")  # TokenBatch: real tokens (N, L, H) float32
         labels = train.labels[storage_rows]  # (B,)
 
 What it reads: the committed shards of an extraction (docs/shard-format.md; bertvision.schema),
@@ -32,8 +32,8 @@ thread (`SplitData.read_groups`), so it holds at most 1 + read_ahead groups. A g
 are decoded on up to READ_THREADS threads at once (pyarrow and numpy's copies release the GIL),
 each holding, besides the result, one row group (one encoder batch) of its shard. Groups come
 in their order whatever the timing, so training reads the same batches with or without reading
-ahead. Batches are padded to their longest example and cast to float32 (int8 dequantised) only
-on the way to the model, so at most one batch is held as float32.
+ahead. Batches hold their examples' real tokens only, never padding (bertvision.batch), cast to
+float32 (int8 dequantised) only on the way to the model, so at most one batch is held as float32.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 
 from bertvision import encoder as enc
 from bertvision import glue, storage
+from bertvision.batch import TokenBatch, layout
 from bertvision.schema import ID_COLUMNS, ExtractionPlan, hidden_dtype
 from bertvision.shards import (
     ShardError,
@@ -87,26 +88,19 @@ class Packed:
     # int8: the float16 scale of each token's values in each layer, (sum of T, L); else None
     scales: torch.Tensor | None = None
 
-    def batch(self, rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, L, T, H) float32 padded to the batch's longest example, mask (B, T).
-
-        `hidden` is contiguous, written in one pass that casts and reorders the gathered
-        (B, T, L, H) states: the adapters' linear layers then take it as it is, with no copy."""
-        width = int(self.lengths[rows].max())
-        index_rows = torch.from_numpy(rows).to(self.tokens.device)
-        lengths = torch.from_numpy(self.lengths[rows]).to(self.tokens.device)
-        positions = torch.arange(width, device=self.tokens.device)  # (T,)
-        mask = positions[None, :] < lengths[:, None]  # (B, T)
-        index = torch.where(mask, self.starts[index_rows][:, None] + positions[None, :], 0)
-        gathered = self.tokens[index].transpose(1, 2)  # (B, L, T, H), the stored dtype
-        hidden = torch.empty(gathered.shape, dtype=torch.float32, device=device)
-        hidden.copy_(gathered)
+    def batch(self, rows: np.ndarray, device: str) -> TokenBatch:
+        """The real tokens of the examples at `rows`, in that order, float32 on `device` (int8
+        dequantised): one gather of their rows of `tokens` and one cast, nothing padded."""
+        lengths = self.lengths[rows]
+        at = self.tokens.device
+        on_device = torch.from_numpy(lengths).to(at)
+        starts, example, position = layout(on_device, int(lengths.sum()))
+        index = self.starts[torch.from_numpy(rows).to(at)][example] + position  # (N,)
+        tokens = self.tokens[index].to(device=device, dtype=torch.float32)  # (N, L, H)
         if self.scales is not None:  # int8: dequantise (bertvision.quantise)
-            scales = self.scales[index].transpose(1, 2).to(device=device, dtype=torch.float32)
-            hidden.mul_(scales[..., None])  # (B, L, T, 1)
-        mask = mask.to(device)
-        hidden.masked_fill_(~mask[:, None, :, None], 0.0)
-        return hidden, mask  # (B, L, T, H), (B, T)
+            tokens.mul_(self.scales[index].to(device=device, dtype=torch.float32)[..., None])
+        moved = (t.to(device) for t in (on_device, starts, example, position))
+        return TokenBatch(tokens, *moved, int(lengths.max()))
 
 
 @dataclass

@@ -4,7 +4,7 @@ states held or streamed in batches; the sibling of bertvision.embeddings (GLUE).
     split = load_span_split("emb", "dev")          # check every shard; hold it if it fits
     keep = np.ones(split.num_windows, dtype=bool)   # which windows, in storage order
     for batch in span_batches(split, keep, 32, np.random.default_rng(0), "cuda"):
-        batch.hidden, batch.mask        # (B, L, T, H) float32, (B, T) bool
+        batch.tokens                    # TokenBatch: the real tokens (N, L, H) float32
         batch.offsets                   # (B, T, 2) int64 context characters, -1 off the context
         batch.start_positions, batch.end_positions   # (B,) int64, 0 (CLS) for no answer
         batch.window_ids                # (B,) int64: rows of split.windows
@@ -36,6 +36,7 @@ import pyarrow as pa
 import torch
 
 from bertvision import encoder as enc
+from bertvision.batch import TokenBatch
 from bertvision.embeddings import SplitData, epoch_batches, read_packed
 from bertvision.schema import ExtractionPlan, ShardMeta, hidden_dtype
 from bertvision.shards import ShardError, committed_shards, hidden_arrays, read_shard, split_url
@@ -117,10 +118,9 @@ class SpanSplit:
 
 @dataclass
 class SpanBatch:
-    """A batch of windows, padded to its longest window."""
+    """A batch of windows: their real tokens packed, the rest padded to the longest window T."""
 
-    hidden: torch.Tensor  # (B, L, T, H) float32, zero at padding
-    mask: torch.Tensor  # (B, T) bool, real tokens
+    tokens: TokenBatch  # the real tokens, (N, L, H) float32; its mask (B, T)
     offsets: torch.Tensor  # (B, T, 2) int64, -1 off the context and at padding
     start_positions: torch.Tensor  # (B,) int64
     end_positions: torch.Tensor  # (B,) int64
@@ -215,12 +215,11 @@ def span_batches(
     for packed, rows, storage_rows in epoch_batches(
         split.data, keep, batch_size, rng, device, shuffle_shards, read_ahead=read_ahead
     ):
-        hidden, mask = packed.batch(rows, device)
-        width = hidden.shape[2]
+        tokens = packed.batch(rows, device)
+        width = tokens.width
         w = split.windows
         yield SpanBatch(
-            hidden=hidden,
-            mask=mask,
+            tokens=tokens,
             offsets=torch.from_numpy(w.offsets[storage_rows, :width].astype(np.int64)).to(device),
             start_positions=torch.from_numpy(w.start_positions[storage_rows]).to(device),
             end_positions=torch.from_numpy(w.end_positions[storage_rows]).to(device),

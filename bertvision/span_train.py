@@ -200,9 +200,8 @@ class SpanObjective:
         }
 
     def batch_loss(self, model: nn.Module, packed, rows, chosen, device: str) -> torch.Tensor:
-        hidden, mask = packed.batch(chosen, device)
         windows = self.data.splits["train"].windows
-        start, end = model(hidden, mask)
+        start, end = model(packed.batch(chosen, device))
         return span_loss(
             start,
             end,
@@ -383,11 +382,11 @@ def window_logits_together(
             local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
             for begin in range(0, len(local), batch_size):
                 chosen = local[begin : begin + batch_size]
-                hidden, mask = packed.batch(chosen, device)
-                batch_start, batch_end = model(hidden, mask)
+                batch = packed.batch(chosen, device)
+                batch_start, batch_end = model(batch)
                 at = target[storage_rows[chosen]]
-                start[at, : hidden.shape[2]] = batch_start.float().cpu().numpy()
-                end[at, : hidden.shape[2]] = batch_end.float().cpu().numpy()
+                start[at, : batch.width] = batch_start.float().cpu().numpy()
+                end[at, : batch.width] = batch_end.float().cpu().numpy()
     results: list[tuple[np.ndarray, np.ndarray] | NonFiniteError] = []
     for (_, rows, _), (start, end) in zip(runs, logits, strict=True):
         real = np.arange(width)[None, :] < split.windows.lengths[rows][:, None]

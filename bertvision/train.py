@@ -110,8 +110,8 @@ def predict_many(
             local = local[np.argsort(packed.lengths[local], kind="stable")]  # little padding
             for begin in range(0, len(local), batch_size):
                 chosen = local[begin : begin + batch_size]
-                hidden, mask = packed.batch(chosen, device)
-                logits[index].append(model(hidden, mask).float().cpu().numpy())
+                batch = packed.batch(chosen, device)
+                logits[index].append(model(batch).float().cpu().numpy())
                 ids[index].append(packed.example_ids[chosen])
     results: list[tuple[np.ndarray, np.ndarray] | NonFiniteError] = []
     for parts, id_parts in zip(logits, ids, strict=True):
@@ -318,9 +318,9 @@ class GlueObjective:
         return run_inputs(self.data)
 
     def batch_loss(self, model, packed, rows, chosen, device: str) -> torch.Tensor:
-        hidden, mask = packed.batch(chosen, device)
+        batch = packed.batch(chosen, device)
         labels = torch.from_numpy(self.train_split.labels[rows[chosen]]).to(device)
-        return task_loss(self.data.task, model(hidden, mask), labels)
+        return task_loss(self.data.task, model(batch), labels)
 
     @staticmethod
     def validate_together(runs_: list) -> list[tuple[dict, float] | NonFiniteError]:

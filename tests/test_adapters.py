@@ -20,6 +20,7 @@ from bertvision.adapters import (
     register,
     save_adapter,
 )
+from bertvision.batch import TokenBatch
 
 SHAPE = {"layers": 3, "hidden_size": 8}
 
@@ -84,7 +85,7 @@ def test_make_config_takes_only_the_options_an_adapter_has():
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_output_is_one_logit_per_class_or_one_score(name, num_labels):
     model = make(name, num_labels=num_labels)
-    out = model(torch.randn(5, 3, 7, 8), torch.ones(5, 7, dtype=torch.bool))
+    out = model(TokenBatch.from_padded(torch.randn(5, 3, 7, 8), torch.ones(5, 7, dtype=torch.bool)))
     assert out.shape == (5, num_labels)
 
 
@@ -94,9 +95,9 @@ def test_padding_never_affects_the_output(name, token_pool):
     model = make(name, token_pool=token_pool)
     torch.manual_seed(1)
     example = torch.randn(3, 4, 8)  # (L, T, H): 4 real tokens
-    alone = model(example[None], torch.ones(1, 4, dtype=torch.bool))
+    alone = model(TokenBatch.from_padded(example[None], torch.ones(1, 4, dtype=torch.bool)))
 
-    in_batch = model(*among_padded_batch_mates(example))
+    in_batch = model(TokenBatch.from_padded(*among_padded_batch_mates(example)))
     torch.testing.assert_close(in_batch[0], alone[0], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(in_batch).all()
 
@@ -105,11 +106,17 @@ def padded_adapter_pooler(model: AdapterPooler, hidden: torch.Tensor, mask: torc
     """The pooler's formulas (pooler.py) computed at every position, padding included: its
     adapter on every layer and token, then the first token and the masked mean."""
     adapted = hidden + model.up(nn.functional.gelu(model.down(hidden)))  # (B, L, T, H)
-    parts = {"cls": [adapted[:, :, 0]], "mean": [adapters.masked_mean(adapted, mask)]}
+    parts = {"cls": [adapted[:, :, 0]], "mean": [masked_mean(adapted, mask)]}
     parts["cls+mean"] = parts["cls"] + parts["mean"]
     pooled = torch.cat(parts[model.config.token_pool], dim=-1)  # (B, L, P)
     mixed = torch.einsum("blp,l->bp", pooled, torch.softmax(model.layer_logits, dim=0))
     return model.head(model.dropout(mixed))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the token axis of real tokens only: (B, L, T, H), mask (B, T) -> (B, L, H)."""
+    keep = mask[:, None, :, None]
+    return torch.where(keep, values, 0.0).sum(dim=2) / keep.sum(dim=2)
 
 
 def padded_span_adapter(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor):
@@ -121,8 +128,8 @@ def padded_span_adapter(model: nn.Module, hidden: torch.Tensor, mask: torch.Tens
 
 
 def batch_of_very_different_lengths() -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (4, 3, 30, 8) with 30, 2, 17 and 1 real tokens, padding zero (as Packed.batch
-    gives it), and its mask."""
+    """hidden (4, 3, 30, 8) with 30, 2, 17 and 1 real tokens, padding zero (as
+    TokenBatch.padded gives it), and its mask."""
     torch.manual_seed(2)
     lengths = torch.tensor([30, 2, 17, 1])
     mask = torch.arange(30)[None, :] < lengths[:, None]
@@ -136,7 +143,7 @@ def test_the_pooler_on_real_tokens_only_equals_its_padded_formulas(token_pool):
     position, padding included, then pooled over the real tokens."""
     model = make("pooler", token_pool=token_pool, init_scale=0.5)  # `up` far from 0
     hidden, mask = batch_of_very_different_lengths()
-    ours = model(hidden, mask)
+    ours = model(TokenBatch.from_padded(hidden, mask))
     theirs = padded_adapter_pooler(model, hidden, mask)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert_same_gradients(model, ours, theirs)
@@ -145,7 +152,7 @@ def test_the_pooler_on_real_tokens_only_equals_its_padded_formulas(token_pool):
 def test_the_span_adapter_on_real_tokens_only_equals_its_padded_formulas():
     model = make("span", num_labels=2, init_scale=0.5)
     hidden, mask = batch_of_very_different_lengths()
-    ours = torch.stack(model(hidden, mask))
+    ours = torch.stack(model(TokenBatch.from_padded(hidden, mask)))
     theirs = torch.stack(padded_span_adapter(model, hidden, mask))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # -inf at the same places
     real = mask.expand(2, -1, -1)
@@ -171,7 +178,9 @@ def test_save_and_load_rebuild_the_same_class_and_outputs(name):
     assert type(loaded) is type(model)
     assert loaded.config == model.config
     hidden, mask = torch.randn(2, 3, 5, 8), torch.ones(2, 5, dtype=torch.bool)
-    torch.testing.assert_close(loaded(hidden, mask), model(hidden, mask))
+    torch.testing.assert_close(
+        loaded(TokenBatch.from_padded(hidden, mask)), model(TokenBatch.from_padded(hidden, mask))
+    )
 
 
 def test_loading_a_folder_without_an_adapter_is_a_clear_error():
@@ -190,7 +199,7 @@ def test_scalar_mix_learns_its_layer_weights_and_scale():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(50):
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(hidden, mask), labels).backward()
+        nn.functional.cross_entropy(model(TokenBatch.from_padded(hidden, mask)), labels).backward()
         optimizer.step()
     assert isinstance(model, ScalarMix)
     weights = model.layer_weights()

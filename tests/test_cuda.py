@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bertvision import glue, shards
+from bertvision.batch import TokenBatch
 from bertvision.extract import ExtractConfig, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
 
@@ -57,3 +58,21 @@ def test_finetune_runs_under_bf16_autocast(tmp_path, minilm, glue_dir):
     )
     metrics = finetune_encoder(cfg, progress=False)
     assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
+
+
+def test_the_token_mean_on_cuda_equals_the_cpu_and_repeats_bit_for_bit():
+    """TokenBatch.mean adds each example's tokens in order on CUDA (no atomics): the same sums
+    every run, and the CPU's values up to rounding, gradients included."""
+    lengths = torch.tensor([300, 2, 170, 1, 64])
+    values = torch.randn(int(lengths.sum()), 13, 384, generator=torch.Generator().manual_seed(0))
+    on_cpu = TokenBatch.of(values, lengths, 300)
+    on_cuda = TokenBatch.of(values.cuda(), lengths.cuda(), 300)
+    means = []
+    for _ in range(3):
+        given = values.cuda().requires_grad_()
+        mean = on_cuda.mean(given)
+        mean.square().sum().backward()
+        means.append((mean.detach(), given.grad))
+    for mean, grad in means[1:]:
+        assert torch.equal(mean, means[0][0]) and torch.equal(grad, means[0][1])
+    torch.testing.assert_close(means[0][0].cpu(), on_cpu.mean(values), rtol=1e-5, atol=1e-6)

@@ -135,23 +135,30 @@ def stored_states(urls: list[str]) -> dict[int, np.ndarray]:
     return states
 
 
-def test_a_batch_holds_the_stored_states_zero_padded_to_its_longest_example(rte_embeddings):
+def test_a_batch_holds_the_stored_states_of_its_real_tokens_only_in_row_order(rte_embeddings):
     dev = load_embeddings("rte", rte_embeddings, device="cpu").splits["dev"]
     packed = dev.resident
     order = np.argsort(packed.lengths, kind="stable")
-    rows = order[[0, len(order) // 2, -1]]  # shortest, middle, longest
+    rows = order[[-1, 0, len(order) // 2]]  # longest, shortest, middle: not sorted
     lengths = packed.lengths[rows]
-    assert lengths[0] < lengths[-1]
+    assert lengths[1] < lengths[2] < lengths[0]
 
-    hidden, mask = packed.batch(rows, "cpu")
-    width = int(lengths.max())
-    assert hidden.shape == (3, LAYERS, width, HIDDEN) and hidden.dtype == torch.float32
-    assert hidden.is_contiguous()  # the adapters' linear layers take it without a copy
-    assert mask.tolist() == [[t < n for t in range(width)] for n in lengths]
+    batch = packed.batch(rows, "cpu")
+    total = int(lengths.sum())
+    assert batch.tokens.shape == (total, LAYERS, HIDDEN) and batch.tokens.dtype == torch.float32
+    assert batch.lengths.tolist() == lengths.tolist() and batch.width == lengths.max()
+    assert batch.starts.tolist() == [0, lengths[0], lengths[0] + lengths[1]]
+    assert batch.example.tolist() == [b for b, n in enumerate(lengths) for _ in range(n)]
+    assert batch.position.tolist() == [t for n in lengths for t in range(n)]
     stored = stored_states(dev.shard_urls)
-    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        expected = stored[int(packed.example_ids[row])].astype(np.float32)  # (L, T, H)
-        np.testing.assert_array_equal(hidden[b, :, :n].numpy(), expected)
+    expected = [stored[int(packed.example_ids[row])].astype(np.float32) for row in rows]
+    np.testing.assert_array_equal(  # each example's (L, T, H) as (T, L, H), one after another
+        batch.tokens.numpy(), np.concatenate([states.transpose(1, 0, 2) for states in expected])
+    )
+    hidden, mask = batch.padded()  # the padded view: (B, L, T, H) zero at padding, (B, T)
+    assert mask.tolist() == [[t < n for t in range(batch.width)] for n in lengths]
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(hidden[b, :, :n].numpy(), expected[b])
         assert not hidden[b, :, n:].any()
 
 
@@ -180,7 +187,7 @@ def test_reading_ahead_gives_the_same_batches_in_the_same_order(rte_embeddings):
         batches = epoch_batches(
             train, keep, 8, np.random.default_rng(5), "cpu", 2, read_ahead=read_ahead
         )
-        return [(packed.example_ids[rows].tolist(), packed.batch(rows, "cpu")[0])
+        return [(packed.example_ids[rows].tolist(), packed.batch(rows, "cpu").tokens)
                 for packed, rows, _ in batches]  # fmt: skip
 
     in_turn = epoch(0)

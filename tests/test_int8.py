@@ -181,7 +181,7 @@ def test_readers_give_back_the_encoders_states_within_half_a_step(rte_int8, rte_
     packed = dev.resident
     assert str(packed.tokens.dtype) == "torch.int8" and str(packed.scales.dtype) == "torch.float16"
     rows = np.arange(dev.num_examples)
-    hidden, mask = packed.batch(rows, "cpu")  # (B, L, T, H) float32, what adapters read
+    hidden, mask = packed.batch(rows, "cpu").padded()  # (B, L, T, H) float32, (B, T)
     for b, row in enumerate(rows):
         n = int(packed.lengths[row])
         np.testing.assert_array_equal(hidden[b, :, :n].numpy(), restored[int(dev.example_ids[row])])
@@ -298,8 +298,9 @@ def test_squad_windows_extracted_as_int8_read_back_as_float32(tmp_path, tiny_mod
     seen = 0
     for batch in span_batches(split, keep, 8, np.random.default_rng(0), "cpu"):
         for b, window in enumerate(batch.window_ids):
-            n = int(batch.mask[b].sum())
-            restored = batch.hidden[b, :, :n].numpy()
+            n = int(batch.tokens.lengths[b])
+            start = int(batch.tokens.starts[b])
+            restored = batch.tokens.tokens[start : start + n].transpose(0, 1).numpy()  # (L, T, H)
             step = np.abs(exact[window]).max(axis=-1, keepdims=True) / 127
             assert (np.abs(restored - exact[window]) <= step / 2 * (1 + 2**-10)).all()
             seen += 1

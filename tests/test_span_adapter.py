@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from bertvision import adapters, runs, span_train, squad
 from bertvision import encoder as enc
 from bertvision import train as training
+from bertvision.batch import TokenBatch
 from bertvision.cli import app
 from bertvision.config import ConfigError, ExtractConfig, SweepConfig, TrainConfig
 from bertvision.extract import extract_hidden_states
@@ -96,7 +97,7 @@ def _span_adapter(**options) -> torch.nn.Module:
 def test_the_span_adapter_gives_a_start_and_an_end_logit_per_token_and_minus_inf_at_padding():
     model = _span_adapter()
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    start, end = model(torch.randn(2, 3, 7, 8), mask)
+    start, end = model(TokenBatch.from_padded(torch.randn(2, 3, 7, 8), mask))
     assert start.shape == end.shape == (2, 7)
     assert torch.isfinite(start[mask]).all() and torch.isfinite(end[mask]).all()
     assert (start[~mask] == -torch.inf).all() and (end[~mask] == -torch.inf).all()
@@ -106,9 +107,9 @@ def test_padding_never_changes_the_logits_of_real_tokens():
     model = _span_adapter()
     torch.manual_seed(1)
     window = torch.randn(3, 4, 8)  # (L, T, H): 4 real tokens
-    alone = model(window[None], torch.ones(1, 4, dtype=torch.bool))
+    alone = model(TokenBatch.from_padded(window[None], torch.ones(1, 4, dtype=torch.bool)))
     batch, mask = among_padded_batch_mates(window)
-    in_batch = model(batch, mask)
+    in_batch = model(TokenBatch.from_padded(batch, mask))
     for got, expected in zip(in_batch, alone, strict=True):
         torch.testing.assert_close(got[0, :4], expected[0], rtol=1e-5, atol=1e-5)
         assert torch.isfinite(got[mask]).all()
@@ -121,7 +122,11 @@ def test_the_span_adapter_is_saved_and_loaded_as_itself():
     loaded = adapters.load_adapter(save_url)
     assert type(loaded) is adapters.SpanAdapter and loaded.config == model.config
     hidden, mask = torch.randn(2, 3, 5, 8), torch.ones(2, 5, dtype=torch.bool)
-    for a, b in zip(loaded(hidden, mask), model(hidden, mask), strict=True):
+    for a, b in zip(
+        loaded(TokenBatch.from_padded(hidden, mask)),
+        model(TokenBatch.from_padded(hidden, mask)),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b)
 
 

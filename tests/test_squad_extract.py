@@ -182,14 +182,14 @@ def test_batches_give_hidden_states_offsets_and_labels_of_every_window(extracted
     keep = np.ones(split.num_windows, dtype=bool)
     seen = []
     for batch in span_batches(split, keep, 16, np.random.default_rng(0), "cpu"):
-        b, layers, width, hidden = batch.hidden.shape
-        assert (layers, hidden) == (3, 32) and batch.mask.shape == (b, width)
+        b, width, mask = len(batch.window_ids), batch.tokens.width, batch.tokens.mask
+        assert batch.tokens.tokens.shape[1:] == (3, 32) and mask.shape == (b, width)
         assert batch.offsets.shape == (b, width, 2)
         rows = batch.storage_rows
-        assert batch.mask.sum(1).tolist() == split.windows.lengths[rows].tolist()
+        assert batch.tokens.lengths.tolist() == split.windows.lengths[rows].tolist()
         assert batch.start_positions.tolist() == split.windows.start_positions[rows].tolist()
         assert batch.end_positions.tolist() == split.windows.end_positions[rows].tolist()
-        assert (batch.offsets[~batch.mask] == -1).all()
+        assert (batch.offsets[~mask] == -1).all()
         seen += batch.window_ids.tolist()
     assert sorted(seen) == list(range(split.num_windows))
 

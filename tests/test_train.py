@@ -226,9 +226,9 @@ def test_an_example_gets_the_same_prediction_with_short_or_long_batch_mates(
     ).eval()
     predictions = []
     for mates in (short_mates, long_mates):
-        hidden, mask = packed.batch(np.array([shortest, *mates]), "cpu")
-        assert hidden.shape[2] == packed.lengths[[shortest, *mates]].max()  # padded to longest
-        predictions.append(model(hidden, mask)[0])
+        batch = packed.batch(np.array([shortest, *mates]), "cpu")
+        assert batch.width == packed.lengths[[shortest, *mates]].max()  # its longest example
+        predictions.append(model(batch)[0])
     torch.testing.assert_close(predictions[0], predictions[1], rtol=1e-5, atol=1e-6)
 
 

@@ -2,15 +2,16 @@
 
 Every adapter is an `nn.Module` with one contract, by the rows it reads:
 
-    logits = adapter(hidden, mask)   # hidden (B, L, T, H) float, mask (B, T) bool -> (B, C)
+    logits = adapter(batch)   # batch: a TokenBatch (bertvision.batch) -> (B, C)
 
-where L counts the embedding output plus every encoder layer, T is the padded token count, `mask`
-is True on real tokens, and C is the task's number of classes (1 for regression). Span adapters
-(config `schema` "span", for SQuAD's windows) answer per token instead:
+where `batch.tokens` (N, L, H) holds the real tokens of B examples packed one after another
+(no padding), L counts the embedding output plus every encoder layer, and C is the task's number
+of classes (1 for regression). Span adapters (config `schema` "span", for SQuAD's windows)
+answer per token instead, in the padded layout of the batch's longest window T:
 
-    start_logits, end_logits = adapter(hidden, mask)    # each (B, T), -inf at padding
+    start_logits, end_logits = adapter(batch)    # each (B, T), -inf at padding
 
-Padded positions never affect the output. Dropout layers are `adapters.Dropout`, so that
+An example's output never depends on its batch-mates. Dropout layers are `adapters.Dropout`, so that
 training can give each run its own random generator (`use_generator`).
 
 One module per method (`pooler.py`, `scalarmix.py`, `cls.py`, `span.py`), each holding its
@@ -182,20 +183,6 @@ def use_generator(model: nn.Module, generator: torch.Generator | None) -> None:
             module.generator = generator
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the token axis of real tokens only: (..., T, H), mask (B, T) -> (..., H).
-
-    `values` is (B, T, H) or (B, L, T, H). Padded positions are replaced, not multiplied, by zero,
-    so even non-finite padding cannot reach the result.
-    """
-    while mask.dim() < values.dim() - 1:
-        mask = mask.unsqueeze(1)  # (B, 1, T) for (B, L, T, H)
-    keep = mask.unsqueeze(-1)  # (..., T, 1)
-    total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    count = keep.sum(dim=-2).clamp(min=1).to(values.dtype)  # (..., 1)
-    return total.sum(dim=-2) / count
-
-
 # Each method registers itself on import.
 from bertvision.adapters.cls import ClsConfig, ClsProbe  # noqa: E402
 from bertvision.adapters.pooler import AdapterPooler, PoolerConfig  # noqa: E402
@@ -219,7 +206,6 @@ __all__ = [
     "config_from_dict",
     "load_adapter",
     "make_config",
-    "masked_mean",
     "register",
     "save_adapter",
     "use_generator",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bertvision.adapters import AdapterConfig, Dropout, register
+from bertvision.batch import TokenBatch
 
 
 @dataclass
@@ -22,8 +23,8 @@ class ClsProbe(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        cls = hidden[:, -1, 0]  # (B, H): last layer, first token (always real)
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        cls = batch.first(batch.tokens[:, -1])  # (B, H): last layer, first token
         return self.head(self.dropout(cls))  # (B, C)
 
 

@@ -13,11 +13,11 @@ and learns a correction that all layers share. `SharedLayerAdapter` is that body
 third lines); the span adapter (span.py) applies it per token, without the pooling.
 
 Computed on real tokens only, and `up` after pooling: `down` and the gelu run on the batch's
-real tokens packed together (`real_tokens`), never on padding; `up` is linear (and the layer
-weights sum to 1), so the mean over tokens of up(g[l, t]) is up(the mean of g[l, t]), and `up`
-runs once per pooled vector instead of once per layer and token. Mathematically the formulas
-above (outputs and gradients equal up to rounding: tests/test_adapters.py); on an RTE batch of
-MiniLM states about half the positions are padding, and `up` was half the arithmetic.
+real tokens packed together (bertvision.batch.TokenBatch: adapters never see padding); `up` is
+linear (and the layer weights sum to 1), so the mean over tokens of up(g[l, t]) is up(the mean
+of g[l, t]), and `up` runs once per pooled vector instead of once per layer and token. The
+formulas above (outputs and gradients equal up to rounding: tests/test_adapters.py); on an RTE
+batch of MiniLM states about half the positions are padding, and `up` was half the arithmetic.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertvision.adapters import AdapterConfig, Dropout, masked_mean, register
+from bertvision.adapters import AdapterConfig, Dropout, register
+from bertvision.batch import TokenBatch
 
 TOKEN_POOLS = ("cls+mean", "mean", "cls")
 
@@ -88,36 +89,21 @@ class AdapterPooler(SharedLayerAdapter):
         pooled = 2 * config.hidden_size if config.token_pool == "cls+mean" else config.hidden_size
         self.head = nn.Linear(pooled, config.num_labels)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, L, T, H), mask (B, T) -> logits (B, C); see the module's docstring."""
-        tokens, where = real_tokens(hidden, mask)  # (N, L, H)
-        squeezed = torch.zeros(  # (B, T, L, D): the bottleneck at real tokens, 0 at padding
-            (*mask.shape, *tokens.shape[1:-1], self.down.out_features),
-            dtype=tokens.dtype,
-            device=tokens.device,
-        ).index_put(where, self.bottleneck(tokens))
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        """The batch's real tokens (N, L, H) -> logits (B, C); see the module's docstring."""
+        tokens = batch.tokens
+        squeezed = self.bottleneck(tokens)  # (N, L, D)
         states, squeezes = [], []  # h and gelu(down(h)) of each pooled vector, (B, L, H | D)
         if self.config.token_pool in ("cls+mean", "cls"):
-            states.append(hidden[:, :, 0])  # the first token is always real
-            squeezes.append(squeezed[:, 0])
+            states.append(batch.first(tokens))
+            squeezes.append(batch.first(squeezed))
         if self.config.token_pool in ("cls+mean", "mean"):
-            states.append(masked_mean(hidden, mask))
-            count = mask.sum(dim=1).clamp(min=1).to(tokens.dtype)[:, None, None]  # (B, 1, 1)
-            squeezes.append(squeezed.sum(dim=1) / count)
+            states.append(batch.mean(tokens))
+            squeezes.append(batch.mean(squeezed))
         adapted = torch.stack(states, 2) + self.up(torch.stack(squeezes, 2))  # (B, L, parts, H)
         pooled = adapted.flatten(2)  # (B, L, P): [cls ; mean] joined as before
         mixed = self.mix(pooled, "blp,l->bp")  # (B, P)
         return self.head(self.dropout(mixed))  # (B, C)
-
-
-def real_tokens(
-    hidden: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The states of the real tokens of a padded batch, packed: hidden (B, L, T, H), mask (B, T)
-    -> (N, L, H), N = real tokens of the batch, example by example, and where they sit, (batch
-    index, token index), each (N,) int64, for `index_put` back into a (B, T, ...) tensor."""
-    where = torch.nonzero(mask, as_tuple=True)
-    return hidden.transpose(1, 2)[where], where
 
 
 register("pooler", PoolerConfig, AdapterPooler)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertvision.adapters import AdapterConfig, Dropout, masked_mean, register
+from bertvision.adapters import AdapterConfig, Dropout, register
+from bertvision.batch import TokenBatch
 
 
 @dataclass
@@ -34,11 +35,11 @@ class ScalarMix(nn.Module):
     def layer_weights(self) -> torch.Tensor:
         return torch.softmax(self.layer_logits, dim=0)  # (L,)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        layers = hidden.shape[1]
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        layers = batch.tokens.shape[1]
         assert layers == self.config.layers, f"{layers} layers, adapter has {self.config.layers}"
-        mixed = self.scale * torch.einsum("blth,l->bth", hidden, self.layer_weights())  # (B, T, H)
-        pooled = masked_mean(mixed, mask)  # (B, H)
+        mixed = self.scale * torch.einsum("nlh,l->nh", batch.tokens, self.layer_weights())  # (N, H)
+        pooled = batch.mean(mixed)  # (B, H)
         return self.head(self.dropout(pooled))  # (B, C)
 
 

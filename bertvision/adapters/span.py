@@ -10,8 +10,8 @@ as BERT's span head (Devlin et al. 2019, SQuAD): the answer's start and end are 
 the highest start and end logits, "no answer" is the span at the [CLS] position (token 0), and
 padded positions get -inf so that neither a softmax nor a best span ever picks them.
 
-Computed on the real tokens only (pooler.real_tokens), and with `up` after the layer mix: `up`
-is linear and the layer weights sum to 1, so m[t] = sum of w[l] h[l, t] + up(sum of w[l]
+Computed on the real tokens only (bertvision.batch.TokenBatch), and with `up` after the layer
+mix: `up` is linear and the layer weights sum to 1, so m[t] = sum of w[l] h[l, t] + up(sum of w[l]
 gelu(down(h[l, t]))); `up` runs once per token, not once per layer and token.
 """
 
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from bertvision.adapters import AdapterConfig, Dropout, register
-from bertvision.adapters.pooler import SharedLayerAdapter, check_adapter_dim, real_tokens
+from bertvision.adapters.pooler import SharedLayerAdapter, check_adapter_dim
+from bertvision.batch import TokenBatch
 
 
 @dataclass
@@ -49,18 +50,15 @@ class SpanAdapter(SharedLayerAdapter):
         self.dropout = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, 2)
 
-    def forward(
-        self, hidden: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, L, T, H), mask (B, T) -> start and end logits, each (B, T), -inf at the
-        padding (replaced, so even non-finite padding cannot reach a real token's logits)."""
-        tokens, where = real_tokens(hidden, mask)  # (N, L, H)
+    def forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's real tokens (N, L, H) -> start and end logits, each (B, T) in the padded
+        layout of its longest window, -inf at the padding."""
+        tokens = batch.tokens
         squeezed = self.mix(self.bottleneck(tokens), "nld,l->nd")  # (N, D)
         adapted = self.mix(tokens, "nlh,l->nh") + self.up(squeezed)  # (N, H)
-        mixed = hidden.new_zeros((*mask.shape, adapted.shape[-1])).index_put(where, adapted)
         # dropout over the padded (B, T, H), as before: the same draws from its generator
-        logits = self.head(self.dropout(mixed))  # (B, T, 2)
-        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+        logits = self.head(self.dropout(batch.scatter(adapted)))  # (B, T, 2)
+        logits = logits.masked_fill(~batch.mask[:, :, None], float("-inf"))
         return logits[..., 0], logits[..., 1]
 
 
