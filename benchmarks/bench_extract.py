@@ -30,14 +30,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--task", default="rte")
-    parser.add_argument("--split", default="dev")
-    parser.add_argument("--data-dir", default="../shared/data/glue")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--device", default="")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--task", default="rte", help="GLUE task")
+    parser.add_argument("--split", default="dev", help="its split")
+    parser.add_argument("--data-dir", default="../shared/data/glue", help="glue_data folder")
+    parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples a forward")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
+    parser.add_argument("--shard-size", type=int, default=1000, help="examples a shard")
     parser.add_argument("--limit", type=int, default=None, help="first N examples only")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
     args = parser.parse_args()
@@ -90,7 +90,7 @@ def main() -> None:
     print(
         f"CPU seconds: forward only {statistics.median(forward_cpu):.2f} "
         f"(runs: {_runs(forward_cpu)}), full extract {statistics.median(extract_cpu):.2f} "
-        f"(runs: {_runs(extract_cpu)}), forward / full extract "
+        f"(runs: {_runs(extract_cpu)}); examples per CPU second, full extract / forward only: "
         f"{statistics.median(forward_cpu) / statistics.median(extract_cpu):.2f}x"
     )
 

@@ -5,9 +5,11 @@ Extracts a task/split once with the bundled all-MiniLM-L6-v2 (bertvision.extract
 writes its states again through the real ShardWriter (Parquet options, sha256, commit) as a
 format-6 shard and as a format-2 shard, and reads each back the way training does
 (shards.read_shard + shards.hidden_arrays), `--repeats` times, alternating. Prints, per format,
-the median CPU seconds (this process, all threads) and wall seconds of writing and of reading,
-MB/s of float16 states, and the bytes stored against dense padded float16 (max_seq_length x
-layers x hidden size x 2 bytes an example) and against the raw states.
+the median CPU seconds (this process, all threads) and wall seconds of writing (building the
+`hidden` column from the host states, Parquet encoding and zstd, sha256, the commit) and of
+reading (read_shard: the file with its page checksums, and hidden_arrays: each row's (L, T, H)
+states), MB/s of float16 states, and the bytes stored against dense padded float16
+(max_seq_length x layers x hidden size x 2 bytes an example) and against the states' own bytes.
 
     python benchmarks/bench_shard_format.py --task rte --split dev --data-dir ../shared/data/glue
 """
@@ -37,10 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--task", default="rte")
-    parser.add_argument("--split", default="dev")
-    parser.add_argument("--data-dir", default="../shared/data/glue")
-    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--task", default="rte", help="GLUE task")
+    parser.add_argument("--split", default="dev", help="its split")
+    parser.add_argument("--data-dir", default="../shared/data/glue", help="glue_data folder")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
     parser.add_argument("--batch-size", type=int, default=64, help="rows a row group")
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs of each format")
     args = parser.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
                 stored[version] = record.bytes
         for version, name in FORMATS.items():
             line = [f"{name:32s} {stored[version] / 1e6:6.1f} MB stored"]
-            line.append(f"{stored[version] / dense:.3f}x dense, {stored[version] / raw:.3f}x raw")
+            ratios = stored[version] / dense, stored[version] / raw
+            line.append(f"{ratios[0]:.3f}x dense, {ratios[1]:.3f}x states")
             for step in ("write", "read"):
                 cpu = statistics.median(timings[version][f"{step} cpu"])
                 wall = statistics.median(timings[version][f"{step} wall"])

@@ -73,8 +73,7 @@ SHARED_SETTINGS = (
     "hidden_size",
     "max_seq_length",
     "dtype",
-    "format_version",
-)
+)  # not format_version: a split of an older format (an extraction finishes in its own) reads alike
 
 
 @dataclass

@@ -407,6 +407,14 @@ def test_the_plain_pyarrow_recipe_of_the_docs_reads_the_committed_shards(
     ids = namespace["dataset"].to_table().column("example_id").to_pylist()
     assert sorted(ids) == list(range(71))
 
+    decode = docs.split("```python\n")[3].split("```")[0]  # "Decoding rows with numpy"
+    exec(decode, namespace)
+    row, hidden = namespace["row"], namespace["hidden"]
+    plan = shards.load_plan(str(tmp_path / "wnli/dev"))
+    table = namespace["dataset"].to_table()
+    stored = shards.hidden_arrays(table, plan)[ids.index(row["example_id"])]
+    assert hidden.shape == (3, row["length"], 32) and np.array_equal(hidden, stored)
+
 
 def test_a_garbled_commit_record_counts_as_not_done_and_a_rerun_redoes_it(
     tmp_path, tiny_model, glue_dir

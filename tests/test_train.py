@@ -681,6 +681,16 @@ def experiment_settings_key(argv: list[str]) -> str:
     return experiment["settings_key"](experiment["parse_args"](argv))
 
 
+def test_splits_of_older_and_current_formats_train_together(tmp_path):
+    """A split extracted in format 2 (large_list) beside one added later in format 6 (raw bytes):
+    the same states, so they train together as splits of one format do."""
+    embeddings = str(tmp_path / "emb")
+    write_split(embeddings, "rte", "train", 40, format_version=2)
+    write_split(embeddings, "rte", "dev", 20, seed=2)
+    cfg = TrainConfig(task="rte", embeddings=embeddings, out=str(tmp_path / "run"), epochs=1)
+    assert set(train_adapter(cfg, progress=False)) == {"val", "dev"}
+
+
 def test_training_reads_format_1_embeddings(tmp_path):
     """Shards written before format 2 (`hidden` list<float16>, int32 offsets): see
     test_embeddings for the states they read as."""
