@@ -411,8 +411,8 @@ def status(
         return
     for name, s in result.items():
         typer.echo(
-            f"{name}: {s['examples']} {s['rows']}, {s['shards']} shards: {s['done']} done, "
-            f"{s['failed']} failed, {s['missing']} missing"
+            f"{name}: {s['examples']} {s['rows']} ({s['dtype']}, format {s['format_version']}), "
+            f"{s['shards']} shards: {s['done']} done, {s['failed']} failed, {s['missing']} missing"
         )
         if s["strays"]:
             typer.echo(f"  {len(s['strays'])} stray files, not read: {', '.join(s['strays'])}")

@@ -474,8 +474,8 @@ def remove_stale_leftovers(folder: str) -> list[str]:
 
 
 def split_status(folder: str) -> dict:
-    """Rows (examples, or a span extraction's windows: `rows` says which) and shard counts of
-    one task/split: total, done, failed, missing; and the files
+    """Rows (examples, or a span extraction's windows: `rows` says which), the stored dtype and
+    shard format, and shard counts of one task/split: total, done, failed, missing; and the files
     that are not part of it: `strays` (in the split folder, or a garbled record: what a plain
     `pyarrow.dataset` of the folder might read, or what a rerun replaces) and `leftovers`
     (staging files of writers, live or gone). Reads no shard."""
@@ -504,6 +504,8 @@ def split_status(folder: str) -> dict:
         "split": plan.split,
         "model": plan.model,
         "key": plan.key,
+        "dtype": plan.dtype,
+        "format_version": plan.format_version,
         "examples": plan.num_examples,  # rows: windows in span extractions
         "examples_done": sum(records[i].rows for i in done),
         "rows": ROW_NAMES[plan.schema],  # what they are: "examples" or "windows"

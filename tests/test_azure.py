@@ -291,7 +291,10 @@ def test_the_pipeline_runs_end_to_end_on_azure_and_pyarrow_reads_the_shards(
     assert blob["metadata"]["sha256"] == record.sha256 and blob["size"] == record.bytes
 
     status = CliRunner().invoke(app, ["status", f"{az}/emb"])
-    assert "rte/train: 120 examples, 4 shards: 4 done, 0 failed, 0 missing" in status.output
+    assert (
+        "rte/train: 120 examples (float16, format 6), 4 shards: 4 done, 0 failed, 0 missing"
+        in status.output
+    )
     for run in ("runs/pooler", "sweeps/rte/trials/0001"):
         assert "accuracy" in storage.read_json(f"{az}/{run}/metrics.json")["dev"]
     ensemble = storage.read_json(f"{az}/ens/rte/metrics.json")

@@ -82,6 +82,10 @@ def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
     assert status["wnli/train"] | {"failed_shards": []} == status["wnli/train"]
     assert (status["wnli/train"]["examples"], status["wnli/train"]["shards"]) == (635, 32)
     assert status["wnli/dev"]["done"] == 4 and status["wnli/dev"]["missing"] == 0
+    assert (status["wnli/dev"]["dtype"], status["wnli/dev"]["format_version"]) == ("float16", 6)
+    lines = CliRunner().invoke(app, ["status", str(tmp_path)]).output.splitlines()
+    dev = "wnli/dev: 71 examples (float16, format 6), 4 shards: 4 done, 0 failed, 0 missing"
+    assert dev in lines
 
 
 def test_status_of_a_folder_without_an_extraction_is_an_error(tmp_path):
