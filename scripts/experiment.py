@@ -4,7 +4,7 @@ For each task and seed, starting from one pretrained encoder (default: the bundl
 all-MiniLM-L6-v2):
 
     finetune-E        fine-tune E epochs, E in --finetune-epochs (0.25, 0.5, 1, 3): one run per
-                      learning rate of --finetune-lrs (2e-5, 5e-5, 1e-4), the one best on the
+                      learning rate of --finetune-lrs (5e-5, 1e-4, 2e-4), the one best on the
                       held-out slice of TRAIN is the method's result (ties: the first in the grid)
     extract@E         all-layer train+dev embeddings of the chosen finetune-E checkpoint, for E
                       in --extract-from (the partial checkpoints 0.25 and 0.5)
@@ -48,6 +48,10 @@ task). Each finished stage leaves OUT/<settings key>/records/<task>/seed-<n>/<st
 rerunning the same command after an interruption continues where it stopped; other settings (or
 another encoder at the same path) get another key. --max-train-examples N runs on the first N
 training examples (and N test rows, never scored) for quick checks; dev is always whole.
+
+Every fine-tuning, the reference included, runs at batch --finetune-batch-size (16) over the same
+lr grid: the recipe that scripts/finetune_recipe.py chose on held-out TRAIN for the brief runs
+(docs/experiment.md, "Brief fine-tuning recipe").
 """
 
 from __future__ import annotations
@@ -93,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="", help="cpu, cuda (default: cuda if available)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
     parser.add_argument("--finetune-epochs", default="0.25,0.5,1,3", help="fine-tunings compared")
-    parser.add_argument("--finetune-lrs", default="2e-5,5e-5,1e-4", help="each one's lr grid")
-    parser.add_argument("--finetune-batch-size", type=int, default=32)
+    parser.add_argument("--finetune-lrs", default="5e-5,1e-4,2e-4", help="each one's lr grid")
+    parser.add_argument("--finetune-batch-size", type=int, default=16)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of TRAIN")
     parser.add_argument("--extract-from", default="0.25,0.5", help="checkpoints with adapters")
@@ -556,7 +560,8 @@ def markdown(results: dict) -> str:
         "",
         f"Encoder `{settings['model']}`, device {results['device']}, "
         f"seeds 0..{settings['seeds'] - 1}, code {results['code_version']}{scope}. "
-        f"Fine-tuning lr chosen from {{{lrs}}} on held-out TRAIN; sweep of "
+        f"Fine-tuning at batch {settings['finetune_batch_size']}, lr chosen from {{{lrs}}} on "
+        f"held-out TRAIN; sweep of "
         f"{settings['trials']} {settings['sweep_adapter']} trials, top-{settings['top_k']} "
         f"ensembles, on the {settings['method_from']:g}-epoch checkpoint. Dev metrics: mean ± "
         f"sample std over seeds; Δ: per-seed paired difference of the primary metric from "

@@ -1,0 +1,60 @@
+"""scripts/finetune_recipe.py, the study of the brief fine-tunings' recipe, at its smallest."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "finetune_recipe.py"
+
+
+@pytest.fixture(scope="module")
+def recipe(glue_dir, tiny_model, tmp_path_factory):
+    """The study on 40 RTE examples (4 held out): half an epoch, 2 batch sizes × 2 lrs."""
+    out = tmp_path_factory.mktemp("recipe") / "study"
+    argv = ["--data-dir", glue_dir, "--model", tiny_model, "--device", "cpu", "--out", str(out)]
+    argv += ["--tasks", "rte", "--epochs", "0.5", "--batch-sizes", "8,4", "--lrs", "5e-5,1e-3"]
+    argv += ["--max-train-examples", "40"]
+    main = runpy.run_path(str(RECIPE))["main"]
+    return main, argv, out, main(argv)
+
+
+def test_every_setting_of_the_grid_runs_once_and_leaves_its_record_not_its_checkpoint(recipe):
+    _, _, out, records = recipe
+
+    assert [(r["batch_size"], r["lr"]) for r in records] == [
+        (8, 5e-5),
+        (8, 1e-3),
+        (4, 5e-5),
+        (4, 1e-3),
+    ]
+    # 36 training examples: 5 batches of 8, 9 of 4 per epoch; half of them, rounded
+    assert [r["steps"] for r in records] == [2, 2, 4, 4]
+    for r in records:
+        assert set(r["val"]) == set(r["dev"]) == {"accuracy"}
+        assert set(r["classes"]) == {"val", "dev"} and 1 <= r["classes"]["dev"] <= 2
+        assert r["warmup"] == 0.1 and r["cpu_seconds"] > 0
+        name = f"e0.5-b{r['batch_size']}-w0.1-lr{r['lr']:g}.json"
+        assert json.loads((out / "records" / "rte" / name).read_text()) == r
+    assert not list((out / "runs" / "rte").iterdir())
+
+
+def test_the_table_gives_per_batch_size_the_lr_chosen_on_val_and_reruns_nothing(recipe):
+    main, argv, out, records = recipe
+    table = (out / "recipe.md").read_text()
+
+    for batch in (8, 4):
+        grid = [r for r in records if r["batch_size"] == batch]
+        best = max(grid, key=lambda r: r["val"]["accuracy"])  # ties: the first
+        row = (
+            f"| 0.5 | {batch} | 0.1 | {best['lr']:g}, {best['val']['accuracy']:.3f}, "
+            f"{best['dev']['accuracy']:.3f} | {best['val']['accuracy']:.4f} (1 tasks) | "
+            f"{best['dev']['accuracy']:.4f} |"
+        )
+        assert row in table
+    assert main(argv) == records  # read back from the records, nothing trained again
+    assert main([*argv, "--report"]) == records
+    assert main([*argv, "--report", "--batch-sizes", "2"]) == []  # no run of that grid recorded
