@@ -196,9 +196,9 @@ def test_outputs_that_are_not_finite_stop_the_run_before_anything_is_written(
         model = real(config)
         forward = model.forward
 
-        def diverged_on_dev(hidden, mask):  # dev: 30 examples, val: 8
-            logits = forward(hidden, mask)
-            return logits * float("nan") if len(hidden) == 30 and not model.training else logits
+        def diverged_on_dev(batch):  # dev: 30 examples, val: 8
+            logits = forward(batch)
+            return logits * float("nan") if batch.size == 30 and not model.training else logits
 
         model.forward = diverged_on_dev
         return model
