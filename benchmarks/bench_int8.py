@@ -142,9 +142,12 @@ def report_errors(task: str, embeddings: dict[str, str]) -> None:
 
 def report_metrics(task: str, embeddings: dict[str, str], args, root: str) -> None:
     scores: dict[str, dict[str, list[float]]] = {dtype: {} for dtype in embeddings}  # points
-    for dtype, out in embeddings.items():
-        data = load_embeddings(task, out, ["train", "dev"], device=args.device)
-        for seed in range(args.seeds):
+    data = {
+        dtype: load_embeddings(task, out, ["train", "dev"], args.device)
+        for dtype, out in embeddings.items()
+    }
+    for seed in range(args.seeds):  # seed by seed: a run stopped early still holds pairs
+        for dtype, out in embeddings.items():
             cfg = TrainConfig(
                 task=task,
                 embeddings=out,
@@ -154,7 +157,7 @@ def report_metrics(task: str, embeddings: dict[str, str], args, root: str) -> No
                 seed=seed,
                 device=args.device,
             )
-            dev = train_adapter(cfg, data=data, progress=False)["dev"]
+            dev = train_adapter(cfg, data=data[dtype], progress=False)["dev"]
             for metric, value in dev.items():
                 scores[dtype].setdefault(metric, []).append(100 * value)
             shown = ", ".join(f"{m} {100 * v:.2f}" for m, v in dev.items())
