@@ -1,19 +1,23 @@
 """Benchmark of int8 hidden states: bytes stored, reconstruction error, and the adapters' dev
 metrics, float16 against int8, with the bundled all-MiniLM-L6-v2 (no fine-tuning).
 
-For each task it extracts train (the first --max-train-examples) and dev at --max-seq-length
-with `--dtype float16` and with `--dtype int8` (bertvision.extract, the real path), then trains
-the pooler adapter on each with the same settings and seed (bertvision.train) and prints:
+For each task it extracts train (all of it, or the first --max-train-examples) and dev at
+--max-seq-length once with `--dtype float16` and once with `--dtype int8` (bertvision.extract,
+the real path), then trains the pooler adapter on each dtype with seeds 0..--seeds-1, the same
+settings and the same seed for both dtypes (bertvision.train; the epoch kept is the best on the
+held-out slice of TRAIN), and prints:
 
 - bytes per example of the committed shards (files, with Parquet's framing and zstd) against
   dense padded float16 (max_seq_length x layers x hidden size x 2 bytes an example);
 - the relative RMS error per layer of the int8 shards' states against the float16 shards' of
   the same examples, and of other scale layouts on the same states (the choice of
   bertvision.quantise: one scale per (layer, token));
-- the dev metric of each dtype and its change.
+- per dev metric: each dtype's mean and sample sd over the seeds, the paired per-seed changes
+  (int8 - float16) in points, their mean, sd and 95% t interval, and whether the mean change
+  is within the target of TARGET_POINTS.
 
     python benchmarks/bench_int8.py --data-dir ../shared/data/glue \
-        [--tasks rte,mrpc,cola] [--max-train-examples 1000] [--epochs 5] [--device cpu]
+        [--tasks rte,mrpc,cola] [--max-train-examples N] [--seeds 5] [--epochs 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from bertvision import shards
+from bertvision.embeddings import load_embeddings
 from bertvision.extract import ExtractConfig, extract_hidden_states
 from bertvision.quantise import INT8_MAX, dequantise, quantise
 from bertvision.schema import ShardMeta
 from bertvision.train import TrainConfig, train_adapter
 
 DTYPES = ("float16", "int8")
+TARGET_POINTS = 0.5  # issue #11: the dev metric changes by at most this many points
 
 
 def main() -> None:
@@ -42,9 +49,9 @@ def main() -> None:
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--max-train-examples", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-examples", type=int, default=None, help="default: all")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=5, help="adapter seeds 0..N-1")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as root:
@@ -134,24 +141,51 @@ def report_errors(task: str, embeddings: dict[str, str]) -> None:
 
 
 def report_metrics(task: str, embeddings: dict[str, str], args, root: str) -> None:
-    metrics = {}
-    for dtype, out in embeddings.items():
-        cfg = TrainConfig(
-            task=task,
-            embeddings=out,
-            out=str(Path(root) / "runs" / task / dtype),
-            adapter="pooler",
-            epochs=args.epochs,
-            seed=args.seed,
-            device=args.device,
-        )
-        metrics[dtype] = train_adapter(cfg, progress=False)["dev"]
-    for metric in metrics["float16"]:
-        ours, theirs = metrics["float16"][metric], metrics["int8"][metric]
+    scores: dict[str, dict[str, list[float]]] = {dtype: {} for dtype in embeddings}  # points
+    data = {
+        dtype: load_embeddings(task, out, ["train", "dev"], args.device)
+        for dtype, out in embeddings.items()
+    }
+    for seed in range(args.seeds):  # seed by seed: a run stopped early still holds pairs
+        for dtype, out in embeddings.items():
+            cfg = TrainConfig(
+                task=task,
+                embeddings=out,
+                out=str(Path(root) / "runs" / task / dtype / str(seed)),
+                adapter="pooler",
+                epochs=args.epochs,
+                seed=seed,
+                device=args.device,
+            )
+            dev = train_adapter(cfg, data=data[dtype], progress=False)["dev"]
+            for metric, value in dev.items():
+                scores[dtype].setdefault(metric, []).append(100 * value)
+            shown = ", ".join(f"{m} {100 * v:.2f}" for m, v in dev.items())
+            print(f"  {dtype} seed {seed}: {shown}", flush=True)
+    for metric, ours in scores["float16"].items():
         print(
-            f"  dev {metric}: float16 {100 * ours:.2f}, int8 {100 * theirs:.2f}, "
-            f"change {100 * (theirs - ours):+.2f} points"
+            f"  dev {metric} over {args.seeds} seeds: {paired_change(ours, scores['int8'][metric])}"
         )
+
+
+def paired_change(float16: list[float], int8: list[float]) -> str:
+    """Each dtype's mean and sample sd, and the per-seed changes int8 - float16 (points, seed i
+    of one against seed i of the other) with their mean, sample sd and 95% t interval."""
+    f16, i8 = np.asarray(float16), np.asarray(int8)
+    change = i8 - f16
+    mean, sd = change.mean(), change.std(ddof=1)
+    low, high = (
+        stats.t.interval(0.95, len(change) - 1, loc=mean, scale=sd / np.sqrt(len(change)))
+        if sd > 0
+        else (mean, mean)
+    )
+    met = "met" if abs(mean) <= TARGET_POINTS else "NOT met"
+    return (
+        f"float16 {f16.mean():.2f} ± {f16.std(ddof=1):.2f}, int8 {i8.mean():.2f} ± "
+        f"{i8.std(ddof=1):.2f}; change per seed {' '.join(f'{c:+.2f}' for c in change)}; "
+        f"mean {mean:+.2f} ± {sd:.2f} (95% CI {low:+.2f} to {high:+.2f}); "
+        f"|mean change| <= {TARGET_POINTS}: {met}"
+    )
 
 
 if __name__ == "__main__":
