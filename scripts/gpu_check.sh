@@ -5,7 +5,9 @@
 #   bash scripts/gpu_check.sh RESULTS_DIR MODEL GLUE_DIR [EXPERIMENT_SECONDS] [SQUAD_DIR]
 #
 # 1. tests/test_cuda.py: bf16 extraction on CUDA vs the float32 forward; fine-tuning on CUDA
-# 2. benchmarks/bench_extract.py: forward-only vs full-extraction throughput on RTE train
+# 2. benchmarks/bench_extract.py: forward-only vs full-extraction throughput on RTE train, with
+#    MODEL and with a bert-base-sized encoder of random weights (issue 11's >= 12,000 examples/s)
+#    int8 against float16 over 5 seeds on the whole RTE, MRPC, CoLA training sets (issue 11)
 # 3. scripts/experiment.py on RTE, then MRPC, 5 seeds each (each stopped after EXPERIMENT_SECONDS)
 # 4. with SQUAD_DIR: scripts/experiment_squad.py on the whole split, 3 seeds (issue 10)
 # 5. with FULL=1: the whole experiment of issue 12 (six tasks, 5 seeds; table, JSON, plot, records)
@@ -24,6 +26,21 @@ BERTVISION_TEST_MODEL=$model BERTVISION_TEST_GLUE_DIR=$glue \
 
 python3 benchmarks/bench_extract.py --model "$model" --data-dir "$glue" --task rte --split train \
   --device cuda --batch-size 64 2>&1 | grep -v "^Loading" | tee -a "$results/log.txt"
+
+# bert-base-sized (12 layers x 768), random weights: speed does not depend on them; MODEL's
+# tokenizer is bert-base-uncased's vocabulary.
+python3 - "$model" /tmp/bert-base-random <<'PY'
+import sys
+from transformers import AutoTokenizer, BertConfig, BertModel
+BertModel(BertConfig()).save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+PY
+python3 benchmarks/bench_extract.py --model /tmp/bert-base-random --data-dir "$glue" --task rte \
+  --split train --device cuda --batch-size 256 2>&1 | grep -v "^Loading" | tee -a "$results/log.txt"
+
+timeout "$budget" python3 benchmarks/bench_int8.py --model "$model" --data-dir "$glue" \
+  --device cuda --seeds 5 --epochs 10 2>&1 | grep -vE "it/s|s/it|^Loading" \
+  | tee -a "$results/log.txt"
 
 # One task after the other, each within its share of the budget: a task that finishes has its
 # table even if the next one is stopped; the per-stage records of both come back as archives.
