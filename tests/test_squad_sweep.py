@@ -228,7 +228,7 @@ def test_status_counts_the_windows_and_shards_of_a_squad2_extraction(embeddings)
         assert (one["examples"], one["examples_done"], one["rows"]) == (count, count, "windows")
         assert one["done"] == one["shards"] >= 1 and one["failed"] == one["missing"] == 0
     text = CliRunner().invoke(app, ["status", embeddings]).output
-    assert f"squad2/dev: {windows['dev']} windows, " in text
+    assert f"squad2/dev: {windows['dev']} windows (float16, format 7), " in text
 
 
 def test_the_fine_tuned_encoder_joins_the_ensemble_with_its_window_logits(
