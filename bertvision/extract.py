@@ -272,7 +272,7 @@ def extract_shard(
         else:
             batches = hidden_state_batches(encoder, examples[start:stop], plan, cfg.batch_size)
         name = f"extract {plan.task}/{plan.split} shard {index + 1}/{plan.num_shards}"
-        unit = "window" if plan.schema == "span" else "ex"
+        unit = _row_unit(plan)
         # cleared when the shard commits: thousands of shards leave no line each
         bar = tqdm(total=stop - start, desc=name, unit=unit, disable=not progress, leave=False)
         with ShardWriter(folder, plan, index) as writer, bar:
@@ -658,6 +658,11 @@ def extract_shards(
     return records, failures
 
 
+def _row_unit(plan: ExtractionPlan) -> str:
+    """What a progress bar of `plan`'s rows counts."""
+    return "window" if plan.schema == "span" else "ex"
+
+
 def _shown(bar, record: ShardRecord, seconds: float) -> None:
     """A shard committed, on the split's progress bar."""
     bar.update(record.rows)
@@ -678,9 +683,13 @@ def extract_hidden_states(cfg: ExtractConfig, progress: bool = True) -> ExtractS
         pending = pending_shards(cfg, plan)
         summary.skipped[name] = [i for i in range(plan.num_shards) if i not in pending]
         summary.committed[name], summary.failed[name] = [], {}
-        bar = tqdm(total=plan.num_examples, desc=f"extract {name}", unit="ex", disable=not progress)
-        bar.update(
-            sum(stop - start for start, stop in map(plan.shard_range, summary.skipped[name]))
+        stored = sum(stop - start for start, stop in map(plan.shard_range, summary.skipped[name]))
+        bar = tqdm(  # what is already stored counts as done, not in the rate
+            total=plan.num_examples,
+            initial=stored,
+            desc=f"extract {name}",
+            unit=_row_unit(plan),
+            disable=not progress,
         )
         with bar:
             records, failures = extract_shards(cfg, plan, pending, on_commit=partial(_shown, bar))
