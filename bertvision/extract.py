@@ -579,14 +579,15 @@ def encode(
     with torch.inference_mode():
         with enc.autocast(encoder.device):
             output = encoder.model(**inputs, output_hidden_states=True)
-        hidden = torch.stack(output.hidden_states, dim=1)  # (B, L, T, H)
         mask = inputs["attention_mask"].bool()  # (B, T); padding may sit on either side
         # int8 is quantised on the host from float32 (HostStates.hidden_columns)
-        stored = hidden.to(torch.float32 if dtype.quantised else dtype.torch())
-        batch, layers = hidden.shape[:2]
+        stored_as = torch.float32 if dtype.quantised else dtype.torch()
+        layer_states = output.hidden_states  # L of (B, T, H): cast each, then stack the smaller
+        stored = torch.stack([state.to(stored_as) for state in layer_states], dim=1)  # (B, L, T, H)
+        batch, layers = stored.shape[:2]
         values = stored[mask[:, None, :].expand(batch, layers, -1)]  # (B * L * T real, H) in order
-        if not bool(torch.isfinite(values).all()):
-            check_storable(hidden, stored, mask)
+        if not all_finite(values):
+            check_storable(torch.stack(layer_states, dim=1), stored, mask)
         lengths = features["attention_mask"].bool().sum(dim=1).numpy()
         if values.device.type != "cuda":
             return HostStates(values, lengths, layers)
@@ -605,6 +606,19 @@ def encode(
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream copies to the host run on, beside the encoder's next forward."""
     return torch.cuda.Stream(device)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether no value of `values` (float16 or float32, contiguous) is NaN or infinite. Read off
+    the exponent bits (all ones: NaN or infinity): on a CPU ~5x faster than torch.isfinite for
+    float16, which extraction checks on every batch."""
+    if values.dtype == torch.float16:
+        exponents = values.view(torch.int16) & 0x7C00
+        return not bool((exponents == 0x7C00).any())
+    if values.dtype == torch.float32:
+        exponents = values.view(torch.int32) & 0x7F800000
+        return not bool((exponents == 0x7F800000).any())
+    return bool(torch.isfinite(values).all())
 
 
 def check_storable(hidden: torch.Tensor, stored: torch.Tensor, mask: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from bertvision import sweep as sweeping
 from bertvision.cli import app
 from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import EnsembleConfig, build_ensemble
-from bertvision.extract import ExtractConfig, check_storable, extract_hidden_states
+from bertvision.extract import ExtractConfig, all_finite, check_storable, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
 from bertvision.finite import NonFiniteError
 from bertvision.glue import get_task
@@ -353,3 +353,21 @@ def test_every_json_file_the_pipeline_writes_parses_strictly(tmp_path, tiny_mode
     assert [t["status"] for t in nulls] == ["ok", "ok", "fail"] and math.isfinite(
         nulls[0]["val"]["accuracy"]
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits"), [(torch.float16, torch.int16), (torch.float32, torch.int32)]
+)
+def test_the_finiteness_check_agrees_with_torch_on_every_kind_of_value(dtype, bits):
+    """all_finite reads exponent bits: it must say what torch.isfinite says, on random bit
+    patterns (NaNs of every payload, infinities, subnormals, zeros of both signs) and on edges."""
+    generator = torch.Generator().manual_seed(0)
+    info = torch.iinfo(bits)
+    patterns = torch.randint(info.min, info.max, (20000,), generator=generator, dtype=bits)
+    values = patterns.view(dtype)
+    finite = values[torch.isfinite(values)]
+    assert not all_finite(values) and all_finite(finite)
+    edges = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, 0.0, -0.0], dtype=dtype)
+    assert all_finite(torch.cat([edges, torch.finfo(dtype).tiny * torch.ones(3, dtype=dtype)]))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert not all_finite(torch.cat([finite, torch.tensor([bad], dtype=dtype)]))
