@@ -113,12 +113,11 @@ def option_fields(config_class: type, prefix: str = "") -> Iterator[tuple[str, A
     linked = set(getattr(config_class, "LINKED", ()))
     for f in dataclasses.fields(config_class):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            template = f.default_factory()
+        if dataclasses.is_dataclass(kind):  # its defaults as declared: nothing built, no torch
             for name, sub, sub_kind, default in option_fields(kind, f"{prefix}{f.name}."):
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf not in own and leaf not in linked:
-                    yield name, sub, sub_kind, getattr(template, leaf, default)
+                    yield name, sub, sub_kind, default
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default

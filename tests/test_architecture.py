@@ -149,3 +149,14 @@ def test_boolean_options_are_shown_as_flags_not_as_taking_a_value():
     assert "  --json  Print JSON" in status and "<bool>" not in status
     extract = CliRunner().invoke(app, ["extract", "--help"], terminal_width=100).output
     assert "  --overwrite / --no-overwrite  Replace" in extract and "<bool>" not in extract
+
+
+def test_the_command_line_starts_without_torch_transformers_or_scipy():
+    """`bertvision --help` (and every command's parsing) costs no deep-learning import: building
+    the options reads the configs' declared defaults and resolves nothing."""
+    heavy = "{'torch', 'transformers', 'scipy'}"
+    script = f"import sys, bertvision.cli; print(sorted({heavy} & set(sys.modules)))"
+    imported = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert imported.strip() == "[]"
