@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections import Counter
 from types import SimpleNamespace
 from uuid import UUID
@@ -66,13 +67,20 @@ def _key(out) -> str:
     return re.sub(r"[^a-z0-9]+", "-", _at(out).lower()).strip("-")
 
 
-def _task_run_names(flow_state) -> list[str]:
+def _task_run_names(flow_state, settle_seconds: float = 10.0) -> list[str]:
+    """The names of the flow run's task runs, once the API has them all: task runs reach it
+    through events, processed after the flow returns (a loaded machine lags), so read until two
+    reads a moment apart agree, at most `settle_seconds`."""
     flow_run_id = flow_state.state_details.flow_run_id
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline, names = time.monotonic() + settle_seconds, None
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return sorted(run.name for run in runs)
+        while True:
+            read = sorted(run.name for run in client.read_task_runs(flow_run_filter=flow_runs))
+            if read == names or time.monotonic() > deadline:
+                return read
+            names = read
+            time.sleep(0.5)
 
 
 def _example_ids(out, task, split) -> list[int]:
