@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from typing import Annotated, Any
 
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
@@ -54,7 +54,7 @@ class OneLineUsageErrors(TyperGroup):
             exc.show()
             sys.exit(exc.exit_code)
         except UsageError as exc:
-            typer.echo(f"error: {exc.format_message()}", err=True)
+            typer.echo(f"error: {exc.format_message()}{_space_hint(exc)}", err=True)
             sys.exit(exc.exit_code)
         except ClickException as exc:
             exc.show()
@@ -63,6 +63,17 @@ class OneLineUsageErrors(TyperGroup):
             typer.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _space_hint(error: UsageError) -> str:
+    """Where `sweep --<training option>` goes instead: a sweep's training settings are entries of
+    its search space (constants or distributions), not options of the command."""
+    if not isinstance(error, NoSuchOption) or error.ctx is None:
+        return ""
+    name = error.option_name.lstrip("-").replace("-", "_")
+    if error.ctx.command.name != "sweep" or name not in TrainConfig.__dataclass_fields__:
+        return ""
+    return f"; a sweep's training options are set in its space: --space '{{\"{name}\": VALUE}}'"
 
 
 # Plain help, not Rich's: Rich's panels label every option with its type, flags too (`--json

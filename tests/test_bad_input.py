@@ -435,3 +435,15 @@ def test_run_with_workers_and_no_prefect_server_is_refused_before_anything_runs(
         "error: --workers 2 needs a Prefect server (PREFECT_API_URL) with the extract-shards"
     )
     assert not out.exists()
+
+
+def test_a_training_option_given_to_sweep_points_to_its_space(tmp_path):
+    args = ["sweep", "--task", "rte", "--embeddings", str(tmp_path), "--out", str(tmp_path / "s")]
+    result = CliRunner().invoke(app, [*args, "--epochs", "2"])
+    assert result.exit_code == 2 and not (tmp_path / "s").exists()
+    assert result.output == (
+        "error: No such option: --epochs; a sweep's training options are set in its space: "
+        """--space '{"epochs": VALUE}'\n"""
+    )
+    other = CliRunner().invoke(app, [*args, "--bogus", "2"])
+    assert other.exit_code == 2 and "space" not in other.output
