@@ -26,17 +26,24 @@ from bertvision import glue
 from bertvision.extract import ExtractConfig, extract_shard, prepare_extraction
 
 
-def main() -> None:
+def split_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over one GLUE task/split: --task, --split, --data-dir,
+    --max-seq-length (bench_shard_format.py takes them from here too)."""
     parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=description
     )
     parser.add_argument("--task", default="rte", help="GLUE task")
     parser.add_argument("--split", default="dev", help="its split")
     parser.add_argument("--data-dir", default="../shared/data/glue", help="glue_data folder")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
+    return parser
+
+
+def main() -> None:
+    parser = split_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples a forward")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
     parser.add_argument("--shard-size", type=int, default=1000, help="examples a shard")
     parser.add_argument("--limit", type=int, default=None, help="first N train examples only")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")

@@ -16,7 +16,6 @@ states), MB/s of float16 states, and the bytes stored against dense padded float
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from bench_extract import split_parser
 
 from bertvision import shards
 from bertvision.extract import ExtractConfig, HostStates, extract_hidden_states
@@ -36,13 +36,7 @@ FORMATS = {6: "raw bytes (format 6)", 2: "large_list<float16> (format 2)"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--task", default="rte", help="GLUE task")
-    parser.add_argument("--split", default="dev", help="its split")
-    parser.add_argument("--data-dir", default="../shared/data/glue", help="glue_data folder")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
+    parser = split_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64, help="rows a row group")
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs of each format")
     args = parser.parse_args()
