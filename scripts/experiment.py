@@ -44,9 +44,13 @@ numpy, scipy, hyperopt, matplotlib):
 
 and writes OUT/results.json (every record, the choices and the summary), OUT/results.md (the
 tables) and OUT/results.png (dev metric against pipeline seconds, one point per method, per
-task). Each finished stage leaves OUT/<settings key>/records/<task>/seed-<n>/<stage>.json, so
-rerunning the same command after an interruption continues where it stopped; other settings (or
-another encoder at the same path) get another key. --max-train-examples N runs on the first N
+task). Each finished stage leaves OUT/<key>/records/<task>/seed-<n>/<stage>.json, so rerunning
+the same command after an interruption continues where it stopped. The key (results.json's
+"keys", one per task) hashes the settings, the encoder's weights and tokenizer and the task's
+examples, not their paths: other settings, weights or data get another key, a copy of the same
+ones elsewhere the same. --records-from an earlier results.json takes its stages where its key
+and device are this run's: a run continued on another machine (a GPU lent for minutes at a time)
+from the results it sent back. --max-train-examples N runs on the first N
 training examples (and N test rows, never scored) for quick checks; dev is always whole.
 
 Every fine-tuning, the reference included, runs at batch --finetune-batch-size (16) over the same
@@ -65,10 +69,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
-from bertvision import __version__, config, glue, storage
+from bertvision import __version__, config, families, glue, storage
 from bertvision import encoder as enc
 from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
 from bertvision.console import quiet_libraries
@@ -114,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-embeddings", action="store_true", help="keep each seed's embeddings (large)"
     )
+    parser.add_argument(
+        "--records-from",
+        default="",
+        help="an earlier run's results.json: its stages are taken, not run, where its settings, "
+        "encoder and data are this run's (a run continued on another machine)",
+    )
     args = parser.parse_args(argv)
     args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
     args.finetune_epochs = numbers(parser, "--finetune-epochs", args.finetune_epochs)
@@ -152,15 +162,25 @@ def main(argv: list[str] | None = None) -> dict:
     warm_up(args.device)
     records: list[dict] = []
     choices: list[dict] = []
+    keys: dict[str, str] = {}
+    earlier = (
+        storage.read_json(args.records_from, keys=("records", "device"))
+        if args.records_from
+        else None
+    )
     for task in args.tasks:
         data_dir = sliced_data(args, task, out) if args.max_train_examples else args.data_dir
+        keys[task] = settings_key(args, task_data_fingerprint(task, data_dir))
+        if earlier is not None:
+            take_records(earlier, task, keys[task], out / keys[task], device_name(args.device))
         for seed in range(args.seeds):
-            seed_records, seed_choices = run_seed(args, task, seed, data_dir, out)
+            seed_records, seed_choices = run_seed(args, task, seed, data_dir, out / keys[task])
             records.extend(seed_records)
             choices.append(seed_choices)
     summary = summarise(records, methods(args), args.reference)
     results = {
         "settings": vars(args),
+        "keys": keys,
         "code_version": __version__,
         "device": device_name(args.device),
         "summary": summary,
@@ -191,25 +211,72 @@ def methods(args: argparse.Namespace) -> list[str]:
 
 
 # Settings that do not change what a stage computes: where, which tasks and seeds, what is kept,
-# how it is reported.
-NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device", "reference")
+# how it is reported. The encoder and the data count by content (settings_key), not by path.
+NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device", "reference", "records_from")
 
 
-def settings_key(args: argparse.Namespace, not_content: tuple[str, ...] = NOT_CONTENT) -> str:
-    """The content key of the settings a stage's result depends on, the encoder by fingerprint
-    of its files' listing: runs and records live under it, so a rerun with other settings (or
-    another encoder at the same path) never takes the records of the first for its own."""
-    content = {k: v for k, v in vars(args).items() if k not in not_content}
-    content["model"] = [args.model, enc.model_version(args.model)]
+def settings_key(
+    args: argparse.Namespace, data: str, not_content: tuple[str, ...] = NOT_CONTENT
+) -> str:
+    """The content key of what a stage's result depends on: the settings, the encoder by the
+    fingerprint of its weights and tokenizer (encoder.fingerprint) and the data by `data`, the
+    fingerprint of the examples read. Paths and file times are not in it, so a copy of the same
+    encoder and data elsewhere (another machine, a reinstall) finds the same records, and other
+    settings, weights or examples never take them. Runs and records live under the key."""
+    content = {k: v for k, v in vars(args).items() if k not in (*not_content, "model", "data_dir")}
+    content["encoder"] = encoder_fingerprint(args.model)
+    content["data"] = data
     return config.content_key(content)
 
 
+@cache
+def encoder_fingerprint(model: str) -> str:
+    """The fingerprint of the encoder at `model` (loaded once on the CPU, then dropped)."""
+    return enc.load_encoder(model, "cpu").fingerprint
+
+
+def task_data_fingerprint(task: str, data_dir: str | None) -> str:
+    """The fingerprint of the train and dev examples of `task` that its stages read."""
+    family = families.get_task(task).family
+    splits = ("train", *family.evaluated_splits(task, test=False))
+    return config.content_key(
+        {s: family.data_fingerprint(family.load_split(task, s, data_dir)) for s in splits}
+    )
+
+
+def take_records(earlier: dict, task: str, key: str, keyed: Path, device: str) -> None:
+    """Write the stage records of `task` in `earlier` (a results.json) under `keyed`, where none
+    is yet, so that this run takes them instead of running them. Only records of the same key
+    (settings, encoder and data) measured on the same `device` (their costs are compared with
+    this run's), else SystemExit saying which differs."""
+    if not any(record["task"] == task for record in earlier["records"]):
+        return
+    if earlier.get("keys", {}).get(task) != key:
+        raise SystemExit(
+            f"--records-from: its {task} records were made with other settings, encoder or data "
+            f"(key {earlier.get('keys', {}).get(task)}, this run's {key}): not taken"
+        )
+    if earlier["device"] != device:
+        raise SystemExit(
+            f"--records-from: its records were measured on {earlier['device']}, this run is on "
+            f"{device}: their costs would not compare; not taken"
+        )
+    derived = ("pipeline_s", "pipeline_cpu_s", "amortised_s", "amortised_cpu_s", "device_s")
+    for record in earlier["records"]:
+        if record["task"] != task or "chosen_s" in record:  # a grid's choice: derived, not run
+            continue
+        path = keyed / "records" / task / f"seed-{record['seed']}" / f"{record['method']}.json"
+        if not path.exists():
+            kept = {k: v for k, v in record.items() if k not in derived}
+            storage.write_json(str(path), kept)
+
+
 def run_seed(
-    args: argparse.Namespace, task: str, seed: int, data_dir: str | None, out: Path
+    args: argparse.Namespace, task: str, seed: int, data_dir: str | None, keyed: Path
 ) -> tuple[list[dict], dict]:
-    """Every stage of one task and seed (a stage whose record exists under these settings' key
-    is not run again); returns the records and the choices made (on held-out TRAIN only)."""
-    keyed = out / settings_key(args)
+    """Every stage of one task and seed under `keyed`, the folder of its settings key (a stage
+    whose record exists there is not run again); returns the records and the choices made (on
+    held-out TRAIN only)."""
     runs = keyed / "runs" / task / f"seed-{seed}"
     records_dir = keyed / "records" / task / f"seed-{seed}"
     metric = glue.get_task(task).primary_metric

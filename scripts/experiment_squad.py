@@ -36,7 +36,15 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from experiment import device_name, mean_std, settings_key, shown, stage, warm_up
+from experiment import (
+    device_name,
+    mean_std,
+    settings_key,
+    shown,
+    stage,
+    task_data_fingerprint,
+    warm_up,
+)
 
 from bertvision import __version__, shards, squad, storage
 from bertvision import encoder as enc
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> list[dict]:
     """The methods of one seed; a stage whose record exists under these settings' key is kept."""
-    keyed = out / settings_key(args, NOT_CONTENT)
+    keyed = out / settings_key(args, task_data_fingerprint(TASK, data_dir), NOT_CONTENT)
     runs = keyed / "runs" / f"seed-{seed}"
     records_dir = keyed / "records" / f"seed-{seed}"
     tokens = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride}

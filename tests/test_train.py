@@ -635,7 +635,7 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     assert "| ensemble+ft@0.5 | " in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     [keyed] = [folder for folder in out.iterdir() if (folder / "records").is_dir()]
-    assert keyed.name == experiment_settings_key(argv)  # records keyed on the settings
+    assert keyed.name == results["keys"]["rte"]  # records keyed on settings, encoder, data
     assert not list((keyed / "runs" / "rte" / "seed-0").glob("embeddings*"))
 
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
@@ -674,11 +674,32 @@ def test_experiment_chooses_the_same_with_dev_labels_flipped(experiment, tmp_pat
             assert mine["dev"]["accuracy"] == pytest.approx(1 - theirs["dev"]["accuracy"])
 
 
-def experiment_settings_key(argv: list[str]) -> str:
+def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_path):
+    """Records are keyed on the encoder's weights and the data's examples, not their paths: a
+    copy of both elsewhere (another machine, a reinstall) with --records-from the first run's
+    results.json takes its stages and runs none; records of other data are refused."""
     import runpy
 
-    experiment = runpy.run_path(str(EXPERIMENT))
-    return experiment["settings_key"](experiment["parse_args"](argv))
+    out, argv, _ = experiment
+    model, data = Path(argv[argv.index("--model") + 1]), Path(argv[argv.index("--data-dir") + 1])
+    shutil.copytree(model, tmp_path / "model")
+    shutil.copytree(data / "RTE", tmp_path / "glue" / "RTE")
+    elsewhere = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "glue")]
+    elsewhere += ["--records-from", str(out / "results.json"), *EXPERIMENT_ARGS]
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    original = read_json(out / "results.json")
+
+    continued = main([*elsewhere, "--out", str(tmp_path / "continued")])
+
+    assert continued["keys"] == original["keys"]
+    assert continued["records"] == original["records"]  # the same seconds: nothing ran again
+    assert not (tmp_path / "continued" / original["keys"]["rte"] / "runs").exists()
+
+    train = tmp_path / "glue" / "RTE" / "train.tsv"
+    header, first, *rest = train.read_text().splitlines(keepends=True)
+    train.write_text("".join([header, *rest, first]))  # the same examples, another order
+    with pytest.raises(SystemExit, match="other settings, encoder or data"):
+        main([*elsewhere, "--out", str(tmp_path / "other-data")])
 
 
 def test_splits_of_older_and_current_formats_train_together(tmp_path):
