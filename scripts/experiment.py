@@ -119,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-embeddings", action="store_true", help="keep each seed's embeddings (large)"
     )
     parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        help="seconds: start no stage after them; the seeds finished by then are reported "
+        "(the rest continues when the command is run again)",
+    )
+    parser.add_argument(
         "--records-from",
         default="",
         help="an earlier run's results.json: its stages are taken, not run, where its settings, "
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     records: list[dict] = []
     choices: list[dict] = []
     keys: dict[str, str] = {}
+    stopped = None
+    global STOP_AT
+    STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
     earlier = (
         storage.read_json(args.records_from, keys=("records", "device"))
         if args.records_from
@@ -174,13 +184,20 @@ def main(argv: list[str] | None = None) -> dict:
         if earlier is not None:
             take_records(earlier, task, keys[task], out / keys[task], device_name(args.device))
         for seed in range(args.seeds):
-            seed_records, seed_choices = run_seed(args, task, seed, data_dir, out / keys[task])
+            try:
+                seed_records, seed_choices = run_seed(args, task, seed, data_dir, out / keys[task])
+            except OutOfTime as stop:
+                stopped = f"{task} seed {seed}, before its stage {stop}"
+                break
             records.extend(seed_records)
             choices.append(seed_choices)
+        if stopped:
+            break
     summary = summarise(records, methods(args), args.reference)
     results = {
         "settings": vars(args),
         "keys": keys,
+        "stopped": stopped,
         "code_version": __version__,
         "device": device_name(args.device),
         "summary": summary,
@@ -212,7 +229,10 @@ def methods(args: argparse.Namespace) -> list[str]:
 
 # Settings that do not change what a stage computes: where, which tasks and seeds, what is kept,
 # how it is reported. The encoder and the data count by content (settings_key), not by path.
-NOT_CONTENT = ("out", "tasks", "seeds", "keep_embeddings", "device", "reference", "records_from")
+NOT_CONTENT = (
+    *("out", "tasks", "seeds", "keep_embeddings", "device", "reference"),
+    *("records_from", "stop_after"),
+)
 
 
 def settings_key(
@@ -522,11 +542,21 @@ def selected(best: dict, method: str, grid_s: dict[str, float]) -> dict:
     return record
 
 
+class OutOfTime(Exception):
+    """No stage starts after --stop-after: raised with the name of the one that did not."""
+
+
+STOP_AT: float | None = None  # time.monotonic() after which no stage starts (set by main)
+
+
 def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[], dict]) -> dict:
-    """Run `work` unless its record exists; the record holds its results and wall-clock."""
+    """Run `work` unless its record exists; the record holds its results and wall-clock.
+    OutOfTime instead of running it after --stop-after."""
     path = records_dir / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if STOP_AT is not None and time.monotonic() > STOP_AT:
+        raise OutOfTime(name)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = work()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -635,6 +665,13 @@ def markdown(results: dict) -> str:
         f"{settings['reference']}, mean ± std. Seconds: mean over seeds.",
         "",
     ]
+    if results.get("stopped"):
+        lines += [
+            f"**Stopped by --stop-after {settings['stop_after']:g} s, at {results['stopped']}**: "
+            "each task shows the seeds finished before (`seeds` in results.json's summary); "
+            "the same command continues from its records.",
+            "",
+        ]
     for task in dict.fromkeys(row["task"] for row in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
         scored = [r for r in rows if "dev" in r]
@@ -642,8 +679,9 @@ def markdown(results: dict) -> str:
         header = [f"dev {m}" for m in metrics]
         header += [f"Δ {scored[0]['metric']}", "pipeline s", "amortised s", "stage s"]
         header += ["pipeline CPU s"]
+        finished = max(r["seeds"] for r in rows)
         lines += [
-            f"## {task}",
+            f"## {task}" + (f" ({finished} seeds finished)" if results.get("stopped") else ""),
             "",
             "| method | " + " | ".join(header) + " |",
             "|---" * (len(header) + 1) + "|",

@@ -702,6 +702,29 @@ def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_pa
         main([*elsewhere, "--out", str(tmp_path / "other-data")])
 
 
+def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(experiment, tmp_path):
+    """--stop-after: no stage starts after it; the results hold the seeds finished (here seed 0,
+    taken from the first run's records) and say where the run stopped."""
+    import runpy
+
+    out, argv, _ = experiment
+    original = read_json(out / "results.json")
+    more_seeds = [*argv, "--seeds", "2", "--stop-after", "0"]
+    more_seeds[more_seeds.index("--out") + 1] = str(tmp_path / "stopped")
+
+    results = runpy.run_path(str(EXPERIMENT))["main"](
+        [*more_seeds, "--records-from", str(out / "results.json")]
+    )
+
+    assert results["stopped"] == "rte seed 1, before its stage finetune-0.5-lr5e-05"
+    assert results["records"] == original["records"]
+    assert {row["seeds"] for row in results["summary"]} == {1}
+    assert (
+        "Stopped by --stop-after 0 s, at rte seed 1"
+        in (tmp_path / "stopped" / "results.md").read_text()
+    )
+
+
 def test_splits_of_older_and_current_formats_train_together(tmp_path):
     """A split extracted in format 2 (large_list) beside one added later in format 6 (raw bytes):
     the same states, so they train together as splits of one format do."""
