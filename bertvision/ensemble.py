@@ -9,7 +9,10 @@ here; SQuAD 2.0 averages each window's start and end logits, then post-processes
     ENS/metrics.json               members (trial, val and dev metrics) and the ensemble's dev
                                    metrics under "ensemble", scored from the dev predictions as
                                    written (so anyone recomputes them from the file and the
-                                   labels); SQuAD adds "val" and "no_answer_threshold"
+                                   labels); "val": the ensemble's metrics on the held-out
+                                   slice of TRAIN (where every member has its outputs), to
+                                   compare it with its trials without dev labels; SQuAD adds
+                                   "no_answer_threshold"
     ENS/_commit.json               the run record (bertvision.records, kind "ensemble",
                                    inputs: the sweep and each member run with its key), the
                                    commit record (bertvision.runs) written last: the
@@ -37,6 +40,7 @@ from bertvision.families import get_task
 from bertvision.glue import GlueTask
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import (
+    point_predictions,
     read_outputs,
     read_submission,
     submission_name,
@@ -126,8 +130,13 @@ def average_outputs(runs: list[str], split: str) -> tuple[np.ndarray, list, np.n
 def glue_ensemble(task: GlueTask, runs: list[str], out: str) -> dict[str, Any]:
     """GLUE's TaskFamily.ensemble: the runs' mean outputs on every dev and test split (test
     only where every member has outputs), written as submission files and outputs into `out`;
-    {"ensemble": first dev split's metrics, <other dev split>: its metrics}."""
+    {"ensemble": first dev split's metrics, <other dev split>: its metrics, "val": the metrics
+    of the mean outputs on the held-out slice of TRAIN, where every member has them (so that
+    an ensemble is compared with its trials, or with another ensemble, without dev labels)}."""
     scores = {}
+    if all(_has_outputs(run, "val") for run in runs):
+        _, labels, outputs = average_outputs(runs, "val")
+        scores["val"] = compute_metrics(task, point_predictions(task, outputs), labels)
     for split in (*task.dev_splits, *task.test_splits):
         lacking = [run for run in runs if not _has_outputs(run, split)]
         if lacking and split in task.dev_splits:
@@ -143,7 +152,7 @@ def glue_ensemble(task: GlueTask, runs: list[str], out: str) -> dict[str, Any]:
             scores[split] = compute_metrics(task, [submitted[i] for i in ids], labels)
     return {
         "ensemble": scores[task.dev_splits[0]],
-        **{split: scores[split] for split in task.dev_splits[1:]},
+        **{split: scores[split] for split in (*task.dev_splits[1:], "val") if split in scores},
     }
 
 

@@ -17,7 +17,7 @@ from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission, write_predictions
 from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD, TrialRecord
 
-DEV, TEST = 30, 12
+DEV, TEST, VAL = 30, 12, 20
 
 
 def probabilities(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
@@ -29,10 +29,12 @@ def fake_sweep(
     root: Path, task: str, vals: list[float], devs: list[float] | None = None, seed: int = 0
 ) -> tuple[str, dict[int, dict[str, np.ndarray]]]:
     """A sweep folder as run_sweep leaves it, without training: sweep.json, then per trial its
-    outputs/<split>.parquet and trial.json (val metric `vals[n]`, dev metric `devs[n]`)."""
+    outputs/<split>.parquet (dev, test and the held-out "val") and trial.json (val metric
+    `vals[n]`, dev metric `devs[n]`)."""
     spec = glue.get_task(task)
     rng = np.random.default_rng(seed)
     dev_labels = rng.uniform(0, 5, DEV) if spec.regression else rng.integers(0, 2, DEV)
+    val_labels = rng.uniform(0, 5, VAL) if spec.regression else rng.integers(0, 2, VAL)
     storage.write_json(str(root / SWEEP_FILE), {"config": {"task": spec.name, "adapter": "pooler"}})
     outputs = {}
     for n, val in enumerate(vals):
@@ -42,9 +44,15 @@ def fake_sweep(
         test_out = (
             rng.uniform(0, 5, (TEST, 1)) if spec.regression else probabilities(rng, TEST, width)
         )
+        val_out = rng.uniform(0, 5, (VAL, 1)) if spec.regression else probabilities(rng, VAL, width)
         write_predictions(str(run), spec, "dev", range(DEV), dev_labels.tolist(), dev_out)
         write_predictions(str(run), spec, "test", range(TEST), [None] * TEST, test_out)
-        outputs[n] = {"dev": dev_out.astype(np.float32), "test": test_out.astype(np.float32)}
+        write_predictions(str(run), spec, "val", range(VAL), val_labels.tolist(), val_out)
+        outputs[n] = {
+            "dev": dev_out.astype(np.float32),
+            "test": test_out.astype(np.float32),
+            "val": val_out.astype(np.float32),
+        }
         dev_metric = devs[n] if devs else 0.5
         record = TrialRecord(
             trial=n,
@@ -92,6 +100,22 @@ def test_members_are_the_best_by_val_and_their_outputs_are_averaged(tmp_path):
     )
 
 
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_the_ensemble_is_scored_on_the_held_out_slice_from_its_mean_outputs(tmp_path, task):
+    """metrics.json's "val": the ensemble's held-out metrics, what compares it with its trials
+    (or another ensemble) without a dev label."""
+    runs, outputs = fake_sweep(tmp_path / "sweep", task, vals=[0.6, 0.9, 0.7])
+    ens = tmp_path / "ens"
+    result = build_ensemble(EnsembleConfig(task=task, runs=runs, out=str(ens), top_k=2))
+
+    _, labels, _ = read_outputs(runs + "/trials/0000", "val")
+    mean = (outputs[1]["val"] + outputs[2]["val"]) / 2
+    spec = glue.get_task(task)
+    predicted = mean[:, 0] if spec.regression else mean.argmax(-1)
+    assert result["val"] == pytest.approx(compute_metrics(task, predicted, labels))
+    assert json.loads((ens / "metrics.json").read_text())["val"] == result["val"]
+
+
 def test_regression_scores_are_averaged_and_recomputable(tmp_path):
     runs, outputs = fake_sweep(tmp_path / "sweep", "stsb", vals=[0.2, 0.4, 0.3])
     ens = tmp_path / "ens"
@@ -124,6 +148,7 @@ def test_the_fine_tuned_model_joins_as_one_more_member(tmp_path):
     _, _, averaged = read_outputs(str(ens), "dev")
     np.testing.assert_allclose(averaged, (outputs[1]["dev"] + own) / 2, rtol=1e-6)
     assert recomputed_dev_metrics(ens, "rte") == result["ensemble"]
+    assert "val" not in result  # a member without held-out outputs: no held-out score
 
 
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
