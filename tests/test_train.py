@@ -577,6 +577,7 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         "sweep-best@0.5",
         "ensemble@0.5",
         "ensemble+ft@0.5",
+        "method@0.5",
         "curve-10%@0.5",
         "curve-25%@0.5",
         "curve-50%@0.5",
@@ -626,6 +627,15 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         *records["ensemble@0.5"]["members"],
         "finetuned",
     ]
+    # the method's result: the best on held-out TRAIN of the best trial and the two ensembles
+    candidates = [records[m] for m in ("sweep-best@0.5", "ensemble@0.5", "ensemble+ft@0.5")]
+    chosen = max(candidates, key=lambda r: r["val"]["accuracy"])
+    method = records["method@0.5"]
+    assert method["chose"] == chosen["method"] == results["choices"][0]["method"]
+    assert (method["val"], method["dev"]) == (chosen["val"], chosen["dev"])
+    assert method["pipeline_s"] == pytest.approx(
+        records["ensemble+ft@0.5"]["pipeline_s"] + records["ensemble@0.5"]["stage_s"], abs=0.01
+    )
     assert [records[f"curve-{p}%@0.5"]["train_fraction"] for p in (10, 25, 50, 100)] == [
         0.1,
         0.25,
