@@ -170,27 +170,31 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warm_up(args.device)
-    records: list[dict] = []
-    choices: list[dict] = []
-    keys: dict[str, str] = {}
-    stopped = None
     global STOP_AT
     STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
-    earlier = (
-        storage.read_json(args.records_from, keys=("records", "device"))
-        if args.records_from
-        else None
-    )
-    for task in args.tasks:
-        data_dir = sliced_data(args, task, out) if args.max_train_examples else args.data_dir
-        keys[task] = settings_key(args, task_data_fingerprint(task, data_dir))
-        if earlier is not None:
+    data_dirs = {
+        task: sliced_data(args, task, out) if args.max_train_examples else args.data_dir
+        for task in args.tasks
+    }
+    keys = {
+        task: settings_key(args, task_data_fingerprint(task, d)) for task, d in data_dirs.items()
+    }
+    if args.records_from:
+        earlier = storage.read_json(args.records_from, keys=("records", "device"))
+        for task in args.tasks:
             take_records(earlier, task, keys[task], out / keys[task], device_name(args.device))
+    records: list[dict] = []
+    choices: list[dict] = []
+    stopped, unfinished = None, []
+    for task in args.tasks:
         for seed in range(args.seeds):
+            keyed = out / keys[task]
             try:
-                seed_records, seed_choices = run_seed(args, task, seed, data_dir, out / keys[task])
+                seed_records, seed_choices = run_seed(args, task, seed, data_dirs[task], keyed)
             except OutOfTime as stop:
                 stopped = f"{task} seed {seed}, before its stage {stop}"
+                done = sorted((keyed / "records" / task / f"seed-{seed}").glob("*.json"))
+                unfinished = [json.loads(path.read_text()) for path in done]
                 break
             records.extend(seed_records)
             choices.append(seed_choices)
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "choices": choices,
         "records": records,
+        "unfinished": unfinished,  # the stopped seed's stages: taken by --records-from
     }
     storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
@@ -273,7 +278,8 @@ def take_records(earlier: dict, task: str, key: str, keyed: Path, device: str) -
     is yet, so that this run takes them instead of running them. Only records of the same key
     (settings, encoder and data) measured on the same `device` (their costs are compared with
     this run's), else SystemExit saying which differs."""
-    if not any(record["task"] == task for record in earlier["records"]):
+    stages = [r for r in (*earlier["records"], *earlier.get("unfinished", ())) if r["task"] == task]
+    if not stages:
         return
     if earlier.get("keys", {}).get(task) != key:
         raise SystemExit(
@@ -286,8 +292,8 @@ def take_records(earlier: dict, task: str, key: str, keyed: Path, device: str) -
             f"{device}: their costs would not compare; not taken"
         )
     derived = ("pipeline_s", "pipeline_cpu_s", "amortised_s", "amortised_cpu_s", "device_s")
-    for record in earlier["records"]:
-        if record["task"] != task or "chosen_s" in record:  # a grid's choice: derived, not run
+    for record in stages:
+        if "chosen_s" in record or "chose" in record:  # a choice among stages: derived, not run
             continue
         path = keyed / "records" / task / f"seed-{record['seed']}" / f"{record['method']}.json"
         if not path.exists():

@@ -728,11 +728,21 @@ def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(expe
 
     assert results["stopped"] == "rte seed 1, before its stage finetune-0.5-lr5e-05"
     assert results["records"] == original["records"]
+    assert results["unfinished"] == []
     assert {row["seeds"] for row in results["summary"]} == {1}
-    assert (
-        "Stopped by --stop-after 0 s, at rte seed 1"
-        in (tmp_path / "stopped" / "results.md").read_text()
+    report = (tmp_path / "stopped" / "results.md").read_text()
+    assert "Stopped by --stop-after 0 s, at rte seed 1" in report
+
+    # stopped inside a seed: its finished stages are kept in "unfinished", and taken from there
+    grid = [r for r in original["records"] if r["method"].startswith("finetune-0.5-lr")]
+    (tmp_path / "grid.json").write_text(json.dumps({**original, "records": grid}))
+    more_seeds[more_seeds.index("--out") + 1] = str(tmp_path / "inside")
+    results = runpy.run_path(str(EXPERIMENT))["main"](
+        [*more_seeds, "--records-from", str(tmp_path / "grid.json")]
     )
+    assert results["stopped"] == "rte seed 0, before its stage finetune-1-lr5e-05"
+    assert results["records"] == []
+    assert sorted(map(json.dumps, results["unfinished"])) == sorted(map(json.dumps, grid))
 
 
 def test_splits_of_older_and_current_formats_train_together(tmp_path):
