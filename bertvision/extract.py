@@ -60,6 +60,7 @@ from bertvision.shards import (
     manifest_url,
     missing_from_storage,
     record_failure,
+    remove_empty_staging,
     remove_stale_leftovers,
     split_url,
     worker_name,
@@ -718,11 +719,13 @@ def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> l
     """The final listing of one task/split: what storage lacks of its plan and of the shards
     `done` ("URL (why)" each, as shards.missing_from_storage). When that is nothing and `done`
     is every shard, the extraction is complete: its run record _manifest/run.json is written
-    (once per extraction key; see `record_extraction`)."""
+    (once per extraction key; see `record_extraction`) and the split's staging folder
+    _incomplete/ removed if nothing is staged in it (`shards.remove_empty_staging`)."""
     folder = split_url(cfg.out, plan.task, plan.split)
     missing = missing_from_storage(folder, plan, done)
     if not missing and set(done) >= set(range(plan.num_shards)):
         record_extraction(cfg, plan)
+        remove_empty_staging(folder)
     return missing
 
 
