@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tokenizer_variant
+from conftest import tokenizer_variant, tree_state
 from typer.testing import CliRunner
 
 from bertvision import glue, shards, storage
@@ -242,6 +242,34 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, 
     assert summary.skipped == {"wnli/dev": [1]} and summary.committed == {"wnli/dev": [0, 2, 3]}
     assert (tmp_path / "wnli/dev/shard-00001.parquet").stat().st_mtime_ns == before
     assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
+
+
+def test_a_rerun_of_a_finished_extraction_writes_nothing(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path / "out", tiny_model, glue_dir, splits=["train", "dev"], shard_size=400)
+    extract_hidden_states(cfg, progress=False)
+    before = tree_state(tmp_path)
+    time.sleep(0.01)  # a write now would show in a modification time
+
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.ok and summary.committed == {"wnli/train": [], "wnli/dev": []}
+    assert summary.skipped == {"wnli/train": [0, 1], "wnli/dev": [0]}
+    assert tree_state(tmp_path) == before  # no plan, record or probe file written, not even OUT's
+
+
+def test_planning_reads_each_split_plan_once(tmp_path, tiny_model, glue_dir, monkeypatch):
+    cfg = _config(tmp_path, tiny_model, glue_dir, splits=["train", "dev"], shard_size=400)
+    prepare_extraction(cfg)  # the plans now exist: planning again reads them
+    read = storage.read_text
+    plans_read = []
+
+    def counting(url, *args, **kwargs):
+        if url.endswith("/_manifest/plan.json"):
+            plans_read.append(url.split("/")[-3])
+        return read(url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_text", counting)
+    prepare_extraction(cfg)
+    assert sorted(plans_read) == ["dev", "train"]
 
 
 def test_a_complete_extraction_leaves_no_staging_folder(tmp_path, tiny_model, glue_dir):
