@@ -153,7 +153,7 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
                 _data_fingerprint(*where),
             )
     folders = {split: split_url(cfg.out, cfg.task, split) for split in splits}
-    existing = {split: load_plan(folder) for split, folder in folders.items()}  # read once
+    existing = _stored_plans(cfg.out, folders)  # each read once
     complete = all(_is_complete(folders[s], existing[s]) for s in splits)
     if not complete:  # before the model loads; a finished extraction is checked, not written
         storage.ensure_writable(cfg.out)
@@ -199,6 +199,17 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         remove_stale_leftovers(folder)  # of killed writers; a live writer's stay
     storage.remove_stale_spool()
     return plans
+
+
+def _stored_plans(out: str, folders: dict[str, str]) -> dict[str, ExtractionPlan | None]:
+    """The plan stored in each split's folder (None where there is none yet), each read once.
+    Storage refusing OUT (a missing container, wrong credentials) is reported as the write check
+    reports it: one line naming OUT."""
+    try:
+        return {split: load_plan(folder) for split, folder in folders.items()}
+    except storage.StorageError:
+        storage.ensure_writable(out)  # raises the one line naming OUT
+        raise
 
 
 def _is_complete(folder: str, plan: ExtractionPlan | None) -> bool:
