@@ -60,6 +60,7 @@ from bertvision.shards import (
     manifest_url,
     missing_from_storage,
     record_failure,
+    remove_empty_staging,
     remove_stale_leftovers,
     split_url,
     worker_name,
@@ -122,7 +123,8 @@ def rows_per_shard(cfg: ExtractConfig, encoder: enc.Encoder) -> int:
 def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     """Check task, data, model, length and output, then write one plan per split.
 
-    Every check runs before anything is written, so bad input leaves no trace.
+    Every check runs before anything is written, so bad input leaves no trace; an extraction
+    already complete with the same plans is read, never written (not even a write probe).
     """
     require(cfg)
     span = is_span_task(cfg.task)
@@ -150,7 +152,11 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
                 len(_load_examples(*where)),
                 _data_fingerprint(*where),
             )
-    storage.ensure_writable(cfg.out)
+    folders = {split: split_url(cfg.out, cfg.task, split) for split in splits}
+    existing = _stored_plans(cfg.out, folders)  # each read once
+    complete = all(_is_complete(folders[s], existing[s]) for s in splits)
+    if not complete:  # before the model loads; a finished extraction is checked, not written
+        storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
     code = records.code_info()
     schema = "span" if span else "glue"
@@ -178,36 +184,62 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         )
         for split in splits
     ]
-    plans = [_in_planned_format(cfg, plan) for plan in plans]
+    plans = [_in_planned_format(cfg, plan, existing[plan.split]) for plan in plans]
     for plan in plans:
-        _check_no_other_extraction(cfg, plan)
+        _check_no_other_extraction(cfg, plan, existing[plan.split])
+    if complete and any(plan.key != existing[plan.split].key for plan in plans):
+        storage.ensure_writable(cfg.out)  # another extraction replaces it (cfg.overwrite)
     for plan in plans:
-        folder = split_url(cfg.out, plan.task, plan.split)
-        existing = load_plan(folder)
-        if existing is not None and existing.key != plan.key:  # only with cfg.overwrite
+        folder, stored = folders[plan.split], existing[plan.split]
+        if stored is not None and stored.key != plan.key:  # only with cfg.overwrite
             fs, path = storage.url_to_fs(folder)
             fs.rm(path, recursive=True)
-        if existing is None or existing.key != plan.key:
+        if stored is None or stored.key != plan.key:
             write_plan(folder, plan)
         remove_stale_leftovers(folder)  # of killed writers; a live writer's stay
     storage.remove_stale_spool()
     return plans
 
 
-def _in_planned_format(cfg: ExtractConfig, plan: ExtractionPlan) -> ExtractionPlan:
+def _stored_plans(out: str, folders: dict[str, str]) -> dict[str, ExtractionPlan | None]:
+    """The plan stored in each split's folder (None where there is none yet), each read once.
+    Storage refusing OUT (a missing container, wrong credentials) is reported as the write check
+    reports it: one line naming OUT."""
+    try:
+        return {split: load_plan(folder) for split, folder in folders.items()}
+    except storage.StorageError:
+        storage.ensure_writable(out)  # raises the one line naming OUT
+        raise
+
+
+def _is_complete(folder: str, plan: ExtractionPlan | None) -> bool:
+    """Whether `folder` holds a complete extraction of `plan` (its run record, written once
+    every shard is committed, has the plan's key)."""
+    if plan is None:
+        return False
+    stored = records.read_record(manifest_url(folder, RUN_FILE))
+    return stored is not None and stored.key == plan.key
+
+
+def _in_planned_format(
+    cfg: ExtractConfig, plan: ExtractionPlan, existing: ExtractionPlan | None
+) -> ExtractionPlan:
     """`plan` in the list format (schema.LIST_FORMATS) of the same extraction already planned in
-    its folder: one begun before the raw-bytes formats finishes in its own format, its key and
-    committed shards unchanged. With `cfg.overwrite`, or nothing planned there, `plan` itself."""
-    existing = load_plan(split_url(cfg.out, plan.task, plan.split))
+    its folder (`existing`, the plan stored there): one begun before the raw-bytes formats
+    finishes in its own format, its key and committed shards unchanged. With `cfg.overwrite`,
+    or nothing planned there, `plan` itself."""
     if cfg.overwrite or existing is None or existing.format_version not in LIST_FORMATS:
         return plan
     planned = replace(plan, format_version=existing.format_version)
     return planned if planned.key == existing.key else plan
 
 
-def _check_no_other_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> None:
+def _check_no_other_extraction(
+    cfg: ExtractConfig, plan: ExtractionPlan, existing: ExtractionPlan | None
+) -> None:
+    """A ShardError when the folder of `plan` holds `existing`, another extraction, unless
+    `cfg.overwrite`."""
     folder = split_url(cfg.out, plan.task, plan.split)
-    existing = load_plan(folder)
     if existing is None or existing.key == plan.key or cfg.overwrite:
         return
     changed = [
@@ -718,11 +750,13 @@ def finish_split(cfg: ExtractConfig, plan: ExtractionPlan, done: list[int]) -> l
     """The final listing of one task/split: what storage lacks of its plan and of the shards
     `done` ("URL (why)" each, as shards.missing_from_storage). When that is nothing and `done`
     is every shard, the extraction is complete: its run record _manifest/run.json is written
-    (once per extraction key; see `record_extraction`)."""
+    (once per extraction key; see `record_extraction`) and the split's staging folder
+    _incomplete/ removed if nothing is staged in it (`shards.remove_empty_staging`)."""
     folder = split_url(cfg.out, plan.task, plan.split)
     missing = missing_from_storage(folder, plan, done)
     if not missing and set(done) >= set(range(plan.num_shards)):
         record_extraction(cfg, plan)
+        remove_empty_staging(folder)
     return missing
 
 

@@ -473,6 +473,21 @@ def remove_stale_leftovers(folder: str) -> list[str]:
     return removed
 
 
+def remove_empty_staging(folder: str) -> bool:
+    """Remove the split's staging folder _incomplete/ if it is empty (a complete extraction's
+    last commit leaves it so); whether it was removed. Only an empty folder goes: a file another
+    writer is staging there keeps it (the removal is one rmdir, which fails on a folder that is
+    not empty). Blob storage has no folders: nothing to do there."""
+    fs, path = storage.url_to_fs(storage.join(folder, INCOMPLETE_DIR))
+    if not storage.is_local(fs):
+        return False
+    try:
+        fs.rmdir(path)
+    except OSError:  # absent, or not empty: a writer is staging a shard
+        return False
+    return True
+
+
 def split_status(folder: str) -> dict:
     """Rows (examples, or a span extraction's windows: `rows` says which), the stored dtype and
     shard format, and shard counts of one task/split: total, done, failed, missing; and the files

@@ -323,8 +323,20 @@ class StagedWrite:
                 self.file = os.fdopen(handle, "wb")
             else:
                 self._staging = url_to_fs(staging_url)[1]
-                self.fs.makedirs(self._staging.rsplit("/", 1)[0], exist_ok=True)
-                self.file = self.fs.open(self._staging, "wb")
+                self.file = self._open_staging()
+
+    def _open_staging(self):
+        """The staging file, opened for writing in its folder (made if absent). A finished
+        extraction removes its empty staging folder (shards.remove_empty_staging): one removed
+        between making it and opening the file here is made again."""
+        folder = self._staging.rsplit("/", 1)[0]
+        for attempt in range(3):
+            self.fs.makedirs(folder, exist_ok=True)
+            try:
+                return self.fs.open(self._staging, "wb")
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
     def commit(self, sha256: str | None = None) -> None:
         """Publish the file at `url`; `sha256` (of its bytes) is kept with it on blob storage.

@@ -7,8 +7,9 @@ Layout of one sweep under its URL (any fsspec URL):
     SWEEP/trials/0003/trial.json   trial 3's record, written last: the trial's commit point
     SWEEP/trials.jsonl             every finished trial, one JSON object a line, sorted
     SWEEP/_commit.json             the sweep's run record (bertvision.records), kind "sweep",
-                                   rewritten with trials.jsonl; each trial's run folder has its
-                                   own, kind "trial", naming the sweep among its inputs
+                                   rewritten with trials.jsonl when the trials changed; each
+                                   trial's run folder has its own, kind "trial", naming the
+                                   sweep among its inputs
 
 The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect tasks:
 
@@ -16,7 +17,7 @@ The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect ta
     while batch := suggest_trials(cfg, cfg.parallel):   # TPE's next K points
         for spec in batch:                           # in parallel
             run_trial(cfg, spec)                     # train; commit trial.json
-        record_trials(cfg)                           # rewrite trials.jsonl
+        record_trials(cfg)                           # rewrite trials.jsonl if it changed
 
 Honest selection: TPE minimises minus the primary metric on the validation slice held out from
 TRAIN (one slice for every trial, `val_seed`); the dev metrics are recorded for the report and
@@ -30,7 +31,9 @@ identity of its settings and embeddings) is finished and never run again; each
 suggestion is made from the finished trials (hyperopt's history is rebuilt from their records),
 so a sweep killed at any point continues at its first unfinished trial and TPE still learns from
 everything done before. A batch of K suggestions comes from the same history (K draws of TPE's
-candidates, seeded per trial), which is what lets K trials run at once.
+candidates, seeded per trial), which is what lets K trials run at once. A sweep whose trials are
+all finished, run again with the same settings, is only read: its summary comes from storage and
+nothing is written, not even the lease (`finished_sweep`).
 """
 
 from __future__ import annotations
@@ -579,12 +582,38 @@ def shared_embeddings(cfg: SweepConfig) -> Any:
 
 def record_trials(cfg: SweepConfig) -> list[TrialRecord]:
     """Rewrite SWEEP/trials.jsonl from the committed trial records (atomically: no half line),
-    then the sweep's run record SWEEP/_commit.json (see `sweep_record`)."""
+    then the sweep's run record SWEEP/_commit.json (see `sweep_record`); each only when what it
+    holds is not already what it would be written with (`stale_records`), so recording a sweep
+    whose trials have not changed writes nothing."""
     trials = load_trials(cfg.out)
-    lines = "".join(record.to_json() + "\n" for record in trials)
-    storage.write_text_atomic(storage.join(cfg.out, TRIALS_FILE), lines)
-    records.write_record(storage.join(cfg.out, runs.COMMIT_RECORD), sweep_record(cfg, trials))
+    lines, record = stale_records(cfg, trials)
+    if lines is not None:
+        storage.write_text_atomic(storage.join(cfg.out, TRIALS_FILE), lines)
+    if record is not None:
+        records.write_record(storage.join(cfg.out, runs.COMMIT_RECORD), record)
     return trials
+
+
+def stale_records(
+    cfg: SweepConfig, trials: list[TrialRecord]
+) -> tuple[str | None, records.RunRecord | None]:
+    """What `record_trials` is to write for the finished `trials`: the text of trials.jsonl, or
+    None when the stored one has it; the sweep's run record, or None when the stored one says
+    the same (all but `code`, `worker` and `committed_at`, which say who wrote it)."""
+    lines = "".join(record.to_json() + "\n" for record in trials)
+    url = storage.join(cfg.out, TRIALS_FILE)
+    if storage.exists(url) and storage.read_text(url) == lines:
+        lines = None
+    record = sweep_record(cfg, trials)
+    stored = records.read_record(storage.join(cfg.out, runs.COMMIT_RECORD))
+    unchanged = ("code", "worker", "committed_at")
+    if stored is not None and all(
+        getattr(stored, f.name) == getattr(record, f.name)
+        for f in fields(records.RunRecord)
+        if f.name not in unchanged
+    ):
+        record = None
+    return lines, record
 
 
 def sweep_record(cfg: SweepConfig, trials: list[TrialRecord]) -> records.RunRecord:
@@ -624,16 +653,46 @@ def best_trials(records: list[TrialRecord], metric: str, k: int) -> list[TrialRe
 
 
 def summarize(cfg: SweepConfig, done_before: int) -> SweepSummary:
-    records = record_trials(cfg)
-    best = best_trials(records, primary_metric(cfg.task), 1)
+    """Record the trials (`record_trials`), then sum them up: `done_before` of them were
+    finished before this run."""
+    return _summary(cfg, record_trials(cfg), done_before)
+
+
+def _summary(cfg: SweepConfig, trials: list[TrialRecord], done_before: int) -> SweepSummary:
+    best = best_trials(trials, primary_metric(cfg.task), 1)
     return SweepSummary(
         out=cfg.out,
         trials=cfg.trials,
         done_before=done_before,
-        ran=len(records) - done_before,
-        failed=sum(r.status != "ok" for r in records),
+        ran=len(trials) - done_before,
+        failed=sum(r.status != "ok" for r in trials),
         best=best[0] if best else None,
     )
+
+
+def finished_sweep(cfg: SweepConfig) -> SweepSummary | None:
+    """The summary of the sweep finished at `cfg.out` with these settings, found by reading
+    alone; None when anything is left to do: no sweep.json of this sweep's key (none, or
+    another sweep's), a trial of the first `cfg.trials` not finished with that key, or
+    trials.jsonl or the run record not yet saying what the trials are (`stale_records`).
+    A finished sweep is returned as it is stored: nothing written, not even the lease."""
+    from bertvision.shards import ShardError
+
+    try:
+        key = content_key(cfg)
+    except ShardError:
+        return None  # no embeddings: `prepare_sweep` says so
+    if not storage.exists(storage.join(cfg.out, SWEEP_FILE)):
+        return None
+    if load_sweep(cfg.out).get("key") != key:
+        return None
+    trials = load_trials(cfg.out)
+    done = {t.trial for t in trials if t.key == key}
+    if not done >= set(range(cfg.trials)):
+        return None
+    if stale_records(cfg, trials) != (None, None):
+        return None
+    return _summary(cfg, trials, len(trials))
 
 
 def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> SweepSummary:
@@ -641,9 +700,12 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
 
     Parallel trials share one loaded copy of the embeddings (`data`, loaded here when not
     given): trained together over one read of it (`cfg.together`, bertvision.together), or on
-    threads of this process.
+    threads of this process. A sweep finished with the same settings is returned as stored,
+    with nothing written (`finished_sweep`).
     """
     require(cfg)
+    if (done := finished_sweep(cfg)) is not None:
+        return done
     with runs.lease(cfg.out):  # one sweep at a time in a folder
         prepare_sweep(cfg)
         return _run_sweep(cfg, data, progress)

@@ -33,7 +33,9 @@ def run(cfg: PipelineConfig) -> None:
 
     Fine-tune -> extract -> train -> sweep -> ensemble, as the `pipeline` Prefect flow on
     Prefect's ephemeral API (or the server at PREFECT_API_URL, if set); a rerun redoes only what
-    OUT lacks. The flow runs stay in Prefect's database (`prefect server start` shows them).
+    OUT lacks, and its table marks each stage it found finished "done before", with the time
+    that stage took when it ran beside the rerun's own. The flow runs stay in Prefect's
+    database (`prefect server start` shows them).
 
     Example: bertvision run --tasks rte --data-dir glue_data --out runs/rte
     """
@@ -130,10 +132,20 @@ def _seconds(value: float) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+def _done_before(row: dict) -> str:
+    """What follows the time of a stage this run found finished: "  done before (took 2 min
+    05 s)", the time its run took when it ran; empty for a stage that ran now."""
+    if not row.get("done_before"):
+        return ""
+    took = row.get("took")
+    return "  done before" + ("" if took is None else f" (took {_seconds(took)})")
+
+
 def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
     """A plain-text table of one task's stages (`pipeline`'s rows): dev metrics and time below
     the family's baseline (its `baseline_name`), each stage that does not beat the baseline's
-    primary metric marked."""
+    primary metric marked. Times are this run's own: a stage found finished is marked "done
+    before", with the time it took when it ran; the total is this run's."""
     from bertvision.families import get_task
 
     family = get_task(task).family
@@ -166,7 +178,7 @@ def stage_table(cfg: PipelineConfig, task: str, rows: dict[str, dict]) -> str:
             if stage != "majority baseline" and not row["dev"][primary] > baseline:
                 below.append(label)
         time = "" if stage == "majority baseline" else _seconds(row["seconds"])
-        lines.append(f"{label.ljust(width)}{values}{time:>14}")
+        lines.append(f"{label.ljust(width)}{values}{time:>14}{_done_before(row)}")
     total = sum(row["seconds"] for row in rows.values())
     lines.append(f"{'total'.ljust(width)}{'':>{10 * len(metrics)}}{_seconds(total):>14}")
     for label in below:

@@ -8,7 +8,8 @@ batch is one task run that trains its trials together over one read of the embed
 (bertvision.together), each still recorded as its own trial; a retry retries the batch. TPE
 suggests a batch from the trials finished so far, so it keeps learning while trials run in
 parallel. A rerun (or the next scheduled run) resumes each sweep at its first unfinished trial
-and leaves a finished sweep as it is.
+and leaves a finished sweep as it is: one finished with the same settings is only read, nothing
+written (bertvision.sweep.finished_sweep).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.names import artifact_key, flow_run_name, where
 from bertvision_tasks.sweep import (
     extracted_tasks,
+    finished_sweep,
     prepare_sweep,
     record_trials,
     run_trial,
@@ -80,27 +82,35 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
         cfgs = [cfg]
     results = {}
     for one in cfgs:
-        with runs.lease(one.out):  # no other sweep writes into this folder meanwhile
-            prepare_sweep(one)  # check the embeddings, write or check sweep.json
-            done_before = len(record_trials(one))  # trials finished by earlier runs
-            bar = tqdm(
-                total=one.trials,
-                initial=min(done_before, one.trials),
-                desc=f"sweep {one.task} {one.adapter}",
-                unit="trial",
-                disable=not progress_wanted(),
-            )
-            while batch := suggest_trials(one, one.parallel):  # TPE's next K points
-                if core.trains_together(one, batch):  # one task run, one read for K trials
-                    run_trials_together.submit(one, batch).result()
-                else:
-                    run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
-                record_trials(one)  # trials.jsonl from the committed records
-                bar.update(len(batch))
-            bar.close()
-            results[one.task] = summarize(one, done_before).to_dict()  # the best trial by val
+        if (done := finished_sweep(one)) is not None:  # finished before: read, nothing written
+            results[one.task] = done.to_dict()
+        else:
+            results[one.task] = _sweep_one(one)
         print(f"{one.task}: {results[one.task]}")
     work = _work({"cfg": cfg, "all_tasks": all_tasks})
     adapters = {one.task: one.adapter for one in cfgs}
     publish_best(results, adapters, key=artifact_key(work, where(cfg.out), "best"))
     return results
+
+
+def _sweep_one(one: SweepConfig) -> dict:
+    """Run (or resume) the sweep `one` as the only writer of its folder; its summary."""
+    with runs.lease(one.out):  # no other sweep writes into this folder meanwhile
+        prepare_sweep(one)  # check the embeddings, write or check sweep.json
+        done_before = len(record_trials(one))  # trials finished by earlier runs
+        bar = tqdm(
+            total=one.trials,
+            initial=min(done_before, one.trials),
+            desc=f"sweep {one.task} {one.adapter}",
+            unit="trial",
+            disable=not progress_wanted(),
+        )
+        while batch := suggest_trials(one, one.parallel):  # TPE's next K points
+            if core.trains_together(one, batch):  # one task run, one read for K trials
+                run_trials_together.submit(one, batch).result()
+            else:
+                run_trial.map(unmapped(one), batch).result()  # K trials at once on the pool
+            record_trials(one)  # trials.jsonl from the committed records, if they changed
+            bar.update(len(batch))
+        bar.close()
+        return summarize(one, done_before).to_dict()  # the best trial by val

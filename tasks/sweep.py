@@ -31,6 +31,18 @@ def extracted_tasks(embeddings: str, adapter: str = "") -> list[str]:
 
 
 @task(
+    task_run_name=task_run_name("{cfg.task}-sweep-finished"),
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **RETRY,
+)
+def finished_sweep(cfg: SweepConfig) -> SweepSummary | None:
+    """The summary of the sweep finished at `cfg.out` with these settings, read from storage
+    (nothing written); None when something is left to do."""
+    return core.finished_sweep(cfg)
+
+
+@task(
     task_run_name=task_run_name("{cfg.task}-sweep-plan"),
     cache_policy=NO_CACHE,
     timeout_seconds=300,

@@ -92,3 +92,18 @@ def tokenizer_variant(model: str, folder: Path, **settings) -> str:
     config = json.loads((Path(model) / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(config | settings))
     return str(folder)
+
+
+def tree_state(root: str | Path) -> dict[str, tuple]:
+    """Every file and folder under `root` as stored now: a file's bytes and modification time,
+    a folder's entries and modification time (which any file made or removed in it changes,
+    even one removed again). Two equal states: nothing was written in between."""
+    import os
+
+    state = {}
+    for folder, folders, files in os.walk(root):
+        state[f"{folder}/"] = (sorted(folders + files), os.stat(folder).st_mtime_ns)
+        for name in files:
+            path = Path(folder, name)
+            state[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return state

@@ -152,6 +152,18 @@ def test_a_staged_file_appears_only_complete_and_a_discarded_one_never(azure_env
     assert reader.find(container) == [f"{container}/split/shard-00000.parquet"]
 
 
+def test_finishing_a_split_on_azure_has_no_staging_folder_to_remove(azure_env, azurite):
+    """A complete extraction removes its empty _incomplete/ on local disks; blob storage has no
+    folders (nothing is ever staged there), so there is nothing to do and nothing fails."""
+    container = azurite.create_container()
+    folder = f"az://{container}/emb/rte/train"
+    staged = StagedWrite(f"{folder}/shard-00000.parquet", f"{folder}/_incomplete/shard-00000.x")
+    staged.file.write(b"a shard")
+    staged.commit()
+    assert shards.remove_empty_staging(folder) is False
+    assert _adlfs(azurite).find(container) == [f"{container}/emb/rte/train/shard-00000.parquet"]
+
+
 def test_a_failed_upload_leaves_no_spool_file(azure_env, azurite):
     from azure.storage.blob import BlobServiceClient
 

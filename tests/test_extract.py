@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tokenizer_variant
+from conftest import tokenizer_variant, tree_state
 from typer.testing import CliRunner
 
 from bertvision import glue, shards, storage
@@ -25,6 +25,7 @@ from bertvision.extract import (
     ExtractConfig,
     extract_hidden_states,
     extract_shard,
+    finish_split,
     prepare_extraction,
 )
 from bertvision.schema import ShardMeta, ShardRecord
@@ -241,6 +242,89 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, 
     assert summary.skipped == {"wnli/dev": [1]} and summary.committed == {"wnli/dev": [0, 2, 3]}
     assert (tmp_path / "wnli/dev/shard-00001.parquet").stat().st_mtime_ns == before
     assert shards.load_records(str(tmp_path / "wnli/dev"), plan)[1] == first
+
+
+def test_a_rerun_of_a_finished_extraction_writes_nothing(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path / "out", tiny_model, glue_dir, splits=["train", "dev"], shard_size=400)
+    extract_hidden_states(cfg, progress=False)
+    before = tree_state(tmp_path)
+    time.sleep(0.01)  # a write now would show in a modification time
+
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.ok and summary.committed == {"wnli/train": [], "wnli/dev": []}
+    assert summary.skipped == {"wnli/train": [0, 1], "wnli/dev": [0]}
+    assert tree_state(tmp_path) == before  # no plan, record or probe file written, not even OUT's
+
+
+def test_planning_reads_each_split_plan_once(tmp_path, tiny_model, glue_dir, monkeypatch):
+    cfg = _config(tmp_path, tiny_model, glue_dir, splits=["train", "dev"], shard_size=400)
+    prepare_extraction(cfg)  # the plans now exist: planning again reads them
+    read = storage.read_text
+    plans_read = []
+
+    def counting(url, *args, **kwargs):
+        if url.endswith("/_manifest/plan.json"):
+            plans_read.append(url.split("/")[-3])
+        return read(url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_text", counting)
+    prepare_extraction(cfg)
+    assert sorted(plans_read) == ["dev", "train"]
+
+
+def test_a_complete_extraction_leaves_no_staging_folder(tmp_path, tiny_model, glue_dir):
+    cfg = _config(tmp_path, tiny_model, glue_dir, splits=["train", "dev"], shard_size=400)
+    summary = extract_hidden_states(cfg, progress=False)
+    assert summary.ok
+    assert not list(tmp_path.rglob("_incomplete"))
+    assert sorted(p.name for p in (tmp_path / "wnli/dev").iterdir()) == [
+        "_manifest",
+        "shard-00000.parquet",
+    ]
+
+
+def test_the_staging_folder_goes_only_once_empty_a_concurrent_writers_file_stays(
+    tmp_path, tiny_model, glue_dir
+):
+    cfg = _config(tmp_path, tiny_model, glue_dir)
+    (plan,) = prepare_extraction(cfg)
+    folder = tmp_path / "wnli/dev"
+    for index in range(plan.num_shards - 1):
+        extract_shard(cfg, plan, index)
+    last = plan.num_shards - 1
+    # Another worker stages the last shard too (both were given it), while this one commits it.
+    with shards.ShardWriter(str(folder), plan, last):
+        (staged,) = (folder / "_incomplete").iterdir()
+        extract_shard(cfg, plan, last)
+        assert finish_split(cfg, plan, list(range(plan.num_shards))) == []
+        assert staged.is_file()  # the extraction is complete; the other writer's file stays
+    assert list((folder / "_incomplete").iterdir()) == []  # that writer gave up: empty now
+
+    summary = extract_hidden_states(cfg, progress=False)  # the next run finds it empty
+    assert summary.ok and not (folder / "_incomplete").exists()
+
+
+def test_a_staging_folder_removed_while_a_writer_opens_its_file_is_made_again(
+    tmp_path, monkeypatch
+):
+    """A finished extraction removes its empty _incomplete/ while another writer may be about
+    to stage a file there: the writer makes it again."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    make = LocalFileSystem.makedirs
+    removed = []
+
+    def made_then_removed(self, path, exist_ok=False):
+        make(self, path, exist_ok=exist_ok)
+        if not removed:  # the finishing extraction's rmdir, just after this writer's makedirs
+            os.rmdir(path)
+            removed.append(path)
+
+    monkeypatch.setattr(LocalFileSystem, "makedirs", made_then_removed)
+    staged = storage.StagedWrite(str(tmp_path / "a.parquet"), str(tmp_path / "_incomplete/a~x"))
+    staged.file.write(b"complete")
+    staged.commit()
+    assert removed and (tmp_path / "a.parquet").read_bytes() == b"complete"
 
 
 def test_an_extraction_begun_in_a_list_format_finishes_in_it(

@@ -15,6 +15,7 @@ from uuid import UUID
 import pyarrow.dataset as ds
 import pytest
 import torch
+from conftest import tree_state
 
 pytest.importorskip("prefect")
 
@@ -527,6 +528,46 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_a_table_of_the_s
     )
     assert "| finetune | dev |" in Artifact.get("finetune-wnli-wnli-finetune-metrics").data
     assert "| pooler | val |" in Artifact.get("train-wnli-pooler-wnli-pooler-metrics").data
+
+    # A rerun finds every stage finished: each says so, with the time it took when it ran, and
+    # the times and the total are the rerun's own. Nothing is written.
+    stored = tree_state(out)
+    again = CliRunner().invoke(app, [*args, "--ensemble-top-k", "1", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    done = rf"({time})  done before \(took ({time})\)"
+    for label in ("fine-tuned encoder", "pooler adapter", "best of 1 sweep trials", "ensemble"):
+        assert re.search(rf"^{label}.* [01]\.\d{{3}} +{done}$", again.stdout, re.M), label
+    assert re.search(rf"^extraction .*  +{done}$", again.stdout, re.M)
+    assert re.search(rf"^total +({time})$", again.stdout, re.M)
+    assert tree_state(out) == stored
+
+
+def test_the_stage_table_marks_stages_found_finished_and_totals_this_runs_time():
+    from bertvision_flows.cli import stage_table
+
+    from bertvision.config import PipelineConfig
+
+    def row(dev, seconds, took=None, done_before=True):
+        return {"dev": dev, "seconds": seconds, "done_before": done_before, "took": took}
+
+    rows = {
+        "majority baseline": row({"accuracy": 0.5634}, 0.0, done_before=False),
+        "finetune": row({"accuracy": 0.6}, 1.2, took=125.0),
+        "extract": row(None, 0.4, took=61.0),
+        "pooler": row({"accuracy": 0.55}, 0.3, took=12.3),
+        "best trial": row({"accuracy": 0.57}, 30.0, done_before=False),  # ran now
+        "ensemble": row({"accuracy": 0.58}, 0.2),  # a record without timings
+    }
+    table = stage_table(PipelineConfig(tasks=["wnli"], out="runs"), "wnli", rows)
+    time = r"\d+ s|\d+ min \d\d s"
+    assert re.search(r"^fine-tuned encoder.* 0\.600 +1 s  done before \(took 2 min 05 s\)$",
+                     table, re.M)  # fmt: skip
+    assert re.search(r"^extraction .* +0 s  done before \(took 1 min 01 s\)$", table, re.M)
+    assert re.search(r"^pooler adapter.* 0\.550 +0 s  done before \(took 12 s\)$", table, re.M)
+    assert re.search(r"^best of .* 0\.570 +30 s$", table, re.M)  # ran now: its time alone
+    assert re.search(r"^ensemble .* 0\.580 +0 s  done before$", table, re.M)
+    assert re.search(r"^total +32 s$", table, re.M)  # this run's seconds, not the stored ones
+    assert not re.search(rf"^majority class \(train\).*({time})", table, re.M)
 
 
 def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed(

@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import tree_state
+from typer.testing import CliRunner
 
 from bertvision import glue, storage
 from bertvision import sweep as sweeping
+from bertvision.cli import app
 from bertvision.ensemble import EnsembleConfig, build_ensemble
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission
@@ -265,6 +268,44 @@ def test_resume_runs_only_the_remaining_trials_and_matches_an_uninterrupted_swee
     assert strip(lines(resumed)) == strip(lines(straight))
 
 
+def test_a_finished_sweep_run_again_writes_nothing(embeddings, tmp_path):
+    out = tmp_path / "sweep"
+    cfg = quick(embeddings, out, trials=2)
+    first = run_sweep(cfg, progress=False)
+    before = tree_state(out)
+    time.sleep(0.01)  # a write now would show in a modification time
+
+    again = run_sweep(cfg, progress=False)
+    assert (again.done_before, again.ran, again.failed) == (2, 0, first.failed)
+    assert again.best == first.best
+    assert tree_state(out) == before  # no trials.jsonl, no run record, no lease
+
+    args = ["sweep", "--task", "rte", "--embeddings", embeddings, "--out", str(out)]
+    args += ["--trials", "2", "--startup-trials", "3", "--space", json.dumps(QUICK_SPACE)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 trials finished (0 now, 2 before, " in result.stdout
+    assert tree_state(out) == before
+
+
+def test_a_rerun_writes_the_sweeps_records_again_where_they_lag_its_trials(embeddings, tmp_path):
+    """A kill after a trial's commit and before the sweep recorded it leaves trials.jsonl and
+    the run record behind the trials: the next run writes them, and only them."""
+    out = tmp_path / "sweep"
+    cfg = quick(embeddings, out, trials=2)
+    run_sweep(cfg, progress=False)
+    listed = (out / "trials.jsonl").read_text()
+    record = json.loads((out / "_commit.json").read_text())
+    (out / "trials.jsonl").write_text(listed.splitlines(keepends=True)[0])  # trial 1 unlisted
+    (out / "_commit.json").unlink()
+
+    assert run_sweep(cfg, progress=False).ran == 0
+    assert (out / "trials.jsonl").read_text() == listed
+    rewritten = json.loads((out / "_commit.json").read_text())
+    same = ("kind", "key", "settings", "inputs", "timings", "files")
+    assert {k: rewritten[k] for k in same} == {k: record[k] for k in same}
+
+
 def test_a_folder_holding_another_sweep_is_refused(embeddings, tmp_path):
     out = tmp_path / "sweep"
     run_sweep(quick(embeddings, out, trials=1), progress=False)
@@ -401,7 +442,9 @@ def test_sweep_flow_runs_trials_two_at_a_time_on_a_process_pool_then_ensembles(
     assert result["rte"]["best"]["trial"] == best.trial
 
     one = SweepConfig(**(settings | {"out": str(out / "rte" / "sweep")}), task="rte", device="cpu")
+    stored = tree_state(one.out)
     assert sweep(dataclasses.replace(one, startup_trials=2))["rte"]["ran"] == 0  # finished
+    assert tree_state(one.out) == stored  # and only read: nothing written
 
     ensembled = ensemble(
         EnsembleConfig(task="rte", runs=one.out, out=str(out / "rte" / "ensemble"), top_k=3)
