@@ -15,9 +15,9 @@ all-MiniLM-L6-v2):
                       trial best on held-out TRAIN
     ensemble@M        the mean output of the sweep's --top-k best trials (bertvision.ensemble)
     ensemble+ft@M     ... with the chosen finetune-M model as one more member
-    method@M          BERTVision's result: of sweep-best@M, ensemble@M and ensemble+ft@M, the one
-                      best on held-out TRAIN (the ensembles scored on their mean held-out
-                      outputs), charged for all three
+    method@M          BERTVision's result: of ensemble@M and ensemble+ft@M, the one better on
+                      held-out TRAIN (each scored on its members' mean held-out outputs; a tie
+                      takes ensemble+ft), charged for the sweep and both ensembles
     curve-P%@M        the best trial's settings trained on P% of TRAIN (10, 25, 50, 100; the
                       held-out slice aside; TrainConfig.train_fraction, nested subsets)
 
@@ -74,6 +74,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
+from typing import NoReturn
 
 from bertvision import __version__, config, families, glue, storage
 from bertvision import encoder as enc
@@ -95,8 +96,11 @@ CPU_COST = ("_cpu", "pipeline CPU seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", help="a glue_data folder (default: the Hugging Face hub)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data-dir", help="a glue_data folder (None: the Hugging Face hub)")
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte,wnli", help="GLUE tasks")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
@@ -105,19 +109,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
     parser.add_argument("--finetune-epochs", default="0.25,0.5,1,3", help="fine-tunings compared")
     parser.add_argument("--finetune-lrs", default="5e-5,1e-4,2e-4", help="each one's lr grid")
-    parser.add_argument("--finetune-batch-size", type=int, default=16)
-    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--finetune-batch-size", type=int, default=16, help="examples a step")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of TRAIN")
     parser.add_argument("--extract-from", default="0.25,0.5", help="checkpoints with adapters")
     parser.add_argument("--method-from", type=float, default=0.5, help="the method's checkpoint")
     parser.add_argument("--adapter-epochs", type=int, default=20, help="single adapters, at most")
-    parser.add_argument("--adapter-lr", type=float, default=1e-3)
-    parser.add_argument("--adapter-dim", type=int, default=64)
+    parser.add_argument("--adapter-lr", type=float, default=1e-3, help="single adapters")
+    parser.add_argument("--adapter-dim", type=int, default=64, help="single adapters")
     parser.add_argument("--sweep-adapter", default="pooler", help="the adapter swept")
     parser.add_argument("--trials", type=int, default=20, help="of the sweep")
-    parser.add_argument("--space", default="", help="JSON: sweep space overrides")
+    parser.add_argument(
+        "--space",
+        default="",
+        help="the sweep space's overrides: JSON, or a JSON file (as bertvision sweep --space)",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="sweep trials in the ensembles")
-    parser.add_argument("--reference", default="finetune-3", help="paired differences from it")
+    parser.add_argument(
+        "--reference", default="finetune-3", help="the method the paired differences are from"
+    )
     parser.add_argument(
         "--keep-embeddings", action="store_true", help="keep each seed's embeddings (large)"
     )
@@ -131,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--records-from",
         default="",
-        help="an earlier run's results.json: its stages are taken, not run, where its settings, "
-        "encoder and data are this run's (a run continued on another machine)",
+        help="an earlier run's results.json: its finished seeds are taken, not run, where its "
+        "settings, encoder and data are this run's (a run continued on another machine)",
     )
     args = parser.parse_args(argv)
     args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
@@ -147,10 +157,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--method-from {args.method_from:g} is not in --extract-from")
     if args.top_k > args.trials:
         parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
-    args.space = json.loads(args.space) if args.space else {}
+    if args.reference not in methods(args):
+        parser.error(f"--reference {args.reference} is none of the methods: {methods(args)}")
+    args.space = space(parser, args.space)
+    if args.records_from:
+        earlier_results(parser, args.records_from)
     args.model = args.model or enc.default_model()
     args.device = args.device or enc.default_device()
     return args
+
+
+def space(parser: argparse.ArgumentParser, text: str) -> dict:
+    """--space: a JSON object, inline or in the file `text` names ({} for "")."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        parser.error(f"--space must be a JSON object or a JSON file, got {text!r}: {exc}")
+    if not isinstance(value, dict):
+        parser.error(f"--space must be a JSON object, got {text!r}")
+    return value
+
+
+def earlier_results(parser: argparse.ArgumentParser, path: str) -> dict:
+    """--records-from: the results.json of an earlier run, or the parser's error saying why not."""
+    try:
+        return storage.read_json(path, keys=("settings", "records", "device"))
+    except (FileNotFoundError, storage.FileFormatError) as exc:
+        parser.error(f"--records-from: {exc}")
 
 
 def numbers(parser: argparse.ArgumentParser, option: str, text: str) -> list[float]:
@@ -180,9 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
         task: settings_key(args, task_data_fingerprint(task, d)) for task, d in data_dirs.items()
     }
     if args.records_from:
-        earlier = storage.read_json(args.records_from, keys=("records", "device"))
+        earlier = storage.read_json(args.records_from)
         for task in args.tasks:
-            take_records(earlier, task, keys[task], out / keys[task], device_name(args.device))
+            taken = take_records(earlier, args, task, out / keys[task])
+            print(f"{task}: {taken} stage records taken from {args.records_from}", file=sys.stderr)
     records: list[dict] = []
     choices: list[dict] = []
     stopped, unfinished = None, []
@@ -252,10 +288,16 @@ def settings_key(
     fingerprint of the examples read. Paths and file times are not in it, so a copy of the same
     encoder and data elsewhere (another machine, a reinstall) finds the same records, and other
     settings, weights or examples never take them. Runs and records live under the key."""
-    content = {k: v for k, v in vars(args).items() if k not in (*not_content, "model", "data_dir")}
+    content = content_settings(args, not_content)
     content["encoder"] = encoder_fingerprint(args.model)
     content["data"] = data
     return config.content_key(content)
+
+
+def content_settings(args: argparse.Namespace, not_content: tuple[str, ...] = NOT_CONTENT) -> dict:
+    """The settings in the key by value: all but `not_content` and the encoder's and the data's
+    paths (those count by content)."""
+    return {k: v for k, v in vars(args).items() if k not in (*not_content, "model", "data_dir")}
 
 
 @cache
@@ -273,32 +315,48 @@ def task_data_fingerprint(task: str, data_dir: str | None) -> str:
     )
 
 
-def take_records(earlier: dict, task: str, key: str, keyed: Path, device: str) -> None:
-    """Write the stage records of `task` in `earlier` (a results.json) under `keyed`, where none
-    is yet, so that this run takes them instead of running them. Only records of the same key
-    (settings, encoder and data) measured on the same `device` (their costs are compared with
-    this run's), else SystemExit saying which differs."""
-    stages = [r for r in (*earlier["records"], *earlier.get("unfinished", ())) if r["task"] == task]
+def take_records(earlier: dict, args: argparse.Namespace, task: str, keyed: Path) -> int:
+    """Write the stage records of `task`'s finished seeds in `earlier` (a results.json) under
+    `keyed`, where none is yet, so that this run takes them instead of running them; how many.
+    Only records of this run's key (settings, encoder and data) measured on this run's device
+    (their costs are compared with its own), else the error says which differs. A stopped seed's
+    stages ("unfinished") are not taken: the checkpoints and embeddings its later stages read
+    stayed on the machine that ran them."""
+    stages = [r for r in earlier["records"] if r["task"] == task]
     if not stages:
-        return
-    if earlier.get("keys", {}).get(task) != key:
-        raise SystemExit(
-            f"--records-from: its {task} records were made with other settings, encoder or data "
-            f"(key {earlier.get('keys', {}).get(task)}, this run's {key}): not taken"
+        return 0
+    if earlier.get("keys", {}).get(task) != keyed.name:
+        theirs, ours = earlier["settings"], vars(args)
+        differ = [k for k in content_settings(args) if theirs.get(k) != ours[k]]
+        shown = ", ".join(
+            f"--{k.replace('_', '-')} {theirs.get(k)} there, {ours[k]} here" for k in differ
         )
-    if earlier["device"] != device:
-        raise SystemExit(
+        refuse(
+            f"--records-from: its {task} records were made with "
+            + (f"other settings ({shown})" if differ else "another encoder or other examples")
+            + ": not taken"
+        )
+    if earlier["device"] != device_name(args.device):
+        refuse(
             f"--records-from: its records were measured on {earlier['device']}, this run is on "
-            f"{device}: their costs would not compare; not taken"
+            f"{device_name(args.device)}: their costs would not compare; not taken"
         )
     derived = ("pipeline_s", "pipeline_cpu_s", "amortised_s", "amortised_cpu_s", "device_s")
+    taken = 0
     for record in stages:
         if "chosen_s" in record or "chose" in record:  # a choice among stages: derived, not run
             continue
         path = keyed / "records" / task / f"seed-{record['seed']}" / f"{record['method']}.json"
         if not path.exists():
-            kept = {k: v for k, v in record.items() if k not in derived}
-            storage.write_json(str(path), kept)
+            storage.write_json(str(path), {k: v for k, v in record.items() if k not in derived})
+            taken += 1
+    return taken
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, as a command-line error does."""
+    print(f"experiment.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_seed(
@@ -377,6 +435,11 @@ def run_seed(
         if epochs == args.method_from:
             records.append(method_result(adapters, tag, metric))
             choices["method"] = records[-1]["chose"]
+            choices["method_held_out"] = {
+                r["method"]: r.get("val", {}).get(metric)
+                for r in adapters
+                if r["method"].startswith("ensemble")
+            }
     for record in records:
         if args.device.startswith("cuda"):
             record["device_s"] = record["stage_s"]
@@ -511,16 +574,17 @@ def checkpoint_stages(
 
 
 def method_result(records: list[dict], tag: str, metric: str) -> dict:
-    """BERTVision's result on checkpoint `tag`: of the sweep's best trial and the two ensembles
-    (`records` holds their records), the one best on held-out TRAIN by `metric` (ties: in that
-    order), charged for all three (the sweep and both ensembles)."""
-    names = (f"sweep-best@{tag}", f"ensemble@{tag}", f"ensemble+ft@{tag}")
-    best_trial, plain, with_ft = (next(r for r in records if r["method"] == n) for n in names)
-    candidates = (best_trial, plain, with_ft)
-    chosen = max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric)))
+    """BERTVision's result on checkpoint `tag`: of the two ensembles (`records` holds their
+    records), the one better on held-out TRAIN by `metric`, the one with the fine-tuned model on
+    a tie; charged for the sweep and both. The sweep's best trial is not a candidate: it was
+    chosen as the best of the trials on the same held-out slice, so its held-out metric is the
+    most optimistic of them (the winner's curse) and would win by selection alone."""
+    names = (f"ensemble+ft@{tag}", f"ensemble@{tag}")
+    with_ft, plain = (next(r for r in records if r["method"] == n) for n in names)
+    chosen = max((with_ft, plain), key=lambda r: selectable(r.get("val", {}).get(metric)))
     record = {**chosen, "method": f"method@{tag}", "chose": chosen["method"]}
     for c in CLOCKS:
-        record[f"stage{c}_s"] = round(sum(r[f"stage{c}_s"] for r in candidates), 3)
+        record[f"stage{c}_s"] = round(with_ft[f"stage{c}_s"] + plain[f"stage{c}_s"], 3)
         for cost in ("pipeline", "amortised"):  # with_ft's holds the sweep's and its own
             record[f"{cost}{c}_s"] = round(with_ft[f"{cost}{c}_s"] + plain[f"stage{c}_s"], 3)
     return record
@@ -591,9 +655,11 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
         return json.loads(path.read_text())
     if STOP_AT is not None and time.monotonic() > STOP_AT:
         raise OutOfTime(name)
+    print(f"{task} seed {seed}: {name} ...", file=sys.stderr, flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = work()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"{task} seed {seed}: {name} done, {seconds:.1f} s", file=sys.stderr, flush=True)
     record = {"task": task, "seed": seed, "method": name, **result, "stage_s": round(seconds, 3)}
     record["stage_cpu_s"] = round(cpu_seconds, 3)
     if "train_examples" in record:
@@ -746,12 +812,35 @@ def markdown(results: dict) -> str:
     ]
     for c in results["choices"]:
         lrs = ", ".join(f"{e}: {lr:g}" for e, lr in c["finetune_lr"].items())
+        members = [
+            ", ".join(map(str, c.get(k, []))) for k in ("ensemble_members", "ensemble_ft_members")
+        ]
         lines.append(
             f"| {c['task']} | {c['seed']} | {lrs} | {c.get('sweep_trial', '')} | "
-            f"{c.get('ensemble_members', '')} | {c.get('ensemble_ft_members', '')} | "
-            f"{c.get('method', '')} |"
+            f"{members[0]} | {members[1]} | {c.get('method', '')} {held_out(c)} |"
         )
+    if results.get("unfinished"):
+        lines += [
+            "",
+            f"## Stages of {results['stopped'].split(', before')[0]} finished before the stop",
+            "",
+            "| stage | val | dev | stage s |",
+            "|---|---|---|---|",
+        ]
+        for r in results["unfinished"]:
+            val, dev = (
+                ", ".join(f"{k} {v:.4f}" for k, v in r.get(split, {}).items())
+                for split in ("val", "dev")
+            )
+            lines.append(f"| {r['method']} | {val} | {dev} | {r['stage_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def held_out(choice: dict) -> str:
+    """The held-out metric of each candidate of the method's choice, as the table shows it."""
+    scores = choice.get("method_held_out", {})
+    shown = (f"{k} {v:.4f}" if v is not None else f"{k} none" for k, v in scores.items())
+    return f"(held out: {', '.join(shown)})" if scores else ""
 
 
 def plot_points(

@@ -627,11 +627,14 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         *records["ensemble@0.5"]["members"],
         "finetuned",
     ]
-    # the method's result: the best on held-out TRAIN of the best trial and the two ensembles
-    candidates = [records[m] for m in ("sweep-best@0.5", "ensemble@0.5", "ensemble+ft@0.5")]
+    # the method's result: the ensemble better on held-out TRAIN (a tie: with the fine-tuned model)
+    candidates = [records[m] for m in ("ensemble+ft@0.5", "ensemble@0.5")]
     chosen = max(candidates, key=lambda r: r["val"]["accuracy"])
     method = records["method@0.5"]
     assert method["chose"] == chosen["method"] == results["choices"][0]["method"]
+    assert results["choices"][0]["method_held_out"] == {
+        r["method"]: r["val"]["accuracy"] for r in candidates
+    }
     assert (method["val"], method["dev"]) == (chosen["val"], chosen["dev"])
     assert method["pipeline_s"] == pytest.approx(
         records["ensemble+ft@0.5"]["pipeline_s"] + records["ensemble@0.5"]["stage_s"], abs=0.01
@@ -684,7 +687,7 @@ def test_experiment_chooses_the_same_with_dev_labels_flipped(experiment, tmp_pat
             assert mine["dev"]["accuracy"] == pytest.approx(1 - theirs["dev"]["accuracy"])
 
 
-def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_path):
+def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_path, capsys):
     """Records are keyed on the encoder's weights and the data's examples, not their paths: a
     copy of both elsewhere (another machine, a reinstall) with --records-from the first run's
     results.json takes its stages and runs none; records of other data are refused."""
@@ -705,11 +708,19 @@ def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_pa
     assert continued["records"] == original["records"]  # the same seconds: nothing ran again
     assert not (tmp_path / "continued" / original["keys"]["rte"] / "runs").exists()
 
+    with pytest.raises(SystemExit) as refused:
+        main([*elsewhere, "--top-k", "1", "--out", str(tmp_path / "other-settings")])
+    assert refused.value.code == 2
+    assert (
+        "made with other settings (--top-k 2 there, 1 here): not taken" in capsys.readouterr().err
+    )
+
     train = tmp_path / "glue" / "RTE" / "train.tsv"
     header, first, *rest = train.read_text().splitlines(keepends=True)
     train.write_text("".join([header, *rest, first]))  # the same examples, another order
-    with pytest.raises(SystemExit, match="other settings, encoder or data"):
+    with pytest.raises(SystemExit):
         main([*elsewhere, "--out", str(tmp_path / "other-data")])
+    assert "made with another encoder or other examples: not taken" in capsys.readouterr().err
 
 
 def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(experiment, tmp_path):
@@ -722,9 +733,8 @@ def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(expe
     more_seeds = [*argv, "--seeds", "2", "--stop-after", "0"]
     more_seeds[more_seeds.index("--out") + 1] = str(tmp_path / "stopped")
 
-    results = runpy.run_path(str(EXPERIMENT))["main"](
-        [*more_seeds, "--records-from", str(out / "results.json")]
-    )
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    results = main([*more_seeds, "--records-from", str(out / "results.json")])
 
     assert results["stopped"] == "rte seed 1, before its stage finetune-0.5-lr5e-05"
     assert results["records"] == original["records"]
@@ -733,16 +743,50 @@ def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(expe
     report = (tmp_path / "stopped" / "results.md").read_text()
     assert "Stopped by --stop-after 0 s, at rte seed 1" in report
 
-    # stopped inside a seed: its finished stages are kept in "unfinished", and taken from there
+    # stopped inside a seed: its finished stages are reported ("unfinished")...
     grid = [r for r in original["records"] if r["method"].startswith("finetune-0.5-lr")]
     (tmp_path / "grid.json").write_text(json.dumps({**original, "records": grid}))
     more_seeds[more_seeds.index("--out") + 1] = str(tmp_path / "inside")
-    results = runpy.run_path(str(EXPERIMENT))["main"](
-        [*more_seeds, "--records-from", str(tmp_path / "grid.json")]
-    )
+    results = main([*more_seeds, "--records-from", str(tmp_path / "grid.json")])
     assert results["stopped"] == "rte seed 0, before its stage finetune-1-lr5e-05"
     assert results["records"] == []
     assert sorted(map(json.dumps, results["unfinished"])) == sorted(map(json.dumps, grid))
+    report = (tmp_path / "inside" / "results.md").read_text()
+    assert "## Stages of rte seed 0 finished before the stop" in report
+    assert "| finetune-0.5-lr5e-05 | accuracy " in report
+
+    # ...but not taken elsewhere: the checkpoints later stages read stayed where they ran
+    more_seeds[more_seeds.index("--out") + 1] = str(tmp_path / "elsewhere")
+    results = main([*more_seeds, "--records-from", str(tmp_path / "inside" / "results.json")])
+    assert results["stopped"] == "rte seed 0, before its stage finetune-0.5-lr5e-05"
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--reference", "ft-0.5"], "--reference ft-0.5 is none of the methods"),
+        (["--space", "{epochs: 1}"], "--space must be a JSON object or a JSON file"),
+        (["--space", "[1]"], "--space must be a JSON object, got '[1]'"),
+        (["--records-from", "missing.json"], "--records-from: missing.json does not exist"),
+    ],
+)
+def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(EXPERIMENT))["parse_args"](options)
+    assert refused.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_experiment_space_is_json_inline_or_in_a_file(tmp_path):
+    import runpy
+
+    parse_args = runpy.run_path(str(EXPERIMENT))["parse_args"]
+    (tmp_path / "space.json").write_text('{"epochs": 2}')
+    assert parse_args(["--space", str(tmp_path / "space.json")]).space == {"epochs": 2}
+    assert parse_args(["--space", '{"epochs": 3}']).space == {"epochs": 3}
 
 
 def test_splits_of_older_and_current_formats_train_together(tmp_path):
