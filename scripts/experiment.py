@@ -51,9 +51,9 @@ task). Each finished stage leaves OUT/<key>/records/<task>/seed-<n>/<stage>.json
 the same command after an interruption continues where it stopped. The key (results.json's
 "keys", one per task) hashes the settings, the encoder's weights and tokenizer and the task's
 examples, not their paths: other settings, weights or data get another key, a copy of the same
-ones elsewhere the same. --records-from an earlier results.json takes its stages where its key
-and device are this run's: a run continued on another machine (a GPU lent for minutes at a time)
-from the results it sent back. --max-train-examples N runs on the first N
+ones elsewhere the same. --records-from an earlier results.json takes its finished seeds where
+its key and device are this run's: a run continued on another machine (a GPU lent for minutes at
+a time) from the results it sent back (a stopped seed runs again: its checkpoints stayed there). --max-train-examples N runs on the first N
 training examples (and N test rows, never scored) for quick checks; dev is always whole.
 
 Every fine-tuning, the reference included, runs at batch --finetune-batch-size (16) over the same
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "choices": choices,
         "records": records,
-        "unfinished": unfinished,  # the stopped seed's stages: taken by --records-from
+        "unfinished": unfinished,  # the stopped seed's stages, reported, not taken elsewhere
     }
     storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
