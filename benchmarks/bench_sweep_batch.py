@@ -10,6 +10,13 @@ large to hold does. Trials differ in seed and learning rate and share the sweep'
 (shuffle_seed), as a sweep's batch does. `--azurite` writes the shards to a container of a fresh
 Azurite on 127.0.0.1 (tests/azurite.py; scripts/setup installs it) and streams them from its
 az:// URL, the regime a sweep over embeddings in Azure Blob Storage is in: every pass a download.
+
+The table, a row per K, wall and CPU seconds each: "together" (train_together, one read of the
+shards for the K trials), "separate" (train_adapter K times, each reading for itself; "-" above
+--skip-separate-above), "speed-up" (separate / together) and "/ one trial" (together / one
+trial alone: K = 1's separate time, or K = 1's together time where separate is skipped for it;
+"-" while K = 1 has not run, so put 1 first in --ks): 3.0 at K = 16 says that 16 trials
+together took 3 times as long as one trial alone.
 """
 
 from __future__ import annotations
@@ -93,19 +100,37 @@ def trials(emb: str, out: str, k: int, args) -> list[TrainConfig]:
     ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default, and this docstring as written (the table's columns)."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__)
+    parser.add_argument(
+        "--ks", default="1,4,16", help="comma-separated batch sizes K, a table row each, in order"
     )
-    parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--examples", type=int, default=600, help="train examples (dev: 1/6)")
-    parser.add_argument("--shard-size", type=int, default=100)
-    parser.add_argument("--shuffle-shards", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--adapter", default="pooler")
-    parser.add_argument("--adapter-dim", type=int, default=16)
-    parser.add_argument("--skip-separate-above", type=int, default=16)
-    parser.add_argument("--azurite", action="store_true", help="stream from a fresh Azurite")
+    parser.add_argument("--shard-size", type=int, default=100, help="examples per shard")
+    parser.add_argument(
+        "--shuffle-shards",
+        type=int,
+        default=2,
+        help="shards whose examples are shuffled together (TrainConfig.shuffle_shards)",
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of every trial")
+    parser.add_argument("--adapter", default="pooler", help="the adapter every trial trains")
+    parser.add_argument("--adapter-dim", type=int, default=16, help="the adapter's width")
+    parser.add_argument(
+        "--skip-separate-above",
+        type=int,
+        default=16,
+        help='K above which the trials are not also trained one after another ("separate": -)',
+    )
+    parser.add_argument(
+        "--azurite",
+        action="store_true",
+        help="stream the shards from a fresh Azurite's az:// URL instead of a local folder",
+    )
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     with tempfile.TemporaryDirectory() as root:
@@ -134,7 +159,12 @@ def measure(emb: str, root: str, ks: list[int], args: argparse.Namespace) -> Non
         f"{time.perf_counter() - started:.0f} s; {args.adapter} (dim {args.adapter_dim}), "
         f"{args.epochs} epochs, batch 32, streamed from {emb}"
     )
-    print("wall s (this machine's load inflates them) and CPU s of this process:")
+    print("wall s (this machine's load inflates them) and CPU s of this process;")
+    alone = args.skip_separate_above >= 1
+    print(
+        "speed-up: separate / together; / one trial: together / K = 1 "
+        + ("alone (separate)" if alone else "together (separate skipped)")
+    )
     head = ("K", "together", "separate", "speed-up", "/ one trial")
     print(
         f"{head[0]:>3}  "

@@ -369,16 +369,26 @@ def ensemble(cfg: EnsembleConfig) -> None:
     """Average the outputs of a sweep's best trials; write predictions (GLUE submissions;
     SQuAD 2.0: the official JSON, no-answer threshold chosen on held-out TRAIN) and dev metrics.
 
+    Prints each member's val (held-out TRAIN) and dev metrics, then the ensemble's: its val is
+    scored from the members' mean held-out outputs, to compare it with its trials without a dev
+    label; absent when a member has no held-out outputs (outputs/val.parquet).
+
     Example: bertvision ensemble --task rte --runs sweeps/rte --top-k 5 --out ens/rte
     """
-    from bertvision.ensemble import build_ensemble
+    from bertvision.ensemble import build_ensemble, lacking_outputs
 
     with noting_if_stored(cfg.out):
         result = build_ensemble(cfg)
     for member in result["members"]:
         name = "fine-tuned" if member["trial"] is None else f"trial {member['trial']}"
         typer.echo(f"{name}: val {strict_json(member['val'])} dev {strict_json(member['dev'])}")
-    typer.echo(f"ensemble: dev {strict_json(result['ensemble'])}")
+    if "val" in result:
+        val = f"val {strict_json(result['val'])}"
+    else:
+        lacking = lacking_outputs([m["run"] for m in result["members"]], "val")
+        why = f"{lacking[0]} has no held-out outputs" if lacking else "no held-out outputs"
+        val = f"val absent ({why}, outputs/val.parquet)"
+    typer.echo(f"ensemble: {val} dev {strict_json(result['ensemble'])}")
 
 
 @config_command(ReportConfig)

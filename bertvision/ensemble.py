@@ -119,12 +119,35 @@ def average_outputs(runs: list[str], split: str) -> tuple[np.ndarray, list, np.n
             ids, labels, total = member_ids, member_labels, outputs.astype(np.float64)
             continue
         if not np.array_equal(member_ids, ids) or outputs.shape != total.shape:
-            raise ValueError(
-                f"{run} has other {split} examples or outputs than {runs[0]}; "
-                "members of an ensemble must share their embeddings"
-            )
+            raise ValueError(_mismatch(run, runs[0], split, (member_ids, outputs), (ids, total)))
         total += outputs
     return ids, labels, (total / len(runs)).astype(np.float32)
+
+
+def _mismatch(run: str, first: str, split: str, theirs: tuple, ours: tuple) -> str:
+    """Why `run`'s outputs on `split` cannot be averaged with `first`'s."""
+    (their_ids, their_outputs), (our_ids, our_outputs) = theirs, ours
+    name = "val (the held-out slice of TRAIN)" if split == "val" else split
+    if np.array_equal(their_ids, our_ids):
+        what = f"{run} has {name} outputs of shape {their_outputs.shape}, {first} of shape "
+        what += f"{our_outputs.shape}"
+    else:
+        n, m = len(their_ids), len(our_ids)
+        counts = f"{n} against {m}" if n != m else f"as many, {n}, but not the same ones"
+        what = f"{run} has other {name} examples than {first} ({counts})"
+    share = "their embeddings"
+    if split == "val":
+        share += (
+            " and their held-out slice (the same val_fraction and val_seed: a fine-tuned run "
+            "made with another --val-fraction or --val-seed than the sweep's holds out other "
+            "examples)"
+        )
+    return f"{what}; members of an ensemble must share {share}"
+
+
+def lacking_outputs(runs: list[str], split: str) -> list[str]:
+    """The runs without outputs/<split>.parquet."""
+    return [run for run in runs if not _has_outputs(run, split)]
 
 
 def glue_ensemble(task: GlueTask, runs: list[str], out: str) -> dict[str, Any]:
@@ -134,11 +157,11 @@ def glue_ensemble(task: GlueTask, runs: list[str], out: str) -> dict[str, Any]:
     of the mean outputs on the held-out slice of TRAIN, where every member has them (so that
     an ensemble is compared with its trials, or with another ensemble, without dev labels)}."""
     scores = {}
-    if all(_has_outputs(run, "val") for run in runs):
+    if not lacking_outputs(runs, "val"):
         _, labels, outputs = average_outputs(runs, "val")
         scores["val"] = compute_metrics(task, point_predictions(task, outputs), labels)
     for split in (*task.dev_splits, *task.test_splits):
-        lacking = [run for run in runs if not _has_outputs(run, split)]
+        lacking = lacking_outputs(runs, split)
         if lacking and split in task.dev_splits:
             raise FileNotFoundError(
                 f"{lacking[0]} has no {split} outputs (outputs/{split}.parquet)"

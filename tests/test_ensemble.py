@@ -181,11 +181,64 @@ def test_ensemble_command(tmp_path):
         app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "2", "--out", str(ens)]
     )
     assert result.exit_code == 0, result.output
-    assert "trial 1: val" in result.output and "ensemble: dev" in result.output
+    assert "trial 1: val" in result.output
+    stored = json.loads((ens / "metrics.json").read_text())
+    assert f"ensemble: val {json.dumps(stored['val'])} dev " in result.output
+    assert "ensemble's" in CliRunner().invoke(app, ["ensemble", "--help"]).output
     bad = CliRunner().invoke(
         app, ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "9", "--out", str(ens)]
     )
     assert bad.exit_code == 2 and "error: --top-k 9 is more than the" in bad.output
+
+
+def finetuned_run(root: Path, runs: str, val_ids: range | None) -> str:
+    """A fine-tuned run with a trial's dev and test examples, and held-out outputs on `val_ids`
+    (None: none, as a run made before runs wrote them)."""
+    spec, rng = glue.get_task("rte"), np.random.default_rng(7)
+    _, labels, _ = read_outputs(runs + "/trials/0000", "dev")
+    write_predictions(str(root), spec, "dev", range(DEV), labels, probabilities(rng, DEV, 2))
+    write_predictions(
+        str(root), spec, "test", range(TEST), [None] * TEST, probabilities(rng, TEST, 2)
+    )
+    if val_ids is not None:
+        n = len(val_ids)
+        write_predictions(str(root), spec, "val", val_ids, [0] * n, probabilities(rng, n, 2))
+    storage.write_json(str(root / "metrics.json"), {"dev": {"accuracy": 0.5}})
+    return str(root)
+
+
+def test_a_member_with_another_held_out_slice_is_refused_naming_it(tmp_path):
+    """A fine-tuned run made with another --val-seed shares the embeddings' dev and test
+    examples, not the held-out ones: the error says which split, and why."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    ens = tmp_path / "ens"
+    messages = []
+    for val_ids in (range(5, VAL + 5), range(VAL + 3)):
+        finetuned = finetuned_run(tmp_path / f"finetune-{len(val_ids)}", runs, val_ids)
+        cfg = EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=1, with_finetuned=finetuned)
+        with pytest.raises(ValueError) as refused:
+            build_ensemble(cfg)
+        message = str(refused.value)
+        messages.append(message)
+        assert f"{finetuned} has other val (the held-out slice of TRAIN) examples than" in message
+        assert "must share their embeddings and their held-out slice" in message
+        assert "val_fraction and val_seed" in message
+        assert not (ens / "metrics.json").exists()
+    assert f"(as many, {VAL}, but not the same ones)" in messages[0]
+    assert f"({VAL + 3} against {VAL})" in messages[1]
+
+
+def test_the_ensemble_command_says_why_its_val_is_absent(tmp_path):
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    finetuned = finetuned_run(tmp_path / "finetune", runs, None)
+    ens = tmp_path / "ens"
+    result = CliRunner().invoke(
+        app,
+        ["ensemble", "--task", "rte", "--runs", runs, "--top-k", "1", "--out", str(ens)]
+        + ["--with-finetuned", finetuned],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"ensemble: val absent ({finetuned} has no held-out outputs" in result.output
 
 
 def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path, monkeypatch):
