@@ -48,7 +48,10 @@
 #
 # Afterwards, back here: copy RESULTS_DIR/results.json to docs/results/experiment-glue-gpu.json
 # and commit it (with results.md beside it if wanted), so that the next GPU session continues
-# from it (RECORDS_FROM's default) instead of running the finished stages again.
+# from it (RECORDS_FROM's default) instead of running the finished seeds again. A seed is the
+# unit carried between sessions (a stopped seed's checkpoints stay on the machine that ran it):
+# a whole-set SST-2 seed (a 14-epoch fine-tuning grid of 60k examples, ~12 minutes on an H100
+# by the rates above) does not fit into one command; SST-2 needs a longer lease.
 set -uo pipefail
 results=${1:-${OUT:?RESULTS_DIR or OUT}}; model=${2:-.gpu/minilm-fp16}; glue=${3:-.gpu/glue}
 deadline=${DEADLINE:-480}; device=${DEVICE:-cuda}
@@ -100,9 +103,16 @@ ended() {
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
     transformers.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$log"
-if ! python3 -c "import torch, transformers, pyarrow" 2>/dev/null; then
-  echo "python3 ($(command -v python3)) lacks torch, transformers or pyarrow: put one that has" \
-    "them first on PATH (see the header)" | tee -a "$log"
+# The GPU image lacks hyperopt (the sweep's TPE): scripts/gpu_prepare.sh put its wheel (pure
+# Python; its dependencies are in the image) in .gpu/wheels.
+if ! python3 -c "import hyperopt" 2>/dev/null && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" \
+    .gpu/wheels/*.whl 2>&1 | tee -a "$log"
+  export PYTHONPATH=$PYTHONPATH:$work/site
+fi
+if ! python3 -c "import torch, transformers, pyarrow, hyperopt" 2>/dev/null; then
+  echo "python3 ($(command -v python3)) lacks torch, transformers, pyarrow or hyperopt: put one" \
+    "that has them first on PATH, or run scripts/gpu_prepare.sh (see the header)" | tee -a "$log"
   exit 2
 fi
 
