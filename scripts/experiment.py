@@ -53,8 +53,9 @@ the same command after an interruption continues where it stopped. The key (resu
 examples, not their paths: other settings, weights or data get another key, a copy of the same
 ones elsewhere the same. --records-from an earlier results.json takes its finished seeds where
 its key and device are this run's: a run continued on another machine (a GPU lent for minutes at
-a time) from the results it sent back (a stopped seed runs again: its checkpoints stayed there). --max-train-examples N runs on the first N
-training examples (and N test rows, never scored) for quick checks; dev is always whole.
+a time) from the results it sent back (a stopped seed runs again: its checkpoints stayed there).
+--max-train-examples N runs on the first N training examples (and N test rows, never scored) for
+quick checks; dev is always whole.
 
 Every fine-tuning, the reference included, runs at batch --finetune-batch-size (16) over the same
 lr grid: the recipe that scripts/finetune_recipe.py chose on held-out TRAIN for the brief runs
