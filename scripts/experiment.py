@@ -740,9 +740,15 @@ def title(results: dict) -> str:
         if settings["max_train_examples"]
         else ""
     )
-    return (
-        f"{Path(settings['model']).name}, {results['device']}, {settings['seeds']} seed(s){scope}"
-    )
+    wanted, finished = settings["seeds"], sorted({row["seeds"] for row in results["summary"]})
+    if finished == [wanted]:
+        seeds = f"{wanted} seed(s)"
+    elif not finished:
+        seeds = "no seed finished"
+    else:
+        shown = "-".join(dict.fromkeys(map(str, (finished[0], finished[-1]))))
+        seeds = f"{shown} of {wanted} seeds finished"
+    return f"{Path(settings['model']).name}, {results['device']}, {seeds}{scope}"
 
 
 def markdown(results: dict) -> str:
