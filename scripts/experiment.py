@@ -73,7 +73,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -290,7 +290,8 @@ def settings_key(
     encoder and data elsewhere (another machine, a reinstall) finds the same records, and other
     settings, weights or examples never take them. Runs and records live under the key."""
     content = content_settings(args, not_content)
-    content["encoder"] = encoder_fingerprint(args.model)
+    # the fingerprint of the weights (encoder.fingerprint), loaded where the run uses them
+    content["encoder"] = enc.load_encoder(args.model, args.device).fingerprint
     content["data"] = data
     return config.content_key(content)
 
@@ -299,12 +300,6 @@ def content_settings(args: argparse.Namespace, not_content: tuple[str, ...] = NO
     """The settings in the key by value: all but `not_content` and the encoder's and the data's
     paths (those count by content)."""
     return {k: v for k, v in vars(args).items() if k not in (*not_content, "model", "data_dir")}
-
-
-@cache
-def encoder_fingerprint(model: str) -> str:
-    """The fingerprint of the encoder at `model` (loaded once on the CPU, then dropped)."""
-    return enc.load_encoder(model, "cpu").fingerprint
 
 
 def task_data_fingerprint(task: str, data_dir: str | None) -> str:
