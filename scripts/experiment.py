@@ -102,11 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data-dir", help="a glue_data folder (None: the Hugging Face hub)")
-    parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default="", help="encoder (empty: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte,wnli", help="GLUE tasks")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--out", default="experiment", help="results folder")
-    parser.add_argument("--device", default="", help="cpu, cuda (default: cuda if available)")
+    parser.add_argument("--device", default="", help="cpu, cuda (empty: cuda if available)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
     parser.add_argument("--finetune-epochs", default="0.25,0.5,1,3", help="fine-tunings compared")
     parser.add_argument("--finetune-lrs", default="5e-5,1e-4,2e-4", help="each one's lr grid")

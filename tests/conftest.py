@@ -3,10 +3,21 @@ real MiniLM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+
+# Prefect sets up logging once a process, when its API is first imported: a console handler on
+# the root logger, writing to the sys.stderr of that moment. Set up here, that is pytest's stream;
+# set up first inside a CLI test, it would be that CliRunner's buffer, closed when the test ends,
+# and a later log record reaching the root logger would print "--- Logging error ---" into a
+# later test's output. (The GPU machine runs the CUDA tests without Prefect.)
+with contextlib.suppress(ImportError):
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
 
 REPO = Path(__file__).resolve().parents[1]
 # The real data sit beside the checkout; a GPU machine gets a copy elsewhere, named by these
