@@ -137,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="seconds: start no stage after them; the seeds finished by then are reported "
-        "(the rest continues when the command is run again)",
+        "(seeds run one at a time over all tasks; the rest continues when the command is run "
+        "again)",
     )
     parser.add_argument(
         "--records-from",
@@ -223,20 +224,20 @@ def main(argv: list[str] | None = None) -> dict:
     records: list[dict] = []
     choices: list[dict] = []
     stopped, unfinished = None, []
-    for task in args.tasks:
-        for seed in range(args.seeds):
+    # seed by seed, so that a run stopped early has as many seeds of every task as it could
+    for seed in range(args.seeds):
+        for task in args.tasks:
             keyed = out / keys[task]
             try:
                 seed_records, seed_choices = run_seed(args, task, seed, data_dirs[task], keyed)
-            except OutOfTime as stop:
-                stopped = f"{task} seed {seed}, before its stage {stop}"
-                done = sorted((keyed / "records" / task / f"seed-{seed}").glob("*.json"))
-                unfinished = [json.loads(path.read_text()) for path in done]
-                break
+            except OutOfTime as stop:  # later seeds still count where their records all exist
+                if not stopped:
+                    stopped = f"{task} seed {seed}, before its stage {stop}"
+                    done = sorted((keyed / "records" / task / f"seed-{seed}").glob("*.json"))
+                    unfinished = [json.loads(path.read_text()) for path in done]
+                continue
             records.extend(seed_records)
             choices.append(seed_choices)
-        if stopped:
-            break
     summary = summarise(records, methods(args), args.reference)
     results = {
         "settings": vars(args),

@@ -761,6 +761,35 @@ def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(expe
     assert results["stopped"] == "rte seed 0, before its stage finetune-0.5-lr5e-05"
 
 
+def test_experiment_runs_seed_by_seed_and_reports_every_seed_finished(experiment, tmp_path):
+    """Seed 0 of every task runs before seed 1 of any, so a run stopped early has seeds of every
+    task; after the stop, a seed whose stages are all recorded still counts."""
+    import runpy
+
+    out, argv, _ = experiment
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    original = read_json(out / "results.json")
+    options = [*argv, "--seeds", "2", "--stop-after", "0"]
+
+    def run(tasks: str, records: list[dict]) -> dict:
+        results_json = tmp_path / f"{tasks}.json"
+        results_json.write_text(json.dumps({**original, "records": records}))
+        options[options.index("--out") + 1] = str(tmp_path / tasks)
+        return main([*options, "--tasks", tasks, "--records-from", str(results_json)])
+
+    # rte's seed 0 is recorded, its seed 1 is not: wnli's seed 0 comes first
+    results = run("rte,wnli", original["records"])
+    assert results["stopped"] == "wnli seed 0, before its stage finetune-0.5-lr5e-05"
+    assert [(c["task"], c["seed"]) for c in results["choices"]] == [("rte", 0)]
+
+    # stopped at wnli's seed 0, rte's seeds 0 and 1 (recorded) after it still count
+    as_seed_1 = [{**record, "seed": 1} for record in original["records"]]
+    results = run("wnli,rte", original["records"] + as_seed_1)
+    assert results["stopped"] == "wnli seed 0, before its stage finetune-0.5-lr5e-05"
+    assert [(c["task"], c["seed"]) for c in results["choices"]] == [("rte", 0), ("rte", 1)]
+    assert {(row["task"], row["seeds"]) for row in results["summary"]} == {("rte", 2)}
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [
