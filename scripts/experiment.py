@@ -70,6 +70,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -153,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.extract_from = numbers(parser, "--extract-from", args.extract_from)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.max_train_examples and args.data_dir is None:
+        parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
     if not set(args.extract_from) <= set(args.finetune_epochs):
         parser.error("--extract-from must name epochs of --finetune-epochs")
     if args.method_from not in args.extract_from:
@@ -205,21 +208,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     warm_up(args.device)
     global STOP_AT
     STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
-    data_dirs = {
-        task: sliced_data(args, task, out) if args.max_train_examples else args.data_dir
-        for task in args.tasks
-    }
-    keys = {
-        task: settings_key(args, task_data_fingerprint(task, d)) for task, d in data_dirs.items()
-    }
-    if args.records_from:
-        earlier = storage.read_json(args.records_from)
+    with tempfile.TemporaryDirectory() as staging:  # nothing written before the checks pass
+        data_dirs = {
+            task: sliced_data(args, task, Path(staging)) if args.max_train_examples else None
+            for task in args.tasks
+        }
+        keys = {
+            task: settings_key(args, task_data_fingerprint(task, d or args.data_dir))
+            for task, d in data_dirs.items()
+        }
+        earlier = storage.read_json(args.records_from) if args.records_from else None
         for task in args.tasks:
-            taken = take_records(earlier, args, task, out / keys[task])
+            if earlier is not None:
+                check_records(earlier, args, task, keys[task])
+        out.mkdir(parents=True, exist_ok=True)
+        if args.max_train_examples:
+            shutil.copytree(Path(staging, "data"), out / "data", dirs_exist_ok=True)
+    data_dirs = {task: str(out / "data") if d else args.data_dir for task, d in data_dirs.items()}
+    if earlier is not None:
+        for task in args.tasks:
+            taken = take_records(earlier, task, out / keys[task])
             print(f"{task}: {taken} stage records taken from {args.records_from}", file=sys.stderr)
     records: list[dict] = []
     choices: list[dict] = []
@@ -312,17 +323,13 @@ def task_data_fingerprint(task: str, data_dir: str | None) -> str:
     )
 
 
-def take_records(earlier: dict, args: argparse.Namespace, task: str, keyed: Path) -> int:
-    """Write the stage records of `task`'s finished seeds in `earlier` (a results.json) under
-    `keyed`, where none is yet, so that this run takes them instead of running them; how many.
-    Only records of this run's key (settings, encoder and data) measured on this run's device
-    (their costs are compared with its own), else the error says which differs. A stopped seed's
-    stages ("unfinished") are not taken: the checkpoints and embeddings its later stages read
-    stayed on the machine that ran them."""
-    stages = [r for r in earlier["records"] if r["task"] == task]
-    if not stages:
-        return 0
-    if earlier.get("keys", {}).get(task) != keyed.name:
+def check_records(earlier: dict, args: argparse.Namespace, task: str, key: str) -> None:
+    """Refuse (exit status 2, one line saying which differs) `task`'s records in `earlier` (a
+    results.json) unless they are of this run's `key` (settings, encoder and data) and measured
+    on this run's device (their costs are compared with its own)."""
+    if not any(r["task"] == task for r in earlier["records"]):
+        return
+    if earlier.get("keys", {}).get(task) != key:
         theirs, ours = earlier["settings"], vars(args)
         differ = [k for k in content_settings(args) if theirs.get(k) != ours[k]]
         shown = ", ".join(
@@ -338,9 +345,16 @@ def take_records(earlier: dict, args: argparse.Namespace, task: str, keyed: Path
             f"--records-from: its records were measured on {earlier['device']}, this run is on "
             f"{device_name(args.device)}: their costs would not compare; not taken"
         )
+
+
+def take_records(earlier: dict, task: str, keyed: Path) -> int:
+    """Write the stage records of `task`'s finished seeds in `earlier` (a results.json, passed
+    by `check_records`) under `keyed`, where none is yet, so that this run takes them instead of
+    running them; how many. A stopped seed's stages ("unfinished") are not taken: the
+    checkpoints and embeddings its later stages read stayed on the machine that ran them."""
     derived = ("pipeline_s", "pipeline_cpu_s", "amortised_s", "amortised_cpu_s", "device_s")
     taken = 0
-    for record in stages:
+    for record in (r for r in earlier["records"] if r["task"] == task):
         if "chosen_s" in record or "chose" in record:  # a choice among stages: derived, not run
             continue
         path = keyed / "records" / task / f"seed-{record['seed']}" / f"{record['method']}.json"
@@ -673,8 +687,6 @@ def sliced_data(args: argparse.Namespace, task_name: str, out: Path) -> str:
     folder = out / "data" / task.dir_name
     folder.mkdir(parents=True, exist_ok=True)
     source = args.data_dir
-    if source is None:
-        raise SystemExit("--max-train-examples needs --data-dir (a glue_data folder)")
     for split in task.splits:
         fs, path = storage.url_to_fs(storage.join(source, task.dir_name, f"{split}.tsv"))
         lines = fs.cat_file(path).splitlines(keepends=True)

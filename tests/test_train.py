@@ -714,6 +714,7 @@ def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_pa
     assert (
         "made with other settings (--top-k 2 there, 1 here): not taken" in capsys.readouterr().err
     )
+    assert not (tmp_path / "other-settings").exists()  # refused before anything is written
 
     train = tmp_path / "glue" / "RTE" / "train.tsv"
     header, first, *rest = train.read_text().splitlines(keepends=True)
@@ -721,6 +722,7 @@ def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_pa
     with pytest.raises(SystemExit):
         main([*elsewhere, "--out", str(tmp_path / "other-data")])
     assert "made with another encoder or other examples: not taken" in capsys.readouterr().err
+    assert not (tmp_path / "other-data").exists()
 
 
 def test_experiment_stopped_by_its_time_limit_reports_the_seeds_it_finished(experiment, tmp_path):
@@ -797,6 +799,7 @@ def test_experiment_runs_seed_by_seed_and_reports_every_seed_finished(experiment
         (["--space", "{epochs: 1}"], "--space must be a JSON object or a JSON file"),
         (["--space", "[1]"], "--space must be a JSON object, got '[1]'"),
         (["--records-from", "missing.json"], "--records-from: missing.json does not exist"),
+        (["--max-train-examples", "10"], "--max-train-examples needs --data-dir"),
     ],
 )
 def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
