@@ -47,8 +47,10 @@ numpy, scipy, hyperopt, matplotlib):
 
 and writes OUT/results.json (every record, the choices and the summary), OUT/results.md (the
 tables) and OUT/results.png (dev metric against pipeline seconds, one point per method, per
-task). Each finished stage leaves OUT/<key>/records/<task>/seed-<n>/<stage>.json, so rerunning
-the same command after an interruption continues where it stopped. The key (results.json's
+task), all three again after every finished seed, so a killed run still reports the seeds it
+finished. Seeds run one at a time over all tasks. Each finished stage leaves
+OUT/<key>/records/<task>/seed-<n>/<stage>.json, so rerunning the same command after an
+interruption continues where it stopped. The key (results.json's
 "keys", one per task) hashes the settings, the encoder's weights and tokenizer and the task's
 examples, not their paths: other settings, weights or data get another key, a copy of the same
 ones elsewhere the same. --records-from an earlier results.json takes its finished seeds where
@@ -204,8 +206,6 @@ def numbers(parser: argparse.ArgumentParser, option: str, text: str) -> list[flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bertvision.plots import plot_cost_metric
-
     args = parse_args(argv)
     out = Path(args.out)
     warm_up(args.device)
@@ -234,7 +234,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{task}: {taken} stage records taken from {args.records_from}", file=sys.stderr)
     records: list[dict] = []
     choices: list[dict] = []
-    stopped, unfinished = None, []
+    results = {
+        "settings": vars(args),
+        "keys": keys,
+        "stopped": None,
+        "running": None,
+        "code_version": __version__,
+        "device": device_name(args.device),
+        "summary": [],
+        "choices": choices,
+        "records": records,
+        "unfinished": [],  # the stopped seed's stages, reported, not taken elsewhere
+    }
     # seed by seed, so that a run stopped early has as many seeds of every task as it could
     for seed in range(args.seeds):
         for task in args.tasks:
@@ -242,33 +253,32 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 seed_records, seed_choices = run_seed(args, task, seed, data_dirs[task], keyed)
             except OutOfTime as stop:  # later seeds still count where their records all exist
-                if not stopped:
-                    stopped = f"{task} seed {seed}, before its stage {stop}"
+                if not results["stopped"]:
+                    results["stopped"] = f"{task} seed {seed}, before its stage {stop}"
                     done = sorted((keyed / "records" / task / f"seed-{seed}").glob("*.json"))
-                    unfinished = [json.loads(path.read_text()) for path in done]
+                    results["unfinished"] = [json.loads(path.read_text()) for path in done]
                 continue
             records.extend(seed_records)
             choices.append(seed_choices)
-    summary = summarise(records, methods(args), args.reference)
-    results = {
-        "settings": vars(args),
-        "keys": keys,
-        "stopped": stopped,
-        "code_version": __version__,
-        "device": device_name(args.device),
-        "summary": summary,
-        "choices": choices,
-        "records": records,
-        "unfinished": unfinished,  # the stopped seed's stages, reported, not taken elsewhere
-    }
+            # a run killed later (a device lent for minutes) still leaves its finished seeds
+            write_results(args, {**results, "running": f"{task} seed {seed}"})
+    write_results(args, results)
+    print(markdown(results))
+    return results
+
+
+def write_results(args: argparse.Namespace, results: dict) -> None:
+    """OUT/results.{json,md,png} of `results`, its summary made of its records so far."""
+    from bertvision.plots import plot_cost_metric
+
+    out = Path(args.out)
+    results["summary"] = summarise(results["records"], methods(args), args.reference)
     storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
     # on a CPU machine shared with other jobs wall-clock stretches with the load: plot CPU seconds
     clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
-    plot = plot_cost_metric(plot_points(summary, clock), title(results), cost)
+    plot = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
     (out / "results.png").write_bytes(plot)
-    print(markdown(results))
-    return results
 
 
 def methods(args: argparse.Namespace) -> list[str]:
@@ -787,6 +797,14 @@ def markdown(results: dict) -> str:
             "the same command continues from its records.",
             "",
         ]
+    if results.get("running"):
+        lines += [
+            f"**Written while the run went on, after {results['running']}**: each task shows "
+            "the seeds finished by then; if the run was killed, the same command continues "
+            "from its records.",
+            "",
+        ]
+    partial = results.get("stopped") or results.get("running")
     for task in dict.fromkeys(row["task"] for row in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
         scored = [r for r in rows if "dev" in r]
@@ -796,7 +814,8 @@ def markdown(results: dict) -> str:
         header += ["pipeline CPU s"]
         finished = max(r["seeds"] for r in rows)
         lines += [
-            f"## {task}" + (f" ({finished} seeds finished)" if results.get("stopped") else ""),
+            f"## {task}"
+            + (f" ({finished} of {settings['seeds']} seeds finished)" if partial else ""),
             "",
             "| method | " + " | ".join(header) + " |",
             "|---" * (len(header) + 1) + "|",

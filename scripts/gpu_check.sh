@@ -40,9 +40,10 @@
 #    and with a bert-base-sized encoder of random weights (issue 11's >= 12,000 examples/s)
 # 3. scripts/experiment.py (issue 12), TASKS x SEEDS, whole training sets, in a fresh folder
 #    (mktemp -d) and stopped between stages STAGE_RESERVE s before the deadline (--stop-after);
-#    it continues from RECORDS_FROM. Its results come back only when it exited 0 (stopped by
-#    --stop-after included); killed by the deadline or failed, the log says so with its exit
-#    status. Either way records.tgz keeps the stage records it wrote, and the log lists them
+#    it continues from RECORDS_FROM. Its results come back whether it exited 0 (stopped by
+#    --stop-after included) or not: killed by the deadline or failed, the log says so with its
+#    exit status, and its results.json holds the seeds finished before (it is written after
+#    each). Either way records.tgz keeps the stage records it wrote, and the log lists them
 # 4. with INT8=1, benchmarks/bench_int8.py; with SQUAD_DIR, the SQuAD 2.0 experiment: only in
 #    what time is left
 # Everything it writes to RESULTS_DIR (at most 8 files, what the device tool brings back):
@@ -88,10 +89,10 @@ ended() {
   local name=$1 status=$2 note=${3:-}
   ((status == 0)) && return 0
   if ((status == 124 || status == 137)); then
-    echo "$name: killed by the deadline (exit status $status): its results are not copied$note" \
+    echo "$name: killed by the deadline (exit status $status)$note" \
       | tee -a "$log"
   else
-    echo "$name: failed (exit status $status): its results are not copied$note" | tee -a "$log"
+    echo "$name: failed (exit status $status)$note" | tee -a "$log"
   fi
   return 1
 }
@@ -161,7 +162,9 @@ if ((stop_after > 30)); then
     --device "$device" --tasks "$tasks" --seeds "$seeds" --out "$experiment" \
     --stop-after "$stop_after" "${continued[@]}" 2>&1 | quiet | tee -a "$log"
   status=${PIPESTATUS[0]}
-  if ended experiment "$status" "; records.tgz has the stages it finished"; then
+  ended experiment "$status" ": its results hold the seeds finished before, records.tgz the stages"
+  # written after each finished seed: there even when the experiment was killed
+  if [ -f "$experiment/results.json" ]; then
     cp "$experiment"/results.{json,md,png} "$results/" 2>/dev/null
   fi
   tar -czf "$results/records.tgz" -C "$experiment" --exclude=runs --exclude=data . 2>/dev/null
@@ -184,7 +187,7 @@ if [ -n "${SQUAD_DIR:-}" ]; then
   capped 600 python3 scripts/experiment_squad.py --data-dir "$SQUAD_DIR" --model "$model" \
     --device "$device" --seeds 3 --out "$squad" 2>&1 | quiet | tee -a "$log"
   status=${PIPESTATUS[0]}
-  if ended "the SQuAD experiment" "$status"; then
+  if ended "the SQuAD experiment" "$status" ": its results are not copied"; then
     cp "$squad/results.json" "$results/results-squad.json" 2>/dev/null
   fi
 fi

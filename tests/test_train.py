@@ -792,6 +792,45 @@ def test_experiment_runs_seed_by_seed_and_reports_every_seed_finished(experiment
     assert {(row["task"], row["seeds"]) for row in results["summary"]} == {("rte", 2)}
 
 
+def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(experiment, tmp_path):
+    """results.json is written after every finished seed: a run killed later (a device lent for
+    minutes) leaves its finished seeds, which a later run takes with --records-from."""
+    import runpy
+
+    out, argv, _ = experiment
+    original = read_json(out / "results.json")
+    options = [*argv, "--tasks", "rte,wnli", "--records-from", str(out / "results.json")]
+    options[options.index("--out") + 1] = str(tmp_path / "killed")
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    run_seed = main.__globals__["run_seed"]
+
+    def killed_at_wnli(args, task, *rest):
+        if task == "wnli":
+            raise KeyboardInterrupt  # as the device's deadline would, mid-stage
+        return run_seed(args, task, *rest)
+
+    main.__globals__["run_seed"] = killed_at_wnli
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(options)
+    finally:
+        main.__globals__["run_seed"] = run_seed
+
+    results = read_json(tmp_path / "killed" / "results.json")
+    assert results["running"] == "rte seed 0" and results["stopped"] is None
+    assert results["records"] == original["records"]
+    assert results["choices"] == original["choices"]
+    report = (tmp_path / "killed" / "results.md").read_text()
+    assert "Written while the run went on, after rte seed 0" in report
+    assert "## rte (1 of 1 seeds finished)" in report
+
+    options = [*argv, "--records-from", str(tmp_path / "killed" / "results.json")]
+    options[options.index("--out") + 1] = str(tmp_path / "continued")
+    continued = main(options)
+    assert continued["records"] == original["records"]  # taken, not run again
+    assert continued["running"] is None
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [
