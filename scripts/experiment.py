@@ -47,8 +47,8 @@ numpy, scipy, hyperopt, matplotlib):
 
 and writes OUT/results.json (every record, the choices and the summary), OUT/results.md (the
 tables) and OUT/results.png (dev metric against pipeline seconds, one point per method, per
-task), all three again after every finished seed, so a killed run still reports the seeds it
-finished. Seeds run one at a time over all tasks. Each finished stage leaves
+task); the first two again after every finished seed, so a killed run still reports the seeds
+it finished. Seeds run one at a time over all tasks. Each finished stage leaves
 OUT/<key>/records/<task>/seed-<n>/<stage>.json, so rerunning the same command after an
 interruption continues where it stopped. The key (results.json's
 "keys", one per task) hashes the settings, the encoder's weights and tokenizer and the task's
@@ -151,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks:
+        parser.error("--tasks names no task")
     args.finetune_epochs = numbers(parser, "--finetune-epochs", args.finetune_epochs)
     args.finetune_lrs = numbers(parser, "--finetune-lrs", args.finetune_lrs)
     args.extract_from = numbers(parser, "--extract-from", args.extract_from)
@@ -260,25 +262,28 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             records.extend(seed_records)
             choices.append(seed_choices)
-            # a run killed later (a device lent for minutes) still leaves its finished seeds
-            write_results(args, {**results, "running": f"{task} seed {seed}"})
+            if not results["stopped"]:  # a run killed later (a device lent for minutes) still
+                # leaves its finished seeds; the plot waits for the end
+                write_results(args, {**results, "running": f"{task} seed {seed}"}, plot=False)
     write_results(args, results)
     print(markdown(results))
     return results
 
 
-def write_results(args: argparse.Namespace, results: dict) -> None:
-    """OUT/results.{json,md,png} of `results`, its summary made of its records so far."""
+def write_results(args: argparse.Namespace, results: dict, plot: bool = True) -> None:
+    """OUT/results.md (and with `plot`, results.png), then OUT/results.json, of `results`, its
+    summary made of its records so far."""
     from bertvision.plots import plot_cost_metric
 
     out = Path(args.out)
     results["summary"] = summarise(results["records"], methods(args), args.reference)
-    storage.write_json(str(out / "results.json"), results)
     (out / "results.md").write_text(markdown(results))
-    # on a CPU machine shared with other jobs wall-clock stretches with the load: plot CPU seconds
-    clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
-    plot = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
-    (out / "results.png").write_bytes(plot)
+    if plot:
+        # on a CPU machine shared with other jobs wall-clock stretches with the load: plot CPU s
+        clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
+        figure = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
+        (out / "results.png").write_bytes(figure)
+    storage.write_json(str(out / "results.json"), results)  # last: the record of the run
 
 
 def methods(args: argparse.Namespace) -> list[str]:
@@ -758,10 +763,12 @@ def title(results: dict) -> str:
         if settings["max_train_examples"]
         else ""
     )
-    wanted, finished = settings["seeds"], sorted({row["seeds"] for row in results["summary"]})
+    per_task = {task: 0 for task in settings["tasks"]}
+    per_task.update((row["task"], row["seeds"]) for row in results["summary"])
+    wanted, finished = settings["seeds"], sorted(set(per_task.values()))
     if finished == [wanted]:
         seeds = f"{wanted} seed(s)"
-    elif not finished:
+    elif finished == [0]:
         seeds = "no seed finished"
     else:
         shown = "-".join(dict.fromkeys(map(str, (finished[0], finished[-1]))))
@@ -793,7 +800,7 @@ def markdown(results: dict) -> str:
     if results.get("stopped"):
         lines += [
             f"**Stopped by --stop-after {settings['stop_after']:g} s, at {results['stopped']}**: "
-            "each task shows the seeds finished before (`seeds` in results.json's summary); "
+            "each task shows its seeds finished (`seeds` in results.json's summary); "
             "the same command continues from its records.",
             "",
         ]

@@ -19,10 +19,11 @@
 #   SEEDS          the experiment's seeds 0..SEEDS-1 per task [5]
 #   RECORDS_FROM   an earlier run's results.json to continue from, used only when it was measured
 #                  on this same GPU model (or CPU) [docs/results/experiment-glue-gpu.json]
-#   STAGE_RESERVE  seconds before DEADLINE in which the experiment starts no stage [150]: the
-#                  longest single stage, a 3-epoch fine-tuning of SST-2's 67k training examples,
-#                  takes ~150-180 s on an H100 (~1,200 examples/s). The outer timeout at DEADLINE
-#                  is the backstop: an experiment it kills brings back no results, only records.tgz
+#   STAGE_RESERVE  seconds before DEADLINE in which the experiment starts no stage [150]: at
+#                  ~1,200 examples/s on an H100, a 3-epoch fine-tuning takes ~25 s on CoLA's 8.5k
+#                  training examples, ~150-180 s on SST-2's 67k; a 20-trial sweep is unmeasured
+#                  there. The outer timeout at DEADLINE is the backstop: an experiment it kills
+#                  loses its unfinished seed, and brings back the seeds finished before
 #   INT8           1: also benchmarks/bench_int8.py over 5 seeds, in what time is left [0]
 #   SQUAD_DIR      a SQuAD 2.0 folder: also scripts/experiment_squad.py, 3 seeds [unset]
 #
@@ -55,7 +56,9 @@
 # from it (RECORDS_FROM's default) instead of running the finished seeds again. A seed is the
 # unit carried between sessions (a stopped seed's checkpoints stay on the machine that ran it):
 # a whole-set SST-2 seed (a 14-epoch fine-tuning grid of 60k examples, ~12 minutes on an H100
-# by the rates above) does not fit into one command; SST-2 needs a longer lease (TASKS=sst2).
+# by the rates above) does not fit into one command; SST-2 needs a longer lease, with its own
+# results file (TASKS=sst2 RECORDS_FROM=docs/results/experiment-sst2-gpu.json, copied back
+# there): a results.json holds the tasks of its run only.
 set -uo pipefail
 results=${1:-${OUT:?RESULTS_DIR or OUT}}; model=${2:-.gpu/minilm-fp16}; glue=${3:-.gpu/glue}
 deadline=${DEADLINE:-480}; device=${DEVICE:-cuda}
@@ -162,10 +165,12 @@ if ((stop_after > 30)); then
     --device "$device" --tasks "$tasks" --seeds "$seeds" --out "$experiment" \
     --stop-after "$stop_after" "${continued[@]}" 2>&1 | quiet | tee -a "$log"
   status=${PIPESTATUS[0]}
-  ended experiment "$status" ": its results hold the seeds finished before, records.tgz the stages"
-  # written after each finished seed: there even when the experiment was killed
+  # results.json is written after each finished seed: there even when the experiment was killed
   if [ -f "$experiment/results.json" ]; then
+    ended experiment "$status" ": its results hold the seeds it finished, records.tgz the stages"
     cp "$experiment"/results.{json,md,png} "$results/" 2>/dev/null
+  else
+    ended experiment "$status" ": no seed finished; records.tgz has the stages it finished"
   fi
   tar -czf "$results/records.tgz" -C "$experiment" --exclude=runs --exclude=data . 2>/dev/null
   for seed in "$experiment"/*/records/*/seed-*/; do  # how far it got, killed or not

@@ -794,22 +794,27 @@ def test_experiment_runs_seed_by_seed_and_reports_every_seed_finished(experiment
 
 def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(experiment, tmp_path):
     """results.json is written after every finished seed: a run killed later (a device lent for
-    minutes) leaves its finished seeds, which a later run takes with --records-from."""
+    minutes) leaves its finished seeds, which a later run takes with --records-from. (Seeds 0
+    and 1 are taken from records here; the kill comes in seed 2.)"""
     import runpy
 
     out, argv, _ = experiment
     original = read_json(out / "results.json")
-    options = [*argv, "--tasks", "rte,wnli", "--records-from", str(out / "results.json")]
+    as_seed_1 = [{**record, "seed": 1} for record in original["records"]]
+    (tmp_path / "two.json").write_text(
+        json.dumps({**original, "records": original["records"] + as_seed_1})
+    )
+    options = [*argv, "--seeds", "3", "--records-from", str(tmp_path / "two.json")]
     options[options.index("--out") + 1] = str(tmp_path / "killed")
     main = runpy.run_path(str(EXPERIMENT))["main"]
     run_seed = main.__globals__["run_seed"]
 
-    def killed_at_wnli(args, task, *rest):
-        if task == "wnli":
+    def killed_in_seed_2(args, task, seed, *rest):
+        if seed == 2:
             raise KeyboardInterrupt  # as the device's deadline would, mid-stage
-        return run_seed(args, task, *rest)
+        return run_seed(args, task, seed, *rest)
 
-    main.__globals__["run_seed"] = killed_at_wnli
+    main.__globals__["run_seed"] = killed_in_seed_2
     try:
         with pytest.raises(KeyboardInterrupt):
             main(options)
@@ -817,17 +822,17 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         main.__globals__["run_seed"] = run_seed
 
     results = read_json(tmp_path / "killed" / "results.json")
-    assert results["running"] == "rte seed 0" and results["stopped"] is None
-    assert results["records"] == original["records"]
-    assert results["choices"] == original["choices"]
+    assert results["running"] == "rte seed 1" and results["stopped"] is None
+    assert [(c["task"], c["seed"]) for c in results["choices"]] == [("rte", 0), ("rte", 1)]
+    assert {row["seeds"] for row in results["summary"]} == {2}
     report = (tmp_path / "killed" / "results.md").read_text()
-    assert "Written while the run went on, after rte seed 0" in report
-    assert "## rte (1 of 1 seeds finished)" in report
+    assert "Written while the run went on, after rte seed 1" in report
+    assert "## rte (2 of 3 seeds finished)" in report
 
-    options = [*argv, "--records-from", str(tmp_path / "killed" / "results.json")]
+    options = [*argv, "--seeds", "2", "--records-from", str(tmp_path / "killed" / "results.json")]
     options[options.index("--out") + 1] = str(tmp_path / "continued")
     continued = main(options)
-    assert continued["records"] == original["records"]  # taken, not run again
+    assert continued["records"] == results["records"]  # taken, not run again
     assert continued["running"] is None
 
 
@@ -839,6 +844,7 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--space", "[1]"], "--space must be a JSON object, got '[1]'"),
         (["--records-from", "missing.json"], "--records-from: missing.json does not exist"),
         (["--max-train-examples", "10"], "--max-train-examples needs --data-dir"),
+        (["--tasks", ","], "--tasks names no task"),
     ],
 )
 def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
