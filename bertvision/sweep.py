@@ -599,14 +599,16 @@ def stale_records(
 ) -> tuple[str | None, records.RunRecord | None]:
     """What `record_trials` is to write for the finished `trials`: the text of trials.jsonl, or
     None when the stored one has it; the sweep's run record, or None when the stored one says
-    the same (all but `code`, `worker` and `committed_at`, which say who wrote it)."""
+    the same of them (all but `code`, `worker` and `committed_at`, which say who wrote it, and
+    `settings`: those of the sweep's key are the same, and the others, such as `parallel`,
+    describe the run that trained the trials, not a later one that finds them finished)."""
     lines = "".join(record.to_json() + "\n" for record in trials)
     url = storage.join(cfg.out, TRIALS_FILE)
     if storage.exists(url) and storage.read_text(url) == lines:
         lines = None
     record = sweep_record(cfg, trials)
     stored = records.read_record(storage.join(cfg.out, runs.COMMIT_RECORD))
-    unchanged = ("code", "worker", "committed_at")
+    unchanged = ("code", "worker", "committed_at", "settings")
     if stored is not None and all(
         getattr(stored, f.name) == getattr(record, f.name)
         for f in fields(records.RunRecord)

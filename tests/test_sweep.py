@@ -287,6 +287,10 @@ def test_a_finished_sweep_run_again_writes_nothing(embeddings, tmp_path):
     assert "2 of 2 trials finished (0 now, 2 before, " in result.stdout
     assert tree_state(out) == before
 
+    # settings outside the sweep's key (how many at once, fewer trials wanted) change nothing
+    assert run_sweep(quick(embeddings, out, trials=1, parallel=2), progress=False).ran == 0
+    assert tree_state(out) == before
+
 
 def test_a_rerun_writes_the_sweeps_records_again_where_they_lag_its_trials(embeddings, tmp_path):
     """A kill after a trial's commit and before the sweep recorded it leaves trials.jsonl and
