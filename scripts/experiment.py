@@ -57,7 +57,8 @@ ones elsewhere the same. --records-from an earlier results.json takes its finish
 its key and device are this run's: a run continued on another machine (a GPU lent for minutes at
 a time) from the results it sent back (a stopped seed runs again: its checkpoints stayed there).
 --max-train-examples N runs on the first N training examples (and N test rows, never scored) for
-quick checks; dev is always whole.
+quick checks, or on N drawn at random with --train-sample random (GLUE's files are not shuffled:
+the first N of STS-B are one genre); dev is always whole.
 
 Every fine-tuning, the reference included, runs at batch --finetune-batch-size (16) over the same
 lr grid: the recipe that scripts/finetune_recipe.py chose on held-out TRAIN for the brief runs
@@ -79,6 +80,8 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
+
+import numpy as np
 
 from bertvision import __version__, config, families, glue, storage
 from bertvision import encoder as enc
@@ -111,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="experiment", help="results folder")
     parser.add_argument("--device", default="", help="cpu, cuda (empty: cuda if available)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
+    parser.add_argument(
+        "--train-sample",
+        choices=("first", "random"),
+        default="first",
+        help="which N of --max-train-examples: the file's first N rows, or N drawn at random "
+        "(seed 0, the same for every seed; kept in file order). GLUE's files are not shuffled: "
+        "STS-B's first 1,000 pairs are all of one genre",
+    )
     parser.add_argument("--finetune-epochs", default="0.25,0.5,1,3", help="fine-tunings compared")
     parser.add_argument("--finetune-lrs", default="5e-5,1e-4,2e-4", help="each one's lr grid")
     parser.add_argument("--finetune-batch-size", type=int, default=16, help="examples a step")
@@ -305,6 +316,7 @@ def methods(args: argparse.Namespace) -> list[str]:
 NOT_CONTENT = (
     *("out", "tasks", "seeds", "keep_embeddings", "device", "reference"),
     *("records_from", "stop_after"),
+    "train_sample",  # which examples: in the key as the data's fingerprint
 )
 
 
@@ -697,17 +709,24 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
 
 
 def sliced_data(args: argparse.Namespace, task_name: str, out: Path) -> str:
-    """A glue_data folder with the first N train (and test) rows of `task_name`; dev is whole."""
+    """A glue_data folder with N train rows of `task_name` (the first N, or with
+    --train-sample random N drawn with seed 0, in file order) and the first N test rows; dev
+    is whole."""
     task = glue.get_task(task_name)
     folder = out / "data" / task.dir_name
     folder.mkdir(parents=True, exist_ok=True)
     source = args.data_dir
+    n = args.max_train_examples
     for split in task.splits:
         fs, path = storage.url_to_fs(storage.join(source, task.dir_name, f"{split}.tsv"))
         lines = fs.cat_file(path).splitlines(keepends=True)
         if split == "train" or task.is_test(split):
             has_header = task.is_test(split) or task.implicit_header is None
-            lines = lines[: args.max_train_examples + int(has_header)]
+            header, rows = lines[: int(has_header)], lines[int(has_header) :]
+            if split == "train" and args.train_sample == "random":
+                drawn = np.random.default_rng(0).permutation(len(rows))[:n]
+                rows = [rows[i] for i in sorted(drawn)]
+            lines = header + rows[:n]
         (folder / f"{split}.tsv").write_bytes(b"".join(lines))
     return str(out / "data")
 
@@ -756,13 +775,15 @@ def shown(value: dict[str, float | None]) -> str:
     return f"{value['mean']:.4f}{std}"
 
 
+def subset(settings: dict) -> str:
+    """The training examples of a --max-train-examples run, in words ("first 1000")."""
+    which = "first" if settings.get("train_sample", "first") == "first" else "a random"
+    return f"{which} {settings['max_train_examples']}"
+
+
 def title(results: dict) -> str:
     settings = results["settings"]
-    scope = (
-        f", first {settings['max_train_examples']} training examples only"
-        if settings["max_train_examples"]
-        else ""
-    )
+    scope = f", {subset(settings)} training examples only" if settings["max_train_examples"] else ""
     per_task = {task: 0 for task in settings["tasks"]}
     per_task.update((row["task"], row["seeds"]) for row in results["summary"])
     wanted, finished = settings["seeds"], sorted(set(per_task.values()))
@@ -779,9 +800,7 @@ def title(results: dict) -> str:
 def markdown(results: dict) -> str:
     settings = results["settings"]
     scope = (
-        f", **first {settings['max_train_examples']} training examples only**"
-        if settings["max_train_examples"]
-        else ""
+        f", **{subset(settings)} training examples only**" if settings["max_train_examples"] else ""
     )
     lrs = ", ".join(f"{lr:g}" for lr in settings["finetune_lrs"])
     lines = [

@@ -857,6 +857,34 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
     assert says in capsys.readouterr().err
 
 
+def test_experiment_train_sample_random_draws_across_the_file(glue_dir, tmp_path):
+    """--train-sample random: N training rows drawn with a fixed seed, in file order, the same
+    on every call; the first N of STS-B are all one genre, the drawn N are not. Dev is whole."""
+    import runpy
+
+    experiment = runpy.run_path(str(EXPERIMENT))
+    parse_args, sliced_data = experiment["parse_args"], experiment["sliced_data"]
+    options = ["--data-dir", glue_dir, "--max-train-examples", "300", "--device", "cpu"]
+    source = (Path(glue_dir) / "STS-B" / "train.tsv").read_text().splitlines(keepends=True)
+
+    def train_rows(sample: str, out: Path) -> list[str]:
+        args = parse_args([*options, "--train-sample", sample])
+        folder = Path(sliced_data(args, "stsb", out)) / "STS-B"
+        assert (folder / "dev.tsv").read_bytes() == (Path(glue_dir) / "STS-B/dev.tsv").read_bytes()
+        header, *rows = (folder / "train.tsv").read_text().splitlines(keepends=True)
+        assert header == source[0]
+        return rows
+
+    first = train_rows("first", tmp_path / "first")
+    drawn = train_rows("random", tmp_path / "random")
+    assert first == source[1:301]
+    assert len(drawn) == 300 and drawn != first
+    assert drawn == [row for row in source[1:] if row in set(drawn)]  # file order
+    assert drawn == train_rows("random", tmp_path / "again")
+    genres = {row.split("\t")[1] for row in drawn}
+    assert {row.split("\t")[1] for row in first} == {"main-captions"} and len(genres) > 1
+
+
 def test_experiment_space_is_json_inline_or_in_a_file(tmp_path):
     import runpy
 
