@@ -7,7 +7,8 @@ all-MiniLM-L6-v2):
                       learning rate of --finetune-lrs (5e-5, 1e-4, 2e-4), the one best on the
                       held-out slice of TRAIN is the method's result (ties: the first in the grid)
     extract@E         all-layer train+dev embeddings of the chosen finetune-E checkpoint, for E
-                      in --extract-from (the partial checkpoints 0.25 and 0.5)
+                      in --extract-from (0, 0.25 and 0.5; 0: the pretrained encoder itself, not
+                      fine-tuned, so adapters on it are charged no fine-tuning)
     load@E            loading them once for every adapter below
     pooler@E, scalarmix@E, cls@E   the single adapters on them (bertvision.train)
     sweep-best@M      the hyperopt sweep (--trials trials, bertvision.sweep) of --sweep-adapter
@@ -127,7 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-batch-size", type=int, default=16, help="examples a step")
     parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of TRAIN")
-    parser.add_argument("--extract-from", default="0.25,0.5", help="checkpoints with adapters")
+    parser.add_argument(
+        "--extract-from",
+        default="0,0.25,0.5",
+        help="checkpoints with adapters (0: the pretrained encoder, not fine-tuned)",
+    )
     parser.add_argument("--method-from", type=float, default=0.5, help="the method's checkpoint")
     parser.add_argument("--adapter-epochs", type=int, default=20, help="single adapters, at most")
     parser.add_argument("--adapter-lr", type=float, default=1e-3, help="single adapters")
@@ -166,15 +171,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tasks names no task")
     args.finetune_epochs = numbers(parser, "--finetune-epochs", args.finetune_epochs)
     args.finetune_lrs = numbers(parser, "--finetune-lrs", args.finetune_lrs)
-    args.extract_from = numbers(parser, "--extract-from", args.extract_from)
+    args.extract_from = numbers(parser, "--extract-from", args.extract_from, zero=True)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.max_train_examples and args.data_dir is None:
         parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
-    if not set(args.extract_from) <= set(args.finetune_epochs):
-        parser.error("--extract-from must name epochs of --finetune-epochs")
+    if not set(args.extract_from) <= {0.0, *args.finetune_epochs}:
+        parser.error("--extract-from must name epochs of --finetune-epochs (or 0)")
     if args.method_from not in args.extract_from:
         parser.error(f"--method-from {args.method_from:g} is not in --extract-from")
+    if args.method_from <= 0:  # ensemble+ft needs a fine-tuned model
+        parser.error(f"--method-from must be a fine-tuned checkpoint (> 0), got {args.method_from}")
     if args.top_k > args.trials:
         parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
     if args.reference not in methods(args):
@@ -208,13 +215,17 @@ def earlier_results(parser: argparse.ArgumentParser, path: str) -> dict:
         parser.error(f"--records-from: {exc}")
 
 
-def numbers(parser: argparse.ArgumentParser, option: str, text: str) -> list[float]:
+def numbers(
+    parser: argparse.ArgumentParser, option: str, text: str, zero: bool = False
+) -> list[float]:
+    """The comma-separated numbers of `option`, all positive (or with `zero`, >= 0)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         parser.error(f"{option} must be comma-separated numbers, got {text!r}")
-    if not values or not all(v > 0 for v in values):
-        parser.error(f"{option} must be positive numbers, got {text!r}")
+    if not values or not all(v > 0 or (zero and v == 0) for v in values):
+        kind = "numbers >= 0" if zero else "positive numbers"
+        parser.error(f"{option} must be {kind}, got {text!r}")
     return values
 
 
@@ -408,8 +419,8 @@ def run_seed(
     metric = glue.get_task(task).primary_metric
     records: list[dict] = []
     choices: dict = {"task": task, "seed": seed, "finetune_lr": {}}
-    chosen_runs: dict[float, Path] = {}
-    grid_s: dict[float, dict[str, float]] = {}
+    chosen_runs: dict[float, Path] = {0.0: Path(args.model)}  # 0 epochs: the pretrained encoder
+    grid_s: dict[float, dict[str, float]] = {0.0: dict.fromkeys(CLOCKS, 0.0)}
 
     def finetune(epochs: float, lr: float) -> dict:
         cfg = FinetuneConfig(

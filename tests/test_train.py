@@ -845,6 +845,9 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--records-from", "missing.json"], "--records-from: missing.json does not exist"),
         (["--max-train-examples", "10"], "--max-train-examples needs --data-dir"),
         (["--tasks", ","], "--tasks names no task"),
+        (["--method-from", "0"], "--method-from must be a fine-tuned checkpoint (> 0)"),
+        (["--extract-from", "0.75"], "--extract-from must name epochs of --finetune-epochs"),
+        (["--finetune-epochs", "0,1"], "--finetune-epochs must be positive numbers"),
     ],
 )
 def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
@@ -855,6 +858,31 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
         runpy.run_path(str(EXPERIMENT))["parse_args"](options)
     assert refused.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_experiment_adapters_on_the_pretrained_encoder_are_charged_no_fine_tuning(
+    glue_dir, tiny_model, tmp_path
+):
+    """--extract-from 0: the single adapters on the pretrained encoder's own states, charged
+    their extraction, loading and training only; the method needs a fine-tuned checkpoint."""
+    import runpy
+
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    options = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(tmp_path / "exp")]
+    options += [*EXPERIMENT_ARGS, "--extract-from", "0,0.5"]
+
+    results = main(options)
+
+    records = {r["method"]: r for r in results["records"]}
+    assert records["extract@0"]["checkpoint"] == Path(tiny_model).name
+    assert records["extract@0.5"]["checkpoint"].startswith("finetune-0.5-lr")
+    for adapter in ("pooler", "scalarmix", "cls"):
+        charged = records["extract@0"]["stage_s"] + records["load@0"]["stage_s"]
+        charged += records[f"{adapter}@0"]["stage_s"]
+        assert records[f"{adapter}@0"]["pipeline_s"] == pytest.approx(charged, abs=0.01)
+    grid = records["finetune-0.5"]["pipeline_s"]
+    assert records["pooler@0.5"]["pipeline_s"] > grid  # the 0.5 checkpoint's are charged its grid
+    assert "| pooler@0 | " in (tmp_path / "exp" / "results.md").read_text()
 
 
 def test_experiment_train_sample_random_draws_across_the_file(glue_dir, tmp_path):
