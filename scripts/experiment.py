@@ -5,7 +5,7 @@ all-MiniLM-L6-v2):
 
     finetune-E        fine-tune E epochs, E in --finetune-epochs (0.25, 0.5, 1, 3): one run per
                       learning rate of --finetune-lrs (5e-5, 1e-4, 2e-4), the one best on the
-                      held-out slice of TRAIN is the method's result (ties: the first in the grid)
+                      held-out slice of TRAIN is finetune-E's result (ties: the first in the grid)
     extract@E         all-layer train+dev embeddings of the chosen finetune-E checkpoint, for E
                       in --extract-from (0, 0.25 and 0.5; 0: the pretrained encoder itself, not
                       fine-tuned, so adapters on it are charged no fine-tuning)

@@ -18,12 +18,16 @@
 #                  cannot finish would hold back every later seed of the others
 #   SEEDS          the experiment's seeds 0..SEEDS-1 per task [5]
 #   RECORDS_FROM   an earlier run's results.json to continue from, used only when it was measured
-#                  on this same GPU model (or CPU) [docs/results/experiment-glue-gpu.json]
+#                  on this same GPU model (or CPU) and with the same settings (else the run
+#                  starts from scratch, saying why) [docs/results/experiment-glue-gpu.json,
+#                  absent until the first GPU session copies its results.json there]
 #   STAGE_RESERVE  seconds before DEADLINE in which the experiment starts no stage [150]: at
 #                  ~1,200 examples/s on an H100, a 3-epoch fine-tuning takes ~25 s on CoLA's 8.5k
 #                  training examples, ~150-180 s on SST-2's 67k; a 20-trial sweep is unmeasured
 #                  there. The outer timeout at DEADLINE is the backstop: an experiment it kills
 #                  loses its unfinished seed, and brings back the seeds finished before
+#   CHECKS         0: skip the CUDA tests and the extraction benchmarks (stages 1 and 2), leaving
+#                  the experiment the whole command: for the sessions after the first [1]
 #   INT8           1: also benchmarks/bench_int8.py over 5 seeds, in what time is left [0]
 #   SQUAD_DIR      a SQuAD 2.0 folder: also scripts/experiment_squad.py, 3 seeds [unset]
 #
@@ -53,7 +57,8 @@
 #
 # Afterwards, back here: copy RESULTS_DIR/results.json to docs/results/experiment-glue-gpu.json
 # and commit it (with results.md beside it if wanted), so that the next GPU session continues
-# from it (RECORDS_FROM's default) instead of running the finished seeds again. A seed is the
+# from it (RECORDS_FROM's default) instead of running the finished seeds again; with CHECKS=0
+# it gives the experiment the whole command. A seed is the
 # unit carried between sessions (a stopped seed's checkpoints stay on the machine that ran it):
 # a whole-set SST-2 seed (a 14-epoch fine-tuning grid of 60k examples, ~12 minutes on an H100
 # by the rates above) does not fit into one command; SST-2 needs a longer lease, with its own
@@ -123,25 +128,30 @@ if ! python3 -c "import torch, transformers, pyarrow, hyperopt" 2>/dev/null; the
   exit 2
 fi
 
-# -rs: a skipped test says why (no CUDA device, no GLUE files).
-BERTVISION_TEST_MODEL=$model BERTVISION_TEST_GLUE_DIR=$glue \
-  capped 120 python3 -m pytest -q -s -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
-  | tail -n 15 | tee -a "$log"
+if [ "${CHECKS:-1}" = 1 ]; then
+  # -rs: a skipped test says why (no CUDA device, no GLUE files).
+  BERTVISION_TEST_MODEL=$model BERTVISION_TEST_GLUE_DIR=$glue \
+    capped 120 python3 -m pytest -q -s -rs -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    | tail -n 15 | tee -a "$log"
 
-capped 75 python3 benchmarks/bench_extract.py --model "$model" --data-dir "$glue" --task rte \
-  --split train --device "$device" --batch-size 64 --repeats 2 2>&1 | quiet | tee -a "$log"
+  capped 75 python3 benchmarks/bench_extract.py --model "$model" --data-dir "$glue" --task rte \
+    --split train --device "$device" --batch-size 64 --repeats 2 2>&1 | quiet | tee -a "$log"
 
-# bert-base-sized (12 layers x 768), random weights: speed does not depend on them; MODEL's
-# tokenizer is bert-base-uncased's vocabulary.
-python3 - "$model" "$work/bert-base-random" <<'PY' 2>&1 | quiet
+  # bert-base-sized (12 layers x 768), random weights: speed does not depend on them; MODEL's
+  # tokenizer is bert-base-uncased's vocabulary.
+  python3 - "$model" "$work/bert-base-random" <<'PY' 2>&1 | quiet
 import sys
 from transformers import AutoTokenizer, BertConfig, BertModel
 BertModel(BertConfig()).save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PY
-capped 75 python3 benchmarks/bench_extract.py --model "$work/bert-base-random" \
-  --data-dir "$glue" --task rte --split train --device "$device" --batch-size 256 --repeats 2 \
-  2>&1 | quiet | tee -a "$log"
+  capped 75 python3 benchmarks/bench_extract.py --model "$work/bert-base-random" \
+    --data-dir "$glue" --task rte --split train --device "$device" --batch-size 256 \
+    --repeats 2 2>&1 | quiet | tee -a "$log"
+else
+  echo "CHECKS=0: no CUDA tests or extraction benchmarks; the experiment has the time" \
+    | tee -a "$log"
+fi
 
 # The experiment starts no stage in its last STAGE_RESERVE s (see the header); the outer timeout
 # is the backstop.
@@ -161,10 +171,20 @@ experiment=$work/experiment
 stop_after=$(($(left) - reserve))
 if ((stop_after > 30)); then
   echo "== experiment: $tasks, $seeds seeds, stop after ${stop_after} s, $from" | tee -a "$log"
-  timeout "$(left)" python3 scripts/experiment.py --data-dir "$glue" --model "$model" \
-    --device "$device" --tasks "$tasks" --seeds "$seeds" --out "$experiment" \
-    --stop-after "$stop_after" "${continued[@]}" 2>&1 | quiet | tee -a "$log"
-  status=${PIPESTATUS[0]}
+  run_experiment() {
+    timeout "$(left)" python3 scripts/experiment.py --data-dir "$glue" --model "$model" \
+      --device "$device" --tasks "$tasks" --seeds "$seeds" --out "$experiment" \
+      --stop-after "$(($(left) - reserve))" "$@" 2>&1 | quiet | tee -a "$log"
+    return "${PIPESTATUS[0]}"
+  }
+  run_experiment "${continued[@]}"
+  status=$?
+  # refused before any stage (its settings differ: a default changed since), and nothing written
+  if ((status == 2)) && ((${#continued[@]})) && [ ! -e "$experiment" ]; then
+    echo "== experiment: $records_from not taken (above); from scratch" | tee -a "$log"
+    run_experiment
+    status=$?
+  fi
   # results.json is written after each finished seed: there even when the experiment was killed
   if [ -f "$experiment/results.json" ]; then
     ended experiment "$status" ": its results hold the seeds it finished, records.tgz the stages"
