@@ -284,9 +284,10 @@ def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
     return value
 
 
-def write_json(url: str, data: Any) -> None:
-    """Write `data` as strict JSON: a NaN or infinity in it is a ValueError, nothing written."""
-    write_text_atomic(url, strict_json(data, url, indent=2, sort_keys=True) + "\n")
+def write_json(url: str, data: Any, indent: int | None = 2) -> None:
+    """Write `data` as strict JSON (`indent` spaces a level; None: one line): a NaN or infinity
+    in it is a ValueError, nothing written."""
+    write_text_atomic(url, strict_json(data, url, indent=indent, sort_keys=True) + "\n")
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, block_size: int = 8 << 20) -> str:

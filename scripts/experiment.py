@@ -305,7 +305,9 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
         clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
         figure = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
         (out / "results.png").write_bytes(figure)
-    storage.write_json(str(out / "results.json"), results)  # last: the record of the run
+    # last: the record of the run; on one line, as every seed's records make it large
+    # (results.md is the view for reading)
+    storage.write_json(str(out / "results.json"), results, indent=None)
 
 
 def methods(args: argparse.Namespace) -> list[str]:
