@@ -22,7 +22,7 @@ once the block list is committed.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 from adlfs import AzureBlobFileSystem
 
@@ -148,17 +148,20 @@ class BlobFileSystem(AzureBlobFileSystem):
 
         sync(self.loop, self._makedirs, path, exist_ok)
 
-    async def _upload_file(self, local_path: str, path: str, metadata: dict[str, str]) -> None:
+    async def _upload(self, data: BinaryIO | bytes, path: str, metadata: dict[str, str]) -> None:
         container, blob, _ = self.split_path(path)
         async with self.service_client.get_blob_client(container, blob) as client:
-            with open(local_path, "rb") as f:
-                await client.upload_blob(
-                    f,
-                    overwrite=True,
-                    metadata={"is_directory": "false", **metadata},
-                    max_concurrency=self.max_concurrency or 1,
-                )
+            await client.upload_blob(
+                data,
+                overwrite=True,
+                metadata={"is_directory": "false", **metadata},
+                max_concurrency=self.max_concurrency or 1,
+            )
         self.invalidate_cache(self._parent(path))
+
+    async def _upload_file(self, local_path: str, path: str, metadata: dict[str, str]) -> None:
+        with open(local_path, "rb") as f:
+            await self._upload(f, path, metadata)
 
     def upload_file(self, local_path: str, path: str, metadata: dict[str, str] | None = None):
         """Upload a local file to `path` as concurrent blocks; the blob appears only when all of
@@ -166,6 +169,14 @@ class BlobFileSystem(AzureBlobFileSystem):
         from fsspec.asyn import sync
 
         sync(self.loop, self._upload_file, local_path, path, metadata or {})
+
+    def upload_bytes(self, data: bytes, path: str, metadata: dict[str, str]) -> None:
+        """Write `data` to `path` with `metadata` kept beside it, in one request (small files):
+        a listing returns the metadata, so readers of many small files can skip reading them.
+        Content and metadata are one write: neither is ever seen without the other."""
+        from fsspec.asyn import sync
+
+        sync(self.loop, self._upload, data, path, metadata)
 
 
 def describe_error(exc: BaseException, url: str) -> StorageError | StorageUnavailable | None:

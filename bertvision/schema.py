@@ -361,8 +361,8 @@ class ShardRecord:
     worker: str
     committed_at: str
 
-    def to_json(self) -> str:
-        return strict_json(asdict(self), type(self).__name__, indent=2, sort_keys=True)
+    def to_json(self, indent: int | None = 2) -> str:
+        return strict_json(asdict(self), type(self).__name__, indent=indent, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardRecord:

@@ -239,8 +239,11 @@ def read_text(url: str) -> str:
 
 
 @_translated
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write `data` to `url` whole or not at all; a failed write leaves no temporary file."""
+def write_bytes_atomic(url: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Write `data` to `url` whole or not at all; a failed write leaves no temporary file.
+
+    `metadata` (ASCII names and values) is kept with the file on blob storage, in the same
+    request, where a listing returns it (`list_entries`); local files keep none."""
     fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent and not is_blob(fs):  # blob storage has no folders to make
@@ -255,12 +258,14 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
+    elif metadata and is_blob(fs):
+        fs.upload_bytes(data, path, metadata)
     else:
         fs.pipe_file(path, data)
 
 
-def write_text_atomic(url: str, text: str) -> None:
-    write_bytes_atomic(url, text.encode("utf-8"))
+def write_text_atomic(url: str, text: str, metadata: dict[str, str] | None = None) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"), metadata)
 
 
 def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
@@ -410,8 +415,9 @@ def list_names(url: str) -> list[str]:
 
 @_translated
 def list_entries(url: str) -> dict[str, dict]:
-    """The entries directly under `url` by base name, with fsspec's details (`type`, `size`);
-    empty if `url` does not exist. One listing request on blob storage."""
+    """The entries directly under `url` by base name, with fsspec's details (`type`, `size`; on
+    blob storage also `metadata`); empty if `url` does not exist. On blob storage one listing
+    request per 5,000 entries."""
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         return {}

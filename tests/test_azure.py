@@ -244,6 +244,44 @@ def test_deciding_compares_the_blobs_stored_sha256_and_verify_reads_every_byte(
     assert CliRunner().invoke(app, ["verify", out]).exit_code == 0
 
 
+def _record_reads(caplog) -> list[str]:
+    """The URLs of the commit records that requests fetched (listings are not reads)."""
+    urls = [
+        r.message.split("Request URL: ", 1)[1].split("\n", 1)[0].strip("'")
+        for r in caplog.records
+        if r.name == HTTP_LOG and "Request URL: " in r.message
+    ]
+    return [u for u in urls if "/_manifest/shard-" in u and "comp=list" not in u]
+
+
+def test_status_and_pending_shards_read_no_commit_record_on_azure(
+    azure_env, azurite, tiny_model, rte_slice, caplog
+):
+    """Each commit record's copy travels as its blob's metadata, which a listing returns:
+    deciding what is done is listings alone, however many shards. A record without the copy
+    (written by an older version, or rewritten by another tool) is read, and only it."""
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    folder = f"{out}/rte/train"
+    plan = shards.load_plan(folder)
+
+    caplog.set_level(logging.INFO, logger=HTTP_LOG)
+    assert shards.split_status(folder)["done"] == 4
+    assert sorted(shards.committed_records(folder, plan)) == [0, 1, 2, 3]  # pending_shards'
+    assert _record_reads(caplog) == []
+
+    reader = _adlfs(azurite)
+    record_blob = f"{container}/emb/rte/train/_manifest/shard-00001.json"
+    reader.pipe_file(record_blob, reader.cat_file(record_blob))  # same content, no copy
+    caplog.clear()
+    assert shards.split_status(folder)["done"] == 4
+    reads = _record_reads(caplog)
+    assert len(reads) == 1 and reads[0].endswith("/_manifest/shard-00001.json")
+    assert shards.load_records(folder, plan)[1] == shards.load_record(folder, plan, 1)
+
+
 def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure_env, azurite):
     """The lease is a conditional create (If-None-Match: *) on blob storage: of two writers one
     gets it. A run folder committed there replaces the old one whole."""
