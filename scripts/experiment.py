@@ -11,6 +11,10 @@ all-MiniLM-L6-v2):
                       fine-tuned, so adapters on it are charged no fine-tuning)
     load@E            loading them once for every adapter below
     pooler@E, scalarmix@E, cls@E   the single adapters on them (bertvision.train)
+    pooler@chosen     (--sweep-adapter, with more than one --extract-from) the single adapter on
+                      the checkpoint where it is best on held-out TRAIN (ties: the earliest),
+                      charged for every candidate checkpoint: its grid, extraction, loading and
+                      adapter. Whether held-out TRAIN can choose the checkpoint for the method
     sweep-best@M      the hyperopt sweep (--trials trials, bertvision.sweep) of --sweep-adapter
                       on the embeddings of the method's checkpoint M (--method-from, 0.5): the
                       trial best on held-out TRAIN
@@ -316,6 +320,7 @@ def methods(args: argparse.Namespace) -> list[str]:
     return [
         *(f"finetune-{e:g}" for e in args.finetune_epochs),
         *(f"{a}@{e:g}" for e in args.extract_from for a in ADAPTERS),
+        *([f"{args.sweep_adapter}@chosen"] if len(args.extract_from) > 1 else []),
         f"sweep-best@{m}",
         f"ensemble@{m}",
         f"ensemble+ft@{m}",
@@ -491,6 +496,11 @@ def run_seed(
                 for r in adapters
                 if r["method"].startswith("ensemble")
             }
+    if len(args.extract_from) > 1:
+        chosen = chosen_checkpoint(records, args.sweep_adapter, args.extract_from, metric)
+        records.append(chosen)
+        choices["checkpoint"] = chosen["chose"]
+        choices["checkpoint_held_out"] = chosen.pop("candidates")
     for record in records:
         if args.device.startswith("cuda"):
             record["device_s"] = record["stage_s"]
@@ -622,6 +632,24 @@ def checkpoint_stages(
     if not args.keep_embeddings and embeddings.exists():
         shutil.rmtree(embeddings)
     return done, choices
+
+
+def chosen_checkpoint(
+    records: list[dict], adapter: str, checkpoints: list[float], metric: str
+) -> dict:
+    """`adapter`@chosen: the single `adapter` on whichever of `checkpoints` (epochs) it scores
+    best on held-out TRAIN by `metric` (ties: the earliest listed), charged for all of them (each
+    one's fine-tuning grid, extraction, loading and adapter), since choosing needed each. Its
+    `candidates`: the held-out metric on each."""
+    names = [f"{adapter}@{epochs:g}" for epochs in checkpoints]
+    candidates = [next(r for r in records if r["method"] == name) for name in names]
+    chosen = max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric)))
+    record = {**chosen, "method": f"{adapter}@chosen", "chose": chosen["method"]}
+    record["candidates"] = {r["method"]: r.get("val", {}).get(metric) for r in candidates}
+    for c in CLOCKS:
+        for cost in ("stage", "pipeline", "amortised"):
+            record[f"{cost}{c}_s"] = round(sum(r[f"{cost}{c}_s"] for r in candidates), 3)
+    return record
 
 
 def method_result(records: list[dict], tag: str, metric: str) -> dict:
@@ -879,9 +907,9 @@ def markdown(results: dict) -> str:
     lines += [
         "## Choices (held-out TRAIN only)",
         "",
-        "| task | seed | fine-tune lr by epochs | "
+        "| task | seed | fine-tune lr by epochs | checkpoint | "
         "sweep trial | ensemble members | with fine-tuned | the method's result |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in results["choices"]:
         lrs = ", ".join(f"{e}: {lr:g}" for e, lr in c["finetune_lr"].items())
@@ -889,8 +917,10 @@ def markdown(results: dict) -> str:
             ", ".join(map(str, c.get(k, []))) for k in ("ensemble_members", "ensemble_ft_members")
         ]
         lines.append(
-            f"| {c['task']} | {c['seed']} | {lrs} | {c.get('sweep_trial', '')} | "
-            f"{members[0]} | {members[1]} | {c.get('method', '')} {held_out(c)} |"
+            f"| {c['task']} | {c['seed']} | {lrs} | "
+            f"{c.get('checkpoint', '')} {held_out(c, 'checkpoint_held_out')} | "
+            f"{c.get('sweep_trial', '')} | {members[0]} | {members[1]} | "
+            f"{c.get('method', '')} {held_out(c, 'method_held_out')} |"
         )
     if results.get("unfinished"):
         lines += [
@@ -909,9 +939,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def held_out(choice: dict) -> str:
-    """The held-out metric of each candidate of the method's choice, as the table shows it."""
-    scores = choice.get("method_held_out", {})
+def held_out(choice: dict, candidates: str) -> str:
+    """The held-out metric of each of a choice's `candidates` (a key of `choice`), as the table
+    shows it."""
+    scores = choice.get(candidates, {})
     shown = (f"{k} {v:.4f}" if v is not None else f"{k} none" for k, v in scores.items())
     return f"(held out: {', '.join(shown)})" if scores else ""
 

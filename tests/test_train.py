@@ -533,10 +533,11 @@ def test_cli_reports_bad_embeddings_in_one_line(tmp_path, rte_embeddings):
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "scripts" / "experiment.py"
 # The experiment at its smallest: 40 RTE examples (4 held out), fine-tuning for half an epoch and
-# one with an lr grid of two, adapters on the half-epoch checkpoint, a sweep of 2 one-epoch trials.
+# one with an lr grid of two, adapters on the pretrained encoder and the half-epoch checkpoint, a
+# sweep of 2 one-epoch trials on the latter.
 EXPERIMENT_ARGS = [
     *("--tasks", "rte", "--seeds", "1", "--max-train-examples", "40", "--device", "cpu"),
-    *("--finetune-epochs", "0.5,1", "--finetune-lrs", "5e-5,1e-3", "--extract-from", "0.5"),
+    *("--finetune-epochs", "0.5,1", "--finetune-lrs", "5e-5,1e-3", "--extract-from", "0,0.5"),
     *("--adapter-epochs", "1", "--trials", "2", "--top-k", "2", "--space", '{"epochs": 1}'),
     *("--reference", "finetune-1"),
 ]
@@ -571,9 +572,13 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     assert [row["method"] for row in results["summary"]] == [
         "finetune-0.5",
         "finetune-1",
+        "pooler@0",
+        "scalarmix@0",
+        "cls@0",
         "pooler@0.5",
         "scalarmix@0.5",
         "cls@0.5",
+        "pooler@chosen",
         "sweep-best@0.5",
         "ensemble@0.5",
         "ensemble+ft@0.5",
@@ -582,7 +587,9 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         "curve-25%@0.5",
         "curve-50%@0.5",
         "curve-100%@0.5",
+        "extract@0",
         "extract@0.5",
+        "load@0",
         "load@0.5",
     ]
     records = {r["method"]: r for r in results["records"]}
@@ -600,7 +607,7 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         assert chosen["pipeline_s"] == pytest.approx(sum(r["stage_s"] for r in grid))
         assert chosen["pipeline_cpu_s"] == pytest.approx(sum(r["stage_cpu_s"] for r in grid))
         assert results["choices"][0]["finetune_lr"][epochs] == chosen["lr"]
-    for row in results["summary"][:12]:
+    for row in results["summary"][:16]:
         assert set(row["dev"]) == {"accuracy"} and 0.0 <= row["dev"]["accuracy"]["mean"] <= 1.0
         assert row["pipeline_s"]["mean"] >= row["amortised_s"]["mean"] >= row["stage_s"]["mean"]
         assert row["paired"]["per_seed"] == [
@@ -861,19 +868,13 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
 
 
 def test_experiment_adapters_on_the_pretrained_encoder_are_charged_no_fine_tuning(
-    glue_dir, tiny_model, tmp_path
+    experiment, tiny_model
 ):
     """--extract-from 0: the single adapters on the pretrained encoder's own states, charged
     their extraction, loading and training only; the method needs a fine-tuned checkpoint."""
-    import runpy
+    out, _, _ = experiment
+    records = {r["method"]: r for r in read_json(out / "results.json")["records"]}
 
-    main = runpy.run_path(str(EXPERIMENT))["main"]
-    options = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(tmp_path / "exp")]
-    options += [*EXPERIMENT_ARGS, "--extract-from", "0,0.5"]
-
-    results = main(options)
-
-    records = {r["method"]: r for r in results["records"]}
     assert records["extract@0"]["checkpoint"] == Path(tiny_model).name
     assert records["extract@0.5"]["checkpoint"].startswith("finetune-0.5-lr")
     for adapter in ("pooler", "scalarmix", "cls"):
@@ -882,7 +883,30 @@ def test_experiment_adapters_on_the_pretrained_encoder_are_charged_no_fine_tunin
         assert records[f"{adapter}@0"]["pipeline_s"] == pytest.approx(charged, abs=0.01)
     grid = records["finetune-0.5"]["pipeline_s"]
     assert records["pooler@0.5"]["pipeline_s"] > grid  # the 0.5 checkpoint's are charged its grid
-    assert "| pooler@0 | " in (tmp_path / "exp" / "results.md").read_text()
+    assert "| pooler@0 | " in (out / "results.md").read_text()
+
+
+def test_experiment_chooses_the_pooler_checkpoint_on_held_out_train_charged_every_candidate(
+    experiment,
+):
+    """pooler@chosen: the pooler on the checkpoint where it scores best on held-out TRAIN (a
+    tie: the earliest), charged for every candidate's fine-tuning grid, extraction, loading and
+    pooler."""
+    out, _, _ = experiment
+    results = read_json(out / "results.json")
+    records = {r["method"]: r for r in results["records"]}
+    candidates = [records["pooler@0"], records["pooler@0.5"]]
+
+    chosen = records["pooler@chosen"]
+    best = max(candidates, key=lambda r: r["val"]["accuracy"])  # max keeps the first of ties
+    assert chosen["chose"] == best["method"] == results["choices"][0]["checkpoint"]
+    assert (chosen["val"], chosen["dev"]) == (best["val"], best["dev"])
+    assert results["choices"][0]["checkpoint_held_out"] == {
+        r["method"]: r["val"]["accuracy"] for r in candidates
+    }
+    for cost in ("pipeline_s", "pipeline_cpu_s", "amortised_s"):
+        assert chosen[cost] == pytest.approx(sum(r[cost] for r in candidates), abs=0.01)
+    assert "| pooler@chosen | " in (out / "results.md").read_text()
 
 
 def test_experiment_train_sample_random_draws_across_the_file(glue_dir, tmp_path):
