@@ -49,9 +49,11 @@ from bertvision.schema import (
 )
 
 T = TypeVar("T", ExtractionPlan, ShardRecord, ShardFailure)
-# On blob storage a commit record also travels as its blob's metadata, in the same write (so
-# the two never differ), and listings return it: deciding what is done costs a listing of the
-# manifest, not a request per record (~3.3 ms of Azure SDK CPU each, 33 s for 10,000).
+# On blob storage a commit record also travels as its blob's metadata, written in the same
+# request, and listings return it: deciding what is done costs a listing of the manifest, not a
+# request per record (~3.3 ms of Azure SDK CPU each, 33 s for 10,000). Where a record has the
+# copy, every reader goes by the copy (`_stored_record`); `verify_split` checks that the content
+# still says the same (another tool may change either alone).
 RECORD_METADATA = "shard_record"
 _RECORD_KINDS = {
     ExtractionPlan: "extraction plan",
@@ -310,8 +312,9 @@ def read_manifests(folder: str, names: list[str], record: type[T]) -> dict[str, 
     the record, or None for a garbled one (`read_manifest` would raise ManifestError); a file
     removed since it was listed is left out. Storage failures are raised.
 
-    10,000 commit records on Azurite: ~130 s this way, against over 600 s one by one; listings
-    that carry them (RECORD_METADATA) make it ~7 s (benchmarks/RESULTS.md)."""
+    `bertvision status` on 10,000 shards on Azurite took 190 s reading their commit records
+    this way, against over 600 s one by one (benchmarks/RESULTS.md); it now reads none of them
+    (RECORD_METADATA)."""
     if not names:
         return {}
     url = storage.join(folder, MANIFEST_DIR)
@@ -334,15 +337,28 @@ def read_manifests(folder: str, names: list[str], record: type[T]) -> dict[str, 
 
 
 def _listed_record(info: dict) -> ShardRecord | None:
-    """The copy of a commit record that its blob's listing carries (RECORD_METADATA); None when
-    there is none (local files, records written by older versions) or it does not parse."""
-    copy = (info.get("metadata") or {}).get(RECORD_METADATA)
+    """The copy of a commit record that its blob's details (a listing's, or `fs.info`'s) carry
+    (RECORD_METADATA, in any case: copying tools may capitalise metadata names); None when there
+    is none (local files, records written by older versions) or it does not parse."""
+    metadata = {name.lower(): value for name, value in (info.get("metadata") or {}).items()}
+    copy = metadata.get(RECORD_METADATA)
     if copy is None:
         return None
     try:
         return ShardRecord.from_json(copy)
     except (ValueError, TypeError):
         return None
+
+
+def _stored_record(url: str) -> ShardRecord | None:
+    """The commit record at `url` as every reader takes it: the copy its blob carries
+    (`_listed_record`), else its content; None when it is absent or garbled."""
+    fs, path = storage.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return _listed_record(info) or _parse_record(url)
 
 
 def _plan_records(
@@ -366,24 +382,22 @@ def _plan_records(
 
 def load_records(folder: str, plan: ExtractionPlan) -> dict[int, ShardRecord]:
     """Commit records that belong to `plan` (a garbled record, or one of another extraction, does
-    not count): one listing of the manifest, with the records it does not carry (local files)
-    read in one call (`_plan_records`)."""
+    not count): one listing of the manifest, with the records it does not carry (local files,
+    blobs written by older versions) read in one call (`_plan_records`)."""
     return _plan_records(folder, storage.list_entries(storage.join(folder, MANIFEST_DIR)), plan)[0]
 
 
 def load_record(folder: str, plan: ExtractionPlan, index: int) -> ShardRecord | None:
     """The commit record of shard `index`, if there is a readable one of `plan`: a single read."""
     name = shard_record_name(index)
-    url = manifest_url(folder, name)
-    if not storage.exists(url):
-        return None
-    record = _parse_record(url)
+    record = _stored_record(manifest_url(folder, name))
     return record if _record_of_plan(name, record, plan) else None
 
 
 def load_failures(folder: str, manifest: Iterable[str] | None = None) -> dict[int, ShardFailure]:
     """The failure records of the split in `folder` by shard index, read in one call; a garbled
-    one still says its shard failed. `manifest`: the names in its manifest, if listed already."""
+    one still says its shard failed. `manifest`: the names in its manifest (a listing's keys), if
+    listed already."""
     if manifest is None:
         manifest = storage.list_names(storage.join(folder, MANIFEST_DIR))
     names = [name for name in manifest if _is_failure(name)]
@@ -718,8 +732,7 @@ def _record_of_file(folder: str, name: str) -> ShardRecord:
     """The readable commit record that names shard file `name` in `folder`."""
     record = None
     if name.startswith("shard-") and name.endswith(".parquet"):
-        url = manifest_url(folder, name.removesuffix(".parquet") + ".json")
-        record = _parse_record(url) if storage.exists(url) else None
+        record = _stored_record(manifest_url(folder, name.removesuffix(".parquet") + ".json"))
     if record is None or record.file != name:
         raise ShardError(
             f"{storage.join(folder, name)} is not a committed shard (no readable commit record "
@@ -734,7 +747,7 @@ def uncommit(folder: str, record: ShardRecord, why: str) -> None:
     `extract` redoes exactly this shard; the shard file stays until then."""
     record_failure(folder, record.index, ShardError(why))
     record_url = manifest_url(folder, shard_record_name(record.index))
-    if _parse_record(record_url) == record:
+    if _stored_record(record_url) == record:
         fs, path = storage.url_to_fs(record_url)
         fs.rm_file(path)
 
@@ -900,7 +913,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def verify_split(folder: str, redo: bool = False) -> SplitCheck:
-    """Read every committed shard of the extraction in `folder` in full (`check_shard`).
+    """Read every committed shard of the extraction in `folder` in full (`check_shard`), and
+    every commit record's content: where deciding went by the record's copy in its blob's
+    metadata, the content must say the same.
 
     With `redo`, each bad shard is uncommitted (`uncommit`), so the next `extract` redoes exactly
     those; good shards are not touched. Shards without a commit record are pending, not read.
@@ -910,9 +925,13 @@ def verify_split(folder: str, redo: bool = False) -> SplitCheck:
     if plan is None:
         raise ShardError(f"{folder} holds no extraction (no {MANIFEST_DIR}/{PLAN_FILE})")
     records = load_records(folder, plan)
+    names = {index: shard_record_name(index) for index in records}
+    contents = read_manifests(folder, list(names.values()), ShardRecord)
     check = SplitCheck(plan.task, plan.split, plan.num_shards, pending=plan.num_shards)
     for index in sorted(records):
         problems, size = check_shard(folder, plan, records[index])
+        if names[index] in contents and contents[names[index]] != records[index]:
+            problems.append("its commit record's content differs from the copy in its metadata")
         check.checked += 1
         check.pending -= 1
         check.bytes_read += size

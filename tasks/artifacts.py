@@ -297,6 +297,8 @@ def failed_shards(
     recorded in the manifest, else the error of the run that had the shard. A pending shard with
     neither was reported committed: the final listing (`missing_from_storage`) names what
     storage lost of it."""
+    if not pending:  # a complete split: no listing of its failure records
+        return {}
     failures = load_failures(split_url(cfg.out, plan.task, plan.split))
     run_errors = run_errors or {}
     reasons = {}

@@ -281,6 +281,37 @@ def test_status_and_pending_shards_read_no_commit_record_on_azure(
     assert len(reads) == 1 and reads[0].endswith("/_manifest/shard-00001.json")
     assert shards.load_records(folder, plan)[1] == shards.load_record(folder, plan, 1)
 
+    reader.setxattrs(record_blob, shard_record="{garbled")  # a damaged copy: the content counts
+    caplog.clear()
+    assert shards.split_status(folder)["done"] == 4
+    assert len(_record_reads(caplog)) == 1
+
+
+def test_a_record_whose_content_and_copy_differ_is_found_by_verify_and_redone(
+    azure_env, azurite, tiny_model, rte_slice
+):
+    """Another tool may change a record's content or its metadata alone. Every reader goes by
+    the copy in the metadata; `verify` reads the content too, finds the two differ, and with
+    --redo uncommits the shard, which the next extract redoes."""
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    reader = _adlfs(azurite)
+    record_blob = f"{container}/emb/rte/train/_manifest/shard-00002.json"
+    copy = reader.info(record_blob)["metadata"]["shard_record"]
+    reader.pipe_file(record_blob, b"{garbled")  # the content replaced, the copy put back
+    reader.setxattrs(record_blob, shard_record=copy)
+
+    assert shards.split_status(f"{out}/rte/train")["done"] == 4
+    found = CliRunner().invoke(app, ["verify", out, "--redo"])
+    assert found.exit_code == 1, found.output
+    assert "bad shard 2: its commit record's content differs from the copy" in found.output
+    assert shards.split_status(f"{out}/rte/train")["done"] == 3
+    rerun = CliRunner().invoke(app, args)
+    assert "rte/train: 1 shards written, 3 already there, 0 failed" in rerun.output
+    assert CliRunner().invoke(app, ["verify", out]).exit_code == 0
+
 
 def test_a_lease_excludes_a_second_writer_and_a_run_commits_whole_on_azure(azure_env, azurite):
     """The lease is a conditional create (If-None-Match: *) on blob storage: of two writers one
