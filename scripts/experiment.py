@@ -19,10 +19,14 @@ all-MiniLM-L6-v2):
                       on the embeddings of the method's checkpoint M (--method-from, 0.5): the
                       trial best on held-out TRAIN
     ensemble@M        the mean output of the sweep's --top-k best trials (bertvision.ensemble)
-    ensemble+ft@M     ... with the chosen finetune-M model as one more member
+    ensemble+ft@M     ... with the chosen finetune-M model as one more member (M > 0)
     method@M          BERTVision's result: of ensemble@M and ensemble+ft@M, the one better on
                       held-out TRAIN (each scored on its members' mean held-out outputs; a tie
                       takes ensemble+ft), charged for the sweep and both ensembles
+    ...@chosen        with --method-from chosen, M is the checkpoint pooler@chosen picked, per
+                      seed: the rows above as `sweep-best@chosen`, `method@chosen` and so on,
+                      charged also for the choice (the other candidates' grids, extractions,
+                      loading and single adapters)
     curve-P%@M        the best trial's settings trained on P% of TRAIN (10, 25, 50, 100; the
                       held-out slice aside; TrainConfig.train_fraction, nested subsets)
 
@@ -105,6 +109,7 @@ CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 # seconds over all its threads (process_time), which a busy shared machine inflates far less.
 CLOCKS = ("", "_cpu")
 CPU_COST = ("_cpu", "pipeline CPU seconds")
+CHOSEN = "chosen"  # --method-from: the checkpoint chosen on held-out TRAIN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0,0.25,0.5",
         help="checkpoints with adapters (0: the pretrained encoder, not fine-tuned)",
     )
-    parser.add_argument("--method-from", type=float, default=0.5, help="the method's checkpoint")
+    parser.add_argument(
+        "--method-from",
+        default="0.5",
+        help=f"the method's checkpoint: one of --extract-from, or {CHOSEN}: the one where the "
+        "single --sweep-adapter adapter is best on held-out TRAIN",
+    )
     parser.add_argument("--adapter-epochs", type=int, default=20, help="single adapters, at most")
     parser.add_argument("--adapter-lr", type=float, default=1e-3, help="single adapters")
     parser.add_argument("--adapter-dim", type=int, default=64, help="single adapters")
@@ -182,10 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
     if not set(args.extract_from) <= {0.0, *args.finetune_epochs}:
         parser.error("--extract-from must name epochs of --finetune-epochs (or 0)")
-    if args.method_from not in args.extract_from:
-        parser.error(f"--method-from {args.method_from:g} is not in --extract-from")
-    if args.method_from <= 0:  # ensemble+ft needs a fine-tuned model
-        parser.error(f"--method-from must be a fine-tuned checkpoint (> 0), got {args.method_from}")
+    args.method_from = method_checkpoint(parser, args.method_from, args.extract_from)
     if args.top_k > args.trials:
         parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
     if args.reference not in methods(args):
@@ -196,6 +203,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or enc.default_model()
     args.device = args.device or enc.default_device()
     return args
+
+
+def method_checkpoint(
+    parser: argparse.ArgumentParser, text: str, extract_from: list[float]
+) -> float | str:
+    """--method-from: a checkpoint (epochs) of --extract-from, or CHOSEN among two or more."""
+    if text == CHOSEN:
+        if len(extract_from) < 2:
+            parser.error(f"--method-from {CHOSEN} needs two or more checkpoints in --extract-from")
+        return CHOSEN
+    try:
+        epochs = float(text)
+    except ValueError:
+        parser.error(f"--method-from must be a number of epochs or {CHOSEN}, got {text!r}")
+    if epochs not in extract_from:
+        parser.error(f"--method-from {epochs:g} is not in --extract-from")
+    return epochs
 
 
 def space(parser: argparse.ArgumentParser, text: str) -> dict:
@@ -316,7 +340,7 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
 
 def methods(args: argparse.Namespace) -> list[str]:
     """The methods compared, in table order."""
-    m = f"{args.method_from:g}"
+    m = checkpoint_name(args.method_from)
     return [
         *(f"finetune-{e:g}" for e in args.finetune_epochs),
         *(f"{a}@{e:g}" for e in args.extract_from for a in ADAPTERS),
@@ -327,6 +351,11 @@ def methods(args: argparse.Namespace) -> list[str]:
         f"method@{m}",
         *(f"curve-{fraction:.0%}@{m}" for fraction in CURVE_FRACTIONS),
     ]
+
+
+def checkpoint_name(method_from: float | str) -> str:
+    """How tables name the method's checkpoint: its epochs, or CHOSEN."""
+    return method_from if method_from == CHOSEN else f"{method_from:g}"
 
 
 # Settings that do not change what a stage computes: where, which tasks and seeds, what is kept,
@@ -400,7 +429,7 @@ def take_records(earlier: dict, task: str, keyed: Path) -> int:
     derived = ("pipeline_s", "pipeline_cpu_s", "amortised_s", "amortised_cpu_s", "device_s")
     taken = 0
     for record in (r for r in earlier["records"] if r["task"] == task):
-        if "chosen_s" in record or "chose" in record:  # a choice among stages: derived, not run
+        if {"chosen_s", "chose", "chose_checkpoint"} & set(record):  # derived by a choice, not run
             continue
         path = keyed / "records" / task / f"seed-{record['seed']}" / f"{record['method']}.json"
         if not path.exists():
@@ -471,40 +500,88 @@ def run_seed(
         choices["finetune_lr"][f"{epochs:g}"] = best["lr"]
         records += [*grid, selected(best, f"finetune-{epochs:g}", grid_s[epochs])]
 
+    chosen_mode = args.method_from == CHOSEN
+    by_checkpoint: dict[float, list[dict]] = {}
     for epochs in args.extract_from:
-        tag = f"{epochs:g}"
-        stage_records, stage_choices = checkpoint_stages(
-            args, task, seed, data_dir, chosen_runs[epochs], runs, records_dir, tag
+        method_here = not chosen_mode and epochs == args.method_from
+        by_checkpoint[epochs], stage_choices = checkpoint_stages(
+            args, task, seed, data_dir, chosen_runs, runs, records_dir, epochs, method_here
         )
-        extract, load, *adapters = stage_records
-        trainings = sum(r["trainings"] for r in adapters)
-        for c in CLOCKS:
-            base = grid_s[epochs][c] + extract[f"stage{c}_s"] + load[f"stage{c}_s"]
-            sweep_s = sum(r[f"stage{c}_s"] for r in adapters if r["method"].startswith("sweep"))
-            for record in adapters:
-                extra = sweep_s if record["method"].startswith(("ensemble", "curve")) else 0.0
-                own = record[f"stage{c}_s"]
-                record[f"pipeline{c}_s"] = round(base + extra + own, 3)
-                record[f"amortised{c}_s"] = round(base / trainings + extra + own, 3)
-        records += stage_records
         choices.update(stage_choices)
-        if epochs == args.method_from:
-            records.append(method_result(adapters, tag, metric))
-            choices["method"] = records[-1]["chose"]
-            choices["method_held_out"] = {
-                r["method"]: r.get("val", {}).get(metric)
-                for r in adapters
-                if r["method"].startswith("ensemble")
-            }
+        if not chosen_mode:  # a chosen method's checkpoint is known only once all are done
+            remove_embeddings(args, runs)
+    method_from = args.method_from
+    if chosen_mode:
+        singles = [r for stages in by_checkpoint.values() for r in stages]
+        best, _ = best_checkpoint(singles, args.sweep_adapter, args.extract_from, metric)
+        method_from = float(best["method"].split("@")[1])
+        stages, stage_choices = method_stages(
+            args, task, seed, chosen_runs, runs, records_dir, method_from, held={}
+        )
+        by_checkpoint[method_from] += stages
+        choices.update(stage_choices)
+        remove_embeddings(args, runs)
+    for epochs, stage_records in by_checkpoint.items():
+        charge(stage_records, grid_s[epochs])
+        records += stage_records
+    method = method_result(by_checkpoint[method_from], f"{method_from:g}", metric)
+    records.append(method)
+    choices["method"] = method["chose"]
+    choices["method_held_out"] = method.pop("candidates")
     if len(args.extract_from) > 1:
         chosen = chosen_checkpoint(records, args.sweep_adapter, args.extract_from, metric)
         records.append(chosen)
         choices["checkpoint"] = chosen["chose"]
         choices["checkpoint_held_out"] = chosen.pop("candidates")
+        if chosen_mode:
+            picked = next(r for r in records if r["method"] == chosen["chose"])
+            records += charged_the_choice([*stages, method], chosen, picked)
     for record in records:
         if args.device.startswith("cuda"):
             record["device_s"] = record["stage_s"]
     return records, choices
+
+
+def charge(stage_records: list[dict], grid_s: dict[str, float]) -> None:
+    """Set the pipeline and amortised costs of the adapter results among one checkpoint's
+    `stage_records` (its extraction, loading, then the adapters): its fine-tuning grid (`grid_s`,
+    by clock) + extraction + loading + the stage's own; ensembles and curves also the sweep;
+    amortised: grid, extraction and loading shared by the adapter trainings that read them."""
+    extract, load, *adapters = stage_records
+    trainings = sum(r["trainings"] for r in adapters)
+    for c in CLOCKS:
+        base = grid_s[c] + extract[f"stage{c}_s"] + load[f"stage{c}_s"]
+        sweep_s = sum(r[f"stage{c}_s"] for r in adapters if r["method"].startswith("sweep"))
+        for record in adapters:
+            extra = sweep_s if record["method"].startswith(("ensemble", "curve")) else 0.0
+            own = record[f"stage{c}_s"]
+            record[f"pipeline{c}_s"] = round(base + extra + own, 3)
+            record[f"amortised{c}_s"] = round(base / trainings + extra + own, 3)
+
+
+def charged_the_choice(records: list[dict], chosen: dict, picked: dict) -> list[dict]:
+    """The method's results on the checkpoint that `chosen` (`<adapter>@chosen`) picked
+    (`records`: their sweep, ensembles, curve and method records; `picked`: the single adapter
+    there) as `<name>@chosen`, each also charged for the choice: the other candidate
+    checkpoints' grids, extractions, loading and single adapters."""
+    tag = picked["method"].split("@")[1]
+    derived = []
+    for record in records:
+        name = record["method"].split("@")[0]
+        copy = {**record, "method": f"{name}@chosen", "chose_checkpoint": tag}
+        for c in CLOCKS:
+            for cost in ("pipeline", "amortised"):
+                others = chosen[f"{cost}{c}_s"] - picked[f"{cost}{c}_s"]
+                copy[f"{cost}{c}_s"] = round(record[f"{cost}{c}_s"] + others, 3)
+        derived.append(copy)
+    return derived
+
+
+def remove_embeddings(args: argparse.Namespace, runs: Path) -> None:
+    """Remove a seed's embeddings under `runs`, unless --keep-embeddings."""
+    if not args.keep_embeddings:
+        for folder in runs.glob("embeddings-*"):
+            shutil.rmtree(folder)
 
 
 def checkpoint_stages(
@@ -512,14 +589,17 @@ def checkpoint_stages(
     task: str,
     seed: int,
     data_dir: str | None,
-    finetuned: Path,
+    chosen_runs: dict[float, Path],
     runs: Path,
     records_dir: Path,
-    tag: str,
+    epochs: float,
+    with_method: bool,
 ) -> tuple[list[dict], dict]:
-    """The stages on the embeddings of the checkpoint `finetuned` (fine-tuned `tag` epochs):
-    extraction, loading, the single adapters and, on the method's checkpoint, the sweep, the
-    two ensembles and the learning curve. Returns their records and the choices made."""
+    """The stages on the embeddings of the checkpoint fine-tuned `epochs` (chosen_runs[epochs]):
+    extraction, loading, the single adapters and, `with_method`, the method's stages
+    (`method_stages`). Returns their records and the choices made. The embeddings stay, for a
+    method whose checkpoint is chosen afterwards (run_seed removes them)."""
+    tag = f"{epochs:g}"
     embeddings = runs / f"embeddings-{tag}"
     held: dict = {}  # the loaded embeddings, shared by every adapter of this checkpoint
 
@@ -530,7 +610,7 @@ def checkpoint_stages(
         cfg = ExtractConfig(
             task=task,
             out=str(embeddings),
-            model=str(finetuned),
+            model=str(chosen_runs[epochs]),
             data_dir=data_dir,
             splits=["train", "dev"],
             max_seq_length=args.max_seq_length,
@@ -542,18 +622,13 @@ def checkpoint_stages(
             raise RuntimeError(f"extraction failed: {summary.failed}")
         splits = ("train", *glue.get_task(task).dev_splits)
         return {
-            "checkpoint": finetuned.name,
+            "checkpoint": chosen_runs[epochs].name,
             "examples": sum(len(glue.load_split(task, s, data_dir)) for s in splits),
         }
 
     def load() -> dict:
         held["data"] = load_embeddings(task, str(embeddings), device=args.device)
         return {}
-
-    def data():
-        if "data" not in held:  # its stage was recorded before, but the adapters need it
-            load()
-        return held["data"]
 
     def single(adapter: str) -> dict:
         cfg = TrainConfig(
@@ -568,7 +643,43 @@ def checkpoint_stages(
             seed=seed,
             device=args.device,
         )
-        return adapter_result(cfg, data())
+        return adapter_result(cfg, loaded(args, task, embeddings, held))
+
+    done = [run(f"extract@{tag}", extract), run(f"load@{tag}", load)]
+    done += [run(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
+    if not with_method:
+        return done, {}
+    stages, choices = method_stages(args, task, seed, chosen_runs, runs, records_dir, epochs, held)
+    return done + stages, choices
+
+
+def loaded(args: argparse.Namespace, task: str, embeddings: Path, held: dict):
+    """The embeddings under `embeddings`, loaded once into `held` (a stage that loaded them may
+    have been recorded by an earlier run: then they are loaded here)."""
+    if "data" not in held:
+        held["data"] = load_embeddings(task, str(embeddings), device=args.device)
+    return held["data"]
+
+
+def method_stages(
+    args: argparse.Namespace,
+    task: str,
+    seed: int,
+    chosen_runs: dict[float, Path],
+    runs: Path,
+    records_dir: Path,
+    epochs: float,
+    held: dict,
+) -> tuple[list[dict], dict]:
+    """BERTVision's stages on the checkpoint fine-tuned `epochs`: the sweep, the two ensembles
+    (with the fine-tuned model: only on a fine-tuned checkpoint) and the learning curve of the
+    best trial. `held`: the checkpoint's loaded embeddings, if any. Returns their records and the
+    choices made."""
+    tag = f"{epochs:g}"
+    embeddings = runs / f"embeddings-{tag}"
+
+    def run(name: str, work: Callable[[], dict]) -> dict:
+        return stage(records_dir, task, seed, name, work)
 
     sweep_cfg = SweepConfig(
         task=task,
@@ -583,7 +694,7 @@ def checkpoint_stages(
     )
 
     def sweep() -> dict:
-        summary = run_sweep(sweep_cfg, data=data(), progress=False)
+        summary = run_sweep(sweep_cfg, data=loaded(args, task, embeddings, held), progress=False)
         if summary.best is None:
             raise RuntimeError(f"no trial of {sweep_cfg.out} finished")
         best = summary.best
@@ -604,46 +715,42 @@ def checkpoint_stages(
             train_fraction=fraction,
             overwrite=False,
         )
-        return {**adapter_result(cfg, data()), "train_fraction": fraction}
+        data = loaded(args, task, embeddings, held)
+        return {**adapter_result(cfg, data), "train_fraction": fraction}
 
-    done = [run(f"extract@{tag}", extract), run(f"load@{tag}", load)]
-    done += [run(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
-    choices: dict = {}
-    if float(tag) == args.method_from:
-        best = run(f"sweep-best@{tag}", sweep)
-        plain = run(
-            f"ensemble@{tag}", lambda: ensemble(args, sweep_cfg, runs / f"ensemble@{tag}", None)
-        )
-        with_ft = run(
-            f"ensemble+ft@{tag}",
-            lambda: ensemble(args, sweep_cfg, runs / f"ensemble+ft@{tag}", finetuned),
-        )
-        spec = TrialSpec(best["trial"], best["params"], best["hyperopt_vals"])
-        curve = [
-            run(f"curve-{f:.0%}@{tag}", lambda f=f: curve_point(spec, f)) for f in CURVE_FRACTIONS
-        ]
-        done += [best, plain, with_ft, *curve]
-        choices = {
-            "sweep_trial": best["trial"],
-            "sweep_params": best["params"],
-            "ensemble_members": plain["members"],
-            "ensemble_ft_members": with_ft["members"],
-        }
-    if not args.keep_embeddings and embeddings.exists():
-        shutil.rmtree(embeddings)
+    best = run(f"sweep-best@{tag}", sweep)
+    plain = run(f"ensemble@{tag}", lambda: ensemble(args, sweep_cfg, runs / f"ensemble@{tag}"))
+    done = [best, plain]
+    choices = {"sweep_trial": best["trial"], "sweep_params": best["params"]}
+    choices["ensemble_members"] = plain["members"]
+    if epochs > 0:  # a fine-tuned model to ensemble with
+        finetuned = chosen_runs[epochs]
+        out = runs / f"ensemble+ft@{tag}"
+        with_ft = run(f"ensemble+ft@{tag}", lambda: ensemble(args, sweep_cfg, out, finetuned))
+        done.append(with_ft)
+        choices["ensemble_ft_members"] = with_ft["members"]
+    spec = TrialSpec(best["trial"], best["params"], best["hyperopt_vals"])
+    done += [run(f"curve-{f:.0%}@{tag}", lambda f=f: curve_point(spec, f)) for f in CURVE_FRACTIONS]
     return done, choices
+
+
+def best_checkpoint(
+    records: list[dict], adapter: str, checkpoints: list[float], metric: str
+) -> tuple[dict, list[dict]]:
+    """The record of the single `adapter` on whichever of `checkpoints` (epochs) scores best on
+    held-out TRAIN by `metric` (ties: the earliest listed), and the records of all of them."""
+    names = [f"{adapter}@{epochs:g}" for epochs in checkpoints]
+    candidates = [next(r for r in records if r["method"] == name) for name in names]
+    return max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric))), candidates
 
 
 def chosen_checkpoint(
     records: list[dict], adapter: str, checkpoints: list[float], metric: str
 ) -> dict:
-    """`adapter`@chosen: the single `adapter` on whichever of `checkpoints` (epochs) it scores
-    best on held-out TRAIN by `metric` (ties: the earliest listed), charged for all of them (each
-    one's fine-tuning grid, extraction, loading and adapter), since choosing needed each. Its
+    """`adapter`@chosen: `best_checkpoint`'s result, charged for every candidate (each one's
+    fine-tuning grid, extraction, loading and adapter), since choosing needed each. Its
     `candidates`: the held-out metric on each."""
-    names = [f"{adapter}@{epochs:g}" for epochs in checkpoints]
-    candidates = [next(r for r in records if r["method"] == name) for name in names]
-    chosen = max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric)))
+    chosen, candidates = best_checkpoint(records, adapter, checkpoints, metric)
     record = {**chosen, "method": f"{adapter}@chosen", "chose": chosen["method"]}
     record["candidates"] = {r["method"]: r.get("val", {}).get(metric) for r in candidates}
     for c in CLOCKS:
@@ -654,23 +761,27 @@ def chosen_checkpoint(
 
 def method_result(records: list[dict], tag: str, metric: str) -> dict:
     """BERTVision's result on checkpoint `tag`: of the two ensembles (`records` holds their
-    records), the one better on held-out TRAIN by `metric`, the one with the fine-tuned model on
-    a tie; charged for the sweep and both. The sweep's best trial is not a candidate: it was
-    chosen as the best of the trials on the same held-out slice, so its held-out metric is the
-    most optimistic of them (the winner's curse) and would win by selection alone."""
+    records; on the pretrained encoder only the one without a fine-tuned model), the one better
+    on held-out TRAIN by `metric`, the one with the fine-tuned model on a tie; charged for the
+    sweep and both. Its `candidates`: their held-out metric. The sweep's best trial is not a
+    candidate: it was chosen as the best of the trials on the same held-out slice, so its
+    held-out metric is the most optimistic of them (the winner's curse) and would win by
+    selection alone."""
     names = (f"ensemble+ft@{tag}", f"ensemble@{tag}")
-    with_ft, plain = (next(r for r in records if r["method"] == n) for n in names)
-    chosen = max((with_ft, plain), key=lambda r: selectable(r.get("val", {}).get(metric)))
+    candidates = [r for name in names for r in records if r["method"] == name]
+    chosen = max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric)))
     record = {**chosen, "method": f"method@{tag}", "chose": chosen["method"]}
+    record["candidates"] = {r["method"]: r.get("val", {}).get(metric) for r in candidates}
     for c in CLOCKS:
-        record[f"stage{c}_s"] = round(with_ft[f"stage{c}_s"] + plain[f"stage{c}_s"], 3)
-        for cost in ("pipeline", "amortised"):  # with_ft's holds the sweep's and its own
-            record[f"{cost}{c}_s"] = round(with_ft[f"{cost}{c}_s"] + plain[f"stage{c}_s"], 3)
+        record[f"stage{c}_s"] = round(sum(r[f"stage{c}_s"] for r in candidates), 3)
+        for cost in ("pipeline", "amortised"):  # each holds the sweep's and its own stage
+            own = sum(r[f"stage{c}_s"] for r in candidates[1:])
+            record[f"{cost}{c}_s"] = round(candidates[0][f"{cost}{c}_s"] + own, 3)
     return record
 
 
 def ensemble(
-    args: argparse.Namespace, sweep: SweepConfig, out: Path, finetuned: Path | None
+    args: argparse.Namespace, sweep: SweepConfig, out: Path, finetuned: Path | None = None
 ) -> dict:
     """The top-k ensemble of `sweep`'s trials into `out`, with the `finetuned` run as one more
     member if given; its members by trial number ("finetuned" for the fine-tuned model)."""
@@ -852,7 +963,7 @@ def markdown(results: dict) -> str:
         f"Fine-tuning at batch {settings['finetune_batch_size']}, lr chosen from {{{lrs}}} on "
         f"held-out TRAIN; sweep of "
         f"{settings['trials']} {settings['sweep_adapter']} trials, top-{settings['top_k']} "
-        f"ensembles, on the {settings['method_from']:g}-epoch checkpoint. Dev metrics: mean ± "
+        f"ensembles, on {method_checkpoint_text(settings)}. Dev metrics: mean ± "
         f"sample std over seeds; Δ: per-seed paired difference of the primary metric from "
         f"{settings['reference']}, mean ± std. Seconds: mean over seeds.",
         "",
@@ -937,6 +1048,14 @@ def markdown(results: dict) -> str:
             )
             lines.append(f"| {r['method']} | {val} | {dev} | {r['stage_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def method_checkpoint_text(settings: dict) -> str:
+    if settings["method_from"] == CHOSEN:
+        return (
+            f"the checkpoint where the single {settings['sweep_adapter']} is best on held-out TRAIN"
+        )
+    return f"the {settings['method_from']:g}-epoch checkpoint"
 
 
 def held_out(choice: dict, candidates: str) -> str:

@@ -852,7 +852,12 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--records-from", "missing.json"], "--records-from: missing.json does not exist"),
         (["--max-train-examples", "10"], "--max-train-examples needs --data-dir"),
         (["--tasks", ","], "--tasks names no task"),
-        (["--method-from", "0"], "--method-from must be a fine-tuned checkpoint (> 0)"),
+        (["--method-from", "1"], "--method-from 1 is not in --extract-from"),
+        (["--method-from", "best"], "--method-from must be a number of epochs or chosen"),
+        (
+            ["--method-from", "chosen", "--extract-from", "0.5"],
+            "--method-from chosen needs two or more checkpoints in --extract-from",
+        ),
         (["--extract-from", "0.75"], "--extract-from must name epochs of --finetune-epochs"),
         (["--finetune-epochs", "0,1"], "--finetune-epochs must be positive numbers"),
     ],
@@ -907,6 +912,40 @@ def test_experiment_chooses_the_pooler_checkpoint_on_held_out_train_charged_ever
     for cost in ("pipeline_s", "pipeline_cpu_s", "amortised_s"):
         assert chosen[cost] == pytest.approx(sum(r[cost] for r in candidates), abs=0.01)
     assert "| pooler@chosen | " in (out / "results.md").read_text()
+
+
+def test_experiment_method_from_chosen_sweeps_where_held_out_train_prefers(
+    glue_dir, tiny_model, tmp_path
+):
+    """--method-from chosen: the sweep, ensembles and curve run on the checkpoint pooler@chosen
+    picked (no sweep elsewhere), reported as `<name>@chosen`, charged also for the choice: the
+    other candidates' grids, extractions, loading and poolers. On the pretrained encoder there
+    is no fine-tuned model to ensemble with."""
+    import runpy
+
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    options = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(tmp_path / "exp")]
+    results = main([*options, *EXPERIMENT_ARGS, "--method-from", "chosen"])
+
+    records = {r["method"]: r for r in results["records"]}
+    [choices] = results["choices"]
+    tag = choices["checkpoint"].split("@")[1]
+    other = {"0": "0.5", "0.5": "0"}[tag]
+    assert f"sweep-best@{tag}" in records and f"sweep-best@{other}" not in records
+    assert (f"ensemble+ft@{tag}" in records) == (tag != "0")
+    assert choices["method"] == records[f"method@{tag}"]["chose"]
+    choice = records["pooler@chosen"]["pipeline_s"] - records[f"pooler@{tag}"]["pipeline_s"]
+    assert choice == pytest.approx(records[f"pooler@{other}"]["pipeline_s"], abs=0.01)
+    for name in ("sweep-best", "ensemble", "method", "curve-50%"):
+        chosen, there = records[f"{name}@chosen"], records[f"{name}@{tag}"]
+        assert (chosen["val"], chosen["dev"]) == (there["val"], there["dev"])
+        assert chosen["pipeline_s"] == pytest.approx(there["pipeline_s"] + choice, abs=0.01)
+    rows = [row["method"] for row in results["summary"]]
+    assert "method@chosen" in rows and "sweep-best@0.5" not in rows
+    assert (
+        "on the checkpoint where the single pooler is best on held-out TRAIN"
+        in (tmp_path / "exp" / "results.md").read_text()
+    )
 
 
 def test_experiment_train_sample_random_draws_across_the_file(glue_dir, tmp_path):
