@@ -85,7 +85,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -444,6 +444,42 @@ def refuse(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+@dataclass(frozen=True)
+class SeedRun:
+    """One task and seed of the experiment: its settings, where its runs and stage records live,
+    and the fine-tuned run chosen for each number of epochs (0: the pretrained encoder)."""
+
+    args: argparse.Namespace
+    task: str
+    seed: int
+    data_dir: str | None
+    runs: Path
+    records_dir: Path
+    chosen_runs: dict[float, Path]
+
+    def stage(self, name: str, work: Callable[[], dict]) -> dict:
+        return stage(self.records_dir, self.task, self.seed, name, work)
+
+    def embeddings(self, epochs: float) -> Path:
+        return self.runs / f"embeddings-{epochs:g}"
+
+    def loaded(self, epochs: float, held: dict):
+        """The embeddings of checkpoint `epochs`, loaded once into `held` (a stage that loaded
+        them may have been recorded by an earlier run: then they are loaded here)."""
+        if "data" not in held:
+            held["data"] = self.load(epochs)
+        return held["data"]
+
+    def load(self, epochs: float):
+        return load_embeddings(self.task, str(self.embeddings(epochs)), device=self.args.device)
+
+    def remove_embeddings(self) -> None:
+        """Remove every checkpoint's embeddings, unless --keep-embeddings."""
+        if not self.args.keep_embeddings:
+            for folder in self.runs.glob("embeddings-*"):
+                shutil.rmtree(folder)
+
+
 def run_seed(
     args: argparse.Namespace, task: str, seed: int, data_dir: str | None, keyed: Path
 ) -> tuple[list[dict], dict]:
@@ -456,6 +492,7 @@ def run_seed(
     records: list[dict] = []
     choices: dict = {"task": task, "seed": seed, "finetune_lr": {}}
     chosen_runs: dict[float, Path] = {0.0: Path(args.model)}  # 0 epochs: the pretrained encoder
+    seed_run = SeedRun(args, task, seed, data_dir, runs, records_dir, chosen_runs)
     grid_s: dict[float, dict[str, float]] = {0.0: dict.fromkeys(CLOCKS, 0.0)}
 
     def finetune(epochs: float, lr: float) -> dict:
@@ -485,13 +522,7 @@ def run_seed(
 
     for epochs in args.finetune_epochs:
         grid = [
-            stage(
-                records_dir,
-                task,
-                seed,
-                f"finetune-{epochs:g}-lr{lr:g}",
-                partial(finetune, epochs, lr),
-            )
+            seed_run.stage(f"finetune-{epochs:g}-lr{lr:g}", partial(finetune, epochs, lr))
             for lr in args.finetune_lrs
         ]
         best = max(grid, key=lambda r: selectable(r["val"][metric]))  # ties: the first
@@ -504,23 +535,19 @@ def run_seed(
     by_checkpoint: dict[float, list[dict]] = {}
     for epochs in args.extract_from:
         method_here = not chosen_mode and epochs == args.method_from
-        by_checkpoint[epochs], stage_choices = checkpoint_stages(
-            args, task, seed, data_dir, chosen_runs, runs, records_dir, epochs, method_here
-        )
+        by_checkpoint[epochs], stage_choices = checkpoint_stages(seed_run, epochs, method_here)
         choices.update(stage_choices)
         if not chosen_mode:  # a chosen method's checkpoint is known only once all are done
-            remove_embeddings(args, runs)
+            seed_run.remove_embeddings()
     method_from = args.method_from
     if chosen_mode:
         singles = [r for stages in by_checkpoint.values() for r in stages]
         best, _ = best_checkpoint(singles, args.sweep_adapter, args.extract_from, metric)
         method_from = float(best["method"].split("@")[1])
-        stages, stage_choices = method_stages(
-            args, task, seed, chosen_runs, runs, records_dir, method_from, held={}
-        )
+        stages, stage_choices = method_stages(seed_run, method_from, held={})
         by_checkpoint[method_from] += stages
         choices.update(stage_choices)
-        remove_embeddings(args, runs)
+        seed_run.remove_embeddings()
     for epochs, stage_records in by_checkpoint.items():
         charge(stage_records, grid_s[epochs])
         records += stage_records
@@ -577,41 +604,20 @@ def charged_the_choice(records: list[dict], chosen: dict, picked: dict) -> list[
     return derived
 
 
-def remove_embeddings(args: argparse.Namespace, runs: Path) -> None:
-    """Remove a seed's embeddings under `runs`, unless --keep-embeddings."""
-    if not args.keep_embeddings:
-        for folder in runs.glob("embeddings-*"):
-            shutil.rmtree(folder)
-
-
-def checkpoint_stages(
-    args: argparse.Namespace,
-    task: str,
-    seed: int,
-    data_dir: str | None,
-    chosen_runs: dict[float, Path],
-    runs: Path,
-    records_dir: Path,
-    epochs: float,
-    with_method: bool,
-) -> tuple[list[dict], dict]:
-    """The stages on the embeddings of the checkpoint fine-tuned `epochs` (chosen_runs[epochs]):
-    extraction, loading, the single adapters and, `with_method`, the method's stages
-    (`method_stages`). Returns their records and the choices made. The embeddings stay, for a
-    method whose checkpoint is chosen afterwards (run_seed removes them)."""
-    tag = f"{epochs:g}"
-    embeddings = runs / f"embeddings-{tag}"
+def checkpoint_stages(run: SeedRun, epochs: float, with_method: bool) -> tuple[list[dict], dict]:
+    """The stages on the embeddings of the checkpoint fine-tuned `epochs`: extraction, loading,
+    the single adapters and, `with_method`, the method's stages (`method_stages`). Returns their
+    records and the choices made. The embeddings stay, for a method whose checkpoint is chosen
+    afterwards (run_seed removes them)."""
+    args, tag, finetuned = run.args, f"{epochs:g}", run.chosen_runs[epochs]
     held: dict = {}  # the loaded embeddings, shared by every adapter of this checkpoint
-
-    def run(name: str, work: Callable[[], dict]) -> dict:
-        return stage(records_dir, task, seed, name, work)
 
     def extract() -> dict:
         cfg = ExtractConfig(
-            task=task,
-            out=str(embeddings),
-            model=str(chosen_runs[epochs]),
-            data_dir=data_dir,
+            task=run.task,
+            out=str(run.embeddings(epochs)),
+            model=str(finetuned),
+            data_dir=run.data_dir,
             splits=["train", "dev"],
             max_seq_length=args.max_seq_length,
             batch_size=64,
@@ -620,81 +626,59 @@ def checkpoint_stages(
         summary = extract_hidden_states(cfg, progress=False)
         if not summary.ok:
             raise RuntimeError(f"extraction failed: {summary.failed}")
-        splits = ("train", *glue.get_task(task).dev_splits)
+        splits = ("train", *glue.get_task(run.task).dev_splits)
         return {
-            "checkpoint": chosen_runs[epochs].name,
-            "examples": sum(len(glue.load_split(task, s, data_dir)) for s in splits),
+            "checkpoint": finetuned.name,
+            "examples": sum(len(glue.load_split(run.task, s, run.data_dir)) for s in splits),
         }
 
     def load() -> dict:
-        held["data"] = load_embeddings(task, str(embeddings), device=args.device)
+        held["data"] = run.load(epochs)
         return {}
 
     def single(adapter: str) -> dict:
         cfg = TrainConfig(
-            task=task,
-            embeddings=str(embeddings),
-            out=str(runs / f"{adapter}@{tag}"),
+            task=run.task,
+            embeddings=str(run.embeddings(epochs)),
+            out=str(run.runs / f"{adapter}@{tag}"),
             adapter=adapter,
             adapter_dim=args.adapter_dim,
             lr=args.adapter_lr,
             epochs=args.adapter_epochs,
             val_fraction=args.val_fraction,
-            seed=seed,
+            seed=run.seed,
             device=args.device,
         )
-        return adapter_result(cfg, loaded(args, task, embeddings, held))
+        return adapter_result(cfg, run.loaded(epochs, held))
 
-    done = [run(f"extract@{tag}", extract), run(f"load@{tag}", load)]
-    done += [run(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
+    done = [run.stage(f"extract@{tag}", extract), run.stage(f"load@{tag}", load)]
+    done += [run.stage(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
     if not with_method:
         return done, {}
-    stages, choices = method_stages(args, task, seed, chosen_runs, runs, records_dir, epochs, held)
+    stages, choices = method_stages(run, epochs, held)
     return done + stages, choices
 
 
-def loaded(args: argparse.Namespace, task: str, embeddings: Path, held: dict):
-    """The embeddings under `embeddings`, loaded once into `held` (a stage that loaded them may
-    have been recorded by an earlier run: then they are loaded here)."""
-    if "data" not in held:
-        held["data"] = load_embeddings(task, str(embeddings), device=args.device)
-    return held["data"]
-
-
-def method_stages(
-    args: argparse.Namespace,
-    task: str,
-    seed: int,
-    chosen_runs: dict[float, Path],
-    runs: Path,
-    records_dir: Path,
-    epochs: float,
-    held: dict,
-) -> tuple[list[dict], dict]:
+def method_stages(run: SeedRun, epochs: float, held: dict) -> tuple[list[dict], dict]:
     """BERTVision's stages on the checkpoint fine-tuned `epochs`: the sweep, the two ensembles
     (with the fine-tuned model: only on a fine-tuned checkpoint) and the learning curve of the
     best trial. `held`: the checkpoint's loaded embeddings, if any. Returns their records and the
     choices made."""
-    tag = f"{epochs:g}"
-    embeddings = runs / f"embeddings-{tag}"
-
-    def run(name: str, work: Callable[[], dict]) -> dict:
-        return stage(records_dir, task, seed, name, work)
-
+    args, tag = run.args, f"{epochs:g}"
     sweep_cfg = SweepConfig(
-        task=task,
-        embeddings=str(embeddings),
-        out=str(runs / f"sweep@{tag}"),
+        task=run.task,
+        embeddings=str(run.embeddings(epochs)),
+        out=str(run.runs / f"sweep@{tag}"),
         adapter=args.sweep_adapter,
         trials=args.trials,
         space=args.space,
         val_fraction=args.val_fraction,
-        seed=seed,
+        seed=run.seed,
         device=args.device,
     )
 
     def sweep() -> dict:
-        summary = run_sweep(sweep_cfg, data=loaded(args, task, embeddings, held), progress=False)
+        summary = run_sweep(sweep_cfg, data=run.loaded(epochs, held), progress=False)
         if summary.best is None:
             raise RuntimeError(f"no trial of {sweep_cfg.out} finished")
         best = summary.best
@@ -708,29 +692,33 @@ def method_stages(
             "trainings": summary.trials,
         }
 
+    def ensemble_of(name: str, finetuned: Path | None = None) -> Callable[[], dict]:
+        return lambda: ensemble(args, sweep_cfg, run.runs / f"{name}@{tag}", finetuned)
+
     def curve_point(spec: TrialSpec, fraction: float) -> dict:
         cfg = replace(
             trial_train_config(sweep_cfg, spec),
-            out=str(runs / f"curve-{fraction:.0%}@{tag}"),
+            out=str(run.runs / f"curve-{fraction:.0%}@{tag}"),
             train_fraction=fraction,
             overwrite=False,
         )
-        data = loaded(args, task, embeddings, held)
-        return {**adapter_result(cfg, data), "train_fraction": fraction}
+        return {**adapter_result(cfg, run.loaded(epochs, held)), "train_fraction": fraction}
 
-    best = run(f"sweep-best@{tag}", sweep)
-    plain = run(f"ensemble@{tag}", lambda: ensemble(args, sweep_cfg, runs / f"ensemble@{tag}"))
+    best = run.stage(f"sweep-best@{tag}", sweep)
+    plain = run.stage(f"ensemble@{tag}", ensemble_of("ensemble"))
     done = [best, plain]
     choices = {"sweep_trial": best["trial"], "sweep_params": best["params"]}
     choices["ensemble_members"] = plain["members"]
     if epochs > 0:  # a fine-tuned model to ensemble with
-        finetuned = chosen_runs[epochs]
-        out = runs / f"ensemble+ft@{tag}"
-        with_ft = run(f"ensemble+ft@{tag}", lambda: ensemble(args, sweep_cfg, out, finetuned))
+        with_ft = run.stage(
+            f"ensemble+ft@{tag}", ensemble_of("ensemble+ft", run.chosen_runs[epochs])
+        )
         done.append(with_ft)
         choices["ensemble_ft_members"] = with_ft["members"]
     spec = TrialSpec(best["trial"], best["params"], best["hyperopt_vals"])
-    done += [run(f"curve-{f:.0%}@{tag}", lambda f=f: curve_point(spec, f)) for f in CURVE_FRACTIONS]
+    done += [
+        run.stage(f"curve-{f:.0%}@{tag}", lambda f=f: curve_point(spec, f)) for f in CURVE_FRACTIONS
+    ]
     return done, choices
 
 

@@ -64,6 +64,16 @@ def _adlfs(azurite: Azurite) -> adlfs.AzureBlobFileSystem:
     )
 
 
+def _four_train_shards(azurite: Azurite, model: str, data_dir: str) -> tuple[str, str, list[str]]:
+    """RTE train extracted to a new container as 4 shards: the container, the output URL and
+    the extract command's arguments."""
+    container = azurite.create_container()
+    out = f"az://{container}/emb"
+    args = _extract_args(out, model, data_dir, "--splits", "train", "--shard-size", "32")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    return container, out, args
+
+
 def _extract_args(out: str, model: str, data_dir: str, *extra: str) -> list[str]:
     return [
         "extract",
@@ -219,10 +229,7 @@ def test_deciding_compares_the_blobs_stored_sha256_and_verify_reads_every_byte(
     """A blob of the recorded size whose stored sha256 (blob metadata, set by the upload) is not
     the record's is not done: no shard is read to tell. A blob without that metadata (rewritten
     by another tool) passes the metadata check; `verify` reads it and finds it."""
-    container = azurite.create_container()
-    out = f"az://{container}/emb"
-    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
-    assert CliRunner().invoke(app, args).exit_code == 0
+    container, out, args = _four_train_shards(azurite, tiny_model, rte_slice)
     reader = _adlfs(azurite)
     prefix = f"{container}/emb/rte/train"
     for index, metadata in ((1, {}), (2, {"sha256": "0" * 64})):  # same size, other bytes
@@ -260,10 +267,7 @@ def test_status_and_pending_shards_read_no_commit_record_on_azure(
     """Each commit record's copy travels as its blob's metadata, which a listing returns:
     deciding what is done is listings alone, however many shards. A record without the copy
     (written by an older version, or rewritten by another tool) is read, and only it."""
-    container = azurite.create_container()
-    out = f"az://{container}/emb"
-    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
-    assert CliRunner().invoke(app, args).exit_code == 0
+    container, out, args = _four_train_shards(azurite, tiny_model, rte_slice)
     folder = f"{out}/rte/train"
     plan = shards.load_plan(folder)
 
@@ -293,10 +297,7 @@ def test_a_record_whose_content_and_copy_differ_is_found_by_verify_and_redone(
     """Another tool may change a record's content or its metadata alone. Every reader goes by
     the copy in the metadata; `verify` reads the content too, finds the two differ, and with
     --redo uncommits the shard, which the next extract redoes."""
-    container = azurite.create_container()
-    out = f"az://{container}/emb"
-    args = _extract_args(out, tiny_model, rte_slice, "--splits", "train", "--shard-size", "32")
-    assert CliRunner().invoke(app, args).exit_code == 0
+    container, out, args = _four_train_shards(azurite, tiny_model, rte_slice)
     reader = _adlfs(azurite)
     record_blob = f"{container}/emb/rte/train/_manifest/shard-00002.json"
     copy = reader.info(record_blob)["metadata"]["shard_record"]
