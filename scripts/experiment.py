@@ -470,7 +470,34 @@ class SeedRun:
             held["data"] = self.load(epochs)
         return held["data"]
 
+    def extract(self, epochs: float) -> dict:
+        """Extract the train and dev embeddings of checkpoint `epochs` (all layers)."""
+        finetuned = self.chosen_runs[epochs]
+        cfg = ExtractConfig(
+            task=self.task,
+            out=str(self.embeddings(epochs)),
+            model=str(finetuned),
+            data_dir=self.data_dir,
+            splits=["train", "dev"],
+            max_seq_length=self.args.max_seq_length,
+            batch_size=64,
+            device=self.args.device,
+        )
+        summary = extract_hidden_states(cfg, progress=False)
+        if not summary.ok:
+            raise RuntimeError(f"extraction failed: {summary.failed}")
+        splits = ("train", *glue.get_task(self.task).dev_splits)
+        return {
+            "checkpoint": finetuned.name,
+            "examples": sum(len(glue.load_split(self.task, s, self.data_dir)) for s in splits),
+        }
+
     def load(self, epochs: float):
+        """The embeddings of checkpoint `epochs`, extracted again if they are gone though their
+        extraction was recorded (removed after an earlier run; records copied from another):
+        the stage that needs them is charged that extraction."""
+        if not self.embeddings(epochs).exists():
+            self.extract(epochs)
         return load_embeddings(self.task, str(self.embeddings(epochs)), device=self.args.device)
 
     def remove_embeddings(self) -> None:
@@ -609,28 +636,8 @@ def checkpoint_stages(run: SeedRun, epochs: float, with_method: bool) -> tuple[l
     the single adapters and, `with_method`, the method's stages (`method_stages`). Returns their
     records and the choices made. The embeddings stay, for a method whose checkpoint is chosen
     afterwards (run_seed removes them)."""
-    args, tag, finetuned = run.args, f"{epochs:g}", run.chosen_runs[epochs]
+    args, tag = run.args, f"{epochs:g}"
     held: dict = {}  # the loaded embeddings, shared by every adapter of this checkpoint
-
-    def extract() -> dict:
-        cfg = ExtractConfig(
-            task=run.task,
-            out=str(run.embeddings(epochs)),
-            model=str(finetuned),
-            data_dir=run.data_dir,
-            splits=["train", "dev"],
-            max_seq_length=args.max_seq_length,
-            batch_size=64,
-            device=args.device,
-        )
-        summary = extract_hidden_states(cfg, progress=False)
-        if not summary.ok:
-            raise RuntimeError(f"extraction failed: {summary.failed}")
-        splits = ("train", *glue.get_task(run.task).dev_splits)
-        return {
-            "checkpoint": finetuned.name,
-            "examples": sum(len(glue.load_split(run.task, s, run.data_dir)) for s in splits),
-        }
 
     def load() -> dict:
         held["data"] = run.load(epochs)
@@ -651,7 +658,8 @@ def checkpoint_stages(run: SeedRun, epochs: float, with_method: bool) -> tuple[l
         )
         return adapter_result(cfg, run.loaded(epochs, held))
 
-    done = [run.stage(f"extract@{tag}", extract), run.stage(f"load@{tag}", load)]
+    done = [run.stage(f"extract@{tag}", lambda: run.extract(epochs))]
+    done.append(run.stage(f"load@{tag}", load))
     done += [run.stage(f"{a}@{tag}", lambda a=a: single(a)) for a in ADAPTERS]
     if not with_method:
         return done, {}

@@ -694,6 +694,29 @@ def test_experiment_chooses_the_same_with_dev_labels_flipped(experiment, tmp_pat
             assert mine["dev"]["accuracy"] == pytest.approx(1 - theirs["dev"]["accuracy"])
 
 
+def test_experiment_extracts_again_embeddings_a_later_stage_needs_once_removed(
+    experiment, tmp_path
+):
+    """A seed's embeddings are removed once its stages are done. A stage run later on a
+    recorded extraction (its record removed, say, to run it again) extracts them again and
+    gets the same result."""
+    import runpy
+
+    out, argv, _ = experiment
+    original = {r["method"]: r for r in read_json(out / "results.json")["records"]}
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    [records] = copy.glob("*/records/rte/seed-0")
+    (records / "sweep-best@0.5.json").unlink()
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *EXPERIMENT_ARGS]
+
+    again = {r["method"]: r for r in runpy.run_path(str(EXPERIMENT))["main"](argv)["records"]}
+
+    assert again["sweep-best@0.5"]["val"] == original["sweep-best@0.5"]["val"]
+    assert again["sweep-best@0.5"]["stage_s"] != original["sweep-best@0.5"]["stage_s"]
+    assert not list(records.parent.parent.parent.glob("runs/rte/seed-0/embeddings*"))
+
+
 def test_experiment_continues_elsewhere_from_its_results_json(experiment, tmp_path, capsys):
     """Records are keyed on the encoder's weights and the data's examples, not their paths: a
     copy of both elsewhere (another machine, a reinstall) with --records-from the first run's
