@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import itertools
 import os
 import sys
 import typing
@@ -435,12 +436,27 @@ def status(
             f"{s['shards']} shards: {s['done']} done, {s['failed']} failed, {s['missing']} missing"
         )
         if s["strays"]:
-            typer.echo(f"  {len(s['strays'])} stray files, not read: {', '.join(s['strays'])}")
+            typer.echo(
+                f"  {len(s['strays'])} stray files, not counted (not committed, or a garbled or "
+                f"foreign record): {', '.join(s['strays'])}"
+            )
+        for kind in ("failed", "missing"):
+            if s[f"{kind}_shards"]:
+                typer.echo(f"  {kind}: shards {shard_ranges(s[f'{kind}_shards'])}")
         if s["leftovers"]:
             typer.echo(
                 f"  {len(s['leftovers'])} staging files (a running or killed writer's; the next "
                 f"extract removes stale ones): {', '.join(s['leftovers'])}"
             )
+
+
+def shard_ranges(indices: list[int]) -> str:
+    """Sorted shard indices as runs: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs = []
+    for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0]):
+        numbers = [index for _, index in run]
+        runs.append(f"{numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else str(numbers[0]))
+    return ", ".join(runs)
 
 
 @config_command(VerifyConfig)

@@ -534,7 +534,8 @@ def remove_empty_staging(folder: str) -> bool:
 
 def split_status(folder: str) -> dict:
     """Rows (examples, or a span extraction's windows: `rows` says which), the stored dtype and
-    shard format, and shard counts of one task/split: total, done, failed, missing; and the files
+    shard format, and shard counts of one task/split: total, done, failed, missing (and which
+    failed and which are missing); and the files
     that are not part of it: `strays` (in the split folder, or a garbled record: what a plain
     `pyarrow.dataset` of the folder might read, or what a rerun replaces) and `leftovers`
     (staging files of writers, live or gone). Reads no shard."""
@@ -573,6 +574,7 @@ def split_status(folder: str) -> dict:
         "failed": len(failed),
         "missing": plan.num_shards - len(done) - len(failed),
         "failed_shards": sorted(failed),
+        "missing_shards": sorted(set(range(plan.num_shards)) - done - failed),
         "strays": strays,
         "leftovers": sorted(leftovers),
     }

@@ -25,8 +25,8 @@ all-MiniLM-L6-v2):
                       takes ensemble+ft), charged for the sweep and both ensembles
     ...@chosen        with --method-from chosen, M is the checkpoint pooler@chosen picked, per
                       seed: the rows above as `sweep-best@chosen`, `method@chosen` and so on,
-                      charged also for the choice (the other candidates' grids, extractions,
-                      loading and single adapters)
+                      charged also for the choice (every candidate's single adapter, the other
+                      candidates' grids, extractions and loading)
     curve-P%@M        the best trial's settings trained on P% of TRAIN (10, 25, 50, 100; the
                       held-out slice aside; TrainConfig.train_fraction, nested subsets)
 
@@ -190,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.max_train_examples and args.data_dir is None:
         parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
+    if args.train_sample == "random" and not args.max_train_examples:
+        parser.error("--train-sample random needs --max-train-examples (how many to draw)")
     if not set(args.extract_from) <= {0.0, *args.finetune_epochs}:
         parser.error("--extract-from must name epochs of --finetune-epochs (or 0)")
     args.method_from = method_checkpoint(parser, args.method_from, args.extract_from)
@@ -254,6 +256,9 @@ def numbers(
     if not values or not all(v > 0 or (zero and v == 0) for v in values):
         kind = "numbers >= 0" if zero else "positive numbers"
         parser.error(f"{option} must be {kind}, got {text!r}")
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        parser.error(f"{option} names {twice:g} twice")
     return values
 
 
@@ -268,10 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
             task: sliced_data(args, task, Path(staging)) if args.max_train_examples else None
             for task in args.tasks
         }
-        keys = {
-            task: settings_key(args, task_data_fingerprint(task, d or args.data_dir))
-            for task, d in data_dirs.items()
-        }
+        try:
+            keys = {
+                task: settings_key(args, task_data_fingerprint(task, d or args.data_dir))
+                for task, d in data_dirs.items()
+            }
+        except glue.DataError as exc:  # no such data: the hub unreachable, a missing file
+            refuse(str(exc))
         earlier = storage.read_json(args.records_from) if args.records_from else None
         for task in args.tasks:
             if earlier is not None:
@@ -616,8 +624,8 @@ def charge(stage_records: list[dict], grid_s: dict[str, float]) -> None:
 def charged_the_choice(records: list[dict], chosen: dict, picked: dict) -> list[dict]:
     """The method's results on the checkpoint that `chosen` (`<adapter>@chosen`) picked
     (`records`: their sweep, ensembles, curve and method records; `picked`: the single adapter
-    there) as `<name>@chosen`, each also charged for the choice: the other candidate
-    checkpoints' grids, extractions, loading and single adapters."""
+    there) as `<name>@chosen`, each also charged for the choice: every candidate's single
+    adapter, and the other candidate checkpoints' grids, extractions and loading."""
     tag = picked["method"].split("@")[1]
     derived = []
     for record in records:
@@ -625,8 +633,8 @@ def charged_the_choice(records: list[dict], chosen: dict, picked: dict) -> list[
         copy = {**record, "method": f"{name}@chosen", "chose_checkpoint": tag}
         for c in CLOCKS:
             for cost in ("pipeline", "amortised"):
-                others = chosen[f"{cost}{c}_s"] - picked[f"{cost}{c}_s"]
-                copy[f"{cost}{c}_s"] = round(record[f"{cost}{c}_s"] + others, 3)
+                choice = chosen[f"{cost}{c}_s"] - picked[f"{cost}{c}_s"] + picked[f"stage{c}_s"]
+                copy[f"{cost}{c}_s"] = round(record[f"{cost}{c}_s"] + choice, 3)
         derived.append(copy)
     return derived
 

@@ -73,6 +73,13 @@ def test_shards_follow_the_documented_format(tmp_path, tiny_model, glue_dir):
         assert states.size == 3 * row["length"] * 32 and np.isfinite(states).all()
 
 
+def test_status_names_shards_as_runs_of_indices():
+    from bertvision.cli import shard_ranges
+
+    assert shard_ranges([0, 2, 3, 4, 9, 10]) == "0, 2-4, 9-10"
+    assert shard_ranges([7]) == "7"
+
+
 def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
     extract_hidden_states(
         _config(tmp_path, tiny_model, glue_dir, splits=["train", "dev"]), progress=False
@@ -80,7 +87,9 @@ def test_status_reports_every_split(tmp_path, tiny_model, glue_dir):
     result = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
-    assert status["wnli/train"] | {"failed_shards": []} == status["wnli/train"]
+    assert (
+        status["wnli/train"] | {"failed_shards": [], "missing_shards": []} == status["wnli/train"]
+    )
     assert (status["wnli/train"]["examples"], status["wnli/train"]["shards"]) == (635, 32)
     assert status["wnli/dev"]["done"] == 4 and status["wnli/dev"]["missing"] == 0
     assert (status["wnli/dev"]["dtype"], status["wnli/dev"]["format_version"]) == ("float16", 6)
@@ -468,7 +477,10 @@ def test_the_documented_reader_sees_exactly_the_committed_shards(tmp_path, tiny_
     status = shards.split_status(str(folder))
     assert status["strays"] == ["extra.parquet", "shard-00000 (copy).parquet"]
     result = CliRunner().invoke(app, ["status", str(tmp_path)])
-    assert "2 stray files, not read: extra.parquet, shard-00000 (copy).parquet" in result.output
+    assert "2 stray files, not counted (not committed, or a garbled or foreign record): " in (
+        result.output
+    )
+    assert "record): extra.parquet, shard-00000 (copy).parquet" in result.output
 
     # A shard renamed into place before its record was written (a writer killed in between).
     (folder / "_manifest/shard-00003.json").unlink()
@@ -477,8 +489,9 @@ def test_the_documented_reader_sees_exactly_the_committed_shards(tmp_path, tiny_
     with pytest.raises(shards.ShardError, match="shard-00003.parquet is not a committed shard"):
         shards.read_shard(str(folder / "shard-00003.parquet"))
     status = shards.split_status(str(folder))
-    assert (status["done"], status["missing"]) == (3, 1)
+    assert (status["done"], status["missing"], status["missing_shards"]) == (3, 1, [3])
     assert "shard-00003.parquet" in status["strays"]
+    assert "  missing: shards 3\n" in CliRunner().invoke(app, ["status", str(tmp_path)]).output
 
 
 def test_the_plain_pyarrow_recipe_of_the_docs_reads_the_committed_shards(

@@ -882,6 +882,8 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
             "--method-from chosen needs two or more checkpoints in --extract-from",
         ),
         (["--extract-from", "0.75"], "--extract-from must name epochs of --finetune-epochs"),
+        (["--extract-from", "0,0.5,0.5"], "--extract-from names 0.5 twice"),
+        (["--train-sample", "random"], "--train-sample random needs --max-train-examples"),
         (["--finetune-epochs", "0,1"], "--finetune-epochs must be positive numbers"),
     ],
 )
@@ -893,6 +895,22 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
         runpy.run_path(str(EXPERIMENT))["parse_args"](options)
     assert refused.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_experiment_refuses_data_it_cannot_read_in_one_line(capsys, tmp_path, tiny_model):
+    """A --data-dir without the task's files is refused in one line before anything is written
+    (so is the hub offline, with the same error)."""
+    import runpy
+
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    out = tmp_path / "exp"
+    options = ["--data-dir", str(tmp_path), "--model", tiny_model, "--out", str(out)]
+    with pytest.raises(SystemExit) as refused:
+        main([*options, "--tasks", "wnli", "--device", "cpu"])
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("experiment.py: error: ") and "WNLI" in line
+    assert not out.exists()
 
 
 def test_experiment_adapters_on_the_pretrained_encoder_are_charged_no_fine_tuning(
@@ -941,9 +959,9 @@ def test_experiment_method_from_chosen_sweeps_where_held_out_train_prefers(
     glue_dir, tiny_model, tmp_path
 ):
     """--method-from chosen: the sweep, ensembles and curve run on the checkpoint pooler@chosen
-    picked (no sweep elsewhere), reported as `<name>@chosen`, charged also for the choice: the
-    other candidates' grids, extractions, loading and poolers. On the pretrained encoder there
-    is no fine-tuned model to ensemble with."""
+    picked (no sweep elsewhere), reported as `<name>@chosen`, charged also for the choice: every
+    candidate's pooler, the other candidates' grids, extractions and loading. On the pretrained
+    encoder there is no fine-tuned model to ensemble with."""
     import runpy
 
     main = runpy.run_path(str(EXPERIMENT))["main"]
@@ -957,12 +975,12 @@ def test_experiment_method_from_chosen_sweeps_where_held_out_train_prefers(
     assert f"sweep-best@{tag}" in records and f"sweep-best@{other}" not in records
     assert (f"ensemble+ft@{tag}" in records) == (tag != "0")
     assert choices["method"] == records[f"method@{tag}"]["chose"]
-    choice = records["pooler@chosen"]["pipeline_s"] - records[f"pooler@{tag}"]["pipeline_s"]
-    assert choice == pytest.approx(records[f"pooler@{other}"]["pipeline_s"], abs=0.01)
+    choice = records[f"pooler@{other}"]["pipeline_s"] + records[f"pooler@{tag}"]["stage_s"]
     for name in ("sweep-best", "ensemble", "method", "curve-50%"):
         chosen, there = records[f"{name}@chosen"], records[f"{name}@{tag}"]
         assert (chosen["val"], chosen["dev"]) == (there["val"], there["dev"])
         assert chosen["pipeline_s"] == pytest.approx(there["pipeline_s"] + choice, abs=0.01)
+    assert records["method@chosen"]["pipeline_s"] > records["pooler@chosen"]["pipeline_s"]
     rows = [row["method"] for row in results["summary"]]
     assert "method@chosen" in rows and "sweep-best@0.5" not in rows
     assert (
