@@ -926,9 +926,11 @@ def verify_split(folder: str, redo: bool = False) -> SplitCheck:
     plan = load_plan(folder)
     if plan is None:
         raise ShardError(f"{folder} holds no extraction (no {MANIFEST_DIR}/{PLAN_FILE})")
-    records = load_records(folder, plan)
+    manifest = storage.list_entries(storage.join(folder, MANIFEST_DIR))
+    records = _plan_records(folder, manifest, plan)[0]
     names = {index: shard_record_name(index) for index in records}
-    contents = read_manifests(folder, list(names.values()), ShardRecord)
+    copies = [name for name in names.values() if _listed_record(manifest[name]) is not None]
+    contents = read_manifests(folder, copies, ShardRecord)  # records read from copies only
     check = SplitCheck(plan.task, plan.split, plan.num_shards, pending=plan.num_shards)
     for index in sorted(records):
         problems, size = check_shard(folder, plan, records[index])

@@ -578,7 +578,7 @@ def run_seed(
     if chosen_mode:
         singles = [r for stages in by_checkpoint.values() for r in stages]
         best, _ = best_checkpoint(singles, args.sweep_adapter, args.extract_from, metric)
-        method_from = float(best["method"].split("@")[1])
+        method_from = args.extract_from[best]
         stages, stage_choices = method_stages(seed_run, method_from, held={})
         by_checkpoint[method_from] += stages
         choices.update(stage_choices)
@@ -740,12 +740,13 @@ def method_stages(run: SeedRun, epochs: float, held: dict) -> tuple[list[dict], 
 
 def best_checkpoint(
     records: list[dict], adapter: str, checkpoints: list[float], metric: str
-) -> tuple[dict, list[dict]]:
-    """The record of the single `adapter` on whichever of `checkpoints` (epochs) scores best on
+) -> tuple[int, list[dict]]:
+    """Which of `checkpoints` (epochs; its position) the single `adapter` scores best on
     held-out TRAIN by `metric` (ties: the earliest listed), and the records of all of them."""
     names = [f"{adapter}@{epochs:g}" for epochs in checkpoints]
     candidates = [next(r for r in records if r["method"] == name) for name in names]
-    return max(candidates, key=lambda r: selectable(r.get("val", {}).get(metric))), candidates
+    scores = [selectable(r.get("val", {}).get(metric)) for r in candidates]
+    return scores.index(max(scores)), candidates
 
 
 def chosen_checkpoint(
@@ -754,7 +755,8 @@ def chosen_checkpoint(
     """`adapter`@chosen: `best_checkpoint`'s result, charged for every candidate (each one's
     fine-tuning grid, extraction, loading and adapter), since choosing needed each. Its
     `candidates`: the held-out metric on each."""
-    chosen, candidates = best_checkpoint(records, adapter, checkpoints, metric)
+    best, candidates = best_checkpoint(records, adapter, checkpoints, metric)
+    chosen = candidates[best]
     record = {**chosen, "method": f"{adapter}@chosen", "chose": chosen["method"]}
     record["candidates"] = {r["method"]: r.get("val", {}).get(metric) for r in candidates}
     for c in CLOCKS:
