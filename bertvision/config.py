@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from bertvision.finite import is_non_finite
+from bertvision.finite import is_non_finite, strict_loads
 
 
 class ConfigError(ValueError):
@@ -439,7 +439,7 @@ def _load_space(text: str) -> dict[str, Any]:
 
     if text.lstrip().startswith("{"):
         try:
-            space = json.loads(text)
+            space = strict_loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError("space", f"is not valid JSON: {exc}") from None
         if not isinstance(space, dict):

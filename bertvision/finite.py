@@ -2,6 +2,7 @@
 bertvision.config.check_finite).
 
     text = strict_json(data, indent=2)  # ValueError naming where a NaN sits, never a bare NaN
+    data = strict_loads(text)           # json.JSONDecodeError at a bare NaN or Infinity
 
 `NonFiniteError` is what a computation that produced NaN or infinity raises (a training run
 that diverged, hidden states that overflow the stored dtype); callers that can carry on without
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from numbers import Real
 from typing import Any
 
@@ -49,3 +51,27 @@ def strict_json(data: Any, what: str = "JSON", **kwargs: Any) -> str:
     if found is not None:
         raise ValueError(f"{what}: {found[0]} is {found[1]}; JSON holds only finite numbers")
     return json.dumps(data, allow_nan=False, **kwargs)
+
+
+# The non-standard tokens Python's json module reads by default, outside strings.
+_NON_FINITE_TOKEN = re.compile(r'(?<![\w"])(?:NaN|-?Infinity)(?![\w"])')
+
+
+def strict_loads(text: str) -> Any:
+    """`json.loads(text)` that refuses the non-standard tokens NaN, Infinity and -Infinity
+    (which `json.loads` accepts) with a `json.JSONDecodeError` at the token, as for any other
+    text that is not JSON: what the project reads is what strict parsers read. Nesting deeper
+    than Python's recursion limit is a `json.JSONDecodeError` too, not a RecursionError."""
+
+    def refuse(token: str) -> None:
+        found = _NON_FINITE_TOKEN.search(text)
+        raise json.JSONDecodeError(
+            f"{token} is not a JSON number (JSON holds only finite numbers)",
+            text,
+            found.start() if found else 0,
+        )
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from bertvision import records, storage
+from bertvision.finite import strict_loads
 from bertvision.records import RunRecord, now
 from bertvision.shards import worker_name
 
@@ -200,7 +201,7 @@ class Lease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(storage.read_text(self.url))
+            return strict_loads(storage.read_text(self.url))
         except (FileNotFoundError, json.JSONDecodeError):
             return None  # gone meanwhile, or being written
 

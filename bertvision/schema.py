@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from bertvision.finite import strict_json
+from bertvision.finite import strict_json, strict_loads
 from bertvision.records import code_info
 
 # Each schema has its format version, written in every plan and shard:
@@ -389,7 +389,7 @@ class ShardFailure:
 def _json_object(text: str) -> dict:
     """A record's fields; ValueError if `text` is not a JSON object (TypeError follows from the
     constructor for missing or unknown fields)."""
-    data = json.loads(text)
+    data = strict_loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"a JSON {type(data).__name__}, not an object")
     return data

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bertvision import storage
+from bertvision.finite import strict_loads
 from bertvision.glue import DataError
 
 # The official file of each split in a SQuAD data directory, and the hub's name for the split.
@@ -109,7 +110,7 @@ def load_file(url: str) -> list[Example]:
             f"(byte {exc.object[exc.start]:#04x})"
         ) from None
     try:
-        document = json.loads(text)
+        document = strict_loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"malformed data file {url}: not JSON: {exc.msg} (line {exc.lineno}, "
@@ -172,7 +173,7 @@ def write_slice(data_dir: str, out: str, **splits: tuple[Articles, int]) -> str:
     `out`; DataError if a named article is not there."""
     for split, (articles, paragraphs) in splits.items():
         name = SPLIT_FILES[split]
-        document = json.loads(storage.read_text(storage.join(data_dir, name)))
+        document = strict_loads(storage.read_text(storage.join(data_dir, name)))
         data = document["data"]
         if isinstance(articles, tuple):
             data = [a for a in data if a["title"] in articles]
@@ -520,7 +521,7 @@ def read_predictions(url: str) -> dict[str, str]:
     """A prediction file: a JSON object of question id to answer text; DataError naming the file
     when it is not UTF-8 JSON of that shape."""
     try:
-        preds = json.loads(storage.read_text(url))
+        preds = strict_loads(storage.read_text(url))
     except json.JSONDecodeError as exc:
         raise DataError(
             f"malformed prediction file {url}: not JSON: {exc.msg} (line {exc.lineno}, "

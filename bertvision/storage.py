@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from bertvision.finite import strict_json
+from bertvision.finite import strict_json, strict_loads
 
 AZURE_PROTOCOLS = ("az", "abfs", "abfss")
 
@@ -275,7 +275,7 @@ def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
     FileNotFoundError naming it when it does not exist.
     """
     try:
-        value = json.loads(read_text(url))
+        value = strict_loads(read_text(url))
     except json.JSONDecodeError as exc:
         raise FileFormatError(
             f"{url} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"

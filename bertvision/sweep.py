@@ -52,7 +52,7 @@ import numpy as np
 from bertvision import __version__, records, runs, storage
 from bertvision.config import SweepConfig, require
 from bertvision.families import get_task
-from bertvision.finite import NonFiniteError, is_non_finite, strict_json
+from bertvision.finite import NonFiniteError, is_non_finite, strict_json, strict_loads
 
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
@@ -124,10 +124,6 @@ class TrialRecord:
     def to_json(self) -> str:
         return strict_json(asdict(self), f"trial {self.trial}")
 
-    @classmethod
-    def from_json(cls, text: str) -> TrialRecord:
-        return cls(**json.loads(text))
-
 
 @dataclass
 class SweepSummary:
@@ -169,7 +165,7 @@ def load_space(url: str) -> dict[str, Any]:
             raise ValueError(f"search space file {url} is not valid YAML: {reason}") from None
     else:
         try:
-            space = json.loads(text)
+            space = strict_loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"search space file {url} is not valid JSON: {exc}") from None
     if not isinstance(space, dict):

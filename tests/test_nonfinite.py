@@ -16,7 +16,7 @@ from test_embeddings import synthetic, write_split
 from test_train import config
 from typer.testing import CliRunner
 
-from bertvision import adapters, shards, storage
+from bertvision import adapters, shards, squad, storage
 from bertvision import sweep as sweeping
 from bertvision.cli import app
 from bertvision.embeddings import load_embeddings
@@ -24,7 +24,7 @@ from bertvision.ensemble import EnsembleConfig, build_ensemble
 from bertvision.extract import ExtractConfig, all_finite, check_storable, extract_hidden_states
 from bertvision.finetune import FinetuneConfig, finetune_encoder
 from bertvision.finite import NonFiniteError
-from bertvision.glue import get_task
+from bertvision.glue import DataError, get_task
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import write_predictions
 from bertvision.report import ReportConfig, write_report
@@ -288,6 +288,56 @@ def test_json_writers_refuse_non_finite_values_and_write_nothing(tmp_path):
     trial = TrialRecord(3, {"lr": NAN}, {}, {}, "ok", "trials/0003", 1.0, {}, "now")
     with pytest.raises(ValueError, match=r"trial 3: \['params'\]\['lr'\] is nan"):
         trial.to_json()
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+TRIAL = '{"trial": 0, "params": {}, "hyperopt_vals": {}, "val": {"accuracy": %s}, "dev": {}, '
+TRIAL += '"status": "ok", "run": "trials/0000", "seconds": 1.0, "finished_at": "now"}'
+SQUAD = '{"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "a b", "qas": '
+SQUAD += '[{"id": "q", "question": "?", "is_impossible": false, "answers": [{"text": "a", '
+SQUAD += '"answer_start": %s}]}]}]}]}'
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "[" * 100_000])
+@pytest.mark.parametrize(
+    "read, text, error",
+    [
+        (storage.read_json, '{"dev": {"accuracy": %s}}', storage.FileFormatError),
+        (sweeping.read_trial, TRIAL, storage.FileFormatError),
+        (squad.read_predictions, '{"q": %s}', DataError),
+        (squad.load_file, SQUAD, DataError),
+        (sweeping.load_space, '{"lr": %s}', ValueError),
+    ],
+    ids=["read_json", "trial record", "squad predictions", "squad data", "space file"],
+)
+def test_json_readers_refuse_non_finite_tokens_and_deep_nesting_naming_the_file(
+    tmp_path, read, text, error, token
+):
+    """Python's json reads NaN and Infinity, which no strict parser does, and a trial whose val
+    metric is NaN would sort as the best; nesting past the recursion limit is a RecursionError."""
+    url = _write(tmp_path / "file.json", text % token)
+    with pytest.raises(error, match=r"file\.json.*(not a JSON number|nested too deeply)"):
+        read(url)
+
+
+def test_a_space_on_the_command_line_with_nan_is_refused_by_its_option(tmp_path):
+    result = run_cli(
+        "sweep", "--task", "rte", "--embeddings", str(tmp_path), "--out", str(tmp_path / "s"),
+        "--space", '{"lr": NaN}',
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "error: --space is not valid JSON: NaN is not a JSON number" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_commit_record_with_a_non_finite_number_is_not_a_record():
+    text = ShardRecord(0, "f", 0, 1, 1, 1, "s", "k", 1.0, "w", "t").to_json()
+    with pytest.raises(ValueError, match="Infinity is not a JSON number"):
+        ShardRecord.from_json(text.replace('"seconds": 1.0', '"seconds": Infinity'))
 
 
 QUICK = {"adapter_dim": 2, "batch_size": 32, "epochs": 1, "seed": 0, "lr": 1e-2}
