@@ -17,6 +17,8 @@ import re
 from numbers import Real
 from typing import Any
 
+import numpy as np
+
 
 class NonFiniteError(ValueError):
     """A computation produced NaN or infinity: training diverged, or values overflowed."""
@@ -25,6 +27,15 @@ class NonFiniteError(ValueError):
 def is_non_finite(value: Any) -> bool:
     """True for a real number (not a bool) that is NaN or infinite."""
     return isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value)
+
+
+def require_finite_rows(rows: np.ndarray | list[np.ndarray], what: str) -> None:
+    """NonFiniteError saying how many of `rows` (the rows of an array, or a list of arrays, one
+    per example or window) hold a NaN or an infinity, and `what` they are: one such row makes an
+    average, an argmax or a span search meaningless without a word."""
+    bad = sum(not np.isfinite(row).all() for row in rows)
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {len(rows)} rows are NaN or infinite")
 
 
 def non_finite_path(data: Any, path: str = "") -> tuple[str, Any] | None:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertvision import storage
-from bertvision.finite import NonFiniteError
+from bertvision.finite import require_finite_rows
 from bertvision.glue import GlueTask
 from bertvision.schema import label_type
 
@@ -48,11 +48,7 @@ def write_predictions(
     ids = np.asarray(example_ids, dtype=np.int64)
     if outputs.ndim != 2 or len(outputs) != len(ids):
         raise ValueError(f"outputs of shape {outputs.shape} do not match {len(ids)} examples")
-    bad = int(np.sum(~np.isfinite(outputs).all(axis=1)))
-    if bad:
-        raise NonFiniteError(
-            f"{run}: {bad} of {len(ids)} {split} outputs are NaN or infinite; nothing written"
-        )
+    require_finite_rows(outputs, f"{run}: {split} outputs, so nothing was written")
     table = pa.table(
         {
             "example_id": pa.array(ids),
@@ -74,7 +70,9 @@ def write_predictions(
 
 
 def read_outputs(run: str, split: str) -> tuple[np.ndarray, list, np.ndarray]:
-    """example_ids, labels and (N, C) outputs of one split of a run, sorted by example_id."""
+    """example_ids, labels and (N, C) outputs of one split of a run, sorted by example_id.
+    FileNotFoundError when the run has none; FileFormatError naming the file when it is not an
+    outputs file; NonFiniteError naming it when an output is NaN or infinite."""
     url = storage.join(run, "outputs", f"{split}.parquet")
     fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
@@ -87,6 +85,7 @@ def read_outputs(run: str, split: str) -> tuple[np.ndarray, list, np.ndarray]:
         raise storage.FileFormatError(f"outputs file {url}: {reason}") from None
     table = table.sort_by("example_id")
     outputs = np.stack(table.column("output").to_numpy(zero_copy_only=False)).astype(np.float32)
+    require_finite_rows(outputs, f"outputs file {url}")
     return table.column("example_id").to_numpy(), table.column("label").to_pylist(), outputs
 
 

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertvision import span_train, squad, storage
+from bertvision.finite import require_finite_rows
 
 # The ensemble's splits and the extraction split holding their windows.
 EXTRACTION_SPLITS = {"val": "train", "dev": "dev"}
@@ -40,7 +41,8 @@ Window = tuple[str, int]  # (question_id, window_index)
 def read_window_logits(run: str, split: str) -> tuple[list[Window], list[np.ndarray]]:
     """The windows of RUN/outputs/<split>.parquet in file order and each one's (2, T) float32
     start and end logits. FileNotFoundError when the run has none; FileFormatError naming the
-    file when it is not a span outputs file."""
+    file when it is not a span outputs file; NonFiniteError naming it when a logit is NaN or
+    infinite."""
     url = storage.join(run, "outputs", f"{split}.parquet")
     fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
@@ -64,6 +66,7 @@ def read_window_logits(run: str, split: str) -> tuple[list[Window], list[np.ndar
     start = table.column("start_logits").to_pylist()
     end = table.column("end_logits").to_pylist()
     logits = [np.asarray([s, e], dtype=np.float32) for s, e in zip(start, end, strict=True)]
+    require_finite_rows(logits, f"outputs file {url}")
     return windows, logits
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bertvision import storage
-from bertvision.finite import strict_loads
+from bertvision.finite import require_finite_rows, strict_loads
 from bertvision.glue import DataError
 
 # The official file of each split in a SQuAD data directory, and the hub's name for the split.
@@ -854,12 +854,14 @@ def _padded(logits: list[np.ndarray], features: Features) -> tuple[np.ndarray, n
 def write_outputs(run: str, split: str, features: Features, logits: list[np.ndarray]) -> None:
     """RUN/outputs/<split>.parquet: question_id, window_index, start_logits, end_logits of each
     window (what ensembles of span models average). `features`: squad.Features, or stored
-    windows (span_embeddings.Windows), one per (2, T) array of `logits`."""
+    windows (span_embeddings.Windows), one per (2, T) array of `logits`. NonFiniteError,
+    writing nothing, when a logit is NaN or infinite."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    require_finite_rows(logits, f"{run}: {split} start and end logits, so nothing was written")
     table = pa.table(
         {
             "question_id": pa.array(features.question_ids, pa.string()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from test_embeddings import synthetic, write_split
+from test_ensemble import fake_sweep
 from test_train import config
 from typer.testing import CliRunner
 
@@ -30,6 +32,7 @@ from bertvision.predictions import write_predictions
 from bertvision.report import ReportConfig, write_report
 from bertvision.schema import ShardRecord
 from bertvision.shards import ShardError, ShardWriter, load_plan, split_url
+from bertvision.span_ensemble import average_window_logits
 from bertvision.sweep import SweepConfig, TrialRecord, TrialSpec, run_sweep
 from bertvision.train import TrainConfig, train_adapter
 
@@ -268,9 +271,51 @@ def test_compute_metrics_refuses_non_finite_predictions_and_labels():
 def test_write_predictions_refuses_non_finite_outputs_and_writes_nothing(tmp_path):
     task = get_task("rte")
     outputs = np.array([[0.5, 0.5], [NAN, NAN]], dtype=np.float32)
-    with pytest.raises(NonFiniteError, match="1 of 2 dev outputs are NaN or infinite"):
+    with pytest.raises(NonFiniteError, match="dev outputs, so nothing was written: 1 of 2 rows"):
         write_predictions(str(tmp_path / "run"), task, "dev", [0, 1], [0, 1], outputs)
     assert not (tmp_path / "run").exists()
+
+
+def test_write_outputs_refuses_non_finite_span_logits_and_writes_nothing(tmp_path):
+    windows = SimpleNamespace(question_ids=["q1", "q2"], window_index=np.array([0, 0]))
+    logits = [np.zeros((2, 3), np.float32), np.array([[0, NAN], [1, 2]], np.float32)]
+    with pytest.raises(NonFiniteError, match="start and end logits, so nothing was written: 1 of"):
+        squad.write_outputs(str(tmp_path / "run"), "dev", windows, logits)
+    assert not (tmp_path / "run").exists()
+
+
+def _spoil_outputs(url: Path, column: str, value: float) -> None:
+    """Set the first value of `column` in an outputs file to `value`, as another tool (or a
+    version before outputs were checked) could have written it."""
+    table = pq.read_table(url)
+    rows = table.column(column).to_pylist()
+    rows[0][0] = value
+    index = table.schema.get_field_index(column)
+    spoiled = pa.array(rows, table.schema.field(column).type)
+    pq.write_table(table.set_column(index, column, spoiled), url)
+
+
+@pytest.mark.parametrize("split", ["val", "dev"])
+def test_an_ensemble_refuses_a_member_whose_outputs_are_not_finite_naming_its_file(tmp_path, split):
+    """The argmax of NaN is class 0: an average with a NaN member scored 0.57 before."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    spoiled = tmp_path / "sweep" / "trials" / "0001" / "outputs" / f"{split}.parquet"
+    _spoil_outputs(spoiled, "output", NAN)
+    ens = tmp_path / "ens"
+    with pytest.raises(NonFiniteError, match=rf"outputs file {spoiled}: 1 of \d+ rows are NaN"):
+        build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2))
+    assert not ens.exists()
+
+
+def test_a_span_ensemble_refuses_a_member_whose_logits_are_not_finite_naming_its_file(tmp_path):
+    windows = SimpleNamespace(question_ids=["q1", "q2"], window_index=np.array([0, 0]))
+    logits = [np.zeros((2, 3), np.float32), np.ones((2, 2), np.float32)]
+    for name in "ab":
+        squad.write_outputs(str(tmp_path / name), "dev", windows, logits)
+    spoiled = tmp_path / "b" / "outputs" / "dev.parquet"
+    _spoil_outputs(spoiled, "end_logits", INF)
+    with pytest.raises(NonFiniteError, match=rf"outputs file {spoiled}: 1 of 2 rows are NaN"):
+        average_window_logits([str(tmp_path / "a"), str(tmp_path / "b")], "dev")
 
 
 # ----------------------------------------------------------------------------------------------
