@@ -454,7 +454,11 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     TRAIN. `seed` seeds hyperopt's draws (trial n draws from (seed, n))."""
 
     trials: int = setting(20, "Finished trials wanted in all (a rerun with more continues)")
-    parallel: int = setting(1, "Trials at once; TPE suggests this many from the same history")
+    parallel: int = setting(
+        1,
+        "Trials at once: TPE suggests them in batches of this many, each batch from the trials "
+        "before it (part of the sweep: a sweep resumes with the same --parallel)",
+    )
     together: bool = setting(
         True,
         "Train the parallel trials of a batch together, over one read of the embeddings "
@@ -504,6 +508,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             "adapter": self.adapter,
             "space": self.resolved_space(),
             "startup_trials": self.startup_trials,
+            "parallel": self.parallel,  # the batches TPE suggests from the same history
             "seed": self.seed,
             "val_fraction": self.val_fraction,
             "val_seed": self.val_seed,

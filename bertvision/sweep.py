@@ -14,7 +14,7 @@ Layout of one sweep under its URL (any fsspec URL):
 The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect tasks:
 
     prepare_sweep(cfg)                               # validate; write or check sweep.json
-    while batch := suggest_trials(cfg, cfg.parallel):   # TPE's next K points
+    while batch := suggest_trials(cfg):              # TPE's next K points
         for spec in batch:                           # in parallel
             run_trial(cfg, spec)                     # train; commit trial.json
         record_trials(cfg)                           # rewrite trials.jsonl if it changed
@@ -30,10 +30,11 @@ Resuming: storage is the record. A trial with a trial.json of this sweep's key (
 identity of its settings and embeddings) is finished and never run again; each
 suggestion is made from the finished trials (hyperopt's history is rebuilt from their records),
 so a sweep killed at any point continues at its first unfinished trial and TPE still learns from
-everything done before. A batch of K suggestions comes from the same history (K draws of TPE's
-candidates, seeded per trial), which is what lets K trials run at once. A sweep whose trials are
-all finished, run again with the same settings, is only read: its summary comes from storage and
-nothing is written, not even the lease (`finished_sweep`).
+everything done before. Trials are suggested in batches of K = `parallel`, each batch from the
+trials before it (K draws of TPE's candidates, seeded per trial), which is what lets K trials
+run at once, and what makes a trial's point the same however the sweep was interrupted. A sweep
+whose trials are all finished, run again with the same settings, is only read: its summary
+comes from storage and nothing is written, not even the lease (`finished_sweep`).
 """
 
 from __future__ import annotations
@@ -327,7 +328,8 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
         if not cfg.overwrite:
             raise ValueError(
                 f"{cfg.out} holds another sweep (task {stored['config']['task']}, adapter "
-                f"{stored['config']['adapter']}; other space, seed or embeddings); "
+                f"{stored['config']['adapter']}, parallel {stored['config'].get('parallel')}; "
+                "other space, seed, parallel or embeddings); "
                 "use another --out, or --overwrite to replace it"
             )
         fs, path = storage.url_to_fs(cfg.out)
@@ -414,20 +416,26 @@ def load_trials(out: str) -> list[TrialRecord]:
     return sorted(records, key=lambda r: r.trial)
 
 
-def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
-    """TPE's next `count` points (fewer near the end), for the lowest unfinished trial numbers.
+def suggest_trials(cfg: SweepConfig) -> list[TrialSpec]:
+    """TPE's points for the unfinished trials of the next batch: trials are suggested in
+    batches of `cfg.parallel` (0..K-1, K..2K-1, ...), each batch from the trials before it, and
+    trial n draws from the random stream (cfg.seed, n).
 
-    Every suggestion comes from the finished trials only, and trial n always draws from the
-    random stream (cfg.seed, n): the same history gives the same suggestion.
+    So a trial's point depends on the sweep's settings alone, never on when the trials around it
+    finished: a sweep killed with half a batch recorded suggests the rest of that batch as the
+    uninterrupted sweep did (`parallel` is in the sweep's key, as it decides the batches).
     """
     from hyperopt import STATUS_FAIL, STATUS_OK, Domain, Trials, tpe
     from hyperopt.base import JOB_STATE_DONE
 
-    records = load_trials(cfg.out)
-    finished = {r.trial for r in records}
-    pending = [n for n in range(cfg.trials) if n not in finished][:count]
-    if not pending:
+    finished = load_trials(cfg.out)
+    done = {r.trial for r in finished}
+    unfinished = [n for n in range(cfg.trials) if n not in done]
+    if not unfinished:
         return []
+    batch_start = unfinished[0] - unfinished[0] % cfg.parallel
+    pending = [n for n in unfinished if n < batch_start + cfg.parallel]
+    history_records = [r for r in finished if r.trial < batch_start]
     space = cfg.resolved_space()
     searched = hyperopt_space(space)
     if not searched:  # everything fixed: every trial is the same point
@@ -438,7 +446,7 @@ def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
     metric = primary_metric(cfg.task)
     history = Trials()
     docs = []
-    for record in records:
+    for record in history_records:
         result = (
             {"status": STATUS_OK, "loss": record.objective(metric)}
             if record.status == "ok"
@@ -596,7 +604,7 @@ def stale_records(
     """What `record_trials` is to write for the finished `trials`: the text of trials.jsonl, or
     None when the stored one has it; the sweep's run record, or None when the stored one says
     the same of them (all but `code`, `worker` and `committed_at`, which say who wrote it, and
-    `settings`: those of the sweep's key are the same, and the others, such as `parallel`,
+    `settings`: those of the sweep's key are the same, and the others, such as `together`,
     describe the run that trained the trials, not a later one that finds them finished)."""
     lines = "".join(record.to_json() + "\n" for record in trials)
     url = storage.join(cfg.out, TRIALS_FILE)
@@ -720,7 +728,7 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
         disable=not progress,
     )
     with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
-        while batch := suggest_trials(cfg, cfg.parallel):
+        while batch := suggest_trials(cfg):
             data = data if data is not None else shared_embeddings(cfg)
             if trains_together(cfg, batch):
                 from bertvision.together import run_trials_together

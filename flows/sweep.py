@@ -105,7 +105,7 @@ def _sweep_one(one: SweepConfig) -> dict:
             unit="trial",
             disable=not progress_wanted(),
         )
-        while batch := suggest_trials(one, one.parallel):  # TPE's next K points
+        while batch := suggest_trials(one):  # TPE's next K points
             if core.trains_together(one, batch):  # one task run, one read for K trials
                 run_trials_together.submit(one, batch).result()
             else:

@@ -59,9 +59,9 @@ def prepare_sweep(cfg: SweepConfig) -> dict:
     timeout_seconds=600,
     **RETRY,
 )
-def suggest_trials(cfg: SweepConfig, count: int) -> list[TrialSpec]:
-    """TPE's next `count` points, from the trials finished so far."""
-    return core.suggest_trials(cfg, count)
+def suggest_trials(cfg: SweepConfig) -> list[TrialSpec]:
+    """TPE's points for the unfinished trials of the next batch of `cfg.parallel`."""
+    return core.suggest_trials(cfg)
 
 
 @task(

@@ -191,23 +191,57 @@ def fake_finish(cfg: SweepConfig, specs: list[sweeping.TrialSpec]) -> None:
         storage.write_text_atomic(url, record.to_json())
 
 
-def test_suggestions_come_from_finished_trials_only_and_are_reproducible():
-    cfg = SweepConfig(task="rte", embeddings="e", out="memory://sweep-suggest", trials=9)
-    first = suggest_trials(cfg, 3)
+def test_suggestions_come_in_batches_from_the_trials_before_and_are_reproducible():
+    cfg = SweepConfig(
+        task="rte", embeddings="e", out="memory://sweep-suggest", trials=9, parallel=3
+    )
+    first = suggest_trials(cfg)
     assert [s.trial for s in first] == [0, 1, 2]
-    assert suggest_trials(cfg, 3) == first  # same history, same draws
+    assert suggest_trials(cfg) == first  # same history, same draws
     assert len({s.params["lr"] for s in first}) == 3  # one batch: three different points
 
-    fake_finish(cfg, first[:2])  # trial 2 was interrupted: it is suggested again
-    assert [s.trial for s in suggest_trials(cfg, 3)] == [2, 3, 4]
-    fake_finish(cfg, suggest_trials(cfg, 7))
-    assert len(load_trials(cfg.out)) == 9
-    assert suggest_trials(cfg, 3) == []  # finished: nothing left to suggest
+    fake_finish(cfg, first[:2])  # trial 2 was interrupted: the same point again, alone
+    assert suggest_trials(cfg) == first[2:]
+    fake_finish(cfg, first[2:])
+    assert [s.trial for s in suggest_trials(cfg)] == [3, 4, 5]
+    while batch := suggest_trials(cfg):
+        fake_finish(cfg, batch)
+    assert [r.trial for r in load_trials(cfg.out)] == list(range(9))
+    assert suggest_trials(cfg) == []  # finished: nothing left to suggest
 
     for spec in first:
         assert 1e-4 <= spec.params["lr"] <= 1e-2
         assert spec.params["adapter_dim"] in (8, 16, 32, 64)
         assert isinstance(spec.params["seed"], int)
+
+
+def _suggested_points(cfg: SweepConfig, interrupt_after: int | None = None) -> list[dict]:
+    """Every trial's parameters as a sweep suggests them, each batch finished whole, or the
+    batch holding trial `interrupt_after` killed once just after that trial was recorded."""
+    while batch := suggest_trials(cfg):
+        if interrupt_after in (spec.trial for spec in batch[:-1]):
+            batch = [spec for spec in batch if spec.trial <= interrupt_after]
+            interrupt_after = None
+        fake_finish(cfg, batch)
+    return [record.params for record in load_trials(cfg.out)]
+
+
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_a_sweep_killed_within_a_batch_suggests_what_the_uninterrupted_sweep_did(parallel):
+    """Threads and trials trained together finish (and record) a batch one trial at a time;
+    before, the rest of the batch was suggested again from the longer history."""
+    settings = {"task": "rte", "embeddings": "e", "trials": 8, "startup_trials": 2}
+    straight = SweepConfig(**settings, out=f"memory://straight-{parallel}", parallel=parallel)
+    killed = SweepConfig(**settings, out=f"memory://killed-{parallel}", parallel=parallel)
+    assert _suggested_points(killed, interrupt_after=parallel) == _suggested_points(straight)
+
+
+def test_parallel_decides_the_batches_so_it_is_part_of_the_sweep():
+    one, two = (
+        SweepConfig(task="rte", embeddings="e", out="o", parallel=k).key({"train": "x"})
+        for k in (1, 2)
+    )
+    assert one != two
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,9 +321,14 @@ def test_a_finished_sweep_run_again_writes_nothing(embeddings, tmp_path):
     assert "2 of 2 trials finished (0 now, 2 before, " in result.stdout
     assert tree_state(out) == before
 
-    # settings outside the sweep's key (how many at once, fewer trials wanted) change nothing
-    assert run_sweep(quick(embeddings, out, trials=1, parallel=2), progress=False).ran == 0
+    # settings outside the sweep's key (fewer trials wanted, trained together or not) change
+    # nothing; another --parallel is another search (its batches are other points): refused
+    assert run_sweep(quick(embeddings, out, trials=1, together=False), progress=False).ran == 0
     assert tree_state(out) == before
+    files = {name: (out / name).read_bytes() for name in ("sweep.json", "trials.jsonl")}
+    with pytest.raises(ValueError, match=r"holds another sweep \(task rte, adapter pooler, para"):
+        run_sweep(quick(embeddings, out, trials=2, parallel=2), progress=False)
+    assert {name: (out / name).read_bytes() for name in files} == files
 
 
 def test_a_rerun_writes_the_sweeps_records_again_where_they_lag_its_trials(embeddings, tmp_path):
