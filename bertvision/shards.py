@@ -336,12 +336,17 @@ def read_manifests(folder: str, names: list[str], record: type[T]) -> dict[str, 
     return parsed
 
 
+def _metadata(info: dict, name: str) -> str | None:
+    """The blob metadata value `name` in fsspec's details `info`, its name in any case (copying
+    tools may capitalise metadata names); None when absent (local files have none)."""
+    found = {key.lower(): value for key, value in (info.get("metadata") or {}).items()}
+    return found.get(name)
+
+
 def _listed_record(info: dict) -> ShardRecord | None:
     """The copy of a commit record that its blob's details (a listing's, or `fs.info`'s) carry
-    (RECORD_METADATA, in any case: copying tools may capitalise metadata names); None when there
-    is none (local files, records written by older versions) or it does not parse."""
-    metadata = {name.lower(): value for name, value in (info.get("metadata") or {}).items()}
-    copy = metadata.get(RECORD_METADATA)
+    (RECORD_METADATA, `_metadata`); None when there is none (local files, records written by older versions) or it does not parse."""
+    copy = _metadata(info, RECORD_METADATA)
     if copy is None:
         return None
     try:
@@ -438,7 +443,7 @@ def stored_mismatch(info: dict | None, record: ShardRecord) -> str | None:
         return "missing"
     if info["size"] != record.bytes:
         return f"{info['size']} bytes, its record says {record.bytes}"
-    stored = (info.get("metadata") or {}).get("sha256")
+    stored = _metadata(info, "sha256")
     if stored is not None and stored != record.sha256:
         return f"its blob's stored sha256 {stored} is not its record's {record.sha256}"
     return None

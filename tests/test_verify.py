@@ -174,3 +174,19 @@ def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, tiny_model, glue_
     )
     unknown = _verify(str(tmp_path), "--task", "nope")
     assert unknown.exit_code == 2 and unknown.output.startswith("error: --task 'nope' is unknown")
+
+
+@pytest.mark.parametrize("name", ["sha256", "SHA256", "Sha256"])
+def test_blob_metadata_is_read_in_any_case_by_the_metadata_check(name):
+    """Azure's metadata names are case-insensitive, and copying tools may capitalise them: a
+    blob of the recorded size whose stored sha256 differs is not the committed shard."""
+    record = shards.ShardRecord(
+        0, "shard-00000.parquet", 0, 4, 4, 100, "a" * 64, "k", 1.0, "w", "t"
+    )
+    blob = {"type": "file", "size": 100, "metadata": {name: "b" * 64}}
+    assert shards.stored_mismatch(blob, record) == (
+        f"its blob's stored sha256 {'b' * 64} is not its record's {'a' * 64}"
+    )
+    assert shards.stored_mismatch({**blob, "metadata": {name: "a" * 64}}, record) is None
+    listed = {"type": "file", "size": 9, "metadata": {"Shard_Record": record.to_json()}}
+    assert shards._listed_record(listed) == record
