@@ -345,7 +345,8 @@ def _metadata(info: dict, name: str) -> str | None:
 
 def _listed_record(info: dict) -> ShardRecord | None:
     """The copy of a commit record that its blob's details (a listing's, or `fs.info`'s) carry
-    (RECORD_METADATA, `_metadata`); None when there is none (local files, records written by older versions) or it does not parse."""
+    (RECORD_METADATA, `_metadata`); None when there is none (local files, records written by
+    older versions) or it does not parse."""
     copy = _metadata(info, RECORD_METADATA)
     if copy is None:
         return None

@@ -372,12 +372,21 @@ def load_sweep(out: str) -> dict[str, Any]:
 
 
 def read_trial(url: str) -> TrialRecord:
-    """The trial record at `url`; FileFormatError naming it if it is not one."""
+    """The trial record at `url` (SWEEP/trials/NNNN/trial.json); FileFormatError naming it if it
+    is not one, or if it is another trial's (moved or copied: its number and run folder are
+    not NNNN's, and ensembles would read that other trial's outputs as this one's)."""
     data = storage.read_json(url, keys=())
     try:
-        return TrialRecord(**data)
+        record = TrialRecord(**data)
     except TypeError as exc:  # missing or unknown fields
         raise storage.FileFormatError(f"{url} is not a trial record: {exc}") from None
+    folder = url.rstrip("/").split("/")[-2]
+    if f"{record.trial:04d}" != folder or record.run != f"{TRIALS_DIR}/{folder}":
+        raise storage.FileFormatError(
+            f"{url} is the record of trial {record.trial} (run {record.run}), not of the trial "
+            f"in {TRIALS_DIR}/{folder}: moved or copied; remove it to run that trial again"
+        )
+    return record
 
 
 def extracted_tasks(embeddings: str, adapter: str = "") -> list[str]:

@@ -278,6 +278,17 @@ def test_a_garbled_trial_record_is_named_by_ensemble(tmp_path):
     assert not (tmp_path / "ens").exists()
 
 
+def test_a_trial_record_copied_into_another_trials_folder_is_named_by_ensemble(tmp_path):
+    """Trial 2's record copied over trial 1's would make the ensemble read trial 2's outputs
+    (its `run`) twice, as two members."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.7, 0.8])
+    trials = tmp_path / "sweep" / "trials"
+    (trials / "0001" / TRIAL_RECORD).write_bytes((trials / "0002" / TRIAL_RECORD).read_bytes())
+    result = CliRunner().invoke(app, ensemble_args(runs, tmp_path / "ens"))
+    assert_one_error(result, trials / "0001" / TRIAL_RECORD, "is the record of trial 2")
+    assert not (tmp_path / "ens").exists()
+
+
 def test_a_garbled_outputs_file_is_named_and_an_older_ensemble_kept(tmp_path):
     runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.7, 0.8])
     ens = tmp_path / "ens"
