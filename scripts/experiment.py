@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -88,18 +89,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import numpy as np
 
 from bertvision import __version__, config, families, glue, storage
 from bertvision import encoder as enc
-from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
+from bertvision.config import (
+    ConfigError,
+    EnsembleConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    SweepConfig,
+)
 from bertvision.console import quiet_libraries
 from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
+from bertvision.finite import strict_loads
 from bertvision.sweep import TrialSpec, run_sweep, trial_train_config
 from bertvision.train import TrainConfig, train_adapter
 
@@ -110,10 +118,12 @@ CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 CLOCKS = ("", "_cpu")
 CPU_COST = ("_cpu", "pipeline CPU seconds")
 CHOSEN = "chosen"  # --method-from: the checkpoint chosen on held-out TRAIN
+StageConfig = TypeVar("StageConfig")  # check_settings: the config class it builds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="experiment.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -136,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-lrs", default="5e-5,1e-4,2e-4", help="each one's lr grid")
     parser.add_argument("--finetune-batch-size", type=int, default=16, help="examples a step")
     parser.add_argument("--max-seq-length", type=int, default=128, help="tokens")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of TRAIN")
+    parser.add_argument("--val-fraction", type=finite_number, default=0.1, help="held out of TRAIN")
     parser.add_argument(
         "--extract-from",
         default="0,0.25,0.5",
@@ -149,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "single --sweep-adapter adapter is best on held-out TRAIN",
     )
     parser.add_argument("--adapter-epochs", type=int, default=20, help="single adapters, at most")
-    parser.add_argument("--adapter-lr", type=float, default=1e-3, help="single adapters")
+    parser.add_argument("--adapter-lr", type=finite_number, default=1e-3, help="single adapters")
     parser.add_argument("--adapter-dim", type=int, default=64, help="single adapters")
     parser.add_argument("--sweep-adapter", default="pooler", help="the adapter swept")
     parser.add_argument("--trials", type=int, default=20, help="of the sweep")
@@ -167,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stop-after",
-        type=float,
+        type=finite_number,
         default=None,
         help="seconds: start no stage after them; the seeds finished by then are reported "
         "(seeds run one at a time over all tasks; the rest continues when the command is run "
@@ -188,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.extract_from = numbers(parser, "--extract-from", args.extract_from, zero=True)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.max_train_examples is not None and args.max_train_examples < 1:
+        parser.error(f"--max-train-examples must be >= 1, got {args.max_train_examples}")
     if args.max_train_examples and args.data_dir is None:
         parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
     if args.train_sample == "random" and not args.max_train_examples:
@@ -201,10 +213,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--reference {args.reference} is none of the methods: {methods(args)}")
     args.space = space(parser, args.space)
     if args.records_from:
-        earlier_results(parser, args.records_from)
-    args.model = args.model or enc.default_model()
+        try:
+            earlier_results(args.records_from)
+        except (FileNotFoundError, storage.FileFormatError) as exc:
+            parser.error(f"--records-from: {exc}")
+    try:
+        args.model = args.model or enc.default_model()
+    except enc.ModelError as exc:
+        parser.error(one_line(str(exc)))
     args.device = args.device or enc.default_device()
+    check_stage_settings(parser, args)
     return args
+
+
+def finite_number(text: str) -> float:
+    """An argparse `type`: a finite number. NaN and infinity are refused: a time limit of NaN
+    never stops a run, and neither can be written to results.json."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def check_settings(
+    parser: argparse.ArgumentParser,
+    options: dict[str, str],
+    config: Callable[..., StageConfig],
+    **settings: object,
+) -> StageConfig:
+    """Build a stage's `config` (a config class) from `settings` once, while parsing, so that a
+    value it refuses is the parser's error now, not a traceback after earlier stages' work.
+    `options`: the option each field comes from (others: --<field>). Returns the config."""
+    try:
+        return config(**settings)
+    except ConfigError as exc:
+        option = options.get(exc.field, "--" + exc.field.replace("_", "-"))
+        parser.error(f"{option} {exc.message}")
+
+
+def check_stage_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The settings of every stage checked as each stage's config will (the parser's error)."""
+    task, check = args.tasks[0], partial(check_settings, parser)
+    common = {"task": task, "val_fraction": args.val_fraction, "device": args.device}
+    check(
+        {
+            "lr": "--finetune-lrs",
+            "epochs": "--finetune-epochs",
+            "batch_size": "--finetune-batch-size",
+        },
+        FinetuneConfig,
+        **common,
+        out="finetune",
+        model=args.model,
+        data_dir=args.data_dir,
+        epochs=args.finetune_epochs[0],
+        lr=args.finetune_lrs[0],
+        batch_size=args.finetune_batch_size,
+        max_seq_length=args.max_seq_length,
+    )
+    adapter = {"adapter_dim": "--adapter-dim", "lr": "--adapter-lr", "epochs": "--adapter-epochs"}
+    check(
+        {**adapter, "adapter": "--sweep-adapter"},  # the single adapters (ADAPTERS) fit GLUE
+        TrainConfig,
+        **common,
+        embeddings="embeddings",
+        out="adapter",
+        adapter=args.sweep_adapter,
+        adapter_dim=args.adapter_dim,
+        lr=args.adapter_lr,
+        epochs=args.adapter_epochs,
+    )
+    check(
+        {},
+        SweepConfig,
+        **common,
+        embeddings="embeddings",
+        out="sweep",
+        adapter=args.sweep_adapter,
+        trials=args.trials,
+        space=args.space,
+    )
+    check(
+        {"top_k": "--top-k"},
+        EnsembleConfig,
+        task=task,
+        runs="sweep",
+        out="ensemble",
+        top_k=args.top_k,
+    )
 
 
 def method_checkpoint(
@@ -229,7 +328,7 @@ def space(parser: argparse.ArgumentParser, text: str) -> dict:
     if not text:
         return {}
     try:
-        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+        value = strict_loads(Path(text).read_text() if Path(text).is_file() else text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         parser.error(f"--space must be a JSON object or a JSON file, got {text!r}: {exc}")
     if not isinstance(value, dict):
@@ -237,12 +336,57 @@ def space(parser: argparse.ArgumentParser, text: str) -> dict:
     return value
 
 
-def earlier_results(parser: argparse.ArgumentParser, path: str) -> dict:
-    """--records-from: the results.json of an earlier run, or the parser's error saying why not."""
-    try:
-        return storage.read_json(path, keys=("settings", "records", "device"))
-    except (FileNotFoundError, storage.FileFormatError) as exc:
-        parser.error(f"--records-from: {exc}")
+# A stage's name, which names its record's file: no folder, nothing hidden.
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.@%+_-]*")
+
+
+def earlier_results(path: str) -> dict:
+    """--records-from: the results.json of an earlier run, its records checked (`record_problem`).
+    Raises FileNotFoundError, or storage.FileFormatError naming `path` and what is wrong."""
+    results = storage.read_json(path, keys=("settings", "records", "device"))
+    expected = {"settings": dict, "records": list, "device": str, "keys": dict}
+    for key, kind in expected.items():
+        if key in results and not isinstance(results[key], kind):
+            got = type(results[key]).__name__
+            raise storage.FileFormatError(
+                f"{path} {key}: must be a JSON {kind.__name__}, got {got}"
+            )
+    for i, record in enumerate(results["records"]):
+        problem = record_problem(record)
+        if problem:
+            raise storage.FileFormatError(f"{path} records[{i}]: {problem}")
+    return results
+
+
+def record_problem(record: object) -> str | None:
+    """What makes `record` no stage record (None if nothing): a record has a str task, an int
+    seed >= 0, a str method that is a stage's name (STAGE_NAME: it names the record's file), its
+    seconds by both clocks (stage_s, stage_cpu_s), and dev and val metrics (objects of numbers
+    or null) if any."""
+    if not isinstance(record, dict):
+        return f"must be a JSON object, got {type(record).__name__}"
+    if not isinstance(record.get("task"), str):
+        return f"task must be a string, got {record.get('task')!r}"
+    seed = record.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return f"seed must be an integer >= 0, got {seed!r}"
+    method = record.get("method")
+    if not isinstance(method, str) or not STAGE_NAME.fullmatch(method):
+        return f"method must be a stage's name (letters, digits and .@%+_-), got {method!r}"
+    for key in ("stage_s", "stage_cpu_s"):
+        if not is_number(record.get(key)):
+            return f"{key} must be a number, got {record.get(key)!r}"
+    for key in ("dev", "val"):
+        metrics = record.get(key, {})
+        if not isinstance(metrics, dict) or not all(
+            v is None or is_number(v) for v in metrics.values()
+        ):
+            return f"{key} must be an object of metrics (numbers or null), got {metrics!r}"
+    return None
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def numbers(
@@ -253,6 +397,8 @@ def numbers(
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         parser.error(f"{option} must be comma-separated numbers, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        parser.error(f"{option} must be finite numbers, got {text!r}")
     if not values or not all(v > 0 or (zero and v == 0) for v in values):
         kind = "numbers >= 0" if zero else "positive numbers"
         parser.error(f"{option} must be {kind}, got {text!r}")
@@ -269,18 +415,20 @@ def main(argv: list[str] | None = None) -> dict:
     global STOP_AT
     STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
     with tempfile.TemporaryDirectory() as staging:  # nothing written before the checks pass
-        data_dirs = {
-            task: sliced_data(args, task, Path(staging)) if args.max_train_examples else None
-            for task in args.tasks
-        }
         try:
+            data_dirs = {
+                task: sliced_data(args, task, Path(staging)) if args.max_train_examples else None
+                for task in args.tasks
+            }
             keys = {
                 task: settings_key(args, task_data_fingerprint(task, d or args.data_dir))
                 for task, d in data_dirs.items()
             }
-        except glue.DataError as exc:  # no such data: the hub unreachable, a missing file
+            earlier = earlier_results(args.records_from) if args.records_from else None
+        # no such data (the hub unreachable, a missing or malformed file), an encoder that
+        # cannot be loaded, or --records-from changed since it was parsed
+        except (glue.DataError, enc.ModelError, FileNotFoundError, storage.FileFormatError) as exc:
             refuse(str(exc))
-        earlier = storage.read_json(args.records_from) if args.records_from else None
         for task in args.tasks:
             if earlier is not None:
                 check_records(earlier, args, task, keys[task])
@@ -292,8 +440,6 @@ def main(argv: list[str] | None = None) -> dict:
         for task in args.tasks:
             taken = take_records(earlier, task, out / keys[task])
             print(f"{task}: {taken} stage records taken from {args.records_from}", file=sys.stderr)
-    records: list[dict] = []
-    choices: list[dict] = []
     results = {
         "settings": vars(args),
         "keys": keys,
@@ -302,11 +448,27 @@ def main(argv: list[str] | None = None) -> dict:
         "code_version": __version__,
         "device": device_name(args.device),
         "summary": [],
-        "choices": choices,
-        "records": records,
+        "choices": [],
+        "records": [],
         "unfinished": [],  # the stopped seed's stages, reported, not taken elsewhere
     }
-    # seed by seed, so that a run stopped early has as many seeds of every task as it could
+    try:
+        run_seeds(args, keys, data_dirs, results)
+    except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
+        refuse(str(exc))
+    write_results(args, results)
+    print(markdown(results))
+    return results
+
+
+def run_seeds(
+    args: argparse.Namespace, keys: dict[str, str], data_dirs: dict[str, str | None], results: dict
+) -> None:
+    """Run every task's seeds into `results` (its records, choices, and where --stop-after
+    stopped the run), the stages of each under OUT/<its key>, writing OUT/results.* after every
+    seed. Seed by seed, so that a run stopped early has as many seeds of every task as it could.
+    storage.FileFormatError for a garbled stage record."""
+    out = Path(args.out)
     for seed in range(args.seeds):
         for task in args.tasks:
             keyed = out / keys[task]
@@ -316,16 +478,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if not results["stopped"]:
                     results["stopped"] = f"{task} seed {seed}, before its stage {stop}"
                     done = sorted((keyed / "records" / task / f"seed-{seed}").glob("*.json"))
-                    results["unfinished"] = [json.loads(path.read_text()) for path in done]
+                    results["unfinished"] = [stage_record(path) for path in done]
                 continue
-            records.extend(seed_records)
-            choices.append(seed_choices)
+            results["records"].extend(seed_records)
+            results["choices"].append(seed_choices)
             if not results["stopped"]:  # a run killed later (a device lent for minutes) still
                 # leaves its finished seeds; the plot waits for the end
                 write_results(args, {**results, "running": f"{task} seed {seed}"}, plot=False)
-    write_results(args, results)
-    print(markdown(results))
-    return results
 
 
 def write_results(args: argparse.Namespace, results: dict, plot: bool = True) -> None:
@@ -446,10 +605,24 @@ def take_records(earlier: dict, task: str, keyed: Path) -> int:
     return taken
 
 
-def refuse(message: str) -> NoReturn:
+def refuse(message: str, prog: str = "experiment.py") -> NoReturn:
     """Stop with one line on stderr and exit status 2, as a command-line error does."""
-    print(f"experiment.py: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line (a library's message may quote a multi-line one)."""
+    return " ".join(message.split())
+
+
+def extracted(embeddings: Path, extract: Callable[[], object]) -> str:
+    """The embeddings folder `embeddings`, extracted again by `extract` if it is gone though its
+    extraction was recorded (removed once an earlier run was done with it, or records taken from
+    another machine): the stage that needs them is charged that extraction."""
+    if not embeddings.exists():
+        extract()
+    return str(embeddings)
 
 
 @dataclass(frozen=True)
@@ -501,12 +674,9 @@ class SeedRun:
         }
 
     def load(self, epochs: float):
-        """The embeddings of checkpoint `epochs`, extracted again if they are gone though their
-        extraction was recorded (removed after an earlier run; records copied from another):
-        the stage that needs them is charged that extraction."""
-        if not self.embeddings(epochs).exists():
-            self.extract(epochs)
-        return load_embeddings(self.task, str(self.embeddings(epochs)), device=self.args.device)
+        """The embeddings of checkpoint `epochs` (extracted again if gone: `extracted`)."""
+        folder = extracted(self.embeddings(epochs), partial(self.extract, epochs))
+        return load_embeddings(self.task, folder, device=self.args.device)
 
     def remove_embeddings(self) -> None:
         """Remove every checkpoint's embeddings, unless --keep-embeddings."""
@@ -811,7 +981,7 @@ def ensemble(
 def adapter_result(cfg: TrainConfig, data) -> dict:
     """Train the adapter of `cfg` on the loaded embeddings; its record's fields."""
     metrics = train_adapter(cfg, data=data, progress=False)
-    curve = json.loads(Path(cfg.out, "curve.json").read_text())
+    curve = storage.read_json(storage.join(cfg.out, "curve.json"))
     return {
         "val": metrics["val"],
         "dev": metrics["dev"],
@@ -843,12 +1013,27 @@ class OutOfTime(Exception):
 STOP_AT: float | None = None  # time.monotonic() after which no stage starts (set by main)
 
 
+def stage_record(path: Path) -> dict:
+    """The stage record at `path`; storage.FileFormatError naming it, and saying to delete it to
+    run the stage again, if it is garbled (cut short, edited) or no stage record
+    (`record_problem`)."""
+    redo = "delete it to run that stage again"
+    try:
+        record = storage.read_json(str(path))
+    except storage.FileFormatError as exc:
+        raise storage.FileFormatError(f"{exc}; {redo}") from None
+    problem = record_problem(record)
+    if problem:
+        raise storage.FileFormatError(f"{path} is no stage record: {problem}; {redo}")
+    return record
+
+
 def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[], dict]) -> dict:
     """Run `work` unless its record exists; the record holds its results and wall-clock.
     OutOfTime instead of running it after --stop-after."""
     path = records_dir / f"{name}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return stage_record(path)
     if STOP_AT is not None and time.monotonic() > STOP_AT:
         raise OutOfTime(name)
     print(f"{task} seed {seed}: {name} ...", file=sys.stderr, flush=True)
@@ -869,14 +1054,21 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
 def sliced_data(args: argparse.Namespace, task_name: str, out: Path) -> str:
     """A glue_data folder with N train rows of `task_name` (the first N, or with
     --train-sample random N drawn with seed 0, in file order) and the first N test rows; dev
-    is whole."""
+    is whole (a test file that is not there is left out: no stage reads it). The train and dev
+    files of --data-dir are read first as the stages read them: glue.DataError naming the
+    user's file, not the slice's, if one is missing or malformed."""
     task = glue.get_task(task_name)
+    for split in ("train", *task.dev_splits):
+        glue.load_split(task, split, args.data_dir)
     folder = out / "data" / task.dir_name
     folder.mkdir(parents=True, exist_ok=True)
     source = args.data_dir
     n = args.max_train_examples
     for split in task.splits:
-        fs, path = storage.url_to_fs(storage.join(source, task.dir_name, f"{split}.tsv"))
+        url = storage.join(source, task.dir_name, f"{split}.tsv")
+        if task.is_test(split) and not storage.exists(url):
+            continue  # never read: the stages predict no test split
+        fs, path = storage.url_to_fs(url)
         lines = fs.cat_file(path).splitlines(keepends=True)
         if split == "train" or task.is_test(split):
             has_header = task.is_test(split) or task.implicit_header is None

@@ -885,6 +885,22 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--extract-from", "0,0.5,0.5"], "--extract-from names 0.5 twice"),
         (["--train-sample", "random"], "--train-sample random needs --max-train-examples"),
         (["--finetune-epochs", "0,1"], "--finetune-epochs must be positive numbers"),
+        # NaN and infinity: a time limit of NaN never stops; neither can be written as results
+        (["--stop-after", "nan"], "argument --stop-after: must be a finite number, got 'nan'"),
+        (["--stop-after", "inf"], "argument --stop-after: must be a finite number, got 'inf'"),
+        (["--val-fraction", "inf"], "argument --val-fraction: must be a finite number"),
+        (["--adapter-lr", "nan"], "argument --adapter-lr: must be a finite number"),
+        (["--finetune-lrs", "1e-4,inf"], "--finetune-lrs must be finite numbers, got '1e-4,inf'"),
+        (["--extract-from", "0,nan"], "--extract-from must be finite numbers"),
+        (["--space", '{"epochs": NaN}'], "NaN is not a JSON number"),
+        # what a stage's config refuses, refused before the stages before it run
+        (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+        (["--adapter-epochs", "0"], "--adapter-epochs must be >= 1, got 0"),
+        (["--finetune-batch-size", "0"], "--finetune-batch-size must be >= 1, got 0"),
+        (["--sweep-adapter", "bogus"], "--sweep-adapter 'bogus' is unknown"),
+        (["--space", '{"bogus": 1}'], "--space search space entries ['bogus'] are not training"),
+        (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+        (["--max-train-examples", "-5"], "--max-train-examples must be >= 1, got -5"),
     ],
 )
 def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
@@ -894,23 +910,144 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
     with pytest.raises(SystemExit) as refused:
         runpy.run_path(str(EXPERIMENT))["parse_args"](options)
     assert refused.value.code == 2
-    assert says in capsys.readouterr().err
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert says in line
 
 
-def test_experiment_refuses_data_it_cannot_read_in_one_line(capsys, tmp_path, tiny_model):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "max-train-examples"])
+def test_experiment_refuses_data_it_cannot_read_in_one_line(capsys, tmp_path, tiny_model, sliced):
     """A --data-dir without the task's files is refused in one line before anything is written
-    (so is the hub offline, with the same error)."""
+    (so is the hub offline, with the same error), whole or sliced to --max-train-examples."""
     import runpy
 
     main = runpy.run_path(str(EXPERIMENT))["main"]
     out = tmp_path / "exp"
-    options = ["--data-dir", str(tmp_path), "--model", tiny_model, "--out", str(out)]
+    options = ["--data-dir", str(tmp_path / "glue"), "--model", tiny_model, "--out", str(out)]
+    options += ["--max-train-examples", "10"] if sliced else []
     with pytest.raises(SystemExit) as refused:
         main([*options, "--tasks", "wnli", "--device", "cpu"])
     assert refused.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
-    assert line.startswith("experiment.py: error: ") and "WNLI" in line
+    [line] = capsys.readouterr().err.strip().splitlines()
+    missing = tmp_path / "glue" / "WNLI" / "train.tsv"
+    assert line == f"experiment.py: error: missing data file {missing} (wnli train)"
     assert not out.exists()
+
+
+def test_experiment_refuses_an_encoder_it_cannot_load_in_one_line(
+    capsys, glue_dir, tmp_path, tiny_model
+):
+    """A --model without weights (its tokenizer alone) is refused in one line naming it, before
+    anything is written."""
+    import runpy
+
+    model = tmp_path / "tokenizer-only"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_model) / name, model / name)
+    out = tmp_path / "exp"
+    options = ["--data-dir", glue_dir, "--model", str(model), "--out", str(out), "--tasks", "wnli"]
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(EXPERIMENT))["main"]([*options, "--device", "cpu"])
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"experiment.py: error: model {model} ")
+    assert not out.exists()
+
+
+def test_experiment_names_the_users_data_file_not_its_slice(capsys, glue_dir, tmp_path, tiny_model):
+    """--max-train-examples slices the data in a staging folder; a malformed file is named as
+    the user gave it, at its line there."""
+    import runpy
+
+    data = tmp_path / "glue" / "WNLI"
+    shutil.copytree(Path(glue_dir) / "WNLI", data)
+    header, first, *rest = (data / "train.tsv").read_bytes().splitlines(keepends=True)
+    (data / "train.tsv").write_bytes(b"".join([header, b"\xff" + first, *rest]))
+    out = tmp_path / "exp"
+    options = ["--data-dir", str(tmp_path / "glue"), "--model", tiny_model, "--out", str(out)]
+    options += ["--tasks", "wnli", "--max-train-examples", "10", "--device", "cpu"]
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(EXPERIMENT))["main"](options)
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"experiment.py: error: malformed data file {data / 'train.tsv'} line 2")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("records", "says"),
+    [
+        ("abc", "records: must be a JSON list, got str"),
+        ([{}], "records[0]: task must be a string, got None"),
+        (["abc"], "records[0]: must be a JSON object, got str"),
+        ([{"task": "rte"}], "records[0]: seed must be an integer >= 0, got None"),
+        ([{"task": "rte", "seed": True}], "records[0]: seed must be an integer >= 0, got True"),
+        (
+            [{"task": "rte", "seed": 0, "method": "../../../../escaped"}],
+            "records[0]: method must be a stage's name (letters, digits and .@%+_-), "
+            "got '../../../../escaped'",
+        ),
+        (
+            [{"task": "rte", "seed": 0, "method": "finetune-1", "stage_s": 1.0}],
+            "records[0]: stage_cpu_s must be a number, got None",
+        ),
+        (
+            [{"task": "rte", "seed": 0, "method": "finetune-1", "stage_s": 1, "stage_cpu_s": 1}]
+            + [{"task": "rte", "seed": 0, "method": "load@0", "stage_s": 1, "stage_cpu_s": 1}]
+            + [{"task": "rte", "seed": 0, "method": "x", "stage_s": 1, "stage_cpu_s": 1, "dev": 3}],
+            "records[2]: dev must be an object of metrics (numbers or null), got 3",
+        ),
+    ],
+)
+def test_experiment_refuses_records_it_cannot_take_in_one_line(
+    records, says, capsys, experiment, tmp_path
+):
+    """--records-from: each record must be a stage's (task, seed, a method that names a file of
+    the records folder, seconds, metrics), or the file is refused in one line naming it and the
+    record, before anything is written."""
+    import runpy
+
+    out, argv, _ = experiment
+    earlier = read_json(out / "results.json")
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**earlier, "records": records}))
+    argv = [*argv[: argv.index("--out")], "--out", str(tmp_path / "exp"), *EXPERIMENT_ARGS]
+
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(EXPERIMENT))["main"]([*argv, "--records-from", str(path)])
+    assert refused.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.endswith(f"error: --records-from: {path} {says}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["results.json"]
+
+
+@pytest.mark.parametrize(
+    ("garbled", "says"),
+    [
+        ('{"task": "rte", "se', "is not valid JSON: Unterminated string"),
+        ('{"task": "rte", "seed": 0}', "is no stage record: method must be a stage's name"),
+    ],
+)
+def test_experiment_refuses_a_garbled_stage_record_naming_it(
+    garbled, says, capsys, experiment, tmp_path
+):
+    """A stage record cut short (a full disk) or edited is refused in one line naming its file
+    and saying how to run that stage again, not read as a result."""
+    import runpy
+
+    out, argv, _ = experiment
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    [record] = copy.glob("*/records/rte/seed-0/sweep-best@0.5.json")
+    record.write_text(garbled)
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *EXPERIMENT_ARGS]
+
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(EXPERIMENT))["main"](argv)
+    assert refused.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith(f"experiment.py: error: {record} {says}")
+    assert line.endswith("; delete it to run that stage again")
 
 
 def test_experiment_adapters_on_the_pretrained_encoder_are_charged_no_fine_tuning(
