@@ -30,17 +30,23 @@ paragraphs of every article (squad.write_slice): the results say so.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
 from experiment import (
+    check_settings,
     device_name,
+    extracted,
+    finite_number,
     mean_std,
+    one_line,
+    refuse,
     settings_key,
     shown,
+    space,
     stage,
     task_data_fingerprint,
     warm_up,
@@ -77,10 +83,11 @@ FRACTIONS = {"span-25": 0.25, "span-50": 0.5}
 SHOWN_METRICS = ("exact", "f1", "HasAns_f1", "NoAns_f1")
 # Settings that do not change what a stage computes: where, which seeds and methods, what is kept.
 NOT_CONTENT = ("out", "seeds", "methods", "keep_embeddings", "device")
+PROG = "experiment_squad.py"  # as its errors name it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data/squad/split")
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
@@ -91,14 +98,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dev-paragraphs", type=int, default=0, help="per article; 0: all")
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
-    parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--finetune-lr", type=finite_number, default=5e-5)
     parser.add_argument("--finetune-batch-size", type=int, default=32)
     parser.add_argument("--adapter-epochs", type=int, default=5)
-    parser.add_argument("--adapter-lr", type=float, default=1e-3)
+    parser.add_argument("--adapter-lr", type=finite_number, default=1e-3)
     parser.add_argument("--adapter-dim", type=int, default=64)
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="of the train articles")
+    parser.add_argument(
+        "--val-fraction", type=finite_number, default=0.1, help="of the train articles"
+    )
     parser.add_argument("--trials", type=int, default=8, help="of the sweep")
-    parser.add_argument("--space", default="", help="JSON: the sweep's space (default: span's)")
+    parser.add_argument(
+        "--space", default="", help="the sweep space's overrides: JSON, or a JSON file"
+    )
     parser.add_argument("--top-k", type=int, default=3, help="sweep trials in the ensemble")
     parser.add_argument("--keep-embeddings", action="store_true", help="keep them (large)")
     args = parser.parse_args(argv)
@@ -108,25 +119,104 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
-    args.model = args.model or enc.default_model()
+    for option in ("train_paragraphs", "dev_paragraphs"):
+        if getattr(args, option) < 0:
+            name = "--" + option.replace("_", "-")
+            parser.error(f"{name} must be >= 0 (0: all), got {getattr(args, option)}")
+    if args.top_k > args.trials:
+        parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
+    args.space = space(parser, args.space)
+    try:
+        args.model = args.model or enc.default_model()
+    except enc.ModelError as exc:
+        parser.error(one_line(str(exc)))
     args.device = args.device or enc.default_device()
+    check_stage_settings(parser, args)
     return args
+
+
+def check_stage_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The settings of every stage checked as each stage's config will, and the windows as
+    fine-tuning and extraction will cut them (the parser's error)."""
+    common = {"task": TASK, "val_fraction": args.val_fraction, "device": args.device}
+    finetune = check_settings(
+        parser,
+        {"lr": "--finetune-lr", "batch_size": "--finetune-batch-size"},
+        FinetuneConfig,
+        **common,
+        out="finetune",
+        model=args.model,
+        data_dir=args.data_dir,
+        lr=args.finetune_lr,
+        batch_size=args.finetune_batch_size,
+        max_seq_length=args.max_seq_length,
+        doc_stride=args.doc_stride,
+    )
+    check_settings(
+        parser,
+        {"adapter_dim": "--adapter-dim", "lr": "--adapter-lr", "epochs": "--adapter-epochs"},
+        TrainConfig,
+        **common,
+        embeddings="embeddings",
+        out="adapter",
+        adapter="span",
+        adapter_dim=args.adapter_dim,
+        lr=args.adapter_lr,
+        epochs=args.adapter_epochs,
+    )
+    check_settings(
+        parser,
+        {},
+        SweepConfig,
+        **common,
+        embeddings="embeddings",
+        out="sweep",
+        trials=args.trials,
+        space=args.space,
+    )
+    check_settings(
+        parser, {}, EnsembleConfig, task=TASK, runs="sweep", out="ensemble", top_k=args.top_k
+    )
+    check_windows(parser, finetune)
+
+
+def check_windows(parser: argparse.ArgumentParser, cfg: FinetuneConfig) -> None:
+    """The parser's error for window lengths that leave no room for the context after the
+    question and the doc stride (squad.build_features), or a model without a tokenizer: found
+    here, not after a fine-tuning. Cuts one short question's windows with the model's tokenizer."""
+    try:
+        tokenizer = enc.load_tokenizer(cfg.model)
+    except enc.ModelError as exc:
+        parser.error(one_line(str(exc)))
+    probe = squad.Example("probe", "probe", "A context.", "A question?", (), True)
+    try:
+        squad.build_features(
+            [probe], tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
+        )
+    except ValueError as exc:
+        parser.error(f"--max-seq-length {cfg.max_seq_length}, --doc-stride {cfg.doc_stride}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = args.data_dir
-    if args.train_paragraphs or args.dev_paragraphs:
-        data_dir = squad.write_slice(
-            args.data_dir,
-            str(out / "data"),
-            train=(0, args.train_paragraphs),
-            dev=(0, args.dev_paragraphs),
-        )
+    sliced = bool(args.train_paragraphs or args.dev_paragraphs)
+    with tempfile.TemporaryDirectory() as staging:  # nothing written before the checks pass
+        try:
+            data_dir = sliced_data(args, Path(staging)) if sliced else args.data_dir
+            keyed = out / settings_key(args, task_data_fingerprint(TASK, data_dir), NOT_CONTENT)
+        # no such data, a malformed file, or an encoder that cannot be loaded
+        except (squad.DataError, enc.ModelError) as exc:
+            refuse(str(exc), PROG)
+        out.mkdir(parents=True, exist_ok=True)
+        if sliced:
+            shutil.copytree(Path(staging, "data"), out / "data", dirs_exist_ok=True)
+    data_dir = str(out / "data") if sliced else args.data_dir
     warm_up(args.device)
-    records = [r for seed in range(args.seeds) for r in run_seed(args, seed, data_dir, out)]
+    try:
+        records = [r for seed in range(args.seeds) for r in run_seed(args, seed, data_dir, keyed)]
+    except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
+        refuse(str(exc), PROG)
     results = {
         "settings": vars(args),
         "code_version": __version__,
@@ -141,9 +231,23 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> list[dict]:
-    """The methods of one seed; a stage whose record exists under these settings' key is kept."""
-    keyed = out / settings_key(args, task_data_fingerprint(TASK, data_dir), NOT_CONTENT)
+def sliced_data(args: argparse.Namespace, staging: Path) -> str:
+    """A SQuAD folder under `staging` holding the first --train-paragraphs and --dev-paragraphs
+    of every article (0: all). The files of --data-dir are read first as the stages read them:
+    squad.DataError naming the user's file, not the slice's, if one is missing or malformed."""
+    for split in ("train", "dev"):
+        squad.load_split(split, args.data_dir)
+    return squad.write_slice(
+        args.data_dir,
+        str(staging / "data"),
+        train=(0, args.train_paragraphs),
+        dev=(0, args.dev_paragraphs),
+    )
+
+
+def run_seed(args: argparse.Namespace, seed: int, data_dir: str, keyed: Path) -> list[dict]:
+    """The methods of one seed under `keyed`, the folder of these settings' key (a stage whose
+    record exists there is kept)."""
     runs = keyed / "runs" / f"seed-{seed}"
     records_dir = keyed / "records" / f"seed-{seed}"
     tokens = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride}
@@ -197,13 +301,13 @@ def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> l
             raise RuntimeError(f"extraction failed: {summary.failed or summary.missing}")
         return stored_bytes(str(embeddings))
 
-    extracted = stage(records_dir, TASK, seed, "extract", extract)
+    extraction = stage(records_dir, TASK, seed, "extract", extract)
     data = None  # the embeddings, loaded once for the adapters of this seed
 
     def shared_data():
         nonlocal data
         if data is None:
-            data = load_span_data(TASK, str(embeddings), args.device, 8.0)
+            data = load_span_data(TASK, extracted(embeddings, extract), args.device, 8.0)
         return data
 
     def adapter(name: str, fraction: float) -> dict:
@@ -221,7 +325,7 @@ def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> l
             device=args.device,
         )
         metrics = train_adapter(cfg, data=shared_data(), progress=False)
-        curve = json.loads((runs / name / "curve.json").read_text())
+        curve = storage.read_json(str(runs / name / "curve.json"))
         return {
             "dev": metrics["dev"],
             "train_s": curve["train_seconds"],
@@ -243,7 +347,7 @@ def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> l
             embeddings=str(embeddings),
             out=str(sweep_out),
             trials=args.trials,
-            space=json.loads(args.space) if args.space else {},
+            space=args.space,
             val_fraction=args.val_fraction,
             seed=seed,
             device=args.device,
@@ -276,7 +380,7 @@ def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> l
 
         done["ensemble"] = stage(records_dir, TASK, seed, "ensemble", ensemble)
 
-    base = done["finetune-1"]["stage_s"] + extracted["stage_s"]
+    base = done["finetune-1"]["stage_s"] + extraction["stage_s"]
     for name, record in done.items():
         if name.startswith("finetune"):
             record["pipeline_s"] = record["stage_s"]
@@ -286,7 +390,7 @@ def run_seed(args: argparse.Namespace, seed: int, data_dir: str, out: Path) -> l
             record["pipeline_s"] = base + record["stage_s"]
     if not args.keep_embeddings and embeddings.exists():
         shutil.rmtree(embeddings)
-    return [*(r for n, r in done.items() if n in wanted), extracted]
+    return [*(r for n, r in done.items() if n in wanted), extraction]
 
 
 def stored_bytes(embeddings: str) -> dict:

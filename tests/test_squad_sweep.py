@@ -255,6 +255,31 @@ def test_the_fine_tuned_encoder_joins_the_ensemble_with_its_window_logits(
 
 # -- the experiment script ---------------------------------------------------------------------
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "experiment_squad.py"
+# The experiment at its smallest: windows of 128 tokens, one-epoch adapters, a sweep of 2 trials.
+SCRIPT_ARGS = [
+    *("--seeds", "1", "--max-seq-length", "128", "--doc-stride", "32", "--val-fraction", "0.5"),
+    *("--adapter-epochs", "1", "--trials", "2", "--top-k", "2", "--device", "cpu"),
+    *("--finetune-batch-size", "8", "--space", json.dumps(SPACE)),
+]
+
+
+def script_main():
+    """The script's main, run in this process (its `from experiment import ...` needs scripts/
+    on the path, as when it is run)."""
+    import runpy
+    import sys
+
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    return runpy.run_path(str(SCRIPT))["main"]
+
+
+def error_line(err: str) -> str:
+    """The one error line of a refusal on stderr."""
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    return line
+
 
 def test_the_squad_experiment_script_runs_every_method_resumes_and_needs_no_prefect(
     small_squad, tiny_model, tmp_path
@@ -262,12 +287,9 @@ def test_the_squad_experiment_script_runs_every_method_resumes_and_needs_no_pref
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "experiment_squad.py"
+    script = SCRIPT
     out = tmp_path / "exp"
-    argv = ["--data-dir", small_squad, "--model", tiny_model, "--seeds", "1", "--out", str(out)]
-    argv += ["--max-seq-length", "128", "--doc-stride", "32", "--val-fraction", "0.5"]
-    argv += ["--adapter-epochs", "1", "--trials", "2", "--top-k", "2", "--device", "cpu"]
-    argv += ["--finetune-batch-size", "8", "--space", json.dumps(SPACE)]
+    argv = ["--data-dir", small_squad, "--model", tiny_model, "--out", str(out), *SCRIPT_ARGS]
     run = (
         "import runpy, sys; "
         f"sys.path.insert(0, {str(script.parent)!r}); "
@@ -298,3 +320,145 @@ def test_the_squad_experiment_script_runs_every_method_resumes_and_needs_no_pref
 
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
     assert json.loads((out / "results.json").read_text())["records"] == results["records"]
+
+
+@pytest.fixture(scope="module")
+def span_run(small_squad, tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The experiment with (a) and (c) only: its output folder and its arguments."""
+    out = tmp_path_factory.mktemp("experiment-squad") / "exp"
+    argv = ["--data-dir", small_squad, "--model", tiny_model, "--out", str(out), *SCRIPT_ARGS]
+    argv += ["--methods", "finetune-1,span"]
+    script_main()(argv)
+    return out, argv
+
+
+def test_the_squad_experiment_extracts_again_embeddings_a_later_method_needs_once_removed(
+    span_run, tmp_path
+):
+    """A seed's embeddings are removed once its methods are done. A method asked for later
+    (span-25 here) on the recorded extraction extracts them again, charged to it; the recorded
+    stages are kept."""
+    out, argv = span_run
+    original = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *argv[argv.index("--out") + 2 :]]
+
+    results = script_main()([*argv, "--methods", "finetune-1,span,span-25"])
+
+    records = {r["method"]: r for r in results["records"]}
+    assert list(records) == ["finetune-1", "span", "span-25", "extract"]
+    for kept in ("finetune-1", "span", "extract"):
+        assert records[kept]["stage_s"] == original[kept]["stage_s"]  # not run again
+    assert records["span-25"]["train_questions_fraction"] == 0.25
+    assert 0.0 <= records["span-25"]["dev"]["f1"] <= 100.0
+    assert not list(copy.glob("*/runs/seed-0/embeddings"))
+
+
+def test_the_squad_experiment_refuses_a_garbled_stage_record_naming_it(span_run, tmp_path, capsys):
+    """A stage record cut short (a full disk) is refused in one line naming its file and saying
+    how to run that stage again."""
+    out, argv = span_run
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    [record] = copy.glob("*/records/seed-0/span.json")
+    record.write_text('{"task": "squad2", "se')
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *argv[argv.index("--out") + 2 :]]
+
+    with pytest.raises(SystemExit) as refused:
+        script_main()(argv)
+    assert refused.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"experiment_squad.py: error: {record} is not valid JSON: ")
+    assert line.endswith("; delete it to run that stage again")
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--finetune-lr", "nan"], "argument --finetune-lr: must be a finite number, got 'nan'"),
+        (["--adapter-lr", "inf"], "argument --adapter-lr: must be a finite number, got 'inf'"),
+        (["--val-fraction", "nan"], "argument --val-fraction: must be a finite number"),
+        (
+            ["--max-seq-length", "96", "--doc-stride", "32"],
+            "--max-seq-length 96, --doc-stride 32: max_length 96 leaves 29 context tokens after "
+            "a question of 64 tokens; it must be more than doc_stride 32",
+        ),
+        (["--space", "{bad"], "--space must be a JSON object or a JSON file, got '{bad'"),
+        (["--space", '{"bogus": 1}'], "--space search space entries ['bogus'] are not training"),
+        (["--top-k", "3"], "--top-k 3 is more than --trials 2"),
+        (["--adapter-epochs", "0"], "--adapter-epochs must be >= 1, got 0"),
+        (["--finetune-lr", "-1"], "--finetune-lr must be > 0, got -1.0"),
+        (["--train-paragraphs", "-1"], "--train-paragraphs must be >= 0 (0: all), got -1"),
+    ],
+)
+def test_the_squad_experiment_refuses_bad_options_before_any_work(
+    options, says, tiny_model, tmp_path, capsys
+):
+    """Options a stage would refuse after the stages before it ran (a fine-tuning, an
+    extraction) are refused in one line while parsing; nothing is written. (The data folder
+    named does not exist: it is not read.)"""
+    out = tmp_path / "exp"
+    argv = ["--data-dir", str(tmp_path / "squad"), "--model", tiny_model, "--out", str(out)]
+    with pytest.raises(SystemExit) as refused:
+        script_main()([*argv, *SCRIPT_ARGS, *options])
+    assert refused.value.code == 2
+    assert says in error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "train-paragraphs"])
+def test_the_squad_experiment_refuses_data_it_cannot_read_in_one_line(
+    sliced, tiny_model, tmp_path, capsys
+):
+    """A --data-dir without SQuAD's files, or with one that is not UTF-8, is refused in one line
+    naming the file as the user gave it (not the slice --train-paragraphs cuts from it);
+    nothing is written."""
+    data = tmp_path / "squad"
+    out = tmp_path / "exp"
+    argv = ["--data-dir", str(data), "--model", tiny_model, "--out", str(out), *SCRIPT_ARGS]
+    argv += ["--train-paragraphs", "2"] if sliced else []
+    main = script_main()
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    says = f"missing data file {data / 'train-v2.0.json'} (SQuAD 2.0 train)"
+    assert error_line(capsys.readouterr().err) == f"experiment_squad.py: error: {says}"
+
+    data.mkdir()
+    (data / "train-v2.0.json").write_bytes(b'\xff{"version": "v2.0", "data": []}')
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    says = f"malformed data file {data / 'train-v2.0.json'} line 1: not UTF-8"
+    assert error_line(capsys.readouterr().err).startswith(f"experiment_squad.py: error: {says}")
+    assert not out.exists()
+
+
+def test_the_squad_experiment_refuses_an_encoder_it_cannot_load_in_one_line(
+    small_squad, tiny_model, tmp_path, capsys
+):
+    """A --model that does not exist, or holds a tokenizer but no weights, is refused in one
+    line naming it; nothing is written."""
+    main = script_main()
+    out = tmp_path / "exp"
+    argv = ["--data-dir", small_squad, "--out", str(out), *SCRIPT_ARGS]
+    missing = tmp_path / "no-model"
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--model", str(missing)])
+    assert refused.value.code == 2
+    assert error_line(capsys.readouterr().err).startswith(
+        f"experiment_squad.py: error: model {missing}'s tokenizer cannot be loaded"
+    )
+
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tokenizer_only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_model) / name, tokenizer_only / name)
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--model", str(tokenizer_only)])
+    assert refused.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"experiment_squad.py: error: model {tokenizer_only} cannot be loaded")
+    assert not out.exists()
