@@ -277,13 +277,12 @@ def _inside(paths: list, folder: str) -> bool:
 @contextmanager
 def noting_if_stored(out: str) -> Iterator[None]:
     """Say on stderr when the command found its result already finished at `out` with the same
-    settings and inputs (same commit key before and after) and so redid nothing."""
+    settings and inputs (the same commit record before and after) and so redid nothing."""
     from bertvision import runs
 
     before = runs.commit_record(out)
     yield
-    after = runs.commit_record(out)
-    if before is not None and after is not None and after["key"] == before["key"]:
+    if before is not None and runs.commit_record(out) == before:
         typer.echo(
             f"{out}: finished before with the same settings and inputs; returned as stored",
             err=True,

@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -60,9 +61,29 @@ def commit_record(out: str) -> dict[str, Any] | None:
     return storage.read_json(url, keys=("key",)) if storage.exists(url) else None
 
 
+def missing_files(out: str, record: dict[str, Any]) -> list[str]:
+    """The names in the commit `record`'s "files" that are not stored under `out` now, in the
+    record's order: one listing of `out` (on blob storage one request per 5,000 files); no file
+    is read."""
+    fs, root = storage.url_to_fs(out)
+    root = root.rstrip("/")
+    with storage.translate_errors(out):
+        stored = {path[len(root) + 1 :] for path in fs.find(root)}
+    return [name for name in record.get("files", []) if name not in stored]
+
+
+def stored_record(out: str) -> dict[str, Any] | None:
+    """OUT/_commit.json while the run it commits is stored whole (every file it lists is there,
+    `missing_files`); None when no run is committed at `out` or some of its files are gone."""
+    record = commit_record(out)
+    return record if record is not None and not missing_files(out, record) else None
+
+
 def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str, Any] | None:
     """The commit record of a run finished at `out` with content key `key`, else None.
 
+    Finished means committed with `key` and stored whole: a run whose committed files are gone
+    (`missing_files`) is not finished, and a warning names what it lacks; the caller redoes it.
     A finished run with another key is an error (ValueError naming `out`) unless `overwrite`,
     when it is None too: the caller redoes the run, and its commit replaces the old one.
     """
@@ -70,7 +91,15 @@ def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str
     if record is None:
         return None
     if record["key"] == key:
-        return record
+        missing = missing_files(out, record)
+        if not missing:
+            return record
+        warnings.warn(
+            f"{out}: the {what} committed there lacks {len(missing)} of its files "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); doing it again",
+            stacklevel=1,  # shown as BERTVision's own warning (console.quiet_libraries)
+        )
+        return None
     if overwrite:
         return None
     raise ValueError(

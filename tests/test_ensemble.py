@@ -282,3 +282,20 @@ def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path
     replaced = build_ensemble(again)
     assert [m["trial"] for m in replaced["members"]] == [0]
     assert build_ensemble(cfg) == replaced  # finished now, with these members
+
+
+def test_an_ensemble_whose_predictions_are_gone_is_built_again(tmp_path):
+    """dev_predictions.tsv is among the committed files: with it gone the ensemble is not
+    finished; it is built again (a warning says why), whole."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    ens = tmp_path / "ens"
+    cfg = EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2)
+    first = build_ensemble(cfg)
+    submission = (ens / "dev_predictions.tsv").read_bytes()
+    (ens / "dev_predictions.tsv").unlink()
+    with pytest.warns(UserWarning, match=r"ensemble committed there lacks 1 of its files"):
+        again = build_ensemble(cfg)
+    assert {k: v for k, v in again.items() if k != "config"} == {
+        k: v for k, v in first.items() if k != "config"
+    }
+    assert (ens / "dev_predictions.tsv").read_bytes() == submission

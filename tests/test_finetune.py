@@ -263,3 +263,24 @@ def test_the_weight_loading_report_is_shown_only_with_verbose(
         logging.getLogger("transformers").removeHandler(handler)
     assert result.exit_code == 0, result.output
     assert any("LOAD REPORT" in message for message in seen) == verbose
+
+
+def test_a_run_whose_checkpoint_is_gone_is_fine_tuned_again_not_returned_as_stored(
+    tmp_path, tiny_model, glue_dir
+):
+    """model.safetensors is among the files the commit record lists: with it gone the run is
+    not finished; fine-tuning warns, runs again and commits the same run whole."""
+    from bertvision import finetune as core
+    from bertvision import runs
+
+    cfg = quick(tmp_path, tiny_model, glue_dir)
+    metrics = core.finetune_encoder(cfg, progress=False)
+    stored = files(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"fine-tuning committed there lacks 1 of its files"):
+        again = core.finetune_encoder(cfg, progress=False)
+    assert {k: v for k, v in again.items() if k != "train"} == {
+        k: v for k, v in metrics.items() if k != "train"
+    }
+    assert set(files(tmp_path / "ckpt")) == set(stored)
+    assert runs.stored_record(cfg.out) is not None

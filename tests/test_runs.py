@@ -140,3 +140,29 @@ def test_a_held_lease_is_renewed(tmp_path):
             assert time.monotonic() < deadline, "the lease was never renewed"
             time.sleep(0.05)
         assert json.loads((tmp_path / "run" / runs.LEASE).read_text())["owner"] == held.owner
+
+
+def test_a_run_whose_committed_files_are_gone_is_not_finished(tmp_path):
+    """Finished means committed and stored whole: one listing must find every file the commit
+    record lists, nested ones included; otherwise the run is not finished (a warning names what
+    is gone) and its caller redoes it, whose commit makes it finished again."""
+    out = tmp_path / "run"
+    files = {"adapter/weights.bin": "w", "outputs/dev.parquet": "o", "metrics.json": "m"}
+    write_run(out, files, "k0")
+    assert runs.stored_record(str(out))["key"] == "k0"
+
+    (out / "adapter" / "weights.bin").unlink()
+    assert runs.missing_files(str(out), runs.commit_record(str(out))) == ["adapter/weights.bin"]
+    assert runs.stored_record(str(out)) is None
+    with pytest.warns(UserWarning, match=r"lacks 1 of its files \(adapter/weights.bin\)"):
+        assert runs.finished(str(out), "k0", overwrite=False) is None
+    # another key is still refused: the folder holds another run's record
+    with pytest.raises(ValueError, match="holds a finished run with other settings or inputs"):
+        runs.finished(str(out), "k1", overwrite=False)
+
+    write_run(out, files, "k0")
+    assert runs.finished(str(out), "k0", overwrite=False)["files"] == [
+        "adapter/weights.bin",
+        "outputs/dev.parquet",
+        "metrics.json",
+    ]

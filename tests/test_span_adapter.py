@@ -5,6 +5,8 @@ threshold, official metrics and predictions, per-window logits for ensembles, re
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +352,35 @@ def test_a_train_fraction_keeps_each_question_s_windows_together(embeddings, tmp
     assert set(trained) <= set(candidates)
     # every window of a chosen question is trained on, none of the others'
     assert (half.is_trained == np.isin(windows.example_index, trained)).all()
+
+
+# -- the stored run and the data it was extracted from ------------------------------------------
+
+
+def _train_args(cfg: TrainConfig) -> list[str]:
+    return [
+        "train", "--task", "squad2", "--adapter", "span", "--embeddings", cfg.embeddings,
+        "--out", cfg.out, "--adapter-dim", str(cfg.adapter_dim), "--epochs", str(cfg.epochs),
+        "--patience", str(cfg.patience), "--batch-size", str(cfg.batch_size),
+        "--lr", str(cfg.lr), "--val-fraction", str(cfg.val_fraction), "--device", "cpu",
+    ]  # fmt: skip
+
+
+def test_a_run_whose_adapter_is_gone_is_trained_again_not_returned_as_stored(finished, tmp_path):
+    """`rm -r RUN/adapter; bertvision train ...`: the commit record lists the adapter's files,
+    so the run is not finished; it is trained again (a warning says why) and committed whole."""
+    cfg, metrics = finished
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    shutil.rmtree(run / "adapter")
+    copy = replace(cfg, out=str(run))
+
+    result = CliRunner().invoke(app, _train_args(copy))
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "lacks 2 of its files (adapter/" in result.output
+    assert "returned as stored" not in result.output
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert runs.stored_record(str(run)) is not None
+
+    again = CliRunner().invoke(app, _train_args(copy))  # now finished: returned as stored
+    assert again.exit_code == 0 and "returned as stored" in again.output

@@ -5,6 +5,8 @@ from_pretrained loads; one task-family seam shared with GLUE."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -219,3 +221,16 @@ def test_minilm_on_a_fraction_of_an_epoch_prints_em_and_f1(squad_dir, minilm, tm
         f"of {metrics['dev']['total']} questions"
     )
     assert metrics["dev"]["total"] == len(squad.load_split("dev", data))
+
+
+def test_a_run_whose_window_logits_are_gone_is_fine_tuned_again(finished, tmp_path):
+    """outputs/dev.parquet (what ensembles read) is among the committed files: with it gone
+    the SQuAD run is not finished and is fine-tuned again, whole."""
+    cfg, metrics = finished
+    copy = replace(cfg, out=str(tmp_path / "ckpt"))
+    shutil.copytree(cfg.out, copy.out)
+    (tmp_path / "ckpt" / "outputs" / "dev.parquet").unlink()
+    with pytest.warns(UserWarning, match=r"lacks 1 of its files \(outputs/dev.parquet\)"):
+        again = finetune_encoder(copy, progress=False)
+    assert again["dev"] == metrics["dev"] and again["val"] == metrics["val"]
+    assert (tmp_path / "ckpt" / "outputs" / "dev.parquet").exists()

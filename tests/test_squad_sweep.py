@@ -462,3 +462,13 @@ def test_the_squad_experiment_refuses_an_encoder_it_cannot_load_in_one_line(
     line = error_line(capsys.readouterr().err)
     assert line.startswith(f"experiment_squad.py: error: model {tokenizer_only} cannot be loaded")
     assert not out.exists()
+
+
+def test_a_span_ensemble_whose_window_logits_are_gone_is_built_again(swept, tmp_path):
+    """outputs/dev.parquet of the ensemble (what another ensemble reads) is among its committed
+    files: with it gone the span ensemble is not finished and is built again, whole."""
+    first = _ensemble(swept, tmp_path / "ens")
+    (tmp_path / "ens" / "outputs" / "dev.parquet").unlink()
+    with pytest.warns(UserWarning, match=r"lacks 1 of its files \(outputs/dev.parquet\)"):
+        assert _ensemble(swept, tmp_path / "ens") == first
+    assert (tmp_path / "ens" / "outputs" / "dev.parquet").exists()

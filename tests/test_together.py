@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,23 @@ def test_runs_trained_together_equal_the_same_runs_trained_alone(embeddings, tmp
         assert_same_run(Path(cfg.out), Path(cfg.out.replace("/t-", "/a-")))
     # A second call finds them finished and returns them as stored.
     assert train_together(together_cfgs, data) == alone
+
+
+def test_of_runs_trained_together_the_one_whose_adapter_is_gone_is_trained_again(
+    embeddings, tmp_path
+):
+    """Together as alone: a run whose committed adapter is gone is not finished; it alone is
+    trained again (a warning says why), the finished one is returned as stored."""
+    data = streamed(embeddings)
+    cfgs = runs(tmp_path, embeddings, "t")[:2]
+    first = train_together(cfgs, data)
+    weights = Path(cfgs[0].out, "adapter", "adapter.safetensors")
+    stored, kept = weights.read_bytes(), Path(cfgs[1].out, "_commit.json").read_text()
+    shutil.rmtree(weights.parent)
+    with pytest.warns(UserWarning, match=r"lacks 2 of its files \(adapter/"):
+        assert train_together(cfgs, data) == first
+    assert weights.read_bytes() == stored
+    assert Path(cfgs[1].out, "_commit.json").read_text() == kept
 
 
 def count_reads(monkeypatch) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 from test_embeddings import HIDDEN, LAYERS, synthetic, write_split
 from typer.testing import CliRunner
 
-from bertvision import adapters, glue, storage
+from bertvision import adapters, glue, runs, storage
 from bertvision import train as training
 from bertvision.cli import app
 from bertvision.embeddings import load_embeddings
@@ -286,6 +286,21 @@ def test_a_finished_run_is_returned_as_stored_and_never_mixed(
         train_adapter(dataclasses.replace(cfg, max_resident_gb=0), progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_run_whose_adapter_is_gone_is_trained_again_not_returned_as_stored(
+    tmp_path, rte_embeddings
+):
+    """The commit record lists adapter/; with it gone the run is not finished: train warns,
+    trains again and commits the same run whole."""
+    cfg = config(tmp_path, rte_embeddings)
+    metrics = train_adapter(cfg, progress=False)
+    weights = (tmp_path / "run" / "adapter" / "adapter.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    with pytest.warns(UserWarning, match=r"lacks 2 of its files \(adapter/"):
+        assert train_adapter(cfg, progress=False) == metrics
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").read_bytes() == weights
+    assert runs.stored_record(cfg.out) is not None
 
 
 def test_a_kill_while_replacing_a_finished_run_leaves_it_whole_and_finished(
