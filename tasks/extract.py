@@ -8,7 +8,7 @@ whatever Prefect's cache holds, and `pending_shards` lists only what storage lac
 from __future__ import annotations
 
 from bertvision_tasks.names import shard_number, task_run_name
-from bertvision_tasks.policy import RETRY, TRANSIENT_ERRORS, WhileStored
+from bertvision_tasks.policy import RETRY, TRANSIENT_ERRORS, WhileStored, committed_shard
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
@@ -18,18 +18,10 @@ from prefect.settings import PREFECT_API_URL
 from bertvision import extract, shards, storage
 from bertvision.config import ExtractConfig
 from bertvision.console import progress_wanted
-from bertvision.schema import ExtractionPlan, ShardRecord, shard_record_name
-from bertvision.shards import ShardError, load_plan, manifest_url, split_url
+from bertvision.schema import ExtractionPlan, ShardRecord
+from bertvision.shards import ShardError, load_plan, split_url
 
 SHARD_TIMEOUT_SECONDS = 3600  # a shard's time limit; a group's: this times its shards
-
-
-# No content key for shards: the plan given holds the extraction key, which hashes the model's
-# weights and the data (plan_extraction makes it afresh each run).
-def _shard_commit_record(inputs: dict) -> str:
-    cfg, plan = inputs["cfg"], inputs["plan"]
-    folder = split_url(cfg.out, plan.task, plan.split)
-    return manifest_url(folder, shard_record_name(inputs["index"]))
 
 
 @task(
@@ -98,7 +90,9 @@ def _shard_run_name(parameters: dict) -> str:
 
 @task(
     task_run_name=task_run_name(_shard_run_name),
-    cache_policy=WhileStored(_shard_commit_record),
+    # No content key: the plan given holds the extraction key, which hashes the model's weights
+    # and the data (plan_extraction makes it afresh each run).
+    cache_policy=WhileStored(committed_shard),
     persist_result=True,
     timeout_seconds=SHARD_TIMEOUT_SECONDS,
     **RETRY,

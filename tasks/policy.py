@@ -18,7 +18,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
-from bertvision import storage
+from bertvision import runs, shards, storage
 
 # Failures that may pass on the next try: storage or network unreachable (StorageUnavailable is a
 # ConnectionError), a call that timed out, a GPU shared with another process running out of
@@ -49,14 +49,17 @@ def transient(state) -> bool:
 
 
 class WhileStored(CachePolicy):
-    """`INPUTS + TASK_SOURCE`, plus the content of the output's commit file while it exists,
-    plus the content key of the inputs.
+    """`INPUTS + TASK_SOURCE`, plus what identifies the task's output while storage holds it
+    whole, plus the content key of the inputs.
 
-    `commit_file(inputs)` names the file a run writes last (a shard's or a run's commit record, a
-    trial's trial.json). Missing file: no key, so the task runs. Present: the key also hashes the
-    file, so output rewritten since the cache entry was made is not served from the cache. The
-    call that first writes an output therefore stores no cache entry; the next one (which the
-    core answers from storage) does, and later ones are cache hits.
+    `stored(inputs)` is the output's commit record while the output is stored in full, judged by
+    metadata alone (a shard: its record and its file of the recorded size and hash,
+    `committed_shard`; a run folder: its commit record and every file it lists, `committed_run`;
+    a trial: its trial.json, `file_text`), and None otherwise. None: no key, so the task runs
+    and the core redoes what is gone. Otherwise the key also hashes the record, so output
+    rewritten since the cache entry was made is not served from the cache. The call that first
+    writes an output therefore stores no cache entry; the next one (which the core answers from
+    storage) does, and later ones are cache hits.
 
     `content_key(inputs)` is the stage's own content identity of its inputs as stored now (the
     core's key of a run, e.g. `train.content_key`): the inputs name embeddings or a model by URL,
@@ -67,20 +70,42 @@ class WhileStored(CachePolicy):
 
     def __init__(
         self,
-        commit_file: Callable[[dict[str, Any]], str],
+        stored: Callable[[dict[str, Any]], Any],
         content_key: Callable[[dict[str, Any]], str] | None = None,
         base: CachePolicy | None = None,
     ) -> None:
-        self.commit_file = commit_file
+        self.stored = stored
         self.content_key = content_key
         self.base = base or INPUTS + TASK_SOURCE
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        url = self.commit_file(inputs)
-        if not storage.exists(url):
+        record = self.stored(inputs)
+        if record is None:
             return None
         key = self.base.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
         if key is None:
             return None
         content = self.content_key(inputs) if self.content_key is not None else None
-        return hash_objects(key, storage.read_text(url), content)
+        return hash_objects(key, record, content)
+
+
+def committed_shard(inputs: dict[str, Any]) -> str | None:
+    """The commit record (JSON: its file's size and sha256 among the rest) of shard
+    `inputs["index"]` of `inputs["plan"]` under `inputs["cfg"].out` while that shard is committed
+    in full (shards.is_committed: its file's size, and the sha256 its blob's metadata keeps);
+    None otherwise. Metadata only: no shard is read."""
+    cfg, plan = inputs["cfg"], inputs["plan"]
+    folder = shards.split_url(cfg.out, plan.task, plan.split)
+    record = shards.load_record(folder, plan, inputs["index"])
+    return record.to_json() if shards.is_committed(folder, record) else None
+
+
+def committed_run(inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The commit record of the run folder `inputs["cfg"].out` while every file it lists is
+    stored (runs.stored_record: one listing); None otherwise."""
+    return runs.stored_record(inputs["cfg"].out)
+
+
+def file_text(url: str) -> str | None:
+    """The text of the file at `url`; None when there is none."""
+    return storage.read_text(url) if storage.exists(url) else None

@@ -4,7 +4,7 @@ trial's trial.json makes `run_trial` return it unrun, whatever Prefect's cache h
 from __future__ import annotations
 
 from bertvision_tasks.names import run_name, task_run_name
-from bertvision_tasks.policy import RETRY, WhileStored
+from bertvision_tasks.policy import RETRY, WhileStored, file_text
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,8 +14,9 @@ from bertvision.config import SweepConfig
 from bertvision.sweep import SweepSummary, TrialRecord, TrialSpec
 
 
-def _trial_record(inputs: dict) -> str:
-    return storage.join(core.trial_url(inputs["cfg"].out, inputs["spec"].trial), core.TRIAL_RECORD)
+def _trial_record(inputs: dict) -> str | None:
+    url = storage.join(core.trial_url(inputs["cfg"].out, inputs["spec"].trial), core.TRIAL_RECORD)
+    return file_text(url)
 
 
 @task(

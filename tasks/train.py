@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from bertvision_tasks.names import task_run_name
-from bertvision_tasks.policy import RETRY, WhileStored
+from bertvision_tasks.policy import RETRY, WhileStored, committed_run
 from prefect import task
 
-from bertvision import runs, storage
 from bertvision import train as core
 from bertvision.config import TrainConfig
 from bertvision.console import progress_wanted
 
 
-def _commit_record(inputs: dict) -> str:
-    return storage.join(inputs["cfg"].out, runs.COMMIT_RECORD)
-
-
 @task(
     task_run_name=task_run_name("{cfg.task}-train-{cfg.adapter}"),
-    cache_policy=WhileStored(_commit_record, lambda inputs: core.content_key(inputs["cfg"])),
+    cache_policy=WhileStored(committed_run, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,

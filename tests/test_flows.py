@@ -461,6 +461,59 @@ def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
 
 
+def test_the_cache_serves_a_shard_only_while_its_file_is_stored_as_committed(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    """The cache key exists only while the shard's commit record is there AND its file is
+    stored as committed (size, and the hash blob metadata keeps), judged by metadata alone: the
+    file alone gone (its record left), the task runs and the shard is written again."""
+
+    @flow
+    def shard_zero(cfg: ExtractConfig) -> str:
+        [plan] = extract_tasks.plan_extraction(cfg)
+        return extract_tasks.extract_shard(cfg, plan, 0, return_state=True).name
+
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    assert [shard_zero(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
+    shard = tmp_path / "wnli" / "dev" / "shard-00000.parquet"
+    written = shard.read_bytes()
+
+    shard.unlink()  # the commit record stays
+    assert (tmp_path / "wnli" / "dev" / "_manifest" / "shard-00000.json").exists()
+    assert shard_zero(cfg) == "Completed"
+    assert shard.read_bytes() == written
+    assert shards.status(str(tmp_path))["wnli/dev"]["done"] == 1
+
+    shard.write_bytes(written[:-1])  # a file of another size than its record's
+    assert shard_zero(cfg) == "Completed"
+    assert shard.read_bytes() == written
+
+
+def test_the_train_task_is_not_served_from_the_cache_once_a_committed_file_is_gone(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    """A run folder's cache key exists only while every file its commit record lists is
+    stored: the adapter gone, the task runs and the core trains the run again."""
+    emb = str(tmp_path / "emb")
+    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
+                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
+    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
+
+    @flow
+    def train_once(cfg: TrainConfig) -> str:
+        return train_tasks.train_adapter(cfg, return_state=True).name
+
+    cfg = TrainConfig(task="wnli", embeddings=emb, out=str(tmp_path / "run"), epochs=1,
+                      adapter_dim=4, device="cpu")  # fmt: skip
+    assert [train_once(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
+    weights = tmp_path / "run" / "adapter" / "adapter.safetensors"
+    stored = weights.read_bytes()
+
+    shutil.rmtree(weights.parent)
+    assert train_once(cfg) == "Completed"
+    assert weights.read_bytes() == stored
+
+
 class Records(logging.Handler):
     """Every record a logger passes on, whatever its level."""
 
