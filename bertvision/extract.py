@@ -421,13 +421,15 @@ def _windows(
     max_question_length: int,
 ) -> SplitWindows:
     """Built once per process, not once per shard. ConfigError when the lengths leave no room
-    for the context (squad.build_features)."""
+    for the context; the data's DataError (squad.build_features) naming the file."""
     examples = _load_questions(split, data_dir, max_train_examples)
     tokenizer = enc.load_tokenizer(model)
     try:
         features = squad.build_features(
             examples, tokenizer, max_seq_length, doc_stride, max_question_length
         )
+    except glue.DataError as exc:
+        raise glue.DataError(f"data file {squad.split_source(split, data_dir)}: {exc}") from None
     except ValueError as exc:
         raise ConfigError("max_seq_length", f"{max_seq_length}: {exc}") from None
     return SplitWindows(examples, features, windows_fingerprint(examples, features))

@@ -34,6 +34,7 @@ import hashlib
 import json
 import re
 import string
+import unicodedata
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,10 +86,15 @@ def load_split(split: str, data_dir: str | None = None) -> list[Example]:
         raise ValueError(f"unknown SQuAD split {split!r}; expected one of {', '.join(SPLIT_FILES)}")
     if data_dir is None:
         return _load_hub(split)
-    url = storage.join(data_dir, SPLIT_FILES[split])
+    url = split_source(split, data_dir)
     if not storage.exists(url):
         raise DataError(f"missing data file {url} (SQuAD 2.0 {split})")
     return load_file(url)
+
+
+def split_source(split: str, data_dir: str | None) -> str:
+    """Where `load_split` reads `split`: its official file under `data_dir`, else the hub."""
+    return HUB_URL if data_dir is None else storage.join(data_dir, SPLIT_FILES[split])
 
 
 def load_file(url: str) -> list[Example]:
@@ -97,7 +103,8 @@ def load_file(url: str) -> list[Example]:
     DataError naming the file and the problem for bytes that are not UTF-8, text that is not
     JSON, a JSON that is not SQuAD 2.0 (a missing or mistyped field, SQuAD 1.1's questions
     without `is_impossible`, answers that contradict `is_impossible`), an `answer_start` that
-    does not point at the answer's text in the context, or a question id used twice. A question
+    does not point at the answer's text in the context, a blank context or answer text (white
+    space and invisible characters only, `is_blank`), or a question id used twice. A question
     is named by its place, `data[i].paragraphs[j].qas[k]`, and its id.
     """
     data = storage.read_bytes(url)
@@ -209,18 +216,31 @@ def _require(value: object, where: str, url: str, **fields: type) -> None:
 _JSON_TYPES = {str: "a string", list: "a list", int: "an integer", bool: "true or false"}
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only white space and invisible characters (Unicode
+    controls and format characters, e.g. a zero-width space), which tokenizers drop."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def _check_answers(example: Example, where: str) -> None:
     if example.is_impossible and example.answers:
         raise DataError(f"{where}: is_impossible is true but it has answers")
     if not example.is_impossible and not example.answers:
         raise DataError(f"{where}: is_impossible is false but it has no answers")
     for n, answer in enumerate(example.answers):
+        if is_blank(answer.text):
+            raise DataError(
+                f"{where} answers[{n}]: the answer text {answer.text!r} is blank (white space "
+                "or invisible characters only)"
+            )
         found = example.context[answer.answer_start : answer.answer_start + len(answer.text)]
         if answer.answer_start < 0 or found != answer.text:
             raise DataError(
                 f"{where} answers[{n}]: answer_start {answer.answer_start} does not point at "
                 f"the answer text {answer.text!r} (the context there reads {found!r})"
             )
+    if is_blank(example.context):  # unanswerable: an answer would be blank too
+        raise DataError(f"{where}: its context {example.context!r} is blank")
 
 
 def _load_hub(split: str) -> list[Example]:
@@ -305,7 +325,7 @@ def build_features(
     answer. `tokenizer` is a fast tokenizer (offset mappings) padding on the right, as
     `bertvision.encoder.load_tokenizer` gives; its first token must be its CLS token.
     Errors: ValueError for a slow tokenizer, left padding, or lengths that leave no room for
-    the context.
+    the context; DataError naming the question whose context gives no token.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("SQuAD features need a fast tokenizer (offset mappings)")
@@ -342,8 +362,13 @@ def build_features(
         if w > 0 and example_index[w] == example_index[w - 1]:
             window_index[w] = window_index[w - 1] + 1
         in_context = np.asarray([s == 1 for s in encoded.sequence_ids(w)])
-        offsets[w][in_context] = np.asarray(encoded["offset_mapping"][w])[in_context]
         example = examples[example_index[w]]
+        if not in_context.any():
+            raise DataError(
+                f"question {example.question_id}: its context tokenizes to nothing (no token "
+                "the tokenizer keeps); a window needs at least one context token"
+            )
+        offsets[w][in_context] = np.asarray(encoded["offset_mapping"][w])[in_context]
         if example.answers:
             starts[w], ends[w] = _answer_tokens(offsets[w], in_context, example.answers[0])
     token_type_ids = encoded.get("token_type_ids")
@@ -758,12 +783,15 @@ class SquadFamily:
         return AutoModelForQuestionAnswering.from_pretrained(model_path, dtype=torch.float32)
 
     def training_set(self, task: str, examples: list[Example], tokenizer, cfg) -> Windows:
-        return Windows(_features(examples, tokenizer, cfg))
+        return Windows(_features(examples, tokenizer, cfg, "train"))
 
     def evaluate(self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg):
         from bertvision.families import Evaluation
 
-        features = {s: _features(ex, tokenizer, cfg) for s, ex in splits.items()}
+        features = {
+            s: _features(ex, tokenizer, cfg, "train" if s == "val" else s)
+            for s, ex in splits.items()
+        }
         logits = {
             s: window_logits(model, f, cfg.batch_size * 2, cfg.device) for s, f in features.items()
         }
@@ -782,10 +810,14 @@ class SquadFamily:
         return Evaluation(metrics, write, extra={"no_answer_threshold": threshold})
 
 
-def _features(examples: list[Example], tokenizer, cfg) -> Features:
-    return build_features(
-        examples, tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
-    )
+def _features(examples: list[Example], tokenizer, cfg, split: str) -> Features:
+    """build_features of `examples`, read from `split` (a DataError names its file)."""
+    try:
+        return build_features(
+            examples, tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.max_question_length
+        )
+    except DataError as exc:
+        raise DataError(f"data file {split_source(split, cfg.data_dir)}: {exc}") from None
 
 
 class Windows:

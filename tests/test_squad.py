@@ -245,6 +245,26 @@ BAD_FILES = {
         r"\(id q1\): is_impossible is false but it has no answers",
     ),
     "no-questions": ({"version": "v2.0", "data": []}, r"no questions"),
+    "invisible-answer": (
+        squad_json(
+            {
+                "id": "q1",
+                "question": "What?",
+                "is_impossible": False,
+                "answers": [{"text": "\u200b", "answer_start": 1}],
+            },
+            context=" \u200b ",
+        ),  # fmt: skip
+        r"qas\[0\] \(id q1\) answers\[0\]: the answer text '\\u200b' is blank",
+    ),
+    "blank-answer": (
+        squad_json(qa(answers=((" ", 3),))),
+        r"qas\[0\] \(id q1\) answers\[0\]: the answer text ' ' is blank",
+    ),
+    "blank-context": (
+        squad_json(qa(answers=()), context="\t\ufeff "),
+        r"\(id q1\): its context '\\t\\ufeff ' is blank",
+    ),
 }
 
 
@@ -336,6 +356,18 @@ def test_a_long_question_is_cut_to_max_question_length_tokens(tokenizer):
     real = features.attention_mask[0] == 1
     assert (features.token_type_ids[0][real] == 0).sum() == 10 + 2  # [CLS] 10 tokens [SEP]
     assert tokenizer.decode(features.input_ids[0, 1:11]) == " ".join(["why"] * 10)
+
+
+def test_a_context_that_tokenizes_to_nothing_is_refused_naming_the_question(tokenizer):
+    """U+FFFD is not blank (load_file keeps it) but BERT's tokenizers drop it: no window may
+    have no context token (the answer's token positions need one)."""
+    kept = squad.Example("kept", "T", "Paris is in France.", "Where?", (), is_impossible=True)
+    dropped = squad.Example(
+        "q-fffd", "T", " \ufffd ", "What?", (squad.Answer("\ufffd", 1),), is_impossible=False
+    )
+    with pytest.raises(DataError, match=r"^question q-fffd: its context tokenizes to nothing"):
+        squad.build_features([kept, dropped], tokenizer, max_length=64, doc_stride=8,
+                             max_question_length=16)  # fmt: skip
 
 
 def test_lengths_that_leave_no_room_for_the_context_are_refused(tokenizer):

@@ -304,6 +304,44 @@ def test_bad_windowing_or_splits_are_named_and_nothing_is_written(
     assert not (tmp_path / "emb").exists()
 
 
+def write_odd_answer(folder: Path, answer: str, splits=("train", "dev")) -> str:
+    """A SQuAD data folder whose files hold one question each: answered by `answer` in the
+    context f" {answer} " (so its answer_start is 1)."""
+    qa = {"id": "q-odd", "question": "What?", "is_impossible": False,
+          "answers": [{"text": answer, "answer_start": 1}]}  # fmt: skip
+    paragraph = {"context": f" {answer} ", "qas": [qa]}
+    document = {"version": "v2.0", "data": [{"title": "Odd", "paragraphs": [paragraph]}]}
+    folder.mkdir()
+    for split in splits:
+        (folder / squad.SPLIT_FILES[split]).write_text(json.dumps(document))
+    return str(folder)
+
+
+ODD_ANSWERS = {
+    # blank: refused as the file is read
+    "invisible": ("\u200b", r"malformed data file {file}: .*\(id q-odd\) answers\[0\]: "
+                             r"the answer text '\\u200b' is blank"),
+    # not blank, but BERT's tokenizers drop it: refused as the windows are built
+    "dropped-by-the-tokenizer": ("\ufffd", r"data file {file}: question q-odd: its context "
+                                           r"tokenizes to nothing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("answer", "message"), ODD_ANSWERS.values(), ids=ODD_ANSWERS.keys())
+def test_an_answer_in_a_context_of_no_token_is_one_error_line_naming_file_and_question(
+    tmp_path, tiny_model, answer, message
+):
+    data = write_odd_answer(tmp_path / "data", answer)
+    args = ["extract", "--task", "squad2", "--data-dir", data, "--splits", "dev"]
+    args += ["--model", tiny_model, "--out", str(tmp_path / "emb"), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--max-seq-length", "128", "--doc-stride", "32"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    file = re.escape(f"{data}/dev-v2.0.json")
+    assert re.match(f"error: {message.format(file=file)}", result.output), result.output
+    assert not (tmp_path / "emb").exists()
+
+
 def test_squad2_is_a_task_of_the_extract_config():
     assert ExtractConfig(task="SQuAD2", out="x").task == "squad2"
     with pytest.raises(ConfigError, match=r"'squad3' is unknown; expected one of .*squad2"):

@@ -5,6 +5,7 @@ from_pretrained loads; one task-family seam shared with GLUE."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -234,3 +235,33 @@ def test_a_run_whose_window_logits_are_gone_is_fine_tuned_again(finished, tmp_pa
         again = finetune_encoder(copy, progress=False)
     assert again["dev"] == metrics["dev"] and again["val"] == metrics["val"]
     assert (tmp_path / "ckpt" / "outputs" / "dev.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("split", "answer", "message"),
+    [
+        ("train", "\u200b", r"malformed data file {file}: .*\(id q-odd\) answers\[0\]: "
+                            r"the answer text '\\u200b' is blank"),
+        # not blank, but BERT's tokenizers drop it: refused as the dev windows are built, which
+        # is after training (the progress bars before the error line); nothing is written
+        ("dev", "\ufffd", r"data file {file}: question q-odd: its context tokenizes to nothing"),
+    ],
+)  # fmt: skip
+def test_an_answer_in_a_context_of_no_token_is_one_error_line_naming_file_and_question(
+    small_squad, tiny_model, tmp_path, split, answer, message
+):
+    from test_squad_extract import write_odd_answer
+
+    data = write_odd_answer(tmp_path / "data", answer, splits=(split,))
+    other = "dev" if split == "train" else "train"
+    shutil.copy(Path(small_squad) / squad.SPLIT_FILES[other], Path(data))
+    out = tmp_path / "ckpt"
+    args = ["finetune", "--task", "squad2", "--data-dir", data, "--model", tiny_model]
+    args += ["--out", str(out), "--device", "cpu", "--epochs", "0.1", "--val-fraction", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--max-seq-length", "128", "--doc-stride", "32"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    file = re.escape(f"{data}/{squad.SPLIT_FILES[split]}")
+    assert len(errors) == 1 and re.match(f"error: {message.format(file=file)}", errors[0]), errors
+    assert result.output.strip().endswith(errors[0])
+    assert not out.exists()
