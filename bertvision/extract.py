@@ -767,8 +767,11 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
     one of its key is there; returns the record stored.
 
     Inputs: "model" (its URL and fingerprint) and "data/<split>" (the data folder and the data
-    fingerprint). Timings: from the first shard's start to the last shard's commit, with
-    `shard_seconds` (all shards' seconds together). A ShardError when a shard is not committed.
+    fingerprint); of a span extraction also "questions/<split>" (the data folder and
+    squad.data_fingerprint of the questions alone: what span training checks the data it reads
+    again against, without rebuilding the windows). Timings: from the first shard's start to
+    the last shard's commit, with `shard_seconds` (all shards' seconds together). A ShardError
+    when a shard is not committed, or when the data changed since the plan was written.
     """
     folder = split_url(cfg.out, plan.task, plan.split)
     url = manifest_url(folder, RUN_FILE)
@@ -787,17 +790,25 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
     ]
     started = min(starts).isoformat(timespec="seconds")
     finished = max(r.committed_at for r in shard_records.values())
+    source = cfg.data_dir or (squad.HUB_URL if plan.schema == "span" else glue.HUB_URL)
+    inputs = {
+        "model": records.input_of(cfg.model, plan.model_fingerprint),
+        f"data/{plan.split}": records.input_of(source, plan.data_fingerprint),
+    }
+    if plan.schema == "span":
+        windows = _load_windows(cfg, plan.split)
+        if windows.fingerprint != plan.data_fingerprint:
+            raise ShardError(
+                f"the data of {plan.task}/{plan.split} changed since the plan was written; "
+                "rerun with --overwrite"
+            )
+        questions = squad.data_fingerprint(windows.examples)
+        inputs[f"questions/{plan.split}"] = records.input_of(source, questions)
     record = records.RunRecord(
         kind="extract",
         key=plan.key,
         settings=asdict(cfg),
-        inputs={
-            "model": records.input_of(cfg.model, plan.model_fingerprint),
-            f"data/{plan.split}": records.input_of(
-                cfg.data_dir or (squad.HUB_URL if plan.schema == "span" else glue.HUB_URL),
-                plan.data_fingerprint,
-            ),
-        },
+        inputs=inputs,
         timings=records.make_timings(
             started,
             finished,

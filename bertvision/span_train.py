@@ -13,8 +13,11 @@ The questions. Shards hold each window's question id, question index and context
 texts; answers are cut from the contexts and held-out articles chosen by title, so the questions
 are read from the SQuAD data that the extraction read: the `data_dir` in the settings of each
 split's extraction record (`_manifest/run.json`; none: the Hugging Face hub). A relative folder
-is relative to where `train` runs. They must be the windows' questions: every window's question
-id is that of its question index, and every question has a window (ShardError otherwise).
+is relative to where `train` runs. They must be the questions the extraction read, by content
+(their fingerprint against the one its record holds: data changed since is refused, so a run,
+keyed on the extraction, never scores other answers than its extraction's), and the windows'
+questions: every window's question id is that of its question index, and every question has a
+window (ShardError otherwise).
 
 The held-out slice of TRAIN is whole articles (squad.held_out_titles over the train questions,
 `val_fraction` of the articles, `val_seed`: the articles fine-tuning left out), all the windows
@@ -94,8 +97,9 @@ def load_span_data(
     read their questions from the data folder their extraction records name (of train, the first
     `max_train_examples` it read, when it was capped).
 
-    ShardError for an incomplete extraction, splits of mixed settings, or questions that are
-    not the windows' (see the module); the data's own errors (DataError) for its files.
+    ShardError for an incomplete extraction, splits of mixed settings, data changed since the
+    extraction read it (naming the file), or questions that are not the windows' (see the
+    module); the data's own errors (DataError) for its files.
     """
     device = device or enc.default_device()
     embeddings = embeddings.rstrip("/")
@@ -103,7 +107,8 @@ def load_span_data(
         name: load_span_split(embeddings, name, task, device, max_resident_gb) for name in SPLITS
     }
     _check_same_settings(embeddings, task, splits)
-    settings = {name: _extraction_settings(embeddings, task, name) for name in SPLITS}
+    extractions = {name: _extraction_record(embeddings, task, name) for name in SPLITS}
+    settings = {name: record.settings for name, record in extractions.items()}
     data_dirs = {name: settings[name].get("data_dir") for name in SPLITS}
     if len(set(data_dirs.values())) > 1:
         raise ShardError(
@@ -116,13 +121,15 @@ def load_span_data(
     questions = {name: squad.load_split(name, data_dir) for name in SPLITS}
     questions["train"] = questions["train"][: settings["train"].get("max_train_examples")]
     for name in SPLITS:
-        _check_questions(split_url(embeddings, task, name), splits[name].windows, questions[name])
+        folder = split_url(embeddings, task, name)
+        _check_unchanged(folder, extractions[name], splits[name].plan, questions[name], data_dir)
+        _check_questions(folder, splits[name].windows, questions[name])
     return SpanData(task, embeddings, data_dir, splits, questions)
 
 
-def _extraction_settings(embeddings: str, task: str, split: str) -> dict:
-    """The settings the run record of the split's extraction holds (its data folder, the train
-    questions it read)."""
+def _extraction_record(embeddings: str, task: str, split: str) -> records.RunRecord:
+    """The run record of the split's extraction: its settings (its data folder, the train
+    questions it read) and inputs (the questions' fingerprint)."""
     url = manifest_url(split_url(embeddings, task, split), RUN_FILE)
     record = records.read_record(url)
     if record is None:
@@ -130,7 +137,37 @@ def _extraction_settings(embeddings: str, task: str, split: str) -> dict:
             f"{url} is missing: the {task}/{split} extraction has no run record naming its data; "
             "rerun extract to finish it"
         )
-    return record.settings
+    return record
+
+
+def _check_unchanged(
+    folder: str,
+    extraction: records.RunRecord,
+    plan: ExtractionPlan,
+    questions: list[squad.Example],
+    data_dir: str | None,
+) -> None:
+    """ShardError naming the data file when `questions`, read now, are not the ones the
+    extraction in `folder` read: their fingerprint (squad.data_fingerprint) against the one its
+    run record holds ("questions/<split>"); for a record written before that was kept, the
+    windows rebuilt from them against the plan's data_fingerprint (extract.windows_fingerprint,
+    which needs the extraction model's tokenizer)."""
+    recorded = extraction.inputs.get(f"questions/{plan.split}")
+    if recorded is not None:
+        unchanged = recorded["key"] == squad.data_fingerprint(questions)
+    else:
+        from bertvision.extract import windows_fingerprint
+
+        tokenizer = enc.load_tokenizer(plan.model)
+        features = squad.build_features(
+            questions, tokenizer, plan.max_seq_length, plan.doc_stride, plan.max_question_length
+        )
+        unchanged = windows_fingerprint(questions, features) == plan.data_fingerprint
+    if not unchanged:
+        raise ShardError(
+            f"{squad.split_source(plan.split, data_dir)} changed since the extraction in {folder} "
+            "read it (its questions or answers differ); re-extract (extract --overwrite)"
+        )
 
 
 def _check_same_settings(embeddings: str, task: str, splits: dict[str, SpanSplit]) -> None:

@@ -5,6 +5,7 @@ threshold, official metrics and predictions, per-window logits for ensembles, re
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from bertvision.batch import TokenBatch
 from bertvision.cli import app
 from bertvision.config import ConfigError, ExtractConfig, SweepConfig, TrainConfig
 from bertvision.extract import extract_hidden_states
+from bertvision.shards import ShardError
 from bertvision.train import train_adapter
 
 TRAIN_ARTICLES, DEV_ARTICLES = ("Normans", "Sky_(United_Kingdom)"), ("Rhine",)
@@ -384,3 +386,54 @@ def test_a_run_whose_adapter_is_gone_is_trained_again_not_returned_as_stored(fin
 
     again = CliRunner().invoke(app, _train_args(copy))  # now finished: returned as stored
     assert again.exit_code == 0 and "returned as stored" in again.output
+
+
+def _make_unanswerable(data_dir: str, split: str) -> None:
+    """Rewrite the split's file with the same questions (ids, texts), none answerable."""
+    path = Path(data_dir) / squad.SPLIT_FILES[split]
+    document = json.loads(path.read_text())
+    for article in document["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa.update(is_impossible=True, answers=[])
+    path.write_text(json.dumps(document))
+
+
+def test_span_data_changed_since_extraction_is_refused_naming_the_file(
+    squad_dir, tiny_model, tmp_path
+):
+    """Span runs are keyed on the extraction; the questions and answers they read again must
+    be those it read. Changed since (same ids, no answers left), training into the finished
+    run's folder or a new one, and a span ensemble, refuse in one line naming the file."""
+    from bertvision.span_ensemble import span_ensemble
+    from bertvision.span_train import load_span_data
+
+    data = _squad_folder(squad_dir, tmp_path / "data", 2, 1)
+    embeddings = _extract(tiny_model, data, tmp_path / "emb")
+    record = json.loads((tmp_path / "emb/squad2/dev/_manifest/run.json").read_text())
+    dev = squad.load_split("dev", data)
+    assert record["inputs"]["questions/dev"] == {"url": data, "key": squad.data_fingerprint(dev)}
+    cfg = _config(embeddings, tmp_path / "run1", epochs=1)
+    train_adapter(cfg, progress=False)
+    original = (Path(data) / "dev-v2.0.json").read_bytes()
+
+    _make_unanswerable(data, "dev")
+    changed = rf"{data}/dev-v2.0.json changed since the extraction in {embeddings}/squad2/dev"
+    for out in ("run1", "run2"):
+        result = CliRunner().invoke(app, _train_args(replace(cfg, out=str(tmp_path / out))))
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and re.match(f"error: {changed}", result.output)
+    assert not (tmp_path / "run2").exists()
+    with pytest.raises(ShardError, match=changed):
+        span_ensemble("squad2", [cfg.out], embeddings, 0.5, 0, str(tmp_path / "ens"))
+
+    # An extraction recorded before the questions' fingerprint was: its windows rebuilt from the
+    # data read now tell the same.
+    url = tmp_path / "emb/squad2/dev/_manifest/run.json"
+    del record["inputs"]["questions/dev"]
+    url.write_text(json.dumps(record))
+    with pytest.raises(ShardError, match=changed):
+        load_span_data("squad2", embeddings, "cpu")
+    (Path(data) / "dev-v2.0.json").write_bytes(original)
+    restored = load_span_data("squad2", embeddings, "cpu")
+    assert [q.question_id for q in restored.questions["dev"]] == [q.question_id for q in dev]
