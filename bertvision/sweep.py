@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
@@ -308,7 +309,8 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
     A folder holding a sweep with other settings (another task, adapter, space or seed) or on
     other embeddings is an error: resuming it would mix two searches. With `cfg.overwrite` that
-    sweep (its trials and records) is removed and this one starts in its place.
+    sweep (its trials and records) is removed and this one starts in its place. A trial whose run
+    lost files since it finished is uncommitted (`uncommit_lost_trials`): it runs again.
     """
     require(cfg)
     from bertvision.shards import committed_shards
@@ -324,6 +326,7 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
         stored = load_sweep(cfg.out)
         if stored.get("key") == key:
             _make_trials_folder(cfg)
+            uncommit_lost_trials(cfg.out)
             return stored
         if not cfg.overwrite:
             raise ValueError(
@@ -352,6 +355,48 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     storage.write_json(url, plan)
     _make_trials_folder(cfg)
     return plan
+
+
+def lost_files(out: str, record: TrialRecord) -> list[str]:
+    """What the run of the finished trial `record` of the sweep at `out` lacks now: the names its
+    commit record lists that are gone, or that record itself; [] when stored whole, or for a
+    failed trial (which has no run). One listing of the run folder; no file read but the record."""
+    if record.status != "ok":
+        return []
+    run = storage.join(out, record.run)
+    committed = runs.commit_record(run)
+    return [runs.COMMIT_RECORD] if committed is None else runs.missing_files(run, committed)
+
+
+def stored_trial(out: str, trial: int) -> TrialRecord | None:
+    """The record of trial `trial` of the sweep at `out` while its run is stored whole
+    (`lost_files`); None when it has no record or its run lost files."""
+    url = storage.join(trial_url(out, trial), TRIAL_RECORD)
+    if not storage.exists(url):
+        return None
+    record = read_trial(url)
+    return None if lost_files(out, record) else record
+
+
+def uncommit_lost_trials(out: str) -> list[int]:
+    """Remove the trial record (and the run's commit record) of every finished trial whose run
+    lost files (`lost_files`), with a warning naming them, so that it is suggested and trained
+    again (with the same parameters: its batch's history is unchanged). Returns those trials."""
+    lost = []
+    for record in load_trials(out):
+        if not (gone := lost_files(out, record)):
+            continue
+        warnings.warn(
+            f"{out}: trial {record.trial}'s run lacks {len(gone)} of its files "
+            f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); training it again",
+            stacklevel=1,  # shown as BERTVision's own warning (console.quiet_libraries)
+        )
+        fs, folder = storage.url_to_fs(trial_url(out, record.trial))
+        for name in (TRIAL_RECORD, runs.COMMIT_RECORD):  # the trial's commit point first
+            if fs.exists(f"{folder}/{name}"):
+                fs.rm_file(f"{folder}/{name}")
+        lost.append(record.trial)
+    return lost
 
 
 def _make_trials_folder(cfg: SweepConfig) -> None:
@@ -704,6 +749,8 @@ def finished_sweep(cfg: SweepConfig) -> SweepSummary | None:
     trials = load_trials(cfg.out)
     done = {t.trial for t in trials if t.key == key}
     if not done >= set(range(cfg.trials)):
+        return None
+    if any(lost_files(cfg.out, t) for t in trials):
         return None
     if stale_records(cfg, trials) != (None, None):
         return None

@@ -18,7 +18,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
-from bertvision import runs, shards, storage
+from bertvision import runs, shards
 
 # Failures that may pass on the next try: storage or network unreachable (StorageUnavailable is a
 # ConnectionError), a call that timed out, a GPU shared with another process running out of
@@ -55,7 +55,8 @@ class WhileStored(CachePolicy):
     `stored(inputs)` is the output's commit record while the output is stored in full, judged by
     metadata alone (a shard: its record and its file of the recorded size and hash,
     `committed_shard`; a run folder: its commit record and every file it lists, `committed_run`;
-    a trial: its trial.json, `file_text`), and None otherwise. None: no key, so the task runs
+    a trial: its trial.json while its run is stored whole, `sweep.stored_trial`), and None
+    otherwise. None: no key, so the task runs
     and the core redoes what is gone. Otherwise the key also hashes the record, so output
     rewritten since the cache entry was made is not served from the cache. The call that first
     writes an output therefore stores no cache entry; the next one (which the core answers from
@@ -104,8 +105,3 @@ def committed_run(inputs: dict[str, Any]) -> dict[str, Any] | None:
     """The commit record of the run folder `inputs["cfg"].out` while every file it lists is
     stored (runs.stored_record: one listing); None otherwise."""
     return runs.stored_record(inputs["cfg"].out)
-
-
-def file_text(url: str) -> str | None:
-    """The text of the file at `url`; None when there is none."""
-    return storage.read_text(url) if storage.exists(url) else None

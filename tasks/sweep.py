@@ -4,19 +4,20 @@ trial's trial.json makes `run_trial` return it unrun, whatever Prefect's cache h
 from __future__ import annotations
 
 from bertvision_tasks.names import run_name, task_run_name
-from bertvision_tasks.policy import RETRY, WhileStored, file_text
+from bertvision_tasks.policy import RETRY, WhileStored
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from bertvision import storage, together
 from bertvision import sweep as core
+from bertvision import together
 from bertvision.config import SweepConfig
 from bertvision.sweep import SweepSummary, TrialRecord, TrialSpec
 
 
-def _trial_record(inputs: dict) -> str | None:
-    url = storage.join(core.trial_url(inputs["cfg"].out, inputs["spec"].trial), core.TRIAL_RECORD)
-    return file_text(url)
+def _stored_trial(inputs: dict) -> str | None:
+    """The trial's record while its run is stored whole (sweep.stored_trial), else None."""
+    record = core.stored_trial(inputs["cfg"].out, inputs["spec"].trial)
+    return None if record is None else record.to_json()
 
 
 @task(
@@ -67,7 +68,7 @@ def suggest_trials(cfg: SweepConfig) -> list[TrialSpec]:
 
 @task(
     task_run_name=task_run_name("{cfg.task}-{cfg.adapter}-trial-{spec.trial:04d}"),
-    cache_policy=WhileStored(_trial_record, lambda inputs: core.content_key(inputs["cfg"])),
+    cache_policy=WhileStored(_stored_trial, lambda inputs: core.content_key(inputs["cfg"])),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,

@@ -22,6 +22,7 @@ pytest.importorskip("prefect")
 from bertvision_flows.extract_glue import ShardsFailed, extract_glue, extract_squad  # noqa: E402
 from bertvision_tasks import artifacts  # noqa: E402
 from bertvision_tasks import extract as extract_tasks  # noqa: E402
+from bertvision_tasks import sweep as sweep_tasks  # noqa: E402
 from bertvision_tasks import train as train_tasks  # noqa: E402
 from bertvision_tasks.artifacts import shard_table  # noqa: E402
 from bertvision_tasks.policy import transient  # noqa: E402
@@ -42,6 +43,7 @@ from prefect.states import Failed, Running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from bertvision import extract, shards, squad  # noqa: E402
+from bertvision import sweep as sweeping  # noqa: E402
 from bertvision import train as train_core  # noqa: E402
 from bertvision.cli import app  # noqa: E402
 from bertvision.config import ConfigError  # noqa: E402
@@ -49,6 +51,7 @@ from bertvision.extract import ExtractConfig  # noqa: E402
 from bertvision.glue import DataError  # noqa: E402
 from bertvision.schema import ExtractionPlan  # noqa: E402
 from bertvision.shards import ShardError  # noqa: E402
+from bertvision.sweep import SweepConfig  # noqa: E402
 from bertvision.train import TrainConfig  # noqa: E402
 
 SMALL = dict(splits=["dev"], max_seq_length=64, shard_size=20, batch_size=8, device="cpu")
@@ -511,6 +514,37 @@ def test_the_train_task_is_not_served_from_the_cache_once_a_committed_file_is_go
 
     shutil.rmtree(weights.parent)
     assert train_once(cfg) == "Completed"
+    assert weights.read_bytes() == stored
+
+
+def test_a_trial_is_not_served_from_the_cache_once_its_run_lost_a_file(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    """The trial's cache key exists only while its trial.json and every file of its run are
+    stored: the adapter gone, the task runs and the core trains the trial again, the same."""
+    emb = str(tmp_path / "emb")
+    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
+                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
+    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
+    cfg = SweepConfig(task="wnli", embeddings=emb, out=str(tmp_path / "sweep"), trials=1,
+                      space={"epochs": 1, "adapter_dim": 4}, device="cpu")  # fmt: skip
+    sweeping.prepare_sweep(cfg)
+    (spec,) = sweeping.suggest_trials(cfg)
+
+    @flow
+    def trial_once() -> str:
+        return sweep_tasks.run_trial(cfg, spec, return_state=True).name
+
+    assert [trial_once() for _ in range(3)] == ["Completed", "Completed", "Cached"]
+    weights = tmp_path / "sweep" / "trials" / "0000" / "adapter" / "adapter.safetensors"
+    stored = weights.read_bytes()
+
+    shutil.rmtree(weights.parent)
+    with pytest.warns(
+        UserWarning, match=r"trial 0.s run lacks 2 of its files \(adapter/adapter.safetensors"
+    ):
+        sweeping.prepare_sweep(cfg)  # as the flow does first: the trial is uncommitted
+    assert trial_once() == "Completed"
     assert weights.read_bytes() == stored
 
 

@@ -331,6 +331,27 @@ def test_a_finished_sweep_run_again_writes_nothing(embeddings, tmp_path):
     assert {name: (out / name).read_bytes() for name in files} == files
 
 
+def test_a_finished_trial_whose_run_lost_files_is_trained_again_with_its_parameters(
+    embeddings, tmp_path
+):
+    out = tmp_path / "sweep"
+    cfg = quick(embeddings, out, trials=4, parallel=2)
+    run_sweep(cfg, progress=False)
+    before = lines(out)
+    weights = out / "trials" / "0002" / "adapter" / "adapter.safetensors"
+    stored = weights.read_bytes()
+    weights.unlink()
+
+    assert sweeping.finished_sweep(cfg) is None  # no longer reported finished by reading
+    with pytest.warns(UserWarning, match=r"trial 2's run lacks 1 of its files \(adapter/adapt"):
+        summary = run_sweep(cfg, progress=False)
+    assert (summary.done_before, summary.ran) == (3, 1)
+    assert weights.read_bytes() == stored  # the same point, trained the same way
+    after = lines(out)
+    assert [t["params"] for t in after] == [t["params"] for t in before]
+    assert [t["val"] for t in after] == [t["val"] for t in before]
+
+
 def test_a_rerun_writes_the_sweeps_records_again_where_they_lag_its_trials(embeddings, tmp_path):
     """A kill after a trial's commit and before the sweep recorded it leaves trials.jsonl and
     the run record behind the trials: the next run writes them, and only them."""
