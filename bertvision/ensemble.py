@@ -87,6 +87,11 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
             raise ConfigError(
                 "with_finetuned", f"{cfg.with_finetuned} holds no finished run (no metrics.json)"
             )
+        if (why := runs.not_whole(cfg.with_finetuned)) is not None:
+            raise ConfigError(
+                "with_finetuned",
+                f"{cfg.with_finetuned} holds no finished run: {why}; fine-tune it again",
+            )
         metrics = storage.read_json(metrics_url, keys=("dev",))
         members.append(Member(cfg.with_finetuned, None, metrics.get("val", {}), metrics["dev"]))
     return members

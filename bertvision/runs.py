@@ -72,6 +72,19 @@ def missing_files(out: str, record: dict[str, Any]) -> list[str]:
     return [name for name in record.get("files", []) if name not in stored]
 
 
+def not_whole(out: str) -> str | None:
+    """Why the run folder `out` is not a whole run, judged by metadata alone: a commit under way
+    or killed (OUT/_publishing.json), or files its commit record lists gone; None otherwise
+    (a folder without a commit record, as runs written before records, counts as whole)."""
+    if storage.exists(storage.join(out, PUBLISHING)):
+        return f"a commit is under way there, or was killed ({PUBLISHING})"
+    record = commit_record(out)
+    missing = missing_files(out, record) if record is not None else []
+    if missing:
+        return f"it lacks {len(missing)} of its files ({', '.join(missing[:3])})"
+    return None
+
+
 def stored_record(out: str) -> dict[str, Any] | None:
     """OUT/_commit.json while the run it commits is stored whole (every file it lists is there,
     `missing_files`); None when no run is committed at `out` or some of its files are gone."""

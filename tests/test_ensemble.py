@@ -4,6 +4,7 @@ whose metrics can be recomputed, the fine-tuned model as an extra member, bad in
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ from typer.testing import CliRunner
 
 from bertvision import glue, storage
 from bertvision.cli import app
+from bertvision.config import ConfigError
 from bertvision.ensemble import EnsembleConfig, build_ensemble
 from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_outputs, read_submission, write_predictions
+from bertvision.records import RunRecord
 from bertvision.sweep import SWEEP_FILE, TRIAL_RECORD, TrialRecord
 
 DEV, TEST, VAL = 30, 12, 20
@@ -226,6 +229,29 @@ def test_a_member_with_another_held_out_slice_is_refused_naming_it(tmp_path):
         assert not (ens / "metrics.json").exists()
     assert f"(as many, {VAL}, but not the same ones)" in messages[0]
     assert f"({VAL + 3} against {VAL})" in messages[1]
+
+
+def test_a_fine_tuned_run_not_stored_whole_is_refused_naming_why(tmp_path):
+    """Its commit record lists files that are gone, or a commit into it was killed midway: its
+    outputs may be missing or another run's."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    finetuned = Path(finetuned_run(tmp_path / "finetune", runs, range(VAL)))
+    files = ["metrics.json", "outputs/dev.parquet", "outputs/test.parquet", "outputs/val.parquet"]
+    record = RunRecord("finetune", "k", {}, {}, {}, files=files)
+    (finetuned / "_commit.json").write_text(record.to_json())
+    cfg = EnsembleConfig(
+        task="rte", runs=runs, out=str(tmp_path / "ens"), top_k=1, with_finetuned=str(finetuned)
+    )
+    assert build_ensemble(cfg)["members"][1]["trial"] is None  # whole: a member
+
+    (finetuned / "outputs" / "test.parquet").unlink()
+    with pytest.raises(ConfigError, match=r"finetune holds no finished run: it lacks 1 of its fi"):
+        build_ensemble(replace(cfg, out=str(tmp_path / "ens2")))
+    (finetuned / "_commit.json").unlink()
+    (finetuned / "_publishing.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"finetune holds no finished run: a commit is under way"):
+        build_ensemble(replace(cfg, out=str(tmp_path / "ens2")))
+    assert not (tmp_path / "ens2").exists()
 
 
 def test_the_ensemble_command_says_why_its_val_is_absent(tmp_path):
