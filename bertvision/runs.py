@@ -151,7 +151,7 @@ class StagedRun:
         old = set((commit_record(self.out) or {}).get("files", []))
         publishing = storage.join(self.out, PUBLISHING)
         if storage.exists(publishing):  # an interrupted commit: its files are leftovers too
-            old |= set(storage.read_json(publishing)["files"])
+            old |= set(storage.read_json(publishing, keys=("files",))["files"])
         storage.write_json(publishing, {"files": sorted(old | set(files))})
         _remove(fs, f"{root}/{COMMIT_RECORD}")  # from here on, no run is finished at `out`
         for name in sorted((old - set(files)) | set(last)):  # `last` first out, last in
@@ -242,10 +242,19 @@ class Lease:
         return True
 
     def _read(self) -> dict[str, Any] | None:
+        """The lease as its holder wrote it (`_record`); None when it is gone, being written, or
+        not a lease (another tool's file): such a lease holds nothing and is taken over."""
         try:
-            return strict_loads(storage.read_text(self.url))
+            held = strict_loads(storage.read_text(self.url))
         except (FileNotFoundError, json.JSONDecodeError):
             return None  # gone meanwhile, or being written
+        if (
+            not isinstance(held, dict)
+            or not isinstance(held.get("owner"), str)
+            or not isinstance(held.get("expires"), int | float)
+        ):
+            return None
+        return held
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -131,6 +131,16 @@ def test_a_lease_of_a_dead_or_expired_holder_is_taken_over(tmp_path):
         Lease(str(out)).acquire()
 
 
+@pytest.mark.parametrize("text", ['{"pid": 1}', '{"owner": 1, "expires": 9e99}', "[]", "{"])
+def test_a_lease_file_that_is_no_lease_holds_nothing_and_is_taken_over(tmp_path, text):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / runs.LEASE).write_text(text)
+    with runs.lease(str(out)) as held:
+        assert json.loads((out / runs.LEASE).read_text())["owner"] == held.owner
+    assert not (out / runs.LEASE).exists()
+
+
 def test_a_held_lease_is_renewed(tmp_path):
     out = str(tmp_path / "run")
     with runs.lease(out, ttl_s=0.3) as held:
