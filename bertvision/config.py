@@ -476,6 +476,11 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     startup_trials: int = setting(
         5, "Random trials before TPE models the results (hyperopt's default of 20 exceeds most)"
     )
+    max_resident_gb: float = setting(
+        8.0,
+        "Hold a split in (device) memory up to this size, else stream it from its shards: one "
+        "copy serves every trial, and each trial's batches follow from it",
+    )
 
     def __post_init__(self) -> None:
         from bertvision.sweep import check_space
@@ -485,6 +490,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         _adapter_fits_task(self)
         check_finite(self)
         check_at_least(self, 1, "trials", "parallel", "startup_trials")
+        check_at_least(self, 0, "max_resident_gb")
         check_fraction(self, "val_fraction")
         try:
             check_space(self.resolved_space())
@@ -509,6 +515,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             "space": self.resolved_space(),
             "startup_trials": self.startup_trials,
             "parallel": self.parallel,  # the batches TPE suggests from the same history
+            "max_resident_gb": self.max_resident_gb,  # held or streamed: the trials' batches
             "seed": self.seed,
             "val_fraction": self.val_fraction,
             "val_seed": self.val_seed,

@@ -119,6 +119,13 @@ class SplitData:
     def num_examples(self) -> int:
         return len(self.example_ids)
 
+    def fits(self, max_resident_gb: float) -> bool:
+        """Whether its hidden states take at most `max_resident_gb` GiB, so that a loader given
+        that limit holds them (`resident`) rather than streaming them."""
+        plan = self.plan
+        token_bytes = hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
+        return self.num_tokens * token_bytes <= max_resident_gb * 2**30
+
     def held_out_ids(self, val_fraction: float, val_seed: int) -> np.ndarray:
         """The example ids (sorted) of the held-out slice of this TRAIN split: the slice
         fine-tuning left out (glue.held_out_ids). ShardError if it has fewer than 2 examples."""
@@ -234,7 +241,7 @@ def load_embeddings(
         data.splits[name] = _check_split(task, embeddings, name)
     _check_same_settings(data)
     for split in data.splits.values():
-        if _hidden_bytes(split) <= max_resident_gb * 2**30:
+        if split.fits(max_resident_gb):
             split.resident = read_packed(split.shard_urls, split.plan, device)
     return data
 
@@ -286,11 +293,6 @@ def _check_same_settings(data: EmbeddingData) -> None:
                     f"{first.name} has {setting} {ours}, {split.name} has {theirs}; "
                     "extract all splits with the same encoder and settings"
                 )
-
-
-def _hidden_bytes(split: SplitData) -> int:
-    plan = split.plan
-    return split.num_tokens * hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
 
 
 def read_packed(
@@ -398,17 +400,27 @@ def pack_batches(
     return [local[begin : begin + batch_size] for begin in range(0, len(local), batch_size)]
 
 
-def check_given(cfg, task: str, embeddings: str, plan: ExtractionPlan) -> None:
-    """That embeddings loaded beforehand (of `task`, from URL `embeddings`, extracted as `plan`)
-    are the ones `cfg` (a TrainConfig) asks for: its task, its URL and, if it names one, its
-    encoder. ValueError or ShardError saying which differs."""
+def check_given(cfg, task: str, embeddings: str, train: SplitData) -> None:
+    """That embeddings loaded beforehand (of `task`, from URL `embeddings`, `train` their train
+    split) are the ones `cfg` (a TrainConfig) asks for: its task, its URL, if it names one its
+    encoder, and the train split held or streamed as `cfg.max_resident_gb` would have it (the
+    batches differ: held, it is shuffled whole; streamed, in groups of shards). ValueError or
+    ShardError saying which differs."""
     if task != cfg.task:
         raise ValueError(f"the embeddings given are of {task}, not {cfg.task}")
     if embeddings != cfg.embeddings.rstrip("/"):
         raise ValueError(f"the embeddings given come from {embeddings}, not {cfg.embeddings}")
+    plan = train.plan
     fingerprint = plan.model_fingerprint
     if cfg.model_fingerprint and cfg.model_fingerprint != fingerprint:
         raise ShardError(
             f"embeddings under {embeddings} come from encoder {plan.model} "
             f"(fingerprint {fingerprint}), not the one asked for ({cfg.model_fingerprint})"
+        )
+    held = train.resident is not None
+    if held != train.fits(cfg.max_resident_gb):
+        raise ValueError(
+            f"the embeddings given hold the train split {'in memory' if held else 'streamed'}; "
+            f"max_resident_gb {cfg.max_resident_gb:g} {'streams' if held else 'holds'} it, "
+            "and the batches would differ from the run's own: load them with the run's limit"
         )

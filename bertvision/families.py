@@ -99,9 +99,12 @@ class TaskFamily(Protocol):
         SQuAD: no answer to any question): the floor a model has to beat."""
         ...
 
-    def load_embeddings(self, task: str, embeddings: str, device: str) -> Any:
+    def load_embeddings(
+        self, task: str, embeddings: str, device: str, max_resident_gb: float
+    ) -> Any:
         """The checked train and dev embeddings of `task`, loaded once and shared by the runs
-        of a sweep (train.train_adapter's `data`)."""
+        of a sweep (train.train_adapter's `data`): a split held on `device` when its states take
+        at most `max_resident_gb` GiB, else streamed."""
         ...
 
     def ensemble(self, task: str, runs: list[str], sweep: dict[str, Any], out: str) -> dict:

@@ -374,10 +374,10 @@ class GlueFamily:
 
         return majority_baseline(task, data_dir)
 
-    def load_embeddings(self, task: str, embeddings: str, device: str):
+    def load_embeddings(self, task: str, embeddings: str, device: str, max_resident_gb: float):
         from bertvision.embeddings import load_embeddings
 
-        return load_embeddings(task, embeddings, device=device)
+        return load_embeddings(task, embeddings, device=device, max_resident_gb=max_resident_gb)
 
     def ensemble(self, task: str, runs: list[str], sweep: dict, out: str) -> dict:
         from bertvision.ensemble import glue_ensemble

@@ -38,7 +38,7 @@ import torch
 from bertvision import encoder as enc
 from bertvision.batch import TokenBatch
 from bertvision.embeddings import SplitData, epoch_batches, read_packed
-from bertvision.schema import ExtractionPlan, ShardMeta, hidden_dtype
+from bertvision.schema import ExtractionPlan, ShardMeta
 from bertvision.shards import ShardError, committed_shards, hidden_arrays, read_shard, split_url
 
 # The columns of every window besides its hidden states.
@@ -195,8 +195,7 @@ def load_span_split(
         )
     rows = [t.num_rows for t in tables]
     data = SplitData(split, plan, urls, rows, windows.window_ids, None, num_tokens)
-    token_bytes = hidden_dtype(plan.dtype).token_bytes(plan.layers, plan.hidden_size)
-    if num_tokens * token_bytes <= max_resident_gb * 2**30:
+    if data.fits(max_resident_gb):
         data.resident = read_packed(urls, plan, device)
     return SpanSplit(data, windows)
 

@@ -213,7 +213,7 @@ class SpanObjective:
     def __init__(self, cfg: TrainConfig, data: SpanData | None = None) -> None:
         if data is None:
             data = load_span_data(cfg.task, cfg.embeddings, cfg.device, cfg.max_resident_gb)
-        check_given(cfg, data.task, data.embeddings, data.plan)
+        check_given(cfg, data.task, data.embeddings, data.splits["train"].data)
         self.data = data
         self.task = data.task
         self.embeddings = data.embeddings

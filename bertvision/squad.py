@@ -752,10 +752,10 @@ class SquadFamily:
         dev = load_split("dev", data_dir)
         return evaluate(dev, {ex.question_id: "" for ex in dev})  # the official keys, all
 
-    def load_embeddings(self, task: str, embeddings: str, device: str):
+    def load_embeddings(self, task: str, embeddings: str, device: str, max_resident_gb: float):
         from bertvision.span_train import load_span_data
 
-        return load_span_data(task, embeddings, device)
+        return load_span_data(task, embeddings, device, max_resident_gb)
 
     def ensemble(self, task: str, runs: list[str], sweep: dict, out: str) -> dict:
         from bertvision.span_ensemble import span_ensemble

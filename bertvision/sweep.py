@@ -186,6 +186,7 @@ SWEEP_OWNED = (
     "val_seed",
     "shuffle_seed",
     "overwrite",
+    "max_resident_gb",  # one copy of the embeddings serves every trial
 )
 
 
@@ -194,6 +195,12 @@ def check_space(space: dict[str, Any]) -> None:
     from bertvision.train import TrainConfig
 
     options = sorted({f.name for f in fields(TrainConfig)} - set(SWEEP_OWNED))
+    owned = sorted(set(space) & set(SWEEP_OWNED))
+    if owned:
+        raise ValueError(
+            f"search space entries {owned} are the sweep's own settings, the same for every "
+            "trial: set them as the sweep's options, not in its space"
+        )
     unknown = sorted(set(space) - set(options))
     if unknown:
         raise ValueError(
@@ -623,19 +630,23 @@ def trial_train_config(cfg: SweepConfig, spec: TrialSpec):
         val_fraction=cfg.val_fraction,
         val_seed=cfg.val_seed,
         shuffle_seed=cfg.seed,  # one shard order for all trials: a batch shares its reads
+        max_resident_gb=cfg.max_resident_gb,
         overwrite=True,  # the trial's folder is the sweep's: what is left there is replaced
         **spec.params,
     )
 
 
 @lru_cache(maxsize=1)
-def _embeddings(task: str, embeddings: str, device: str) -> Any:
-    return get_task(task).family.load_embeddings(task, embeddings, device)
+def _embeddings(task: str, embeddings: str, device: str, max_resident_gb: float, key: str) -> Any:
+    """`key`, the content identity of the embeddings at `embeddings`, is only part of the cache's
+    key: other embeddings stored there since are another entry, never the old copy."""
+    return get_task(task).family.load_embeddings(task, embeddings, device, max_resident_gb)
 
 
 def shared_embeddings(cfg: SweepConfig) -> Any:
-    """The sweep's embeddings, loaded once per process and shared by its trials."""
-    return _embeddings(cfg.task, cfg.embeddings, cfg.device)
+    """The sweep's embeddings as stored now (`content_key`), loaded once per process and shared
+    by its trials, held or streamed as `cfg.max_resident_gb` has it."""
+    return _embeddings(cfg.task, cfg.embeddings, cfg.device, cfg.max_resident_gb, content_key(cfg))
 
 
 def record_trials(cfg: SweepConfig) -> list[TrialRecord]:

@@ -524,7 +524,7 @@ class Fit:
 
 def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
     task = glue.get_task(cfg.task)
-    check_given(cfg, data.task.name, data.embeddings, data.plan)
+    check_given(cfg, data.task.name, data.embeddings, data.splits["train"])
     missing = [s for s in ("train", *task.dev_splits) if s not in data.splits]
     if missing:
         raise ShardError(f"embeddings of {task.name} lack the {', '.join(missing)} split(s)")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def test_space_file_overrides_the_adapters_default_space(tmp_path):
     [
         ({"lr": {"lognormal": [0, 1]}}, "must be a constant or one of"),
         ({"learning_rate": 0.1}, "not training options"),
-        ({"out": "elsewhere"}, "not training options"),
+        ({"out": "elsewhere"}, "sweep's own settings"),
+        ({"max_resident_gb": 0}, "sweep's own settings"),
         ({"lr": {"loguniform": [0.0, 1e-2]}}, "low > 0"),
         ({"dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
         ({"epochs": {"quniform": [1, 5]}}, "needs 3 numbers"),
@@ -350,6 +352,29 @@ def test_a_finished_trial_whose_run_lost_files_is_trained_again_with_its_paramet
     after = lines(out)
     assert [t["params"] for t in after] == [t["params"] for t in before]
     assert [t["val"] for t in after] == [t["val"] for t in before]
+
+
+def test_a_sweep_trains_on_the_embeddings_stored_now_not_on_an_earlier_copy_at_that_url(
+    tmp_path,
+):
+    """One process keeps the sweep's embeddings loaded for its trials: re-extracted at the same
+    URL, they are loaded again (a fresh process's trials are the reference)."""
+    emb = str(tmp_path / "emb")
+    write_split(emb, "train", 120, seed=1)
+    write_split(emb, "dev", 40, seed=2)
+    run_sweep(quick(emb, tmp_path / "first", trials=2), progress=False)
+    shutil.rmtree(emb)
+    write_split(emb, "train", 120, seed=10)
+    write_split(emb, "dev", 40, seed=11)
+    again = quick(emb, tmp_path / "again", trials=2)
+    run_sweep(again, progress=False)
+
+    sweeping._embeddings.cache_clear()  # as a fresh process starts
+    fresh = quick(emb, tmp_path / "fresh", trials=2)
+    run_sweep(fresh, progress=False)
+    assert [(t["val"], t["dev"]) for t in lines(tmp_path / "again")] == [
+        (t["val"], t["dev"]) for t in lines(tmp_path / "fresh")
+    ]
 
 
 def test_a_rerun_writes_the_sweeps_records_again_where_they_lag_its_trials(embeddings, tmp_path):

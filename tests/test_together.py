@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from test_embeddings import synthetic
-from test_span_adapter import _config as span_config
+from test_span_adapter import _config as span_run_config
 from test_span_adapter import _extract, _squad_folder
-from test_train import config, without_timings
+from test_train import config as train_config
+from test_train import without_timings
 
 from bertvision import embeddings as embeddings_module
 from bertvision import sweep as sweeping
@@ -21,7 +22,7 @@ from bertvision.finite import NonFiniteError
 from bertvision.span_train import load_span_data
 from bertvision.sweep import SweepConfig, load_trials, run_sweep
 from bertvision.together import train_together
-from bertvision.train import train_adapter
+from bertvision.train import TrainConfig, train_adapter
 
 FILES = ("adapter/adapter.safetensors", "dev_predictions.tsv", "val_predictions.tsv")
 SPAN_FILES = (
@@ -40,6 +41,16 @@ def embeddings(tmp_path_factory) -> str:
 
 def streamed(embeddings: str):
     return load_embeddings("rte", embeddings, device="cpu", max_resident_gb=0)
+
+
+def config(tmp_path: Path, embeddings: str, run: str, **overrides) -> TrainConfig:
+    """A run that streams its train split (max_resident_gb 0), as `streamed` holds it."""
+    return train_config(tmp_path, embeddings, run, max_resident_gb=0, **overrides)
+
+
+def span_config(embeddings: str, out: Path, **overrides) -> TrainConfig:
+    """A span run that streams its train windows, as the tests here load them."""
+    return span_run_config(embeddings, out, max_resident_gb=0, **overrides)
 
 
 def runs(tmp_path: Path, embeddings: str, how: str) -> list:
@@ -154,7 +165,7 @@ def test_a_sweep_batch_trained_together_equals_its_trials_on_threads(embeddings,
     }
     data = streamed(embeddings)
     settings = dict(task="rte", embeddings=embeddings, trials=4, parallel=4, space=space,
-                    startup_trials=4, device="cpu")  # fmt: skip
+                    startup_trials=4, device="cpu", max_resident_gb=0)  # fmt: skip
     together = SweepConfig(out=str(tmp_path / "together"), **settings)
     threads = SweepConfig(out=str(tmp_path / "threads"), together=False, **settings)
     run_sweep(together, data=data, progress=False)

@@ -391,6 +391,25 @@ def test_shared_embeddings_give_the_same_run_as_loading_them(tmp_path, rte_embed
         train_adapter(config(tmp_path, rte_embeddings, task="mrpc"), data=data, progress=False)
 
 
+def test_embeddings_given_held_otherwise_than_the_run_would_hold_them_are_refused(
+    tmp_path, rte_embeddings
+):
+    """Held, the train split is shuffled whole; streamed, in groups of shards: given data held
+    otherwise than the run's max_resident_gb would hold it gives other batches under its key."""
+    streamed = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0)
+    held = load_embeddings("rte", rte_embeddings, device="cpu")
+    with pytest.raises(ValueError, match="hold the train split streamed; max_resident_gb 8 hol"):
+        train_adapter(config(tmp_path, rte_embeddings), data=streamed, progress=False)
+    with pytest.raises(ValueError, match="hold the train split in memory; max_resident_gb 0 str"):
+        train_adapter(config(tmp_path, rte_embeddings, max_resident_gb=0), data=held)
+    assert not (tmp_path / "run").exists()
+    own = train_adapter(config(tmp_path, rte_embeddings, run="own", max_resident_gb=0))
+    given = train_adapter(
+        config(tmp_path, rte_embeddings, run="given", max_resident_gb=0), data=streamed
+    )
+    assert given == own
+
+
 def test_streamed_and_resident_splits_give_the_same_predictions(rte_embeddings):
     resident = load_embeddings("rte", rte_embeddings, device="cpu").splits["dev"]
     streamed = load_embeddings("rte", rte_embeddings, device="cpu", max_resident_gb=0).splits["dev"]
