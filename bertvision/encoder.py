@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -155,14 +156,7 @@ def model_version(model: str) -> str:
     Cheap: one listing, no file read."""
     if "://" not in model and not os.path.isdir(model):
         return ""
-    fs, path = storage.url_to_fs(model.removeprefix("file://"))
-    listing = fs.find(path, detail=True) if fs.isdir(path) else {}
-    changed = ("mtime", "etag", "last_modified", "created", "LastModified")
-    rows = sorted(
-        (name, info.get("size"), *(str(info.get(k)) for k in changed))
-        for name, info in listing.items()
-    )
-    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+    return storage.listing_version(model.removeprefix("file://"))
 
 
 def load_encoder(model: str, device: str) -> Encoder:
@@ -255,14 +249,41 @@ def tokenizer_settings(tokenizer) -> dict:
     return settings
 
 
+# Config entries that say where and how a checkpoint was saved, or describe a task head the
+# encoder does not run: none changes the hidden states.
+_NOT_COMPUTATION = {
+    "architectures",
+    "transformers_version",
+    "torch_dtype",  # the weights' own bytes count, in the dtype they are loaded in
+    "dtype",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "finetuning_task",
+}
+
+
+def model_settings(config) -> dict[str, Any]:
+    """What of a model's config (`transformers.PretrainedConfig`) decides its computation: the
+    entries that differ from its class's defaults (`to_diff_dict`), less provenance, private
+    entries and task heads (`_NOT_COMPUTATION`). Attention heads, activation, layer norm epsilon,
+    position embedding type...: the same weights under another config compute other states."""
+    return {
+        k: v
+        for k, v in config.to_diff_dict().items()
+        if k not in _NOT_COMPUTATION and not k.startswith("_")
+    }
+
+
 def fingerprint(model: torch.nn.Module, tokenizer) -> str:
-    """sha256 over the names and bytes of the weights and over `tokenizer_settings`: what
-    decides the hidden states of a text. The same weights and tokenizer, the same fingerprint,
-    wherever they were loaded from; a tokenizer that gives other token ids, another one."""
+    """sha256 over the names and bytes of the weights, over `model_settings` of its config and
+    over `tokenizer_settings`: what decides the hidden states of a text. The same weights,
+    config and tokenizer, the same fingerprint, wherever they were loaded from; a config or a
+    tokenizer that changes the states or the token ids, another one."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    settings = json.dumps(tokenizer_settings(tokenizer), sort_keys=True, default=str)
-    digest.update(settings.encode())
+    settings = {"model": model_settings(model.config), "tokenizer": tokenizer_settings(tokenizer)}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]

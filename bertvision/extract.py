@@ -82,22 +82,42 @@ class ExtractSummary:
         return not any(self.failed.values()) and not any(self.missing.values())
 
 
-@lru_cache(maxsize=4)
+def data_version(data_dir: str | None) -> str:
+    """What the in-process caches of the data read from `data_dir` key on beside its URL
+    (storage.listing_version: rewritten files are read again); "" for the hub's data."""
+    return "" if data_dir is None else storage.listing_version(data_dir)
+
+
 def _load_examples(
     task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
 ) -> list[glue.Example]:
     """The examples of `split`; of "train", the first `max_train_examples` (None: all), the
-    ones fine-tuning with the same setting reads."""
+    ones fine-tuning with the same setting reads. Read once per process while the data folder's
+    files stay as they are (`data_version`)."""
+    return _examples(task, split, data_dir, max_train_examples, data_version(data_dir))
+
+
+@lru_cache(maxsize=4)
+def _examples(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None, version: str
+) -> list[glue.Example]:
     examples = glue.load_split(task, split, data_dir)
     return examples[:max_train_examples] if split == "train" else examples
 
 
-@lru_cache(maxsize=4)
 def _data_fingerprint(
     task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
 ) -> str:
-    """Hashed once per process, not once per shard (MNLI train has 393k examples)."""
-    return glue.data_fingerprint(_load_examples(task, split, data_dir, max_train_examples))
+    """Hashed once per process while the data stays as it is, not once per shard (MNLI train
+    has 393k examples)."""
+    return _fingerprint(task, split, data_dir, max_train_examples, data_version(data_dir))
+
+
+@lru_cache(maxsize=4)
+def _fingerprint(
+    task: str, split: str, data_dir: str | None, max_train_examples: int | None, version: str
+) -> str:
+    return glue.data_fingerprint(_examples(task, split, data_dir, max_train_examples, version))
 
 
 def is_span_task(task: str) -> bool:
@@ -397,15 +417,23 @@ def _load_windows(cfg: ExtractConfig, split: str) -> SplitWindows:
         cfg.max_seq_length,
         cfg.doc_stride,
         cfg.max_question_length,
+        (data_version(cfg.data_dir), enc.model_version(cfg.model)),
     )
 
 
-@lru_cache(maxsize=4)
 def _load_questions(
     split: str, data_dir: str | None, max_train_examples: int | None = None
 ) -> list[squad.Example]:
     """The questions of `split`; of "train", the first `max_train_examples` (None: all), the
-    ones fine-tuning with the same setting reads."""
+    ones fine-tuning with the same setting reads. Read once per process while the data folder's
+    files stay as they are (`data_version`)."""
+    return _questions(split, data_dir, max_train_examples, data_version(data_dir))
+
+
+@lru_cache(maxsize=4)
+def _questions(
+    split: str, data_dir: str | None, max_train_examples: int | None, version: str
+) -> list[squad.Example]:
     questions = squad.load_split(split, data_dir)
     return questions[:max_train_examples] if split == "train" else questions
 
@@ -419,9 +447,12 @@ def _windows(
     max_seq_length: int,
     doc_stride: int,
     max_question_length: int,
+    versions: tuple[str, str],
 ) -> SplitWindows:
-    """Built once per process, not once per shard. ConfigError when the lengths leave no room
-    for the context; the data's DataError (squad.build_features) naming the file."""
+    """Built once per process while the data and the tokenizer's files stay as they are
+    (`versions`: data_version, encoder.model_version), not once per shard. ConfigError when the
+    lengths leave no room for the context; the data's DataError (squad.build_features) naming
+    the file."""
     examples = _load_questions(split, data_dir, max_train_examples)
     tokenizer = enc.load_tokenizer(model)
     try:

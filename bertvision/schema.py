@@ -206,7 +206,7 @@ class ShardMeta:
     task: str
     split: str
     model: str  # the name or URL it was loaded from
-    model_fingerprint: str  # over the encoder's weights and tokenizer, see encoder.fingerprint
+    model_fingerprint: str  # over the encoder's weights, config and tokenizer: encoder.fingerprint
     layers: int
     hidden_size: int
     max_seq_length: int

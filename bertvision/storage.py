@@ -414,6 +414,25 @@ def list_names(url: str) -> list[str]:
 
 
 @_translated
+def listing_version(url: str) -> str:
+    """16 hex digits hashing the listing of the files under `url` (names, sizes, modification
+    times or etags), which changes when any of them is rewritten; of a single file, its own.
+    What in-process caches of what is read at a URL key on, beside the URL. Cheap: one listing,
+    no file read."""
+    fs, path = url_to_fs(url)
+    if fs.isdir(path):
+        listing = fs.find(path, detail=True)
+    else:
+        listing = {path: fs.info(path)} if fs.exists(path) else {}
+    changed = ("mtime", "etag", "last_modified", "created", "LastModified")
+    rows = sorted(
+        (name, info.get("size"), *(str(info.get(k)) for k in changed))
+        for name, info in listing.items()
+    )
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+@_translated
 def list_entries(url: str) -> dict[str, dict]:
     """The entries directly under `url` by base name, with fsspec's details (`type`, `size`; on
     blob storage also `metadata`); empty if `url` does not exist. On blob storage one listing

@@ -241,6 +241,41 @@ def test_the_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(tmp_
     assert load_encoder(copy, "cpu").fingerprint == load_encoder(tiny_model, "cpu").fingerprint
 
 
+def config_variant(model: str, folder: Path, **settings) -> str:
+    """A copy of `model` in `folder` (files linked) whose config.json has `settings` changed."""
+    folder.mkdir(parents=True)
+    for source in Path(model).iterdir():
+        if source.name != "config.json":
+            (folder / source.name).symlink_to(source.resolve())
+    config = json.loads((Path(model) / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | settings))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "settings, same",
+    [
+        ({"num_attention_heads": 4, "hidden_act": "relu"}, False),  # other states, same weights
+        ({"layer_norm_eps": 1e-5}, False),
+        ({"architectures": ["BertForSequenceClassification"], "transformers_version": "0"}, True),
+    ],
+)
+def test_the_fingerprint_covers_the_models_config_not_its_provenance(
+    tmp_path, tiny_model, glue_dir, settings, same
+):
+    """Identity by content: the same weights under another config compute other hidden states,
+    so an extraction made with one is refused for the other, not taken as done."""
+    from bertvision.encoder import load_encoder
+
+    variant = config_variant(tiny_model, tmp_path / "variant", **settings)
+    ours, theirs = (load_encoder(m, "cpu").fingerprint for m in (tiny_model, variant))
+    assert (ours == theirs) is same
+    if not same:
+        extract_hidden_states(_config(tmp_path / "out", tiny_model, glue_dir), progress=False)
+        with pytest.raises(shards.ShardError, match="different model_fingerprint"):
+            prepare_extraction(_config(tmp_path / "out", variant, glue_dir))
+
+
 def test_rerun_skips_committed_shards_and_redoes_the_rest(tmp_path, tiny_model, glue_dir):
     cfg = _config(tmp_path, tiny_model, glue_dir)
     (plan,) = prepare_extraction(cfg)
@@ -1046,3 +1081,32 @@ def test_an_error_of_the_caller_stops_the_background_writer():
         background.write(0)
         raise KeyError("the encoder failed")
     assert writer.written in ([], [0])  # what was queued may be dropped; never written after
+
+
+def test_data_rewritten_in_its_folder_is_read_again_within_one_process(
+    tmp_path, tiny_model, glue_dir
+):
+    """Identity by content: the examples are cached per process, and a dev file changed since
+    (another label here) is another extraction's data, not the copy read before."""
+    data = tmp_path / "glue"
+    (data / "WNLI").mkdir(parents=True)
+    dev = data / "WNLI" / "dev.tsv"
+    dev.write_text((Path(glue_dir) / "WNLI" / "dev.tsv").read_text())
+    extract_hidden_states(_config(tmp_path / "a", tiny_model, str(data)), progress=False)
+
+    header, first, *rest = dev.read_text().splitlines()
+    fields = first.split("\t")
+    fields[-1] = str(1 - int(fields[-1]))  # flip the first example's label
+    dev.write_text("\n".join([header, "\t".join(fields), *rest]) + "\n")
+    extract_hidden_states(_config(tmp_path / "b", tiny_model, str(data)), progress=False)
+
+    fingerprints = [
+        shards.load_plan(shards.split_url(str(tmp_path / out), "wnli", "dev")).data_fingerprint
+        for out in "ab"
+    ]
+    now = glue.data_fingerprint(glue.load_split("wnli", "dev", str(data)))
+    assert fingerprints[1] == now != fingerprints[0]
+    table = pq.read_table(tmp_path / "b" / "wnli" / "dev" / "shard-00000.parquet")
+    ids, labels = (table.column(name).to_pylist() for name in ("example_id", "label"))
+    labels = dict(zip(ids, labels, strict=True))
+    assert labels[0] == int(fields[-1])
