@@ -38,6 +38,15 @@ def require_finite_rows(rows: np.ndarray | list[np.ndarray], what: str) -> None:
         raise NonFiniteError(f"{what}: {bad} of {len(rows)} rows are NaN or infinite")
 
 
+def held_out_result(metrics: dict, loss: float) -> tuple[dict, float] | NonFiniteError:
+    """An epoch's validation (metrics, loss) on the held-out slice, or the NonFiniteError of a
+    run whose loss there is NaN or infinite (outputs that overflow the loss while their argmax
+    or correlation still scores): such a run diverged, as one whose training loss is."""
+    if math.isfinite(loss):
+        return metrics, loss
+    return NonFiniteError(f"the held-out loss is {loss}: the outputs overflowed; try a lower lr")
+
+
 def non_finite_path(data: Any, path: str = "") -> tuple[str, Any] | None:
     """Where the first NaN or infinity sits in nested dicts and lists: (path, value), or None."""
     if is_non_finite(data):

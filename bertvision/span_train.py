@@ -53,7 +53,7 @@ from bertvision import encoder as enc
 from bertvision import records, squad, storage
 from bertvision.config import TrainConfig
 from bertvision.embeddings import SHARED_SETTINGS, check_given
-from bertvision.finite import NonFiniteError
+from bertvision.finite import NonFiniteError, held_out_result
 from bertvision.rng import nested_subset
 from bertvision.schema import RUN_FILE, ExtractionPlan
 from bertvision.shards import ShardError, manifest_url, split_url
@@ -255,7 +255,7 @@ class SpanObjective:
                 continue
             threshold, _ = squad.best_threshold(val.spans, val.questions)
             metrics = squad.evaluate(val.questions, squad.predictions(val.spans, threshold))
-            results.append((metrics, val.loss()))
+            results.append(held_out_result(metrics, val.loss()))
         return results
 
     @staticmethod

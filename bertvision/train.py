@@ -64,7 +64,7 @@ from bertvision.embeddings import (
     load_embeddings,
     pack_batches,
 )
-from bertvision.finite import NonFiniteError
+from bertvision.finite import NonFiniteError, held_out_result
 from bertvision.metrics import compute_metrics
 from bertvision.rng import nested_subset
 from bertvision.schema import ExtractionPlan
@@ -328,7 +328,9 @@ class GlueObjective:
         train = data.splits["train"]
         asked = [(model, ours.is_val, 2 * cfg.batch_size) for ours, model, cfg in runs_]
         return [
-            p if isinstance(p, NonFiniteError) else scored(data.task, train, *p)[:2]
+            p
+            if isinstance(p, NonFiniteError)
+            else held_out_result(*scored(data.task, train, *p)[:2])
             for p in predict_many(asked, train, runs_[0][2].device)
         ]
 

@@ -189,6 +189,33 @@ def test_training_that_diverges_stops_with_a_clear_error_and_reports_nothing(
     assert not (tmp_path / "cli" / "metrics.json").exists()
 
 
+def test_a_held_out_loss_that_overflows_stops_the_run_as_a_diverged_one(
+    tmp_path, rte_embeddings_path, monkeypatch
+):
+    """Finite outputs too large for the loss: the argmax still scores on the held-out slice, the
+    loss there is infinite; the run diverged (a sweep records such a trial as failed)."""
+    real = adapters.build_adapter
+
+    def huge_on_val(config):
+        model = real(config)
+        forward = model.forward
+
+        def overflowing(batch):  # val: 8 examples
+            logits = forward(batch)
+            if batch.size != 8 or model.training:
+                return logits
+            return (logits - logits.mean(-1, keepdim=True)).sign() * 3e38  # a margin of 6e38
+
+        model.forward = overflowing
+        return model
+
+    monkeypatch.setattr(adapters, "build_adapter", huge_on_val)
+    cfg = config(tmp_path, rte_embeddings_path, batch_size=16)
+    with pytest.raises(NonFiniteError, match="the held-out loss is inf: the outputs overflowed"):
+        train_adapter(cfg, progress=False)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_outputs_that_are_not_finite_stop_the_run_before_anything_is_written(
     tmp_path, rte_embeddings_path, monkeypatch
 ):
