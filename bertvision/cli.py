@@ -193,6 +193,8 @@ def build_config(config_class: type, values: dict[str, Any], prefix: str = "") -
                 template, **{k: v for k, v in given.items() if _param(f"{name}.{k}") in values}
             )
         elif _param(name) in values:
+            if f.metadata.get("required") and values[_param(name)] == "":
+                raise ConfigError(name, "must not be empty")  # given, as required, but empty
             try:
                 kwargs[f.name] = _value(f, hints[f.name], values[_param(name)])
             except ConfigError as exc:  # a value the option's parser refused
@@ -210,8 +212,10 @@ def config_command(
     of `config_class`."""
 
     def register(body: Callable[[Any], None]) -> Callable[[Any], None]:
-        params = [_parameter(*option) for option in option_fields(config_class)]
+        options = list(option_fields(config_class))
+        params = [_parameter(*option) for option in options]
         params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # required first
+        arguments = frozenset(name for name, f, _, _ in options if f.metadata.get("argument"))
 
         def command(**values: Any) -> None:
             body(build_config(config_class, values))
@@ -220,7 +224,8 @@ def config_command(
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = body.__doc__
         command.__name__ = body.__name__
-        (on or app).command(name or body.__name__.replace("_", "-"))(user_errors(command))
+        command_name = name or body.__name__.replace("_", "-")
+        (on or app).command(command_name)(user_errors(command, arguments))
         return body
 
     return register
@@ -229,8 +234,11 @@ def config_command(
 # -- errors ------------------------------------------------------------------------------------
 
 
-def user_errors(command):
+def user_errors(command: Callable, arguments: frozenset[str] = frozenset()) -> Callable:
     """Bad input becomes one line, `error: ...`, and exit code 2, not a traceback.
+
+    A ConfigError names its field as the command line spells it: `--lr`, or `RESULTS` for a
+    field in `arguments` (positional arguments).
 
     Bad input is what the core raises for it: ValueError (ConfigError naming the option,
     DataError, ModelError, ShardError, StorageError, FileFormatError, each naming the file) and
@@ -245,7 +253,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            typer.echo(f"error: {flag(exc.field)} {exc.message}", err=True)
+            name = exc.field.upper() if exc.field in arguments else flag(exc.field)
+            typer.echo(f"error: {name} {exc.message}", err=True)
             raise typer.Exit(2) from None
         except (ValueError, OSError, IndexError, FolderBusy) as exc:
             typer.echo(f"error: {_describe(exc, kwargs.get('out') or kwargs.get('url'))}", err=True)

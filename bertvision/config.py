@@ -45,14 +45,22 @@ def setting(
     required: bool = False,
     parse: Callable[[str], Any] | None = None,
     argument: bool = False,
+    url: bool = False,
 ) -> Any:
     """A config field with its help text.
 
     `required`: the stage cannot run while it is empty (the command line demands it).
     `parse`: turns the command line's text into the value (a search-space file into a dict).
     `argument`: on the command line, a positional argument instead of an option.
+    `url`: a storage URL or path (`check_urls`).
     """
-    metadata = {"help": help, "required": required, "parse": parse, "argument": argument}
+    metadata = {
+        "help": help,
+        "required": required,
+        "parse": parse,
+        "argument": argument,
+        "url": url,
+    }
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -73,11 +81,69 @@ def check_finite(cfg: Any) -> None:
             raise ConfigError(f.name, f"must be a finite number, got {value}")
 
 
+# numpy takes any seed >= 0, torch's generators at most 2**64 - 1; train.py seeds dropout with
+# seed * 1_000_003 + epoch, which this bound keeps within torch's.
+SEED_MAX = 2**32 - 1
+SEED_RANGE = "0 to 2**32-1"
+
+
+def check_seeds(cfg: Any) -> None:
+    """ConfigError naming the first seed of `cfg` (`seed`, `*_seed`; None: unset) that is not
+    an integer in [0, SEED_MAX]."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not (f.name == "seed" or f.name.endswith("_seed")) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+            raise ConfigError(
+                f.name, f"must be an integer in [0, 2**32-1 = {SEED_MAX}], got {value}"
+            )
+
+
+def check_urls(cfg: Any) -> None:
+    """ConfigError naming the first URL field of `cfg` that is empty where empty means no
+    default (joined to a name, it would be a path at the filesystem root), or whose storage
+    protocol no filesystem here serves.
+
+    Empty is allowed only where the field's default is empty: a required field still unset in
+    a template (`require` refuses it where the stage starts), or a documented default (`model`,
+    a report's `out`). None is an optional field left out."""
+    from bertvision.storage import StorageError, check_protocol
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not f.metadata.get("url") or value is None:
+            continue
+        if value == "":
+            if f.default == "":
+                continue
+            unset = "omit it instead" if f.default is None else f"omit it for {f.default}"
+            raise ConfigError(f.name, f"must not be empty ({unset})")
+        try:
+            check_protocol(value)
+        except StorageError as exc:
+            raise ConfigError(f.name, str(exc)) from None
+
+
+def check_fields(cfg: Any) -> None:
+    """What every config checks of its fields: finite numbers, seeds in range, URLs usable."""
+    check_finite(cfg)
+    check_seeds(cfg)
+    check_urls(cfg)
+
+
 def check_at_least(cfg: Any, minimum: float, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is not None and not value >= minimum:
             raise ConfigError(name, f"must be >= {minimum}, got {value}")
+
+
+def check_at_most(cfg: Any, maximum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value <= maximum:
+            raise ConfigError(name, f"must be <= {maximum}, got {value}")
 
 
 def check_fraction(cfg: Any, name: str, *, zero_allowed: bool = False) -> None:
@@ -177,7 +243,7 @@ class Task:
 class Output:
     """Where a result goes, and whether it may replace one made otherwise."""
 
-    out: str = setting("", "Output URL: a path, memory://, az://", required=True)
+    out: str = setting("", "Output URL: a path, memory://, az://", required=True, url=True)
     overwrite: bool = setting(
         False, "Replace a finished result made with other settings or inputs in OUT"
     )
@@ -191,7 +257,10 @@ class Stage(Output, Task):
 @dataclass(kw_only=True)
 class FromEmbeddings:
     embeddings: str = setting(
-        "", "Extraction output URL (bertvision extract --out) holding the task", required=True
+        "",
+        "Extraction output URL (bertvision extract --out) holding the task",
+        required=True,
+        url=True,
     )
 
 
@@ -200,12 +269,13 @@ class Source:
     """Where the encoder and the data come from."""
 
     model: str = setting(
-        "", "Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM"
+        "", "Hub name, local folder or fsspec URL of an encoder; default: bundled MiniLM", url=True
     )
     data_dir: str | None = setting(
         None,
         "A glue_data folder, or a SQuAD folder (train-v2.0.json, dev-v2.0.json); "
         "default: the Hugging Face hub",
+        url=True,
     )
 
 
@@ -216,7 +286,7 @@ class Device:
 
 @dataclass(kw_only=True)
 class Seeded:
-    seed: int = setting(0, "Seed of every random draw of the stage")
+    seed: int = setting(0, f"Seed of every random draw of the stage ({SEED_RANGE})")
 
 
 @dataclass(kw_only=True)
@@ -234,7 +304,9 @@ class HeldOut:
     """The held-out slice of TRAIN: fine-tuning leaves it out, adapters are selected on it."""
 
     val_fraction: float = setting(0.1, "Slice of TRAIN held out for early stopping and selection")
-    val_seed: int = setting(0, "Which slice; the same value leaves out the same examples")
+    val_seed: int = setting(
+        0, f"Which slice; the same value leaves out the same examples ({SEED_RANGE})"
+    )
 
 
 @dataclass(kw_only=True)
@@ -267,7 +339,7 @@ class FinetuneConfig(Stage, Source, Tokens, Device, Seeded, HeldOut, TrainSubset
 
     def __post_init__(self) -> None:
         _task_name(self)
-        check_finite(self)
+        check_fields(self)
         if not self.epochs > 0:
             raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
         if not self.lr > 0:
@@ -307,7 +379,7 @@ class ExtractConfig(Stage, Source, Tokens, Device, TrainSubset):
         from bertvision.schema import HIDDEN_DTYPES
 
         _task_name(self)
-        check_finite(self)
+        check_fields(self)
         check_at_least(
             self,
             1,
@@ -333,6 +405,11 @@ class ExtractConfig(Stage, Source, Tokens, Device, TrainSubset):
         _resolve_model_and_device(self)
 
 
+# The adapter's weights and activations grow with its width, and no data bounds it (a batch
+# size or shard size past the data's is clipped to it): 4x BERT-large's hidden size.
+ADAPTER_DIM_MAX = 4096
+
+
 @dataclass(kw_only=True)
 class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     """Settings of `bertvision train`: one adapter on stored embeddings (a sweep trial too)."""
@@ -342,7 +419,9 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         "pooler, scalarmix or cls (the [CLS] linear probe); span for squad2; "
         "default: the task's (pooler; span for squad2)",
     )
-    adapter_dim: int = setting(64, "Width of the pooler's (and span adapter's) shared adapter")
+    adapter_dim: int = setting(
+        64, f"Width of the pooler's (and span adapter's) shared adapter (1 to {ADAPTER_DIM_MAX})"
+    )
     token_pool: str = setting("cls+mean", "Pooler: first token (cls), masked mean, or cls+mean")
     dropout: float = setting(0.1, "Before the output layer")
     lr: float = setting(1e-3, "Learning rate of AdamW")
@@ -368,7 +447,7 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
     shuffle_seed: int | None = setting(
         None,
         "When streaming: seed of the order in which each epoch reads the shard groups "
-        "(default: seed); runs sharing it and shuffle_shards can share every read",
+        f"(default: seed; {SEED_RANGE}); runs sharing it and shuffle_shards can share every read",
     )
 
     def __post_init__(self) -> None:
@@ -376,12 +455,13 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 
         _task_name(self)
         _default_adapter(self)
-        check_finite(self)
+        check_fields(self)
         if self.adapter and self.adapter not in adapters.adapter_names():
             known = ", ".join(adapters.adapter_names())
             raise ConfigError("adapter", f"{self.adapter!r} is unknown; expected one of {known}")
         _adapter_fits_task(self)
         check_at_least(self, 1, "adapter_dim", "epochs", "batch_size", "shuffle_shards")
+        check_at_most(self, ADAPTER_DIM_MAX, "adapter_dim")
         check_at_least(self, 0, "patience", "max_resident_gb", "read_ahead")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
@@ -431,6 +511,44 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             del content["shuffle_seed"]
         content["extractions"] = extraction_keys
         return content_key(content)
+
+
+# The training options with a range that a search-space entry must keep to, as TrainConfig
+# checks it: else the sweep would start, write its records, and fail at its first trial.
+SPACE_RANGES = {"seed": (0, SEED_MAX), "adapter_dim": (1, ADAPTER_DIM_MAX)}
+
+
+def _space_extremes(spec: Any) -> list[Any] | None:
+    """The values a well-formed search-space entry (sweep.check_space) gives at its ends; None
+    for a continuous distribution, which gives non-integers."""
+    if not isinstance(spec, dict):
+        return [spec]
+    kind, args = next(iter(spec.items()))
+    if kind in ("uniform", "loguniform"):
+        return None
+    if kind == "randint":  # [low, high)
+        return [args[0], args[1] - 1]
+    return list(args) if kind == "choice" else args[:2]
+
+
+def _check_space_ranges(space: dict[str, Any]) -> None:
+    """ConfigError naming the first entry of a well-formed `space` that can give a value its
+    training option refuses (SPACE_RANGES): one out of range, or a non-integer."""
+    for name, (least, most) in SPACE_RANGES.items():
+        if name not in space:
+            continue
+        extremes = _space_extremes(space[name])
+        bad = "non-integers" if extremes is None else None
+        for value in extremes or []:
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+                bad = repr(value)
+                break
+        if bad is not None:
+            spec = space[name]
+            gives = f"{json.dumps(spec)} can give {bad}" if isinstance(spec, dict) else bad
+            raise ConfigError(
+                "space", f"entry {name}: {gives}; {name} takes integers from {least} to {most}"
+            )
 
 
 def _load_space(text: str) -> dict[str, Any]:
@@ -488,7 +606,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         _task_name(self)
         _default_adapter(self)
         _adapter_fits_task(self)
-        check_finite(self)
+        check_fields(self)
         check_at_least(self, 1, "trials", "parallel", "startup_trials")
         check_at_least(self, 0, "max_resident_gb")
         check_fraction(self, "val_fraction")
@@ -498,6 +616,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             raise
         except ValueError as exc:
             raise ConfigError("space", str(exc)) from None
+        _check_space_ranges(self.resolved_space())
 
     def resolved_space(self) -> dict[str, Any]:
         """The adapter's default space with this sweep's overrides applied (the overrides alone
@@ -528,15 +647,15 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
 class EnsembleConfig(Stage):
     """Settings of `bertvision ensemble`: the average of a sweep's best trials."""
 
-    runs: str = setting("", "A sweep folder (bertvision sweep --out)", required=True)
+    runs: str = setting("", "A sweep folder (bertvision sweep --out)", required=True, url=True)
     top_k: int = setting(5, "Members: the K best trials by validation metric")
     with_finetuned: str | None = setting(
-        None, "A fine-tuning run whose outputs join the average as one more member"
+        None, "A fine-tuning run whose outputs join the average as one more member", url=True
     )
 
     def __post_init__(self) -> None:
         _task_name(self)
-        check_finite(self)
+        check_fields(self)
         check_at_least(self, 1, "top_k")
 
 
@@ -545,14 +664,21 @@ class ReportConfig:
     """Settings of `bertvision report`."""
 
     results: str = setting(
-        "", "Results URL holding runs, sweeps and ensembles", required=True, argument=True
+        "",
+        "Results URL holding runs, sweeps and ensembles",
+        required=True,
+        argument=True,
+        url=True,
     )
-    out: str = setting("", "Where report.md and report.png go; default: the results URL")
+    out: str = setting("", "Where report.md and report.png go; default: the results URL", url=True)
     reference: str | None = setting(
-        None, 'JSON {"source": ..., "dev": {task: {metric: value}}} of published numbers'
+        None,
+        'JSON {"source": ..., "dev": {task: {metric: value}}} of published numbers',
+        url=True,
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.out = self.out or self.results
 
 
@@ -562,7 +688,11 @@ class VerifyConfig:
     extraction output, against its commit record."""
 
     out: str = setting(
-        "", "Extraction output URL (bertvision extract --out)", required=True, argument=True
+        "",
+        "Extraction output URL (bertvision extract --out)",
+        required=True,
+        argument=True,
+        url=True,
     )
     task: str = setting("", "Only this task; default: every task under OUT")
     split: str = setting("", "Only this split (train, dev, dev_matched, ...); default: every one")
@@ -572,6 +702,7 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         _task_name(self)
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
@@ -604,7 +735,7 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
     tasks: list[str] = setting(
         default_factory=lambda: ["rte"], help="GLUE tasks or squad2, e.g. rte,mrpc,squad2"
     )
-    out: str = setting("runs/pipeline", "Output URL of every stage")
+    out: str = setting("runs/pipeline", "Output URL of every stage", url=True)
     workers: int = setting(
         0,
         "Extraction: spread the shards over N runs of the extract-shards deployment (a Prefect "
@@ -635,7 +766,7 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
             self.tasks = [Task(task=name).task for name in self.tasks]
         except ConfigError as exc:
             raise ConfigError("tasks", exc.message) from None
-        check_finite(self)
+        check_fields(self)
         check_at_least(self, 0, "workers")
         check_at_least(self, 1, "shards_per_task")
         check_fraction(self, "val_fraction")
@@ -656,6 +787,8 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
             try:
                 self.stages(name)
             except ConfigError as exc:
+                if exc.field in self._shared_names():  # the pipeline's own option
+                    raise
                 stage = next(s for s in PIPELINE_STAGES if exc.field in _field_names(self, s))
                 raise ConfigError(f"{stage}.{exc.field}", exc.message) from None
 
@@ -696,9 +829,13 @@ class PipelineConfig(Output, Source, Tokens, Device, Seeded, HeldOut, TrainSubse
             "ensemble": ensemble,
         }
 
+    def _shared_names(self) -> set[str]:
+        """The pipeline's own fields, which it sets in every stage that has them."""
+        return {f.name for f in fields(self)} - set(PIPELINE_STAGES)
+
     def _stage(self, template: Any, task: str, **links: Any) -> Any:
         """`template` with the task, the links and the fields it shares with the pipeline."""
-        own = {f.name for f in fields(self)} - set(PIPELINE_STAGES)
+        own = self._shared_names()
         shared = {f.name: getattr(self, f.name) for f in fields(template) if f.name in own}
         return replace(template, **(shared | {"task": task} | links))
 

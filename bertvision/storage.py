@@ -182,13 +182,43 @@ def _translated(function):
     return wrapper
 
 
+KNOWN_STORAGE = "a local path, memory://, az://, abfs:// or abfss://"
+
+
+def check_protocol(url: str) -> None:
+    """StorageError naming `url` when no filesystem here serves its protocol: an unknown one
+    (a typo: `bar://`), or one whose fsspec package is not installed (`s3://` without s3fs)."""
+    if "::" in url:  # fsspec's chained URLs (simplecache::az://...): fsspec checks each link
+        return
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None or protocol in AZURE_PROTOCOLS:
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise StorageError(
+            f"{url}: unknown storage protocol {protocol!r} ({KNOWN_STORAGE})"
+        ) from None
+    except ImportError as exc:
+        raise StorageError(
+            f"{url}: storage protocol {protocol!r} needs a package not installed here ({exc})"
+        ) from None
+
+
 @_translated
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path within it for `url` (a plain path means the local disk)."""
+    """The filesystem and the path within it for `url` (a plain path means the local disk);
+    StorageError naming `url` when it is empty or its protocol is served by none here."""
+    if not url:
+        raise StorageError("an empty URL names no file or folder")
+    check_protocol(url)
     if is_azure_url(url):
         from bertvision.azure import filesystem
 
-        fs = filesystem()
+        try:
+            fs = filesystem()
+        except StorageError as exc:  # the environment's settings or credentials
+            raise StorageError(f"{url}: {exc}") from None
         return fs, fs._strip_protocol(url)
     return fsspec.core.url_to_fs(url, **storage_options(url))
 
@@ -203,6 +233,10 @@ def storage_options(url: str) -> dict[str, Any]:
 
 
 def join(url: str, *parts: str) -> str:
+    """`url` and `parts` joined by "/"; StorageError for an empty `url`, which would make the
+    result a path at the filesystem root ("" + "/wnli")."""
+    if not url:
+        raise StorageError(f"no URL to put {'/'.join(parts)} under: the URL given is empty")
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 
 

@@ -458,3 +458,321 @@ def test_a_training_option_given_to_sweep_points_to_its_space(tmp_path):
     )
     other = CliRunner().invoke(app, [*args, "--bogus", "2"])
     assert other.exit_code == 2 and "space" not in other.output
+
+
+# -- seeds, sizes and URLs, refused while the config is built ----------------------------------
+
+
+def refused_in(tmp_path: Path, monkeypatch, args: list[str], line: str) -> None:
+    """`args`, run in `tmp_path` beside an empty folder emb/, end in exactly `line` and exit
+    code 2, having written nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emb").mkdir()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output == f"{line}\n", result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["emb"] and not any((tmp_path / "emb").iterdir())
+
+
+SEED_RANGE = "must be an integer in [0, 2**32-1 = 4294967295]"
+TRAIN = ["train", "--task", "rte", "--embeddings", "emb", "--out", "run"]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        ([*TRAIN, "--seed", "-1"], f"error: --seed {SEED_RANGE}, got -1"),
+        (
+            [*TRAIN, "--seed", "100000000000000000000000"],
+            f"error: --seed {SEED_RANGE}, got 100000000000000000000000",
+        ),
+        ([*TRAIN, "--val-seed", "-1"], f"error: --val-seed {SEED_RANGE}, got -1"),
+        (
+            [*TRAIN, "--shuffle-seed", "4294967296"],
+            f"error: --shuffle-seed {SEED_RANGE}, got 4294967296",
+        ),
+        (
+            ["finetune", "--task", "rte", "--out", "run", "--seed", "-1"],
+            f"error: --seed {SEED_RANGE}, got -1",
+        ),
+        (
+            ["finetune", "--task", "rte", "--out", "run", "--val-seed", "-1"],
+            f"error: --val-seed {SEED_RANGE}, got -1",
+        ),
+        (
+            ["sweep", "--task", "rte", "--embeddings", "emb", "--out", "sweep", "--seed", "-1"],
+            f"error: --seed {SEED_RANGE}, got -1",
+        ),
+        (["run", "--out", "pipeline", "--seed", "-1"], f"error: --seed {SEED_RANGE}, got -1"),
+        (
+            ["run", "--out", "pipeline", "--val-seed", "-1"],
+            f"error: --val-seed {SEED_RANGE}, got -1",
+        ),
+    ],
+    ids=[
+        "train",
+        "train-overflow",
+        "val-seed",
+        "shuffle-seed",
+        "finetune",
+        "finetune-val-seed",
+        "sweep",
+        "run",
+        "run-val-seed",
+    ],
+)
+def test_a_seed_out_of_range_is_named(tmp_path, monkeypatch, args, line):
+    refused_in(tmp_path, monkeypatch, args, line)
+
+
+@pytest.mark.parametrize(
+    "space, line",
+    [
+        ('{"seed": -1}', "entry seed: -1; seed takes integers from 0 to 4294967295"),
+        (
+            '{"seed": {"randint": [-5, 10]}}',
+            'entry seed: {"randint": [-5, 10]} can give -5; seed takes integers from 0 to '
+            "4294967295",
+        ),
+        (
+            '{"seed": {"uniform": [0, 10]}}',
+            'entry seed: {"uniform": [0, 10]} can give non-integers; seed takes integers from 0 '
+            "to 4294967295",
+        ),
+        (
+            '{"adapter_dim": {"choice": [8, 10000000000000]}}',
+            'entry adapter_dim: {"choice": [8, 10000000000000]} can give 10000000000000; '
+            "adapter_dim takes integers from 1 to 4096",
+        ),
+    ],
+    ids=["seed", "seed-randint", "seed-uniform", "adapter-dim-choice"],
+)
+def test_a_search_space_giving_a_seed_or_width_out_of_range_is_refused_before_the_sweep(
+    tmp_path, monkeypatch, space, line
+):
+    """Before, the sweep wrote its records and failed at its first trial, naming --seed."""
+    args = ["sweep", "--task", "rte", "--embeddings", "emb", "--out", "sweep", "--space", space]
+    refused_in(tmp_path, monkeypatch, args, f"error: --space {line}")
+
+
+def test_the_largest_seed_is_taken():
+    from bertvision.config import SEED_MAX, TrainConfig
+
+    cfg = TrainConfig(task="rte", embeddings="e", out="o", seed=SEED_MAX, val_seed=SEED_MAX)
+    assert (cfg.seed, cfg.val_seed) == (2**32 - 1, 2**32 - 1)
+
+
+UNKNOWN = "unknown storage protocol 'bar' (a local path, memory://, az://, abfs:// or abfss://)"
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["train", "--task", "rte", "--embeddings", "bar://emb", "--out", "run"],
+            f"error: --embeddings bar://emb: {UNKNOWN}",
+        ),
+        (
+            ["train", "--task", "rte", "--embeddings", "emb", "--out", "bar://run"],
+            f"error: --out bar://run: {UNKNOWN}",
+        ),
+        (["status", "bar://emb"], f"error: bar://emb: {UNKNOWN}"),
+        (["verify", "bar://emb"], f"error: OUT bar://emb: {UNKNOWN}"),
+        (["report", "bar://runs"], f"error: RESULTS bar://runs: {UNKNOWN}"),
+        (
+            ["report", "runs", "--reference", "bar://ref.json"],
+            f"error: --reference bar://ref.json: {UNKNOWN}",
+        ),
+        (["report", "runs", "--out", "bar://reports"], f"error: --out bar://reports: {UNKNOWN}"),
+        (
+            ["ensemble", "--task", "rte", "--runs", "bar://sweep", "--out", "ens"],
+            f"error: --runs bar://sweep: {UNKNOWN}",
+        ),
+        (
+            [
+                "ensemble",
+                "--task",
+                "rte",
+                "--runs",
+                "sweep",
+                "--out",
+                "ens",
+                "--with-finetuned",
+                "bar://ft",
+            ],
+            f"error: --with-finetuned bar://ft: {UNKNOWN}",
+        ),
+        (
+            ["extract", "--task", "rte", "--data-dir", "bar://glue", "--out", "emb2"],
+            f"error: --data-dir bar://glue: {UNKNOWN}",
+        ),
+        (
+            ["finetune", "--task", "rte", "--model", "bar://model", "--out", "ft"],
+            f"error: --model bar://model: {UNKNOWN}",
+        ),
+        (
+            [
+                "sweep",
+                "--task",
+                "rte",
+                "--embeddings",
+                "emb",
+                "--out",
+                "sweep",
+                "--space",
+                "bar://space.json",
+            ],
+            f"error: bar://space.json: {UNKNOWN}",
+        ),
+        (["run", "--out", "bar://pipeline"], f"error: --out bar://pipeline: {UNKNOWN}"),
+        (
+            ["train", "--task", "rte", "--embeddings", "s3://bucket/emb", "--out", "run"],
+            "error: --embeddings s3://bucket/emb: storage protocol 's3' needs a package not "
+            "installed here (Install s3fs to access S3)",
+        ),
+    ],
+    ids=[
+        "train-embeddings",
+        "train-out",
+        "status",
+        "verify",
+        "report",
+        "report-reference",
+        "report-out",
+        "ensemble-runs",
+        "ensemble-with-finetuned",
+        "extract-data-dir",
+        "finetune-model",
+        "sweep-space",
+        "run-out",
+        "not-installed",
+    ],
+)
+def test_a_url_of_an_unknown_storage_protocol_is_named(tmp_path, monkeypatch, args, line):
+    refused_in(tmp_path, monkeypatch, args, line)
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["run", "--out", ""], "error: --out must not be empty (omit it for runs/pipeline)"),
+        (
+            ["train", "--task", "rte", "--embeddings", "emb", "--out", ""],
+            "error: --out must not be empty",
+        ),
+        (
+            ["train", "--task", "rte", "--embeddings", "", "--out", "run"],
+            "error: --embeddings must not be empty",
+        ),
+        (
+            ["extract", "--task", "rte", "--data-dir", "", "--out", "emb2"],
+            "error: --data-dir must not be empty (omit it instead)",
+        ),
+        (
+            ["run", "--data-dir", "", "--out", "pipeline"],
+            "error: --data-dir must not be empty (omit it instead)",
+        ),
+        (
+            [
+                "ensemble",
+                "--task",
+                "rte",
+                "--runs",
+                "sweep",
+                "--out",
+                "ens",
+                "--with-finetuned",
+                "",
+            ],
+            "error: --with-finetuned must not be empty (omit it instead)",
+        ),
+        (["report", ""], "error: RESULTS must not be empty"),
+        (
+            ["report", "runs", "--reference", ""],
+            "error: --reference must not be empty (omit it instead)",
+        ),
+        (["verify", ""], "error: OUT must not be empty"),
+        (["status", ""], "error: an empty URL names no file or folder"),
+    ],
+    ids=[
+        "run-out",
+        "train-out",
+        "train-embeddings",
+        "extract-data-dir",
+        "run-data-dir",
+        "ensemble-with-finetuned",
+        "report",
+        "report-reference",
+        "verify",
+        "status",
+    ],
+)
+def test_an_empty_url_is_refused_never_taken_for_the_filesystem_root(
+    tmp_path, monkeypatch, args, line
+):
+    """Joined to a name, an empty URL would be a path at the root: `run --out ""` wrote its
+    whole pipeline under /."""
+    refused_in(tmp_path, monkeypatch, args, line)
+
+
+def test_storage_never_joins_a_name_to_an_empty_url():
+    with pytest.raises(storage.StorageError, match="no URL to put wnli/finetune under"):
+        storage.join("", "wnli", "finetune")
+    with pytest.raises(storage.StorageError, match="an empty URL names no file or folder"):
+        storage.exists("")
+    assert storage.join("/", "wnli") == "/wnli"  # the root, when named as such
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            [
+                "train",
+                "--task",
+                "rte",
+                "--embeddings",
+                "emb",
+                "--out",
+                "run",
+                "--adapter-dim",
+                "10000000000000",
+            ],
+            "error: --adapter-dim must be <= 4096, got 10000000000000",
+        ),
+        (
+            [
+                "train",
+                "--task",
+                "rte",
+                "--embeddings",
+                "emb",
+                "--out",
+                "run",
+                "--adapter-dim",
+                "100000000000000000000000",
+            ],
+            "error: --adapter-dim must be <= 4096, got 100000000000000000000000",
+        ),
+        (
+            ["run", "--out", "pipeline", "--train-adapter-dim", "10000000000000"],
+            "error: --train-adapter-dim must be <= 4096, got 10000000000000",
+        ),
+    ],
+    ids=["train", "train-overflow", "run"],
+)
+def test_an_adapter_too_wide_to_allocate_is_refused_naming_the_option(
+    tmp_path, monkeypatch, args, line
+):
+    """The adapter's width alone sizes its weights (hidden size x width): no data clips it, as
+    the data clips a batch or shard size larger than itself."""
+    refused_in(tmp_path, monkeypatch, args, line)
+
+
+def test_a_pipeline_setting_a_stage_refuses_is_named_by_the_pipeline_option(tmp_path):
+    """max_train_examples is the pipeline's own option, passed to fine-tuning and extraction:
+    there is no --finetune-max-train-examples."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--max-train-examples", "0", "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output == "error: --max-train-examples must be >= 1, got 0\n"
+    assert not out.exists()
