@@ -24,7 +24,9 @@ runs) or whose data cannot be read has no baseline, and a note says why.
 Runs written before run records are told apart by what they hold (metrics.json with "members":
 an ensemble; with a "config" naming the task: a fine-tuned encoder; config.json with "train": an
 adapter run; sweep.json: a sweep; a run inside a sweep's trials/ folder: a trial). Several runs
-of one kind for one task (seeds) are shown as mean ± standard deviation (n). Published numbers of
+of one kind for one task (seeds) are shown as mean ± standard deviation (n). A folder not stored
+whole (a commit under way or killed, committed files gone: `runs.not_whole`) is left out, and a
+note under the table names it and why. Published numbers of
 other work are shown only when given (`reference`: a JSON file {"source": "...", "dev": {task:
 {metric: value}}}); the report does not carry any of its own.
 """
@@ -37,7 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from bertvision import records, storage
+from bertvision import records, runs, storage
 from bertvision.config import ReportConfig, require
 from bertvision.families import get_task, task_names
 from bertvision.glue import DataError
@@ -65,9 +67,11 @@ class Result:
     data_dir: str | None = None  # the data folder the run's record names, if any
 
 
-def find_results(results: str) -> list[Result]:
+def find_results(results: str) -> tuple[list[Result], list[str]]:
     """Every run, sweep and ensemble under `results`, a Result per dev metric its task's family
-    reports."""
+    reports; and a note for each folder left out because it is not stored whole (a commit
+    under way or killed, committed files gone: `runs.not_whole`), whose metrics may be another
+    run's or none."""
     fs, root = storage.url_to_fs(results)
     if not fs.exists(root):
         raise FileNotFoundError(f"results folder {results} does not exist")
@@ -80,14 +84,17 @@ def find_results(results: str) -> list[Result]:
         }
     )
     sweeps = [p.rsplit("/", 1)[0] for p in files if p.endswith(f"/{SWEEP_FILE}")]
-    found = []
+    found, left_out = [], []
     for folder in folders:
         url = _url(results, root, folder)
         in_sweep = any(folder.startswith(f"{s}/{TRIALS_DIR}/") for s in sweeps)
+        if not in_sweep and (why := runs.not_whole(url)) is not None:
+            left_out.append(f"{url} left out, not stored whole: {why}")
+            continue
         run = _kind_and_settings(url, in_sweep)
         if run is not None:
             found.extend(_results(url, *run))
-    return found
+    return found, left_out
 
 
 def _url(results: str, root: str, path: str) -> str:
@@ -320,28 +327,47 @@ def render_plot(table: Table, columns: list[str]) -> bytes:
     return sink.getvalue()
 
 
-def write_report(cfg: ReportConfig) -> dict[str, Any]:
-    """Write report.md and report.png under cfg.out; returns their URLs and the table."""
-    require(cfg)
-    reference = storage.read_json(cfg.reference, keys=("source", "dev")) if cfg.reference else None
-    if reference is not None and not (
-        isinstance(reference["dev"], dict)
-        and all(isinstance(metrics, dict) for metrics in reference["dev"].values())
-    ):
+def read_reference(url: str) -> dict[str, Any]:
+    """Published numbers: {"source": text, "dev": {task: {metric: number}}}. FileFormatError
+    naming the file, and the entry, when it holds anything else."""
+    reference = storage.read_json(url, keys=("source", "dev"))
+    where = f"reference file {url}"
+    if not isinstance(reference["source"], str):
         raise storage.FileFormatError(
-            f"reference file {cfg.reference}: 'dev' must map each task to {{metric: value}}"
+            f"{where}: 'source' must be text, got {reference['source']!r}"
         )
-    found = find_results(cfg.results)
+    dev = reference["dev"]
+    if not (isinstance(dev, dict) and all(isinstance(metrics, dict) for metrics in dev.values())):
+        raise storage.FileFormatError(f"{where}: 'dev' must map each task to {{metric: value}}")
+    for task, metrics in dev.items():
+        for metric, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise storage.FileFormatError(
+                    f"{where}: {task}/{metric} must be a number, got {value!r}"
+                )
+    return reference
+
+
+def write_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Write report.md and report.png under cfg.out; returns their URLs and the table.
+
+    Both are rendered before either is written, and written together
+    (`storage.write_together`): a failure leaves the report before, never a new plot beside an
+    old table."""
+    require(cfg)
+    reference = read_reference(cfg.reference) if cfg.reference else None
+    found, left_out = find_results(cfg.results)
     if not found:
         raise FileNotFoundError(
             f"no runs, sweeps or ensembles with dev metrics under {cfg.results}"
+            + (f" ({'; '.join(left_out)})" if left_out else "")
         )
     baseline, notes = baselines(found)
     table = summarize(found, baseline)
     columns = sorted({c for by_column in table.values() for c in by_column}, key=_column_order)
     markdown_url = storage.join(cfg.out, "report.md")
     plot_url = storage.join(cfg.out, "report.png")
-    storage.write_bytes_atomic(plot_url, render_plot(table, columns))
-    markdown = render_markdown(table, columns, reference, "report.png", notes)
-    storage.write_text_atomic(markdown_url, markdown)
+    markdown = render_markdown(table, columns, reference, "report.png", [*notes, *left_out])
+    plot = render_plot(table, columns)
+    storage.write_together({plot_url: plot, markdown_url: markdown.encode("utf-8")})
     return {"markdown": markdown_url, "plot": plot_url, "table": table, "text": markdown}

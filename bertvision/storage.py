@@ -302,6 +302,48 @@ def write_text_atomic(url: str, text: str, metadata: dict[str, str] | None = Non
     write_bytes_atomic(url, text.encode("utf-8"), metadata)
 
 
+def write_together(files: dict[str, bytes]) -> None:
+    """Write small files that belong together (URL -> bytes) so that a failure leaves each as
+    it was: never a new one beside an old one.
+
+    Where renames are cheap (local disks, memory://) every file is first written whole under a
+    staging name beside its target, then all are renamed into place; on blob storage, which
+    has no renames, each is written in turn. Should one fail to go into place, those before it
+    get their old content back (or are removed where they were new)."""
+    before = {url: read_bytes(url) if exists(url) else None for url in files}
+    staged: dict[str, str] = {}  # url -> its staging URL, until renamed into place
+    placed: list[str] = []
+    try:
+        for url, data in files.items():
+            fs, _ = url_to_fs(url)
+            if not is_blob(fs):
+                folder, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
+                staged[url] = join(folder, staging_name(name) + TMP_SUFFIX)
+                write_bytes_atomic(staged[url], data)
+        for url, data in files.items():
+            if url in staged:
+                fs, path = url_to_fs(url)
+                fs.mv(url_to_fs(staged[url])[1], path)
+                del staged[url]
+            else:
+                write_bytes_atomic(url, data)
+            placed.append(url)
+    except BaseException:
+        for url in placed:
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                if before[url] is None:
+                    fs, path = url_to_fs(url)
+                    fs.rm_file(path)
+                else:
+                    write_bytes_atomic(url, before[url])
+        raise
+    finally:
+        for staging in staged.values():
+            fs, path = url_to_fs(staging)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+
+
 def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
     """The JSON value stored at `url`; with `keys`, an object that has at least those keys.
 

@@ -326,6 +326,38 @@ def test_a_bad_reference_file_is_named_by_report(tmp_path, reference):
     assert not (tmp_path / "runs" / "report.md").exists()
 
 
+@pytest.mark.parametrize(
+    "reference, why",
+    [
+        (
+            '{"source": "x", "dev": {"wnli": {"accuracy": "0.6"}}}',
+            "wnli/accuracy must be a number, got '0.6'",
+        ),
+        (
+            '{"source": "x", "dev": {"rte": {"accuracy": true}}}',
+            "rte/accuracy must be a number, got True",
+        ),
+        (
+            '{"source": "x", "dev": {"rte": {"accuracy": null}}}',
+            "rte/accuracy must be a number, got None",
+        ),
+        ('{"source": ["a", "b"], "dev": {}}', "'source' must be text, got ['a', 'b']"),
+    ],
+    ids=["text", "bool", "null", "source"],
+)
+def test_a_reference_value_that_is_no_number_is_named_and_nothing_written(tmp_path, reference, why):
+    """Checked when the file is read, before any rendering: neither report.md nor report.png
+    is written (the plot was written before the table failed to render)."""
+    fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
+    (tmp_path / "ref.json").write_text(reference)
+    before = file_tree(tmp_path / "runs")
+    args = ["report", str(tmp_path / "runs"), "--reference", str(tmp_path / "ref.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output == f"error: reference file {tmp_path / 'ref.json'}: {why}\n"
+    assert file_tree(tmp_path / "runs") == before
+
+
 @pytest.mark.parametrize("metrics", ['{"dev": {"accuracy": 0.', '{"members": [], "config": 3}'])
 def test_a_garbled_run_is_named_by_report(tmp_path, metrics):
     fake_sweep(tmp_path / "runs" / "sweep", "rte", vals=[0.6])
@@ -363,8 +395,9 @@ def test_a_file_vanishing_under_the_output_names_it_and_the_likely_cause(tmp_pat
 
     monkeypatch.setattr(storage, "write_bytes_atomic", replace_vanished)
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
-    line = assert_one_error(result, out / "report.png.tmp", "No such file or directory")
+    line = assert_one_error(result, out / "report.png~", ".tmp", "No such file or directory")
     assert line.endswith(f"is another process writing to {out} at the same time?")
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize(

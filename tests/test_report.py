@@ -4,9 +4,11 @@ a markdown table and a PNG, published numbers only when given."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from typer.testing import CliRunner
 
 from bertvision import squad, storage
@@ -98,13 +100,15 @@ def results(tmp_path, request) -> Path:
 
 
 def test_runs_are_found_by_their_records_or_older_ones_by_what_they_hold(results):
-    found = {(r.task, r.column): r.value for r in find_results(str(results))}
+    runs, left_out = find_results(str(results))
+    assert left_out == []
+    found = {(r.task, r.column): r.value for r in runs}
     assert found[("rte", "fine-tuning")] == 0.60
     assert found[("rte", "adapter: cls")] == 0.55
     assert found[("rte", "best trial (pooler)")] == 0.63  # chosen by val, not by dev
     assert found[("rte", "ensemble")] == 0.67
     assert found[("stsb", "adapter: pooler")] == 0.82
-    columns = [r.column for r in find_results(str(results)) if r.task == "rte"]
+    columns = [r.column for r in runs if r.task == "rte"]
     assert columns.count("adapter: pooler") == 3  # seeds; the sweep's trial runs are not counted
 
 
@@ -114,7 +118,7 @@ def test_the_record_says_what_a_run_is(tmp_path):
     adapter_run(tmp_path / "moved-trial", "rte", "pooler", {"accuracy": 0.9}, True, kind="trial")
     adapter_run(tmp_path / "probe", "rte", "cls", {"accuracy": 0.5}, True)
     storage.write_json(str(tmp_path / "probe" / "config.json"), {"train": {"task": "cola"}})
-    found = find_results(str(tmp_path))
+    found, _ = find_results(str(tmp_path))
     assert [(r.task, r.column, r.value) for r in found] == [("rte", "adapter: cls", 0.5)]
 
 
@@ -156,6 +160,66 @@ def test_report_command_and_an_empty_folder(results, tmp_path):
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
     assert empty.exit_code == 2 and "no runs, sweeps or ensembles" in empty.output
+
+
+@pytest.mark.parametrize("fault", ["commit-killed", "files-gone"])
+def test_a_run_not_stored_whole_is_left_out_with_a_note_naming_it(results, fault):
+    """A commit killed midway (its _publishing.json is left; the metrics.json there may be the
+    old run's or the new one's) or a committed run whose files are gone: its metrics are no
+    run's, so the report leaves it out and says so under the table."""
+    broken = results / "rte" / "pooler-2"  # accuracy 0.66
+    recorded = (broken / "_commit.json").exists()
+    if fault == "commit-killed":
+        (broken / "_commit.json").unlink(missing_ok=True)  # the commit's first step
+        (broken / "_publishing.json").write_text(json.dumps({"files": ["metrics.json"]}))
+        why = "a commit is under way there, or was killed (_publishing.json)"
+    else:
+        if not recorded:
+            pytest.skip("a run without a commit record lists no files that could be gone")
+        record = json.loads((broken / "_commit.json").read_text())
+        (broken / "_commit.json").write_text(json.dumps(record | {"files": ["outputs/dev.pq"]}))
+        why = "it lacks 1 of its files (outputs/dev.pq)"
+    report = write_report(ReportConfig(results=str(results)))
+    rte = next(line for line in report["text"].splitlines() if line.startswith("| rte"))
+    assert "| 0.6300 ± 0.0141 (n=2) |" in rte  # pooler-0 and pooler-1 only
+    assert f"Note: {broken} left out, not stored whole: {why}." in report["text"].splitlines()
+    assert (results / "report.md").read_text() == report["text"]
+
+
+def test_a_folder_of_runs_none_stored_whole_is_refused_naming_them(tmp_path):
+    run = tmp_path / "runs" / "pooler"
+    adapter_run(run, "rte", "pooler", {"accuracy": 0.6}, True)
+    (run / "_publishing.json").write_text(json.dumps({"files": []}))
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: no runs, sweeps or ensembles with dev metrics under {tmp_path / 'runs'} ({run} "
+        "left out, not stored whole: a commit is under way there, or was killed "
+        "(_publishing.json))\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pooler"]
+
+
+def test_the_plot_and_the_table_are_replaced_together_or_not_at_all(results, monkeypatch):
+    """A failure while the new pair goes into place leaves the old pair: never a new plot
+    beside an old table."""
+    write_report(ReportConfig(results=str(results)))
+    before = {name: (results / name).read_bytes() for name in ("report.md", "report.png")}
+    adapter_run(results / "rte" / "scalarmix", "rte", "scalarmix", {"accuracy": 0.7}, True)
+    moves = []
+
+    def rename_fails_for_the_table(self, source, target, **kwargs):
+        if target.endswith("report.md"):
+            raise PermissionError(13, "Permission denied", target)
+        moves.append(target)
+        os.replace(source, target)
+
+    monkeypatch.setattr(LocalFileSystem, "mv", rename_fails_for_the_table)
+    with pytest.raises(PermissionError):
+        write_report(ReportConfig(results=str(results)))
+    assert moves == [str(results / "report.png")]  # the new plot went in first, and back out
+    assert {name: (results / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in results.iterdir() if p.is_file()) == ["report.md", "report.png"]
 
 
 # -- SQuAD 2.0 ---------------------------------------------------------------------------------
