@@ -17,21 +17,56 @@ own retry policy, so one policy covers writes, reads and listings alike; permane
 line; and containers are never created implicitly (a mistyped container name is an error, not a
 new container). Whole files go up with `upload_file`: blocks uploaded concurrently, visible only
 once the block list is committed.
+
+Transfer settings, also from the environment, read when a filesystem is made (a bad value is an
+error of the command that uses Azure, naming the variable, never of an import):
+
+    BERTVISION_AZURE_RETRIES      retries of a failed request, 0 to 20 (default 5)
+    BERTVISION_AZURE_CONCURRENCY  blocks uploaded at once, 1 to 256 (default 8)
+    BERTVISION_AZURE_BLOCK_MB     MiB per uploaded block, 1 to 4000 (default 8)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from typing import Any, BinaryIO
 
 from adlfs import AzureBlobFileSystem
 
 from bertvision.storage import StorageError, StorageUnavailable
 
-# Transfer and retry settings; each can be overridden by the environment variable named after it.
-RETRIES = int(os.environ.get("BERTVISION_AZURE_RETRIES", "5"))  # waits ~3, 5, 9, 17, 33 s
-CONCURRENCY = int(os.environ.get("BERTVISION_AZURE_CONCURRENCY", "8"))  # blocks in flight
-BLOCK_MB = int(os.environ.get("BERTVISION_AZURE_BLOCK_MB", "8"))  # size of one uploaded block
+# Transfer and retry settings: environment variable -> (default, least allowed value).
+RETRIES = "BERTVISION_AZURE_RETRIES"  # 5: waits ~3, 5, 9, 17, 33 s
+CONCURRENCY = "BERTVISION_AZURE_CONCURRENCY"  # blocks in flight
+BLOCK_MB = "BERTVISION_AZURE_BLOCK_MB"  # size of one uploaded block
+SETTINGS = {RETRIES: (5, 0), CONCURRENCY: (8, 1), BLOCK_MB: (8, 1)}
+# Most allowed: the 20th retry waits ~12 days already; a block holds its MiB in memory while in
+# flight, and Azure takes blocks of at most 4000 MiB.
+SETTING_MAX = {RETRIES: 20, CONCURRENCY: 256, BLOCK_MB: 4000}
+
+
+def setting(name: str) -> int:
+    """The transfer or retry setting `name` (RETRIES, CONCURRENCY, BLOCK_MB) from the
+    environment, else its default; StorageError naming the variable and its allowed range when
+    it is not an integer in that range."""
+    default, least = SETTINGS[name]
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    most = SETTING_MAX[name]
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not least <= value <= most:
+        raise StorageError(
+            f"environment variable {name}={text!r} must be an integer from {least} to {most}"
+        )
+    return value
+
 
 CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_NAME = "AZURE_STORAGE_ACCOUNT_NAME"
@@ -62,7 +97,9 @@ def azure_storage_options() -> dict[str, Any]:
     Listings are not cached, since other workers add shards while this process runs.
     """
     source = credential_source()
-    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": CONCURRENCY}
+    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": setting(CONCURRENCY)}
+    if source != CONNECTION_STRING:
+        _check_account(source)
     if source == CONNECTION_STRING:
         options["connection_string"] = os.environ[CONNECTION_STRING]
     elif source == ACCOUNT_KEY:
@@ -72,6 +109,26 @@ def azure_storage_options() -> dict[str, Any]:
     else:
         options.update(account_name=os.environ[ACCOUNT_NAME], anon=False)
     return options
+
+
+def _check_account(source: str) -> None:
+    """StorageError naming the variable when the account name is not one Azure gives (3 to 24
+    lowercase letters and digits), or the account key is not base64: both would fail only at
+    the first request, as an unreachable host or a signing error."""
+    name = os.environ[ACCOUNT_NAME]
+    if not re.fullmatch(r"[a-z0-9]{3,24}", name):
+        raise StorageError(
+            f"{ACCOUNT_NAME}={name!r} is not a storage account name "
+            "(3 to 24 lowercase letters and digits)"
+        )
+    if source == ACCOUNT_KEY:
+        try:
+            base64.b64decode(os.environ[ACCOUNT_KEY], validate=True)
+        except binascii.Error:
+            raise StorageError(
+                f"{ACCOUNT_KEY} is malformed: not base64 (copy the key from the storage "
+                "account's Access keys)"
+            ) from None
 
 
 def filesystem() -> BlobFileSystem:
@@ -102,9 +159,9 @@ class BlobFileSystem(AzureBlobFileSystem):
     def __init__(
         self, *args, retries: int | None = None, block_mb: int | None = None, **kwargs
     ) -> None:
-        # Read by do_connect, which adlfs calls from __init__; None: the module's settings.
-        self.retries = RETRIES if retries is None else retries
-        self.block_size = (BLOCK_MB if block_mb is None else block_mb) << 20
+        # Read by do_connect, which adlfs calls from __init__; None: the environment's settings.
+        self.retries = setting(RETRIES) if retries is None else retries
+        self.block_size = (setting(BLOCK_MB) if block_mb is None else block_mb) << 20
         self._containers_seen: set[str] = set()
         super().__init__(*args, **kwargs)
 
@@ -120,16 +177,27 @@ class BlobFileSystem(AzureBlobFileSystem):
             user_agent="bertvision",
         )
         if self.connection_string:
-            self.service_client = BlobServiceClient.from_connection_string(
-                self.connection_string, **options
-            )
+            try:
+                self.service_client = BlobServiceClient.from_connection_string(
+                    self.connection_string, **options
+                )
+            except ValueError as exc:
+                raise StorageError(f"{CONNECTION_STRING} is malformed: {exc}") from None
             return
         host = getattr(self, "account_host", None) or f"{self.account_name}.blob.core.windows.net"
         url = f"https://{host}"
         credential = self.credential or self.account_key
         if credential is None and self.sas_token:
             url += "?" + self.sas_token.lstrip("?")
-        self.service_client = BlobServiceClient(account_url=url, credential=credential, **options)
+        try:
+            self.service_client = BlobServiceClient(
+                account_url=url, credential=credential, **options
+            )
+        except ValueError as exc:
+            raise StorageError(
+                f"{ACCOUNT_NAME}={self.account_name!r} with {_source_for_message()} gives no "
+                f"usable account URL ({url}): {exc}"
+            ) from None
 
     async def _mkdir(self, path, create_parents=True, delimiter="/", **kwargs) -> None:
         """Blob storage has no folders; only check that the container exists."""
@@ -221,11 +289,12 @@ def describe_error(exc: BaseException, url: str) -> StorageError | StorageUnavai
         )
     if isinstance(cause, ServiceRequestError | ServiceResponseError):
         return StorageUnavailable(
-            f"{url}: Azure Blob Storage unreachable after {RETRIES} retries: {_first_line(cause)}"
+            f"{url}: Azure Blob Storage unreachable after {setting(RETRIES)} retries: "
+            f"{_first_line(cause)}"
         )
     if isinstance(cause, HttpResponseError) and status is not None and status >= 500:
         return StorageUnavailable(
-            f"{url}: Azure Blob Storage failed after {RETRIES} retries: {status} {code}"
+            f"{url}: Azure Blob Storage failed after {setting(RETRIES)} retries: {status} {code}"
         )
     if isinstance(cause, HttpResponseError):
         return StorageError(f"{url}: {status} {code}: {_first_line(cause)}")

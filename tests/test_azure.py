@@ -109,8 +109,8 @@ def _extract_args(out: str, model: str, data_dir: str, *extra: str) -> list[str]
             {"connection_string": "AccountName=a;AccountKey=k"},
         ),
         (
-            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "k"},
-            {"account_name": "acct", "account_key": "k"},
+            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "a2V5"},
+            {"account_name": "acct", "account_key": "a2V5"},
         ),
         (
             {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=x"},
@@ -137,6 +137,125 @@ def test_no_credentials_at_all_is_a_clear_error(monkeypatch):
             monkeypatch.delenv(name)
     with pytest.raises(StorageError, match="no Azure credentials: set AZURE_STORAGE_CONNECTION"):
         storage.exists("az://container/x")
+
+
+def clear_azure_environment(monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("AZURE_STORAGE_", "BERTVISION_AZURE_")):
+            monkeypatch.delenv(name)
+
+
+# A connection string to nowhere: each case below fails before any request.
+SOMEWHERE = (
+    "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:9/a;"
+)
+
+
+@pytest.mark.parametrize(
+    "env, line",
+    [
+        (
+            {"BERTVISION_AZURE_RETRIES": "abc"},
+            "BERTVISION_AZURE_RETRIES='abc' must be an integer from 0 to 20",
+        ),
+        (
+            {"BERTVISION_AZURE_RETRIES": "-1"},
+            "BERTVISION_AZURE_RETRIES='-1' must be an integer from 0 to 20",
+        ),
+        (
+            {"BERTVISION_AZURE_BLOCK_MB": "-1"},
+            "BERTVISION_AZURE_BLOCK_MB='-1' must be an integer from 1 to 4000",
+        ),
+        (
+            {"BERTVISION_AZURE_BLOCK_MB": "0"},
+            "BERTVISION_AZURE_BLOCK_MB='0' must be an integer from 1 to 4000",
+        ),
+        (
+            {"BERTVISION_AZURE_CONCURRENCY": "0"},
+            "BERTVISION_AZURE_CONCURRENCY='0' must be an integer from 1 to 256",
+        ),
+        (
+            {"BERTVISION_AZURE_CONCURRENCY": "1e3"},
+            "BERTVISION_AZURE_CONCURRENCY='1e3' must be an integer from 1 to 256",
+        ),
+    ],
+    ids=[
+        "retries-text",
+        "retries-negative",
+        "block-negative",
+        "block-zero",
+        "concurrency-zero",
+        "concurrency-float",
+    ],
+)
+def test_a_bad_transfer_setting_is_named_with_its_range(monkeypatch, env, line):
+    clear_azure_environment(monkeypatch)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", SOMEWHERE)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["status", "az://emb/x"])
+    assert result.exit_code == 2
+    assert result.output == f"error: az://emb/x: environment variable {line}\n"
+
+
+def test_transfer_settings_come_from_the_environment_when_used(monkeypatch):
+    clear_azure_environment(monkeypatch)
+    assert [azure.setting(n) for n in (azure.RETRIES, azure.CONCURRENCY, azure.BLOCK_MB)] == [
+        5,
+        8,
+        8,
+    ]
+    monkeypatch.setenv("BERTVISION_AZURE_RETRIES", "0")
+    monkeypatch.setenv("BERTVISION_AZURE_BLOCK_MB", " 4000 ")
+    assert (azure.setting(azure.RETRIES), azure.setting(azure.BLOCK_MB)) == (0, 4000)
+
+
+def test_a_bad_setting_in_the_environment_does_not_break_an_import():
+    """Only a command that uses Azure reads the settings: `bertvision train` on a local disk,
+    or `import bertvision.azure`, works whatever they hold."""
+    env = os.environ | {"BERTVISION_AZURE_RETRIES": "abc", "BERTVISION_AZURE_BLOCK_MB": "-1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import bertvision.azure, bertvision.storage, bertvision.cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "env, line",
+    [
+        (
+            {"AZURE_STORAGE_CONNECTION_STRING": "garbage"},
+            "AZURE_STORAGE_CONNECTION_STRING is malformed: Connection string is either blank or "
+            "malformed.",
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT_NAME": "bad name!", "AZURE_STORAGE_ACCOUNT_KEY": "a2V5"},
+            "AZURE_STORAGE_ACCOUNT_NAME='bad name!' is not a storage account name (3 to 24 "
+            "lowercase letters and digits)",
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT_NAME": "a/b", "AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=x"},
+            "AZURE_STORAGE_ACCOUNT_NAME='a/b' is not a storage account name (3 to 24 "
+            "lowercase letters and digits)",
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT_NAME": "acct", "AZURE_STORAGE_ACCOUNT_KEY": "not a key!"},
+            "AZURE_STORAGE_ACCOUNT_KEY is malformed: not base64 (copy the key from the storage "
+            "account's Access keys)",
+        ),
+    ],
+    ids=["connection-string", "account-name", "account-name-with-sas", "account-key"],
+)
+def test_a_malformed_credential_is_named_with_the_url(monkeypatch, env, line):
+    clear_azure_environment(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["status", "az://emb/x"])
+    assert result.exit_code == 2
+    assert result.output == f"error: az://emb/x: {line}\n"
 
 
 # The commit protocol on blob storage.
@@ -407,7 +526,7 @@ def test_an_outage_is_ridden_out_inside_the_storage_layer(tmp_path, monkeypatch)
 def test_storage_unreachable_through_all_retries_is_one_line(monkeypatch, tmp_path):
     nobody = Azurite(tmp_path / "never-started")  # a free port where nothing listens
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", nobody.connection_string())
-    monkeypatch.setattr(azure, "RETRIES", 1)  # as BERTVISION_AZURE_RETRIES=1 would
+    monkeypatch.setenv("BERTVISION_AZURE_RETRIES", "1")
     with pytest.raises(StorageUnavailable) as failure:
         storage.write_json("az://emb/x.json", {})
     assert str(failure.value).startswith("az://emb/x.json: Azure Blob Storage unreachable after 1")
