@@ -551,6 +551,24 @@ def _check_space_ranges(space: dict[str, Any]) -> None:
             )
 
 
+def _check_space_values(cfg: SweepConfig) -> None:
+    """ConfigError naming the first entry of `cfg`'s space whose end values (a constant, each
+    choice, a distribution's bounds) a trial's TrainConfig refuses (lr -1, dropout 2, token_pool
+    "max"): found now, not at the first trial once the sweep's records are written. A template
+    without a task is checked when it gets one."""
+    if not cfg.task:
+        return
+    for name, spec in cfg.resolved_space().items():
+        values = _space_extremes(spec) or next(iter(spec.values()))[:2]
+        for value in values:
+            try:
+                TrainConfig(
+                    task=cfg.task, embeddings="e", out="o", adapter=cfg.adapter, **{name: value}
+                )
+            except ConfigError as exc:
+                raise ConfigError("space", f"entry {name}: {value!r}: {exc.message}") from None
+
+
 def _load_space(text: str) -> dict[str, Any]:
     """Search-space entries from the command line: inline JSON (`{"epochs": 3}`) or a file."""
     from bertvision.sweep import load_space
@@ -617,6 +635,7 @@ class SweepConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
         except ValueError as exc:
             raise ConfigError("space", str(exc)) from None
         _check_space_ranges(self.resolved_space())
+        _check_space_values(self)
 
     def resolved_space(self) -> dict[str, Any]:
         """The adapter's default space with this sweep's overrides applied (the overrides alone

@@ -149,6 +149,9 @@ def test_space_file_overrides_the_adapters_default_space(tmp_path):
         ({"dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
         ({"epochs": {"quniform": [1, 5]}}, "needs 3 numbers"),
         ({"batch_size": {"choice": []}}, "needs a list"),
+        ({"lr": -1}, "entry lr: -1: must be > 0"),
+        ({"dropout": {"uniform": [0.1, 2.0]}}, "entry dropout: 2.0: "),
+        ({"token_pool": {"choice": ["cls", "max"]}}, "entry token_pool: 'max': "),
     ],
 )
 def test_bad_space_entries_are_refused(entry, message):
