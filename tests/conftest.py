@@ -91,18 +91,24 @@ def prefect_harness(tmp_path_factory):
             yield results
 
 
-def tokenizer_variant(model: str, folder: Path, **settings) -> str:
-    """A copy of `model` in `folder` (weights linked) whose tokenizer_config.json has `settings`
-    changed, e.g. padding_side="left" or do_lower_case=False."""
+def config_variant(model: str, folder: Path, name: str, **settings) -> str:
+    """A copy of `model` in `folder` (other files linked) whose JSON file `name` (config.json,
+    tokenizer_config.json) has `settings` changed."""
     import json
 
     folder.mkdir(parents=True)
     for source in Path(model).iterdir():
-        if source.name != "tokenizer_config.json":
+        if source.name != name:
             (folder / source.name).symlink_to(source.resolve())
-    config = json.loads((Path(model) / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps(config | settings))
+    config = json.loads((Path(model) / name).read_text())
+    (folder / name).write_text(json.dumps(config | settings))
     return str(folder)
+
+
+def tokenizer_variant(model: str, folder: Path, **settings) -> str:
+    """A copy of `model` whose tokenizer_config.json has `settings` changed, e.g.
+    padding_side="left" or do_lower_case=False."""
+    return config_variant(model, folder, "tokenizer_config.json", **settings)
 
 
 def tree_state(root: str | Path) -> dict[str, tuple]:

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tokenizer_variant, tree_state
+from conftest import config_variant, tokenizer_variant, tree_state
 from typer.testing import CliRunner
 
 from bertvision import glue, shards, storage
@@ -241,17 +241,6 @@ def test_the_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(tmp_
     assert load_encoder(copy, "cpu").fingerprint == load_encoder(tiny_model, "cpu").fingerprint
 
 
-def config_variant(model: str, folder: Path, **settings) -> str:
-    """A copy of `model` in `folder` (files linked) whose config.json has `settings` changed."""
-    folder.mkdir(parents=True)
-    for source in Path(model).iterdir():
-        if source.name != "config.json":
-            (folder / source.name).symlink_to(source.resolve())
-    config = json.loads((Path(model) / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | settings))
-    return str(folder)
-
-
 @pytest.mark.parametrize(
     "settings, same",
     [
@@ -267,7 +256,7 @@ def test_the_fingerprint_covers_the_models_config_not_its_provenance(
     so an extraction made with one is refused for the other, not taken as done."""
     from bertvision.encoder import load_encoder
 
-    variant = config_variant(tiny_model, tmp_path / "variant", **settings)
+    variant = config_variant(tiny_model, tmp_path / "variant", "config.json", **settings)
     ours, theirs = (load_encoder(m, "cpu").fingerprint for m in (tiny_model, variant))
     assert (ours == theirs) is same
     if not same:
