@@ -3,6 +3,8 @@ memory counted in the stored dtype, and the shard formats it reads."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -258,12 +260,13 @@ def test_each_stored_dtype_is_one_type_in_arrow_numpy_and_torch(name):
 
 
 @pytest.mark.slow  # writes and reads 2**31 values: about half a minute a format
-@pytest.mark.parametrize("version", [6, 2])
-def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, version):
+@pytest.mark.parametrize("version, dtype", [(6, "float16"), (2, "float16"), (4, "int8")])
+def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, version, dtype):
     """bert-large-sized rows (25 x 1024 values a token) past 2**31 values in one shard, written
     by the real ShardWriter one row group per batch as extraction does, read by the embeddings
-    reader, as raw bytes and as a large_list. Zeros cost no memory until read; markers sit at
-    each row's ends and past 2**31."""
+    reader, as raw bytes, as a large_list, and as int8 bytes with their scales. Zeros cost no
+    memory until read; markers sit at each row's ends and past 2**31 (int8: restored to within
+    its float16 scale's rounding)."""
     layers, hidden_size, length, rows_per_group, groups = 25, 1024, 328, 4, 64
     per_row = layers * length * hidden_size
     num_rows = rows_per_group * groups
@@ -277,7 +280,7 @@ def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, vers
         num_examples=num_rows,
         shard_size=num_rows,
         max_seq_length=512,
-        dtype="float16",
+        dtype=dtype,
         layers=layers,
         hidden_size=hidden_size,
         regression=False,
@@ -297,18 +300,15 @@ def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, vers
                 if row == far_row:
                     values[k * per_row + far_index] = 0.5
             states = HostStates(torch.from_numpy(values.reshape(-1, hidden_size)), lengths, layers)
-            hidden = states.hidden_columns(HIDDEN_DTYPES["float16"], as_list=version == 2)[0]
-            writer.write(
-                pa.table(
-                    {
-                        "example_id": pa.array(rows, pa.int64()),
-                        "label": pa.array([0] * rows_per_group, pa.int64()),
-                        "length": pa.array([length] * rows_per_group, pa.int32()),
-                        "hidden": hidden,
-                    }
-                )
-            )
-            del values, hidden
+            hidden = states.hidden_columns(HIDDEN_DTYPES[dtype], as_list=version == 2)
+            columns = {
+                "example_id": pa.array(rows, pa.int64()),
+                "label": pa.array([0] * rows_per_group, pa.int64()),
+                "length": pa.array([length] * rows_per_group, pa.int32()),
+                **dict(zip(("hidden", "hidden_scale"), hidden, strict=False)),
+            }
+            writer.write(pa.table(columns))
+            del values, hidden, columns
         writer.commit()
 
     _, urls = committed_shards(str(tmp_path), "rte", "dev")
@@ -316,15 +316,21 @@ def test_a_shard_of_more_than_2_31_values_reads_back_for_training(tmp_path, vers
     assert packed.tokens.shape == (num_rows * length, layers, hidden_size)
     assert packed.example_ids.tolist() == list(range(num_rows))
     assert packed.starts.tolist() == [row * length for row in range(num_rows)]
-    tokens = packed.tokens
+
+    def stored(token: int, layer: int, unit: int) -> float:
+        """One value as training reads it (int8: times its float16 scale, as `batch` does)."""
+        value = packed.tokens[token, layer, unit].item()
+        return value if packed.scales is None else value * packed.scales[token, layer].item()
+
+    close = partial(pytest.approx, rel=2**-10 if dtype == "int8" else 0)
     for row in (0, 1, far_row, num_rows - 1):
         start = row * length
-        assert tokens[start, 0, 0].item() == row + 1
-        assert tokens[start + length - 1, layers - 1, hidden_size - 1].item() == -(row + 1)
-        assert tokens[start + 1, 0, 0].item() == 0 and tokens[start, 1, 0].item() == 0
+        assert stored(start, 0, 0) == close(row + 1)
+        assert stored(start + length - 1, layers - 1, hidden_size - 1) == close(-(row + 1))
+        assert stored(start + 1, 0, 0) == 0 and stored(start, 1, 0) == 0
     layer, rest = divmod(far_index, length * hidden_size)
     token, unit = divmod(rest, hidden_size)
-    assert tokens[far_row * length + token, layer, unit].item() == 0.5
+    assert stored(far_row * length + token, layer, unit) == close(0.5)
 
 
 def test_a_format_1_shard_still_reads(tmp_path):
