@@ -9,6 +9,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 from uuid import UUID
 
@@ -492,19 +493,27 @@ def test_the_cache_serves_a_shard_only_while_its_file_is_stored_as_committed(
     assert shard.read_bytes() == written
 
 
+def wnli_train_and_dev(out: Path, model: str, glue_dir: str, **changes) -> str:
+    """WNLI's train and dev embeddings under `out`, one shard each; returns its URL."""
+    settings = dict(task="wnli", out=str(out), data_dir=glue_dir, splits=["train", "dev"],
+                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
+    cfg = ExtractConfig(model=model, **settings | changes)
+    extract.extract_hidden_states(cfg, progress=False)
+    return str(out)
+
+
+@flow
+def train_once(cfg: TrainConfig) -> str:
+    """The train task in a flow of its own: its final state's name (Completed, Cached)."""
+    return train_tasks.train_adapter(cfg, return_state=True).name
+
+
 def test_the_train_task_is_not_served_from_the_cache_once_a_committed_file_is_gone(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
     """A run folder's cache key exists only while every file its commit record lists is
     stored: the adapter gone, the task runs and the core trains the run again."""
-    emb = str(tmp_path / "emb")
-    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
-                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
-    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
-
-    @flow
-    def train_once(cfg: TrainConfig) -> str:
-        return train_tasks.train_adapter(cfg, return_state=True).name
+    emb = wnli_train_and_dev(tmp_path / "emb", tiny_model, glue_dir)
 
     cfg = TrainConfig(task="wnli", embeddings=emb, out=str(tmp_path / "run"), epochs=1,
                       adapter_dim=4, device="cpu")  # fmt: skip
@@ -522,10 +531,7 @@ def test_a_trial_is_not_served_from_the_cache_once_its_run_lost_a_file(
 ):
     """The trial's cache key exists only while its trial.json and every file of its run are
     stored: the adapter gone, the task runs and the core trains the trial again, the same."""
-    emb = str(tmp_path / "emb")
-    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
-                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
-    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
+    emb = wnli_train_and_dev(tmp_path / "emb", tiny_model, glue_dir)
     cfg = SweepConfig(task="wnli", embeddings=emb, out=str(tmp_path / "sweep"), trials=1,
                       space={"epochs": 1, "adapter_dim": 4}, device="cpu")  # fmt: skip
     sweeping.prepare_sweep(cfg)
@@ -664,14 +670,7 @@ def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed
     make the cached result stale; the task runs and the core refuses (other inputs)."""
     from transformers import BertConfig, BertModel
 
-    emb = str(tmp_path / "emb")
-    settings = dict(task="wnli", out=emb, data_dir=glue_dir, splits=["train", "dev"],
-                    max_seq_length=64, shard_size=400, batch_size=32, device="cpu")  # fmt: skip
-    extract.extract_hidden_states(ExtractConfig(model=tiny_model, **settings), progress=False)
-
-    @flow
-    def train_once(cfg: TrainConfig) -> str:
-        return train_tasks.train_adapter(cfg, return_state=True).name
+    emb = wnli_train_and_dev(tmp_path / "emb", tiny_model, glue_dir)
 
     cfg = TrainConfig(task="wnli", embeddings=emb, out=str(tmp_path / "run"), epochs=1,
                       adapter_dim=4, device="cpu")  # fmt: skip
@@ -682,9 +681,7 @@ def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed
     BertModel(BertConfig.from_pretrained(tiny_model)).save_pretrained(other)
     shutil.copy(f"{tiny_model}/tokenizer.json", other)
     shutil.copy(f"{tiny_model}/tokenizer_config.json", other)
-    extract.extract_hidden_states(
-        ExtractConfig(model=str(other), overwrite=True, **settings), progress=False
-    )
+    wnli_train_and_dev(tmp_path / "emb", str(other), glue_dir, overwrite=True)
     assert train_once(cfg) == "Failed"  # refused: "holds a finished run with other ..."
     with pytest.raises(ValueError, match="holds a finished run with other settings or inputs"):
         train_core.train_adapter(cfg, progress=False)
