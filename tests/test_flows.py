@@ -448,14 +448,16 @@ def test_no_space_stops_a_grouped_extraction_at_the_first_shard(
     assert shards.status(str(tmp_path))["wnli/dev"]["failed_shards"] == [0]
 
 
+@flow
+def shard_zero(cfg: ExtractConfig) -> str:
+    """The extract_shard task of shard 0 in a flow of its own: its final state's name."""
+    [plan] = extract_tasks.plan_extraction(cfg)
+    return extract_tasks.extract_shard(cfg, plan, 0, return_state=True).name
+
+
 def test_the_cache_serves_a_shard_only_while_storage_holds_it(
     prefect_harness, tmp_path, tiny_model, glue_dir
 ):
-    @flow
-    def shard_zero(cfg: ExtractConfig) -> str:
-        [plan] = extract_tasks.plan_extraction(cfg)
-        return extract_tasks.extract_shard(cfg, plan, 0, return_state=True).name
-
     cfg = _cfg(tmp_path, tiny_model, glue_dir)
     # The first run stores the shard; from the second on, flow runs share a cache entry for it.
     assert [shard_zero(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
@@ -471,11 +473,6 @@ def test_the_cache_serves_a_shard_only_while_its_file_is_stored_as_committed(
     """The cache key exists only while the shard's commit record is there AND its file is
     stored as committed (size, and the hash blob metadata keeps), judged by metadata alone: the
     file alone gone (its record left), the task runs and the shard is written again."""
-
-    @flow
-    def shard_zero(cfg: ExtractConfig) -> str:
-        [plan] = extract_tasks.plan_extraction(cfg)
-        return extract_tasks.extract_shard(cfg, plan, 0, return_state=True).name
 
     cfg = _cfg(tmp_path, tiny_model, glue_dir)
     assert [shard_zero(cfg) for _ in range(3)] == ["Completed", "Completed", "Cached"]
