@@ -90,34 +90,21 @@ def data_version(data_dir: str | None) -> str:
 
 def _load_examples(
     task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
-) -> list[glue.Example]:
-    """The examples of `split`; of "train", the first `max_train_examples` (None: all), the
-    ones fine-tuning with the same setting reads. Read once per process while the data folder's
-    files stay as they are (`data_version`)."""
+) -> tuple[list[glue.Example], str]:
+    """The examples of `split` and their fingerprint; of "train", the first
+    `max_train_examples` (None: all), the ones fine-tuning with the same setting reads. Read and
+    hashed once per process while the data folder's files stay as they are (`data_version`),
+    not once per shard (MNLI train has 393k examples)."""
     return _examples(task, split, data_dir, max_train_examples, data_version(data_dir))
 
 
 @lru_cache(maxsize=4)
 def _examples(
     task: str, split: str, data_dir: str | None, max_train_examples: int | None, version: str
-) -> list[glue.Example]:
+) -> tuple[list[glue.Example], str]:
     examples = glue.load_split(task, split, data_dir)
-    return examples[:max_train_examples] if split == "train" else examples
-
-
-def _data_fingerprint(
-    task: str, split: str, data_dir: str | None, max_train_examples: int | None = None
-) -> str:
-    """Hashed once per process while the data stays as it is, not once per shard (MNLI train
-    has 393k examples)."""
-    return _fingerprint(task, split, data_dir, max_train_examples, data_version(data_dir))
-
-
-@lru_cache(maxsize=4)
-def _fingerprint(
-    task: str, split: str, data_dir: str | None, max_train_examples: int | None, version: str
-) -> str:
-    return glue.data_fingerprint(_examples(task, split, data_dir, max_train_examples, version))
+    examples = examples[:max_train_examples] if split == "train" else examples
+    return examples, glue.data_fingerprint(examples)
 
 
 def is_span_task(task: str) -> bool:
@@ -168,10 +155,8 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
             rows[split], fingerprints[split] = len(windows.features), windows.fingerprint
         else:
             where = (cfg.task, split, cfg.data_dir, cfg.max_train_examples)
-            rows[split], fingerprints[split] = (
-                len(_load_examples(*where)),
-                _data_fingerprint(*where),
-            )
+            examples, fingerprints[split] = _load_examples(*where)
+            rows[split] = len(examples)
     folders = {split: split_url(cfg.out, cfg.task, split) for split in splits}
     existing = _stored_plans(cfg.out, folders)  # each read once
     complete = all(_is_complete(folders[s], existing[s]) for s in splits)
@@ -309,8 +294,7 @@ def extract_shard(
             fingerprint = windows.fingerprint
         else:
             where = (plan.task, plan.split, cfg.data_dir, cfg.max_train_examples)
-            examples = _load_examples(*where)
-            fingerprint = _data_fingerprint(*where)
+            examples, fingerprint = _load_examples(*where)
         if fingerprint != plan.data_fingerprint:
             raise ShardError(
                 f"the data of {plan.task}/{plan.split} changed since the plan was "
