@@ -49,6 +49,7 @@ COMMIT_RECORD = "_commit.json"
 PUBLISHING = "_publishing.json"
 STAGING = "_staging"
 LEASE = "_lease.json"
+SCRATCH = "_checkpoint"  # a run's state kept between attempts (train's last epoch), until commit
 
 
 class FolderBusy(RuntimeError):
@@ -74,11 +75,14 @@ def missing_files(out: str, record: dict[str, Any]) -> list[str]:
 
 def not_whole(out: str) -> str | None:
     """Why the run folder `out` is not a whole run, judged by metadata alone: a commit under way
-    or killed (OUT/_publishing.json), or files its commit record lists gone; None otherwise
-    (a folder without a commit record, as runs written before records, counts as whole)."""
-    if storage.exists(storage.join(out, PUBLISHING)):
-        return f"a commit is under way there, or was killed ({PUBLISHING})"
+    or killed (OUT/_publishing.json without a commit record), or files its commit record lists
+    gone; None otherwise (a folder without a commit record, as runs written before records,
+    counts as whole). A commit record beside _publishing.json is the old run's, whole until the
+    commit's next step removes the record, or the new one's, written after all its files: a
+    commit killed just after it leaves the run finished (`tidy` removes what is left)."""
     record = commit_record(out)
+    if record is None and storage.exists(storage.join(out, PUBLISHING)):
+        return f"a commit is under way there, or was killed ({PUBLISHING})"
     missing = missing_files(out, record) if record is not None else []
     if missing:
         return f"it lacks {len(missing)} of its files ({', '.join(missing[:3])})"
@@ -163,9 +167,32 @@ class StagedRun:
             fs.mv(f"{staged}/{name}", target)
         record = replace(record, files=files, worker=worker_name(), committed_at=now())
         records.write_record(storage.join(self.out, COMMIT_RECORD), record)
-        _remove(fs, f"{root}/{PUBLISHING}")
-        _remove(fs, f"{root}/{STAGING}")  # with what killed writers staged before (leased)
+        for name in (PUBLISHING, STAGING, SCRATCH):  # STAGING: with what killed writers staged
+            _remove(fs, f"{root}/{name}")
         return record
+
+
+def tidy(out: str) -> list[str]:
+    """Remove what a commit killed after writing its record left beside the finished run at
+    `out` (_publishing.json, _staging/, _checkpoint/); returns their names. One listing when
+    there is nothing to remove; otherwise done as the folder's writer (under its lease), and
+    nothing while another process holds it or the folder cannot be written."""
+    fs, root = storage.url_to_fs(out)
+    root = root.rstrip("/")
+    with storage.translate_errors(out):
+        names = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)}
+    left = [name for name in (PUBLISHING, STAGING, SCRATCH) if name in names]
+    if not left:
+        return []
+    try:
+        with lease(out):
+            if commit_record(out) is None:  # a commit began since: its files are its own
+                return []
+            for name in left:
+                _remove(fs, f"{root}/{name}")
+    except (FolderBusy, PermissionError):
+        return []
+    return left
 
 
 def _remove(fs, path: str) -> None:
@@ -297,6 +324,7 @@ def once(out: str, finished: Callable[[], T | None], work: Callable[[], T]) -> T
     if `out` cannot be written.
     """
     if (done := finished()) is not None:
+        tidy(out)
         return done
     storage.ensure_writable(out)
     with lease(out):

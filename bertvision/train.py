@@ -70,7 +70,7 @@ from bertvision.rng import nested_subset
 from bertvision.schema import ExtractionPlan
 from bertvision.shards import ShardError, load_plan, split_url
 
-CHECKPOINT = "_checkpoint/last.pt"
+CHECKPOINT = f"{runs.SCRATCH}/last.pt"
 VAL_SPLIT = "val"
 
 
@@ -677,6 +677,4 @@ def _write_run(
         },
     )
     storage.write_json(storage.join(out, "metrics.json"), metrics)
-    staged.commit(run, last=("config.json", "metrics.json"))
-    fs, root = storage.url_to_fs(cfg.out)
-    fs.rm(f"{root.rstrip('/')}/{CHECKPOINT.split('/')[0]}", recursive=True)
+    staged.commit(run, last=("config.json", "metrics.json"))  # and removes the checkpoint

@@ -180,6 +180,16 @@ def test_a_run_whose_commit_was_killed_is_left_out_with_a_note_naming_it(results
     assert_left_out_with_a_note(results, broken, why)
 
 
+@pytest.mark.parametrize("results", ["recorded"], indirect=True)
+def test_a_run_whose_commit_was_killed_after_its_record_is_reported(results):
+    """The record is written after every file of the run: a _publishing.json left beside it by
+    a kill before the clean-up does not make the run less whole."""
+    (results / "rte" / "pooler-2" / "_publishing.json").write_text(json.dumps({"files": []}))
+    report = write_report(ReportConfig(results=str(results)))
+    rte = next(line for line in report["text"].splitlines() if line.startswith("| rte"))
+    assert "(n=3)" in rte and "left out" not in report["text"]
+
+
 @pytest.mark.parametrize("results", ["recorded"], indirect=True)  # older runs list no files
 def test_a_run_whose_committed_files_are_gone_is_left_out_with_a_note_naming_it(results):
     broken = results / "rte" / "pooler-2"
@@ -191,6 +201,7 @@ def test_a_run_whose_committed_files_are_gone_is_left_out_with_a_note_naming_it(
 def test_a_folder_of_runs_none_stored_whole_is_refused_naming_them(tmp_path):
     run = tmp_path / "runs" / "pooler"
     adapter_run(run, "rte", "pooler", {"accuracy": 0.6}, True)
+    (run / "_commit.json").unlink(missing_ok=True)
     (run / "_publishing.json").write_text(json.dumps({"files": []}))
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs")])
     assert result.exit_code == 2

@@ -176,3 +176,51 @@ def test_a_run_whose_committed_files_are_gone_is_not_finished(tmp_path):
         "outputs/dev.parquet",
         "metrics.json",
     ]
+
+
+def killed_after_its_record(out, monkeypatch) -> None:
+    """Commit a run at `out` and die just after its record is written, before the clean-up,
+    with a checkpoint left from training and files staged by a writer killed before."""
+    storage.write_text_atomic(storage.join(str(out), runs.SCRATCH, "last.pt"), "epoch 3")
+    storage.write_text_atomic(storage.join(str(out), runs.STAGING, "dead", "metrics.json"), "x")
+    real_remove = runs._remove
+
+    def dying_remove(fs, path):
+        if path.endswith(runs.PUBLISHING):
+            raise KeyboardInterrupt
+        real_remove(fs, path)
+
+    monkeypatch.setattr(runs, "_remove", dying_remove)
+    with pytest.raises(KeyboardInterrupt), StagedRun(str(out)) as staged:
+        storage.write_text_atomic(storage.join(staged.url, "metrics.json"), "m")
+        staged.commit(RunRecord("train", "k0", {}, {}, {}), last=("metrics.json",))
+    monkeypatch.undo()
+
+
+def test_a_commit_killed_after_its_record_leaves_a_finished_run_and_the_next_caller_tidies(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    killed_after_its_record(out, monkeypatch)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("_")) == [
+        "_checkpoint",
+        "_commit.json",
+        "_publishing.json",
+        "_staging",
+    ]
+    assert runs.not_whole(str(out)) is None  # its record was written after all its files
+    assert runs.finished(str(out), "k0", overwrite=False)["key"] == "k0"
+
+    with runs.lease(str(out)):  # another writer holds the folder: its files are left alone
+        assert runs.tidy(str(out)) == []
+    assert runs.once(str(out), lambda: "as stored", lambda: "redone") == "as stored"
+    assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "metrics.json"]
+    assert (out / "metrics.json").read_text() == "m"
+    assert runs.tidy(str(out)) == []  # nothing more to remove
+
+
+def test_a_commit_removes_the_runs_checkpoint_with_its_staging(tmp_path):
+    out = tmp_path / "run"
+    storage.write_text_atomic(storage.join(str(out), runs.SCRATCH, "last.pt"), "epoch 3")
+    write_run(out, {"metrics.json": "m"}, "k0")
+    assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "metrics.json"]
