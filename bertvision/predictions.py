@@ -5,6 +5,8 @@
     RUN/<split>_predictions.tsv      GLUE submission format: `index<TAB>prediction`
 
 The parquet outputs are what ensembles average; the TSV files are what GLUE's server takes.
+Outputs files carry Parquet's page checksums (CRC32), which every reader verifies
+(`write_outputs_table`, `read_outputs_table`; SQuAD's per-window logits go the same way).
 """
 
 from __future__ import annotations
@@ -58,9 +60,7 @@ def write_predictions(
             ).cast(pa.list_(pa.float32())),
         }
     )
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
+    write_outputs_table(table, run, split)
     predicted = point_predictions(task, outputs)
     lines = ["index\tprediction"]
     for example_id, value in zip(ids, predicted, strict=True):
@@ -72,21 +72,42 @@ def write_predictions(
 def read_outputs(run: str, split: str) -> tuple[np.ndarray, list, np.ndarray]:
     """example_ids, labels and (N, C) outputs of one split of a run, sorted by example_id.
     FileNotFoundError when the run has none; FileFormatError naming the file when it is not an
-    outputs file; NonFiniteError naming it when an output is NaN or infinite."""
-    url = storage.join(run, "outputs", f"{split}.parquet")
-    fs, path = storage.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"run {run} has no outputs for {split}")
-    try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["example_id", "label", "output"])
-    except pa.ArrowException as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise storage.FileFormatError(f"outputs file {url}: {reason}") from None
+    outputs file or its bytes are not those written; NonFiniteError naming it when an output
+    is NaN or infinite."""
+    url, table = read_outputs_table(run, split, ["example_id", "label", "output"])
     table = table.sort_by("example_id")
     outputs = np.stack(table.column("output").to_numpy(zero_copy_only=False)).astype(np.float32)
     require_finite_rows(outputs, f"outputs file {url}")
     return table.column("example_id").to_numpy(), table.column("label").to_pylist(), outputs
+
+
+def write_outputs_table(table: pa.Table, run: str, split: str) -> None:
+    """Write RUN/outputs/<split>.parquet whole or not at all, with page checksums."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, write_page_checksum=True)
+    storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
+
+
+def read_outputs_table(
+    run: str, split: str, columns: list[str], what: str = "an outputs file"
+) -> tuple[str, pa.Table]:
+    """The URL of RUN/outputs/<split>.parquet and its `columns`, page checksums verified (files
+    written before they had checksums read as before). FileNotFoundError when the run has no
+    such file; FileFormatError naming it when it is not `what` (a column missing, not Parquet)
+    or a page's bytes are not those written."""
+    url = storage.join(run, "outputs", f"{split}.parquet")
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{run} has no {split} outputs (outputs/{split}.parquet)")
+    try:
+        with storage.translate_errors(url), fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=columns, page_checksum_verification=True)
+    except (storage.StorageError, ConnectionError, TimeoutError, PermissionError):
+        raise
+    except (pa.ArrowException, KeyError, OSError) as exc:  # OSError: a failed page checksum
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise storage.FileFormatError(f"outputs file {url}: {reason} (not {what})") from None
+    return url, table
 
 
 def read_submission(url: str, task: GlueTask) -> dict[int, int | float]:

@@ -26,11 +26,10 @@ every question of the split). Returns {"ensemble": dev metrics, "val": val metri
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bertvision import span_train, squad, storage
 from bertvision.finite import require_finite_rows
+from bertvision.predictions import read_outputs_table
 
 # The ensemble's splits and the extraction split holding their windows.
 EXTRACTION_SPLITS = {"val": "train", "dev": "dev"}
@@ -43,19 +42,8 @@ def read_window_logits(run: str, split: str) -> tuple[list[Window], list[np.ndar
     start and end logits. FileNotFoundError when the run has none; FileFormatError naming the
     file when it is not a span outputs file; NonFiniteError naming it when a logit is NaN or
     infinite."""
-    url = storage.join(run, "outputs", f"{split}.parquet")
-    fs, path = storage.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{run} has no {split} outputs (outputs/{split}.parquet)")
     columns = ["question_id", "window_index", "start_logits", "end_logits"]
-    try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns)
-    except (pa.ArrowException, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise storage.FileFormatError(
-            f"outputs file {url}: {reason} (not per-window logits)"
-        ) from None
+    url, table = read_outputs_table(run, split, columns, "per-window logits")
     windows = list(
         zip(
             table.column("question_id").to_pylist(),

@@ -888,10 +888,9 @@ def write_outputs(run: str, split: str, features: Features, logits: list[np.ndar
     window (what ensembles of span models average). `features`: squad.Features, or stored
     windows (span_embeddings.Windows), one per (2, T) array of `logits`. NonFiniteError,
     writing nothing, when a logit is NaN or infinite."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from bertvision.predictions import write_outputs_table
 
     require_finite_rows(logits, f"{run}: {split} start and end logits, so nothing was written")
     table = pa.table(
@@ -902,9 +901,7 @@ def write_outputs(run: str, split: str, features: Features, logits: list[np.ndar
             "end_logits": pa.array([x[1] for x in logits], pa.list_(pa.float32())),
         }
     )
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes_atomic(storage.join(run, "outputs", f"{split}.parquet"), sink.getvalue())
+    write_outputs_table(table, run, split)
 
 
 def _register() -> None:

@@ -124,3 +124,23 @@ def tree_state(root: str | Path) -> dict[str, tuple]:
             path = Path(folder, name)
             state[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
     return state
+
+
+def flip_in_column(path: Path, column: str, count: int = 4) -> None:
+    """Flip `count` bytes at the end of the pages of `column` in the Parquet file at `path`: its
+    data, not a page header or the footer, so that the file still opens and only the pages'
+    checksums can tell."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(
+        meta.column(i)
+        for i in range(meta.num_columns)
+        if meta.column(i).path_in_schema.split(".")[0] == column
+    )
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    end = start + chunk.total_compressed_size
+    data = bytearray(path.read_bytes())
+    for at in range(end - 1 - count, end - 1):
+        data[at] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import flip_in_column
 from typer.testing import CliRunner
 
 from bertvision import glue, storage
@@ -325,3 +326,16 @@ def test_an_ensemble_whose_predictions_are_gone_is_built_again(tmp_path):
         k: v for k, v in first.items() if k != "config"
     }
     assert (ens / "dev_predictions.tsv").read_bytes() == submission
+
+
+@pytest.mark.parametrize("split", ["val", "dev"])
+def test_flipped_bytes_in_a_members_outputs_are_refused_naming_the_file(tmp_path, split):
+    """Outputs files carry page checksums: a member whose outputs are not the bytes its run wrote
+    stops the ensemble before it averages anything (the values read as other numbers before)."""
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    flipped = tmp_path / "sweep" / "trials" / "0001" / "outputs" / f"{split}.parquet"
+    flip_in_column(flipped, "output")
+    ens = tmp_path / "ens"
+    with pytest.raises(storage.FileFormatError, match=rf"outputs file {flipped}: .*checksum"):
+        build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2))
+    assert not ens.exists()

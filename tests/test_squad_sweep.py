@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import flip_in_column
 from test_sweep import write_split
 from typer.testing import CliRunner
 
-from bertvision import squad, sweep
+from bertvision import squad, storage, sweep
 from bertvision.cli import app
 from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
 from bertvision.ensemble import build_ensemble
@@ -160,6 +161,16 @@ def test_the_ensemble_logits_are_the_members_mean_window_by_window(tmp_path):
     expected = [[[2, 2, 2], [2, 0, 2]], [[1, 3], [1.5, 1.5]], [[0], [5.5]]]
     for got, want in zip(mean, expected, strict=True):
         np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+
+
+def test_flipped_bytes_in_a_members_logits_are_refused_naming_the_file(tmp_path):
+    windows = [("q1", 0), ("q2", 0)]
+    _write_member(tmp_path / "a", windows, [[[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]]])
+    _write_member(tmp_path / "b", windows, [[[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]]])
+    flipped = tmp_path / "b" / "outputs" / "dev.parquet"
+    flip_in_column(flipped, "start_logits")
+    with pytest.raises(storage.FileFormatError, match=rf"outputs file {flipped}: .*checksum"):
+        average_window_logits([str(tmp_path / "a"), str(tmp_path / "b")], "dev")
 
 
 def test_members_of_other_windows_are_refused_naming_both(tmp_path):
