@@ -46,6 +46,7 @@ import io
 import math
 import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -544,10 +545,24 @@ def _load_checkpoint(cfg: TrainConfig, key: str) -> dict | None:
     url = storage.join(cfg.out, CHECKPOINT)
     if not storage.exists(url):
         return None
+    data = storage.read_bytes(url)
     try:
-        checkpoint = torch.load(io.BytesIO(storage.read_bytes(url)), map_location=cfg.device)
+        # torch.save writes a zip whose members carry CRC32s that torch.load does not check
+        if (damaged := zipfile.ZipFile(io.BytesIO(data)).testzip()) is not None:
+            raise storage.FileFormatError(
+                f"{url} is not the checkpoint training wrote (a CRC32 of {damaged} fails); "
+                "delete it to start the run afresh"
+            )
+        checkpoint = torch.load(io.BytesIO(data), map_location=cfg.device)
         run_key = checkpoint["run_key"]
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as exc:
+    except (
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        TypeError,
+    ) as exc:
         raise storage.FileFormatError(
             f"{url} is not a training checkpoint ({type(exc).__name__}); "
             "delete it to start the run afresh"

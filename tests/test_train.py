@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tree_state
 from test_embeddings import HIDDEN, LAYERS, synthetic, write_split
 from typer.testing import CliRunner
 
@@ -25,6 +26,7 @@ from bertvision.metrics import compute_metrics
 from bertvision.predictions import read_submission
 from bertvision.schema import ShardRecord, shard_record_name
 from bertvision.shards import ShardError, manifest_url, split_url
+from bertvision.storage import FileFormatError
 from bertvision.train import TrainConfig, train_adapter
 
 
@@ -268,6 +270,35 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path, rte_embeddings
     )
     weights = "adapter/adapter.safetensors"
     assert (run / weights).read_bytes() == (tmp_path / "whole" / weights).read_bytes()
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_not_resumed_from(
+    tmp_path, rte_embeddings, monkeypatch
+):
+    """torch.load reads flipped bytes in the saved tensors as other weights; the zip's CRC32s
+    tell, and the run stops naming the checkpoint before anything is written."""
+    real_epoch = training._train_epoch
+
+    def cut_after_one_epoch(*args):
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(training, "_train_epoch", cut_after_one_epoch)
+    cut = config(tmp_path, rte_embeddings, run="cut", epochs=3, patience=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(cut, progress=False)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "cut" / "_checkpoint" / "last.pt"
+    data = bytearray(checkpoint.read_bytes())
+    at = len(data) // 2  # inside the saved tensors
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+    checkpoint.write_bytes(bytes(data))
+    before = tree_state(tmp_path / "cut")
+
+    with pytest.raises(FileFormatError, match=rf"{checkpoint} is not the checkpoint training wro"):
+        train_adapter(cut, progress=False)
+    assert tree_state(tmp_path / "cut") == before
 
 
 def test_a_finished_run_is_returned_as_stored_and_never_mixed(
