@@ -173,26 +173,27 @@ class StagedRun:
 
 
 def tidy(out: str) -> list[str]:
-    """Remove what a commit killed after writing its record left beside the finished run at
-    `out` (_publishing.json, _staging/, _checkpoint/); returns their names. One listing when
-    there is nothing to remove; otherwise done as the folder's writer (under its lease), and
-    nothing while another process holds it or the folder cannot be written."""
+    """Remove what writers killed after a commit's record left beside the finished run at `out`
+    (_publishing.json, _staging/, _checkpoint/, `.tmp` files of killed writes); returns their
+    names. One listing when there is nothing to remove; otherwise done as the folder's writer
+    (under its lease), and nothing while another process holds it or the folder cannot be
+    written."""
     fs, root = storage.url_to_fs(out)
     root = root.rstrip("/")
     with storage.translate_errors(out):
         names = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)}
     left = [name for name in (PUBLISHING, STAGING, SCRATCH) if name in names]
-    if not left:
+    if not left and not any(name.endswith(storage.TMP_SUFFIX) for name in names):
         return []
     try:
-        with lease(out):
+        with lease(out) as held:  # taking it removes the stale `.tmp` files
             if commit_record(out) is None:  # a commit began since: its files are its own
-                return []
+                return held.removed
             for name in left:
                 _remove(fs, f"{root}/{name}")
     except (FolderBusy, PermissionError):
         return []
-    return left
+    return sorted(left + held.removed)
 
 
 def _remove(fs, path: str) -> None:
@@ -206,7 +207,8 @@ class Lease:
     Local disks create it with O_EXCL, Azure with `If-None-Match: *` (adlfs mode "xb"), so of two
     processes starting at once exactly one gets it. The holder renews it every `ttl_s / 3`
     seconds from a background thread; a lease whose holder died is taken over once it expired
-    (at once when the holder was a process on this host that no longer runs).
+    (at once when the holder was a process on this host that no longer runs). Taking it, the
+    new writer removes the `.tmp` files that killed writes left directly under the folder.
     """
 
     def __init__(self, out: str, ttl_s: float = 600.0) -> None:
@@ -217,6 +219,7 @@ class Lease:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._made_folder = False  # a local folder made for the lease, removed if left empty
+        self.removed: list[str] = []  # stale `.tmp` files removed on taking the lease
 
     def acquire(self) -> None:
         """Take the lease, or raise FolderBusy naming its holder."""
@@ -234,6 +237,16 @@ class Lease:
                 raise FolderBusy(f"{self.out} was just taken by another process; use another --out")
         self._renewer = threading.Thread(target=self._renew, daemon=True)
         self._renewer.start()
+        self.removed = self._remove_stale_tmp()
+
+    def _remove_stale_tmp(self) -> list[str]:
+        """As the folder's writer now: remove the `.tmp` files of small writes killed midway
+        (storage.write_bytes_atomic, local disks only) directly under it; their names."""
+        fs, path = storage.url_to_fs(self.url)
+        if not storage.is_local(fs):
+            return []
+        folder = path.rsplit("/", 1)[0]
+        return storage.remove_stale(fs, folder, lambda name: name.endswith(storage.TMP_SUFFIX))
 
     def release(self) -> None:
         self._stop.set()

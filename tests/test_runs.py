@@ -224,3 +224,33 @@ def test_a_commit_removes_the_runs_checkpoint_with_its_staging(tmp_path):
     storage.write_text_atomic(storage.join(str(out), runs.SCRATCH, "last.pt"), "epoch 3")
     write_run(out, {"metrics.json": "m"}, "k0")
     assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "metrics.json"]
+
+
+def test_the_tmp_files_of_writes_killed_midway_go_when_the_folder_is_next_leased(tmp_path):
+    """A small write killed midway leaves `<name>~<host>~<pid>~<id>.tmp` beside its target; the
+    next writer of the folder removes those whose writer is gone, and keeps a live one's."""
+    import socket
+
+    out = tmp_path / "run"
+    write_run(out, {"metrics.json": "m"}, "k0")
+    host = socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    killed = f"_commit.json~{host}~{dead}~0123456789ab.tmp"
+    live = storage.staging_name("metrics.json") + storage.TMP_SUFFIX
+    (out / killed).write_text("{")
+    (out / live).write_text("{")
+
+    assert runs.once(str(out), lambda: "as stored", lambda: "redone") == "as stored"
+    assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "metrics.json", live]
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / killed.replace("_commit.json", "trials.jsonl")).write_text("{")
+    with runs.lease(str(sweep)) as held:
+        assert held.removed == [killed.replace("_commit.json", "trials.jsonl")]
+    assert list(sweep.iterdir()) == []
