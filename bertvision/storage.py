@@ -119,6 +119,11 @@ def remove_stale(
     return removed
 
 
+def _is_staging_of(name: str, staged: str) -> bool:
+    """Whether `staged` is a staging file of a small write to `name` (write_bytes_atomic)."""
+    return staged.startswith(f"{name}~") and staged.endswith(TMP_SUFFIX)
+
+
 def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float | None:
     try:
         return fs.modified(path).timestamp()
@@ -309,7 +314,13 @@ def write_together(files: dict[str, bytes]) -> None:
     Where renames are cheap (local disks, memory://) every file is first written whole under a
     staging name beside its target, then all are renamed into place; on blob storage, which
     has no renames, each is written in turn. Should one fail to go into place, those before it
-    get their old content back (or are removed where they were new)."""
+    get their old content back (or are removed where they were new). The staging files of
+    these targets that writers killed midway left are removed first."""
+    for url in files:
+        fs, path = url_to_fs(url)
+        if is_local(fs) and "/" in path:
+            folder, name = path.rsplit("/", 1)
+            remove_stale(fs, folder, lambda staged, name=name: _is_staging_of(name, staged))
     before = {url: read_bytes(url) if exists(url) else None for url in files}
     staged: dict[str, str] = {}  # url -> its staging URL, until renamed into place
     placed: list[str] = []

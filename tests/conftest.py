@@ -144,3 +144,15 @@ def flip_in_column(path: Path, column: str, count: int = 4) -> None:
     for at in range(end - 1 - count, end - 1):
         data[at] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def killed_staging_name(name: str) -> str:
+    """A staging file name for `name` (storage.staging_name) as a writer on this host that is
+    gone now left it: the pid of a process that has exited."""
+    import socket
+    import subprocess
+    import sys
+
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return f"{name}~{socket.gethostname()}~{pid}~0123456789ab"

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import killed_staging_name
 from fsspec.implementations.local import LocalFileSystem
 from typer.testing import CliRunner
 
@@ -211,6 +212,15 @@ def test_a_folder_of_runs_none_stored_whole_is_refused_naming_them(tmp_path):
         "(_publishing.json))\n"
     )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pooler"]
+
+
+def test_a_report_removes_what_a_report_killed_midway_left(results):
+    killed = [killed_staging_name(name) + storage.TMP_SUFFIX for name in ("report.md", "x.md")]
+    for name in killed:
+        (results / name).write_text("| half a table")
+    write_report(ReportConfig(results=str(results)))
+    files = sorted(p.name for p in results.iterdir() if p.is_file())
+    assert files == ["report.md", "report.png", killed[1]]  # another file's are not its own
 
 
 def test_the_plot_and_the_table_are_replaced_together_or_not_at_all(results, monkeypatch):

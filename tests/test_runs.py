@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from conftest import killed_staging_name
 
 from bertvision import runs, storage
 from bertvision.records import RunRecord
@@ -229,18 +230,9 @@ def test_a_commit_removes_the_runs_checkpoint_with_its_staging(tmp_path):
 def test_the_tmp_files_of_writes_killed_midway_go_when_the_folder_is_next_leased(tmp_path):
     """A small write killed midway leaves `<name>~<host>~<pid>~<id>.tmp` beside its target; the
     next writer of the folder removes those whose writer is gone, and keeps a live one's."""
-    import socket
-
     out = tmp_path / "run"
     write_run(out, {"metrics.json": "m"}, "k0")
-    host = socket.gethostname()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    killed = f"_commit.json~{host}~{dead}~0123456789ab.tmp"
+    killed = killed_staging_name("_commit.json") + storage.TMP_SUFFIX
     live = storage.staging_name("metrics.json") + storage.TMP_SUFFIX
     (out / killed).write_text("{")
     (out / live).write_text("{")
@@ -250,7 +242,8 @@ def test_the_tmp_files_of_writes_killed_midway_go_when_the_folder_is_next_leased
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    (sweep / killed.replace("_commit.json", "trials.jsonl")).write_text("{")
+    killed = killed_staging_name("trials.jsonl") + storage.TMP_SUFFIX
+    (sweep / killed).write_text("{")
     with runs.lease(str(sweep)) as held:
-        assert held.removed == [killed.replace("_commit.json", "trials.jsonl")]
+        assert held.removed == [killed]
     assert list(sweep.iterdir()) == []
