@@ -15,6 +15,7 @@ import errno
 import inspect
 import itertools
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -41,6 +42,8 @@ from bertvision.config import (
 )
 from bertvision.finite import strict_json
 
+INTERRUPTED = 128 + signal.SIGINT
+
 
 class OneLineUsageErrors(TyperGroup):
     """Usage errors (a value an option cannot take, a missing option, an unknown command) end
@@ -63,6 +66,10 @@ class OneLineUsageErrors(TyperGroup):
         except Abort:
             typer.echo("Aborted.", err=True)
             sys.exit(1)
+        if code == INTERRUPTED:  # Typer's exit code for KeyboardInterrupt (Ctrl-C)
+            typer.echo(
+                "\ninterrupted: what was committed is kept; the same command resumes", err=True
+            )
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -9,8 +9,10 @@ command's: the pipeline's own fields, then each stage's as `--<stage>-<field>`
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -40,6 +42,7 @@ def run(cfg: PipelineConfig) -> None:
     Example: bertvision run --tasks rte --data-dir glue_data --out runs/rte
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline anyway
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's usage data and its notice likewise
     from bertvision_flows.extract_glue import ShardsFailed
     from bertvision_flows.pipeline import pipeline
     from prefect.server.api.server import SubprocessASGIServer
@@ -55,6 +58,8 @@ def run(cfg: PipelineConfig) -> None:
         )
     try:
         with _terminal(cfg.verbose), ExitStack() as stack:
+            stack.callback(_stop_worker_processes)
+            stack.enter_context(_threads_end_quietly_on_interrupt())
             if not server_url:
                 # One ephemeral API for this process and the sweep's worker processes, which
                 # would each start a throwaway one otherwise. A fresh one migrates its database
@@ -66,7 +71,8 @@ def run(cfg: PipelineConfig) -> None:
                 # stopped here, not at exit: quietly, and also when the command is terminated
                 stack.enter_context(_terminated_as_exit())
                 stack.callback(_stop_after_logs, server)
-                server.start(timeout=180)
+                with _interrupts_held():  # Ctrl-C stops this command, which stops the server
+                    server.start(timeout=180)
                 stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
             results = pipeline(cfg)
     except ShardsFailed as exc:
@@ -77,12 +83,52 @@ def run(cfg: PipelineConfig) -> None:
     typer.echo("\n" + where_written(cfg, server_url))
 
 
+@contextmanager
+def _threads_end_quietly_on_interrupt() -> Iterator[None]:
+    """A thread that Ctrl-C ends (the process pool's result thread, handing the interrupt of a
+    trial back to Prefect) prints no traceback: the command's one line says it all."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, KeyboardInterrupt):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def _stop_worker_processes() -> None:
+    """Terminate the worker processes still running (the sweep's process pool, after Ctrl-C
+    reached them mid-trial): Python joins them at exit, and one interrupted while Prefect's
+    pool set it up never ends."""
+    for process in multiprocessing.active_children():
+        process.terminate()
+        process.join(timeout=5)
+
+
 def _stop_after_logs(server) -> None:
     """Stop the ephemeral API once the logs queued for it are sent (else they fail at exit)."""
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all()
     server.stop()
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT held pending in this thread, and so in the processes it starts meanwhile, which
+    inherit the mask: Ctrl-C, sent to the terminal's whole process group, then reaches this
+    command alone, which sends the logs it queued to a server still running and stops it. (Reached
+    by Ctrl-C too, the server died first, and the command waited on its logs for good.) A Ctrl-C
+    pressed within the block takes effect at its end."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextmanager

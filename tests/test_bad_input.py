@@ -232,6 +232,18 @@ def test_a_garbled_run_file_is_named_by_train(tmp_path, name):
     assert file_tree(run) == before
 
 
+def test_ctrl_c_ends_a_command_in_one_line_with_exit_code_130(tmp_path, monkeypatch):
+    from bertvision import report
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 130
+    assert result.stderr == "\ninterrupted: what was committed is kept; the same command resumes\n"
+
+
 def test_a_garbled_sweep_record_is_named_by_sweep(tmp_path):
     embeddings = synthetic(str(tmp_path / "emb"), n_train=20, n_dev=8)
     out = tmp_path / "sweep"

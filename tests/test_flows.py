@@ -758,3 +758,25 @@ def test_run_command_takes_squad2_through_the_pipeline_with_em_and_f1_per_stage(
 def test_a_shard_group_for_a_deployment_the_server_lacks_names_it(prefect_harness):
     with pytest.raises(RuntimeError, match=r"deployment extract-shards/nope is not on the Prefect"):
         extract_tasks.run_shard_group.fn("extract-shards/nope", {}, "rte-train-shards-1-of-2")
+
+
+def test_ctrl_c_reaches_the_run_command_alone_not_the_server_it_starts():
+    """Ctrl-C signals the terminal's whole process group; the ephemeral API server, started
+    with SIGINT held, outlives it, so the command can still send its logs there and stop it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bertvision_flows.cli import _interrupts_held
+
+    survives = "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    survives += (
+        "try:\n    time.sleep(2); print('ran on')\nexcept KeyboardInterrupt:\n    print('stopped')"
+    )
+    with _interrupts_held():
+        server = subprocess.Popen([sys.executable, "-c", survives], stdout=subprocess.PIPE)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # ours again
+    time.sleep(0.5)
+    os.kill(server.pid, signal.SIGINT)
+    assert server.communicate(timeout=30)[0].decode().strip() == "ran on"
