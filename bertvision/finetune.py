@@ -9,6 +9,14 @@ and dev metrics, and the predictions are written in the family's formats (GLUE: 
 run's; SQuAD: bertvision.squad.SquadFamily). The held-out slice of TRAIN that adapters select
 on (`val_fraction`, `val_seed`; whole articles for SQuAD) is left out of training.
 
+What the checkpoint was fine-tuned on is recorded by content (`FinetunedEncoder`, in the run
+record's `finetuned_encoder`): the fingerprint of its encoder, the task, the first
+`train_examples` examples of TRAIN and their fingerprint, `val_fraction` and `val_seed`. An
+extraction with the checkpoint copies it into its own record, and adapter training on those
+embeddings refuses a held-out slice holding examples the encoder trained on (another
+`max_train_examples` at extraction, another `val_fraction` or `val_seed` in training): the
+slice would rate the adapter on examples its encoder has learnt.
+
 The run is committed whole (bertvision.runs: staged, moved into place, the checkpoint's
 config.json, metrics.json and then the commit record last), keyed on `content_key`: the settings,
 the encoder's fingerprint (its weights, wherever they come from) and the data's fingerprints. A
@@ -25,7 +33,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -34,6 +42,65 @@ from bertvision import __version__, families, glue, records, rng, runs, storage
 from bertvision import encoder as enc
 from bertvision.config import FinetuneConfig, require
 from bertvision.finite import NonFiniteError
+
+
+@dataclass(frozen=True)
+class FinetunedEncoder:
+    """An encoder that a BERTVision fine-tuning made, and what it trained on: of the task's TRAIN
+    split the first `train_examples` examples (SQuAD: questions; `max_train_examples` as set,
+    None: all), `data_fingerprint` their fingerprint (the family's data_fingerprint), less the
+    held-out slice of `val_fraction` and `val_seed` (GLUE: glue.held_out_ids of their ids;
+    SQuAD: whole articles, squad.held_out_titles). Kept in records.RunRecord.finetuned_encoder.
+    """
+
+    fingerprint: str  # encoder.fingerprint of the checkpoint's encoder, as extraction loads it
+    run_key: str  # the fine-tuning's content key
+    task: str  # its canonical name
+    max_train_examples: int | None
+    train_examples: int
+    val_fraction: float
+    val_seed: int
+    data_fingerprint: str
+
+    @classmethod
+    def from_record(cls, record: records.RunRecord, url: str) -> FinetunedEncoder | None:
+        """The encoder `record` (read from `url`) describes; None when it describes none (a
+        record of another kind, or one written before they were recorded). FileFormatError
+        naming `url` when the description is garbled."""
+        described = record.finetuned_encoder
+        if not described:
+            return None
+        types = {
+            "fingerprint": str,
+            "run_key": str,
+            "task": str,
+            "max_train_examples": (int, type(None)),
+            "train_examples": int,
+            "val_fraction": (int, float),
+            "val_seed": int,
+            "data_fingerprint": str,
+        }
+        wrong = sorted(
+            name
+            for name, kind in types.items()
+            if not isinstance(described.get(name), kind) or isinstance(described.get(name), bool)
+        )
+        if wrong or set(described) != {f.name for f in fields(cls)}:
+            raise storage.FileFormatError(
+                f"{url}: 'finetuned_encoder' is not the description of a fine-tuned encoder "
+                f"(fields {', '.join(wrong or sorted(set(described) ^ set(types)))})"
+            )
+        return cls(**described)
+
+    def held_out_flags(self) -> str:
+        """Its held-out slice as the command line sets it: --val-fraction F --val-seed S."""
+        return f"--val-fraction {self.val_fraction:g} --val-seed {self.val_seed}"
+
+    def subset_flag(self) -> str:
+        """The train examples it read as the command line sets them."""
+        if self.max_train_examples is None:
+            return "no --max-train-examples"
+        return f"--max-train-examples {self.max_train_examples}"
 
 
 def _load_data(cfg: FinetuneConfig) -> dict[str, list]:
@@ -191,10 +258,22 @@ def _finetune(
     timings = stopwatch.timings(train_seconds=train_seconds)
     run = records.RunRecord("finetune", key, asdict(cfg), inputs, timings)
     with runs.StagedRun(cfg.out) as staged:
-        _save_checkpoint(model, tokenizer, staged.url)
+        fingerprint = _save_checkpoint(model, tokenizer, staged.url)
+        made = FinetunedEncoder(
+            fingerprint=fingerprint,
+            run_key=key,
+            task=task.name,
+            max_train_examples=cfg.max_train_examples,
+            train_examples=len(data["train"]),
+            val_fraction=cfg.val_fraction,
+            val_seed=cfg.val_seed,
+            data_fingerprint=inputs["data/train"]["key"],
+        )
         evaluation.write(staged.url)
         storage.write_json(storage.join(staged.url, "metrics.json"), result)
-        staged.commit(run, last=("config.json", "metrics.json"))
+        staged.commit(
+            replace(run, finetuned_encoder=asdict(made)), last=("config.json", "metrics.json")
+        )
     return result
 
 
@@ -314,8 +393,9 @@ def _predict(model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig
     return result
 
 
-def _save_checkpoint(model, tokenizer, out: str) -> None:
-    """Write the checkpoint (from_pretrained files) into the staging folder `out`."""
+def _save_checkpoint(model, tokenizer, out: str) -> str:
+    """Write the checkpoint (from_pretrained files) into the staging folder `out`; returns the
+    fingerprint of the encoder it loads to (`encoder_fingerprint`)."""
     fs, path = storage.url_to_fs(out)
     with tempfile.TemporaryDirectory() as local:
         model.save_pretrained(local)
@@ -323,6 +403,18 @@ def _save_checkpoint(model, tokenizer, out: str) -> None:
         fs.makedirs(path, exist_ok=True)
         for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
+        return encoder_fingerprint(local)
+
+
+def encoder_fingerprint(checkpoint: str) -> str:
+    """The fingerprint of the encoder in the local folder `checkpoint` as encoder.load_encoder
+    loads it (its base model, float32, weights it lacks initialised from seed 0), without
+    keeping it in load_encoder's cache: the folder is a temporary one."""
+    from transformers import AutoModel
+
+    with rng.seeded(0):
+        encoder = AutoModel.from_pretrained(checkpoint, dtype=torch.float32)
+    return enc.fingerprint(encoder.eval(), enc.load_tokenizer(checkpoint))
 
 
 def load_metrics(out: str) -> dict:

@@ -6,7 +6,8 @@
      "inputs": {"embeddings/train": {"url": "emb/rte/train", "key": "<extraction key>"}, ...},
      "code": {"version": "0.1.0", "git_commit": "9a1b...", "dirty": false},
      "timings": {"started_at": ..., "finished_at": ..., "seconds": ..., "train_seconds": ...},
-     "files": [...], "worker": "host:pid", "committed_at": ...}
+     "files": [...], "worker": "host:pid", "committed_at": ...,
+     "finetuned_encoder": {}}                # see below
 
 Where each stage keeps it:
 
@@ -20,6 +21,12 @@ Where each stage keeps it:
 key, another run's key), so a record says where a result came from even after the URLs moved.
 `code` says which code made it: never part of any content key, so the same content made by
 another commit is still reused.
+
+`finetuned_encoder` describes an encoder that a BERTVision fine-tuning made (bertvision.finetune.
+FinetunedEncoder: its fingerprint and what it was fine-tuned on): in a "finetune" record the one
+it made, in an "extract" record the one it read (copied from that fine-tuning's record when the
+fingerprints agree), so that adapter training can refuse to select on examples the encoder
+trained on. Empty in every other record, and in records written before it was kept.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class RunRecord:
     files: list[str] = field(default_factory=list)
     worker: str = ""
     committed_at: str = ""
+    finetuned_encoder: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -133,8 +141,9 @@ class RunRecord:
             record = cls(**{k: v for k, v in data.items() if k in names})
         except (TypeError, ValueError) as exc:  # a missing field, an unknown kind
             raise storage.FileFormatError(f"{url} is not a run record: {exc}") from None
-        if not isinstance(record.settings, dict) or not isinstance(record.inputs, dict):
-            raise storage.FileFormatError(f"{url} is not a run record: 'settings' or 'inputs'")
+        for name in ("settings", "inputs", "finetuned_encoder"):
+            if not isinstance(getattr(record, name), dict):
+                raise storage.FileFormatError(f"{url} is not a run record: {name!r} is no object")
         return record
 
 

@@ -284,3 +284,46 @@ def test_a_run_whose_checkpoint_is_gone_is_fine_tuned_again_not_returned_as_stor
     }
     assert set(files(tmp_path / "ckpt")) == set(stored)
     assert runs.stored_record(cfg.out) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the checkpoint was fine-tuned on, recorded by content
+
+
+def finetuned_on_rte(out, model: str, glue_dir: str, task: str = "rte") -> str:
+    """`model` fine-tuned briefly on the first 40 train examples of `task` (RTE by default),
+    holding out val_fraction 0.1 with val_seed 0 (4 examples): its checkpoint folder `out`."""
+    from bertvision.finetune import finetune_encoder
+
+    cfg = FinetuneConfig(
+        task=task, out=str(out), model=model, data_dir=glue_dir, epochs=1.0, batch_size=8,
+        max_train_examples=40, max_seq_length=64, predict_test=False, device="cpu",
+    )  # fmt: skip
+    finetune_encoder(cfg, progress=False)
+    return cfg.out
+
+
+def test_the_run_record_describes_the_encoder_it_made_and_what_it_trained_on(
+    tmp_path, tiny_model, glue_dir
+):
+    """The fingerprint is the one extraction computes when it loads the checkpoint; the data
+    fingerprint is that of the train examples read, the first 40."""
+    from bertvision import glue, records
+    from bertvision.encoder import load_encoder
+    from bertvision.finetune import content_key
+
+    checkpoint = finetuned_on_rte(tmp_path / "ckpt", tiny_model, glue_dir)
+    record = records.read_record(f"{checkpoint}/_commit.json")
+    read = glue.load_split("rte", "train", glue_dir)[:40]
+    assert record.finetuned_encoder == {
+        "fingerprint": load_encoder(checkpoint, "cpu").fingerprint,
+        "run_key": record.key,
+        "task": "rte",
+        "max_train_examples": 40,
+        "train_examples": 40,
+        "val_fraction": 0.1,
+        "val_seed": 0,
+        "data_fingerprint": glue.data_fingerprint(read),
+    }
+    assert record.key == content_key(FinetuneConfig(**record.settings))
+    assert record.inputs["data/train"]["key"] == glue.data_fingerprint(read)
