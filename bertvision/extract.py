@@ -16,12 +16,19 @@ windows of `squad.build_features` with the config's max_seq_length, doc_stride a
 max_question_length (schema.span_schema), and its shards are ranges of windows.
 A shard holds at most `shard_size` rows, fewer when `shard_bytes` would be passed by rows of
 max_seq_length tokens (`rows_per_shard`).
+
+An encoder fine-tuned by BERTVision (its folder holds the fine-tuning's run record, describing
+an encoder of the same fingerprint: `finetuned_encoder`) is named in each split's run record
+with what it was fine-tuned on (finetune.FinetunedEncoder), which adapter training checks its
+held-out slice against. Its train split must then be read from the data it was fine-tuned on
+(the same first examples), or which train examples it saw could not be told: refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,8 +41,9 @@ import pyarrow as pa
 import torch
 
 from bertvision import encoder as enc
-from bertvision import glue, records, squad, storage
+from bertvision import glue, records, runs, squad, storage
 from bertvision.config import ConfigError, ExtractConfig, require
+from bertvision.finetune import FinetunedEncoder
 from bertvision.finite import NonFiniteError
 from bertvision.quantise import INT8_MAX, quantise
 from bertvision.schema import (
@@ -163,6 +171,8 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     if not complete:  # before the model loads; a finished extraction is checked, not written
         storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
+    if "train" in splits:
+        _check_finetuned_data(cfg, finetuned_encoder(cfg.model, encoder.fingerprint))
     code = records.code_info()
     schema = "span" if span else "glue"
     plans = [
@@ -204,6 +214,49 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
         remove_stale_leftovers(folder)  # of killed writers; a live writer's stay
     storage.remove_stale_spool()
     return plans
+
+
+def finetuned_encoder(model: str, fingerprint: str) -> FinetunedEncoder | None:
+    """What the encoder at `model` (its fingerprint `fingerprint`) was fine-tuned on, when a
+    BERTVision fine-tuning made it: the description in the fine-tuning's run record in its
+    folder, if that describes an encoder of this fingerprint. None for any other model: a hub
+    name, a folder without such a record, with one written before the descriptions were kept,
+    or with one of another encoder (a checkpoint replaced since). FileFormatError naming the
+    record when it is garbled."""
+    if "://" not in model and not os.path.isdir(model):
+        return None  # a hub name
+    url = storage.join(model, runs.COMMIT_RECORD)
+    record = records.read_record(url)
+    if record is None or record.kind != "finetune":
+        return None
+    finetuned = FinetunedEncoder.from_record(record, url)
+    return finetuned if finetuned is not None and finetuned.fingerprint == fingerprint else None
+
+
+def _check_finetuned_data(cfg: ExtractConfig, finetuned: FinetunedEncoder | None) -> None:
+    """ConfigError naming --data-dir when `finetuned`, the encoder, was fine-tuned on this
+    task's TRAIN but the data read here does not begin with the examples it read (their
+    fingerprints differ): which train examples it trained on could not be told, nor so whether an
+    adapter's held-out slice holds some."""
+    from bertvision.families import get_task
+
+    if finetuned is None or finetuned.task != get_task(cfg.task).name:
+        return
+    count = finetuned.train_examples
+    if is_span_task(cfg.task):
+        fingerprint = squad.data_fingerprint(_load_questions("train", cfg.data_dir, count))
+    else:
+        _, fingerprint = _load_examples(finetuned.task, "train", cfg.data_dir, count)
+    if fingerprint != finetuned.data_fingerprint:
+        source = cfg.data_dir or "the hub's data"
+        raise ConfigError(
+            "data_dir",
+            f"{source}: model {cfg.model} was fine-tuned on {finetuned.task} train data whose "
+            f"first {count} examples are others (fingerprint {finetuned.data_fingerprint}, "
+            f"here {fingerprint}); which train examples it learnt could not be told, nor an "
+            "adapter's held-out slice checked against them: extract from the data it was "
+            "fine-tuned on",
+        )
 
 
 def _stored_plans(out: str, folders: dict[str, str]) -> dict[str, ExtractionPlan | None]:
@@ -785,8 +838,11 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
     fingerprint); of a span extraction also "questions/<split>" (the data folder and
     squad.data_fingerprint of the questions alone: what span training checks the data it reads
     again against, without rebuilding the windows). Timings: from the first shard's start to
-    the last shard's commit, with `shard_seconds` (all shards' seconds together). A ShardError
-    when a shard is not committed, or when the data changed since the plan was written.
+    the last shard's commit, with `shard_seconds` (all shards' seconds together). For an encoder
+    fine-tuned by BERTVision, `finetuned_encoder`: what it was fine-tuned on (see
+    `finetuned_encoder`; not part of the key, which the encoder's fingerprint already
+    determines). A ShardError when a shard is not committed, or when the data changed since the
+    plan was written.
     """
     folder = split_url(cfg.out, plan.task, plan.split)
     url = manifest_url(folder, RUN_FILE)
@@ -819,6 +875,7 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
             )
         questions = squad.data_fingerprint(windows.examples)
         inputs[f"questions/{plan.split}"] = records.input_of(source, questions)
+    finetuned = finetuned_encoder(cfg.model, plan.model_fingerprint)
     record = records.RunRecord(
         kind="extract",
         key=plan.key,
@@ -833,6 +890,7 @@ def record_extraction(cfg: ExtractConfig, plan: ExtractionPlan) -> records.RunRe
         files=[shard_records[i].file for i in range(plan.num_shards)],
         worker=worker_name(),
         committed_at=records.now(),
+        finetuned_encoder=asdict(finetuned) if finetuned is not None else {},
     )
     records.write_record(url, record)
     return record

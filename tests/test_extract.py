@@ -1099,3 +1099,141 @@ def test_data_rewritten_in_its_folder_is_read_again_within_one_process(
     ids, labels = (table.column(name).to_pylist() for name in ("example_id", "label"))
     labels = dict(zip(ids, labels, strict=True))
     assert labels[0] == int(fields[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# What a fine-tuned encoder was fine-tuned on, recorded with its embeddings
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tiny_model, glue_dir) -> str:
+    """The tiny BERT fine-tuned on the first 40 RTE train examples (val_seed 0)."""
+    from test_finetune import finetuned_on_rte
+
+    return finetuned_on_rte(tmp_path_factory.mktemp("finetuned") / "ckpt", tiny_model, glue_dir)
+
+
+def _run_record(out, task: str, split: str) -> dict:
+    return json.loads((Path(out) / task / split / "_manifest" / "run.json").read_text())
+
+
+def _rte_copy(glue_dir: str, folder: Path, changed_row: int | None = None) -> str:
+    """A copy of RTE's train.tsv (and dev.tsv) under `folder`, the sentence of train row
+    `changed_row` (0: the first example) rewritten."""
+    (folder / "RTE").mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = (Path(glue_dir) / "RTE" / f"{split}.tsv").read_text().splitlines()
+        if split == "train" and changed_row is not None:
+            cells = lines[changed_row + 1].split("\t")
+            lines[changed_row + 1] = "\t".join([cells[0], "Rewritten.", *cells[2:]])
+        (folder / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+def test_an_extraction_with_an_encoder_bertvision_did_not_fine_tune_records_no_fine_tuning(
+    tmp_path, tiny_model, glue_dir
+):
+    cfg = _config(
+        tmp_path / "emb", tiny_model, glue_dir, splits=["train", "dev"], max_train_examples=40
+    )
+    assert extract_hidden_states(cfg, progress=False).ok
+    for split in ("train", "dev"):
+        assert _run_record(cfg.out, "wnli", split)["finetuned_encoder"] == {}
+
+
+def test_an_extraction_with_a_fine_tuned_checkpoint_records_what_it_was_fine_tuned_on(
+    finetuned, tmp_path, glue_dir
+):
+    """Whatever its own max_train_examples: training decides whether its held-out slice is the
+    fine-tuning's. Not part of the key: the encoder's content decides it, and the same weights
+    without the fine-tuning's record are the same extraction."""
+    import shutil
+
+    from bertvision import records
+
+    described = records.read_record(f"{finetuned}/_commit.json").finetuned_encoder
+    cfg = _config(
+        tmp_path / "emb", finetuned, glue_dir, task="rte", splits=["train", "dev"],
+        max_train_examples=60,
+    )  # fmt: skip
+    assert extract_hidden_states(cfg, progress=False).ok
+    for split in ("train", "dev"):
+        assert _run_record(cfg.out, "rte", split)["finetuned_encoder"] == described
+    assert described["train_examples"] == 40 and described["task"] == "rte"
+
+    unrecorded = tmp_path / "copy"
+    shutil.copytree(finetuned, unrecorded, ignore=shutil.ignore_patterns("_commit.json"))
+    again = _config(
+        tmp_path / "emb2", str(unrecorded), glue_dir, task="rte", splits=["train"],
+        max_train_examples=60,
+    )  # fmt: skip
+    assert extract_hidden_states(again, progress=False).ok
+    assert (
+        _run_record(again.out, "rte", "train")["key"] == _run_record(cfg.out, "rte", "train")["key"]
+    )
+    assert _run_record(again.out, "rte", "train")["finetuned_encoder"] == {}
+
+
+def test_a_checkpoint_whose_weights_were_replaced_since_its_fine_tuning_is_not_described(
+    finetuned, tmp_path, tiny_model, glue_dir
+):
+    """The record in the folder describes the encoder fine-tuning made, by its fingerprint:
+    other weights there now are not that encoder."""
+    import shutil
+
+    replaced = tmp_path / "ckpt"
+    shutil.copytree(finetuned, replaced)
+    shutil.copy(Path(tiny_model) / "model.safetensors", replaced / "model.safetensors")
+    cfg = _config(
+        tmp_path / "emb", str(replaced), glue_dir, task="rte", splits=["train"],
+        max_train_examples=40,
+    )  # fmt: skip
+    assert extract_hidden_states(cfg, progress=False).ok
+    assert _run_record(cfg.out, "rte", "train")["finetuned_encoder"] == {}
+
+
+def test_train_data_other_than_the_fine_tunings_is_refused_in_one_line_writing_nothing(
+    finetuned, tmp_path, glue_dir
+):
+    """Which train examples the encoder learnt could not be told from other data: its first 40
+    examples must be those it read. A row it never read may differ, and any split but train."""
+    changed = _rte_copy(glue_dir, tmp_path / "changed", changed_row=3)
+
+    def extract(split: str, out: Path):
+        args = ["extract", "--task", "rte", "--data-dir", changed, "--model", finetuned]
+        args += ["--splits", split, "--max-seq-length", "64", "--device", "cpu"]
+        return CliRunner().invoke(app, [*args, "--out", str(out)])
+
+    result = extract("train", tmp_path / "out")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --data-dir {changed}: model "), lines
+    assert "fine-tuned on rte train data whose first 40 examples are others" in lines[0]
+    assert not (tmp_path / "out").exists()
+    dev_only = extract("dev", tmp_path / "dev")
+    assert dev_only.exit_code == 0, dev_only.output
+
+    later = _rte_copy(glue_dir, tmp_path / "later", changed_row=45)
+    cfg = _config(
+        tmp_path / "emb", finetuned, later, task="rte", splits=["train"], max_train_examples=48
+    )
+    assert extract_hidden_states(cfg, progress=False).ok
+    assert _run_record(cfg.out, "rte", "train")["finetuned_encoder"]["train_examples"] == 40
+
+
+def test_a_garbled_fine_tuning_record_is_refused_naming_it_and_nothing_written(
+    finetuned, tmp_path, glue_dir
+):
+    import shutil
+
+    from bertvision.storage import FileFormatError
+
+    garbled = tmp_path / "ckpt"
+    shutil.copytree(finetuned, garbled)
+    record = json.loads((garbled / "_commit.json").read_text())
+    record["finetuned_encoder"] = {"task": 3}
+    (garbled / "_commit.json").write_text(json.dumps(record))
+    cfg = _config(tmp_path / "out", str(garbled), glue_dir, task="rte", splits=["train"])
+    with pytest.raises(FileFormatError, match=f"{garbled}/_commit.json: 'finetuned_encoder' is"):
+        extract_hidden_states(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
