@@ -18,7 +18,9 @@ H the hidden size, stored as float16, float32 or int8 with a float16 scale per l
 
 Checks, before any state is held: every split asked for is complete, of this task, labelled
 (train and dev; test splits may be unlabelled) with finite labels, holds exactly the plan's
-examples, and shares the encoder and settings of the others (SHARED_SETTINGS). Every state read
+examples, and shares the encoder and settings of the others (SHARED_SETTINGS). What the encoder
+was fine-tuned on, when BERTVision fine-tuned it, is read from the train split's run record
+(`finetuned`): adapter training checks its held-out slice against it. Every state read
 is checked finite. Each failed check raises ShardError naming the split or shard; a shard that
 differs from what was committed is marked for re-extraction (shards.read_shard) and raises
 ShardError too; storage failures raise storage's errors (StorageError, StorageUnavailable).
@@ -48,15 +50,17 @@ import numpy as np
 import torch
 
 from bertvision import encoder as enc
-from bertvision import glue, storage
+from bertvision import glue, records, storage
 from bertvision.batch import TokenBatch, layout
-from bertvision.schema import ID_COLUMNS, ExtractionPlan, hidden_dtype
+from bertvision.finetune import FinetunedEncoder
+from bertvision.schema import ID_COLUMNS, RUN_FILE, ExtractionPlan, hidden_dtype
 from bertvision.shards import (
     ShardError,
     committed_shards,
     hidden_arrays,
     iter_row_groups,
     load_plan,
+    manifest_url,
     pipeline_hint,
     quantised_arrays,
     read_shard,
@@ -198,6 +202,8 @@ class EmbeddingData:
     embeddings: str
     device: str
     splits: dict[str, SplitData] = field(default_factory=dict)
+    # what the encoder was fine-tuned on, when BERTVision fine-tuned it (`finetuning`)
+    finetuned: FinetunedEncoder | None = None
 
     @property
     def plan(self) -> ExtractionPlan:
@@ -240,10 +246,25 @@ def load_embeddings(
     for name in names:
         data.splits[name] = _check_split(task, embeddings, name)
     _check_same_settings(data)
+    if "train" in data.splits:
+        data.finetuned = finetuning(embeddings, task.name, data.plan)
     for split in data.splits.values():
         if split.fits(max_resident_gb):
             split.resident = read_packed(split.shard_urls, split.plan, device)
     return data
+
+
+def finetuning(embeddings: str, task: str, plan: ExtractionPlan) -> FinetunedEncoder | None:
+    """What the encoder of the extraction `plan` (of `task`'s train split under `embeddings`)
+    was fine-tuned on, as the split's run record names it (extract.finetuned_encoder); None when
+    it names nothing (an encoder BERTVision did not fine-tune, a record written before this was
+    kept) or the split has no record of this extraction. FileFormatError naming the record
+    when it is garbled."""
+    url = manifest_url(split_url(embeddings, task, "train"), RUN_FILE)
+    record = records.read_record(url)
+    if record is None or record.key != plan.key:
+        return None
+    return FinetunedEncoder.from_record(record, url)
 
 
 def _check_split(task: glue.GlueTask, embeddings: str, name: str) -> SplitData:

@@ -323,13 +323,23 @@ def held_out_ids(example_ids: np.ndarray | list[int], fraction: float, seed: int
     """The seeded slice of TRAIN held out for early stopping and model selection (sorted ids).
 
     Fine-tuning leaves out the same slice as adapter training, so the encoder whose embeddings
-    an adapter learns from has never trained on the examples that select that adapter.
+    an adapter learns from has never trained on the examples that select that adapter. The
+    slice depends on every id: of other examples (another `max_train_examples`), or with another
+    `fraction` or `seed`, it is another slice, which adapter training on a fine-tuned encoder's
+    embeddings refuses when it holds examples that encoder trained on (`finetuned_ids`).
     """
     ids = np.sort(np.asarray(example_ids, dtype=np.int64))
     count = min(len(ids) - 1, max(1, round(fraction * len(ids))))
     if count < 1:
         raise ValueError("the train split needs at least 2 examples to hold one out")
     return np.sort(np.random.default_rng(seed).permutation(ids)[:count])
+
+
+def finetuned_ids(train_examples: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """The ids (sorted) of the TRAIN examples a fine-tuning on the first `train_examples` of them
+    trained on: ids are row indexes, so 0..train_examples-1 less their held-out slice."""
+    read = np.arange(train_examples, dtype=np.int64)
+    return np.setdiff1d(read, held_out_ids(read, fraction, seed))
 
 
 # -- the task family (bertvision.families) -----------------------------------------------------

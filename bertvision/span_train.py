@@ -22,7 +22,10 @@ window (ShardError otherwise).
 The held-out slice of TRAIN is whole articles (squad.held_out_titles over the train questions,
 `val_fraction` of the articles, `val_seed`: the articles fine-tuning left out), all the windows
 of their questions; the windows of the other articles are trained on. No article's questions are
-both trained on and selected on.
+both trained on and selected on. The articles are the fine-tuning's only when both read the
+same train questions with the same `val_fraction` and `val_seed`: on the windows of an encoder
+fine-tuned by BERTVision (the train extraction's record says what it was fine-tuned on), a run
+holding out an article that encoder trained on is refused (train.refuse_seen).
 
 Loss: BERT's, the mean of the cross-entropies of the start and of the end position over the
 window's real tokens (both 0, the [CLS] position, where the window does not hold the answer).
@@ -51,12 +54,13 @@ from torch import nn
 
 from bertvision import encoder as enc
 from bertvision import records, squad, storage
-from bertvision.config import TrainConfig
+from bertvision.config import SweepConfig, TrainConfig
 from bertvision.embeddings import SHARED_SETTINGS, check_given
+from bertvision.finetune import FinetunedEncoder
 from bertvision.finite import NonFiniteError, held_out_result
 from bertvision.rng import nested_subset
 from bertvision.schema import RUN_FILE, ExtractionPlan
-from bertvision.shards import ShardError, manifest_url, split_url
+from bertvision.shards import ShardError, load_plan, manifest_url, split_url
 from bertvision.span_embeddings import SpanSplit, Windows, load_span_split
 
 SPLITS = ("train", "dev")
@@ -80,6 +84,10 @@ class SpanData:
     data_dir: str | None  # the SQuAD data the extraction read; None: the hub
     splits: dict[str, SpanSplit]
     questions: dict[str, list[squad.Example]]  # per split, in file order
+    # What the encoder was fine-tuned on when BERTVision fine-tuned it on this task, and the
+    # articles it trained on (`finetuning`)
+    finetuned: FinetunedEncoder | None = None
+    trained_titles: frozenset[str] = frozenset()
 
     @property
     def plan(self) -> ExtractionPlan:
@@ -119,12 +127,81 @@ def load_span_data(
         )
     data_dir = data_dirs["train"]
     questions = {name: squad.load_split(name, data_dir) for name in SPLITS}
-    questions["train"] = questions["train"][: settings["train"].get("max_train_examples")]
+    every_train = questions["train"]
+    questions["train"] = every_train[: settings["train"].get("max_train_examples")]
     for name in SPLITS:
         folder = split_url(embeddings, task, name)
         _check_unchanged(folder, extractions[name], splits[name].plan, questions[name], data_dir)
         _check_questions(folder, splits[name].windows, questions[name])
-    return SpanData(task, embeddings, data_dir, splits, questions)
+    finetuned, trained = finetuning(embeddings, task, extractions["train"], every_train, data_dir)
+    return SpanData(task, embeddings, data_dir, splits, questions, finetuned, trained)
+
+
+def finetuning(
+    embeddings: str,
+    task: str,
+    extraction: records.RunRecord,
+    every_train: list[squad.Example],
+    data_dir: str | None,
+) -> tuple[FinetunedEncoder | None, frozenset[str]]:
+    """What the encoder of the train extraction (its run record `extraction`) was fine-tuned on,
+    when BERTVision fine-tuned it on `task`, and the articles it trained on (its first
+    `train_examples` of `every_train`, the train questions of `data_dir`, less its held-out
+    articles); (None, no articles) otherwise. ShardError when those questions changed since it
+    was fine-tuned on them; FileFormatError naming the record when it is garbled."""
+    url = manifest_url(split_url(embeddings, task, "train"), RUN_FILE)
+    finetuned = FinetunedEncoder.from_record(extraction, url)
+    if finetuned is None or finetuned.task != task:
+        return None, frozenset()
+    read = every_train[: finetuned.train_examples]
+    if squad.data_fingerprint(read) != finetuned.data_fingerprint:
+        raise ShardError(
+            f"{squad.split_source('train', data_dir)} changed since the encoder of the {task} "
+            f"embeddings under {embeddings} was fine-tuned on its first {len(read)} questions; "
+            "restore the data it was fine-tuned on, or fine-tune and extract again"
+        )
+    titles = squad.trained_titles(read, finetuned.val_fraction, finetuned.val_seed)
+    return finetuned, frozenset(titles)
+
+
+def check_held_out_articles(
+    data: SpanData, held_out: list[str], cfg: TrainConfig | SweepConfig
+) -> None:
+    """train.refuse_seen for a run holding out the articles `held_out` (titles) of `data`'s
+    train questions, when an article the encoder was fine-tuned on is among them."""
+    from bertvision.train import refuse_seen
+
+    if data.finetuned is None:
+        return
+    refuse_seen(
+        data.finetuned,
+        split_url(data.embeddings, data.task, "train"),
+        (len(data.questions["train"]), "questions"),
+        (len(held_out), "articles"),
+        [repr(title) for title in held_out if title in data.trained_titles],
+        cfg,
+    )
+
+
+def check_held_out_unseen(cfg: SweepConfig) -> None:
+    """check_held_out_articles for `cfg` (a sweep's task, embeddings, val_fraction and val_seed)
+    before the windows are loaded: from the train split's run record alone, and, when it names
+    an encoder fine-tuned on this task, the train questions of the data it names."""
+    embeddings = cfg.embeddings.rstrip("/")
+    folder = split_url(embeddings, cfg.task, "train")
+    url = manifest_url(folder, RUN_FILE)
+    extraction = records.read_record(url)
+    plan = load_plan(folder)
+    if extraction is None or plan is None or extraction.key != plan.key:
+        return  # loading the windows says what is missing
+    data_dir = extraction.settings.get("data_dir")
+    if FinetunedEncoder.from_record(extraction, url) is None:
+        return  # no questions read for an encoder BERTVision did not fine-tune
+    every_train = squad.load_split("train", data_dir)
+    finetuned, trained = finetuning(embeddings, cfg.task, extraction, every_train, data_dir)
+    questions = every_train[: extraction.settings.get("max_train_examples")]
+    data = SpanData(cfg.task, embeddings, data_dir, {}, {"train": questions}, finetuned, trained)
+    check_held_out_articles(data, held_out_articles(data, cfg.val_fraction, cfg.val_seed), cfg)
 
 
 def _extraction_record(embeddings: str, task: str, split: str) -> records.RunRecord:
@@ -219,8 +296,10 @@ class SpanObjective:
         self.embeddings = data.embeddings
         self.plan = data.plan
         self.train_split = data.splits["train"].data
+        held_out = held_out_articles(data, cfg.val_fraction, cfg.val_seed)
+        check_held_out_articles(data, held_out, cfg)
         self.is_val = np.zeros(data.splits["train"].num_windows, dtype=bool)  # storage order
-        self.is_val[held_out_rows(data, cfg.val_fraction, cfg.val_seed)] = True
+        self.is_val[article_rows(data, held_out)] = True
         self.is_trained = trained_rows(data, ~self.is_val, cfg.train_fraction, cfg.seed)
         self.num_val = int(self.is_val.sum())
         self.num_train = int(self.is_trained.sum())
@@ -371,15 +450,25 @@ def asked_windows(
 def held_out_rows(data: SpanData, fraction: float, seed: int) -> np.ndarray:
     """The storage rows of the train windows whose questions are of the held-out articles
     (squad.held_out_titles); ShardError when the train questions are of one article."""
-    questions = data.questions["train"]
+    return article_rows(data, held_out_articles(data, fraction, seed))
+
+
+def held_out_articles(data: SpanData, fraction: float, seed: int) -> list[str]:
+    """The held-out articles (titles, file order) of `data`'s train questions
+    (squad.held_out_titles); ShardError when the train questions are of one article."""
     try:
-        titles = set(squad.held_out_titles(questions, fraction, seed))
+        return squad.held_out_titles(data.questions["train"], fraction, seed)
     except ValueError:
         raise ShardError(
             f"the {data.task} train windows under {data.embeddings} hold the questions of "
             "one article; holding out whole articles needs at least 2"
         ) from None
-    held = np.asarray([q.title in titles for q in questions])
+
+
+def article_rows(data: SpanData, titles: list[str]) -> np.ndarray:
+    """The storage rows of the train windows whose questions are of the articles `titles`."""
+    chosen = set(titles)
+    held = np.asarray([q.title in chosen for q in data.questions["train"]])
     return np.flatnonzero(held[data.splits["train"].windows.example_index])
 
 

@@ -693,6 +693,16 @@ def held_out_titles(examples: list[Example], fraction: float, seed: int = 0) -> 
     return held_out
 
 
+def trained_titles(examples: list[Example], fraction: float, seed: int = 0) -> set[str]:
+    """The articles (titles) that fine-tuning on the train questions `examples` trained on: those
+    not held out (`held_out_titles`; its warning about few articles is the fine-tuning's, not
+    repeated here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        held_out = set(held_out_titles(examples, fraction, seed))
+    return {ex.title for ex in examples} - held_out
+
+
 def data_fingerprint(examples: list[Example]) -> str:
     """16 hex digits of the questions' content (ids, texts, answers), in order."""
     digest = hashlib.sha256()

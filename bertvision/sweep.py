@@ -21,7 +21,10 @@ The loop, which `run_sweep` runs and the `sweep` flow spells out with Prefect ta
 
 Honest selection: TPE minimises minus the primary metric on the validation slice held out from
 TRAIN (one slice for every trial, `val_seed`); the dev metrics are recorded for the report and
-never read by TPE or by the ensemble.
+never read by TPE or by the ensemble. On the embeddings of an encoder fine-tuned by BERTVision,
+a slice holding examples that encoder trained on (another `val_fraction` or `val_seed` than the
+fine-tuning's, or embeddings of other train examples) is refused before anything is written
+(train.check_held_out_unseen).
 
 One writer: `run_sweep` (and the sweep flow) hold the sweep folder's lease (bertvision.runs)
 while they run trials, so a second sweep on the same folder stops at once with FolderBusy.
@@ -312,7 +315,8 @@ def content_key(cfg: SweepConfig) -> str:
 
 
 def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """Check the embeddings and the sweep folder; write sweep.json on first use.
+    """Check the embeddings (a held-out slice holding examples their encoder was fine-tuned on:
+    ShardError, train.check_held_out_unseen) and the sweep folder; write sweep.json on first use.
 
     A folder holding a sweep with other settings (another task, adapter, space or seed) or on
     other embeddings is an error: resuming it would mix two searches. With `cfg.overwrite` that
@@ -321,11 +325,13 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """
     require(cfg)
     from bertvision.shards import committed_shards
+    from bertvision.train import check_held_out_unseen
 
     plans = {
         split: committed_shards(cfg.embeddings, cfg.task, split)[0]  # raises if incomplete
         for split in swept_splits(cfg.task)
     }
+    check_held_out_unseen(cfg)
     extraction_keys = {split: plan.key for split, plan in plans.items()}
     key = cfg.key(extraction_keys)
     url = storage.join(cfg.out, SWEEP_FILE)
@@ -779,6 +785,9 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
     require(cfg)
     if (done := finished_sweep(cfg)) is not None:
         return done
+    from bertvision.train import check_held_out_unseen
+
+    check_held_out_unseen(cfg)  # before the lease writes into the folder
     with runs.lease(cfg.out):  # one sweep at a time in a folder
         prepare_sweep(cfg)
         return _run_sweep(cfg, data, progress)

@@ -5,7 +5,12 @@
 
 A seeded slice of the training split (`val_fraction`, `val_seed`; the slice that fine-tuning left
 out too) is held out; early stopping and the choice of the epoch whose weights are kept use only
-that slice, never the dev set that is reported. Each
+that slice, never the dev set that is reported. The slice is the fine-tuning's only when both
+read the same train examples with the same `val_fraction` and `val_seed`: on the embeddings of
+an encoder fine-tuned by BERTVision (their extraction's run record says what it was fine-tuned
+on, finetune.FinetunedEncoder), a run whose slice holds examples that encoder trained on is
+refused before anything is written (`refuse_seen`), naming the settings that would make it
+the fine-tuning's. Each
 epoch ends with a checkpoint in RUN/_checkpoint/, so an interrupted run resumes from its last
 finished epoch; a finished run is returned as stored.
 
@@ -57,14 +62,16 @@ import torch
 from torch import nn
 
 from bertvision import __version__, adapters, glue, records, rng, runs, storage
-from bertvision.config import TrainConfig, require
+from bertvision.config import SweepConfig, TrainConfig, require
 from bertvision.embeddings import (
     EmbeddingData,
     SplitData,
     check_given,
+    finetuning,
     load_embeddings,
     pack_batches,
 )
+from bertvision.finetune import FinetunedEncoder
 from bertvision.finite import NonFiniteError, held_out_result
 from bertvision.metrics import compute_metrics
 from bertvision.rng import nested_subset
@@ -306,7 +313,11 @@ class GlueObjective:
         self.embeddings = data.embeddings
         self.plan = data.plan
         train = self.train_split = data.splits["train"]
-        self.is_val = np.isin(train.example_ids, train.held_out_ids(cfg.val_fraction, cfg.val_seed))
+        held_out = train.held_out_ids(cfg.val_fraction, cfg.val_seed)
+        check_held_out_examples(
+            data.finetuned, data.task.name, data.embeddings, held_out, train.num_examples, cfg
+        )
+        self.is_val = np.isin(train.example_ids, held_out)
         trained = nested_subset(train.example_ids[~self.is_val], cfg.train_fraction, cfg.seed)
         self.is_trained = np.isin(train.example_ids, trained)
         self.num_val = int(self.is_val.sum())
@@ -344,6 +355,92 @@ class GlueObjective:
         return write_glue_outputs(self.data, predicted, self.is_val, out)
 
 
+def refuse_seen(
+    finetuned: FinetunedEncoder,
+    train: str,
+    read: tuple[int, str],
+    held_out: tuple[int, str],
+    seen: list[str],
+    cfg: TrainConfig | SweepConfig,
+) -> None:
+    """ShardError when `seen`, what of a run's held-out slice the encoder was fine-tuned on (its
+    first few named), is not empty: selecting on them would rate the adapter on what its encoder
+    learnt. `train`: the train split's folder; `read`: how many train rows it holds and what
+    they are ("examples", "questions"); `held_out`: how many the slice holds and what (a plural:
+    "examples", "articles"); `cfg`: the run's val_fraction and val_seed (a TrainConfig or
+    SweepConfig). The remedy names the settings that hold out what the fine-tuning held out: the
+    same train examples, val_fraction and val_seed."""
+    if not seen:
+        return
+    remedies = []
+    if read[0] != finetuned.train_examples:
+        remedies.append(f"extract with {finetuned.subset_flag()}")
+    if (cfg.val_fraction, cfg.val_seed) != (finetuned.val_fraction, finetuned.val_seed):
+        remedies.append(f"select with {finetuned.held_out_flags()}")
+    shown = ", ".join(seen[:5]) + (", ..." if len(seen) > 5 else "")
+    remedy = " and ".join(remedies)
+    held = f"{held_out[0]} {held_out[1] if held_out[0] != 1 else held_out[1][:-1]}"
+    raise ShardError(
+        f"{train}: its held-out slice (--val-fraction {cfg.val_fraction:g} --val-seed "
+        f"{cfg.val_seed} of the {read[0]} train {read[1]} extracted) holds {held}, "
+        f"{len(seen)} of which its encoder was fine-tuned on ({shown}): "
+        f"fine-tuning run {finetuned.run_key} read the first {finetuned.train_examples} "
+        f"({finetuned.subset_flag()}) and held out {finetuned.held_out_flags()}; an adapter "
+        f"selected on what its encoder learnt is overrated. {remedy[:1].upper()}{remedy[1:]}, "
+        "as the fine-tuning did"
+    )
+
+
+def check_held_out_examples(
+    finetuned: FinetunedEncoder | None,
+    task: str,
+    embeddings: str,
+    held_out: np.ndarray,
+    read: int,
+    cfg: TrainConfig | SweepConfig,
+) -> None:
+    """`refuse_seen` for a GLUE run whose held-out slice is the example ids `held_out`, of `read`
+    train examples, when the encoder was fine-tuned on `task` (`finetuned`): ids are row
+    indexes, so the ones it trained on are glue.finetuned_ids."""
+    if finetuned is None or finetuned.task != task:
+        return
+    trained = glue.finetuned_ids(
+        finetuned.train_examples, finetuned.val_fraction, finetuned.val_seed
+    )
+    seen = np.intersect1d(held_out, trained)
+    refuse_seen(
+        finetuned,
+        split_url(embeddings, task, "train"),
+        (read, "examples"),
+        (len(held_out), "examples"),
+        [f"id {i}" for i in seen.tolist()],
+        cfg,
+    )
+
+
+def check_held_out_unseen(cfg: SweepConfig) -> None:
+    """`refuse_seen` for the held-out slice of `cfg` (a checked SweepConfig: its task,
+    embeddings, val_fraction and val_seed) from what is stored alone, before the embeddings are
+    loaded: the train split's plan and run record (span tasks: and, for a fine-tuned encoder,
+    the train questions; span_train.check_held_out_unseen). Embeddings not stored are not
+    checked here: loading them says what is missing."""
+    from bertvision import span_train
+    from bertvision.families import get_task
+
+    task = cfg.task
+    if get_task(task).family.schema == "span":
+        span_train.check_held_out_unseen(cfg)
+        return
+    embeddings = cfg.embeddings.rstrip("/")
+    plan = load_plan(split_url(embeddings, task, "train"))
+    if plan is None:
+        return
+    ids = np.arange(plan.num_examples)  # GLUE's train ids: the row indexes of the rows read
+    held_out = glue.held_out_ids(ids, cfg.val_fraction, cfg.val_seed)
+    finetuned = finetuning(embeddings, task, plan)
+    check_held_out_examples(finetuned, task, embeddings, held_out, plan.num_examples, cfg)
+
+
 def make_objective(cfg: TrainConfig, data=None) -> Objective:
     """The objective of `cfg`'s task family on `data` (loaded here when None:
     load_embeddings, or span_train.load_span_data for span tasks)."""
@@ -366,7 +463,9 @@ def train_adapter(
 ) -> dict:
     """Train, select on the held-out slice of TRAIN, evaluate and write RUN; returns metrics.json.
 
-    Every check runs before anything is written: bad input leaves RUN as it was. While it
+    Every check runs before anything is written: bad input leaves RUN as it was, and so does a
+    held-out slice holding examples the embeddings' encoder was fine-tuned on (ShardError, see
+    the module). While it
     trains, RUN is leased (runs.Lease): a second writer gets FolderBusy. `trial_of` is the sweep
     (records.input_of its URL and key) whose trial this run is: its run record then has kind
     "trial" and the sweep among its inputs. `data`: the embeddings already loaded

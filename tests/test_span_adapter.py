@@ -437,3 +437,83 @@ def test_span_data_changed_since_extraction_is_refused_naming_the_file(
     (Path(data) / "dev-v2.0.json").write_bytes(original)
     restored = load_span_data("squad2", embeddings, "cpu")
     assert [q.question_id for q in restored.questions["dev"]] == [q.question_id for q in dev]
+
+
+# -- a fine-tuned encoder's windows: never selected on an article it trained on ---------------
+
+
+@pytest.fixture(scope="module")
+def finetuned(small_squad, tiny_model, tmp_path_factory) -> tuple[str, str]:
+    """The tiny BERT fine-tuned on both train articles holding out one (val_fraction 0.5,
+    val_seed 0: "Normans"), and its train and dev windows: (checkpoint, embeddings)."""
+    from bertvision.config import FinetuneConfig
+    from bertvision.finetune import finetune_encoder
+
+    root = tmp_path_factory.mktemp("finetuned")
+    cfg = FinetuneConfig(
+        task="squad2", data_dir=small_squad, model=tiny_model, out=str(root / "ckpt"),
+        epochs=0.5, batch_size=8, val_fraction=0.5, val_seed=0, device="cpu", **WINDOWING,
+    )  # fmt: skip
+    finetune_encoder(cfg, progress=False)
+    return cfg.out, _extract(cfg.out, small_squad, root / "emb")
+
+
+def test_the_articles_the_seeds_hold_out(small_squad):
+    """val_seed 0 holds out the first article, 3 the second: the tests below rely on it."""
+    questions = squad.load_split("train", small_squad)
+    assert squad.held_out_titles(questions, 0.5, 0) == ["Normans"]
+    assert squad.held_out_titles(questions, 0.5, 3) == ["Sky_(United_Kingdom)"]
+
+
+def test_span_training_holding_out_an_article_its_encoder_trained_on_is_refused(
+    finetuned, tmp_path
+):
+    _, embeddings = finetuned
+    cfg = _config(embeddings, tmp_path / "run", val_seed=3)
+    with pytest.raises(
+        ShardError,
+        match=rf"{embeddings}/squad2/train: its held-out slice \(--val-fraction 0.5 --val-seed 3"
+        r" of the \d+ train questions extracted\) holds 1 article, 1 of which its encoder was "
+        r"fine-tuned on \('Sky_\(United_Kingdom\)'\): .* Select with --val-fraction 0.5 "
+        r"--val-seed 0, as the fine-tuning did$",
+    ):
+        train_adapter(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_span_training_with_the_fine_tunings_settings_selects_on_the_article_it_held_out(
+    finetuned, small_squad, tmp_path
+):
+    _, embeddings = finetuned
+    metrics = train_adapter(_config(embeddings, tmp_path / "run", epochs=1), progress=False)
+    val = json.loads((tmp_path / "run" / "val_predictions.json").read_text())
+    questions = squad.load_split("train", small_squad)
+    assert set(val) == {q.question_id for q in questions if q.title == "Normans"}
+    assert metrics["val"]["total"] == len(val)
+
+
+def test_windows_of_fewer_questions_holding_out_the_same_article_are_accepted(
+    finetuned, small_squad, tmp_path
+):
+    """The check is by article: the first Normans questions and some of Sky's hold out
+    Normans, as the fine-tuning on all of them did."""
+    checkpoint, _ = finetuned
+    questions = squad.load_split("train", small_squad)
+    fewer = sum(q.title == "Normans" for q in questions) + 3
+    embeddings = _extract(checkpoint, small_squad, tmp_path / "emb", max_train_examples=fewer)
+    metrics = train_adapter(_config(embeddings, tmp_path / "run", epochs=1), progress=False)
+    assert metrics["val"]["total"] == fewer - 3
+
+
+def test_a_span_sweep_holding_out_an_article_its_encoder_trained_on_is_refused(finetuned, tmp_path):
+    from bertvision.sweep import run_sweep
+
+    _, embeddings = finetuned
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(
+        task="squad2", adapter="span", embeddings=embeddings, out=str(out), trials=1,
+        space={"epochs": 1}, val_fraction=0.5, val_seed=3, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(ShardError, match=r"fine-tuned on \('Sky_\(United_Kingdom\)'\)"):
+        run_sweep(cfg, progress=False)
+    assert not out.exists()

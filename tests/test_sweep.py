@@ -622,3 +622,29 @@ def test_a_pipeline_output_given_as_the_embeddings_points_to_them(tmp_path):
     cfg = SweepConfig(task="rte", embeddings=str(tmp_path), out=str(tmp_path / "sweep"))
     with pytest.raises(ShardError, match="a pipeline's embeddings are in .*/embeddings"):
         sweeping.content_key(cfg)
+
+
+def test_a_sweep_on_a_held_out_slice_its_encoder_was_fine_tuned_on_is_refused_writing_nothing(
+    prefect_harness, tmp_path, tiny_model, glue_dir
+):
+    """The encoder was fine-tuned on the first 40 RTE examples holding out val_seed 0's slice:
+    a sweep selecting on val_seed 1's is refused before any trial, by the core and the flow
+    (whose lease is the only trace it leaves); with the fine-tuning's, it runs."""
+    from bertvision_flows.sweep import sweep
+    from test_finetune import finetuned_on_rte
+    from test_train import extract_finetuned
+
+    checkpoint = finetuned_on_rte(tmp_path / "ckpt", tiny_model, glue_dir)
+    embeddings = extract_finetuned(checkpoint, glue_dir, tmp_path / "emb", 40)
+    out = tmp_path / "sweep"
+    cfg = quick(embeddings, out, trials=2, startup_trials=1, space={"epochs": 1}, val_seed=1)
+    refused = r"rte/train: its held-out slice .* Select with --val-fraction 0.1 --val-seed 0,"
+    with pytest.raises(ShardError, match=refused):
+        run_sweep(cfg, progress=False)
+    assert not out.exists()
+    with pytest.raises(ShardError, match=refused):
+        sweep(cfg)
+    assert not (out / sweeping.SWEEP_FILE).exists() and not (out / sweeping.TRIALS_DIR).exists()
+
+    summary = run_sweep(dataclasses.replace(cfg, val_seed=0), progress=False)
+    assert summary.to_dict()["finished"] == 2

@@ -1246,3 +1246,138 @@ def test_training_reads_format_1_embeddings(tmp_path):
     write_split(embeddings, "rte", "dev", 20, seed=2, format_version=1)
     cfg = TrainConfig(task="rte", embeddings=embeddings, out=str(tmp_path / "run"), epochs=1)
     assert set(train_adapter(cfg, progress=False)) == {"val", "dev"}
+
+
+# ----------------------------------------------------------------------------------------------
+# A fine-tuned encoder's embeddings: never selected on examples the encoder trained on
+
+
+def extract_finetuned(checkpoint: str, glue_dir: str, out: Path, cap: int) -> str:
+    """The RTE train (its first `cap` examples) and dev embeddings of `checkpoint`."""
+    from bertvision.extract import ExtractConfig, extract_hidden_states
+
+    cfg = ExtractConfig(
+        task="rte", out=str(out), model=checkpoint, data_dir=glue_dir, splits=["train", "dev"],
+        max_train_examples=cap, max_seq_length=64, device="cpu",
+    )  # fmt: skip
+    assert extract_hidden_states(cfg, progress=False).ok
+    return cfg.out
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, glue_dir, tiny_model) -> dict[int, str]:
+    """The tiny BERT fine-tuned on the first 40 RTE train examples (val_fraction 0.1, val_seed
+    0), and its embeddings of the first 40 and of the first 60: {cap: embeddings}."""
+    from test_finetune import finetuned_on_rte
+
+    root = tmp_path_factory.mktemp("finetuned")
+    checkpoint = finetuned_on_rte(root / "ckpt", tiny_model, glue_dir)
+    return {
+        cap: extract_finetuned(checkpoint, glue_dir, root / f"emb{cap}", cap) for cap in (40, 60)
+    }
+
+
+def seen_ids(read: int, val_seed: int) -> list[int]:
+    """The ids of the held-out slice (val_fraction 0.1, `val_seed`) of the first `read` RTE
+    train examples that the fine-tuning of the first 40 (val_seed 0) trained on."""
+    fine_tuned_on = set(range(40)) - set(glue.held_out_ids(range(40), 0.1, 0).tolist())
+    return sorted(set(glue.held_out_ids(range(read), 0.1, val_seed).tolist()) & fine_tuned_on)
+
+
+def test_training_on_embeddings_of_other_train_examples_than_the_fine_tunings_is_refused(
+    tmp_path, finetuned
+):
+    """Extracted from the first 60, not 40: their held-out slice is another one, and holds
+    examples the encoder trained on."""
+    seen = seen_ids(60, 0)
+    assert seen  # 4 of the 6 held-out examples
+    refuse(
+        tmp_path,
+        finetuned[60],
+        rf"{finetuned[60]}/rte/train: its held-out slice \(--val-fraction 0.1 --val-seed 0 of "
+        rf"the 60 train examples extracted\) holds 6 examples, {len(seen)} of which its encoder "
+        rf"was fine-tuned on \({', '.join(f'id {i}' for i in seen)}\): fine-tuning run \w+ read "
+        r"the first 40 \(--max-train-examples 40\) and held out --val-fraction 0.1 --val-seed 0;"
+        r".* Extract with --max-train-examples 40, as the fine-tuning did$",
+    )
+
+
+def test_training_with_another_val_seed_than_the_fine_tunings_is_refused(tmp_path, finetuned):
+    seen = seen_ids(40, 1)
+    assert len(seen) == 4  # every held-out example
+    refuse(
+        tmp_path,
+        finetuned[40],
+        rf"holds 4 examples, 4 of which its encoder was fine-tuned on \(id {seen[0]}, .*"
+        r"Select with --val-fraction 0.1 --val-seed 0, as the fine-tuning did$",
+        val_seed=1,
+    )
+    refuse(
+        tmp_path,
+        finetuned[60],
+        "Extract with --max-train-examples 40 and select with --val-fraction 0.1 --val-seed 0,",
+        val_seed=1,
+    )
+
+
+def test_training_with_the_fine_tunings_settings_selects_on_what_it_held_out(tmp_path, finetuned):
+    """The pipeline's case: the same 40 examples, val_fraction and val_seed."""
+    cfg = config(tmp_path, finetuned[40], epochs=1)
+    metrics = train_adapter(cfg, progress=False)
+    assert set(metrics) == {"val", "dev"}
+    selected_on = pq.read_table(tmp_path / "run/outputs/val.parquet").column("example_id")
+    assert selected_on.to_pylist() == glue.held_out_ids(range(40), 0.1, 0).tolist()
+    assert not set(selected_on.to_pylist()) & set(glue.finetuned_ids(40, 0.1, 0).tolist())
+
+
+def test_the_cli_refuses_a_held_out_slice_the_encoder_trained_on_in_one_line(tmp_path, finetuned):
+    out = tmp_path / "run"
+    args = ["train", "--task", "rte", "--embeddings", finetuned[40], "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--val-seed", "1", "--device", "cpu"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {finetuned[40]}/rte/train: its held")
+    assert not out.exists()
+
+
+def test_an_encoder_fine_tuned_on_another_task_is_not_checked(tmp_path, glue_dir, tiny_model):
+    """Fine-tuned on WNLI, the encoder never saw an RTE example."""
+    from test_finetune import finetuned_on_rte
+
+    checkpoint = finetuned_on_rte(tmp_path / "ckpt", tiny_model, glue_dir, task="wnli")
+    embeddings = extract_finetuned(checkpoint, glue_dir, tmp_path / "emb", 60)
+    record = json.loads((Path(embeddings) / "rte/train/_manifest/run.json").read_text())
+    assert record["finetuned_encoder"]["task"] == "wnli"
+    metrics = train_adapter(config(tmp_path, embeddings, epochs=1, val_seed=1), progress=False)
+    assert set(metrics) == {"val", "dev"}
+
+
+def test_extractions_recorded_before_fine_tunings_were_described_train_unchecked(
+    tmp_path, finetuned
+):
+    embeddings = tmp_path / "emb"
+    shutil.copytree(finetuned[60], embeddings)
+    url = embeddings / "rte/train/_manifest/run.json"
+    record = json.loads(url.read_text())
+    del record["finetuned_encoder"]
+    url.write_text(json.dumps(record))
+    metrics = train_adapter(config(tmp_path, str(embeddings), epochs=1), progress=False)
+    assert set(metrics) == {"val", "dev"}
+
+
+def test_a_garbled_description_in_the_extraction_record_is_refused_naming_it(tmp_path, finetuned):
+    from bertvision.storage import FileFormatError
+
+    embeddings = tmp_path / "emb"
+    shutil.copytree(finetuned[40], embeddings)
+    url = embeddings / "rte/train/_manifest/run.json"
+    record = json.loads(url.read_text())
+    record["finetuned_encoder"]["train_examples"] = "forty"
+    url.write_text(json.dumps(record))
+    refuse(
+        tmp_path,
+        str(embeddings),
+        rf"{url}: 'finetuned_encoder' is not the description of a fine-tuned encoder "
+        r"\(fields train_examples\)",
+        error=FileFormatError,
+    )
