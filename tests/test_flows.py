@@ -597,6 +597,11 @@ def test_run_command_goes_through_the_whole_pipeline_and_prints_a_table_of_the_s
     assert not list((out / "wnli" / "finetune").glob("**/test*"))
     assert _example_ids(out / "embeddings", "wnli", "train") == list(range(635))
     assert json.loads((out / "wnli" / "ensemble" / "metrics.json").read_text())["members"]
+    # the adapters' held-out slice was checked against what the encoder was fine-tuned on
+    extracted = json.loads((out / "embeddings/wnli/train/_manifest/run.json").read_text())
+    tuned = json.loads((out / "wnli" / "finetune" / "_commit.json").read_text())
+    assert extracted["finetuned_encoder"] == tuned["finetuned_encoder"]
+    assert extracted["finetuned_encoder"]["train_examples"] == 635
 
     # Runs are named after their work and output, artifact keys too.
     with get_client(sync_client=True) as client:
