@@ -171,8 +171,9 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
     if not complete:  # before the model loads; a finished extraction is checked, not written
         storage.ensure_writable(cfg.out)
     encoder = enc.load_encoder(cfg.model, cfg.device)
+    finetuned = finetuned_encoder(cfg.model, encoder.fingerprint)  # weights changed: refused
     if "train" in splits:
-        _check_finetuned_data(cfg, finetuned_encoder(cfg.model, encoder.fingerprint))
+        _check_finetuned_data(cfg, finetuned)
     code = records.code_info()
     schema = "span" if span else "glue"
     plans = [
@@ -219,10 +220,10 @@ def prepare_extraction(cfg: ExtractConfig) -> list[ExtractionPlan]:
 def finetuned_encoder(model: str, fingerprint: str) -> FinetunedEncoder | None:
     """What the encoder at `model` (its fingerprint `fingerprint`) was fine-tuned on, when a
     BERTVision fine-tuning made it: the description in the fine-tuning's run record in its
-    folder, if that describes an encoder of this fingerprint. None for any other model: a hub
-    name, a folder without such a record, with one written before the descriptions were kept,
-    or with one of another encoder (a checkpoint replaced since). FileFormatError naming the
-    record when it is garbled."""
+    folder. None for any other model: a hub name, a folder without such a record, or with one
+    written before the descriptions were kept. FileFormatError naming the record when it is
+    garbled, or when it describes another encoder than the folder holds now: weights changed
+    (or damaged) since the fine-tuning committed them."""
     if "://" not in model and not os.path.isdir(model):
         return None  # a hub name
     url = storage.join(model, runs.COMMIT_RECORD)
@@ -230,7 +231,14 @@ def finetuned_encoder(model: str, fingerprint: str) -> FinetunedEncoder | None:
     if record is None or record.kind != "finetune":
         return None
     finetuned = FinetunedEncoder.from_record(record, url)
-    return finetuned if finetuned is not None and finetuned.fingerprint == fingerprint else None
+    if finetuned is not None and finetuned.fingerprint != fingerprint:
+        raise storage.FileFormatError(
+            f"{model} holds other weights than its fine-tuning committed ({url} records the "
+            f"encoder {finetuned.fingerprint}, the folder's is {fingerprint}): changed or damaged "
+            "since; remove it and fine-tune again, or extract from a copy of the weights "
+            f"without its {runs.COMMIT_RECORD}"
+        )
+    return finetuned
 
 
 def _check_finetuned_data(cfg: ExtractConfig, finetuned: FinetunedEncoder | None) -> None:

@@ -1174,22 +1174,33 @@ def test_an_extraction_with_a_fine_tuned_checkpoint_records_what_it_was_fine_tun
     assert _run_record(again.out, "rte", "train")["finetuned_encoder"] == {}
 
 
-def test_a_checkpoint_whose_weights_were_replaced_since_its_fine_tuning_is_not_described(
-    finetuned, tmp_path, tiny_model, glue_dir
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_a_checkpoint_whose_weights_changed_since_its_fine_tuning_is_refused_writing_nothing(
+    finetuned, tmp_path, tiny_model, glue_dir, split
 ):
-    """The record in the folder describes the encoder fine-tuning made, by its fingerprint:
-    other weights there now are not that encoder."""
+    """The record in the folder describes the encoder fine-tuning committed, by its fingerprint:
+    other weights there now (replaced, or bytes damaged: safetensors has no checksum) are not
+    what was committed, and would be extracted under the record's description."""
     import shutil
 
     replaced = tmp_path / "ckpt"
     shutil.copytree(finetuned, replaced)
     shutil.copy(Path(tiny_model) / "model.safetensors", replaced / "model.safetensors")
+    args = ["extract", "--task", "rte", "--data-dir", glue_dir, "--model", str(replaced)]
+    args += ["--splits", split, "--max-train-examples", "40", "--max-seq-length", "64"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "emb")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {replaced} holds other weights than its fine-tun")
+    assert "changed or damaged since; remove it and fine-tune again" in result.stderr
+    assert not (tmp_path / "emb").exists()
+
+    (replaced / "_commit.json").unlink()  # a copy of the weights alone: not described, no check
     cfg = _config(
-        tmp_path / "emb", str(replaced), glue_dir, task="rte", splits=["train"],
+        tmp_path / "emb", str(replaced), glue_dir, task="rte", splits=[split],
         max_train_examples=40,
     )  # fmt: skip
     assert extract_hidden_states(cfg, progress=False).ok
-    assert _run_record(cfg.out, "rte", "train")["finetuned_encoder"] == {}
+    assert _run_record(cfg.out, "rte", split)["finetuned_encoder"] == {}
 
 
 def test_train_data_other_than_the_fine_tunings_is_refused_in_one_line_writing_nothing(
