@@ -132,9 +132,12 @@ class TaskFamily(Protocol):
         """The rows fine-tuning draws its batches from (cfg: bertvision.config.FinetuneConfig)."""
         ...
 
-    def evaluate(self, task: str, model, tokenizer, splits: dict[str, list], cfg) -> Evaluation:
+    def evaluate(
+        self, task: str, model, tokenizer, splits: dict[str, list], cfg, progress: bool = False
+    ) -> Evaluation:
         """Score and predict `splits` ({"val": held-out examples, "dev": ..., ...}) with the
-        fine-tuned `model`. NonFiniteError if an output is NaN or infinite."""
+        fine-tuned `model`, with a progress bar per split if `progress`. NonFiniteError if an
+        output is NaN or infinite."""
         ...
 
 

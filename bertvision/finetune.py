@@ -240,7 +240,7 @@ def _finetune(
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    evaluation = family.evaluate(task.name, model, tokenizer, evaluated, cfg)
+    evaluation = family.evaluate(task.name, model, tokenizer, evaluated, cfg, progress)
     result = {
         **evaluation.metrics,
         **evaluation.extra,
@@ -302,14 +302,22 @@ class GlueTrainingSet:
 
 
 def evaluate_glue(
-    task: glue.GlueTask, model, tokenizer, splits: dict[str, list[glue.Example]], cfg
+    task: glue.GlueTask,
+    model,
+    tokenizer,
+    splits: dict[str, list[glue.Example]],
+    cfg,
+    progress: bool = False,
 ) -> families.Evaluation:
     """Outputs of every split, GLUE metrics of val and the dev splits; `write` writes each
     split's outputs and submission file (bertvision.predictions)."""
     from bertvision.metrics import compute_metrics
     from bertvision.predictions import point_predictions, write_predictions
 
-    outputs = {s: _predict(model, tokenizer, ex, cfg) for s, ex in splits.items()}
+    outputs = {
+        s: _predict(model, tokenizer, ex, cfg, f"predict {task.name} {s}" if progress else None)
+        for s, ex in splits.items()
+    }
     metrics = {
         split: compute_metrics(
             task, point_predictions(task, outputs[split]), [ex.label for ex in splits[split]]
@@ -377,10 +385,16 @@ def _tokenize(tokenizer, examples: list[glue.Example], max_length: int, device: 
 
 
 @torch.inference_mode()
-def _predict(model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig) -> np.ndarray:
-    """(N, num_labels) class probabilities, or (N, 1) scores for regression."""
+def _predict(
+    model, tokenizer, examples: list[glue.Example], cfg: FinetuneConfig, bar: str | None = None
+) -> np.ndarray:
+    """(N, num_labels) class probabilities, or (N, 1) scores for regression; with a progress
+    bar named `bar` if given."""
+    from tqdm.auto import tqdm
+
     outputs = []
-    for begin in range(0, len(examples), cfg.batch_size * 2):
+    batches = range(0, len(examples), cfg.batch_size * 2)
+    for begin in tqdm(batches, desc=bar, unit="batch", disable=bar is None, leave=False):
         batch = _tokenize(
             tokenizer, examples[begin : begin + cfg.batch_size * 2], cfg.max_seq_length, cfg.device
         )

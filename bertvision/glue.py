@@ -423,10 +423,12 @@ class GlueFamily:
 
         return GlueTrainingSet(get_task(task), examples, tokenizer, cfg.max_seq_length)
 
-    def evaluate(self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg):
+    def evaluate(
+        self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg, progress=False
+    ):
         from bertvision.finetune import evaluate_glue
 
-        return evaluate_glue(get_task(task), model, tokenizer, splits, cfg)
+        return evaluate_glue(get_task(task), model, tokenizer, splits, cfg, progress)
 
 
 def _register() -> None:

@@ -795,7 +795,9 @@ class SquadFamily:
     def training_set(self, task: str, examples: list[Example], tokenizer, cfg) -> Windows:
         return Windows(_features(examples, tokenizer, cfg, "train"))
 
-    def evaluate(self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg):
+    def evaluate(
+        self, task: str, model, tokenizer, splits: dict[str, list[Example]], cfg, progress=False
+    ):
         from bertvision.families import Evaluation
 
         features = {
@@ -803,7 +805,10 @@ class SquadFamily:
             for s, ex in splits.items()
         }
         logits = {
-            s: window_logits(model, f, cfg.batch_size * 2, cfg.device) for s, f in features.items()
+            s: window_logits(
+                model, f, cfg.batch_size * 2, cfg.device, f"predict {s}" if progress else None
+            )
+            for s, f in features.items()
         }
         spans = {
             s: best_spans(splits[s], features[s], *_padded(logits[s], features[s])) for s in splits
@@ -859,11 +864,14 @@ def _window_inputs(features: Features, rows: np.ndarray, device: str) -> dict:
     return {k: torch.from_numpy(v[rows, :length]).to(device) for k, v in arrays.items()}
 
 
-def window_logits(model, features: Features, batch_size: int, device: str) -> list[np.ndarray]:
+def window_logits(
+    model, features: Features, batch_size: int, device: str, bar: str | None = None
+) -> list[np.ndarray]:
     """Each window's (2, length) start and end logits over its real tokens, float32, by a
-    question-answering `model` in batches of `batch_size` windows.
-    NonFiniteError if any is NaN or infinite."""
+    question-answering `model` in batches of `batch_size` windows; with a progress bar named
+    `bar` if given. NonFiniteError if any is NaN or infinite."""
     import torch
+    from tqdm.auto import tqdm
 
     from bertvision import encoder as enc
     from bertvision.finite import NonFiniteError
@@ -871,7 +879,8 @@ def window_logits(model, features: Features, batch_size: int, device: str) -> li
     lengths = features.attention_mask.sum(axis=1)
     out: list[np.ndarray] = []
     with torch.inference_mode():
-        for begin in range(0, len(features), batch_size):
+        batches = range(0, len(features), batch_size)
+        for begin in tqdm(batches, desc=bar, unit="batch", disable=bar is None, leave=False):
             rows = np.arange(begin, min(begin + batch_size, len(features)))
             with enc.autocast(device):
                 result = model(**_window_inputs(features, rows, device))

@@ -327,3 +327,20 @@ def test_the_run_record_describes_the_encoder_it_made_and_what_it_trained_on(
     }
     assert record.key == content_key(FinetuneConfig(**record.settings))
     assert record.inputs["data/train"]["key"] == glue.data_fingerprint(read)
+
+
+def test_prediction_after_training_shows_a_progress_bar_per_split(
+    tmp_path, tiny_model, glue_dir, capsys
+):
+    """Predicting dev and test after the last step took minutes with nothing on screen."""
+    from bertvision.finetune import finetune_encoder
+
+    cfg = FinetuneConfig(
+        task="rte", out=str(tmp_path / "ckpt"), model=tiny_model, data_dir=glue_dir, epochs=0.1,
+        batch_size=8, max_train_examples=40, max_seq_length=64, device="cpu",
+    )  # fmt: skip
+    finetune_encoder(cfg, progress=True)
+    shown = capsys.readouterr().err
+    assert all(f"predict rte {split}" in shown for split in ("val", "dev", "test"))
+    finetune_encoder(dataclasses.replace(cfg, out=str(tmp_path / "quiet")), progress=False)
+    assert "predict" not in capsys.readouterr().err
