@@ -211,7 +211,10 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | None = None) ->
 
 def _load_tsv(task: GlueTask, split: str, url: str) -> list[Example]:
     if not storage.exists(url):
-        raise DataError(f"missing data file {url} ({task.name} {split})")
+        raise DataError(
+            f"missing data file {url} ({task.name} {split}); --data-dir names a folder of GLUE's "
+            f"task folders ({task.dir_name}/{split}.tsv ...), or leave it out to read the hub"
+        )
     rows = _read_rows(url)
     labelled = not task.is_test(split)
     if labelled and task.implicit_header is not None:

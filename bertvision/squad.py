@@ -88,7 +88,10 @@ def load_split(split: str, data_dir: str | None = None) -> list[Example]:
         return _load_hub(split)
     url = split_source(split, data_dir)
     if not storage.exists(url):
-        raise DataError(f"missing data file {url} (SQuAD 2.0 {split})")
+        raise DataError(
+            f"missing data file {url} (SQuAD 2.0 {split}); --data-dir names a folder holding "
+            f"{' and '.join(SPLIT_FILES.values())}, or leave it out to read the hub"
+        )
     return load_file(url)
 
 

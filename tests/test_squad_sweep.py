@@ -434,7 +434,8 @@ def test_the_squad_experiment_refuses_data_it_cannot_read_in_one_line(
     with pytest.raises(SystemExit) as refused:
         main(argv)
     assert refused.value.code == 2
-    says = f"missing data file {data / 'train-v2.0.json'} (SQuAD 2.0 train)"
+    says = f"missing data file {data / 'train-v2.0.json'} (SQuAD 2.0 train); --data-dir names a "
+    says += "folder holding train-v2.0.json and dev-v2.0.json, or leave it out to read the hub"
     assert error_line(capsys.readouterr().err) == f"experiment_squad.py: error: {says}"
 
     data.mkdir()

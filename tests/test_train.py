@@ -994,7 +994,10 @@ def test_experiment_refuses_data_it_cannot_read_in_one_line(capsys, tmp_path, ti
     assert refused.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     missing = tmp_path / "glue" / "WNLI" / "train.tsv"
-    assert line == f"experiment.py: error: missing data file {missing} (wnli train)"
+    assert line == (
+        f"experiment.py: error: missing data file {missing} (wnli train); --data-dir names a "
+        "folder of GLUE's task folders (WNLI/train.tsv ...), or leave it out to read the hub"
+    )
     assert not out.exists()
 
 
