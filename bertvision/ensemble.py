@@ -202,7 +202,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
 
 
 def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
-    if runs.finished(cfg.out, key, cfg.overwrite, "ensemble") is None:
+    if runs.finished(cfg.out, key, cfg.overwrite, "ensemble", asdict(cfg)) is None:
         return None
     return storage.read_json(storage.join(cfg.out, "metrics.json"))
 

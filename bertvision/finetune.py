@@ -156,7 +156,7 @@ def _key(cfg: FinetuneConfig, inputs: dict[str, dict[str, str]]) -> str:
 def finished_run(cfg: FinetuneConfig, key: str) -> dict | None:
     """metrics.json of the run committed at `cfg.out` with `key`, else None; a ValueError for a
     run with another key unless `cfg.overwrite`."""
-    if runs.finished(cfg.out, key, cfg.overwrite, "fine-tuning") is None:
+    if runs.finished(cfg.out, key, cfg.overwrite, "fine-tuning", asdict(cfg)) is None:
         return None
     return load_metrics(cfg.out)
 

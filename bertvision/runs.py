@@ -96,13 +96,20 @@ def stored_record(out: str) -> dict[str, Any] | None:
     return record if record is not None and not missing_files(out, record) else None
 
 
-def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str, Any] | None:
+def finished(
+    out: str,
+    key: str,
+    overwrite: bool,
+    what: str = "run",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """The commit record of a run finished at `out` with content key `key`, else None.
 
     Finished means committed with `key` and stored whole: a run whose committed files are gone
     (`missing_files`) is not finished, and a warning names what it lacks; the caller redoes it.
-    A finished run with another key is an error (ValueError naming `out`) unless `overwrite`,
-    when it is None too: the caller redoes the run, and its commit replaces the old one.
+    A finished run with another key is an error (ValueError naming `out`, and the `settings`
+    of the run asked for that differ from the stored run's) unless `overwrite`, when it is None
+    too: the caller redoes the run, and its commit replaces the old one.
     """
     record = commit_record(out)
     if record is None:
@@ -120,9 +127,22 @@ def finished(out: str, key: str, overwrite: bool, what: str = "run") -> dict[str
     if overwrite:
         return None
     raise ValueError(
-        f"{out} holds a finished {what} with other settings or inputs; "
+        f"{out} holds a finished {what} {_other(record.get('settings'), settings)}; "
         "use another --out, or --overwrite to replace it"
     )
+
+
+def _other(stored: Any, asked: dict[str, Any] | None) -> str:
+    """How the stored run differs from the one asked for: the settings that differ, or, all
+    the same, its inputs (an encoder, data or embeddings of other content)."""
+    if not isinstance(stored, dict) or asked is None:
+        return "with other settings or inputs"
+    where = {"out", "overwrite"}
+    differ = [k for k in asked if k not in where and k in stored and stored[k] != asked[k]]
+    if not differ:
+        return "of the same settings on other inputs (encoder, data or embeddings by content)"
+    shown = "; ".join(f"{k} {stored[k]!r} there, {asked[k]!r} here" for k in differ[:4])
+    return f"with other settings ({shown}{'; ...' if len(differ) > 4 else ''})"
 
 
 class StagedRun:

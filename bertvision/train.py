@@ -635,7 +635,7 @@ def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
 def _finished(cfg: TrainConfig, key: str) -> dict | None:
     """The metrics of a run committed with this key; an error for one with another key
     (other settings or other embeddings) unless `cfg.overwrite`."""
-    if runs.finished(cfg.out, key, cfg.overwrite) is None:
+    if runs.finished(cfg.out, key, cfg.overwrite, settings=asdict(cfg)) is None:
         return None
     return storage.read_json(storage.join(cfg.out, "metrics.json"), keys=("val", "dev"))
 

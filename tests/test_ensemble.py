@@ -285,7 +285,7 @@ def test_a_finished_ensemble_is_kept_until_told_and_then_replaced_whole(tmp_path
     better = json.loads((tmp_path / "sweep/trials/0000" / TRIAL_RECORD).read_text())
     better["val"] = {"accuracy": 0.95}  # trial 0 redone: now the best
     (tmp_path / "sweep/trials/0000" / TRIAL_RECORD).write_text(json.dumps(better))
-    with pytest.raises(ValueError, match="holds a finished ensemble with other settings"):
+    with pytest.raises(ValueError, match="holds a finished ensemble of the same settings on other"):
         build_ensemble(cfg)
     monkeypatch.undo()
 

@@ -192,7 +192,9 @@ def test_a_finished_run_is_returned_other_settings_are_refused_and_a_kill_keeps_
     assert core.finetune_encoder(seed0, progress=False) == metrics  # resumes like train/extract
 
     seed1 = quick(tmp_path, tiny_model, glue_dir, seed=1)
-    with pytest.raises(ValueError, match="holds a finished fine-tuning with other settings"):
+    with pytest.raises(
+        ValueError, match=r"fine-tuning with other settings \(seed 0 there, 1 here\)"
+    ):
         core.finetune_encoder(seed1, progress=False)
     assert files(tmp_path / "ckpt") == stored
 
@@ -236,7 +238,7 @@ def test_a_model_replaced_at_the_same_path_is_another_input(tmp_path, tiny_model
     other = BertConfig.from_pretrained(encoder)
     BertModel(other).save_pretrained(encoder)  # another encoder, same path
     assert content_key(cfg) != key
-    with pytest.raises(ValueError, match="holds a finished fine-tuning with other settings"):
+    with pytest.raises(ValueError, match="fine-tuning of the same settings on other inputs"):
         finetune_encoder(cfg, progress=False)
     redone = finetune_encoder(dataclasses.replace(cfg, overwrite=True), progress=False)
     assert redone["key"] == content_key(cfg)

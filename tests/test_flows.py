@@ -684,8 +684,8 @@ def test_the_train_task_is_not_served_from_the_cache_once_the_embeddings_changed
     shutil.copy(f"{tiny_model}/tokenizer.json", other)
     shutil.copy(f"{tiny_model}/tokenizer_config.json", other)
     wnli_train_and_dev(tmp_path / "emb", str(other), glue_dir, overwrite=True)
-    assert train_once(cfg) == "Failed"  # refused: "holds a finished run with other ..."
-    with pytest.raises(ValueError, match="holds a finished run with other settings or inputs"):
+    assert train_once(cfg) == "Failed"  # refused: "holds a finished run of the same ..."
+    with pytest.raises(ValueError, match="holds a finished run of the same settings on other inp"):
         train_core.train_adapter(cfg, progress=False)
 
     assert train_once(dataclasses.replace(cfg, overwrite=True)) == "Completed"

@@ -310,10 +310,12 @@ def test_a_finished_run_is_returned_as_stored_and_never_mixed(
     assert train_adapter(cfg, progress=False) == metrics
 
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="holds a finished run with other settings"):
+    with pytest.raises(
+        ValueError, match=r"finished run with other settings \(lr .* there, 0.5 here\)"
+    ):
         train_adapter(dataclasses.replace(cfg, lr=0.5), progress=False)
     # streamed, the train split is shuffled in groups of shards, not whole: another run
-    with pytest.raises(ValueError, match="holds a finished run with other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(max_resident_gb .* there, 0 here\)"):
         train_adapter(dataclasses.replace(cfg, max_resident_gb=0), progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
