@@ -235,7 +235,8 @@ def load_embeddings(
         present = [name for name in storage.list_names(embeddings) if name in glue.TASKS]
         held = f"; it holds embeddings of {', '.join(present)}" if present else ""
         raise ShardError(
-            f"no embeddings of {task.name} under {embeddings}{held or pipeline_hint(embeddings)}"
+            f"no embeddings of {task.name} under {embeddings}"
+            f"{held or pipeline_hint(embeddings) or '; run extract first'}"
         )
     if splits is None:
         optional = [s for s in task.test_splits if load_plan(split_url(embeddings, task.name, s))]

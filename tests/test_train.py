@@ -594,6 +594,16 @@ def test_cli_reports_bad_embeddings_in_one_line(tmp_path, rte_embeddings):
     assert not (tmp_path / "run").exists()
 
 
+def test_training_before_any_extraction_says_run_extract_first(tmp_path):
+    args = ["train", "--task", "rte", "--embeddings", str(tmp_path / "emb")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"error: no embeddings of rte under {tmp_path / 'emb'}; run extract first\n"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The experiment script, at the smallest scale
 
