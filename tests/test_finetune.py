@@ -345,4 +345,4 @@ def test_prediction_after_training_shows_a_progress_bar_per_split(
     shown = capsys.readouterr().err
     assert all(f"predict rte {split}" in shown for split in ("val", "dev", "test"))
     finetune_encoder(dataclasses.replace(cfg, out=str(tmp_path / "quiet")), progress=False)
-    assert "predict" not in capsys.readouterr().err
+    assert "predict rte" not in capsys.readouterr().err
