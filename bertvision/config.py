@@ -495,10 +495,15 @@ class TrainConfig(Stage, FromEmbeddings, Device, Seeded, HeldOut):
             name = str(exc).split(" ", 1)[0]
             raise ConfigError(name, str(exc).removeprefix(f"{name} ")) from None
 
+    def keyed_settings(self) -> dict[str, Any]:
+        """The settings that can change the run's results (`run_key`): all but where it reads
+        and writes and how fast (out, device, overwrite, embeddings, read_ahead)."""
+        where = ("out", "device", "overwrite", "embeddings", "read_ahead")
+        return {k: v for k, v in asdict(self).items() if k not in where}
+
     def run_key(self, extraction_keys: dict[str, str]) -> str:
         """Hashes what determines the run's results: a run folder never mixes two keys."""
-        where = ("out", "device", "overwrite", "embeddings", "read_ahead")
-        content = {k: v for k, v in asdict(self).items() if k not in where}
+        content = self.keyed_settings()
         # runs keyed before these options keep their keys
         if self.train_fraction == 1.0:
             del content["train_fraction"]

@@ -202,7 +202,8 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
 
 
 def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
-    if runs.finished(cfg.out, key, cfg.overwrite, "ensemble", asdict(cfg)) is None:
+    keyed = {"task": cfg.task, "top_k": cfg.top_k}  # with its members (content_key)
+    if runs.finished(cfg.out, key, cfg.overwrite, "ensemble", keyed) is None:
         return None
     return storage.read_json(storage.join(cfg.out, "metrics.json"))
 

@@ -141,9 +141,15 @@ def content_key(cfg: FinetuneConfig, data: dict[str, list] | None = None) -> str
     return _key(cfg, run_inputs(cfg, data))
 
 
-def _key(cfg: FinetuneConfig, inputs: dict[str, dict[str, str]]) -> str:
+def _keyed_settings(cfg: FinetuneConfig) -> dict:
+    """The settings the content key covers: all but where the model, data and run are, and
+    how it runs (their content is keyed instead)."""
     where = ("out", "model", "data_dir", "device", "overwrite")
-    content = {k: v for k, v in asdict(cfg).items() if k not in where}
+    return {k: v for k, v in asdict(cfg).items() if k not in where}
+
+
+def _key(cfg: FinetuneConfig, inputs: dict[str, dict[str, str]]) -> str:
+    content = _keyed_settings(cfg)
     content["model_fingerprint"] = inputs["model"]["key"]
     content["data"] = {
         name.removeprefix("data/"): read["key"]
@@ -156,7 +162,7 @@ def _key(cfg: FinetuneConfig, inputs: dict[str, dict[str, str]]) -> str:
 def finished_run(cfg: FinetuneConfig, key: str) -> dict | None:
     """metrics.json of the run committed at `cfg.out` with `key`, else None; a ValueError for a
     run with another key unless `cfg.overwrite`."""
-    if runs.finished(cfg.out, key, cfg.overwrite, "fine-tuning", asdict(cfg)) is None:
+    if runs.finished(cfg.out, key, cfg.overwrite, "fine-tuning", _keyed_settings(cfg)) is None:
         return None
     return load_metrics(cfg.out)
 

@@ -99,14 +99,19 @@ def read_outputs_table(
     fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"{run} has no {split} outputs (outputs/{split}.parquet)")
+    with storage.translate_errors(url):
+        # whole: outputs are small, and pyarrow reading a Python file object that fails a page
+        # checksum sometimes aborts the process at exit
+        data = fs.cat_file(path)
     try:
-        with storage.translate_errors(url), fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns, page_checksum_verification=True)
-    except (storage.StorageError, ConnectionError, TimeoutError, PermissionError):
-        raise
+        table = pq.read_table(
+            pa.BufferReader(data), columns=columns, page_checksum_verification=True
+        )
     except (pa.ArrowException, KeyError, OSError) as exc:  # OSError: a failed page checksum
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise storage.FileFormatError(f"outputs file {url}: {reason} (not {what})") from None
+        damaged = "checksum" in reason.lower()
+        why = "its bytes changed since it was written" if damaged else f"not {what}"
+        raise storage.FileFormatError(f"outputs file {url}: {reason} ({why})") from None
     return url, table
 
 

@@ -107,9 +107,9 @@ def finished(
 
     Finished means committed with `key` and stored whole: a run whose committed files are gone
     (`missing_files`) is not finished, and a warning names what it lacks; the caller redoes it.
-    A finished run with another key is an error (ValueError naming `out`, and the `settings`
-    of the run asked for that differ from the stored run's) unless `overwrite`, when it is None
-    too: the caller redoes the run, and its commit replaces the old one.
+    A finished run with another key is an error (ValueError naming `out`, and those of the
+    `settings` that the key covers which differ from the stored run's) unless `overwrite`, when
+    it is None too: the caller redoes the run, and its commit replaces the old one.
     """
     record = commit_record(out)
     if record is None:
@@ -137,10 +137,9 @@ def _other(stored: Any, asked: dict[str, Any] | None) -> str:
     the same, its inputs (an encoder, data or embeddings of other content)."""
     if not isinstance(stored, dict) or asked is None:
         return "with other settings or inputs"
-    where = {"out", "overwrite"}
-    differ = [k for k in asked if k not in where and k in stored and stored[k] != asked[k]]
+    differ = [k for k in asked if k in stored and stored[k] != asked[k]]
     if not differ:
-        return "of the same settings on other inputs (encoder, data or embeddings by content)"
+        return "of the same settings on other inputs (compared by content)"
     shown = "; ".join(f"{k} {stored[k]!r} there, {asked[k]!r} here" for k in differ[:4])
     return f"with other settings ({shown}{'; ...' if len(differ) > 4 else ''})"
 
@@ -194,16 +193,17 @@ class StagedRun:
 
 def tidy(out: str) -> list[str]:
     """Remove what writers killed after a commit's record left beside the finished run at `out`
-    (_publishing.json, _staging/, _checkpoint/, `.tmp` files of killed writes); returns their
-    names. One listing when there is nothing to remove; otherwise done as the folder's writer
-    (under its lease), and nothing while another process holds it or the folder cannot be
-    written."""
+    (_publishing.json, _staging/, `.tmp` files of killed writes); returns their names. Not
+    _checkpoint/: that may be the resumable state of another run under way (its owner,
+    bertvision.train, removes its own). One listing when there is nothing to remove; otherwise
+    done as the folder's writer (under its lease), and nothing while another process holds it
+    or the folder cannot be written (read-only storage)."""
     fs, root = storage.url_to_fs(out)
     root = root.rstrip("/")
     with storage.translate_errors(out):
         names = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)}
-    left = [name for name in (PUBLISHING, STAGING, SCRATCH) if name in names]
-    if not left and not any(name.endswith(storage.TMP_SUFFIX) for name in names):
+    left = [name for name in (PUBLISHING, STAGING) if name in names]
+    if not left and not any(storage.is_write_staging(name) for name in names):
         return []
     try:
         with lease(out) as held:  # taking it removes the stale `.tmp` files
@@ -211,7 +211,7 @@ def tidy(out: str) -> list[str]:
                 return held.removed
             for name in left:
                 _remove(fs, f"{root}/{name}")
-    except (FolderBusy, PermissionError):
+    except (FolderBusy, OSError, storage.StorageError):  # busy, or not writable here
         return []
     return sorted(left + held.removed)
 
@@ -265,8 +265,7 @@ class Lease:
         fs, path = storage.url_to_fs(self.url)
         if not storage.is_local(fs):
             return []
-        folder = path.rsplit("/", 1)[0]
-        return storage.remove_stale(fs, folder, lambda name: name.endswith(storage.TMP_SUFFIX))
+        return storage.remove_stale(fs, path.rsplit("/", 1)[0], storage.is_write_staging)
 
     def release(self) -> None:
         self._stop.set()

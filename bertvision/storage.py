@@ -119,9 +119,15 @@ def remove_stale(
     return removed
 
 
+def is_write_staging(name: str) -> bool:
+    """Whether `name` (a base name) is the staging file of a small write (write_bytes_atomic:
+    `<target>~<host>~<pid>~<random>.tmp`), not another tool's file."""
+    return name.endswith(TMP_SUFFIX) and len(name.removesuffix(TMP_SUFFIX).split("~")) == 4
+
+
 def _is_staging_of(name: str, staged: str) -> bool:
     """Whether `staged` is a staging file of a small write to `name` (write_bytes_atomic)."""
-    return staged.startswith(f"{name}~") and staged.endswith(TMP_SUFFIX)
+    return staged.startswith(f"{name}~") and is_write_staging(staged)
 
 
 def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float | None:

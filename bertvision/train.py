@@ -46,6 +46,7 @@ span adapter), whose outputs that module describes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -634,9 +635,18 @@ def _check_data(cfg: TrainConfig, data: EmbeddingData) -> None:
 
 def _finished(cfg: TrainConfig, key: str) -> dict | None:
     """The metrics of a run committed with this key; an error for one with another key
-    (other settings or other embeddings) unless `cfg.overwrite`."""
-    if runs.finished(cfg.out, key, cfg.overwrite, settings=asdict(cfg)) is None:
+    (other settings or other embeddings) unless `cfg.overwrite`. What a kill just after its
+    commit left beside it goes (runs.tidy), with its checkpoint; a checkpoint of another key
+    is an unfinished run's (with --overwrite), kept to resume from."""
+    if runs.finished(cfg.out, key, cfg.overwrite, settings=cfg.keyed_settings()) is None:
         return None
+    runs.tidy(cfg.out)
+    url = storage.join(cfg.out, CHECKPOINT)
+    if storage.exists(url):
+        with contextlib.suppress(storage.FileFormatError, ValueError, OSError):
+            if _load_checkpoint(cfg, key) is not None:  # this run's own: done with
+                fs, path = storage.url_to_fs(storage.join(cfg.out, runs.SCRATCH))
+                fs.rm(path, recursive=True)
     return storage.read_json(storage.join(cfg.out, "metrics.json"), keys=("val", "dev"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -215,9 +216,26 @@ def test_a_commit_killed_after_its_record_leaves_a_finished_run_and_the_next_cal
     with runs.lease(str(out)):  # another writer holds the folder: its files are left alone
         assert runs.tidy(str(out)) == []
     assert runs.once(str(out), lambda: "as stored", lambda: "redone") == "as stored"
-    assert sorted(p.name for p in out.iterdir()) == ["_commit.json", "metrics.json"]
+    # a checkpoint may be another run's under way (--overwrite): its owner decides (test_train)
+    assert sorted(p.name for p in out.iterdir()) == ["_checkpoint", "_commit.json", "metrics.json"]
     assert (out / "metrics.json").read_text() == "m"
     assert runs.tidy(str(out)) == []  # nothing more to remove
+
+
+def test_a_finished_run_on_storage_it_cannot_write_is_returned_with_its_leftovers(
+    tmp_path, monkeypatch
+):
+    """Read-only storage (EROFS; on Azure a 403): tidying is skipped, the run still returned."""
+    out = tmp_path / "run"
+    write_run(out, {"metrics.json": "m"}, "k0")
+    (out / runs.PUBLISHING).write_text("{}")
+
+    def read_only(self):
+        raise OSError(30, "Read-only file system", self.url)
+
+    monkeypatch.setattr(Lease, "acquire", read_only)
+    assert runs.once(str(out), lambda: "as stored", lambda: "redone") == "as stored"
+    assert (out / runs.PUBLISHING).exists()
 
 
 def test_a_commit_removes_the_runs_checkpoint_with_its_staging(tmp_path):
@@ -242,8 +260,10 @@ def test_the_tmp_files_of_writes_killed_midway_go_when_the_folder_is_next_leased
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
+    (sweep / "notes.tmp").write_text("another tool's")  # not a staging name: kept, however old
+    os.utime(sweep / "notes.tmp", (0, 0))
     killed = killed_staging_name("trials.jsonl") + storage.TMP_SUFFIX
     (sweep / killed).write_text("{")
     with runs.lease(str(sweep)) as held:
         assert held.removed == [killed]
-    assert list(sweep.iterdir()) == []
+    assert [p.name for p in sweep.iterdir()] == ["notes.tmp"]

@@ -317,8 +317,50 @@ def test_a_finished_run_is_returned_as_stored_and_never_mixed(
     # streamed, the train split is shuffled in groups of shards, not whole: another run
     with pytest.raises(ValueError, match=r"other settings \(max_resident_gb .* there, 0 here\)"):
         train_adapter(dataclasses.replace(cfg, max_resident_gb=0), progress=False)
+    # only what the key covers is named: how fast it reads is not why it is refused
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 there, 1 here\);"):
+        train_adapter(dataclasses.replace(cfg, seed=1, read_ahead=4), progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_what_a_kill_after_the_commit_left_goes_when_the_run_is_asked_for_again(
+    tmp_path, rte_embeddings, monkeypatch
+):
+    """A kill between a run's commit record and its clean-up leaves _publishing.json, staging and
+    its checkpoint; the next train of the same run returns it as stored and removes them. A
+    checkpoint of another key is an --overwrite run's under way: kept to resume from."""
+    cfg = config(tmp_path, rte_embeddings, epochs=2, patience=0)
+    metrics = train_adapter(cfg, progress=False)
+    run = tmp_path / "run"
+
+    def cut_after_one_epoch(*args):
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    real_epoch = training._train_epoch
+    monkeypatch.setattr(training, "_train_epoch", cut_after_one_epoch)
+    other = dataclasses.replace(cfg, lr=0.5, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(other, progress=False)  # the old run stays finished meanwhile
+    monkeypatch.undo()
+    theirs = (run / "_checkpoint" / "last.pt").read_bytes()
+    assert train_adapter(cfg, progress=False) == metrics
+    assert (run / "_checkpoint" / "last.pt").read_bytes() == theirs
+
+    shutil.rmtree(run / "_checkpoint")
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    monkeypatch.setattr(training, "_train_epoch", cut_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(cut, progress=False)
+    monkeypatch.undo()
+    (run / "_checkpoint").mkdir()
+    shutil.copy(tmp_path / "cut" / "_checkpoint" / "last.pt", run / "_checkpoint")  # its own key
+    (run / "_publishing.json").write_text('{"files": []}')
+    (run / "_staging" / "dead").mkdir(parents=True)
+    assert train_adapter(cfg, progress=False) == metrics
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("_")) == ["_commit.json"]
 
 
 def test_a_run_whose_adapter_is_gone_is_trained_again_not_returned_as_stored(
