@@ -291,8 +291,9 @@ class Seeded:
 
 @dataclass(kw_only=True)
 class TrainSubset:
-    """The training examples read: fine-tuning and extraction read the same ones, so adapters
-    hold out the slice that fine-tuning left out."""
+    """The training examples read. Extraction with a BERTVision-fine-tuned encoder must read
+    those it was fine-tuned on, and adapters then refuse a held-out slice holding examples the
+    encoder trained on (bertvision.finetune.FinetunedEncoder): set it as fine-tuning did."""
 
     max_train_examples: int | None = setting(
         None, "First N training examples (SQuAD: questions) only, for quick runs"
@@ -301,7 +302,8 @@ class TrainSubset:
 
 @dataclass(kw_only=True)
 class HeldOut:
-    """The held-out slice of TRAIN: fine-tuning leaves it out, adapters are selected on it."""
+    """The held-out slice of TRAIN: fine-tuning leaves it out, adapters are selected on it (and
+    refuse one holding examples their encoder was fine-tuned on: set it as fine-tuning did)."""
 
     val_fraction: float = setting(0.1, "Slice of TRAIN held out for early stopping and selection")
     val_seed: int = setting(
