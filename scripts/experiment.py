@@ -85,7 +85,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -93,7 +94,7 @@ from typing import NoReturn, TypeVar
 
 import numpy as np
 
-from bertvision import __version__, config, families, glue, storage
+from bertvision import __version__, config, families, glue, runs, storage
 from bertvision import encoder as enc
 from bertvision.config import (
     ConfigError,
@@ -414,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
     warm_up(args.device)
     global STOP_AT
     STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
-    with tempfile.TemporaryDirectory() as staging:  # nothing written before the checks pass
-        try:
+    with tempfile.TemporaryDirectory() as staging, ExitStack() as writing:  # nothing written
+        try:  # before the checks pass
             data_dirs = {
                 task: sliced_data(args, task, Path(staging)) if args.max_train_examples else None
                 for task in args.tasks
@@ -432,33 +433,50 @@ def main(argv: list[str] | None = None) -> dict:
         for task in args.tasks:
             if earlier is not None:
                 check_records(earlier, args, task, keys[task])
-        out.mkdir(parents=True, exist_ok=True)
+        writing.enter_context(only_writer(out))
         if args.max_train_examples:
             shutil.copytree(Path(staging, "data"), out / "data", dirs_exist_ok=True)
-    data_dirs = {task: str(out / "data") if d else args.data_dir for task, d in data_dirs.items()}
-    if earlier is not None:
-        for task in args.tasks:
-            taken = take_records(earlier, task, out / keys[task])
-            print(f"{task}: {taken} stage records taken from {args.records_from}", file=sys.stderr)
-    results = {
-        "settings": vars(args),
-        "keys": keys,
-        "stopped": None,
-        "running": None,
-        "code_version": __version__,
-        "device": device_name(args.device),
-        "summary": [],
-        "choices": [],
-        "records": [],
-        "unfinished": [],  # the stopped seed's stages, reported, not taken elsewhere
-    }
-    try:
-        run_seeds(args, keys, data_dirs, results)
-    except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
-        refuse(str(exc))
-    write_results(args, results)
+        data_dirs = {t: str(out / "data") if d else args.data_dir for t, d in data_dirs.items()}
+        if earlier is not None:
+            for task in args.tasks:
+                taken = take_records(earlier, task, out / keys[task])
+                taken_from = f"stage records taken from {args.records_from}"
+                print(f"{task}: {taken} {taken_from}", file=sys.stderr)
+        results = {
+            "settings": vars(args),
+            "keys": keys,
+            "stopped": None,
+            "running": None,
+            "code_version": __version__,
+            "device": device_name(args.device),
+            "summary": [],
+            "choices": [],
+            "records": [],
+            "unfinished": [],  # the stopped seed's stages, reported, not taken elsewhere
+        }
+        try:
+            run_seeds(args, keys, data_dirs, results)
+        except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
+            refuse(str(exc))
+        write_results(args, results)
     print(markdown(results))
     return results
+
+
+@contextmanager
+def only_writer(out: Path, prog: str = "experiment.py") -> Iterator[None]:
+    """Hold OUT (made if absent) as its only writer while the experiment runs (runs.lease, which
+    also removes what killed writes left): a second experiment into it stops in one line."""
+    out.mkdir(parents=True, exist_ok=True)
+    held = runs.Lease(str(out))
+    try:
+        held.acquire()
+    except runs.FolderBusy as exc:
+        refuse(str(exc), prog)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def run_seeds(

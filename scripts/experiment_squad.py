@@ -33,6 +33,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from experiment import (
     finite_number,
     mean_std,
     one_line,
+    only_writer,
     refuse,
     settings_key,
     shown,
@@ -201,32 +203,33 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     sliced = bool(args.train_paragraphs or args.dev_paragraphs)
-    with tempfile.TemporaryDirectory() as staging:  # nothing written before the checks pass
-        try:
+    with tempfile.TemporaryDirectory() as staging, ExitStack() as writing:  # nothing written
+        try:  # before the checks pass
             data_dir = sliced_data(args, Path(staging)) if sliced else args.data_dir
             keyed = out / settings_key(args, task_data_fingerprint(TASK, data_dir), NOT_CONTENT)
         # no such data, a malformed file, or an encoder that cannot be loaded
         except (squad.DataError, enc.ModelError) as exc:
             refuse(str(exc), PROG)
-        out.mkdir(parents=True, exist_ok=True)
+        writing.enter_context(only_writer(out, PROG))
         if sliced:
             shutil.copytree(Path(staging, "data"), out / "data", dirs_exist_ok=True)
-    data_dir = str(out / "data") if sliced else args.data_dir
-    warm_up(args.device)
-    try:
-        records = [r for seed in range(args.seeds) for r in run_seed(args, seed, data_dir, keyed)]
-    except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
-        refuse(str(exc), PROG)
-    results = {
-        "settings": vars(args),
-        "code_version": __version__,
-        "device": device_name(args.device),
-        "questions": {split: len(squad.load_split(split, data_dir)) for split in ("train", "dev")},
-        "summary": summarise(records),
-        "records": records,
-    }
-    storage.write_json(str(out / "results.json"), results)
-    (out / "results.md").write_text(markdown(results))
+        data_dir = str(out / "data") if sliced else args.data_dir
+        warm_up(args.device)
+        try:
+            seeds = range(args.seeds)
+            records = [r for seed in seeds for r in run_seed(args, seed, data_dir, keyed)]
+        except storage.FileFormatError as exc:  # a garbled stage record: one line naming it
+            refuse(str(exc), PROG)
+        results = {
+            "settings": vars(args),
+            "code_version": __version__,
+            "device": device_name(args.device),
+            "questions": {s: len(squad.load_split(s, data_dir)) for s in ("train", "dev")},
+            "summary": summarise(records),
+            "records": records,
+        }
+        storage.write_json(str(out / "results.json"), results)
+        (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return results
 

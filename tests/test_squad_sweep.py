@@ -16,7 +16,7 @@ from conftest import flip_in_column
 from test_sweep import write_split
 from typer.testing import CliRunner
 
-from bertvision import squad, storage, sweep
+from bertvision import runs, squad, storage, sweep
 from bertvision.cli import app
 from bertvision.config import EnsembleConfig, ExtractConfig, FinetuneConfig, SweepConfig
 from bertvision.ensemble import build_ensemble
@@ -416,6 +416,19 @@ def test_the_squad_experiment_refuses_bad_options_before_any_work(
     assert refused.value.code == 2
     assert says in error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_a_second_squad_experiment_into_the_same_out_stops_in_one_line(
+    squad_dir, tiny_model, tmp_path, capsys
+):
+    out = tmp_path / "exp"
+    argv = ["--data-dir", squad_dir, "--model", tiny_model, "--out", str(out), *SCRIPT_ARGS]
+    with runs.lease(str(out)), pytest.raises(SystemExit) as refused:
+        script_main()([*argv, "--train-paragraphs", "2"])
+    assert refused.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"experiment_squad.py: error: {out} is being written by ")
+    assert not out.exists()  # nothing written: the holder, leaving it empty, removed it
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "train-paragraphs"])

@@ -1055,6 +1055,24 @@ def test_experiment_refuses_data_it_cannot_read_in_one_line(capsys, tmp_path, ti
     assert not out.exists()
 
 
+def test_a_second_experiment_into_the_same_out_stops_in_one_line(
+    capsys, glue_dir, tmp_path, tiny_model
+):
+    """Two experiments into one folder would write one results.json over the other's: the
+    first holds the folder (runs.lease) while it runs."""
+    import runpy
+
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    out = tmp_path / "exp"
+    options = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(out)]
+    with runs.lease(str(out)), pytest.raises(SystemExit) as refused:
+        main([*options, "--tasks", "wnli", "--device", "cpu", "--max-train-examples", "10"])
+    assert refused.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith(f"experiment.py: error: {out} is being written by ")
+    assert not out.exists()  # nothing written: the holder, leaving it empty, removed it
+
+
 def test_experiment_refuses_an_encoder_it_cannot_load_in_one_line(
     capsys, glue_dir, tmp_path, tiny_model
 ):
