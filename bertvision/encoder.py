@@ -150,11 +150,16 @@ class Encoder:
         return self.model.config.hidden_size
 
 
+def is_hub_name(model: str) -> bool:
+    """Whether `model` names a model on the Hugging Face hub, not a folder or fsspec URL."""
+    return "://" not in model and not os.path.isdir(model)
+
+
 def model_version(model: str) -> str:
     """A hash of the listing of the files at `model` (names, sizes, modification times or
     etags), which changes when they are rewritten; "" for a hub name (its revision is the hub's).
     Cheap: one listing, no file read."""
-    if "://" not in model and not os.path.isdir(model):
+    if is_hub_name(model):
         return ""
     return storage.listing_version(model.removeprefix("file://"))
 
@@ -169,17 +174,23 @@ def load_encoder(model: str, device: str) -> Encoder:
 
 @lru_cache(maxsize=2)
 def _load_encoder(model: str, device: str, version: str) -> Encoder:
-    from transformers import AutoModel
-
     check_encoder(model)
     tokenizer = load_tokenizer(model)
-    # float32 weights whatever the checkpoint holds; CUDA runs them under bf16 autocast. Weights
-    # the checkpoint lacks (BERT's pooler, in a question-answering checkpoint) are initialised
-    # from a fixed seed: the same files load to the same model and the same fingerprint.
+    encoder = read_base_model(model).to(device)
+    return Encoder(model, encoder, tokenizer, fingerprint(encoder, tokenizer), device)
+
+
+def read_base_model(model: str) -> torch.nn.Module:
+    """The base encoder (no task head) at `model`, in eval mode on the CPU, read afresh (not
+    cached: `load_encoder` caches). Float32 weights whatever the checkpoint holds; CUDA runs them
+    under bf16 autocast. Weights the checkpoint lacks (BERT's pooler, in a question-answering
+    checkpoint) are initialised from a fixed seed: the same files load to the same model and the
+    same fingerprint."""
+    from transformers import AutoModel
+
     with loading(model, "weights"), rng.seeded(0):
         encoder = AutoModel.from_pretrained(local_model_path(model), dtype=torch.float32)
-    encoder = encoder.eval().to(device)
-    return Encoder(model, encoder, tokenizer, fingerprint(encoder, tokenizer), device)
+    return encoder.eval()
 
 
 def load_tokenizer(model: str):

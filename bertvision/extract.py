@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -224,8 +223,8 @@ def finetuned_encoder(model: str, fingerprint: str) -> FinetunedEncoder | None:
     written before the descriptions were kept. FileFormatError naming the record when it is
     garbled, or when it describes another encoder than the folder holds now: weights changed
     (or damaged) since the fine-tuning committed them."""
-    if "://" not in model and not os.path.isdir(model):
-        return None  # a hub name
+    if enc.is_hub_name(model):
+        return None
     url = storage.join(model, runs.COMMIT_RECORD)
     record = records.read_record(url)
     if record is None or record.kind != "finetune":

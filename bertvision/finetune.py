@@ -428,13 +428,9 @@ def _save_checkpoint(model, tokenizer, out: str) -> str:
 
 def encoder_fingerprint(checkpoint: str) -> str:
     """The fingerprint of the encoder in the local folder `checkpoint` as encoder.load_encoder
-    loads it (its base model, float32, weights it lacks initialised from seed 0), without
-    keeping it in load_encoder's cache: the folder is a temporary one."""
-    from transformers import AutoModel
-
-    with rng.seeded(0):
-        encoder = AutoModel.from_pretrained(checkpoint, dtype=torch.float32)
-    return enc.fingerprint(encoder.eval(), enc.load_tokenizer(checkpoint))
+    loads it (encoder.read_base_model), without keeping it in load_encoder's cache: the folder
+    is a temporary one."""
+    return enc.fingerprint(enc.read_base_model(checkpoint), enc.load_tokenizer(checkpoint))
 
 
 def load_metrics(out: str) -> dict:

@@ -641,12 +641,10 @@ def _finished(cfg: TrainConfig, key: str) -> dict | None:
     if runs.finished(cfg.out, key, cfg.overwrite, settings=cfg.keyed_settings()) is None:
         return None
     runs.tidy(cfg.out)
-    url = storage.join(cfg.out, CHECKPOINT)
-    if storage.exists(url):
-        with contextlib.suppress(storage.FileFormatError, ValueError, OSError):
-            if _load_checkpoint(cfg, key) is not None:  # this run's own: done with
-                fs, path = storage.url_to_fs(storage.join(cfg.out, runs.SCRATCH))
-                fs.rm(path, recursive=True)
+    with contextlib.suppress(storage.FileFormatError, ValueError, OSError):
+        if _load_checkpoint(cfg, key) is not None:  # this run's own: done with
+            fs, path = storage.url_to_fs(storage.join(cfg.out, runs.SCRATCH))
+            fs.rm(path, recursive=True)
     return storage.read_json(storage.join(cfg.out, "metrics.json"), keys=("val", "dev"))
 
 
