@@ -597,22 +597,41 @@ def _one_ahead(items: Iterator[T]) -> Iterator[T]:
 
 def flat_list_array(values: np.ndarray, sizes: np.ndarray, type: pa.DataType) -> pa.Array:
     """A list column of `type` (list or large_list) over one flat buffer: row i holds the next
-    `sizes[i]` of `values` (1-D, rows one after the other). The values are not copied."""
-    offsets = np.zeros(len(sizes) + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    `sizes[i]` of `values` (1-D, rows one after the other). The values are not copied.
+
+    ValueError when `sizes` do not add up to the values, or when they pass a list's int32
+    offsets (2**31 - 1 values in one array: a large_list holds more); cast, such offsets would
+    wrap around and cut the rows elsewhere without a word."""
+    large = pa.types.is_large_list(type)
+    offsets = _offsets(sizes, len(values), None if large else np.iinfo(np.int32).max)
     flat = pa.array(values)
-    if pa.types.is_large_list(type):
+    if large:
         return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), flat)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), flat)
+
+
+def _offsets(sizes: np.ndarray, total: int, limit: int | None = None) -> np.ndarray:
+    """(len(sizes) + 1,) int64 offsets of rows of `sizes`, counted in int64 whatever their
+    dtype. ValueError when they pass `limit` (a list's int32 offsets: use a large_list) or do
+    not add up to `total`."""
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(np.asarray(sizes, dtype=np.int64), out=offsets[1:])
+    if limit is not None and offsets[-1] > limit:
+        raise ValueError(
+            f"{offsets[-1]} values in one list array pass its int32 offsets (at most {limit}); "
+            "use a large_list"
+        )
+    if offsets[-1] != total:
+        raise ValueError(f"rows of {offsets[-1]} values in all, over {total} values")
+    return offsets
 
 
 def flat_binary_array(values: np.ndarray, sizes: np.ndarray) -> pa.LargeBinaryArray:
     """A large_binary column over the bytes of `values` (C order, native byte order: little-endian
     on every machine torch supports): row i holds the next `sizes[i]` bytes. Not copied when
-    `values` is contiguous."""
-    offsets = np.zeros(len(sizes) + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    `values` is contiguous. ValueError when `sizes` do not add up to the bytes of `values`."""
     data = pa.py_buffer(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+    offsets = _offsets(sizes, data.size)
     return pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(sizes), [None, pa.py_buffer(offsets), data]
     )

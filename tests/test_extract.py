@@ -26,6 +26,8 @@ from bertvision.extract import (
     extract_hidden_states,
     extract_shard,
     finish_split,
+    flat_binary_array,
+    flat_list_array,
     prepare_extraction,
 )
 from bertvision.schema import ShardMeta, ShardRecord
@@ -1070,6 +1072,40 @@ def test_an_error_of_the_caller_stops_the_background_writer():
         background.write(0)
         raise KeyError("the encoder failed")
     assert writer.written in ([], [0])  # what was queued may be dropped; never written after
+
+
+def test_list_columns_hold_each_row_its_values_in_int32_or_int64_offsets():
+    values = np.arange(6, dtype=np.int32)
+    sizes = np.array([2, 0, 4], dtype=np.int32)
+
+    for type in (pa.list_(pa.int32()), pa.large_list(pa.int32())):
+        column = flat_list_array(values, sizes, type)
+        assert column.type == type
+        assert column.to_pylist() == [[0, 1], [], [2, 3, 4, 5]]
+    assert flat_binary_array(values, sizes * 4).to_pylist() == [
+        values[:2].tobytes(),
+        b"",
+        values[2:].tobytes(),
+    ]
+
+
+def test_a_list_column_past_int32_offsets_is_refused_not_wrapped_around():
+    # cast to int32, 2**32 + 2 is 2: the row would silently take the next row's values
+    values = np.arange(6, dtype=np.int32)
+    sizes = np.array([2, 2**32 + 2, 2], dtype=np.int64)
+
+    with pytest.raises(ValueError, match="pass its int32 offsets .* use a large_list"):
+        flat_list_array(values, sizes, pa.list_(pa.int32()))
+
+
+@pytest.mark.parametrize("sizes", [[2, 2, 1], [2, 2, 3], [2, 2**32 + 2, 2]])
+def test_rows_that_do_not_add_up_to_their_values_are_refused(sizes):
+    values = np.arange(6, dtype=np.int32)
+
+    with pytest.raises(ValueError, match="values in all, over 6 values"):
+        flat_list_array(values, np.array(sizes), pa.large_list(pa.int32()))
+    with pytest.raises(ValueError, match="values in all, over 24 values"):
+        flat_binary_array(values, np.array(sizes) * 4)
 
 
 def test_data_rewritten_in_its_folder_is_read_again_within_one_process(
