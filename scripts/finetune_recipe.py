@@ -27,7 +27,6 @@ already recorded, training nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -37,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from bertvision import encoder as enc
-from bertvision import glue
+from bertvision import glue, storage
 from bertvision.config import FinetuneConfig
 from bertvision.console import quiet_libraries
 from bertvision.finetune import finetune_encoder
+from bertvision.finite import strict_json
 from bertvision.predictions import point_predictions, read_outputs
 
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, point: dict) -> dict:
     out = Path(args.out)
     path = record_path(args, point)
     if path.exists():
-        return json.loads(path.read_text())
+        return storage.read_json(str(path))
     folder = out / "runs" / point["task"] / run_name(point)
     cfg = FinetuneConfig(
         task=point["task"],
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, point: dict) -> dict:
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    path.write_text(strict_json(record, str(path), indent=1))  # a NaN: ValueError, not written
     shutil.rmtree(folder)
     return record
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     if args.report:
         paths = [record_path(args, point) for point in grid(args)]
-        records = [json.loads(path.read_text()) for path in paths if path.exists()]
+        records = [storage.read_json(str(path)) for path in paths if path.exists()]
         print(markdown(args, records))
         return records
     for point in grid(args):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bertvision.storage import FileFormatError
+
 RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "finetune_recipe.py"
 
 
@@ -58,3 +60,35 @@ def test_the_table_gives_per_batch_size_the_lr_chosen_on_val_and_reruns_nothing(
     assert main(argv) == records  # read back from the records, nothing trained again
     assert main([*argv, "--report"]) == records
     assert main([*argv, "--report", "--batch-sizes", "2"]) == []  # no run of that grid recorded
+
+
+def test_a_record_holding_a_nan_is_refused_and_not_written(tmp_path):
+    main = runpy.run_path(str(RECIPE))["main"]
+
+    def diverged(cfg, progress):  # a run whose held-out metric came out NaN
+        Path(cfg.out).mkdir(parents=True)
+        return {"val": {"accuracy": float("nan")}, "dev": {"accuracy": 0.5}, "train": {"steps": 1}}
+
+    main.__globals__["finetune_encoder"] = diverged
+    main.__globals__["predicted_classes"] = lambda task, run, split: 2
+    argv = ["--model", "tiny", "--device", "cpu", "--out", str(tmp_path), "--tasks", "rte"]
+    argv += ["--epochs", "0.5", "--batch-sizes", "8", "--lrs", "5e-5"]
+
+    with pytest.raises(ValueError, match=r"e0.5-b8-w0.1-lr5e-05.json: \['val'\]\['accuracy'\]"):
+        main(argv)
+    assert not (tmp_path / "records" / "rte" / "e0.5-b8-w0.1-lr5e-05.json").exists()
+
+
+def test_a_record_read_back_holding_a_nan_is_refused_naming_it(tmp_path):
+    main = runpy.run_path(str(RECIPE))["main"]
+    path = tmp_path / "records" / "rte" / "e0.5-b8-w0.1-lr5e-05.json"
+    path.parent.mkdir(parents=True)
+    record = '{"task": "rte", "epochs": 0.5, "batch_size": 8, "warmup": 0.1, "lr": 5e-05, '
+    record += '"val": {"accuracy": NaN}, "dev": {"accuracy": 0.5}, '
+    record += '"classes": {"val": 2, "dev": 2}, "steps": 1, "seconds": 1.0, "cpu_seconds": 1.0}'
+    path.write_text(record)
+    argv = ["--model", "tiny", "--out", str(tmp_path), "--tasks", "rte", "--epochs", "0.5"]
+    argv += ["--batch-sizes", "8", "--lrs", "5e-5", "--report"]
+
+    with pytest.raises(FileFormatError, match=f"{path} is not valid JSON: NaN is not a JSON"):
+        main(argv)
