@@ -99,8 +99,10 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
 
 def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str:
     """What determines the ensemble: its settings and its members by content (each member's
-    record: trial.json, or the fine-tuned run's metrics.json, and its run's commit key). A sweep
-    that has other best trials since, or trials redone, gives another key."""
+    role, a trial's number or the fine-tuned run; its record: trial.json, or the fine-tuned
+    run's metrics.json; and its run's commit key). A sweep that has other best trials since, or
+    trials redone, gives another key; the same sweep or fine-tuned run at another URL (moved,
+    copied) gives the same one."""
     members = members if members is not None else choose_members(cfg)
     identities = []
     for member in members:
@@ -110,7 +112,8 @@ def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str
             else storage.join(member.run, "metrics.json")
         )
         commit = runs.commit_record(member.run) or {}
-        identities.append([member.run, storage.read_text(record), commit.get("key")])
+        role = "finetuned" if member.trial is None else member.trial
+        identities.append([role, storage.read_text(record), commit.get("key")])
     content = {"task": cfg.task, "top_k": cfg.top_k, "members": identities}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -339,3 +339,32 @@ def test_flipped_bytes_in_a_members_outputs_are_refused_naming_the_file(tmp_path
     with pytest.raises(storage.FileFormatError, match=rf"outputs file {flipped}: .*checksum"):
         build_ensemble(EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2))
     assert not ens.exists()
+
+
+def test_a_sweep_and_fine_tuned_run_moved_elsewhere_find_their_finished_ensemble(
+    tmp_path, monkeypatch
+):
+    """The ensemble is identified by its members' content, not by their URLs: the same sweep and
+    fine-tuned run read from another folder (moved, copied) find the ensemble finished, returned
+    as stored; before, the URLs were in its key and it was refused as one of other inputs."""
+    import shutil
+
+    from bertvision import ensemble as ensembling
+
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    finetuned = finetuned_run(tmp_path / "finetune", runs, range(VAL))
+    ens = tmp_path / "ens"
+    first = build_ensemble(
+        EnsembleConfig(task="rte", runs=runs, out=str(ens), top_k=2, with_finetuned=finetuned)
+    )
+    shutil.move(runs, tmp_path / "moved-sweep")
+    shutil.move(finetuned, tmp_path / "moved-finetune")
+    monkeypatch.setattr(ensembling, "_build", lambda *a: pytest.fail("built again"))
+    moved = EnsembleConfig(
+        task="rte",
+        runs=str(tmp_path / "moved-sweep"),
+        out=str(ens),
+        top_k=2,
+        with_finetuned=str(tmp_path / "moved-finetune"),
+    )
+    assert build_ensemble(moved) == first
