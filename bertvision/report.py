@@ -352,8 +352,9 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write report.md and report.png under cfg.out; returns their URLs and the table.
 
     Both are rendered before either is written, and written together
-    (`storage.write_together`): a failure leaves the report before, never a new plot beside an
-    old table."""
+    (`storage.write_together`) by cfg.out's only writer (`runs.lease`): a failure leaves the
+    report before, never a new plot beside an old table, and a second report into the same
+    folder meanwhile stops with FolderBusy instead of pairing its plot with the other's table."""
     require(cfg)
     reference = read_reference(cfg.reference) if cfg.reference else None
     found, left_out = find_results(cfg.results)
@@ -369,5 +370,6 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
     plot_url = storage.join(cfg.out, "report.png")
     markdown = render_markdown(table, columns, reference, "report.png", [*notes, *left_out])
     plot = render_plot(table, columns)
-    storage.write_together({plot_url: plot, markdown_url: markdown.encode("utf-8")})
+    with runs.lease(cfg.out):
+        storage.write_together({plot_url: plot, markdown_url: markdown.encode("utf-8")})
     return {"markdown": markdown_url, "plot": plot_url, "table": table, "text": markdown}

@@ -215,12 +215,14 @@ def test_a_folder_of_runs_none_stored_whole_is_refused_naming_them(tmp_path):
 
 
 def test_a_report_removes_what_a_report_killed_midway_left(results):
+    """The report writes as the folder's only writer (runs.lease), which removes what killed
+    BERTVision writes left there, its own and others'; another tool's .tmp file is kept."""
     killed = [killed_staging_name(name) + storage.TMP_SUFFIX for name in ("report.md", "x.md")]
-    for name in killed:
+    for name in [*killed, "notes.tmp"]:
         (results / name).write_text("| half a table")
     write_report(ReportConfig(results=str(results)))
     files = sorted(p.name for p in results.iterdir() if p.is_file())
-    assert files == ["report.md", "report.png", killed[1]]  # another file's are not its own
+    assert files == ["notes.tmp", "report.md", "report.png"]
 
 
 def test_the_plot_and_the_table_are_replaced_together_or_not_at_all(results, monkeypatch):
@@ -319,3 +321,31 @@ def test_glue_and_squad2_runs_share_a_report_each_with_its_own_baseline(
     assert rows[1].startswith("| squad2 | f1 |")  # GLUE's tasks first
     assert "read (rte, majority class (train); squad2, no answer to every question)." in text
     assert "Note: stsb: no baseline, its runs name no data folder." in text
+
+
+def test_a_second_report_into_the_folder_while_one_is_written_is_refused(results, monkeypatch):
+    """One writer at a time (runs.lease): a report written into the folder while another goes
+    into place there stops naming the folder; the first leaves its own plot beside its own
+    table. Before, the second went in between the first's plot and table: one report's plot
+    beside the other's table."""
+    from bertvision.runs import FolderBusy
+
+    other = results.parent / "other-runs"
+    adapter_run(other / "rte" / "cls", "rte", "cls", {"accuracy": 0.51}, True)
+    alone = results.parent / "alone"
+    write_report(ReportConfig(results=str(results), out=str(alone)))
+    second = []
+    real_mv = LocalFileSystem.mv
+
+    def second_report_meanwhile(self, source, target, **kwargs):
+        real_mv(self, source, target, **kwargs)
+        if target.endswith("report.png") and not second:
+            second.append(target)
+            with pytest.raises(FolderBusy, match=str(results)):
+                write_report(ReportConfig(results=str(other), out=str(results)))
+
+    monkeypatch.setattr(LocalFileSystem, "mv", second_report_meanwhile)
+    write_report(ReportConfig(results=str(results)))
+    assert second == [str(results / "report.png")]
+    for name in ("report.md", "report.png"):
+        assert (results / name).read_bytes() == (alone / name).read_bytes()
