@@ -108,7 +108,7 @@ from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
-from bertvision.finite import strict_loads
+from bertvision.finite import strict_json, strict_loads
 from bertvision.sweep import TrialSpec, run_sweep, trial_train_config
 from bertvision.train import TrainConfig, train_adapter
 
@@ -512,15 +512,17 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
 
     out = Path(args.out)
     results["summary"] = summarise(results["records"], methods(args), args.reference)
-    (out / "results.md").write_text(markdown(results))
+    files = {str(out / "results.md"): markdown(results).encode()}
     if plot:
         # on a CPU machine shared with other jobs wall-clock stretches with the load: plot CPU s
         clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
         figure = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
-        (out / "results.png").write_bytes(figure)
+        files[str(out / "results.png")] = figure
     # last: the record of the run; on one line, as every seed's records make it large
-    # (results.md is the view for reading)
-    storage.write_json(str(out / "results.json"), results, indent=None)
+    # (results.md is the view for reading). Together: a failure (a full disk) leaves each file
+    # as it was, never a table cut short or one beside a record of another run
+    record = strict_json(results, "results.json", indent=None, sort_keys=True) + "\n"
+    storage.write_together({**files, str(out / "results.json"): record.encode()})
 
 
 def methods(args: argparse.Namespace) -> list[str]:

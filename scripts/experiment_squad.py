@@ -67,6 +67,7 @@ from bertvision.console import quiet_libraries
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
+from bertvision.finite import strict_json
 from bertvision.span_train import load_span_data
 from bertvision.sweep import run_sweep
 from bertvision.train import train_adapter
@@ -228,10 +229,20 @@ def main(argv: list[str] | None = None) -> dict:
             "summary": summarise(records),
             "records": records,
         }
-        storage.write_json(str(out / "results.json"), results)
-        (out / "results.md").write_text(markdown(results))
+        # together, results.json last: a failure (a full disk) leaves both as they were
+        storage.write_together(
+            {
+                str(out / "results.md"): markdown(results).encode(),
+                str(out / "results.json"): results_json(results),
+            }
+        )
     print(markdown(results))
     return results
+
+
+def results_json(results: dict) -> bytes:
+    """results.json's bytes, as storage.write_json writes them."""
+    return (strict_json(results, "results.json", indent=2, sort_keys=True) + "\n").encode()
 
 
 def sliced_data(args: argparse.Namespace, staging: Path) -> str:

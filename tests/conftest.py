@@ -156,3 +156,27 @@ def killed_staging_name(name: str) -> str:
     pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
                          capture_output=True, text=True).stdout.strip()  # fmt: skip
     return f"{name}~{socket.gethostname()}~{pid}~0123456789ab"
+
+
+def disk_fills_writing(monkeypatch, name: str) -> None:
+    """Files whose path holds `name`, opened for writing, fill the disk: their first 10 bytes are
+    written, then OSError ENOSPC (as a full disk fails a write midway)."""
+    import builtins
+    import errno
+    import io
+
+    class DiskFills(io.FileIO):
+        def write(self, data) -> int:
+            super().write((data.encode() if isinstance(data, str) else bytes(data))[:10])
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+
+    def full_disk(real_open):
+        def opening(file, mode="r", *args, **kwargs):
+            if name in str(file) and "w" in mode:
+                return DiskFills(file, "w")
+            return real_open(file, mode, *args, **kwargs)
+
+        return opening
+
+    monkeypatch.setattr(builtins, "open", full_disk(builtins.open))
+    monkeypatch.setattr(io, "open", full_disk(io.open))

@@ -497,3 +497,30 @@ def test_a_span_ensemble_whose_window_logits_are_gone_is_built_again(swept, tmp_
     with pytest.warns(UserWarning, match=r"lacks 1 of its files \(outputs/dev.parquet\)"):
         assert _ensemble(swept, tmp_path / "ens") == first
     assert (tmp_path / "ens" / "outputs" / "dev.parquet").exists()
+
+
+def test_a_full_disk_while_the_squad_experiment_writes_its_results_leaves_them_as_they_were(
+    span_run, tmp_path, monkeypatch
+):
+    """results.md and results.json are written together, the record last: a write that fails
+    midway (a full disk) leaves both as they were. Before, results.json was replaced first and
+    results.md was cut off where the disk filled, beside it."""
+    from conftest import disk_fills_writing
+
+    out, argv = span_run
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    (copy / "results.md").write_text("the table of an earlier run\n")
+    (copy / "results.json").write_text('{"records": "of an earlier run"}\n')
+    before = {name: (copy / name).read_bytes() for name in ("results.md", "results.json")}
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *argv[argv.index("--out") + 2 :]]
+
+    disk_fills_writing(monkeypatch, "results.md")
+    with pytest.raises(OSError, match="No space left"):
+        script_main()(argv)
+    monkeypatch.undo()
+    assert {name: (copy / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith("results")) == [
+        "results.json",
+        "results.md",
+    ]  # no staging file left

@@ -1456,3 +1456,29 @@ def test_a_garbled_description_in_the_extraction_record_is_refused_naming_it(tmp
         r"\(fields train_examples\)",
         error=FileFormatError,
     )
+
+
+def test_a_full_disk_while_the_experiment_writes_its_results_leaves_them_as_they_were(
+    experiment, tmp_path, monkeypatch
+):
+    """results.md, results.png and results.json are written together, the record last: a write
+    that fails midway (a full disk) leaves all three as they were. Before, results.md was cut off
+    where the disk filled, the old table lost."""
+    import runpy
+
+    from conftest import disk_fills_writing
+
+    out, argv, _ = experiment
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy)
+    names = ("results.md", "results.png", "results.json")
+    before = {name: (copy / name).read_bytes() for name in names}
+    argv = [*argv[: argv.index("--out")], "--out", str(copy), *argv[argv.index("--out") + 2 :]]
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+
+    disk_fills_writing(monkeypatch, "results.md")
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)
+    monkeypatch.undo()
+    assert {name: (copy / name).read_bytes() for name in names} == before
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith("results")) == sorted(names)
