@@ -107,8 +107,8 @@ def load_file(url: str) -> list[Example]:
     JSON, a JSON that is not SQuAD 2.0 (a missing or mistyped field, SQuAD 1.1's questions
     without `is_impossible`, answers that contradict `is_impossible`), an `answer_start` that
     does not point at the answer's text in the context, a blank context or answer text (white
-    space and invisible characters only, `is_blank`), or a question id used twice. A question
-    is named by its place, `data[i].paragraphs[j].qas[k]`, and its id.
+    space and invisible characters only, `is_blank`), or a question id blank or used twice. A
+    question is named by its place, `data[i].paragraphs[j].qas[k]`, and its id.
     """
     data = storage.read_bytes(url)
     try:
@@ -144,6 +144,10 @@ def load_file(url: str) -> list[Example]:
                         "SQuAD 1.1, not SQuAD 2.0"
                     )
                 _require(qa, place, url, id=str, question=str, answers=list, is_impossible=bool)
+                if is_blank(qa["id"]):  # no id to key its prediction on
+                    raise DataError(
+                        f"malformed data file {url}: {place} has a blank 'id' {qa['id']!r}"
+                    )
                 where = f"{place} (id {qa['id']})"
                 if qa["id"] in seen:
                     raise DataError(

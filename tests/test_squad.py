@@ -218,6 +218,8 @@ BAD_FILES = {
         r"data\[0\]\.paragraphs\[0\] has no 'context'",
     ),
     "no-question": (squad_json(without(qa(), "question")), r"qas\[0\] has no 'question'"),
+    "empty-id": (squad_json(qa("")), r"qas\[0\] has a blank 'id' ''"),
+    "blank-id": (squad_json(qa(" ")), r"qas\[0\] has a blank 'id' ' '"),
     "answer-start-not-a-number": (
         squad_json(qa(answers=(("Normandy", "31"),))),
         r"qas\[0\] \(id q1\) answers\[0\] 'answer_start' is \"31\", expected an integer",
