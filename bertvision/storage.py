@@ -385,7 +385,13 @@ def read_json(url: str, keys: tuple[str, ...] | None = None) -> Any:
 def write_json(url: str, data: Any, indent: int | None = 2) -> None:
     """Write `data` as strict JSON (`indent` spaces a level; None: one line): a NaN or infinity
     in it is a ValueError, nothing written."""
-    write_text_atomic(url, strict_json(data, url, indent=indent, sort_keys=True) + "\n")
+    write_bytes_atomic(url, json_bytes(data, url, indent))
+
+
+def json_bytes(data: Any, name: str, indent: int | None = 2) -> bytes:
+    """The bytes `write_json` writes for `data`, for writes made together (`write_together`);
+    ValueError naming `name` for a NaN or infinity in it."""
+    return (strict_json(data, name, indent=indent, sort_keys=True) + "\n").encode()
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, block_size: int = 8 << 20) -> str:

@@ -108,7 +108,7 @@ from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
-from bertvision.finite import strict_json, strict_loads
+from bertvision.finite import strict_loads
 from bertvision.sweep import TrialSpec, run_sweep, trial_train_config
 from bertvision.train import TrainConfig, train_adapter
 
@@ -521,8 +521,8 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
     # last: the record of the run; on one line, as every seed's records make it large
     # (results.md is the view for reading). Together: a failure (a full disk) leaves each file
     # as it was, never a table cut short or one beside a record of another run
-    record = strict_json(results, "results.json", indent=None, sort_keys=True) + "\n"
-    storage.write_together({**files, str(out / "results.json"): record.encode()})
+    record = storage.json_bytes(results, "results.json", indent=None)
+    storage.write_together({**files, str(out / "results.json"): record})
 
 
 def methods(args: argparse.Namespace) -> list[str]:

@@ -67,7 +67,6 @@ from bertvision.console import quiet_libraries
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
-from bertvision.finite import strict_json
 from bertvision.span_train import load_span_data
 from bertvision.sweep import run_sweep
 from bertvision.train import train_adapter
@@ -233,16 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         storage.write_together(
             {
                 str(out / "results.md"): markdown(results).encode(),
-                str(out / "results.json"): results_json(results),
+                str(out / "results.json"): storage.json_bytes(results, "results.json"),
             }
         )
     print(markdown(results))
     return results
-
-
-def results_json(results: dict) -> bytes:
-    """results.json's bytes, as storage.write_json writes them."""
-    return (strict_json(results, "results.json", indent=2, sort_keys=True) + "\n").encode()
 
 
 def sliced_data(args: argparse.Namespace, staging: Path) -> str:
