@@ -123,7 +123,7 @@ StageConfig = TypeVar("StageConfig")  # check_settings: the config class it buil
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="experiment.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="", help="encoder (empty: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte,wnli", help="GLUE tasks")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    parser.add_argument("--out", default="experiment", help="results folder")
+    parser.add_argument("--out", type=folder, default="experiment", help="results folder")
     parser.add_argument("--device", default="", help="cpu, cuda (empty: cuda if available)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
     parser.add_argument(
@@ -191,7 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "settings, encoder and data are this run's (a run continued on another machine)",
     )
     args = parser.parse_args(argv)
-    args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    try:
+        args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    except ValueError as exc:  # a name that is no GLUE task
+        parser.error(f"--tasks: {exc}")
     if not args.tasks:
         parser.error("--tasks names no task")
     args.finetune_epochs = numbers(parser, "--finetune-epochs", args.finetune_epochs)
@@ -208,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not set(args.extract_from) <= {0.0, *args.finetune_epochs}:
         parser.error("--extract-from must name epochs of --finetune-epochs (or 0)")
     args.method_from = method_checkpoint(parser, args.method_from, args.extract_from)
+    if args.trials < 1:
+        parser.error(f"--trials must be >= 1, got {args.trials}")
     if args.top_k > args.trials:
         parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
     if args.reference not in methods(args):
@@ -225,6 +230,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = args.device or enc.default_device()
     check_stage_settings(parser, args)
     return args
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, `PROG: error: ...`, exit status 2, as
+    the script's other refusals and every bertvision command's (the usage is --help's)."""
+
+    def error(self, message: str) -> NoReturn:
+        refuse(message, self.prog)
+
+
+def folder(text: str) -> str:
+    """An argparse `type`: a folder to write, not an empty string (Path("") is the current
+    folder, where the whole experiment would land)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
+    return text
+
+
+def run_as_command(main: Callable[[list[str]], object]) -> None:
+    """Run a script's `main` on the command line's arguments: Ctrl-C ends in one line and exit
+    status 130, as every bertvision command (the stages finished are kept)."""
+    with quiet_libraries():
+        try:
+            main(sys.argv[1:])
+        except KeyboardInterrupt:
+            print(
+                "\ninterrupted: the stages finished are kept; the same command resumes",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
 
 
 def finite_number(text: str) -> float:
@@ -467,7 +502,10 @@ def main(argv: list[str] | None = None) -> dict:
 def only_writer(out: Path, prog: str = "experiment.py") -> Iterator[None]:
     """Hold OUT (made if absent) as its only writer while the experiment runs (runs.lease, which
     also removes what killed writes left): a second experiment into it stops in one line."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there or on its path, no permission
+        refuse(f"--out {out}: cannot make the folder there ({exc.strerror})", prog)
     held = runs.Lease(str(out))
     try:
         held.acquire()
@@ -1325,5 +1363,4 @@ def device_name(device: str) -> str:
 
 
 if __name__ == "__main__":
-    with quiet_libraries():
-        main(sys.argv[1:])
+    run_as_command(main)

@@ -31,21 +31,23 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
 from experiment import (
+    OneLineErrors,
     check_settings,
     device_name,
     extracted,
     finite_number,
+    folder,
     mean_std,
     one_line,
     only_writer,
     refuse,
+    run_as_command,
     settings_key,
     shown,
     space,
@@ -63,7 +65,6 @@ from bertvision.config import (
     SweepConfig,
     TrainConfig,
 )
-from bertvision.console import quiet_libraries
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
@@ -89,11 +90,11 @@ PROG = "experiment_squad.py"  # as its errors name it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data/squad/split")
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    parser.add_argument("--out", default="experiment-squad", help="results folder")
+    parser.add_argument("--out", type=folder, default="experiment-squad", help="results folder")
     parser.add_argument("--device", default="", help="cpu, cuda (default: cuda if available)")
     parser.add_argument("--methods", default=",".join(METHODS), help="a comma-separated subset")
     parser.add_argument("--train-paragraphs", type=int, default=0, help="per article; 0: all")
@@ -125,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, option) < 0:
             name = "--" + option.replace("_", "-")
             parser.error(f"{name} must be >= 0 (0: all), got {getattr(args, option)}")
+    if args.trials < 1:
+        parser.error(f"--trials must be >= 1, got {args.trials}")
     if args.top_k > args.trials:
         parser.error(f"--top-k {args.top_k} is more than --trials {args.trials}")
     args.space = space(parser, args.space)
@@ -496,5 +499,4 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    with quiet_libraries():
-        main(sys.argv[1:])
+    run_as_command(main)

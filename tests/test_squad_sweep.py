@@ -401,6 +401,9 @@ def test_the_squad_experiment_refuses_a_garbled_stage_record_naming_it(span_run,
         (["--adapter-epochs", "0"], "--adapter-epochs must be >= 1, got 0"),
         (["--finetune-lr", "-1"], "--finetune-lr must be > 0, got -1.0"),
         (["--train-paragraphs", "-1"], "--train-paragraphs must be >= 0 (0: all), got -1"),
+        (["--trials", "0"], "--trials must be >= 1, got 0"),
+        (["--out", ""], "argument --out: must name a folder, got ''"),
+        (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     ],
 )
 def test_the_squad_experiment_refuses_bad_options_before_any_work(
@@ -414,8 +417,24 @@ def test_the_squad_experiment_refuses_bad_options_before_any_work(
     with pytest.raises(SystemExit) as refused:
         script_main()([*argv, *SCRIPT_ARGS, *options])
     assert refused.value.code == 2
-    assert says in error_line(capsys.readouterr().err)
+    [line] = capsys.readouterr().err.splitlines()  # no usage above it
+    assert line.startswith("experiment_squad.py: error: ")
+    assert says in line
     assert not out.exists()
+
+
+def test_the_squad_experiment_refuses_an_out_under_a_file_in_one_line(
+    squad_dir, tiny_model, tmp_path, capsys
+):
+    (tmp_path / "a-file").write_text("mine")
+    out = tmp_path / "a-file" / "exp"
+    argv = ["--data-dir", squad_dir, "--model", tiny_model, "--out", str(out), *SCRIPT_ARGS]
+    with pytest.raises(SystemExit) as refused:
+        script_main()([*argv, "--train-paragraphs", "2"])
+    assert refused.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"experiment_squad.py: error: --out {out}: cannot make the folder")
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_a_second_squad_experiment_into_the_same_out_stops_in_one_line(

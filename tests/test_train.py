@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1020,17 +1021,68 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--space", '{"bogus": 1}'], "--space search space entries ['bogus'] are not training"),
         (["--top-k", "0"], "--top-k must be >= 1, got 0"),
         (["--max-train-examples", "-5"], "--max-train-examples must be >= 1, got -5"),
+        (["--tasks", "rte,wnil"], "--tasks: unknown task 'wnil'"),
+        # the trials, not the top-k that the default asks of them
+        (["--trials", "0"], "--trials must be >= 1, got 0"),
+        # Path("") is the current folder: the whole experiment would land there
+        (["--out", ""], "argument --out: must name a folder, got ''"),
+        (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     ],
 )
 def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monkeypatch, tmp_path):
+    """One line on stderr, `experiment.py: error: ...`, exit status 2: no usage above it."""
     import runpy
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as refused:
         runpy.run_path(str(EXPERIMENT))["parse_args"](options)
     assert refused.value.code == 2
-    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("experiment.py: error: ")
     assert says in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/exp"], ids=["a-file", "under-a-file"])
+def test_experiment_refuses_an_out_it_cannot_make_in_one_line(
+    out, capsys, glue_dir, tmp_path, tiny_model
+):
+    import runpy
+
+    (tmp_path / "a-file").write_text("mine")
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    options = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(tmp_path / out)]
+    with pytest.raises(SystemExit) as refused:
+        main([*options, "--tasks", "wnli", "--device", "cpu", "--max-train-examples", "10"])
+    assert refused.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith(f"experiment.py: error: --out {tmp_path / out}: cannot make the folder")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_an_interrupted_experiment_ends_in_one_line_and_lets_go_of_its_out(
+    capsys, glue_dir, tmp_path, tiny_model, monkeypatch
+):
+    """Ctrl-C: exit status 130, one line saying the finished stages are kept, and the lease on
+    OUT released (a rerun resumes at once)."""
+    import runpy
+
+    script = runpy.run_path(str(EXPERIMENT))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    script["run_seeds"].__globals__["run_seeds"] = interrupted
+    out = tmp_path / "exp"
+    argv = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["experiment.py", *argv, "--tasks", "wnli", "--device", "cpu"])
+    with pytest.raises(SystemExit) as stopped:
+        script["run_as_command"](script["main"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: the stages finished are kept; the same command resumes"
+    )
+    assert not (out / "_lease.json").exists()
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "max-train-examples"])
