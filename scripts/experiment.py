@@ -1202,7 +1202,7 @@ def title(results: dict) -> str:
     else:
         shown = "-".join(dict.fromkeys(map(str, (finished[0], finished[-1]))))
         seeds = f"{shown} of {wanted} seeds finished"
-    return f"{Path(settings['model']).name}, {results['device']}, {seeds}{scope}"
+    return f"{enc.display_name(settings['model'])}, {results['device']}, {seeds}{scope}"
 
 
 def markdown(results: dict) -> str:

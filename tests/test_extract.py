@@ -19,7 +19,7 @@ import torch
 from conftest import config_variant, tokenizer_variant, tree_state
 from typer.testing import CliRunner
 
-from bertvision import glue, shards, storage
+from bertvision import encoder, glue, shards, storage
 from bertvision.cli import app
 from bertvision.extract import (
     ExtractConfig,
@@ -1284,3 +1284,20 @@ def test_a_garbled_fine_tuning_record_is_refused_naming_it_and_nothing_written(
     with pytest.raises(FileFormatError, match=f"{garbled}/_commit.json: 'finetuned_encoder' is"):
         extract_hidden_states(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [
+        ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("az://models/bert-base/", "bert-base"),
+    ],
+)
+def test_an_encoder_is_shown_by_its_hub_name_or_the_last_part_of_its_url(model, shown):
+    assert encoder.display_name(model) == shown
+
+
+def test_the_bundled_encoder_is_shown_by_its_name_not_its_folders():
+    bundled = encoder.default_model()
+    assert Path(bundled).name == "model"
+    assert encoder.display_name(bundled) == "all-MiniLM-L6-v2"
