@@ -177,6 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-embeddings", action="store_true", help="keep each seed's embeddings (large)"
     )
     parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every fine-tuned checkpoint (by default only those extracted from are kept)",
+    )
+    parser.add_argument(
         "--stop-after",
         type=finite_number,
         default=None,
@@ -586,7 +591,7 @@ def checkpoint_name(method_from: float | str) -> str:
 # Settings that do not change what a stage computes: where, which tasks and seeds, what is kept,
 # how it is reported. The encoder and the data count by content (settings_key), not by path.
 NOT_CONTENT = (
-    *("out", "tasks", "seeds", "keep_embeddings", "device", "reference"),
+    *("out", "tasks", "seeds", "keep_embeddings", "keep_checkpoints", "device", "reference"),
     *("records_from", "stop_after"),
     "train_sample",  # which examples: in the key as the data's fingerprint
 )
@@ -793,6 +798,10 @@ def run_seed(
         grid_s[epochs] = {c: sum(r[f"stage{c}_s"] for r in grid) for c in CLOCKS}
         choices["finetune_lr"][f"{epochs:g}"] = best["lr"]
         records += [*grid, selected(best, f"finetune-{epochs:g}", grid_s[epochs])]
+        if not args.keep_checkpoints:  # ~90 MB each (MiniLM), 12 a task and seed by default
+            for record in grid:
+                if record is not best or epochs not in args.extract_from:
+                    shutil.rmtree(runs / f"finetune-{epochs:g}-lr{record['lr']:g}", True)
 
     chosen_mode = args.method_from == CHOSEN
     by_checkpoint: dict[float, list[dict]] = {}

@@ -776,7 +776,13 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     [keyed] = [folder for folder in out.iterdir() if (folder / "records").is_dir()]
     assert keyed.name == results["keys"]["rte"]  # records keyed on settings, encoder, data
-    assert not list((keyed / "runs" / "rte" / "seed-0").glob("embeddings*"))
+    seed_runs = keyed / "runs" / "rte" / "seed-0"
+    assert not list(seed_runs.glob("embeddings*"))
+    # of the fine-tuned checkpoints, only the one extracted from is kept (the others are ~90 MB
+    # each and never read again)
+    [choices] = results["choices"]
+    kept = sorted(folder.name for folder in seed_runs.glob("finetune-*"))
+    assert kept == [f"finetune-0.5-lr{choices['finetune_lr']['0.5']:g}"]
 
     subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
