@@ -39,7 +39,7 @@ def plot_cost_metric(
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     panels = list(points)
     methods = list(dict.fromkeys(method for panel in panels for method, *_ in points[panel]))
@@ -59,6 +59,7 @@ def plot_cost_metric(
         for method, seconds, mean, std in points[panel]:
             axis.errorbar(seconds, mean, yerr=std, capsize=2, linestyle="", **styles[method])
         axis.set(xscale="log", xlabel=cost, ylabel="dev", title=panel)
+        axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         axis.xaxis.set_major_formatter(ScalarFormatter())
         axis.xaxis.set_minor_formatter(NullFormatter())  # unlabelled: labels ran together
     for axis in list(axes.flat)[len(panels) :]:
