@@ -97,12 +97,15 @@ def choose_members(cfg: EnsembleConfig) -> list[Member]:
     return members
 
 
-def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str:
+def content_key(
+    cfg: EnsembleConfig, members: list[Member] | None = None, by_url: bool = False
+) -> str:
     """What determines the ensemble: its settings and its members by content (each member's
     role, a trial's number or the fine-tuned run; its record: trial.json, or the fine-tuned
     run's metrics.json; and its run's commit key). A sweep that has other best trials since, or
     trials redone, gives another key; the same sweep or fine-tuned run at another URL (moved,
-    copied) gives the same one."""
+    copied) gives the same one. `by_url`: the key of ensembles built before, which named each
+    member by its run's URL in place of its role."""
     members = members if members is not None else choose_members(cfg)
     identities = []
     for member in members:
@@ -113,7 +116,9 @@ def content_key(cfg: EnsembleConfig, members: list[Member] | None = None) -> str
         )
         commit = runs.commit_record(member.run) or {}
         role = "finetuned" if member.trial is None else member.trial
-        identities.append([role, storage.read_text(record), commit.get("key")])
+        identities.append(
+            [member.run if by_url else role, storage.read_text(record), commit.get("key")]
+        )
     content = {"task": cfg.task, "top_k": cfg.top_k, "members": identities}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -201,11 +206,14 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         with runs.StagedRun(cfg.out) as staged:
             return _build(cfg, members, key, staged, stopwatch)
 
-    return runs.once(cfg.out, lambda: _finished(cfg, key), build)
+    return runs.once(cfg.out, lambda: _finished(cfg, members, key), build)
 
 
-def _finished(cfg: EnsembleConfig, key: str) -> dict[str, Any] | None:
+def _finished(cfg: EnsembleConfig, members: list[Member], key: str) -> dict[str, Any] | None:
     keyed = {"task": cfg.task, "top_k": cfg.top_k}  # with its members (content_key)
+    record = runs.commit_record(cfg.out)
+    if record is not None and record["key"] == content_key(cfg, members, by_url=True):
+        key = record["key"]  # built before members were keyed by role: the same members
     if runs.finished(cfg.out, key, cfg.overwrite, "ensemble", keyed) is None:
         return None
     return storage.read_json(storage.join(cfg.out, "metrics.json"))

@@ -368,3 +368,24 @@ def test_a_sweep_and_fine_tuned_run_moved_elsewhere_find_their_finished_ensemble
         with_finetuned=str(tmp_path / "moved-finetune"),
     )
     assert build_ensemble(moved) == first
+
+
+def test_an_ensemble_built_before_members_were_keyed_by_role_is_still_finished(
+    tmp_path, monkeypatch
+):
+    """Ensembles committed before named each member by its run's URL in their key: rerun on
+    the same members, they are returned as stored, not refused as of other inputs."""
+    from bertvision import ensemble as ensembling
+    from bertvision.runs import commit_record
+
+    runs, _ = fake_sweep(tmp_path / "sweep", "rte", vals=[0.6, 0.9])
+    cfg = EnsembleConfig(task="rte", runs=runs, out=str(tmp_path / "ens"), top_k=2)
+    by_role = ensembling.content_key
+    with monkeypatch.context() as earlier_version:
+        earlier_version.setattr(
+            ensembling, "content_key", lambda c, m=None, by_url=False: by_role(c, m, True)
+        )
+        first = build_ensemble(cfg)
+    assert commit_record(cfg.out)["key"] == by_role(cfg, by_url=True)
+    monkeypatch.setattr(ensembling, "_build", lambda *a: pytest.fail("built again"))
+    assert build_ensemble(cfg) == first
