@@ -249,7 +249,7 @@ def folder(text: str) -> str:
     """An argparse `type`: a folder to write, not an empty string (Path("") is the current
     folder, where the whole experiment would land)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("must name a folder, got ''")
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
     return text
 
 
@@ -443,9 +443,11 @@ def numbers(
     if not values or not all(v > 0 or (zero and v == 0) for v in values):
         kind = "numbers >= 0" if zero else "positive numbers"
         parser.error(f"{option} must be {kind}, got {text!r}")
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    # stages and their folders name a value by its 6 significant digits (`:g`)
+    named = [f"{v:g}" for v in values]
+    twice = next((name for i, name in enumerate(named) if name in named[:i]), None)
     if twice is not None:
-        parser.error(f"{option} names {twice:g} twice")
+        parser.error(f"{option} names {twice} twice (to 6 significant digits)")
     return values
 
 
@@ -564,7 +566,7 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
     # last: the record of the run; on one line, as every seed's records make it large
     # (results.md is the view for reading). Together: a failure (a full disk) leaves each file
     # as it was, never a table cut short or one beside a record of another run
-    record = storage.json_bytes(results, "results.json", indent=None)
+    record = storage.json_bytes(results, str(out / "results.json"), indent=None)
     storage.write_together({**files, str(out / "results.json"): record})
 
 
@@ -799,9 +801,11 @@ def run_seed(
         choices["finetune_lr"][f"{epochs:g}"] = best["lr"]
         records += [*grid, selected(best, f"finetune-{epochs:g}", grid_s[epochs])]
         if not args.keep_checkpoints:  # ~90 MB each (MiniLM), 12 a task and seed by default
+            kept = chosen_runs[epochs] if epochs in args.extract_from else None
             for record in grid:
-                if record is not best or epochs not in args.extract_from:
-                    shutil.rmtree(runs / f"finetune-{epochs:g}-lr{record['lr']:g}", True)
+                folder = runs / f"finetune-{epochs:g}-lr{record['lr']:g}"
+                if folder != kept:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     chosen_mode = args.method_from == CHOSEN
     by_checkpoint: dict[float, list[dict]] = {}

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         storage.write_together(
             {
                 str(out / "results.md"): markdown(results).encode(),
-                str(out / "results.json"): storage.json_bytes(results, "results.json"),
+                str(out / "results.json"): storage.json_bytes(results, str(out / "results.json")),
             }
         )
     print(markdown(results))

@@ -34,18 +34,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from experiment import OneLineErrors, numbers, refuse, run_as_command
 
 from bertvision import encoder as enc
 from bertvision import glue, storage
 from bertvision.config import FinetuneConfig
-from bertvision.console import quiet_libraries
 from bertvision.finetune import finetune_encoder
 from bertvision.finite import strict_json
 from bertvision.predictions import point_predictions, read_outputs
 
+PROG = "finetune_recipe.py"  # as its errors name it
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="a glue_data folder (default: the Hugging Face hub)")
     parser.add_argument("--model", default="", help="encoder (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--tasks", default="cola,mrpc,rte,wnli", help="GLUE tasks")
@@ -63,12 +65,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report", action="store_true", help="tables of the grid's runs recorded, train nothing"
     )
     args = parser.parse_args(argv)
-    args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
-    args.epochs = [float(v) for v in args.epochs.split(",")]
-    args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
-    args.lrs = [float(v) for v in args.lrs.split(",")]
-    args.warmups = [float(v) for v in args.warmups.split(",")]
-    args.model = args.model or enc.default_model()
+    try:
+        args.tasks = [glue.get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    except ValueError as exc:  # a name that is no GLUE task
+        parser.error(f"--tasks: {exc}")
+    args.epochs = numbers(parser, "--epochs", args.epochs)
+    args.lrs = numbers(parser, "--lrs", args.lrs)
+    args.warmups = numbers(parser, "--warmups", args.warmups, zero=True)
+    batch_sizes = numbers(parser, "--batch-sizes", args.batch_sizes)
+    if not all(size == int(size) for size in batch_sizes):
+        parser.error(f"--batch-sizes must be whole numbers, got {args.batch_sizes!r}")
+    args.batch_sizes = [int(size) for size in batch_sizes]
+    try:
+        args.model = args.model or enc.default_model()
+    except enc.ModelError as exc:
+        parser.error(str(exc))
     args.device = args.device or enc.default_device()
     return args
 
@@ -131,8 +142,8 @@ def run(args: argparse.Namespace, point: dict) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(strict_json(record, str(path), indent=1))  # a NaN: ValueError, not written
+    text = strict_json(record, str(path), indent=1)  # a NaN: ValueError, nothing written
+    storage.write_text_atomic(str(path), text)
     shutil.rmtree(folder)
     return record
 
@@ -220,6 +231,14 @@ def markdown(args: argparse.Namespace, records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    try:
+        return study(args)
+    except (storage.FileFormatError, glue.DataError) as exc:  # a garbled record, missing data
+        refuse(str(exc), PROG)
+
+
+def study(args: argparse.Namespace) -> list[dict]:
+    """Run the grid's runs not yet recorded (with --report, none), then print the tables."""
     records = []
     if args.report:
         paths = [record_path(args, point) for point in grid(args)]
@@ -228,12 +247,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return records
     for point in grid(args):
         records.append(run(args, point))
-        Path(args.out, "recipe.md").write_text(markdown(args, records))
+        storage.write_text_atomic(str(Path(args.out, "recipe.md")), markdown(args, records))
         print(f"{run_name(point)} {point['task']}: done", file=sys.stderr, flush=True)
     print(markdown(args, records))
     return records
 
 
 if __name__ == "__main__":
-    with quiet_libraries():
-        main(sys.argv[1:])
+    run_as_command(main)

