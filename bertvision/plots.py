@@ -58,7 +58,7 @@ def plot_cost_metric(
     for axis, panel in zip(axes.flat, panels, strict=False):
         for method, seconds, mean, std in points[panel]:
             axis.errorbar(seconds, mean, yerr=std, capsize=2, linestyle="", **styles[method])
-        axis.set(xscale="log", xlabel=cost, ylabel="dev", title=panel)
+        axis.set(xscale="log", xlabel=f"{cost} (log scale)", ylabel="dev (mean ± sd)", title=panel)
         _label_log_axis(axis.xaxis, [seconds for _, seconds, *_ in points[panel]])
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)

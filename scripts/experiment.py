@@ -134,7 +134,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--out", type=folder, default="experiment", help="results folder")
     parser.add_argument("--device", default="", help="cpu, cuda (empty: cuda if available)")
-    parser.add_argument("--max-train-examples", type=int, default=None, help="quick runs only")
+    parser.add_argument(
+        "--max-train-examples",
+        type=int,
+        default=None,
+        help="use N training examples (the first N, or drawn with --train-sample random); dev "
+        "stays whole: for quick or subset runs",
+    )
     parser.add_argument(
         "--train-sample",
         choices=("first", "random"),
@@ -193,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--records-from",
         default="",
         help="an earlier run's results.json: its finished seeds are taken, not run, where its "
-        "settings, encoder and data are this run's (a run continued on another machine)",
+        "settings, encoder, data and device are this run's (a run continued on another machine)",
     )
     args = parser.parse_args(argv)
     try:
