@@ -31,11 +31,14 @@ def plot_cost_metric(
     points: dict[str, list[tuple[str, float, float, float]]],
     title: str = "",
     cost: str = "pipeline seconds",
+    reference: str | None = None,
+    highlighted: tuple[str, ...] = (),
 ) -> bytes:
     """Metric against cost, one panel per task: `points[panel]` is a list of (method, seconds,
     mean metric, its std); each method one point with its std as an error bar, in the same
     colour and marker in every panel, named in one legend below the panels; seconds (labelled
-    `cost`) on a log axis."""
+    `cost`) on a log axis. The `reference` method's mean is also a dashed line across its
+    panel, and methods starting with a `highlighted` prefix are drawn larger, edged in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +52,9 @@ def plot_cost_metric(
         method: {"color": colours[i % len(colours)], "marker": markers[i % len(markers)]}
         for i, method in enumerate(methods)
     }
+    for method in methods:
+        if method.startswith(highlighted) and highlighted:
+            styles[method].update(markersize=10, markeredgecolor="black", zorder=3)
     columns = min(3, len(panels)) or 1
     rows = max(1, -(-len(panels) // columns))
     legend_rows = -(-len(methods) // 4)
@@ -58,6 +64,8 @@ def plot_cost_metric(
     for axis, panel in zip(axes.flat, panels, strict=False):
         for method, seconds, mean, std in points[panel]:
             axis.errorbar(seconds, mean, yerr=std, capsize=2, linestyle="", **styles[method])
+            if method == reference:
+                axis.axhline(mean, color=styles[method]["color"], linestyle="--", linewidth=1)
         axis.set(xscale="log", xlabel=f"{cost} (log scale)", ylabel="dev (mean ± sd)", title=panel)
         _label_log_axis(axis.xaxis, [seconds for _, seconds, *_ in points[panel]])
     for axis in list(axes.flat)[len(panels) :]:

@@ -567,7 +567,13 @@ def write_results(args: argparse.Namespace, results: dict, plot: bool = True) ->
     if plot:
         # on a CPU machine shared with other jobs wall-clock stretches with the load: plot CPU s
         clock, cost = ("", "pipeline seconds") if args.device.startswith("cuda") else CPU_COST
-        figure = plot_cost_metric(plot_points(results["summary"], clock), title(results), cost)
+        figure = plot_cost_metric(
+            plot_points(results["summary"], clock),
+            title(results),
+            cost,
+            reference=args.reference,
+            highlighted=("method@",),
+        )
         files[str(out / "results.png")] = figure
     # last: the record of the run; on one line, as every seed's records make it large
     # (results.md is the view for reading). Together: a failure (a full disk) leaves each file
