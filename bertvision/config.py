@@ -66,9 +66,12 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
-def require(cfg: Any) -> None:
-    """ConfigError naming the first required field of `cfg` that is empty."""
+def require(cfg: Any, *, but: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first required field of `cfg` that is empty, those named in `but`
+    aside (a field the caller fills in itself)."""
     for f in fields(cfg):
+        if f.name in but:
+            continue
         if f.metadata.get("required") and not getattr(cfg, f.name):
             raise ConfigError(f.name, "is required")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bertvision_flows.parameters import require_cfg
 from bertvision_tasks.artifacts import evaluation, publish_metrics
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.ensemble import ensemble as ensemble_task
@@ -21,6 +22,7 @@ def ensemble(cfg: EnsembleConfig) -> dict:
     the fine-tuned run `cfg.with_finetuned` if given; returns its metrics.json (members and the
     ensemble's dev metrics). One finished with other settings or members is refused unless
     `cfg.overwrite`."""
+    require_cfg(cfg)  # before any task: a bad parameter fails the run at once
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     result = ensemble_task(cfg)  # average the members' outputs
     print(f"{cfg.task}: ensemble of {len(result['members'])}: {result['ensemble']}")

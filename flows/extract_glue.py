@@ -16,7 +16,9 @@ does not hold committed.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
+from bertvision_flows.parameters import check_at_least, require_cfg
 from bertvision_tasks.artifacts import ExtractionProgress, failed_shards, publish_shard_table
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.extract import (
@@ -79,6 +81,7 @@ def extract_glue(
     task runs, API calls and events when shards are many and small (a Prefect server drops
     events beyond ~100/s, benchmarks/RESULTS.md). A GLUE task stores one row per example,
     squad2 one per window."""
+    _check_parameters(cfg, workers, shards_per_task)
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     return _extract(cfg, workers, shard_deployment, shards_per_task)
 
@@ -92,17 +95,24 @@ def extract_squad(
 ) -> dict[str, int]:
     """`extract-glue` for span tasks: every window of every question of the splits. Its
     deployment carries SQuAD 2.0's windowing as defaults (deployments/prefect.yaml)."""
+    _check_parameters(cfg, workers, shards_per_task)
     if not is_span_task(cfg.task):
         raise ConfigError("task", f"{cfg.task!r} is not a span task (squad2); use extract-glue")
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     return _extract(cfg, workers, shard_deployment, shards_per_task)
 
 
+def _check_parameters(cfg: ExtractConfig, workers: int, shards_per_task: int) -> None:
+    """ConfigError naming the first of an extraction flow's parameters that it cannot use; before
+    any task runs."""
+    require_cfg(cfg)
+    check_at_least("workers", workers, 0)
+    check_at_least("shards_per_task", shards_per_task, 1)
+
+
 def _extract(
     cfg: ExtractConfig, workers: int, shard_deployment: str, shards_per_task: int
 ) -> dict[str, int]:
-    if shards_per_task < 1:
-        raise ConfigError("shards_per_task", f"must be >= 1, got {shards_per_task}")
     plans = plan_extraction(cfg)  # validate, write one plan per split
     work = [(cfg, plan) for plan in plans]
     key = artifact_key("extract", cfg.task, where(cfg.out))
@@ -136,9 +146,14 @@ def extract_shards(
     """Extract the given shards of one planned task/split, `shards_per_task` consecutive ones
     of the list per task run; a worker's share of `extract-glue`.
 
-    Shards committed meanwhile (by an earlier try or another worker) are skipped."""
+    Shards committed meanwhile (by an earlier try or another worker) are skipped. ConfigError
+    naming `shards` for an index the plan lacks or one listed twice, before any shard is
+    extracted."""
+    require_cfg(cfg)
+    check_at_least("shards_per_task", shards_per_task, 1)
     crash_stale_task_runs()
-    plan = read_plan(cfg, split)
+    plan = read_plan(cfg, split)  # reads only
+    _check_shard_indices(shards, plan)
     run_errors = _extract_here(cfg, plan, shards, shards_per_task, progress=None)
     pending = sorted(set(shards) & set(pending_shards(cfg, plan)))
     failures = failed_shards(cfg, plan, pending, run_errors)
@@ -147,6 +162,18 @@ def extract_shards(
     if failures or missing:
         raise ShardsFailed(failures, missing)
     return shards
+
+
+def _check_shard_indices(shards: list[int], plan: ExtractionPlan) -> None:
+    wrong = sorted({i for i in shards if not 0 <= i < plan.num_shards})
+    if wrong:
+        raise ConfigError(
+            "shards",
+            f"{wrong} not in {plan.task}/{plan.split}'s plan: shards 0 to {plan.num_shards - 1}",
+        )
+    twice = sorted(i for i, n in Counter(shards).items() if n > 1)
+    if twice:
+        raise ConfigError("shards", f"lists {twice} more than once")
 
 
 def _extract_here(

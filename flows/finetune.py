@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bertvision_flows.parameters import require_cfg
 from bertvision_tasks.artifacts import evaluation, publish_metrics
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.finetune import finetune as finetune_task
@@ -16,6 +17,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.task` for `cfg.epochs` (may be a fraction) into `cfg.out`;
     returns metrics.json of the run. A run finished there with the same settings and inputs is
     returned as stored; one with others is refused unless `cfg.overwrite`."""
+    require_cfg(cfg)  # before any task: a bad parameter fails the run at once
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     metrics = finetune_task(cfg)  # partial fine-tune of the encoder
     publish_metrics(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from bertvision_flows.parameters import require_cfg
 from bertvision_tasks.artifacts import publish_metrics
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.names import artifact_key, flow_run_name, where
@@ -74,6 +75,7 @@ def sweep(cfg: SweepConfig, all_tasks: bool = False) -> dict[str, dict]:
     `cfg.adapter` when one is named, then only the tasks it fits.
     A sweep folder holding another sweep is refused unless `cfg.overwrite`; one another run is
     sweeping into is refused (FolderBusy)."""
+    require_cfg(cfg, but=("task",) if all_tasks else ())  # fails the run before any task
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     if all_tasks:
         names = extracted_tasks(cfg.embeddings, cfg.adapter)  # the tasks to sweep

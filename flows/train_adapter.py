@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bertvision_flows.parameters import require_cfg
 from bertvision_tasks.artifacts import evaluation, publish_metrics
 from bertvision_tasks.attempts import crash_stale_task_runs
 from bertvision_tasks.names import artifact_key, flow_run_name, where
@@ -20,6 +21,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
     """Train `cfg.adapter` on the embeddings of `cfg.task` under `cfg.embeddings` into
     `cfg.out`; returns metrics.json of the run ({"val": ..., "dev": ...}). A run finished there
     with other settings or on other embeddings is refused unless `cfg.overwrite`."""
+    require_cfg(cfg)  # before any task: a bad parameter fails the run at once
     crash_stale_task_runs()  # a retry: the task runs a killed attempt left Running
     metrics = train_task(cfg)  # one adapter on the stored embeddings
     publish_metrics(

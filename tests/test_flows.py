@@ -20,7 +20,16 @@ from conftest import tree_state
 
 pytest.importorskip("prefect")
 
-from bertvision_flows.extract_glue import ShardsFailed, extract_glue, extract_squad  # noqa: E402
+from bertvision_flows.ensemble import ensemble  # noqa: E402
+from bertvision_flows.extract_glue import (  # noqa: E402
+    ShardsFailed,
+    extract_glue,
+    extract_shards,
+    extract_squad,
+)
+from bertvision_flows.finetune import finetune  # noqa: E402
+from bertvision_flows.sweep import sweep  # noqa: E402
+from bertvision_flows.train_adapter import train_adapter  # noqa: E402
 from bertvision_tasks import artifacts  # noqa: E402
 from bertvision_tasks import extract as extract_tasks  # noqa: E402
 from bertvision_tasks import sweep as sweep_tasks  # noqa: E402
@@ -284,6 +293,78 @@ def test_shards_per_task_below_one_is_refused_by_name(prefect_harness, tmp_path,
     with pytest.raises(ConfigError, match="shards_per_task"):
         extract_glue(cfg, shards_per_task=0)
     assert not tmp_path.joinpath("wnli").exists()
+
+
+# A deployment run's parameters (`prefect deployment run ... -p`), as the flow receives them.
+STAGE = {"task": "wnli", "out": "o", "device": "cpu"}
+BAD_PARAMETERS = {
+    "finetune without out": (finetune, {"cfg": STAGE | {"out": ""}}, "cfg.out is required"),
+    "extraction without out": (extract_glue, {"cfg": STAGE | {"out": ""}}, "cfg.out is required"),
+    "train without embeddings": (
+        train_adapter,
+        {"cfg": STAGE | {"embeddings": ""}},
+        "cfg.embeddings is required",
+    ),
+    "ensemble without runs": (
+        ensemble,
+        {"cfg": {"task": "wnli", "out": "o", "runs": ""}},
+        "cfg.runs is required",
+    ),
+    "sweep of no task": (sweep, {"cfg": {"embeddings": "e", "out": "o"}}, "cfg.task is required"),
+    "sweep of every task without out": (
+        sweep,
+        {"cfg": {"embeddings": "e", "out": ""}, "all_tasks": True},
+        "cfg.out is required",
+    ),
+    "negative workers": (
+        extract_glue,
+        {"cfg": STAGE, "workers": -1},
+        "workers must be >= 0, got -1",
+    ),
+    "no shards per task run of a worker": (
+        extract_shards,
+        {"cfg": STAGE, "split": "dev", "shards": [0], "shards_per_task": 0},
+        "shards_per_task must be >= 1, got 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARAMETERS)
+def test_a_flow_given_a_bad_parameter_fails_before_any_task_naming_it(
+    prefect_harness, tmp_path, monkeypatch, case
+):
+    flow_to_run, parameters, message = BAD_PARAMETERS[case]
+    monkeypatch.chdir(tmp_path)
+
+    state = flow_to_run(**parameters, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        state.result()
+    assert _task_run_names(state, settle_seconds=2) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("shards", "message"),
+    [
+        ([3, 4, -1], r"shards \[-1, 4\] not in wnli/dev's plan: shards 0 to 3"),
+        ([2, 2], r"shards lists \[2\] more than once"),
+    ],
+)
+def test_a_worker_given_shards_its_plan_lacks_extracts_none_and_names_them(
+    prefect_harness, tmp_path, tiny_model, glue_dir, shards, message
+):
+    cfg = _cfg(tmp_path, tiny_model, glue_dir)
+    extract_tasks.plan_extraction.fn(cfg)
+    planned = tree_state(tmp_path)
+
+    state = extract_shards(cfg, "dev", shards, return_state=True)
+
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        state.result()
+    assert _task_run_names(state, settle_seconds=2) == ["wnli-dev-read-plan@" + _at(tmp_path)]
+    assert tree_state(tmp_path) == planned
 
 
 def test_a_retry_carries_on_the_progress_artifact_and_crashes_task_runs_left_running(
