@@ -212,8 +212,12 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
 def _finished(cfg: EnsembleConfig, members: list[Member], key: str) -> dict[str, Any] | None:
     keyed = {"task": cfg.task, "top_k": cfg.top_k}  # with its members (content_key)
     record = runs.commit_record(cfg.out)
-    if record is not None and record["key"] == content_key(cfg, members, by_url=True):
-        key = record["key"]  # built before members were keyed by role: the same members
+    if (  # built before members were keyed by role, on the same members
+        record is not None
+        and record["key"] != key
+        and record["key"] == content_key(cfg, members, by_url=True)
+    ):
+        key = record["key"]
     if runs.finished(cfg.out, key, cfg.overwrite, "ensemble", keyed) is None:
         return None
     return storage.read_json(storage.join(cfg.out, "metrics.json"))

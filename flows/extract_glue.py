@@ -106,8 +106,8 @@ def _check_parameters(cfg: ExtractConfig, workers: int, shards_per_task: int) ->
     """ConfigError naming the first of an extraction flow's parameters that it cannot use; before
     any task runs."""
     require_cfg(cfg)
-    check_at_least("workers", workers, 0)
-    check_at_least("shards_per_task", shards_per_task, 1)
+    check_at_least(0, workers=workers)
+    check_at_least(1, shards_per_task=shards_per_task)
 
 
 def _extract(
@@ -150,7 +150,7 @@ def extract_shards(
     naming `shards` for an index the plan lacks or one listed twice, before any shard is
     extracted."""
     require_cfg(cfg)
-    check_at_least("shards_per_task", shards_per_task, 1)
+    check_at_least(1, shards_per_task=shards_per_task)
     crash_stale_task_runs()
     plan = read_plan(cfg, split)  # reads only
     _check_shard_indices(shards, plan)

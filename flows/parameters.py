@@ -7,8 +7,10 @@ left to the flow is what a template may leave empty (`require`) and its plain pa
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+from bertvision import config
 from bertvision.config import ConfigError, require
 
 
@@ -21,7 +23,7 @@ def require_cfg(cfg: Any, *, but: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"cfg.{exc.field}", exc.message) from None
 
 
-def check_at_least(name: str, value: int, minimum: int) -> None:
-    """ConfigError naming the flow parameter `name` if `value` is below `minimum`."""
-    if not value >= minimum:
-        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+def check_at_least(minimum: int, **parameters: int) -> None:
+    """ConfigError naming the first of the flow's plain `parameters` below `minimum`, as the
+    config classes check their fields (config.check_at_least)."""
+    config.check_at_least(SimpleNamespace(**parameters), minimum, *parameters)
