@@ -29,7 +29,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOpt
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
-from bertvision import __version__
+from bertvision import __version__, console
 from bertvision.config import (
     ConfigError,
     EnsembleConfig,
@@ -53,7 +53,13 @@ class OneLineUsageErrors(TyperGroup):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            with console.terminated_as_exit():
+                code = super().main(*args, standalone_mode=False, **kwargs)
+        except console.Terminated:
+            typer.echo(
+                "\nterminated: what was committed is kept; the same command resumes", err=True
+            )
+            sys.exit(console.TERMINATED)
         except NoArgsIsHelpError as exc:  # a bare `bertvision`: the help, as usual
             exc.show()
             sys.exit(exc.exit_code)

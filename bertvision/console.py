@@ -9,12 +9,40 @@ so flow runs there draw no bars into their logs.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 PROGRESS = "BERTVISION_PROGRESS"
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception (`terminated_as_exit`); uncaught, the process exits 143."""
+
+
+@contextmanager
+def terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler stopping the job) raises Terminated inside the
+    block, so it unwinds like Ctrl-C does: context managers and `finally` blocks run (a folder's
+    lease let go at once rather than when it expires, a server stopped, staging removed), and
+    the process exits with 143. A signal handler can only be set from the main thread: in any
+    other the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated(TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def progress_wanted() -> bool:

@@ -69,7 +69,6 @@ def run(cfg: PipelineConfig) -> None:
                 stack.enter_context(console.environment(PREFECT_SERVER_ANALYTICS_ENABLED=analytics))
                 server = SubprocessASGIServer()
                 # stopped here, not at exit: quietly, and also when the command is terminated
-                stack.enter_context(_terminated_as_exit())
                 stack.callback(_stop_after_logs, server)
                 with _interrupts_held():  # Ctrl-C stops this command, which stops the server
                     server.start(timeout=180)
@@ -129,21 +128,6 @@ def _interrupts_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-@contextmanager
-def _terminated_as_exit() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`) unwinds like an exception inside the block, so what the
-    command started (the ephemeral API server) is stopped, not left running; exit code 143."""
-
-    def exit_143(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, exit_143)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -103,7 +103,7 @@ from bertvision.config import (
     FinetuneConfig,
     SweepConfig,
 )
-from bertvision.console import quiet_libraries
+from bertvision.console import TERMINATED, Terminated, quiet_libraries, terminated_as_exit
 from bertvision.embeddings import load_embeddings
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
@@ -260,17 +260,20 @@ def folder(text: str) -> str:
 
 
 def run_as_command(main: Callable[[list[str]], object]) -> None:
-    """Run a script's `main` on the command line's arguments: Ctrl-C ends in one line and exit
-    status 130, as every bertvision command (the stages finished are kept)."""
+    """Run a script's `main` on the command line's arguments. Ctrl-C (exit status 130) and
+    SIGTERM (143) end in one line, as in every bertvision command, having let go of OUT; the
+    stages finished are kept."""
     with quiet_libraries():
         try:
-            main(sys.argv[1:])
-        except KeyboardInterrupt:
+            with terminated_as_exit():
+                main(sys.argv[1:])
+        except (KeyboardInterrupt, Terminated) as stop:
+            how = "terminated" if isinstance(stop, Terminated) else "interrupted"
             print(
-                "\ninterrupted: the stages finished are kept; the same command resumes",
+                f"\n{how}: the stages finished are kept; the same command resumes",
                 file=sys.stderr,
             )
-            raise SystemExit(130) from None
+            raise SystemExit(TERMINATED if isinstance(stop, Terminated) else 130) from None
 
 
 def finite_number(text: str) -> float:

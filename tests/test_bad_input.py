@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -232,16 +234,26 @@ def test_a_garbled_run_file_is_named_by_train(tmp_path, name):
     assert file_tree(run) == before
 
 
-def test_ctrl_c_ends_a_command_in_one_line_with_exit_code_130(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("stop", "code", "how"),
+    [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated")],
+)
+def test_ctrl_c_or_sigterm_ends_a_command_in_one_line(tmp_path, monkeypatch, stop, code, how):
     from bertvision import report
 
-    def interrupted(cfg):
-        raise KeyboardInterrupt
+    def stopped(cfg):
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises within the sleep
+        raise AssertionError("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(report, "write_report", interrupted)
+    monkeypatch.setattr(report, "write_report", stopped)
+    handler = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 130
-    assert result.stderr == "\ninterrupted: what was committed is kept; the same command resumes\n"
+    assert result.exit_code == code
+    assert result.stderr == f"\n{how}: what was committed is kept; the same command resumes\n"
+    assert signal.getsignal(signal.SIGTERM) is handler  # set for the command only
 
 
 def test_a_garbled_sweep_record_is_named_by_sweep(tmp_path):

@@ -133,6 +133,31 @@ def test_a_lease_of_a_dead_or_expired_holder_is_taken_over(tmp_path):
         Lease(str(out)).acquire()
 
 
+def test_a_terminated_command_lets_go_of_its_folder_at_once(tmp_path):
+    """`kill` (SIGTERM) of a training run: exit status 143 and one line, its lease removed, so a
+    rerun on another host need not wait for the lease to expire; nothing committed."""
+    from test_embeddings import synthetic
+
+    embeddings = synthetic(str(tmp_path / "emb"))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bertvision.cli", "train", "--task", "rte", "--embeddings",
+               embeddings, "--out", str(out), "--epochs", "100000", "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.LEASE).exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the lease was never taken"
+        time.sleep(0.05)
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.splitlines()[-1] == (
+        "terminated: what was committed is kept; the same command resumes"
+    )
+    assert not (out / runs.LEASE).exists()
+    assert runs.commit_record(str(out)) is None
+
+
 @pytest.mark.parametrize("text", ['{"pid": 1}', '{"owner": 1, "expires": 9e99}', "[]", "{"])
 def test_a_lease_file_that_is_no_lease_holds_nothing_and_is_taken_over(tmp_path, text):
     out = tmp_path / "sweep"

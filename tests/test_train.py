@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1068,28 +1071,36 @@ def test_experiment_refuses_an_out_it_cannot_make_in_one_line(
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    ("stop", "code", "how"),
+    [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated")],
+)
 def test_an_interrupted_experiment_ends_in_one_line_and_lets_go_of_its_out(
-    capsys, glue_dir, tmp_path, tiny_model, monkeypatch
+    capsys, glue_dir, tmp_path, tiny_model, monkeypatch, stop, code, how
 ):
-    """Ctrl-C: exit status 130, one line saying the finished stages are kept, and the lease on
-    OUT released (a rerun resumes at once)."""
+    """Ctrl-C (exit status 130) or SIGTERM (143): one line saying the finished stages are kept,
+    and the lease on OUT released (a rerun resumes at once, on any host)."""
     import runpy
 
     script = runpy.run_path(str(EXPERIMENT))
 
-    def interrupted(*args, **kwargs):
+    def stopped(*args, **kwargs):
         assert (out / "_lease.json").exists()  # held while it runs
-        raise KeyboardInterrupt
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises within the sleep
+        raise AssertionError("SIGTERM did not stop the experiment")
 
-    script["run_seeds"].__globals__["run_seeds"] = interrupted
+    script["run_seeds"].__globals__["run_seeds"] = stopped
     out = tmp_path / "exp"
     argv = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["experiment.py", *argv, "--tasks", "wnli", "--device", "cpu"])
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as stopped_with:
         script["run_as_command"](script["main"])
-    assert stopped.value.code == 130
+    assert stopped_with.value.code == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "interrupted: the stages finished are kept; the same command resumes"
+        f"{how}: the stages finished are kept; the same command resumes"
     )
     assert not (out / "_lease.json").exists()
 
