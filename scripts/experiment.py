@@ -1242,7 +1242,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# BERTVision's method vs fine-tuning",
         "",
-        f"Encoder `{settings['model']}`, device {results['device']}, "
+        f"Encoder {enc.display_name(settings['model'])}, device {results['device']}, "
         f"seeds 0..{settings['seeds'] - 1}, code {results['code_version']}{scope}. "
         f"Fine-tuning at batch {settings['finetune_batch_size']}, lr chosen from {{{lrs}}} on "
         f"held-out TRAIN; sweep of "

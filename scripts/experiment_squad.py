@@ -467,7 +467,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# SQuAD 2.0: span adapter on stored embeddings vs fine-tuning",
         "",
-        f"Encoder `{settings['model']}`, device {results['device']}, seeds "
+        f"Encoder {enc.display_name(settings['model'])}, device {results['device']}, seeds "
         f"0..{settings['seeds'] - 1}, code {results['code_version']}{scope}: "
         f"{questions['train']} train and {questions['dev']} dev questions, windows of "
         f"{settings['max_seq_length']} tokens, doc stride {settings['doc_stride']}. Dev scores "
