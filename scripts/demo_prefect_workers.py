@@ -356,14 +356,12 @@ def _stored_once(out: Path, task: str, split: str, planned: int) -> tuple[int, b
     """Rows stored, and whether they are the `planned` rows each exactly once: ids 0..planned-1
     (a GLUE example's, a SQuAD window's), and for windows `planned` distinct pairs of question
     id and window index (the window's place in its question's context)."""
-    import pyarrow.dataset as ds
+    from bertvision.shards import committed_shards, split_dataset
 
-    from bertvision.shards import committed_shards
-
-    plan, urls = committed_shards(str(out), task, split)
+    plan, _ = committed_shards(str(out), task, split)
     span = plan.schema == "span"
     names = ["window_id", "question_id", "window_index"] if span else ["example_id"]
-    table = ds.dataset(urls, format="parquet").to_table(columns=names)
+    table = split_dataset(str(out), task, split).to_table(columns=names)  # page checksums read
     ids = sorted(table.column(names[0]).to_pylist())
     columns = [table.column(name).to_pylist() for name in names[1:] or names]
     identities = set(zip(*columns, strict=True))
