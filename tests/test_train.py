@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -791,36 +792,85 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
 
 
-def test_experiment_chooses_the_same_with_dev_labels_flipped(experiment, tmp_path, tiny_model):
-    """Every choice (fine-tuning lr, sweep trial, ensemble members) and every held-out number is
-    the same when each dev label is the other class; only the dev scores change."""
+POSITIVE = ["good", "great", "nice", "happy", "love", "best"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst"]
+FILLER = "the a film movie story plot actor scene music time day night city road house water"
+
+
+def keyword_sst2(folder: Path, flip_dev: bool = False) -> None:
+    """An SST-2 folder a tiny random BERT learns in seconds, with candidates that differ: a
+    sentence's label is that of its one sentiment word (6 a side), 10 % of TRAIN mislabelled;
+    320 train, 120 dev, 10 test rows. `flip_dev`: every dev label the other class."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+
+    def rows(count: int, noise: float) -> list[tuple[str, int]]:
+        drawn = []
+        for _ in range(count):
+            label = rng.randint(0, 1)
+            words = rng.sample(FILLER.split(), 6)
+            words.insert(rng.randint(0, 6), rng.choice(POSITIVE if label else NEGATIVE))
+            drawn.append((" ".join(words), label if rng.random() >= noise else 1 - label))
+        return drawn
+
+    train, dev = rows(320, 0.1), rows(120, 0.0)
+    dev = [(text, 1 - label) for text, label in dev] if flip_dev else dev
+    for split, labelled in (("train", train), ("dev", dev)):
+        lines = "".join(f"{text}\t{label}\n" for text, label in labelled)
+        (folder / f"{split}.tsv").write_text(f"sentence\tlabel\n{lines}")
+    lines = "".join(f"{i}\t{text}\n" for i, (text, _) in enumerate(train[:10]))
+    (folder / "test.tsv").write_text(f"index\tsentence\n{lines}")
+
+
+FLIP_ARGS = [
+    *("--tasks", "sst2", "--seeds", "1", "--device", "cpu", "--val-fraction", "0.25"),
+    *("--finetune-epochs", "2,4", "--finetune-lrs", "5e-5,3e-3", "--extract-from", "0,2"),
+    *("--adapter-epochs", "10", "--trials", "3", "--top-k", "2", "--reference", "finetune-4"),
+]
+
+
+@pytest.mark.parametrize("method_from", ["2", "chosen"])
+def test_experiment_chooses_the_same_with_dev_labels_flipped(tmp_path, tiny_model, method_from):
+    """Every choice (fine-tuning lr, checkpoint, sweep trial and its epochs, ensemble members,
+    the method's ensemble) and every held-out number is the same when each dev label is the
+    other class; only the dev scores change. Each choice is one that dev labels could change:
+    its candidates score differently on dev, so a choice made on dev would differ in one of
+    the two runs (the best on dev is the worst on flipped dev)."""
     import runpy
 
-    out, argv, _ = experiment
-    source = Path(argv[argv.index("--data-dir") + 1]) / "RTE"
-    flipped = tmp_path / "glue" / "RTE"
-    flipped.mkdir(parents=True)
-    for split in ("train", "test"):
-        shutil.copy(source / f"{split}.tsv", flipped / f"{split}.tsv")
-    swap = {"entailment": "not_entailment", "not_entailment": "entailment"}
-    header, *rows = (source / "dev.tsv").read_text().splitlines()
-    rows = [row.rsplit("\t", 1) for row in rows]
-    text = "".join(f"{first}\t{swap[label]}\n" for first, label in rows)
-    (flipped / "dev.tsv").write_text(f"{header}\n{text}")
+    main = runpy.run_path(str(EXPERIMENT))["main"]
+    runs = {}
+    for name, flip in (("original", False), ("flipped", True)):
+        keyword_sst2(tmp_path / name / "SST-2", flip_dev=flip)
+        options = ["--data-dir", str(tmp_path / name), "--model", tiny_model]
+        options += ["--out", str(tmp_path / f"exp-{name}"), "--method-from", method_from]
+        runs[name] = main([*options, *FLIP_ARGS])
+    original, flipped = runs["original"], runs["flipped"]
 
-    flipped_argv = ["--data-dir", str(tmp_path / "glue"), "--model", tiny_model]
-    flipped_argv += ["--out", str(tmp_path / "exp"), *EXPERIMENT_ARGS]
-    results = runpy.run_path(str(EXPERIMENT))["main"](flipped_argv)
-    original = read_json(out / "results.json")
-
-    assert results["choices"] == original["choices"]
-    assert len(results["records"]) == len(original["records"])
-    for mine, theirs in zip(results["records"], original["records"], strict=True):
+    assert flipped["choices"] == original["choices"]
+    assert len(flipped["records"]) == len(original["records"])
+    for mine, theirs in zip(flipped["records"], original["records"], strict=True):
         assert mine["method"] == theirs["method"]
         assert mine.get("val") == theirs.get("val")
         assert mine.get("params") == theirs.get("params")
         if "dev" in mine:
             assert mine["dev"]["accuracy"] == pytest.approx(1 - theirs["dev"]["accuracy"])
+
+    dev = {r["method"]: r["dev"]["accuracy"] for r in original["records"] if "dev" in r}
+    [choices] = original["choices"]
+    tag = choices["checkpoint"].split("@")[1] if method_from == "chosen" else method_from
+    [trials] = (tmp_path / "exp-original").glob(f"*/runs/sst2/seed-0/sweep@{tag}/trials.jsonl")
+    trial_dev = [json.loads(line)["dev"]["accuracy"] for line in trials.read_text().splitlines()]
+    could_change = {
+        "fine-tuning lr": [dev["finetune-4-lr5e-05"], dev["finetune-4-lr0.003"]],
+        "checkpoint": [dev["pooler@0"], dev["pooler@2"]],
+        "sweep trial and ensemble members": trial_dev,
+    }
+    if tag != "0":  # on the pretrained encoder the method has one ensemble, no fine-tuned model
+        could_change["the method's ensemble"] = [dev[f"ensemble+ft@{tag}"], dev[f"ensemble@{tag}"]]
+    for choice, candidates in could_change.items():
+        assert len(set(candidates)) > 1, f"{choice}: its candidates tie on dev {candidates}"
+    assert (method_from == "2") == ("the method's ensemble" in could_change)
 
 
 def test_experiment_extracts_again_embeddings_a_later_stage_needs_once_removed(
