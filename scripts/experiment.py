@@ -109,6 +109,7 @@ from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
 from bertvision.finite import strict_loads
+from bertvision.records import code_info
 from bertvision.sweep import TrialSpec, run_sweep, trial_train_config
 from bertvision.train import TrainConfig, train_adapter
 
@@ -219,8 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-train-examples needs --data-dir (a glue_data folder)")
     if args.train_sample == "random" and not args.max_train_examples:
         parser.error("--train-sample random needs --max-train-examples (how many to draw)")
-    if not set(args.extract_from) <= {0.0, *args.finetune_epochs}:
-        parser.error("--extract-from must name epochs of --finetune-epochs (or 0)")
+    if missing := sorted(set(args.extract_from) - {0.0, *args.finetune_epochs}):
+        parser.error(
+            f"--extract-from {listed(missing)}: not among --finetune-epochs "
+            f"{listed(args.finetune_epochs)} (or 0, the pretrained encoder)"
+        )
     args.method_from = method_checkpoint(parser, args.method_from, args.extract_from)
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
@@ -439,6 +443,11 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def listed(values: list[float]) -> str:
+    """`values` as an option takes them: 0.25,0.5"""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def numbers(
     parser: argparse.ArgumentParser, option: str, text: str, zero: bool = False
 ) -> list[float]:
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
             "stopped": None,
             "running": None,
             "code_version": __version__,
+            "code": code_info(),
             "device": device_name(args.device),
             "summary": [],
             "choices": [],
@@ -1233,6 +1243,17 @@ def title(results: dict) -> str:
     return f"{enc.display_name(settings['model'])}, {results['device']}, {seeds}{scope}"
 
 
+def code_text(results: dict) -> str:
+    """The code of the run that wrote `results`: its version, and its commit where the package
+    was imported from a git checkout (`records.code_info`; stages taken from records may have
+    run with earlier code)."""
+    code = results.get("code", {})
+    if not code.get("git_commit"):
+        return results["code_version"]
+    changes = " with uncommitted changes" if code["dirty"] else ""
+    return f"{results['code_version']} at {code['git_commit'][:7]}{changes}"
+
+
 def markdown(results: dict) -> str:
     settings = results["settings"]
     scope = (
@@ -1243,7 +1264,7 @@ def markdown(results: dict) -> str:
         "# BERTVision's method vs fine-tuning",
         "",
         f"Encoder {enc.display_name(settings['model'])}, device {results['device']}, "
-        f"seeds 0..{settings['seeds'] - 1}, code {results['code_version']}{scope}. "
+        f"seeds 0..{settings['seeds'] - 1}, code {code_text(results)}{scope}. "
         f"Fine-tuning at batch {settings['finetune_batch_size']}, lr chosen from {{{lrs}}} on "
         f"held-out TRAIN; sweep of "
         f"{settings['trials']} {settings['sweep_adapter']} trials, top-{settings['top_k']} "
@@ -1290,7 +1311,9 @@ def markdown(results: dict) -> str:
                 f"{row[c]['mean']:.1f}"
                 for c in ("pipeline_s", "amortised_s", "stage_s", "pipeline_cpu_s")
             ]
-            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+            # e.g. ensemble+ft@chosen: no fine-tuned member where the pretrained encoder was chosen
+            fewer = f" ({row['seeds']} of {finished} seeds)" if row["seeds"] < finished else ""
+            lines.append(f"| {row['method']}{fewer} | " + " | ".join(cells) + " |")
         stages = [r for r in rows if "dev" not in r]
         lines += [
             "",

@@ -39,6 +39,7 @@ from pathlib import Path
 from experiment import (
     OneLineErrors,
     check_settings,
+    code_text,
     device_name,
     extracted,
     finite_number,
@@ -68,6 +69,7 @@ from bertvision.config import (
 from bertvision.ensemble import build_ensemble
 from bertvision.extract import extract_hidden_states
 from bertvision.finetune import finetune_encoder
+from bertvision.records import code_info
 from bertvision.span_train import load_span_data
 from bertvision.sweep import run_sweep
 from bertvision.train import train_adapter
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {
             "settings": vars(args),
             "code_version": __version__,
+            "code": code_info(),
             "device": device_name(args.device),
             "questions": {s: len(squad.load_split(s, data_dir)) for s in ("train", "dev")},
             "summary": summarise(records),
@@ -468,7 +471,7 @@ def markdown(results: dict) -> str:
         "# SQuAD 2.0: span adapter on stored embeddings vs fine-tuning",
         "",
         f"Encoder {enc.display_name(settings['model'])}, device {results['device']}, seeds "
-        f"0..{settings['seeds'] - 1}, code {results['code_version']}{scope}: "
+        f"0..{settings['seeds'] - 1}, code {code_text(results)}{scope}: "
         f"{questions['train']} train and {questions['dev']} dev questions, windows of "
         f"{settings['max_seq_length']} tokens, doc stride {settings['doc_stride']}. Dev scores "
         "(official keys, %): mean ± sample std over seeds. Times in seconds, mean over seeds.",

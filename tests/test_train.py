@@ -716,6 +716,12 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
         "load@0",
         "load@0.5",
     ]
+    from bertvision.records import code_info
+
+    assert results["code"] == code_info()  # the commit, where run from a git checkout
+    if results["code"]["git_commit"]:
+        head = f"code {results['code_version']} at {results['code']['git_commit'][:7]}"
+        assert head in (out / "results.md").read_text()
     records = {r["method"]: r for r in results["records"]}
     # every fine-tuning of the grid ran; each method is the run best on held-out TRAIN
     assert {m for m in records if m.startswith("finetune-") and "-lr" in m} == {
@@ -871,6 +877,24 @@ def test_experiment_chooses_the_same_with_dev_labels_flipped(tmp_path, tiny_mode
     for choice, candidates in could_change.items():
         assert len(set(candidates)) > 1, f"{choice}: its candidates tie on dev {candidates}"
     assert (method_from == "2") == ("the method's ensemble" in could_change)
+
+
+def test_experiment_table_names_rows_averaged_over_fewer_seeds(experiment):
+    """A method missing on some seeds (ensemble+ft@chosen where the pretrained encoder was
+    chosen) says over how many seeds its row is averaged; the others need not."""
+    import runpy
+
+    out, _, _ = experiment
+    results = read_json(out / "results.json")
+    results["settings"]["seeds"] = 2
+    for row in results["summary"]:
+        row["seeds"] = 1 if row["method"] == "ensemble@0.5" else 2
+
+    rows = runpy.run_path(str(EXPERIMENT))["markdown"](results).splitlines()
+
+    assert [r for r in rows if "seeds)" in r] == [
+        next(r for r in rows if r.startswith("| ensemble@0.5 (1 of 2 seeds) | "))
+    ]
 
 
 def test_experiment_extracts_again_embeddings_a_later_stage_needs_once_removed(
@@ -1060,7 +1084,14 @@ def test_experiment_killed_between_seeds_leaves_the_results_of_those_finished(ex
             ["--method-from", "chosen", "--extract-from", "0.5"],
             "--method-from chosen needs two or more checkpoints in --extract-from",
         ),
-        (["--extract-from", "0.75"], "--extract-from must name epochs of --finetune-epochs"),
+        (
+            ["--extract-from", "0.75"],
+            "--extract-from 0.75: not among --finetune-epochs 0.25,0.5,1,3 (or 0, the pretrained",
+        ),
+        (  # the default --extract-from 0,0.25,0.5 needs 0.25
+            ["--finetune-epochs", "0.5,1"],
+            "--extract-from 0.25: not among --finetune-epochs 0.5,1 (or 0, the pretrained",
+        ),
         (["--extract-from", "0,0.5,0.5"], "--extract-from names 0.5 twice"),
         # one stage name and one folder for both: the second would read the first's run
         (["--finetune-lrs", "1e-4,1.0000001e-4"], "--finetune-lrs names 0.0001 twice"),
