@@ -85,6 +85,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     warm_up(args.device)
     global STOP_AT
     STOP_AT = None if args.stop_after is None else time.monotonic() + args.stop_after
+    STAGES.clear()
     with tempfile.TemporaryDirectory() as staging, ExitStack() as writing:  # nothing written
         try:  # before the checks pass
             data_dirs = {
@@ -521,6 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
             refuse(str(exc))
         write_results(args, results)
     print(markdown(results))
+    print(stages_line(args.out), file=sys.stderr)
     return results
 
 
@@ -1107,6 +1110,12 @@ class OutOfTime(Exception):
 
 
 STOP_AT: float | None = None  # time.monotonic() after which no stage starts (set by main)
+STAGES: Counter[str] = Counter()  # stages "run" and "taken" from their records (`stage`)
+
+
+def stages_line(out: str) -> str:
+    """What this run did: e.g. `0 stages run, 58 taken from the records in OUT` (a resume)."""
+    return f"{STAGES['run']} stages run, {STAGES['taken']} taken from the records in {out}"
 
 
 def stage_record(path: Path) -> dict:
@@ -1129,6 +1138,7 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
     OutOfTime instead of running it after --stop-after."""
     path = records_dir / f"{name}.json"
     if path.exists():
+        STAGES["taken"] += 1
         return stage_record(path)
     if STOP_AT is not None and time.monotonic() > STOP_AT:
         raise OutOfTime(name)
@@ -1144,6 +1154,7 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
     if "examples" in record:
         record["examples_per_s"] = round(record["examples"] / seconds, 1)
     storage.write_json(str(path), record)
+    STAGES["run"] += 1
     return record
 
 

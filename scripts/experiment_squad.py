@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
 from experiment import (
+    STAGES,
     OneLineErrors,
     check_settings,
     code_text,
@@ -53,6 +55,7 @@ from experiment import (
     shown,
     space,
     stage,
+    stages_line,
     task_data_fingerprint,
     warm_up,
 )
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.copytree(Path(staging, "data"), out / "data", dirs_exist_ok=True)
         data_dir = str(out / "data") if sliced else args.data_dir
         warm_up(args.device)
+        STAGES.clear()
         try:
             seeds = range(args.seeds)
             records = [r for seed in seeds for r in run_seed(args, seed, data_dir, keyed)]
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
     print(markdown(results))
+    print(stages_line(args.out), file=sys.stderr)
     return results
 
 

@@ -794,8 +794,10 @@ def test_experiment_script_measures_every_method_resumes_and_needs_no_prefect(ex
     kept = sorted(folder.name for folder in seed_runs.glob("finetune-*"))
     assert kept == [f"finetune-0.5-lr{choices['finetune_lr']['0.5']:g}"]
 
-    subprocess.run([sys.executable, "-c", run], check=True, capture_output=True)
+    again = subprocess.run([sys.executable, "-c", run], check=True, capture_output=True, text=True)
     assert read_json(out / "results.json")["records"] == results["records"]  # nothing reran
+    taken = len(list(keyed.glob("records/rte/seed-0/*.json")))  # a record per stage
+    assert again.stderr.splitlines()[-1] == f"0 stages run, {taken} taken from the records in {out}"
 
 
 POSITIVE = ["good", "great", "nice", "happy", "love", "best"]
