@@ -38,7 +38,8 @@ def plot_cost_metric(
     mean metric, its std); each method one point with its std as an error bar, in the same
     colour and marker in every panel, named in one legend below the panels; seconds (labelled
     `cost`) on a log axis. The `reference` method's mean is also a dashed line across its
-    panel, and methods starting with a `highlighted` prefix are drawn larger, edged in black."""
+    panel, as in its legend entry ("<reference> (reference)"), and methods starting with a
+    `highlighted` prefix are drawn larger, edged in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,12 @@ def plot_cost_metric(
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     handles = [
-        plt.Line2D([], [], linestyle="", label=method, **styles[method]) for method in methods
+        plt.Line2D([], [], linestyle="", label=method, **styles[method])
+        if method != reference
+        else plt.Line2D(
+            [], [], linestyle="--", linewidth=1, label=f"{method} (reference)", **styles[method]
+        )
+        for method in methods
     ]
     figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     return _png(figure, title, below=(0.18 * legend_rows + 0.25) / figure.get_figheight())

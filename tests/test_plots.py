@@ -43,3 +43,23 @@ def test_a_log_cost_axis_within_one_decade_labels_several_numbers():
 def test_a_cost_plot_of_one_panel_and_many_methods_is_a_png():
     points = {"wnli (accuracy)": [(f"method-{i}", 10.0 + i, 0.5, 0.01) for i in range(22)]}
     assert plot_cost_metric(points, "a title " * 20).startswith(b"\x89PNG")
+
+
+def test_the_reference_is_a_dashed_line_in_its_panels_and_in_the_legend(monkeypatch):
+    from bertvision import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_png", lambda figure, *args, **kwargs: drawn.append(figure))
+    points = {"rte (accuracy)": [("pooler@0", 30.0, 0.55, 0.01), ("finetune-3", 900.0, 0.56, 0.02)]}
+    plot_cost_metric(points, reference="finetune-3")
+
+    [figure] = drawn
+    [legend] = figure.legends
+    lines = zip(legend.get_texts(), legend.get_lines(), strict=True)
+    entries = {text.get_text(): line for text, line in lines}
+    assert list(entries) == ["pooler@0", "finetune-3 (reference)"]
+    assert entries["finetune-3 (reference)"].get_linestyle() == "--"
+    assert entries["pooler@0"].get_linestyle() == "None"
+    [dashed] = [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert list(dashed.get_ydata()) == [0.56, 0.56]
+    plt.close(figure)
