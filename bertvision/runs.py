@@ -255,9 +255,13 @@ class Lease:
             _remove(fs, path)  # its holder is gone
             if not self._create():
                 raise FolderBusy(f"{self.out} was just taken by another process; use another --out")
-        self._renewer = threading.Thread(target=self._renew, daemon=True)
-        self._renewer.start()
-        self.removed = self._remove_stale_tmp()
+        try:
+            self._renewer = threading.Thread(target=self._renew, daemon=True)
+            self._renewer.start()
+            self.removed = self._remove_stale_tmp()
+        except BaseException:  # Ctrl-C or SIGTERM (console.Terminated) too: not left held
+            self.release()
+            raise
 
     def _remove_stale_tmp(self) -> list[str]:
         """As the folder's writer now: remove the `.tmp` files of small writes killed midway

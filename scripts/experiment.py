@@ -1138,8 +1138,9 @@ def stage(records_dir: Path, task: str, seed: int, name: str, work: Callable[[],
     OutOfTime instead of running it after --stop-after."""
     path = records_dir / f"{name}.json"
     if path.exists():
+        record = stage_record(path)
         STAGES["taken"] += 1
-        return stage_record(path)
+        return record
     if STOP_AT is not None and time.monotonic() > STOP_AT:
         raise OutOfTime(name)
     print(f"{task} seed {seed}: {name} ...", file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@
 #                  ~1,200 examples/s on an H100, a 3-epoch fine-tuning takes ~25 s on CoLA's 8.5k
 #                  training examples, ~150-180 s on SST-2's 67k; a 20-trial sweep is unmeasured
 #                  there. The outer timeout at DEADLINE is the backstop: an experiment it kills
+#                  (SIGTERM, then SIGKILL 20 s later: a SIGTERM waits for a running sweep trial)
 #                  loses its unfinished seed, and brings back the seeds finished before
 #   CHECKS         0: skip the CUDA tests and the extraction benchmarks (stages 1 and 2), leaving
 #                  the experiment the whole command: for the sessions after the first [1]
@@ -86,9 +87,9 @@ capped() {
   seconds=$(left); ((seconds > cap)) && seconds=$cap
   if ((seconds < 20)); then echo "skipped, ${seconds} s left: $*"; return 0; fi
   echo "== $* (at most ${seconds} s)"
-  timeout "$seconds" "$@"
+  timeout -k 20 "$seconds" "$@"
   local status=$?
-  ((status == 124)) && echo "stopped after ${seconds} s: $*"
+  ((status == 124 || status == 137)) && echo "stopped after ${seconds} s: $*"
   return $status
 }
 # ended NAME STATUS [NOTE]: true if STATUS is 0, else a log line saying how NAME ended (NOTE
@@ -172,7 +173,7 @@ stop_after=$(($(left) - reserve))
 if ((stop_after > 30)); then
   echo "== experiment: $tasks, $seeds seeds, stop after ${stop_after} s, $from" | tee -a "$log"
   run_experiment() {
-    timeout "$(left)" python3 scripts/experiment.py --data-dir "$glue" --model "$model" \
+    timeout -k 20 "$(left)" python3 scripts/experiment.py --data-dir "$glue" --model "$model" \
       --device "$device" --tasks "$tasks" --seeds "$seeds" --out "$experiment" \
       --stop-after "$(($(left) - reserve))" "$@" 2>&1 | quiet | tee -a "$log"
     return "${PIPESTATUS[0]}"

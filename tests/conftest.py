@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,18 @@ def disk_fills_writing(monkeypatch, name: str) -> None:
 
     monkeypatch.setattr(builtins, "open", full_disk(builtins.open))
     monkeypatch.setattr(io, "open", full_disk(io.open))
+
+
+@contextlib.contextmanager
+def outside_handler_fails() -> Iterator[object]:
+    """A SIGTERM handler that fails the test, in place of the default that would end pytest:
+    a SIGTERM the command under test does not handle itself reaches it."""
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler outside the command")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        yield unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -97,6 +97,11 @@ def test_non_finite_states_give_non_finite_scales():
     assert np.isfinite(scales[0, 0]) and not np.isfinite(scales[0, 1])
     _, huge = quantise(np.full((1, 1, 2), 127 * 70000, dtype=np.float32))
     assert np.isinf(huge).all()
+    # float16's largest scale still holds; a step rounded up past it is infinite, not clipped
+    largest, scale = quantise(np.full((1, 1, 2), 127 * 65504, dtype=np.float32))
+    assert scale.item() == 65504 and (largest == 127).all()
+    _, beyond = quantise(np.full((1, 1, 2), 127 * 65510, dtype=np.float32))
+    assert np.isinf(beyond).all()
 
 
 def test_extraction_refuses_states_beyond_the_float16_scales_naming_the_remedy():

@@ -133,6 +133,21 @@ def test_a_lease_of_a_dead_or_expired_holder_is_taken_over(tmp_path):
         Lease(str(out)).acquire()
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_while_the_lease_is_being_taken_leaves_it_free(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM (a SystemExit) after the lease file is written but before `lease()`
+    holds it: the file is removed, not left for others to wait out."""
+
+    def stopped(self):
+        assert (tmp_path / "out" / runs.LEASE).exists()
+        raise stop
+
+    monkeypatch.setattr(Lease, "_remove_stale_tmp", stopped)
+    with pytest.raises(stop), runs.lease(str(tmp_path / "out")):
+        pass
+    assert not (tmp_path / "out" / runs.LEASE).exists()
+
+
 def test_a_terminated_command_lets_go_of_its_folder_at_once(tmp_path):
     """`kill` (SIGTERM) of a training run: exit status 143 and one line, its lease removed, so a
     rerun on another host need not wait for the lease to expire; nothing committed."""
@@ -143,13 +158,18 @@ def test_a_terminated_command_lets_go_of_its_folder_at_once(tmp_path):
     command = [sys.executable, "-m", "bertvision.cli", "train", "--task", "rte", "--embeddings",
                embeddings, "--out", str(out), "--epochs", "100000", "--device", "cpu"]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / runs.LEASE).exists():
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "the lease was never taken"
-        time.sleep(0.05)
-    process.terminate()
-    _, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / runs.LEASE).exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the lease was never taken"
+            time.sleep(0.05)
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    finally:  # never left training on the shared cores
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 143
     assert stderr.splitlines()[-1] == (
         "terminated: what was committed is kept; the same command resumes"

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tree_state
+from conftest import outside_handler_fails, tree_state
 from test_embeddings import HIDDEN, LAYERS, synthetic, write_split
 from typer.testing import CliRunner
 
@@ -878,7 +878,6 @@ def test_experiment_chooses_the_same_with_dev_labels_flipped(tmp_path, tiny_mode
         could_change["the method's ensemble"] = [dev[f"ensemble+ft@{tag}"], dev[f"ensemble@{tag}"]]
     for choice, candidates in could_change.items():
         assert len(set(candidates)) > 1, f"{choice}: its candidates tie on dev {candidates}"
-    assert (method_from == "2") == ("the method's ensemble" in could_change)
 
 
 def test_experiment_table_names_rows_averaged_over_fewer_seeds(experiment):
@@ -1172,14 +1171,14 @@ def test_an_interrupted_experiment_ends_in_one_line_and_lets_go_of_its_out(
         if stop == "ctrl-c":
             raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)  # the handler raises within the sleep
+        time.sleep(30)  # not reached: the handler raises as os.kill returns
         raise AssertionError("SIGTERM did not stop the experiment")
 
     script["run_seeds"].__globals__["run_seeds"] = stopped
     out = tmp_path / "exp"
     argv = ["--data-dir", glue_dir, "--model", tiny_model, "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["experiment.py", *argv, "--tasks", "wnli", "--device", "cpu"])
-    with pytest.raises(SystemExit) as stopped_with:
+    with pytest.raises(SystemExit) as stopped_with, outside_handler_fails():
         script["run_as_command"](script["main"])
     assert stopped_with.value.code == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
