@@ -810,8 +810,9 @@ def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
                 from bertvision.together import run_trials_together
 
                 finished = run_trials_together(cfg, batch, data)
-            else:
-                finished = pool.map(partial(run_trial, cfg, data=data), batch)
+            else:  # one at a time in this thread: Ctrl-C or SIGTERM stops it mid-trial
+                trial = partial(run_trial, cfg, data=data)
+                finished = pool.map(trial, batch) if cfg.parallel > 1 else map(trial, batch)
             for record in finished:
                 bar.update(1)
                 bar.set_postfix(trial=record.trial, val=_primary(cfg, record))

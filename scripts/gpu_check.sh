@@ -25,7 +25,7 @@
 #                  ~1,200 examples/s on an H100, a 3-epoch fine-tuning takes ~25 s on CoLA's 8.5k
 #                  training examples, ~150-180 s on SST-2's 67k; a 20-trial sweep is unmeasured
 #                  there. The outer timeout at DEADLINE is the backstop: an experiment it kills
-#                  (SIGTERM, then SIGKILL 20 s later: a SIGTERM waits for a running sweep trial)
+#                  (SIGTERM, then SIGKILL 20 s later, should its clean-up hang)
 #                  loses its unfinished seed, and brings back the seeds finished before
 #   CHECKS         0: skip the CUDA tests and the extraction benchmarks (stages 1 and 2), leaving
 #                  the experiment the whole command: for the sessions after the first [1]

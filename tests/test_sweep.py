@@ -458,6 +458,30 @@ def test_kill_9_mid_sweep_then_rerun_runs_only_the_rest(embeddings, tmp_path):
     assert leftovers == []
 
 
+def test_sigterm_stops_a_sweep_mid_trial_and_lets_go_of_its_folder(
+    embeddings, tmp_path, monkeypatch
+):
+    """One trial at a time runs in the command's own thread, so SIGTERM (console.Terminated)
+    stops it where it is, not after it finishes (a thread cannot be interrupted), and the lease
+    is let go."""
+    from bertvision.console import Terminated, terminated_as_exit
+
+    went_on = []
+
+    def stopped_trial(cfg, spec, data=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        went_on.append(spec.trial)
+
+    monkeypatch.setattr(sweeping, "run_trial", stopped_trial)
+    cfg = quick(embeddings, tmp_path / "sweep", parallel=1)
+    with pytest.raises(Terminated), terminated_as_exit():
+        run_sweep(cfg, progress=False)
+    time.sleep(1)  # a trial on another thread would have gone on meanwhile
+    assert went_on == []
+    assert not (tmp_path / "sweep" / "_lease.json").exists()
+
+
 def test_selection_never_reads_dev_labels(tmp_path):
     """Flip every dev label: the same trials, parameters and val metrics, the same ensemble
     members; only the dev metrics change."""
