@@ -1,4 +1,5 @@
-"""What long stages show on a terminal: progress bars on request, the libraries' logs on demand.
+"""What long stages show on a terminal: progress bars on request, the libraries' logs on demand,
+and how a command ends when stopped (SIGTERM unwinds like Ctrl-C: `terminated_as_exit`).
 
 The core functions take `progress=`; the Prefect tasks pass `progress_wanted()`, true only in a
 process whose environment has BERTVISION_PROGRESS=1. `bertvision run` sets it for itself and the
@@ -15,6 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 PROGRESS = "BERTVISION_PROGRESS"
 TERMINATED = 128 + signal.SIGTERM
@@ -35,14 +37,14 @@ def terminated_as_exit() -> Iterator[None]:
         yield
         return
 
-    def raise_terminated(signum: int, frame: object) -> None:
+    def raise_terminated(signum: int, frame: object) -> NoReturn:
         raise Terminated(TERMINATED)
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be set back from here
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def progress_wanted() -> bool:
