@@ -349,8 +349,10 @@ def prepare_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 "use another --out, or --overwrite to replace it"
             )
         fs, path = storage.url_to_fs(cfg.out)
-        # The record and sweep.json first: no sweep here.
-        for name in (runs.COMMIT_RECORD, SWEEP_FILE, TRIALS_FILE, TRIALS_DIR):
+        # The record first: no finished sweep here. sweep.json last: until the old trials are
+        # gone it keeps them the old sweep's, so a kill midway is never resumed as this sweep
+        # with the old trials counted as its own (the same command removes the rest).
+        for name in (runs.COMMIT_RECORD, TRIALS_FILE, TRIALS_DIR, SWEEP_FILE):
             if fs.exists(f"{path.rstrip('/')}/{name}"):
                 fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
     storage.ensure_writable(cfg.out)

@@ -672,3 +672,29 @@ def test_a_sweep_on_a_held_out_slice_its_encoder_was_fine_tuned_on_is_refused_wr
 
     summary = run_sweep(dataclasses.replace(cfg, val_seed=0), progress=False)
     assert summary.to_dict()["finished"] == 2
+
+
+def test_an_overwrite_killed_before_removing_the_old_trials_never_adopts_them(
+    embeddings, tmp_path, monkeypatch
+):
+    out = tmp_path / "sweep"
+    run_sweep(quick(embeddings, out, trials=2), progress=False)
+    replacing = quick(embeddings, out, trials=2, seed=1, overwrite=True)
+    real_rm = type(storage.url_to_fs(str(out))[0]).rm
+
+    def killed_at_the_trials(self, path, *args, **kwargs):
+        if str(path).rstrip("/").endswith(f"/{sweeping.TRIALS_DIR}"):
+            raise KeyboardInterrupt  # the overwrite killed before the old trials are gone
+        return real_rm(self, path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(storage.url_to_fs(str(out))[0]), "rm", killed_at_the_trials)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(replacing, progress=False)
+
+    summary = run_sweep(replacing, progress=False)  # the same command, run again
+
+    key = sweeping.content_key(replacing)
+    assert summary.ran == 2
+    assert [(t.trial, t.key) for t in load_trials(str(out))] == [(0, key), (1, key)]
+    assert [t["key"] for t in lines(out)] == [key, key]
