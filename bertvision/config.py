@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -128,8 +130,54 @@ def check_urls(cfg: Any) -> None:
             raise ConfigError(f.name, str(exc)) from None
 
 
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    bool: "true or false",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def check_types(cfg: Any) -> None:
+    """ConfigError naming the first field of dataclass `cfg` whose value is not of the type it
+    is declared with: what the command line converts for itself, given otherwise (a search
+    space's entry, a flow parameter, code). An integer is a number; a bool is neither."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), hints[f.name]
+        if not _fits(value, kind):
+            raise ConfigError(f.name, f"must be {_type_name(kind)}, got {value!r}")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether `value` is of the declared type `kind`; types other than the plain ones of
+    _TYPE_NAMES, their generic forms and their unions (with None) are not checked."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    kind = typing.get_origin(kind) or kind  # list[str] -> list
+    if kind not in _TYPE_NAMES:
+        return True
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _type_name(kind: Any) -> str:
+    options = typing.get_args(kind) if typing.get_origin(kind) else (kind,)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        named = [_type_name(option) for option in options if option is not type(None)]
+        return " or ".join(named) + (" (or left out)" if type(None) in options else "")
+    return _TYPE_NAMES.get(typing.get_origin(kind) or kind, str(kind))
+
+
 def check_fields(cfg: Any) -> None:
-    """What every config checks of its fields: finite numbers, seeds in range, URLs usable."""
+    """What every config checks of its fields: types as declared, finite numbers, seeds in
+    range, URLs usable."""
+    check_types(cfg)
     check_finite(cfg)
     check_seeds(cfg)
     check_urls(cfg)
@@ -569,14 +617,19 @@ def _check_space_values(cfg: SweepConfig) -> None:
     if not cfg.task:
         return
     for name, spec in cfg.resolved_space().items():
-        values = _space_extremes(spec) or next(iter(spec.values()))[:2]
+        extremes = _space_extremes(spec)
+        # a continuous distribution gives fractions: an integer option refuses its bounds
+        values = extremes or [float(end) for end in next(iter(spec.values()))[:2]]
         for value in values:
             try:
                 TrainConfig(
                     task=cfg.task, embeddings="e", out="o", adapter=cfg.adapter, **{name: value}
                 )
             except ConfigError as exc:
-                raise ConfigError("space", f"entry {name}: {value!r}: {exc.message}") from None
+                why = exc.message
+                if not extremes and why.startswith("must be an integer"):
+                    why += f" ({next(iter(spec))} gives fractions: use quniform or randint)"
+                raise ConfigError("space", f"entry {name}: {value!r}: {why}") from None
 
 
 def _load_space(text: str) -> dict[str, Any]:

@@ -290,6 +290,29 @@ def test_a_folder_given_as_space_file_is_named(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize(
+    "space, named",
+    [
+        ('{"lr": {"choice": ["fast", 0.01]}}', "'fast'"),  # text where a number goes
+        ('{"dropout": {"choice": [0.1, null]}}', "None"),
+        ('{"batch_size": {"uniform": [16, 64]}}', "batch_size"),  # would give 23.7 examples
+        ('{"epochs": {"loguniform": [1, 8]}}', "epochs"),
+        ('{"epochs": 2.5}', "2.5"),
+        ('{"batch_size": true}', "True"),
+    ],
+)
+def test_a_space_entry_of_the_wrong_type_is_refused_before_the_sweep_writes(tmp_path, space, named):
+    """A search-space entry that would give a trial a value of the wrong type for its training
+    option (text for a number, a fraction of an epoch or of an example) is refused at once, as
+    the command line refuses `--batch-size 23.7`: not as a traceback, nor at the first trial
+    once sweep.json is written."""
+    embeddings = synthetic(str(tmp_path / "emb"), n_train=20, n_dev=8)
+    args = ["sweep", "--task", "rte", "--embeddings", embeddings, "--trials", "1"]
+    args += ["--out", str(tmp_path / "sweep"), "--space", space, "--device", "cpu"]
+    assert_one_error(CliRunner().invoke(app, args), "--space", named)
+    assert not (tmp_path / "sweep").exists()
+
+
 def ensemble_args(runs: str, out: Path, *extra: str) -> list[str]:
     return ["ensemble", "--task", "rte", "--runs", runs, "--out", str(out), "--top-k", "2", *extra]
 
