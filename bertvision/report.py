@@ -93,7 +93,8 @@ def find_results(results: str) -> tuple[list[Result], list[str]]:
             continue
         run = _kind_and_settings(url, in_sweep)
         if run is not None:
-            found.extend(_results(url, *run))
+            kind, settings, source = run
+            found.extend(_results(url, kind, _checked_settings(kind, settings, source)))
     return found, left_out
 
 
@@ -102,28 +103,55 @@ def _url(results: str, root: str, path: str) -> str:
     return storage.join(results, path[len(root.rstrip("/")) :])
 
 
-def _kind_and_settings(folder: str, in_sweep: bool) -> tuple[str, dict[str, Any]] | None:
-    """The run at `folder`: its kind and settings, from its run record, or for a run written
-    before run records from what it holds (`in_sweep`: it sits in a sweep's trials/ folder).
-    None for a folder that holds no run."""
-    record = records.read_record(storage.join(folder, COMMIT_RECORD))
+def _kind_and_settings(folder: str, in_sweep: bool) -> tuple[str, Any, str] | None:
+    """The run at `folder`: its kind, its settings and the URL of the file they were read from:
+    its run record, or for a run written before run records what it holds (`in_sweep`: it sits
+    in a sweep's trials/ folder). None for a folder that holds no run."""
+    record_url = storage.join(folder, COMMIT_RECORD)
+    record = records.read_record(record_url)
     if record is not None:
-        return record.kind, record.settings
+        return record.kind, record.settings, record_url
     if storage.exists(storage.join(folder, SWEEP_FILE)):
-        return "sweep", load_sweep(folder)["config"]
+        return "sweep", load_sweep(folder)["config"], storage.join(folder, SWEEP_FILE)
     if in_sweep:
-        return "trial", {}
+        return "trial", {}, folder
     url = storage.join(folder, METRICS)
     if not storage.exists(url):
         return None
     metrics = storage.read_json(url, keys=())
     config = metrics.get("config")  # ensembles and fine-tuning keep theirs in metrics.json
     if "members" in metrics:
-        return "ensemble", config
+        return "ensemble", config, url
     if isinstance(config, dict) and "task" in config:
-        return "finetune", config
+        return "finetune", config, url
     train = _adapter_run_config(folder)
-    return None if train is None else ("train", train)
+    return None if train is None else ("train", train, storage.join(folder, "config.json"))
+
+
+def _checked_settings(kind: str, settings: Any, source: str) -> Any:
+    """`settings` of a run of `kind` (read from `source`) when they give what the report reads
+    of them: a known task; an adapter's or sweep's adapter; data folder and embeddings as URLs.
+    FileFormatError naming `source` otherwise. Settings of kinds without a result pass as they
+    are."""
+    if kind not in ("finetune", "train", "ensemble", "sweep"):
+        return settings
+    if not isinstance(settings, dict):
+        problem = f"its settings are a {type(settings).__name__}, not an object"
+    else:
+        named = ("task", "adapter") if kind in ("train", "sweep") else ("task",)
+        problem = next((f"its settings name no {n!r}" for n in named if n not in settings), None)
+        for name in (*named, "data_dir", "embeddings"):
+            value = settings.get(name)
+            if problem is None and value is not None and not isinstance(value, str):
+                problem = f"its {name!r} is {value!r}, not text"
+        if problem is None:
+            try:
+                get_task(settings["task"])
+            except ValueError as exc:
+                problem = str(exc)
+    if problem is not None:
+        raise storage.FileFormatError(f"{source} is not the record of a {kind} run: {problem}")
+    return settings
 
 
 def _results(folder: str, kind: str, settings: Any) -> list[Result]:
@@ -189,8 +217,11 @@ def baselines(found: list[Result]) -> tuple[dict[str, dict[str, float]], list[st
             continue
         try:
             values[task] = get_task(task).family.majority_baseline(task, data_dir)
-        except DataError as exc:
-            notes.append(f"{task}: no baseline, its data cannot be read ({exc})")
+        except (DataError, OSError) as exc:  # malformed; missing, unreadable, unreachable
+            reason = str(exc)
+            if isinstance(exc, OSError) and exc.filename and exc.strerror:
+                reason = f"{exc.filename}: {exc.strerror}"
+            notes.append(f"{task}: no baseline, its data cannot be read ({reason})")
     return values, notes
 
 

@@ -349,3 +349,44 @@ def test_a_second_report_into_the_folder_while_one_is_written_is_refused(results
     assert second == [str(results / "report.png")]
     for name in ("report.md", "report.png"):
         assert (results / name).read_bytes() == (alone / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "settings, why",
+    [
+        ({}, "'task'"),  # a sweep's run record that names no task
+        ({"task": "bogus", "adapter": "pooler"}, "unknown task 'bogus'"),
+        ({"task": "rte", "adapter": "pooler", "embeddings": 5}, "embeddings"),
+    ],
+)
+def test_a_run_record_naming_no_usable_task_is_refused_naming_it(results, settings, why):
+    """A run record whose settings the report cannot read is bad input naming that record: one
+    error line, not a traceback (a sweep's, or a train run's embeddings), nor an error that
+    does not say which of the results' files holds it (an unknown task)."""
+    folder = results / "rte" / ("sweep" if "embeddings" not in settings else "pooler-0")
+    (folder / "_commit.json").write_text(
+        RunRecord(
+            "sweep" if "embeddings" not in settings else "train", "k", settings, {}, {}
+        ).to_json()
+    )
+    out = results.parent / "report"
+    result = CliRunner().invoke(app, ["report", str(results), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {folder / '_commit.json'}") and why in line, line
+    assert not out.exists()
+
+
+def test_a_data_folder_that_cannot_be_read_leaves_its_task_without_a_baseline(results, tmp_path):
+    """A run's data folder whose train.tsv cannot be read (here a folder in its place) gives its
+    task no baseline and a note saying why, as a missing one does; the report is still written."""
+    unreadable = tmp_path / "glue"
+    (unreadable / "RTE" / "train.tsv").mkdir(parents=True)
+    finetuned = results / "rte" / "finetune"
+    run_record(finetuned, "finetune", {"task": "rte", "data_dir": str(unreadable)})
+    text = write_report(ReportConfig(results=str(results)))["text"]
+    assert "| task | metric | fine-tuning |" in text  # no baseline column: no task has one
+    assert (results / "report.md").read_text() == text
+    assert f"Note: rte: no baseline, its data cannot be read ({unreadable}" in text
+    assert "Is a directory" in text
