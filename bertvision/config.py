@@ -175,10 +175,10 @@ def _type_name(kind: Any) -> str:
 
 
 def check_fields(cfg: Any) -> None:
-    """What every config checks of its fields: types as declared, finite numbers, seeds in
+    """What every config checks of its fields: finite numbers, types as declared, seeds in
     range, URLs usable."""
-    check_types(cfg)
     check_finite(cfg)
+    check_types(cfg)
     check_seeds(cfg)
     check_urls(cfg)
 
