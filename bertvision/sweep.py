@@ -485,6 +485,18 @@ def load_trials(out: str) -> list[TrialRecord]:
     return sorted(records, key=lambda r: r.trial)
 
 
+def own_trials(out: str) -> list[TrialRecord]:
+    """The committed trials of the sweep at `out` that ran with its key (sweep.json's; all of
+    them before it has one, or where it holds none). A trial of another key, left by an earlier
+    sweep in that folder, is not one of its own: it is run again, which refuses it or with
+    --overwrite replaces it (`finished_trial`), never counted as done or learnt from."""
+    trials = load_trials(out)
+    if not storage.exists(storage.join(out, SWEEP_FILE)):
+        return trials
+    key = load_sweep(out).get("key")
+    return trials if key is None else [t for t in trials if t.key == key]
+
+
 def suggest_trials(cfg: SweepConfig) -> list[TrialSpec]:
     """TPE's points for the unfinished trials of the next batch: trials are suggested in
     batches of `cfg.parallel` (0..K-1, K..2K-1, ...), each batch from the trials before it, and
@@ -497,7 +509,7 @@ def suggest_trials(cfg: SweepConfig) -> list[TrialSpec]:
     from hyperopt import STATUS_FAIL, STATUS_OK, Domain, Trials, tpe
     from hyperopt.base import JOB_STATE_DONE
 
-    finished = load_trials(cfg.out)
+    finished = own_trials(cfg.out)
     done = {r.trial for r in finished}
     unfinished = [n for n in range(cfg.trials) if n not in done]
     if not unfinished:
@@ -798,7 +810,8 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
 def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
     from tqdm.auto import tqdm
 
-    done_before = len(record_trials(cfg))
+    record_trials(cfg)
+    done_before = len(own_trials(cfg.out))
     bar = tqdm(
         total=cfg.trials,
         initial=min(done_before, cfg.trials),

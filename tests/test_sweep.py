@@ -674,6 +674,26 @@ def test_a_sweep_on_a_held_out_slice_its_encoder_was_fine_tuned_on_is_refused_wr
     assert summary.to_dict()["finished"] == 2
 
 
+def test_trials_another_sweep_left_behind_are_refused_or_replaced_never_counted(
+    embeddings, tmp_path
+):
+    """Trials of another key under a new sweep.json (what an overwrite killed midway left with
+    earlier code): the sweep refuses them, naming the trial; --overwrite replaces them."""
+    out = tmp_path / "sweep"
+    run_sweep(quick(embeddings, out, trials=2), progress=False)
+    for name in (sweeping.SWEEP_FILE, sweeping.TRIALS_FILE, "_commit.json"):
+        (out / name).unlink()  # only the old trials/ left
+    other = quick(embeddings, out, trials=2, seed=1)
+
+    with pytest.raises(ValueError, match="trial 0 .* ran on other settings or embeddings"):
+        run_sweep(other, progress=False)
+    summary = run_sweep(dataclasses.replace(other, overwrite=True), progress=False)
+
+    key = sweeping.content_key(other)
+    assert summary.ran == 2
+    assert [(t.trial, t.key) for t in load_trials(str(out))] == [(0, key), (1, key)]
+
+
 def test_an_overwrite_killed_before_removing_the_old_trials_never_adopts_them(
     embeddings, tmp_path, monkeypatch
 ):
