@@ -155,8 +155,10 @@ def test_a_terminated_command_lets_go_of_its_folder_at_once(tmp_path):
 
     embeddings = synthetic(str(tmp_path / "emb"))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "bertvision.cli", "train", "--task", "rte", "--embeddings",
-               embeddings, "--out", str(out), "--epochs", "100000", "--device", "cpu"]  # fmt: skip
+    train = ["train", "--task", "rte", "--embeddings", embeddings, "--out", str(out)]
+    # --patience 0: no early stop, so it is still training when stopped
+    train += ["--epochs", "100000", "--patience", "0", "--device", "cpu"]
+    command = [sys.executable, "-m", "bertvision.cli", *train]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -170,7 +172,7 @@ def test_a_terminated_command_lets_go_of_its_folder_at_once(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 143
+    assert process.returncode == 143, stderr[-3000:]
     assert stderr.splitlines()[-1] == (
         "terminated: what was committed is kept; the same command resumes"
     )
