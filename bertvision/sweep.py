@@ -485,12 +485,13 @@ def load_trials(out: str) -> list[TrialRecord]:
     return sorted(records, key=lambda r: r.trial)
 
 
-def own_trials(out: str) -> list[TrialRecord]:
+def own_trials(out: str, trials: list[TrialRecord] | None = None) -> list[TrialRecord]:
     """The committed trials of the sweep at `out` that ran with its key (sweep.json's; all of
     them before it has one, or where it holds none). A trial of another key, left by an earlier
     sweep in that folder, is not one of its own: it is run again, which refuses it or with
-    --overwrite replaces it (`finished_trial`), never counted as done or learnt from."""
-    trials = load_trials(out)
+    --overwrite replaces it (`finished_trial`), never counted as done or learnt from.
+    `trials`: its committed trials when the caller has just loaded them (`load_trials`)."""
+    trials = load_trials(out) if trials is None else trials
     if not storage.exists(storage.join(out, SWEEP_FILE)):
         return trials
     key = load_sweep(out).get("key")
@@ -810,8 +811,7 @@ def run_sweep(cfg: SweepConfig, data: Any = None, progress: bool = True) -> Swee
 def _run_sweep(cfg: SweepConfig, data: Any, progress: bool) -> SweepSummary:
     from tqdm.auto import tqdm
 
-    record_trials(cfg)
-    done_before = len(own_trials(cfg.out))
+    done_before = len(own_trials(cfg.out, record_trials(cfg)))
     bar = tqdm(
         total=cfg.trials,
         initial=min(done_before, cfg.trials),
